@@ -1,0 +1,233 @@
+package blobs
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"sort"
+
+	"github.com/casnix/casnix/db"
+	"github.com/casnix/casnix/digest"
+)
+
+// frame returns the decoded bytes of a frame, from the cache or by reading
+// and decompressing it.
+func (s *Store) frame(f db.Frame) ([]byte, error) {
+	e, fill := s.cache.get(f.ID)
+	if fill {
+		e.data, e.err = s.decodeFrame(f)
+		s.cache.done(e)
+	} else {
+		<-e.ready
+	}
+	return e.data, e.err
+}
+
+// prefetch starts decoding a frame in the background if it is not cached.
+func (s *Store) prefetch(f db.Frame) {
+	e, fill := s.cache.get(f.ID)
+	if !fill {
+		return
+	}
+	go func() {
+		e.data, e.err = s.decodeFrame(f)
+		s.cache.done(e)
+	}()
+}
+
+func (s *Store) decodeFrame(f db.Frame) ([]byte, error) {
+	r, err := s.reader(f.Pack)
+	if err != nil {
+		return nil, err
+	}
+	comp := make([]byte, f.CLen)
+	if _, err := r.ReadAt(comp, f.DataOff); err != nil {
+		return nil, fmt.Errorf("read pack %d offset %d: %w", f.Pack, f.DataOff, err)
+	}
+	out, err := s.dec.DecodeAll(comp, make([]byte, 0, f.RawLen))
+	if err != nil {
+		return nil, fmt.Errorf("%w: pack %d frame at %d: %v", ErrCorrupt, f.Pack, f.Offset, err)
+	}
+	if int64(len(out)) != f.RawLen {
+		return nil, fmt.Errorf("%w: pack %d frame at %d: %d bytes, index says %d", ErrCorrupt, f.Pack, f.Offset, len(out), f.RawLen)
+	}
+	return out, nil
+}
+
+// chunkRef is one chunk of a blob and its offset in the blob.
+type chunkRef struct {
+	digest digest.Digest
+	off    int64
+	len    int64
+	loc    *db.ChunkLoc // looked up on first use
+}
+
+// BlobReader reads one blob. Sequential reads (Read, WriteTo) decode ahead
+// in the background; ReadAt serves random access. It is not safe for
+// concurrent use except ReadAt.
+type BlobReader struct {
+	s      *Store
+	ctx    context.Context
+	size   int64
+	chunks []chunkRef
+	pos    int64
+}
+
+// Open returns a reader for blob d.
+func (s *Store) Open(ctx context.Context, d digest.Digest) (*BlobReader, error) {
+	b, err := s.db.Blob(ctx, d)
+	if errors.Is(err, db.ErrNotFound) {
+		return nil, fmt.Errorf("blob %s: %w", d, ErrNotFound)
+	}
+	if err != nil {
+		return nil, err
+	}
+	br := &BlobReader{s: s, ctx: ctx, size: b.Size}
+	switch {
+	case b.Chunks == nil && b.Size > 0:
+		br.chunks = []chunkRef{{digest: d, len: b.Size}}
+	case b.Chunks != nil:
+		if len(b.Chunks)%(digest.Size+4) != 0 {
+			return nil, fmt.Errorf("%w: blob %s: chunk list of %d bytes", ErrCorrupt, d, len(b.Chunks))
+		}
+		var off int64
+		for i := 0; i < len(b.Chunks); i += digest.Size + 4 {
+			var c chunkRef
+			copy(c.digest[:], b.Chunks[i:])
+			c.len = int64(binary.LittleEndian.Uint32(b.Chunks[i+digest.Size:]))
+			c.off = off
+			off += c.len
+			br.chunks = append(br.chunks, c)
+		}
+		if off != b.Size {
+			return nil, fmt.Errorf("%w: blob %s: chunks sum to %d, size %d", ErrCorrupt, d, off, b.Size)
+		}
+	}
+	return br, nil
+}
+
+// Size is the blob's length.
+func (br *BlobReader) Size() int64 { return br.size }
+
+func (br *BlobReader) locate(i int) (*db.ChunkLoc, error) {
+	c := &br.chunks[i]
+	if c.loc == nil {
+		loc, err := br.s.db.Chunk(br.ctx, c.digest)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %v", ErrCorrupt, err)
+		}
+		if loc.Len != c.len || loc.Off+loc.Len > loc.RawLen {
+			return nil, fmt.Errorf("%w: chunk %s: index says %d bytes at %d of %d, blob says %d",
+				ErrCorrupt, c.digest, loc.Len, loc.Off, loc.RawLen, c.len)
+		}
+		c.loc = &loc
+	}
+	return c.loc, nil
+}
+
+// chunkData returns chunk i's bytes (shared with the cache: do not modify).
+func (br *BlobReader) chunkData(i int) ([]byte, error) {
+	loc, err := br.locate(i)
+	if err != nil {
+		return nil, err
+	}
+	data, err := br.s.frame(loc.Frame)
+	if err != nil {
+		return nil, err
+	}
+	return data[loc.Off : loc.Off+loc.Len], nil
+}
+
+// readAhead keeps the frames of the next few MiB decoding in the
+// background, so sequential readers use every core and rarely wait.
+func (br *BlobReader) readAhead(i int) {
+	var ahead int64
+	last := int64(-1)
+	for j := i + 1; j < len(br.chunks) && ahead < 4<<20; j++ {
+		loc, err := br.locate(j)
+		if err != nil {
+			return
+		}
+		if loc.ID != last {
+			br.s.prefetch(loc.Frame)
+			last = loc.ID
+		}
+		ahead += loc.Len
+	}
+}
+
+func (br *BlobReader) chunkAt(off int64) int {
+	return sort.Search(len(br.chunks), func(i int) bool { return br.chunks[i].off+br.chunks[i].len > off })
+}
+
+// ReadAt implements io.ReaderAt.
+func (br *BlobReader) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, errors.New("negative offset")
+	}
+	n := 0
+	for n < len(p) && off < br.size {
+		i := br.chunkAt(off)
+		data, err := br.chunkData(i)
+		if err != nil {
+			return n, err
+		}
+		k := copy(p[n:], data[off-br.chunks[i].off:])
+		n += k
+		off += int64(k)
+	}
+	if n < len(p) {
+		return n, io.EOF
+	}
+	return n, nil
+}
+
+// Read implements io.Reader with read-ahead.
+func (br *BlobReader) Read(p []byte) (int, error) {
+	if br.pos >= br.size {
+		return 0, io.EOF
+	}
+	i := br.chunkAt(br.pos)
+	if br.pos == br.chunks[i].off {
+		br.readAhead(i)
+	}
+	data, err := br.chunkData(i)
+	if err != nil {
+		return 0, err
+	}
+	k := copy(p, data[br.pos-br.chunks[i].off:])
+	br.pos += int64(k)
+	return k, nil
+}
+
+// WriteTo streams the rest of the blob to w, chunk by chunk.
+func (br *BlobReader) WriteTo(w io.Writer) (int64, error) {
+	var total int64
+	for br.pos < br.size {
+		i := br.chunkAt(br.pos)
+		br.readAhead(i)
+		data, err := br.chunkData(i)
+		if err != nil {
+			return total, err
+		}
+		n, err := w.Write(data[br.pos-br.chunks[i].off:])
+		total += int64(n)
+		br.pos += int64(n)
+		if err != nil {
+			return total, err
+		}
+	}
+	return total, nil
+}
+
+// Prefetch starts decoding the first frames of blob d, so a caller about
+// to stream several small blobs in a row overlaps their decoding.
+func (br *BlobReader) Prefetch() {
+	if len(br.chunks) > 0 {
+		if loc, err := br.locate(0); err == nil {
+			br.s.prefetch(loc.Frame)
+		}
+	}
+}

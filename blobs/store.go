@@ -1,0 +1,310 @@
+package blobs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sync"
+
+	"github.com/klauspost/compress/zstd"
+	"golang.org/x/sys/unix"
+
+	"github.com/casnix/casnix/blobs/pack"
+	"github.com/casnix/casnix/db"
+)
+
+// Sentinel errors callers branch on.
+var (
+	ErrNotFound = errors.New("blob not found")
+	ErrCorrupt  = errors.New("corrupt data")
+)
+
+// Options tune a Store. Zero values take the defaults.
+type Options struct {
+	// Level is the zstd encoder level for new frames.
+	Level zstd.EncoderLevel
+	// FrameSize is the raw size at which a frame of new chunks is closed.
+	FrameSize int
+	// PackSize is the size at which a pack stops taking new frames.
+	PackSize int64
+	// CacheBytes bounds the decoded-frame cache.
+	CacheBytes int64
+	// Workers is the number of parallel compressors per Writer.
+	Workers int
+}
+
+func (o *Options) defaults() {
+	if o.Level == 0 {
+		o.Level = zstd.SpeedDefault
+	}
+	if o.FrameSize == 0 {
+		o.FrameSize = 1 << 20
+	}
+	if o.PackSize == 0 {
+		o.PackSize = 256 << 20
+	}
+	if o.CacheBytes == 0 {
+		o.CacheBytes = 48 << 20
+	}
+	if o.Workers == 0 {
+		o.Workers = runtime.GOMAXPROCS(0)
+	}
+}
+
+// Store is the blob store of one data directory.
+type Store struct {
+	dir  string
+	db   *db.DB
+	opts Options
+	enc  *zstd.Encoder
+	dec  *zstd.Decoder
+
+	mu      sync.Mutex
+	free    []*packFile // packs this process holds (flocked) and no Writer uses
+	scanned bool        // existing packs were considered for reuse
+
+	rmu     sync.RWMutex
+	readers map[int64]*os.File
+
+	cache *frameCache
+}
+
+// Open opens the blob store whose packs live under dir (created if needed).
+func Open(dir string, d *db.DB, opts Options) (*Store, error) {
+	opts.defaults()
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("create pack dir: %w", err)
+	}
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(opts.Level), zstd.WithEncoderCRC(true),
+		zstd.WithEncoderConcurrency(opts.Workers), zstd.WithZeroFrames(true))
+	if err != nil {
+		return nil, fmt.Errorf("zstd encoder: %w", err)
+	}
+	dec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(0),
+		zstd.WithDecoderMaxMemory(pack.MaxFrameBytes), zstd.IgnoreChecksum(false))
+	if err != nil {
+		return nil, fmt.Errorf("zstd decoder: %w", err)
+	}
+	return &Store{
+		dir: dir, db: d, opts: opts, enc: enc, dec: dec,
+		readers: map[int64]*os.File{},
+		cache:   newFrameCache(opts.CacheBytes),
+	}, nil
+}
+
+// Close releases packs and files.
+func (s *Store) Close() error {
+	s.mu.Lock()
+	var errs []error
+	for _, p := range s.free {
+		errs = append(errs, p.f.Close()) // closing drops the flock
+	}
+	s.free = nil
+	s.mu.Unlock()
+	s.rmu.Lock()
+	for id, f := range s.readers {
+		errs = append(errs, f.Close())
+		delete(s.readers, id)
+	}
+	s.rmu.Unlock()
+	s.enc.Close()
+	s.dec.Close()
+	return errors.Join(errs...)
+}
+
+// PackPath is where pack id lives.
+func (s *Store) PackPath(id int64) string {
+	return filepath.Join(s.dir, fmt.Sprintf("%02x", id%256), fmt.Sprintf("%08x.pack", id))
+}
+
+// packFile is a pack open for appending by this process.
+type packFile struct {
+	id   int64
+	f    *os.File
+	size int64
+}
+
+// acquire hands out a pack for a Writer: one from the free list, an existing
+// pack with room that no other process holds, or a new one. Before a pack is
+// appended to, anything past its last committed frame is cut off.
+func (s *Store) acquire(ctx context.Context) (*packFile, error) {
+	s.mu.Lock()
+	var p *packFile
+	if n := len(s.free); n > 0 {
+		p, s.free = s.free[n-1], s.free[:n-1]
+	}
+	scan := !s.scanned && p == nil
+	s.scanned = true
+	s.mu.Unlock()
+
+	if p == nil && scan {
+		var err error
+		if p, err = s.reuseExisting(ctx); err != nil {
+			return nil, err
+		}
+	}
+	if p == nil {
+		return s.newPack(ctx)
+	}
+	if err := s.trimTail(ctx, p); err != nil {
+		p.f.Close()
+		return nil, err
+	}
+	return p, nil
+}
+
+// reuseExisting tries the newest packs on disk, so a restarted process keeps
+// filling its last pack instead of leaving many small ones.
+func (s *Store) reuseExisting(ctx context.Context) (*packFile, error) {
+	ids, err := s.db.Packs(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for i := len(ids) - 1; i >= 0 && i >= len(ids)-4; i-- {
+		f, err := os.OpenFile(s.PackPath(ids[i]), os.O_RDWR, 0)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue // allocated, crashed before the file was made
+		}
+		if err != nil {
+			return nil, fmt.Errorf("open pack %d: %w", ids[i], err)
+		}
+		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+			f.Close()
+			continue // another process writes it
+		}
+		st, err := f.Stat()
+		if err != nil {
+			f.Close()
+			return nil, fmt.Errorf("stat pack %d: %w", ids[i], err)
+		}
+		if st.Size() >= s.opts.PackSize {
+			f.Close()
+			continue
+		}
+		p := &packFile{id: ids[i], f: f, size: st.Size()}
+		if err := s.trimTail(ctx, p); err != nil {
+			f.Close()
+			return nil, err
+		}
+		return p, nil
+	}
+	return nil, nil
+}
+
+// trimTail truncates p to the end of its last committed frame (or just its
+// header), dropping what a crashed or aborted writer left behind.
+func (s *Store) trimTail(ctx context.Context, p *packFile) error {
+	end, err := s.db.PackEnd(ctx, p.id)
+	if err != nil {
+		return err
+	}
+	if end < pack.HeaderSize {
+		end = pack.HeaderSize
+	}
+	st, err := p.f.Stat()
+	if err != nil {
+		return fmt.Errorf("stat pack %d: %w", p.id, err)
+	}
+	if st.Size() < end {
+		return fmt.Errorf("%w: pack %d is %d bytes but the index has frames up to %d", ErrCorrupt, p.id, st.Size(), end)
+	}
+	if st.Size() > end {
+		if err := p.f.Truncate(end); err != nil {
+			return fmt.Errorf("truncate pack %d: %w", p.id, err)
+		}
+		if err := p.f.Sync(); err != nil {
+			return fmt.Errorf("sync pack %d: %w", p.id, err)
+		}
+	}
+	p.size = end
+	return nil
+}
+
+func (s *Store) newPack(ctx context.Context) (*packFile, error) {
+	var id int64
+	err := s.db.Write(ctx, func(tx *db.Tx) error {
+		var err error
+		id, err = tx.InsertPack(ctx)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("allocate pack: %w", err)
+	}
+	path := s.PackPath(id)
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("create pack dir: %w", err)
+	}
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("create pack %d: %w", id, err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("lock new pack %d: %w", id, err)
+	}
+	if _, err := f.Write(pack.Header()); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("write pack %d header: %w", id, err)
+	}
+	// The header and the directory entry must be durable before any frame
+	// in this pack is committed to the index.
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("sync pack %d: %w", id, err)
+	}
+	if err := syncDir(filepath.Dir(path)); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return &packFile{id: id, f: f, size: pack.HeaderSize}, nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("open dir %s: %w", dir, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("sync dir %s: %w", dir, err)
+	}
+	return nil
+}
+
+// release returns packs to the free list, or closes those that are full.
+func (s *Store) release(ps ...*packFile) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, p := range ps {
+		if p.size >= s.opts.PackSize {
+			p.f.Close()
+			continue
+		}
+		s.free = append(s.free, p)
+	}
+}
+
+// reader returns a read-only handle on pack id.
+func (s *Store) reader(id int64) (*os.File, error) {
+	s.rmu.RLock()
+	f := s.readers[id]
+	s.rmu.RUnlock()
+	if f != nil {
+		return f, nil
+	}
+	s.rmu.Lock()
+	defer s.rmu.Unlock()
+	if f := s.readers[id]; f != nil {
+		return f, nil
+	}
+	f, err := os.Open(s.PackPath(id))
+	if err != nil {
+		return nil, fmt.Errorf("open pack %d: %w", id, err)
+	}
+	s.readers[id] = f
+	return f, nil
+}

@@ -1,0 +1,336 @@
+package blobs
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+
+	"github.com/casnix/casnix/blobs/pack"
+	"github.com/casnix/casnix/db"
+	"github.com/casnix/casnix/digest"
+)
+
+// Writer adds blobs. It is not safe for concurrent use; run one per
+// ingest. New chunks are grouped into frames and compressed by a pool of
+// goroutines while the caller keeps reading its input, so ingest uses every
+// core; memory is bounded by Workers+2 frames in flight.
+//
+// Life cycle: WriteBlob…, Flush (packs durable), Commit(tx) inside the
+// caller's transaction, then Done(committed). After any error the Writer is
+// poisoned: every later call returns that error.
+type Writer struct {
+	s   *Store
+	ctx context.Context
+
+	chunker *Chunker
+	pending map[digest.Digest]struct{} // chunks written by this Writer
+	blobs   map[digest.Digest]db.Blob  // blobs to record at Commit
+
+	group    []pack.Entry
+	groupRaw []byte
+
+	// pipeline
+	work  chan *frameJob
+	order chan *frameJob
+	wg    sync.WaitGroup // compressors
+	done  chan struct{}  // appender finished
+
+	// owned by the appender goroutine until done is closed
+	cur     *packFile
+	bw      *bufio.Writer
+	touched []*packFile
+	frames  []pendingFrame
+	appErr  error
+
+	err     error
+	flushed bool
+
+	// Stats for the caller.
+	NewChunks, NewChunkBytes, DupChunks, DupChunkBytes int64
+}
+
+type frameJob struct {
+	entries []pack.Entry
+	raw     []byte
+	out     []byte
+	ready   chan struct{}
+}
+
+type pendingFrame struct {
+	db.Frame
+	entries []pack.Entry
+}
+
+// NewWriter starts a Writer.
+func (s *Store) NewWriter(ctx context.Context) *Writer {
+	w := &Writer{
+		s: s, ctx: ctx,
+		chunker: NewChunker(nil),
+		pending: map[digest.Digest]struct{}{},
+		blobs:   map[digest.Digest]db.Blob{},
+		work:    make(chan *frameJob, s.opts.Workers),
+		order:   make(chan *frameJob, s.opts.Workers+1),
+		done:    make(chan struct{}),
+	}
+	for i := 0; i < s.opts.Workers; i++ {
+		w.wg.Add(1)
+		go w.compressor()
+	}
+	go w.appender()
+	return w
+}
+
+func (w *Writer) compressor() {
+	defer w.wg.Done()
+	for j := range w.work {
+		j.out = w.s.enc.EncodeAll(j.raw, make([]byte, 0, len(j.raw)/2+64))
+		close(j.ready)
+	}
+}
+
+// appender writes finished frames to packs in submission order.
+func (w *Writer) appender() {
+	defer close(w.done)
+	for j := range w.order {
+		<-j.ready
+		if w.appErr != nil {
+			continue // drain
+		}
+		w.appErr = w.appendFrame(j)
+	}
+	if w.appErr == nil && w.bw != nil {
+		if err := w.bw.Flush(); err != nil {
+			w.appErr = fmt.Errorf("write pack %d: %w", w.cur.id, err)
+		}
+	}
+}
+
+func (w *Writer) appendFrame(j *frameJob) error {
+	if w.cur != nil && w.cur.size >= w.s.opts.PackSize {
+		if err := w.bw.Flush(); err != nil {
+			return fmt.Errorf("write pack %d: %w", w.cur.id, err)
+		}
+		w.cur = nil
+	}
+	if w.cur == nil {
+		p, err := w.s.acquire(w.ctx)
+		if err != nil {
+			return err
+		}
+		w.cur = p
+		w.touched = append(w.touched, p)
+		if _, err := p.f.Seek(p.size, io.SeekStart); err != nil {
+			return fmt.Errorf("seek pack %d: %w", p.id, err)
+		}
+		if w.bw == nil {
+			w.bw = bufio.NewWriterSize(p.f, 1<<20)
+		} else {
+			w.bw.Reset(p.f)
+		}
+	}
+	hdr := pack.RecordHeader(j.entries, len(j.out))
+	f := pendingFrame{
+		Frame: db.Frame{
+			Pack: w.cur.id, Offset: w.cur.size, DataOff: w.cur.size + int64(len(hdr)),
+			CLen: int64(len(j.out)), RawLen: int64(len(j.raw)),
+		},
+		entries: j.entries,
+	}
+	if _, err := w.bw.Write(hdr); err != nil {
+		return fmt.Errorf("write pack %d: %w", w.cur.id, err)
+	}
+	if _, err := w.bw.Write(j.out); err != nil {
+		return fmt.Errorf("write pack %d: %w", w.cur.id, err)
+	}
+	w.cur.size += int64(len(hdr) + len(j.out))
+	w.frames = append(w.frames, f)
+	return nil
+}
+
+// WriteBlob stores the contents read from r (exactly size bytes) and
+// returns the blob's digest.
+func (w *Writer) WriteBlob(r io.Reader, size int64) (digest.Digest, error) {
+	if w.err != nil {
+		return digest.Digest{}, w.err
+	}
+	d, err := w.writeBlob(r, size)
+	if err != nil {
+		w.err = err
+	}
+	return d, err
+}
+
+func (w *Writer) writeBlob(r io.Reader, size int64) (digest.Digest, error) {
+	w.chunker.Reset(io.LimitReader(r, size))
+	var (
+		whole = digest.New()
+		list  []byte
+		first digest.Digest
+		n     int
+		total int64
+	)
+	for {
+		c, err := w.chunker.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return digest.Digest{}, fmt.Errorf("read blob: %w", err)
+		}
+		cd := digest.Sum(c)
+		if n == 0 {
+			first = cd
+		}
+		n++
+		total += int64(len(c))
+		whole.Write(c)
+		list = append(list, cd[:]...)
+		list = binary.LittleEndian.AppendUint32(list, uint32(len(c)))
+		if err := w.addChunk(cd, c); err != nil {
+			return digest.Digest{}, err
+		}
+	}
+	if total != size {
+		return digest.Digest{}, fmt.Errorf("read blob: %w (got %d of %d bytes)", io.ErrUnexpectedEOF, total, size)
+	}
+	var bd digest.Digest
+	switch n {
+	case 0:
+		bd, list = digest.Empty, nil
+		// The empty blob has no chunks; it is recorded so lookups succeed.
+	case 1:
+		bd, list = first, nil // the one chunk is the blob
+	default:
+		bd = digest.FromHash(whole)
+	}
+	if _, ok := w.blobs[bd]; !ok {
+		w.blobs[bd] = db.Blob{Size: size, Chunks: list}
+	}
+	return bd, nil
+}
+
+func (w *Writer) addChunk(d digest.Digest, c []byte) error {
+	if _, ok := w.pending[d]; ok {
+		w.DupChunks++
+		w.DupChunkBytes += int64(len(c))
+		return nil
+	}
+	have, err := w.s.db.HasChunk(w.ctx, d)
+	if err != nil {
+		return err
+	}
+	if have {
+		w.DupChunks++
+		w.DupChunkBytes += int64(len(c))
+		return nil
+	}
+	w.pending[d] = struct{}{}
+	w.NewChunks++
+	w.NewChunkBytes += int64(len(c))
+	w.group = append(w.group, pack.Entry{Digest: d, Len: uint32(len(c))})
+	w.groupRaw = append(w.groupRaw, c...)
+	if len(w.groupRaw) >= w.s.opts.FrameSize || len(w.group) >= pack.MaxChunks {
+		return w.submit()
+	}
+	return nil
+}
+
+func (w *Writer) submit() error {
+	if len(w.group) == 0 {
+		return nil
+	}
+	j := &frameJob{entries: w.group, raw: w.groupRaw, ready: make(chan struct{})}
+	w.group = nil
+	w.groupRaw = make([]byte, 0, w.s.opts.FrameSize+MaxChunk)
+	// No ctx cases: compressors and the appender always drain, and a job
+	// queued for the appender but never compressed would block it forever.
+	w.order <- j
+	w.work <- j
+	return w.ctx.Err()
+}
+
+// Flush compresses what is left, writes it, and fsyncs every pack written
+// to. After Flush the Writer takes no more blobs.
+func (w *Writer) Flush() error {
+	if w.flushed {
+		return w.err
+	}
+	w.flushed = true
+	if w.err == nil {
+		w.err = w.submit()
+	}
+	close(w.work)
+	close(w.order)
+	w.wg.Wait()
+	<-w.done
+	if w.err != nil {
+		return w.err
+	}
+	if w.appErr != nil {
+		w.err = w.appErr
+		return w.err
+	}
+	for _, p := range w.touched {
+		if err := fdatasync(p.f); err != nil {
+			// A failed fsync may have dropped dirty pages: this pack's
+			// tail cannot be trusted, so it is never committed.
+			w.err = fmt.Errorf("sync pack %d: %w", p.id, err)
+			return w.err
+		}
+	}
+	return nil
+}
+
+// Commit records the Writer's frames, chunks and blobs in tx. Call it after
+// a successful Flush.
+func (w *Writer) Commit(ctx context.Context, tx *db.Tx) error {
+	if w.err != nil {
+		return w.err
+	}
+	if !w.flushed {
+		return errors.New("blobs: Commit before Flush")
+	}
+	for _, f := range w.frames {
+		id, err := tx.InsertFrame(ctx, f.Frame)
+		if err != nil {
+			return err
+		}
+		var off int64
+		for _, e := range f.entries {
+			if err := tx.InsertChunk(ctx, e.Digest, id, off, int64(e.Len)); err != nil {
+				return err
+			}
+			off += int64(e.Len)
+		}
+	}
+	for d, b := range w.blobs {
+		if err := tx.InsertBlob(ctx, d, b); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Done hands the Writer's packs back. Whether or not the transaction
+// committed, the packs are trimmed back to their committed frames before
+// anyone appends again, so an aborted Writer leaves nothing reachable.
+func (w *Writer) Done() {
+	if !w.flushed {
+		w.err = errors.Join(w.err, errors.New("abandoned"))
+		w.Flush()
+	}
+	w.s.release(w.touched...)
+	w.touched = nil
+}
+
+// HasBlob reports whether the Writer or the store already has blob d.
+func (w *Writer) HasBlob(d digest.Digest) (bool, error) {
+	if _, ok := w.blobs[d]; ok {
+		return true, nil
+	}
+	return w.s.db.HasBlob(w.ctx, d)
+}

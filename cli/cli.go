@@ -1,0 +1,88 @@
+// Package cli holds casnix's commands: one struct per command with a Run
+// method, parsed by kong in main.go. Commands talk to the terminal; the
+// packages below them never print.
+package cli
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+
+	"golang.org/x/term"
+
+	"github.com/casnix/casnix/store"
+)
+
+// Version is set at build time with -ldflags "-X github.com/casnix/casnix/cli.Version=…".
+var Version = "dev"
+
+// Globals are the flags every command shares.
+type Globals struct {
+	DataDir  string `name:"data-dir" short:"d" env:"CASNIX_DIR" placeholder:"DIR" help:"Data directory (default: /var/lib/casnix as root, else $XDG_DATA_HOME/casnix)."`
+	StoreDir string `name:"store-dir" env:"CASNIX_STORE_DIR" default:"/nix/store" help:"Nix store directory the stored paths belong to."`
+	LogLevel string `name:"log-level" env:"CASNIX_LOG_LEVEL" default:"info" enum:"debug,info,warn,error" help:"Log level (${enum})."`
+
+	Ctx    context.Context `kong:"-"`
+	Stdout io.Writer       `kong:"-"`
+	Stderr io.Writer       `kong:"-"`
+	Logger *slog.Logger    `kong:"-"`
+}
+
+// DefaultDataDir is the data directory used when none is given.
+func DefaultDataDir() string {
+	if os.Geteuid() == 0 {
+		return "/var/lib/casnix"
+	}
+	if x := os.Getenv("XDG_DATA_HOME"); x != "" {
+		return filepath.Join(x, "casnix")
+	}
+	if h, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(h, ".local", "share", "casnix")
+	}
+	return "casnix-data"
+}
+
+// Open opens the store for a command; callers defer Close.
+func (g *Globals) Open() (*store.Store, error) {
+	dir := g.DataDir
+	if dir == "" {
+		dir = DefaultDataDir()
+	}
+	st, err := store.Open(g.Ctx, dir, store.Options{StoreDir: g.StoreDir, Logger: g.Logger})
+	if err != nil {
+		return nil, fmt.Errorf("open data dir %s: %w", dir, err)
+	}
+	return st, nil
+}
+
+// isTTY reports whether w is a terminal (progress bars go only there).
+func isTTY(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	return ok && term.IsTerminal(int(f.Fd()))
+}
+
+// CLI is the whole command line.
+type CLI struct {
+	Globals
+
+	Import   ImportCmd   `cmd:"" help:"Import store paths from a live Nix store or a NAR file."`
+	Info     InfoCmd     `cmd:"" help:"Show store totals: paths, logical NAR bytes, stored bytes, dedup ratio."`
+	PathInfo PathInfoCmd `cmd:"" name:"path-info" help:"Show path-info of store paths."`
+	Ls       LsCmd       `cmd:"" help:"List a directory inside a store path."`
+	Cat      CatCmd      `cmd:"" help:"Print a file inside a store path."`
+	Dump     DumpCmd     `cmd:"" help:"Write the NAR of a store path to stdout."`
+	Verify   VerifyCmd   `cmd:"" help:"Re-hash every chunk and re-render every NAR; exit non-zero naming damaged paths."`
+	Version  VersionCmd  `cmd:"" help:"Print the version."`
+}
+
+// VersionCmd prints the version.
+type VersionCmd struct{}
+
+// Run prints the version.
+func (VersionCmd) Run(g *Globals) error {
+	fmt.Fprintf(g.Stdout, "casnix %s\n", Version)
+	return nil
+}

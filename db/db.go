@@ -1,0 +1,228 @@
+// Package db opens casnix's SQLite database (modernc.org/sqlite, no cgo),
+// applies the embedded migrations, and offers typed queries over its tables.
+//
+// Connections: one writer (BEGIN IMMEDIATE, so write transactions never
+// deadlock on lock upgrades) and a pool of query-only readers; WAL mode lets
+// readers run beside the writer. synchronous=FULL because a commit here is
+// what tells a client "your path is stored".
+package db
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/url"
+	"runtime"
+	"sort"
+	"strconv"
+	"strings"
+
+	_ "modernc.org/sqlite" // registers the "sqlite" driver
+
+	"github.com/casnix/casnix/migrations"
+)
+
+// ErrNotFound is returned by lookups of rows that do not exist.
+var ErrNotFound = errors.New("not found")
+
+// ErrSchemaTooNew means the data dir was written by a newer casnix.
+var ErrSchemaTooNew = errors.New("database schema is newer than this casnix")
+
+// DB is an open casnix database.
+type DB struct {
+	w    *sql.DB
+	r    *sql.DB
+	path string
+	q    // read queries on the reader pool
+}
+
+func dsn(path string, readOnly bool) string {
+	v := url.Values{}
+	v.Add("_pragma", "busy_timeout(30000)")
+	v.Add("_pragma", "foreign_keys(1)")
+	v.Add("_pragma", "synchronous(FULL)")
+	v.Add("_pragma", "journal_mode(WAL)")
+	if readOnly {
+		v.Add("_pragma", "query_only(1)")
+	} else {
+		v.Set("_txlock", "immediate")
+	}
+	return "file:" + path + "?" + v.Encode()
+}
+
+// Open opens (creating if needed) the database at path and migrates it.
+func Open(ctx context.Context, path string) (*DB, error) {
+	w, err := sql.Open("sqlite", dsn(path, false))
+	if err != nil {
+		return nil, fmt.Errorf("open database %s: %w", path, err)
+	}
+	w.SetMaxOpenConns(1)
+	w.SetMaxIdleConns(1)
+	w.SetConnMaxLifetime(0)
+	if err := migrate(ctx, w); err != nil {
+		w.Close()
+		return nil, fmt.Errorf("database %s: %w", path, err)
+	}
+	r, err := sql.Open("sqlite", dsn(path, true))
+	if err != nil {
+		w.Close()
+		return nil, fmt.Errorf("open database %s: %w", path, err)
+	}
+	n := max(4, 2*runtime.GOMAXPROCS(0))
+	r.SetMaxOpenConns(n)
+	r.SetMaxIdleConns(n)
+	return &DB{w: w, r: r, path: path, q: q{r}}, nil
+}
+
+// Close closes all connections.
+func (d *DB) Close() error {
+	return errors.Join(d.r.Close(), d.w.Close())
+}
+
+// File is the database file's path.
+func (d *DB) File() string { return d.path }
+
+// LatestVersion is the schema version this binary writes.
+func LatestVersion() (int, error) {
+	files, err := migrationFiles()
+	if err != nil {
+		return 0, err
+	}
+	return files[len(files)-1].version, nil
+}
+
+type migration struct {
+	version int
+	name    string
+}
+
+func migrationFiles() ([]migration, error) {
+	entries, err := fs.ReadDir(migrations.FS, ".")
+	if err != nil {
+		return nil, fmt.Errorf("read migrations: %w", err)
+	}
+	var out []migration
+	for _, e := range entries {
+		num, _, ok := strings.Cut(e.Name(), "_")
+		if !ok || !strings.HasSuffix(e.Name(), ".sql") {
+			return nil, fmt.Errorf("migration file %q is not NNNN_name.sql", e.Name())
+		}
+		v, err := strconv.Atoi(num)
+		if err != nil {
+			return nil, fmt.Errorf("migration file %q: %w", e.Name(), err)
+		}
+		out = append(out, migration{v, e.Name()})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].version < out[j].version })
+	for i, m := range out {
+		if m.version != i+1 {
+			return nil, fmt.Errorf("migrations are not numbered 1..n: %q", m.name)
+		}
+	}
+	return out, nil
+}
+
+// SchemaVersion reads the schema version of the database file at path
+// without migrating it (0 for a new or empty database).
+func SchemaVersion(ctx context.Context, path string) (int, error) {
+	c, err := sql.Open("sqlite", "file:"+path+"?mode=ro")
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	var v int
+	if err := c.QueryRowContext(ctx, "PRAGMA user_version").Scan(&v); err != nil {
+		return 0, fmt.Errorf("read schema version: %w", err)
+	}
+	return v, nil
+}
+
+func migrate(ctx context.Context, w *sql.DB) error {
+	files, err := migrationFiles()
+	if err != nil {
+		return err
+	}
+	latest := files[len(files)-1].version
+	var cur int
+	if err := w.QueryRowContext(ctx, "PRAGMA user_version").Scan(&cur); err != nil {
+		return fmt.Errorf("read schema version: %w", err)
+	}
+	if cur > latest {
+		return fmt.Errorf("%w: schema version %d, this binary knows up to %d; upgrade casnix", ErrSchemaTooNew, cur, latest)
+	}
+	for _, m := range files[cur:] {
+		body, err := fs.ReadFile(migrations.FS, m.name)
+		if err != nil {
+			return fmt.Errorf("read migration %s: %w", m.name, err)
+		}
+		tx, err := w.BeginTx(ctx, nil)
+		if err != nil {
+			return fmt.Errorf("migration %s: %w", m.name, err)
+		}
+		if _, err := tx.ExecContext(ctx, string(body)); err != nil {
+			tx.Rollback()
+			return fmt.Errorf("migration %s: %w", m.name, err)
+		}
+		// PRAGMA takes no bind parameters; the version is an int we made.
+		if _, err := tx.ExecContext(ctx, fmt.Sprintf("PRAGMA user_version = %d", m.version)); err != nil {
+			tx.Rollback()
+			return fmt.Errorf("migration %s: set version: %w", m.name, err)
+		}
+		if err := tx.Commit(); err != nil {
+			return fmt.Errorf("migration %s: commit: %w", m.name, err)
+		}
+	}
+	return nil
+}
+
+// Tx is a write transaction.
+type Tx struct {
+	tx *sql.Tx
+	q
+}
+
+// Write runs fn in one write transaction and commits it if fn returns nil.
+func (d *DB) Write(ctx context.Context, fn func(*Tx) error) error {
+	tx, err := d.w.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("begin: %w", err)
+	}
+	if err := fn(&Tx{tx: tx, q: q{tx}}); err != nil {
+		tx.Rollback()
+		return err
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("commit: %w", err)
+	}
+	return nil
+}
+
+// ReadTx runs fn with a read transaction, giving it one consistent snapshot.
+func (d *DB) ReadTx(ctx context.Context, fn func(Queries) error) error {
+	tx, err := d.r.BeginTx(ctx, &sql.TxOptions{ReadOnly: true})
+	if err != nil {
+		return fmt.Errorf("begin read: %w", err)
+	}
+	defer tx.Rollback()
+	return fn(q{tx})
+}
+
+// Checkpoint folds the WAL back into the main file.
+func (d *DB) Checkpoint(ctx context.Context) error {
+	_, err := d.w.ExecContext(ctx, "PRAGMA wal_checkpoint(TRUNCATE)")
+	return err
+}
+
+// Queries are the read queries, available on DB, Tx and read transactions.
+type Queries = q
+
+type queryer interface {
+	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
+	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
+	QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row
+}
+
+// q implements the typed queries on any queryer.
+type q struct{ c queryer }

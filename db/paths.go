@@ -1,0 +1,201 @@
+package db
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"strings"
+)
+
+// PathRow is one valid store path. Names (Name, Deriver, Refs) are store path
+// basenames "<hash>-<name>"; the store directory is not stored.
+type PathRow struct {
+	ID         int64
+	Name       string
+	Kind       uint8
+	Digest     []byte
+	Size       int64
+	Executable bool
+	Target     []byte
+	NarHash    []byte
+	NarSize    int64
+	Deriver    string
+	Registered int64
+	Ultimate   bool
+	CA         string
+	Refs       []string // sorted
+	Sigs       []string
+}
+
+func nullStr(s string) sql.NullString { return sql.NullString{String: s, Valid: s != ""} }
+
+// InsertPath adds a store path with its references (which must exist, or be
+// the path itself) and signatures.
+func (q q) InsertPath(ctx context.Context, p *PathRow) (int64, error) {
+	res, err := q.c.ExecContext(ctx, `INSERT INTO paths(name, kind, digest, size, executable, target,
+		nar_hash, nar_size, deriver, registered, ultimate, ca) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)`,
+		p.Name, p.Kind, p.Digest, p.Size, p.Executable, p.Target, p.NarHash, p.NarSize,
+		nullStr(p.Deriver), p.Registered, p.Ultimate, nullStr(p.CA))
+	if err != nil {
+		return 0, fmt.Errorf("insert path %s: %w", p.Name, err)
+	}
+	id, err := res.LastInsertId()
+	if err != nil {
+		return 0, err
+	}
+	for _, r := range p.Refs {
+		var rid int64
+		if r == p.Name {
+			rid = id
+		} else if rid, err = q.PathID(ctx, r); err != nil {
+			return 0, fmt.Errorf("path %s: reference %s: %w", p.Name, r, err)
+		}
+		if _, err := q.c.ExecContext(ctx, "INSERT OR IGNORE INTO refs(referrer, reference) VALUES (?,?)", id, rid); err != nil {
+			return 0, fmt.Errorf("path %s: insert reference: %w", p.Name, err)
+		}
+	}
+	if err := q.AddSigs(ctx, id, p.Sigs); err != nil {
+		return 0, fmt.Errorf("path %s: %w", p.Name, err)
+	}
+	return id, nil
+}
+
+// AddSigs adds signatures to a path, ignoring ones it already has.
+func (q q) AddSigs(ctx context.Context, id int64, sigs []string) error {
+	for _, s := range sigs {
+		if _, err := q.c.ExecContext(ctx, "INSERT OR IGNORE INTO sigs(path, sig) VALUES (?,?)", id, s); err != nil {
+			return fmt.Errorf("insert signature: %w", err)
+		}
+	}
+	return nil
+}
+
+// PathID returns the id of a valid path.
+func (q q) PathID(ctx context.Context, name string) (int64, error) {
+	var id int64
+	err := q.c.QueryRowContext(ctx, "SELECT id FROM paths WHERE name = ?", name).Scan(&id)
+	if err != nil {
+		return 0, notFound(err, "path "+name)
+	}
+	return id, nil
+}
+
+// HasPath reports whether name is a valid path.
+func (q q) HasPath(ctx context.Context, name string) (bool, error) {
+	_, err := q.PathID(ctx, name)
+	if errors.Is(err, ErrNotFound) {
+		return false, nil
+	}
+	return err == nil, err
+}
+
+const pathCols = `id, name, kind, digest, size, executable, target, nar_hash, nar_size,
+	IFNULL(deriver,''), registered, ultimate, IFNULL(ca,'')`
+
+func scanPath(s interface{ Scan(...any) error }) (*PathRow, error) {
+	p := &PathRow{}
+	err := s.Scan(&p.ID, &p.Name, &p.Kind, &p.Digest, &p.Size, &p.Executable, &p.Target,
+		&p.NarHash, &p.NarSize, &p.Deriver, &p.Registered, &p.Ultimate, &p.CA)
+	return p, err
+}
+
+// Path returns a valid path with its references and signatures.
+func (q q) Path(ctx context.Context, name string) (*PathRow, error) {
+	p, err := scanPath(q.c.QueryRowContext(ctx, "SELECT "+pathCols+" FROM paths WHERE name = ?", name))
+	if err != nil {
+		return nil, notFound(err, "path "+name)
+	}
+	if err := q.fillPath(ctx, p); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+func (q q) fillPath(ctx context.Context, p *PathRow) error {
+	var err error
+	if p.Refs, err = q.strings(ctx, `SELECT p.name FROM refs r JOIN paths p ON p.id = r.reference
+		WHERE r.referrer = ? ORDER BY p.name`, p.ID); err != nil {
+		return fmt.Errorf("path %s references: %w", p.Name, err)
+	}
+	if p.Sigs, err = q.strings(ctx, "SELECT sig FROM sigs WHERE path = ? ORDER BY sig", p.ID); err != nil {
+		return fmt.Errorf("path %s signatures: %w", p.Name, err)
+	}
+	return nil
+}
+
+func (q q) strings(ctx context.Context, query string, args ...any) ([]string, error) {
+	rows, err := q.c.QueryContext(ctx, query, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var s string
+		if err := rows.Scan(&s); err != nil {
+			return nil, err
+		}
+		out = append(out, s)
+	}
+	return out, rows.Err()
+}
+
+// References lists the basenames a path refers to.
+func (q q) References(ctx context.Context, name string) ([]string, error) {
+	return q.strings(ctx, `SELECT t.name FROM paths s JOIN refs r ON r.referrer = s.id
+		JOIN paths t ON t.id = r.reference WHERE s.name = ? ORDER BY t.name`, name)
+}
+
+// Referrers lists the basenames of paths that refer to name.
+func (q q) Referrers(ctx context.Context, name string) ([]string, error) {
+	return q.strings(ctx, `SELECT s.name FROM paths t JOIN refs r ON r.reference = t.id
+		JOIN paths s ON s.id = r.referrer WHERE t.name = ? ORDER BY s.name`, name)
+}
+
+// PathsWithDeriver lists the valid paths that name drv as their deriver
+// (what nix-store --query --valid-derivers inverts).
+func (q q) PathsWithDeriver(ctx context.Context, drv string) ([]string, error) {
+	return q.strings(ctx, "SELECT name FROM paths WHERE deriver = ? ORDER BY name", drv)
+}
+
+// PathByHashPart finds the valid path whose basename starts with hashPart
+// followed by '-'.
+func (q q) PathByHashPart(ctx context.Context, hashPart string) (string, error) {
+	var name string
+	err := q.c.QueryRowContext(ctx, "SELECT name FROM paths WHERE name >= ? AND name < ? ORDER BY name LIMIT 1",
+		hashPart+"-", hashPart+".").Scan(&name)
+	if err != nil {
+		return "", notFound(err, "hash part "+hashPart)
+	}
+	return name, nil
+}
+
+// EachPath calls fn for every valid path in name order, without references
+// and signatures (use Path for those). Rows are streamed.
+func (q q) EachPath(ctx context.Context, fn func(*PathRow) error) error {
+	rows, err := q.c.QueryContext(ctx, "SELECT "+pathCols+" FROM paths ORDER BY name")
+	if err != nil {
+		return fmt.Errorf("list paths: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		p, err := scanPath(rows)
+		if err != nil {
+			return fmt.Errorf("list paths: %w", err)
+		}
+		if err := fn(p); err != nil {
+			return err
+		}
+	}
+	return rows.Err()
+}
+
+// PathNames lists names of valid paths with the given prefix (all if "").
+func (q q) PathNames(ctx context.Context, prefix string) ([]string, error) {
+	if prefix == "" {
+		return q.strings(ctx, "SELECT name FROM paths ORDER BY name")
+	}
+	esc := strings.NewReplacer(`\`, `\\`, `%`, `\%`, `_`, `\_`).Replace(prefix)
+	return q.strings(ctx, `SELECT name FROM paths WHERE name LIKE ? ESCAPE '\' ORDER BY name`, esc+"%")
+}

@@ -1,0 +1,265 @@
+package db
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/casnix/casnix/digest"
+)
+
+func notFound(err error, what string) error {
+	if errors.Is(err, sql.ErrNoRows) {
+		return fmt.Errorf("%s: %w", what, ErrNotFound)
+	}
+	return fmt.Errorf("%s: %w", what, err)
+}
+
+// ---- packs, frames, chunks ----
+
+// InsertPack allocates a new pack id.
+func (q q) InsertPack(ctx context.Context) (int64, error) {
+	res, err := q.c.ExecContext(ctx, "INSERT INTO packs(created) VALUES (?)", time.Now().Unix())
+	if err != nil {
+		return 0, fmt.Errorf("insert pack: %w", err)
+	}
+	return res.LastInsertId()
+}
+
+// Packs lists all pack ids.
+func (q q) Packs(ctx context.Context) ([]int64, error) {
+	rows, err := q.c.QueryContext(ctx, "SELECT id FROM packs ORDER BY id")
+	if err != nil {
+		return nil, fmt.Errorf("list packs: %w", err)
+	}
+	defer rows.Close()
+	var out []int64
+	for rows.Next() {
+		var id int64
+		if err := rows.Scan(&id); err != nil {
+			return nil, err
+		}
+		out = append(out, id)
+	}
+	return out, rows.Err()
+}
+
+// PackEnd is the end offset of the last committed frame in a pack, or 0 if
+// the pack has no committed frames.
+func (q q) PackEnd(ctx context.Context, pack int64) (int64, error) {
+	var end sql.NullInt64
+	err := q.c.QueryRowContext(ctx, "SELECT MAX(data_off+clen) FROM frames WHERE pack = ?", pack).Scan(&end)
+	if err != nil {
+		return 0, fmt.Errorf("pack %d end: %w", pack, err)
+	}
+	return end.Int64, nil
+}
+
+// Frame is one zstd frame in a pack.
+type Frame struct {
+	ID      int64
+	Pack    int64
+	Offset  int64
+	DataOff int64
+	CLen    int64
+	RawLen  int64
+}
+
+// InsertFrame records a frame and returns its id.
+func (q q) InsertFrame(ctx context.Context, f Frame) (int64, error) {
+	res, err := q.c.ExecContext(ctx,
+		"INSERT INTO frames(pack, offset, data_off, clen, rawlen) VALUES (?,?,?,?,?)",
+		f.Pack, f.Offset, f.DataOff, f.CLen, f.RawLen)
+	if err != nil {
+		return 0, fmt.Errorf("insert frame: %w", err)
+	}
+	return res.LastInsertId()
+}
+
+// InsertChunk records where a chunk lives, unless it is already recorded
+// (a concurrent writer may have stored the same chunk first).
+func (q q) InsertChunk(ctx context.Context, d digest.Digest, frame, off, length int64) error {
+	_, err := q.c.ExecContext(ctx,
+		"INSERT OR IGNORE INTO chunks(digest, frame, off, len) VALUES (?,?,?,?)",
+		d[:], frame, off, length)
+	if err != nil {
+		return fmt.Errorf("insert chunk %s: %w", d, err)
+	}
+	return nil
+}
+
+// ChunkLoc says where a chunk's bytes are.
+type ChunkLoc struct {
+	Frame
+	Off int64 // inside the decompressed frame
+	Len int64
+}
+
+// Chunk looks up a chunk's location.
+func (q q) Chunk(ctx context.Context, d digest.Digest) (ChunkLoc, error) {
+	var c ChunkLoc
+	err := q.c.QueryRowContext(ctx, `SELECT f.id, f.pack, f.offset, f.data_off, f.clen, f.rawlen, c.off, c.len
+		FROM chunks c JOIN frames f ON f.id = c.frame WHERE c.digest = ?`, d[:]).
+		Scan(&c.ID, &c.Pack, &c.Offset, &c.DataOff, &c.CLen, &c.RawLen, &c.Off, &c.Len)
+	if err != nil {
+		return c, notFound(err, "chunk "+d.String())
+	}
+	return c, nil
+}
+
+// HasChunk reports whether a chunk is stored.
+func (q q) HasChunk(ctx context.Context, d digest.Digest) (bool, error) {
+	var one int
+	err := q.c.QueryRowContext(ctx, "SELECT 1 FROM chunks WHERE digest = ?", d[:]).Scan(&one)
+	if errors.Is(err, sql.ErrNoRows) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("chunk %s: %w", d, err)
+	}
+	return true, nil
+}
+
+// ChunkInFrame is a chunk as listed by FrameChunks.
+type ChunkInFrame struct {
+	Digest digest.Digest
+	Off    int64
+	Len    int64
+}
+
+// EachFrame calls fn for every frame in pack order, with the chunks the
+// index says it holds (possibly none, for a frame that lost a race to a
+// concurrent writer storing the same chunks).
+func (q q) EachFrame(ctx context.Context, fn func(Frame, []ChunkInFrame) error) error {
+	rows, err := q.c.QueryContext(ctx, `SELECT f.id, f.pack, f.offset, f.data_off, f.clen, f.rawlen, c.digest, c.off, c.len
+		FROM frames f LEFT JOIN chunks c ON c.frame = f.id ORDER BY f.pack, f.offset, c.off`)
+	if err != nil {
+		return fmt.Errorf("list frames: %w", err)
+	}
+	defer rows.Close()
+	var cur Frame
+	var chunks []ChunkInFrame
+	have := false
+	for rows.Next() {
+		var f Frame
+		var dg []byte
+		var off, ln sql.NullInt64
+		if err := rows.Scan(&f.ID, &f.Pack, &f.Offset, &f.DataOff, &f.CLen, &f.RawLen, &dg, &off, &ln); err != nil {
+			return fmt.Errorf("list frames: %w", err)
+		}
+		if have && f.ID != cur.ID {
+			if err := fn(cur, chunks); err != nil {
+				return err
+			}
+			chunks = chunks[:0]
+		}
+		cur, have = f, true
+		if dg != nil {
+			d, err := digest.FromBytes(dg)
+			if err != nil {
+				return fmt.Errorf("frame %d: %w", f.ID, err)
+			}
+			chunks = append(chunks, ChunkInFrame{d, off.Int64, ln.Int64})
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("list frames: %w", err)
+	}
+	if have {
+		return fn(cur, chunks)
+	}
+	return nil
+}
+
+// ---- blobs and directories ----
+
+// Blob is a file's contents: its size and chunk list (nil: one chunk whose
+// digest is the blob's).
+type Blob struct {
+	Size   int64
+	Chunks []byte
+}
+
+// InsertBlob records a blob unless present.
+func (q q) InsertBlob(ctx context.Context, d digest.Digest, b Blob) error {
+	_, err := q.c.ExecContext(ctx, "INSERT OR IGNORE INTO blobs(digest, size, chunks) VALUES (?,?,?)", d[:], b.Size, b.Chunks)
+	if err != nil {
+		return fmt.Errorf("insert blob %s: %w", d, err)
+	}
+	return nil
+}
+
+// Blob looks up a blob.
+func (q q) Blob(ctx context.Context, d digest.Digest) (Blob, error) {
+	var b Blob
+	err := q.c.QueryRowContext(ctx, "SELECT size, chunks FROM blobs WHERE digest = ?", d[:]).Scan(&b.Size, &b.Chunks)
+	if err != nil {
+		return b, notFound(err, "blob "+d.String())
+	}
+	return b, nil
+}
+
+// HasBlob reports whether a blob is stored.
+func (q q) HasBlob(ctx context.Context, d digest.Digest) (bool, error) {
+	var one int
+	err := q.c.QueryRowContext(ctx, "SELECT 1 FROM blobs WHERE digest = ?", d[:]).Scan(&one)
+	if errors.Is(err, sql.ErrNoRows) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("blob %s: %w", d, err)
+	}
+	return true, nil
+}
+
+// InsertDirectory records an encoded Directory unless present.
+func (q q) InsertDirectory(ctx context.Context, d digest.Digest, data []byte) error {
+	_, err := q.c.ExecContext(ctx, "INSERT OR IGNORE INTO directories(digest, data) VALUES (?,?)", d[:], data)
+	if err != nil {
+		return fmt.Errorf("insert directory %s: %w", d, err)
+	}
+	return nil
+}
+
+// Directory returns an encoded Directory.
+func (q q) Directory(ctx context.Context, d digest.Digest) ([]byte, error) {
+	var data []byte
+	err := q.c.QueryRowContext(ctx, "SELECT data FROM directories WHERE digest = ?", d[:]).Scan(&data)
+	if err != nil {
+		return nil, notFound(err, "directory "+d.String())
+	}
+	return data, nil
+}
+
+// ---- stats ----
+
+// Stats are whole-store totals.
+type Stats struct {
+	Paths          int64
+	NarBytes       int64 // sum of NAR sizes: the logical size
+	Blobs          int64
+	BlobBytes      int64 // sum of distinct file contents
+	Chunks         int64
+	ChunkBytes     int64 // sum of distinct chunk raw sizes
+	Frames         int64
+	CompressedSize int64 // sum of frame compressed sizes
+	Directories    int64
+}
+
+// Stats computes totals (a scan: fine for info, not for hot paths).
+func (q q) Stats(ctx context.Context) (Stats, error) {
+	var s Stats
+	err := q.c.QueryRowContext(ctx, `SELECT
+		(SELECT COUNT(*) FROM paths), (SELECT IFNULL(SUM(nar_size),0) FROM paths),
+		(SELECT COUNT(*) FROM blobs), (SELECT IFNULL(SUM(size),0) FROM blobs),
+		(SELECT COUNT(*) FROM chunks), (SELECT IFNULL(SUM(len),0) FROM chunks),
+		(SELECT COUNT(*) FROM frames), (SELECT IFNULL(SUM(clen),0) FROM frames),
+		(SELECT COUNT(*) FROM directories)`).
+		Scan(&s.Paths, &s.NarBytes, &s.Blobs, &s.BlobBytes, &s.Chunks, &s.ChunkBytes, &s.Frames, &s.CompressedSize, &s.Directories)
+	if err != nil {
+		return s, fmt.Errorf("stats: %w", err)
+	}
+	return s, nil
+}

@@ -1,0 +1,61 @@
+// Command casnix is a content-addressed Nix store in one binary: it keeps
+// store paths as deduplicated, compressed chunks with their path-info in
+// SQLite, and serves them to Nix.
+//
+// This file is wiring only: flags, signals, exit codes. Commands live in
+// package cli.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/alecthomas/kong"
+
+	"github.com/casnix/casnix/cli"
+)
+
+func main() {
+	os.Exit(run(os.Args[1:]))
+}
+
+func run(args []string) int {
+	var c cli.CLI
+	parser, err := kong.New(&c,
+		kong.Name("casnix"),
+		kong.Description("A content-addressed Nix store: deduplicated, compressed store paths served to Nix."),
+		kong.UsageOnError(),
+		kong.Vars{"version": cli.Version},
+	)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "casnix:", err)
+		return 2
+	}
+	kctx, err := parser.Parse(args)
+	if err != nil {
+		parser.Errorf("%s", err)
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	var level slog.Level
+	_ = level.UnmarshalText([]byte(c.LogLevel))
+	c.Ctx = ctx
+	c.Stdout = os.Stdout
+	c.Stderr = os.Stderr
+	c.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	if err := kctx.Run(&c.Globals); err != nil {
+		if errors.Is(err, context.Canceled) {
+			fmt.Fprintln(os.Stderr, "casnix: interrupted")
+			return 130
+		}
+		fmt.Fprintln(os.Stderr, "error:", err)
+		return 1
+	}
+	return 0
+}

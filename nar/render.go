@@ -1,0 +1,143 @@
+package nar
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"strings"
+
+	"github.com/casnix/casnix/castore"
+	"github.com/casnix/casnix/digest"
+)
+
+// Blob is an open file's contents.
+type Blob interface {
+	io.Reader
+	Size() int64
+}
+
+// Source is where Render finds directories and file contents.
+type Source interface {
+	Directory(ctx context.Context, d digest.Digest) (*castore.Directory, error)
+	OpenBlob(ctx context.Context, d digest.Digest) (Blob, error)
+}
+
+// Render writes the NAR of the tree rooted at root to w and returns the
+// number of bytes written.
+func Render(ctx context.Context, w io.Writer, root castore.Node, src Source) (int64, error) {
+	cw := &countWriter{w: w}
+	r := &renderer{ctx: ctx, w: bufio.NewWriterSize(cw, 256<<10), src: src}
+	r.str([]byte(Magic))
+	if err := r.node(root, "/"); err != nil {
+		return cw.n, err
+	}
+	if err := r.w.Flush(); err != nil {
+		return cw.n, fmt.Errorf("nar: write: %w", err)
+	}
+	return cw.n, nil
+}
+
+type countWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *countWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += int64(n)
+	return n, err
+}
+
+type renderer struct {
+	ctx context.Context
+	w   *bufio.Writer
+	src Source
+	num [8]byte
+}
+
+var zeros [8]byte
+
+func (r *renderer) u64(n uint64) {
+	binary.LittleEndian.PutUint64(r.num[:], n)
+	r.w.Write(r.num[:])
+}
+
+// str writes a NAR string. Write errors stick in the bufio.Writer and are
+// reported by the next Flush or blob copy.
+func (r *renderer) str(b []byte) {
+	r.u64(uint64(len(b)))
+	r.w.Write(b)
+	r.w.Write(zeros[:(8-len(b)%8)%8])
+}
+
+func (r *renderer) tok(s string) { r.str([]byte(s)) }
+
+// node renders n, found at path inside the archive (for error messages).
+func (r *renderer) node(n castore.Node, path string) error {
+	if err := r.ctx.Err(); err != nil {
+		return err
+	}
+	r.tok("(")
+	r.tok("type")
+	switch n.Kind {
+	case castore.KindFile:
+		r.tok("regular")
+		if n.Executable {
+			r.tok("executable")
+			r.tok("")
+		}
+		r.tok("contents")
+		if err := r.contents(n); err != nil {
+			return fmt.Errorf("nar: %s: %w", path, err)
+		}
+	case castore.KindSymlink:
+		r.tok("symlink")
+		r.tok("target")
+		r.str(n.Target)
+	case castore.KindDirectory:
+		r.tok("directory")
+		dir, err := r.src.Directory(r.ctx, n.Digest)
+		if err != nil {
+			return fmt.Errorf("nar: %s: directory %s: %w", path, n.Digest, err)
+		}
+		for _, e := range dir.Entries() {
+			r.tok("entry")
+			r.tok("(")
+			r.tok("name")
+			r.str(e.Name)
+			r.tok("node")
+			if err := r.node(e.Node, strings.TrimSuffix(path, "/")+"/"+string(e.Name)); err != nil {
+				return err
+			}
+			r.tok(")")
+		}
+	default:
+		return fmt.Errorf("nar: %s: cannot render node kind %v", path, n.Kind)
+	}
+	r.tok(")")
+	return nil
+}
+
+func (r *renderer) contents(n castore.Node) error {
+	r.u64(n.Size)
+	if n.Size > 0 {
+		b, err := r.src.OpenBlob(r.ctx, n.Digest)
+		if err != nil {
+			return fmt.Errorf("blob %s: %w", n.Digest, err)
+		}
+		if b.Size() != int64(n.Size) {
+			return fmt.Errorf("blob %s has %d bytes, tree says %d", n.Digest, b.Size(), n.Size)
+		}
+		got, err := r.w.ReadFrom(b)
+		if err != nil {
+			return fmt.Errorf("blob %s: %w", n.Digest, err)
+		}
+		if got != int64(n.Size) {
+			return fmt.Errorf("blob %s: read %d of %d bytes", n.Digest, got, n.Size)
+		}
+	}
+	r.w.Write(zeros[:(8-n.Size%8)%8])
+	return nil
+}

@@ -1,0 +1,5 @@
+package nixstore
+
+import "slices"
+
+func sortStrings(s []string) { slices.Sort(s) }

@@ -1,0 +1,213 @@
+package store
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"time"
+
+	"github.com/casnix/casnix/blobs"
+	"github.com/casnix/casnix/castore"
+	"github.com/casnix/casnix/db"
+	"github.com/casnix/casnix/digest"
+	"github.com/casnix/casnix/nar"
+)
+
+// Batch adds store paths atomically: all of them become valid at Commit,
+// or none. Use one Batch per goroutine. A failed Add poisons the Batch
+// (its bytes are already mixed into shared frames), so callers that want
+// to keep going Abort and retry the other paths in a new Batch.
+type Batch struct {
+	s     *Store
+	ctx   context.Context
+	w     *blobs.Writer
+	dirs  map[digest.Digest][]byte
+	paths []*PathInfo
+	names map[string]bool
+	err   error
+	done  bool
+
+	// NarBytes is the NAR bytes added so far (to size batches).
+	NarBytes int64
+}
+
+// NewBatch starts a batch.
+func (s *Store) NewBatch(ctx context.Context) *Batch {
+	return &Batch{s: s, ctx: ctx, w: s.blobs.NewWriter(ctx), dirs: map[digest.Digest][]byte{}, names: map[string]bool{}}
+}
+
+// Len is the number of paths added.
+func (b *Batch) Len() int { return len(b.paths) }
+
+// Stats returns the blob writer's chunk counters.
+func (b *Batch) Stats() (newChunks, newBytes, dupChunks, dupBytes int64) {
+	return b.w.NewChunks, b.w.NewChunkBytes, b.w.DupChunks, b.w.DupChunkBytes
+}
+
+// batchSink is the nar.Sink of one Add.
+type batchSink struct{ b *Batch }
+
+func (k batchSink) WriteBlob(r io.Reader, size int64) (digest.Digest, error) {
+	return k.b.w.WriteBlob(r, size)
+}
+
+func (k batchSink) PutDirectory(d *castore.Directory) (digest.Digest, error) {
+	data := d.Encode()
+	dg := digest.Sum(data)
+	if len(data) == 0 {
+		return dg, nil // the empty directory is implicit
+	}
+	if _, ok := k.b.dirs[dg]; !ok {
+		k.b.dirs[dg] = data
+	}
+	return dg, nil
+}
+
+// Add ingests one NAR for the path described by info. info.NarHash and
+// info.NarSize, when non-zero, are what the NAR must hash to; the computed
+// values are filled in. References must be valid already, be added earlier
+// in this batch, or be the path itself.
+func (b *Batch) Add(r io.Reader, info PathInfo) (*PathInfo, error) {
+	if b.err != nil {
+		return nil, b.err
+	}
+	pi, err := b.add(r, info)
+	if err != nil {
+		b.err = err
+		return nil, err
+	}
+	return pi, nil
+}
+
+func (b *Batch) add(r io.Reader, info PathInfo) (*PathInfo, error) {
+	full := b.s.Full(info.Name)
+	if err := ValidateName(info.Name); err != nil {
+		return nil, err
+	}
+	if info.Deriver != "" {
+		if err := ValidateName(info.Deriver); err != nil {
+			return nil, fmt.Errorf("%s: deriver: %w", full, err)
+		}
+	}
+	if b.names[info.Name] {
+		return nil, fmt.Errorf("%s: added twice in one batch", full)
+	}
+	refs := slices.Clone(info.References)
+	slices.Sort(refs)
+	refs = slices.Compact(refs)
+	for _, ref := range refs {
+		if err := ValidateName(ref); err != nil {
+			return nil, fmt.Errorf("%s: reference: %w", full, err)
+		}
+		if ref == info.Name || b.names[ref] {
+			continue
+		}
+		ok, err := b.s.db.HasPath(b.ctx, ref)
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			return nil, fmt.Errorf("%s: reference %s: %w", full, b.s.Full(ref), ErrMissingRef)
+		}
+	}
+	res, err := nar.Ingest(r, batchSink{b})
+	if err != nil {
+		return nil, fmt.Errorf("import %s: %w", full, err)
+	}
+	if info.NarSize != 0 && res.NarSize != info.NarSize {
+		return nil, fmt.Errorf("import %s: %w: got %d bytes, expected %d", full, ErrSizeMismatch, res.NarSize, info.NarSize)
+	}
+	var zero [32]byte
+	if info.NarHash != zero && !bytes.Equal(res.NarHash[:], info.NarHash[:]) {
+		return nil, fmt.Errorf("import %s: %w: got sha256:%s, expected sha256:%s", full, ErrHashMismatch,
+			NixBase32(res.NarHash[:]), NixBase32(info.NarHash[:]))
+	}
+	pi := info
+	pi.References = refs
+	pi.Root = res.Root
+	pi.NarHash = res.NarHash
+	pi.NarSize = res.NarSize
+	if pi.Registered.IsZero() {
+		pi.Registered = time.Now()
+	}
+	b.paths = append(b.paths, &pi)
+	b.names[pi.Name] = true
+	b.NarBytes += res.NarSize
+	return &pi, nil
+}
+
+// Commit makes the batch's paths valid: pack data is fsynced first, then
+// one transaction records chunks, blobs, directories and path-info. Paths
+// that became valid meanwhile (another importer) are left as they are.
+func (b *Batch) Commit() (added []string, err error) {
+	if b.done {
+		return nil, errors.New("batch already finished")
+	}
+	b.done = true
+	defer b.w.Done()
+	if b.err != nil {
+		return nil, b.err
+	}
+	if err := b.w.Flush(); err != nil {
+		return nil, fmt.Errorf("write packs: %w", err)
+	}
+	err = b.s.db.Write(b.ctx, func(tx *db.Tx) error {
+		added = added[:0]
+		if err := b.w.Commit(b.ctx, tx); err != nil {
+			return err
+		}
+		for d, data := range b.dirs {
+			if err := tx.InsertDirectory(b.ctx, d, data); err != nil {
+				return err
+			}
+		}
+		for _, pi := range b.paths {
+			have, err := tx.HasPath(b.ctx, pi.Name)
+			if err != nil {
+				return err
+			}
+			if have {
+				continue
+			}
+			if _, err := tx.InsertPath(b.ctx, toRow(pi)); err != nil {
+				if errors.Is(err, db.ErrNotFound) {
+					// A reference vanished (deleted by GC) since Add checked it.
+					return fmt.Errorf("%s: %w: %v", b.s.Full(pi.Name), ErrMissingRef, err)
+				}
+				return err
+			}
+			added = append(added, pi.Name)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("commit: %w", err)
+	}
+	return added, nil
+}
+
+// Abort drops the batch; nothing it added becomes visible.
+func (b *Batch) Abort() {
+	if b.done {
+		return
+	}
+	b.done = true
+	b.w.Done()
+}
+
+func toRow(pi *PathInfo) *db.PathRow {
+	r := &db.PathRow{
+		Name: pi.Name, Kind: uint8(pi.Root.Kind), Size: int64(pi.Root.Size),
+		Executable: pi.Root.Executable, Target: pi.Root.Target,
+		NarHash: pi.NarHash[:], NarSize: pi.NarSize, Deriver: pi.Deriver,
+		Registered: pi.Registered.Unix(), Ultimate: pi.Ultimate, CA: pi.CA,
+		Refs: pi.References, Sigs: pi.Sigs,
+	}
+	if pi.Root.Kind != castore.KindSymlink {
+		r.Digest = pi.Root.Digest[:]
+	}
+	return r
+}

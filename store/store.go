@@ -1,0 +1,307 @@
+package store
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/casnix/casnix/blobs"
+	"github.com/casnix/casnix/castore"
+	"github.com/casnix/casnix/db"
+	"github.com/casnix/casnix/digest"
+	"github.com/casnix/casnix/nar"
+)
+
+// Sentinel errors callers branch on.
+var (
+	ErrNotValid     = errors.New("path is not valid")
+	ErrHashMismatch = errors.New("NAR hash mismatch")
+	ErrSizeMismatch = errors.New("NAR size mismatch")
+	ErrMissingRef   = errors.New("reference is not valid")
+)
+
+// Options configure Open.
+type Options struct {
+	StoreDir string
+	Blobs    blobs.Options
+	Logger   *slog.Logger
+}
+
+// Store is an open casnix data directory.
+type Store struct {
+	StoreDir string
+	dir      string
+	db       *db.DB
+	blobs    *blobs.Store
+	log      *slog.Logger
+}
+
+// DBFile and PackDir are the data directory's layout.
+const (
+	DBFile  = "casnix.db"
+	PackDir = "packs"
+)
+
+// Open opens (creating if needed) the data directory dir.
+func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
+	if opts.StoreDir == "" {
+		opts.StoreDir = DefaultStoreDir
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("create data dir: %w", err)
+	}
+	d, err := db.Open(ctx, filepath.Join(dir, DBFile))
+	if err != nil {
+		return nil, err
+	}
+	b, err := blobs.Open(filepath.Join(dir, PackDir), d, opts.Blobs)
+	if err != nil {
+		d.Close()
+		return nil, err
+	}
+	return &Store{StoreDir: opts.StoreDir, dir: dir, db: d, blobs: b, log: opts.Logger}, nil
+}
+
+// Close closes the store.
+func (s *Store) Close() error {
+	return errors.Join(s.blobs.Close(), s.db.Close())
+}
+
+// Dir is the data directory.
+func (s *Store) Dir() string { return s.dir }
+
+// DB exposes the database for packages layered on the store (GC, backup).
+func (s *Store) DB() *db.DB { return s.db }
+
+// Full returns the full store path of a basename.
+func (s *Store) Full(base string) string {
+	if base == "" {
+		return ""
+	}
+	return s.StoreDir + "/" + base
+}
+
+// PathInfo is what the store knows about a valid path.
+type PathInfo struct {
+	Name       string // basename
+	Root       castore.Node
+	NarHash    [sha256.Size]byte
+	NarSize    int64
+	References []string // basenames, sorted
+	Deriver    string   // basename or ""
+	Registered time.Time
+	Ultimate   bool
+	Sigs       []string
+	CA         string
+}
+
+func fromRow(p *db.PathRow) (*PathInfo, error) {
+	pi := &PathInfo{
+		Name: p.Name, NarSize: p.NarSize, References: p.Refs, Deriver: p.Deriver,
+		Registered: time.Unix(p.Registered, 0), Ultimate: p.Ultimate, Sigs: p.Sigs, CA: p.CA,
+		Root: castore.Node{Kind: castore.Kind(p.Kind), Size: uint64(p.Size), Executable: p.Executable, Target: p.Target},
+	}
+	if len(p.NarHash) != sha256.Size {
+		return nil, fmt.Errorf("path %s: %w: stored NAR hash has %d bytes", p.Name, blobs.ErrCorrupt, len(p.NarHash))
+	}
+	copy(pi.NarHash[:], p.NarHash)
+	if p.Digest != nil {
+		d, err := digest.FromBytes(p.Digest)
+		if err != nil {
+			return nil, fmt.Errorf("path %s: %w: %v", p.Name, blobs.ErrCorrupt, err)
+		}
+		pi.Root.Digest = d
+	}
+	return pi, nil
+}
+
+// Info returns the path-info of a valid path.
+func (s *Store) Info(ctx context.Context, name string) (*PathInfo, error) {
+	row, err := s.db.Path(ctx, name)
+	if errors.Is(err, db.ErrNotFound) {
+		return nil, fmt.Errorf("path '%s' %w", s.Full(name), ErrNotValid)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return fromRow(row)
+}
+
+// IsValid reports whether name is a valid path.
+func (s *Store) IsValid(ctx context.Context, name string) (bool, error) {
+	return s.db.HasPath(ctx, name)
+}
+
+// References lists what a valid path refers to.
+func (s *Store) References(ctx context.Context, name string) ([]string, error) {
+	return s.db.References(ctx, name)
+}
+
+// Referrers lists the valid paths that refer to name.
+func (s *Store) Referrers(ctx context.Context, name string) ([]string, error) {
+	return s.db.Referrers(ctx, name)
+}
+
+// PathsWithDeriver lists valid paths whose deriver is drv.
+func (s *Store) PathsWithDeriver(ctx context.Context, drv string) ([]string, error) {
+	return s.db.PathsWithDeriver(ctx, drv)
+}
+
+// PathByHashPart finds a valid path by its hash part.
+func (s *Store) PathByHashPart(ctx context.Context, hash string) (string, error) {
+	name, err := s.db.PathByHashPart(ctx, hash)
+	if errors.Is(err, db.ErrNotFound) {
+		return "", nil
+	}
+	return name, err
+}
+
+// All lists every valid path's basename.
+func (s *Store) All(ctx context.Context) ([]string, error) {
+	return s.db.PathNames(ctx, "")
+}
+
+// EachInfo calls fn for each valid path in name order. References and
+// signatures are not filled in (use Info).
+func (s *Store) EachInfo(ctx context.Context, fn func(*PathInfo) error) error {
+	return s.db.EachPath(ctx, func(r *db.PathRow) error {
+		pi, err := fromRow(r)
+		if err != nil {
+			return err
+		}
+		return fn(pi)
+	})
+}
+
+// Closure returns the names in the closure of names (which must be valid),
+// sorted.
+func (s *Store) Closure(ctx context.Context, names []string) ([]string, error) {
+	seen := map[string]bool{}
+	queue := append([]string(nil), names...)
+	for len(queue) > 0 {
+		n := queue[len(queue)-1]
+		queue = queue[:len(queue)-1]
+		if seen[n] {
+			continue
+		}
+		ok, err := s.db.HasPath(ctx, n)
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			return nil, fmt.Errorf("path '%s' %w", s.Full(n), ErrNotValid)
+		}
+		seen[n] = true
+		refs, err := s.db.References(ctx, n)
+		if err != nil {
+			return nil, err
+		}
+		queue = append(queue, refs...)
+	}
+	out := make([]string, 0, len(seen))
+	for n := range seen {
+		out = append(out, n)
+	}
+	sortStrings(out)
+	return out, nil
+}
+
+// Stats returns whole-store totals.
+func (s *Store) Stats(ctx context.Context) (db.Stats, error) {
+	return s.db.Stats(ctx)
+}
+
+// source adapts the store to nar.Source.
+type source struct{ s *Store }
+
+func (src source) Directory(ctx context.Context, d digest.Digest) (*castore.Directory, error) {
+	return src.s.Directory(ctx, d)
+}
+
+func (src source) OpenBlob(ctx context.Context, d digest.Digest) (nar.Blob, error) {
+	return src.s.blobs.Open(ctx, d)
+}
+
+// Directory loads and decodes a directory.
+func (s *Store) Directory(ctx context.Context, d digest.Digest) (*castore.Directory, error) {
+	if d == digest.Empty {
+		// The empty directory encodes to zero bytes; it is never stored.
+		return &castore.Directory{}, nil
+	}
+	data, err := s.db.Directory(ctx, d)
+	if err != nil {
+		return nil, err
+	}
+	if got := digest.Sum(data); got != d {
+		return nil, fmt.Errorf("%w: directory %s hashes to %s", blobs.ErrCorrupt, d, got)
+	}
+	dir, err := castore.Decode(data)
+	if err != nil {
+		return nil, fmt.Errorf("%w: directory %s: %v", blobs.ErrCorrupt, d, err)
+	}
+	return dir, nil
+}
+
+// OpenBlob opens a file's contents.
+func (s *Store) OpenBlob(ctx context.Context, d digest.Digest) (*blobs.BlobReader, error) {
+	return s.blobs.Open(ctx, d)
+}
+
+// NarRender writes the NAR of a valid path to w.
+func (s *Store) NarRender(ctx context.Context, name string, w interface{ Write([]byte) (int, error) }) (int64, error) {
+	pi, err := s.Info(ctx, name)
+	if err != nil {
+		return 0, err
+	}
+	n, err := nar.Render(ctx, w, pi.Root, source{s})
+	if err != nil {
+		return n, fmt.Errorf("render %s: %w", s.Full(name), err)
+	}
+	return n, nil
+}
+
+// Lookup resolves a path inside a store path ("" for its root).
+func (s *Store) Lookup(ctx context.Context, name, sub string) (castore.Node, error) {
+	pi, err := s.Info(ctx, name)
+	if err != nil {
+		return castore.Node{}, err
+	}
+	n := pi.Root
+	for _, comp := range splitSub(sub) {
+		if n.Kind != castore.KindDirectory {
+			return castore.Node{}, fmt.Errorf("%s/%s: %w", s.Full(name), sub, os.ErrNotExist)
+		}
+		dir, err := s.Directory(ctx, n.Digest)
+		if err != nil {
+			return castore.Node{}, err
+		}
+		child, ok := dir.Lookup([]byte(comp))
+		if !ok {
+			return castore.Node{}, fmt.Errorf("%s/%s: %w", s.Full(name), sub, os.ErrNotExist)
+		}
+		n = child
+	}
+	return n, nil
+}
+
+func splitSub(sub string) []string {
+	var out []string
+	start := 0
+	for i := 0; i <= len(sub); i++ {
+		if i == len(sub) || sub[i] == '/' {
+			if i > start {
+				out = append(out, sub[start:i])
+			}
+			start = i + 1
+		}
+	}
+	return out
+}
