@@ -21,9 +21,10 @@ var Version = "dev"
 
 // Globals are the flags every command shares.
 type Globals struct {
-	DataDir  string `name:"data-dir" short:"d" env:"CASNIX_DIR" placeholder:"DIR" help:"Data directory (default: /var/lib/casnix as root, else $XDG_DATA_HOME/casnix)."`
-	StoreDir string `name:"store-dir" env:"CASNIX_STORE_DIR" default:"/nix/store" help:"Nix store directory the stored paths belong to."`
-	LogLevel string `name:"log-level" env:"CASNIX_LOG_LEVEL" default:"info" enum:"debug,info,warn,error" help:"Log level (${enum})."`
+	DataDir    string `name:"data-dir" short:"d" env:"CASNIX_DIR" placeholder:"DIR" help:"Data directory (default: /var/lib/casnix as root, else $XDG_DATA_HOME/casnix)."`
+	StoreDir   string `name:"store-dir" env:"CASNIX_STORE_DIR" default:"/nix/store" help:"Nix store directory the stored paths belong to."`
+	CPUProfile string `name:"cpu-profile" hidden:"" type:"path" help:"Write a Go CPU profile to this file."`
+	LogLevel   string `name:"log-level" env:"CASNIX_LOG_LEVEL" default:"info" enum:"debug,info,warn,error" help:"Log level (${enum})."`
 
 	Ctx    context.Context `kong:"-"`
 	Stdout io.Writer       `kong:"-"`

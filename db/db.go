@@ -18,6 +18,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 
 	_ "modernc.org/sqlite" // registers the "sqlite" driver
 
@@ -73,12 +74,12 @@ func Open(ctx context.Context, path string) (*DB, error) {
 	n := max(4, 2*runtime.GOMAXPROCS(0))
 	r.SetMaxOpenConns(n)
 	r.SetMaxIdleConns(n)
-	return &DB{w: w, r: r, path: path, q: q{r}}, nil
+	return &DB{w: w, r: r, path: path, q: q{c: r, stmts: newStmtCache(r.PrepareContext)}}, nil
 }
 
 // Close closes all connections.
 func (d *DB) Close() error {
-	return errors.Join(d.r.Close(), d.w.Close())
+	return errors.Join(d.q.stmts.close(), d.r.Close(), d.w.Close())
 }
 
 // File is the database file's path.
@@ -189,7 +190,11 @@ func (d *DB) Write(ctx context.Context, fn func(*Tx) error) error {
 	if err != nil {
 		return fmt.Errorf("begin: %w", err)
 	}
-	if err := fn(&Tx{tx: tx, q: q{tx}}); err != nil {
+	// Statements are prepared on the transaction itself: the writer pool has
+	// one connection, which the transaction holds.
+	stmts := newStmtCache(tx.PrepareContext)
+	defer stmts.close()
+	if err := fn(&Tx{tx: tx, q: q{c: tx, stmts: stmts}}); err != nil {
 		tx.Rollback()
 		return err
 	}
@@ -206,7 +211,7 @@ func (d *DB) ReadTx(ctx context.Context, fn func(Queries) error) error {
 		return fmt.Errorf("begin read: %w", err)
 	}
 	defer tx.Rollback()
-	return fn(q{tx})
+	return fn(q{c: tx, tx: tx, stmts: d.q.stmts})
 }
 
 // Checkpoint folds the WAL back into the main file.
@@ -224,5 +229,95 @@ type queryer interface {
 	QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row
 }
 
-// q implements the typed queries on any queryer.
-type q struct{ c queryer }
+// q implements the typed queries on the reader pool or in a transaction.
+// Queries go through prepared statements cached per connection pool:
+// parsing SQL on every call cost more than running it.
+type q struct {
+	c     queryer
+	tx    *sql.Tx // a read transaction using the pool's statements, else nil
+	stmts *stmtCache
+}
+
+func (q q) stmt(ctx context.Context, query string) (*sql.Stmt, error) {
+	st, err := q.stmts.get(ctx, query)
+	if err != nil {
+		return nil, err
+	}
+	if q.tx != nil {
+		return q.tx.StmtContext(ctx, st), nil
+	}
+	return st, nil
+}
+
+func (q q) exec(ctx context.Context, query string, args ...any) (sql.Result, error) {
+	st, err := q.stmt(ctx, query)
+	if err != nil {
+		return nil, err
+	}
+	return st.ExecContext(ctx, args...)
+}
+
+func (q q) query(ctx context.Context, query string, args ...any) (*sql.Rows, error) {
+	st, err := q.stmt(ctx, query)
+	if err != nil {
+		return nil, err
+	}
+	return st.QueryContext(ctx, args...)
+}
+
+// rowScanner defers a prepare error to Scan, like *sql.Row does.
+type rowScanner struct {
+	row *sql.Row
+	err error
+}
+
+func (r rowScanner) Scan(dest ...any) error {
+	if r.err != nil {
+		return r.err
+	}
+	return r.row.Scan(dest...)
+}
+
+func (q q) row(ctx context.Context, query string, args ...any) rowScanner {
+	st, err := q.stmt(ctx, query)
+	if err != nil {
+		return rowScanner{err: err}
+	}
+	return rowScanner{row: st.QueryRowContext(ctx, args...)}
+}
+
+type prepareFunc func(ctx context.Context, query string) (*sql.Stmt, error)
+
+// stmtCache prepares each query once per pool or write transaction.
+type stmtCache struct {
+	prep prepareFunc
+	mu   sync.Mutex
+	m    map[string]*sql.Stmt
+}
+
+func newStmtCache(p prepareFunc) *stmtCache { return &stmtCache{prep: p, m: map[string]*sql.Stmt{}} }
+
+func (c *stmtCache) get(ctx context.Context, query string) (*sql.Stmt, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if st, ok := c.m[query]; ok {
+		return st, nil
+	}
+	st, err := c.prep(ctx, query)
+	if err != nil {
+		return nil, fmt.Errorf("prepare: %w", err)
+	}
+	c.m[query] = st
+	return st, nil
+}
+
+func (c *stmtCache) close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var errs []error
+	for k, st := range c.m {
+		errs = append(errs, st.Close())
+		delete(c.m, k)
+	}
+	return errors.Join(errs...)
+}

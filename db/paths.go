@@ -33,7 +33,7 @@ func nullStr(s string) sql.NullString { return sql.NullString{String: s, Valid: 
 // InsertPath adds a store path with its references (which must exist, or be
 // the path itself) and signatures.
 func (q q) InsertPath(ctx context.Context, p *PathRow) (int64, error) {
-	res, err := q.c.ExecContext(ctx, `INSERT INTO paths(name, kind, digest, size, executable, target,
+	res, err := q.exec(ctx, `INSERT INTO paths(name, kind, digest, size, executable, target,
 		nar_hash, nar_size, deriver, registered, ultimate, ca) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)`,
 		p.Name, p.Kind, p.Digest, p.Size, p.Executable, p.Target, p.NarHash, p.NarSize,
 		nullStr(p.Deriver), p.Registered, p.Ultimate, nullStr(p.CA))
@@ -51,7 +51,7 @@ func (q q) InsertPath(ctx context.Context, p *PathRow) (int64, error) {
 		} else if rid, err = q.PathID(ctx, r); err != nil {
 			return 0, fmt.Errorf("path %s: reference %s: %w", p.Name, r, err)
 		}
-		if _, err := q.c.ExecContext(ctx, "INSERT OR IGNORE INTO refs(referrer, reference) VALUES (?,?)", id, rid); err != nil {
+		if _, err := q.exec(ctx, "INSERT OR IGNORE INTO refs(referrer, reference) VALUES (?,?)", id, rid); err != nil {
 			return 0, fmt.Errorf("path %s: insert reference: %w", p.Name, err)
 		}
 	}
@@ -64,7 +64,7 @@ func (q q) InsertPath(ctx context.Context, p *PathRow) (int64, error) {
 // AddSigs adds signatures to a path, ignoring ones it already has.
 func (q q) AddSigs(ctx context.Context, id int64, sigs []string) error {
 	for _, s := range sigs {
-		if _, err := q.c.ExecContext(ctx, "INSERT OR IGNORE INTO sigs(path, sig) VALUES (?,?)", id, s); err != nil {
+		if _, err := q.exec(ctx, "INSERT OR IGNORE INTO sigs(path, sig) VALUES (?,?)", id, s); err != nil {
 			return fmt.Errorf("insert signature: %w", err)
 		}
 	}
@@ -74,7 +74,7 @@ func (q q) AddSigs(ctx context.Context, id int64, sigs []string) error {
 // PathID returns the id of a valid path.
 func (q q) PathID(ctx context.Context, name string) (int64, error) {
 	var id int64
-	err := q.c.QueryRowContext(ctx, "SELECT id FROM paths WHERE name = ?", name).Scan(&id)
+	err := q.row(ctx, "SELECT id FROM paths WHERE name = ?", name).Scan(&id)
 	if err != nil {
 		return 0, notFound(err, "path "+name)
 	}
@@ -102,7 +102,7 @@ func scanPath(s interface{ Scan(...any) error }) (*PathRow, error) {
 
 // Path returns a valid path with its references and signatures.
 func (q q) Path(ctx context.Context, name string) (*PathRow, error) {
-	p, err := scanPath(q.c.QueryRowContext(ctx, "SELECT "+pathCols+" FROM paths WHERE name = ?", name))
+	p, err := scanPath(q.row(ctx, "SELECT "+pathCols+" FROM paths WHERE name = ?", name))
 	if err != nil {
 		return nil, notFound(err, "path "+name)
 	}
@@ -125,7 +125,7 @@ func (q q) fillPath(ctx context.Context, p *PathRow) error {
 }
 
 func (q q) strings(ctx context.Context, query string, args ...any) ([]string, error) {
-	rows, err := q.c.QueryContext(ctx, query, args...)
+	rows, err := q.query(ctx, query, args...)
 	if err != nil {
 		return nil, err
 	}
@@ -163,7 +163,7 @@ func (q q) PathsWithDeriver(ctx context.Context, drv string) ([]string, error) {
 // followed by '-'.
 func (q q) PathByHashPart(ctx context.Context, hashPart string) (string, error) {
 	var name string
-	err := q.c.QueryRowContext(ctx, "SELECT name FROM paths WHERE name >= ? AND name < ? ORDER BY name LIMIT 1",
+	err := q.row(ctx, "SELECT name FROM paths WHERE name >= ? AND name < ? ORDER BY name LIMIT 1",
 		hashPart+"-", hashPart+".").Scan(&name)
 	if err != nil {
 		return "", notFound(err, "hash part "+hashPart)
@@ -174,7 +174,7 @@ func (q q) PathByHashPart(ctx context.Context, hashPart string) (string, error) 
 // EachPath calls fn for every valid path in name order, without references
 // and signatures (use Path for those). Rows are streamed.
 func (q q) EachPath(ctx context.Context, fn func(*PathRow) error) error {
-	rows, err := q.c.QueryContext(ctx, "SELECT "+pathCols+" FROM paths ORDER BY name")
+	rows, err := q.query(ctx, "SELECT "+pathCols+" FROM paths ORDER BY name")
 	if err != nil {
 		return fmt.Errorf("list paths: %w", err)
 	}

@@ -21,7 +21,7 @@ func notFound(err error, what string) error {
 
 // InsertPack allocates a new pack id.
 func (q q) InsertPack(ctx context.Context) (int64, error) {
-	res, err := q.c.ExecContext(ctx, "INSERT INTO packs(created) VALUES (?)", time.Now().Unix())
+	res, err := q.exec(ctx, "INSERT INTO packs(created) VALUES (?)", time.Now().Unix())
 	if err != nil {
 		return 0, fmt.Errorf("insert pack: %w", err)
 	}
@@ -30,7 +30,7 @@ func (q q) InsertPack(ctx context.Context) (int64, error) {
 
 // Packs lists all pack ids.
 func (q q) Packs(ctx context.Context) ([]int64, error) {
-	rows, err := q.c.QueryContext(ctx, "SELECT id FROM packs ORDER BY id")
+	rows, err := q.query(ctx, "SELECT id FROM packs ORDER BY id")
 	if err != nil {
 		return nil, fmt.Errorf("list packs: %w", err)
 	}
@@ -50,7 +50,7 @@ func (q q) Packs(ctx context.Context) ([]int64, error) {
 // the pack has no committed frames.
 func (q q) PackEnd(ctx context.Context, pack int64) (int64, error) {
 	var end sql.NullInt64
-	err := q.c.QueryRowContext(ctx, "SELECT MAX(data_off+clen) FROM frames WHERE pack = ?", pack).Scan(&end)
+	err := q.row(ctx, "SELECT MAX(data_off+clen) FROM frames WHERE pack = ?", pack).Scan(&end)
 	if err != nil {
 		return 0, fmt.Errorf("pack %d end: %w", pack, err)
 	}
@@ -69,7 +69,7 @@ type Frame struct {
 
 // InsertFrame records a frame and returns its id.
 func (q q) InsertFrame(ctx context.Context, f Frame) (int64, error) {
-	res, err := q.c.ExecContext(ctx,
+	res, err := q.exec(ctx,
 		"INSERT INTO frames(pack, offset, data_off, clen, rawlen) VALUES (?,?,?,?,?)",
 		f.Pack, f.Offset, f.DataOff, f.CLen, f.RawLen)
 	if err != nil {
@@ -81,7 +81,7 @@ func (q q) InsertFrame(ctx context.Context, f Frame) (int64, error) {
 // InsertChunk records where a chunk lives, unless it is already recorded
 // (a concurrent writer may have stored the same chunk first).
 func (q q) InsertChunk(ctx context.Context, d digest.Digest, frame, off, length int64) error {
-	_, err := q.c.ExecContext(ctx,
+	_, err := q.exec(ctx,
 		"INSERT OR IGNORE INTO chunks(digest, frame, off, len) VALUES (?,?,?,?)",
 		d[:], frame, off, length)
 	if err != nil {
@@ -100,7 +100,7 @@ type ChunkLoc struct {
 // Chunk looks up a chunk's location.
 func (q q) Chunk(ctx context.Context, d digest.Digest) (ChunkLoc, error) {
 	var c ChunkLoc
-	err := q.c.QueryRowContext(ctx, `SELECT f.id, f.pack, f.offset, f.data_off, f.clen, f.rawlen, c.off, c.len
+	err := q.row(ctx, `SELECT f.id, f.pack, f.offset, f.data_off, f.clen, f.rawlen, c.off, c.len
 		FROM chunks c JOIN frames f ON f.id = c.frame WHERE c.digest = ?`, d[:]).
 		Scan(&c.ID, &c.Pack, &c.Offset, &c.DataOff, &c.CLen, &c.RawLen, &c.Off, &c.Len)
 	if err != nil {
@@ -112,7 +112,7 @@ func (q q) Chunk(ctx context.Context, d digest.Digest) (ChunkLoc, error) {
 // HasChunk reports whether a chunk is stored.
 func (q q) HasChunk(ctx context.Context, d digest.Digest) (bool, error) {
 	var one int
-	err := q.c.QueryRowContext(ctx, "SELECT 1 FROM chunks WHERE digest = ?", d[:]).Scan(&one)
+	err := q.row(ctx, "SELECT 1 FROM chunks WHERE digest = ?", d[:]).Scan(&one)
 	if errors.Is(err, sql.ErrNoRows) {
 		return false, nil
 	}
@@ -133,7 +133,7 @@ type ChunkInFrame struct {
 // index says it holds (possibly none, for a frame that lost a race to a
 // concurrent writer storing the same chunks).
 func (q q) EachFrame(ctx context.Context, fn func(Frame, []ChunkInFrame) error) error {
-	rows, err := q.c.QueryContext(ctx, `SELECT f.id, f.pack, f.offset, f.data_off, f.clen, f.rawlen, c.digest, c.off, c.len
+	rows, err := q.query(ctx, `SELECT f.id, f.pack, f.offset, f.data_off, f.clen, f.rawlen, c.digest, c.off, c.len
 		FROM frames f LEFT JOIN chunks c ON c.frame = f.id ORDER BY f.pack, f.offset, c.off`)
 	if err != nil {
 		return fmt.Errorf("list frames: %w", err)
@@ -184,7 +184,7 @@ type Blob struct {
 
 // InsertBlob records a blob unless present.
 func (q q) InsertBlob(ctx context.Context, d digest.Digest, b Blob) error {
-	_, err := q.c.ExecContext(ctx, "INSERT OR IGNORE INTO blobs(digest, size, chunks) VALUES (?,?,?)", d[:], b.Size, b.Chunks)
+	_, err := q.exec(ctx, "INSERT OR IGNORE INTO blobs(digest, size, chunks) VALUES (?,?,?)", d[:], b.Size, b.Chunks)
 	if err != nil {
 		return fmt.Errorf("insert blob %s: %w", d, err)
 	}
@@ -194,7 +194,7 @@ func (q q) InsertBlob(ctx context.Context, d digest.Digest, b Blob) error {
 // Blob looks up a blob.
 func (q q) Blob(ctx context.Context, d digest.Digest) (Blob, error) {
 	var b Blob
-	err := q.c.QueryRowContext(ctx, "SELECT size, chunks FROM blobs WHERE digest = ?", d[:]).Scan(&b.Size, &b.Chunks)
+	err := q.row(ctx, "SELECT size, chunks FROM blobs WHERE digest = ?", d[:]).Scan(&b.Size, &b.Chunks)
 	if err != nil {
 		return b, notFound(err, "blob "+d.String())
 	}
@@ -204,7 +204,7 @@ func (q q) Blob(ctx context.Context, d digest.Digest) (Blob, error) {
 // HasBlob reports whether a blob is stored.
 func (q q) HasBlob(ctx context.Context, d digest.Digest) (bool, error) {
 	var one int
-	err := q.c.QueryRowContext(ctx, "SELECT 1 FROM blobs WHERE digest = ?", d[:]).Scan(&one)
+	err := q.row(ctx, "SELECT 1 FROM blobs WHERE digest = ?", d[:]).Scan(&one)
 	if errors.Is(err, sql.ErrNoRows) {
 		return false, nil
 	}
@@ -216,7 +216,7 @@ func (q q) HasBlob(ctx context.Context, d digest.Digest) (bool, error) {
 
 // InsertDirectory records an encoded Directory unless present.
 func (q q) InsertDirectory(ctx context.Context, d digest.Digest, data []byte) error {
-	_, err := q.c.ExecContext(ctx, "INSERT OR IGNORE INTO directories(digest, data) VALUES (?,?)", d[:], data)
+	_, err := q.exec(ctx, "INSERT OR IGNORE INTO directories(digest, data) VALUES (?,?)", d[:], data)
 	if err != nil {
 		return fmt.Errorf("insert directory %s: %w", d, err)
 	}
@@ -226,7 +226,7 @@ func (q q) InsertDirectory(ctx context.Context, d digest.Digest, data []byte) er
 // Directory returns an encoded Directory.
 func (q q) Directory(ctx context.Context, d digest.Digest) ([]byte, error) {
 	var data []byte
-	err := q.c.QueryRowContext(ctx, "SELECT data FROM directories WHERE digest = ?", d[:]).Scan(&data)
+	err := q.row(ctx, "SELECT data FROM directories WHERE digest = ?", d[:]).Scan(&data)
 	if err != nil {
 		return nil, notFound(err, "directory "+d.String())
 	}
@@ -251,7 +251,7 @@ type Stats struct {
 // Stats computes totals (a scan: fine for info, not for hot paths).
 func (q q) Stats(ctx context.Context) (Stats, error) {
 	var s Stats
-	err := q.c.QueryRowContext(ctx, `SELECT
+	err := q.row(ctx, `SELECT
 		(SELECT COUNT(*) FROM paths), (SELECT IFNULL(SUM(nar_size),0) FROM paths),
 		(SELECT COUNT(*) FROM blobs), (SELECT IFNULL(SUM(size),0) FROM blobs),
 		(SELECT COUNT(*) FROM chunks), (SELECT IFNULL(SUM(len),0) FROM chunks),

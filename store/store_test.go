@@ -1,0 +1,358 @@
+package store
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"database/sql"
+	"encoding/binary"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	_ "modernc.org/sqlite"
+
+	"github.com/casnix/casnix/nar"
+)
+
+const (
+	pathA = "00000000000000000000000000000000-a"
+	pathB = "11111111111111111111111111111111-b"
+	pathC = "22222222222222222222222222222222-c"
+)
+
+func openStore(t testing.TB) *Store {
+	t.Helper()
+	st, err := Open(context.Background(), t.TempDir(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	return st
+}
+
+// tree writes a small tree with random content (so it does not dedup
+// against other trees) and returns its NAR.
+func treeNAR(t testing.TB, size int) []byte {
+	t.Helper()
+	root := filepath.Join(t.TempDir(), "t")
+	os.MkdirAll(filepath.Join(root, "sub", "empty"), 0o755)
+	big := make([]byte, size)
+	rand.Read(big)
+	os.WriteFile(filepath.Join(root, "big"), big, 0o644)
+	os.WriteFile(filepath.Join(root, "sub", "x"), []byte("#!/bin/sh\n"), 0o755)
+	os.WriteFile(filepath.Join(root, "empty"), nil, 0o644)
+	os.Symlink("sub/x", filepath.Join(root, "link"))
+	var buf bytes.Buffer
+	if _, err := nar.DumpPath(&buf, root); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+func add(t testing.TB, st *Store, name string, n []byte, refs ...string) error {
+	t.Helper()
+	b := st.NewBatch(context.Background())
+	if _, err := b.Add(bytes.NewReader(n), PathInfo{Name: name, References: refs}); err != nil {
+		b.Abort()
+		return err
+	}
+	_, err := b.Commit()
+	return err
+}
+
+func render(t testing.TB, st *Store, name string) []byte {
+	t.Helper()
+	var out bytes.Buffer
+	if _, err := st.NarRender(context.Background(), name, &out); err != nil {
+		t.Fatal(err)
+	}
+	return out.Bytes()
+}
+
+// rowCounts counts every table's rows straight from the SQLite file.
+func rowCounts(t testing.TB, st *Store) map[string]int {
+	t.Helper()
+	d, err := sql.Open("sqlite", "file:"+filepath.Join(st.Dir(), DBFile)+"?mode=ro")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	out := map[string]int{}
+	for _, tbl := range []string{"paths", "refs", "sigs", "blobs", "chunks", "frames", "directories"} {
+		var n int
+		if err := d.QueryRow("SELECT COUNT(*) FROM " + tbl).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		out[tbl] = n
+	}
+	return out
+}
+
+func TestAddRenderVerify(t *testing.T) {
+	st := openStore(t)
+	a := treeNAR(t, 3<<20)
+	if err := add(t, st, pathA, a); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(render(t, st, pathA), a) {
+		t.Fatal("render differs")
+	}
+	pi, err := st.Info(context.Background(), pathA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pi.NarHash != sha256.Sum256(a) || pi.NarSize != int64(len(a)) {
+		t.Fatal("path-info hash/size wrong")
+	}
+	rep, err := st.Verify(context.Background(), nil)
+	if err != nil || !rep.OK() {
+		t.Fatalf("verify: %v %+v", err, rep)
+	}
+}
+
+func TestReferencesAndClosure(t *testing.T) {
+	st := openStore(t)
+	ctx := context.Background()
+	if err := add(t, st, pathB, treeNAR(t, 100), pathA); !errors.Is(err, ErrMissingRef) {
+		t.Fatalf("reference to a missing path: %v", err)
+	}
+	if err := add(t, st, pathA, treeNAR(t, 100), pathA); err != nil { // self reference
+		t.Fatal(err)
+	}
+	if err := add(t, st, pathB, treeNAR(t, 100), pathA); err != nil {
+		t.Fatal(err)
+	}
+	// In one batch, C may refer to a path added earlier in the batch.
+	b := st.NewBatch(ctx)
+	const pathD = "33333333333333333333333333333333-d"
+	if _, err := b.Add(bytes.NewReader(treeNAR(t, 10)), PathInfo{Name: pathD, References: []string{pathB}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Add(bytes.NewReader(treeNAR(t, 10)), PathInfo{Name: pathC, References: []string{pathD, pathA}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	cl, err := st.Closure(ctx, []string{pathC})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(cl, ",") != strings.Join([]string{pathA, pathB, pathC, pathD}, ",") {
+		t.Fatalf("closure = %v", cl)
+	}
+	refs, _ := st.Referrers(ctx, pathA)
+	if strings.Join(refs, ",") != strings.Join([]string{pathA, pathB, pathC}, ",") {
+		t.Fatalf("referrers = %v", refs)
+	}
+	if got, _ := st.PathByHashPart(ctx, HashPart(pathB)); got != pathB {
+		t.Fatalf("by hash part = %q", got)
+	}
+	if got, _ := st.PathByHashPart(ctx, "44444444444444444444444444444444"); got != "" {
+		t.Fatalf("missing hash part = %q", got)
+	}
+}
+
+// TestBadInputLeavesNothing: every rejected NAR leaves no row in any table
+// and no valid path, and the store stays usable.
+func TestBadInputLeavesNothing(t *testing.T) {
+	good := treeNAR(t, 200<<10)
+	wrongHash := sha256.Sum256([]byte("not it"))
+	huge := append([]byte{}, good[:8+16]...) // magic token
+	huge = append(huge, tokens("(", "type", "regular", "contents")...)
+	huge = binary.LittleEndian.AppendUint64(huge, 1<<62)
+	huge = append(huge, make([]byte, 4096)...)
+	tests := []struct {
+		name string
+		nar  []byte
+		info PathInfo
+		want error
+	}{
+		{"truncated", good[:len(good)/2], PathInfo{Name: pathA}, nar.ErrInvalid},
+		{"bad magic", append([]byte{1}, good[1:]...), PathInfo{Name: pathA}, nar.ErrInvalid},
+		{"2^62 length", huge, PathInfo{Name: pathA}, nar.ErrInvalid},
+		{"hash mismatch", good, PathInfo{Name: pathA, NarHash: wrongHash}, ErrHashMismatch},
+		{"size mismatch", good, PathInfo{Name: pathA, NarSize: int64(len(good)) + 8}, ErrSizeMismatch},
+		{"bad name", good, PathInfo{Name: "../etc"}, ErrBadPath},
+		{"unknown reference", good, PathInfo{Name: pathA, References: []string{pathB}}, ErrMissingRef},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			st := openStore(t)
+			b := st.NewBatch(context.Background())
+			_, err := b.Add(bytes.NewReader(tc.nar), tc.info)
+			if !errors.Is(err, tc.want) {
+				t.Fatalf("err = %v, want %v", err, tc.want)
+			}
+			if _, cerr := b.Commit(); cerr == nil {
+				t.Fatal("a batch with a failed Add committed")
+			}
+			for tbl, n := range rowCounts(t, st) {
+				if n != 0 {
+					t.Errorf("table %s has %d rows after a rejected import", tbl, n)
+				}
+			}
+			if ok, _ := st.IsValid(context.Background(), pathA); ok {
+				t.Fatal("path became valid")
+			}
+			// The store still works, and the aborted bytes are trimmed
+			// from the pack before it is appended to again.
+			if err := add(t, st, pathA, good); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(render(t, st, pathA), good) {
+				t.Fatal("render after recovery differs")
+			}
+			if rep, err := st.Verify(context.Background(), nil); err != nil || !rep.OK() {
+				t.Fatalf("verify: %v %+v", err, rep)
+			}
+		})
+	}
+}
+
+func tokens(ts ...string) []byte {
+	var b []byte
+	for _, s := range ts {
+		b = binary.LittleEndian.AppendUint64(b, uint64(len(s)))
+		b = append(b, s...)
+		b = append(b, make([]byte, (8-len(s)%8)%8)...)
+	}
+	return b
+}
+
+func TestDedup(t *testing.T) {
+	st := openStore(t)
+	n := treeNAR(t, 2<<20)
+	if err := add(t, st, pathA, n); err != nil {
+		t.Fatal(err)
+	}
+	before := rowCounts(t, st)
+	// Same contents under another name: no new chunk, blob or directory.
+	if err := add(t, st, pathB, n); err != nil {
+		t.Fatal(err)
+	}
+	after := rowCounts(t, st)
+	for _, tbl := range []string{"chunks", "blobs", "directories", "frames"} {
+		if after[tbl] != before[tbl] {
+			t.Errorf("%s: %d rows, had %d", tbl, after[tbl], before[tbl])
+		}
+	}
+	if !bytes.Equal(render(t, st, pathB), n) {
+		t.Fatal("render differs")
+	}
+}
+
+func TestConcurrentBatches(t *testing.T) {
+	st := openStore(t)
+	shared := treeNAR(t, 1<<20)
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	names := []string{
+		"0aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x", "1aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x",
+		"2aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x", "3aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x",
+		"4aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x", "5aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x",
+		"6aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x", "7aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x",
+	}
+	for i, name := range names {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			// Half add the same contents (racing on the same chunks), half
+			// add the same path (racing on the same row).
+			n := shared
+			if i%2 == 1 {
+				name = names[0]
+			}
+			errs <- add(t, st, name, n)
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	all, _ := st.All(context.Background())
+	if len(all) != 4 {
+		t.Fatalf("paths = %v", all)
+	}
+	for _, n := range all {
+		if !bytes.Equal(render(t, st, n), shared) {
+			t.Fatalf("%s renders differently", n)
+		}
+	}
+	if rep, err := st.Verify(context.Background(), nil); err != nil || !rep.OK() {
+		t.Fatalf("verify: %v %+v", err, rep)
+	}
+}
+
+func TestVerifyNamesDamagedPath(t *testing.T) {
+	st := openStore(t)
+	if err := add(t, st, pathA, treeNAR(t, 4<<20)); err != nil {
+		t.Fatal(err)
+	}
+	if err := add(t, st, pathB, treeNAR(t, 10)); err != nil {
+		t.Fatal(err)
+	}
+	st.Close()
+	// Flip bytes in the middle of the first pack (inside pathA's big file).
+	packs, _ := filepath.Glob(filepath.Join(st.Dir(), PackDir, "*", "*.pack"))
+	if len(packs) == 0 {
+		t.Fatal("no packs")
+	}
+	f, err := os.OpenFile(packs[0], os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fi, _ := f.Stat()
+	buf := make([]byte, 64)
+	f.ReadAt(buf, fi.Size()/2)
+	for i := range buf {
+		buf[i] ^= 0xff
+	}
+	f.WriteAt(buf, fi.Size()/2)
+	f.Close()
+
+	st2, err := Open(context.Background(), st.Dir(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st2.Close()
+	rep, err := st2.Verify(context.Background(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.OK() || len(rep.Chunks) == 0 {
+		t.Fatalf("damage not found: %+v", rep)
+	}
+	if len(rep.Damaged) != 1 || rep.Damaged[0].Name != pathA {
+		t.Fatalf("damaged paths = %+v, want just %s", rep.Damaged, pathA)
+	}
+}
+
+func TestSplit(t *testing.T) {
+	tests := []struct {
+		in, base, sub string
+		ok            bool
+	}{
+		{"/nix/store/" + pathA, pathA, "", true},
+		{"/nix/store/" + pathA + "/bin/sh", pathA, "bin/sh", true},
+		{pathA, pathA, "", true},
+		{"/nix/store/../etc/passwd", "", "", false},
+		{"/etc/passwd", "", "", false},
+		{"/nix/store/short-x", "", "", false},
+		{"/nix/store/00000000000000000000000000000000-bad/name", pathA[:33] + "bad", "name", true},
+	}
+	for _, tc := range tests {
+		base, sub, err := Split(DefaultStoreDir, tc.in)
+		if (err == nil) != tc.ok || base != tc.base || sub != tc.sub {
+			t.Errorf("Split(%q) = %q, %q, %v", tc.in, base, sub, err)
+		}
+	}
+}
