@@ -1,0 +1,156 @@
+package blobs
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"math/rand"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/casnix/casnix/db"
+	"github.com/casnix/casnix/digest"
+)
+
+func openBlobs(t testing.TB, opts Options) (*Store, *db.DB) {
+	t.Helper()
+	dir := t.TempDir()
+	d, err := db.Open(context.Background(), filepath.Join(dir, "test.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := Open(filepath.Join(dir, "packs"), d, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close(); d.Close() })
+	return s, d
+}
+
+// writeBlobs stores blobs in one Writer and commits.
+func writeBlobs(t testing.TB, s *Store, d *db.DB, blobs ...[]byte) []digest.Digest {
+	t.Helper()
+	ctx := context.Background()
+	w := s.NewWriter(ctx)
+	defer w.Done()
+	var out []digest.Digest
+	for _, b := range blobs {
+		dg, err := w.WriteBlob(bytes.NewReader(b), int64(len(b)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if dg != digest.Sum(b) {
+			t.Fatalf("blob digest %s, want BLAKE3 of the contents %s", dg, digest.Sum(b))
+		}
+		out = append(out, dg)
+	}
+	if err := w.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Write(ctx, func(tx *db.Tx) error { return w.Commit(ctx, tx) }); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func TestWriteRead(t *testing.T) {
+	// Small frames and packs so one test crosses frame and pack boundaries.
+	s, d := openBlobs(t, Options{FrameSize: 100 << 10, PackSize: 1 << 20})
+	r := rand.New(rand.NewSource(1))
+	var blobs [][]byte
+	for _, n := range []int{0, 1, 100, MinChunk, MaxChunk + 1, 3 << 20} {
+		b := make([]byte, n)
+		r.Read(b[:n/2]) // half random, half zeros: compressible
+		blobs = append(blobs, b)
+	}
+	ds := writeBlobs(t, s, d, blobs...)
+	ctx := context.Background()
+	for i, dg := range ds {
+		br, err := s.Open(ctx, dg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := io.ReadAll(br)
+		if err != nil || !bytes.Equal(got, blobs[i]) {
+			t.Fatalf("blob %d: Read differs (%v)", i, err)
+		}
+		// Random access.
+		for j := 0; j < 20 && len(blobs[i]) > 0; j++ {
+			off := r.Intn(len(blobs[i]))
+			n := r.Intn(len(blobs[i]) - off + 1)
+			buf := make([]byte, n)
+			k, err := br.ReadAt(buf, int64(off))
+			if k != n || (err != nil && err != io.EOF) || !bytes.Equal(buf, blobs[i][off:off+n]) {
+				t.Fatalf("blob %d ReadAt(%d, %d) = %d, %v", i, off, n, k, err)
+			}
+		}
+	}
+	packs, _ := filepath.Glob(filepath.Join(s.dir, "*", "*.pack"))
+	if len(packs) < 2 {
+		t.Fatalf("expected pack rotation, got %d packs", len(packs))
+	}
+	dam, err := s.Verify(ctx, nil)
+	if err != nil || len(dam) != 0 {
+		t.Fatalf("verify: %v %v", err, dam)
+	}
+}
+
+// TestAbortTrimsTail: an uncommitted Writer's bytes are cut off before the
+// pack is appended to again, and never become readable.
+func TestAbortTrimsTail(t *testing.T) {
+	s, d := openBlobs(t, Options{})
+	ctx := context.Background()
+	first := writeBlobs(t, s, d, bytes.Repeat([]byte("a"), 100<<10))
+	packs, _ := filepath.Glob(filepath.Join(s.dir, "*", "*.pack"))
+	st0, _ := os.Stat(packs[0])
+
+	w := s.NewWriter(ctx)
+	junk := make([]byte, 1<<20)
+	rand.Read(junk)
+	lost, err := w.WriteBlob(bytes.NewReader(junk), int64(len(junk)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	w.Done() // never committed
+	st1, _ := os.Stat(packs[0])
+	if st1.Size() <= st0.Size() {
+		t.Fatal("abandoned writer wrote nothing?")
+	}
+	if _, err := s.Open(ctx, lost); err == nil {
+		t.Fatal("uncommitted blob is readable")
+	}
+	writeBlobs(t, s, d, []byte("next"))
+	st2, _ := os.Stat(packs[0])
+	if st2.Size() >= st1.Size() {
+		t.Fatalf("tail not trimmed: %d -> %d", st1.Size(), st2.Size())
+	}
+	br, err := s.Open(ctx, first[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := io.ReadAll(br); !bytes.Equal(got, bytes.Repeat([]byte("a"), 100<<10)) {
+		t.Fatal("committed blob damaged")
+	}
+}
+
+func TestFrameCacheBounded(t *testing.T) {
+	c := newFrameCache(3 << 20)
+	for i := int64(0); i < 10; i++ {
+		e, fill := c.get(i)
+		if !fill {
+			t.Fatal("new id not filled")
+		}
+		e.data = make([]byte, 1<<20)
+		c.done(e)
+	}
+	if c.size > 3<<20 || c.lru.Len() > 3 {
+		t.Fatalf("cache holds %d bytes in %d entries", c.size, c.lru.Len())
+	}
+	if _, fill := c.get(9); fill {
+		t.Fatal("most recent entry evicted")
+	}
+}
