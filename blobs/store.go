@@ -79,8 +79,14 @@ func Open(dir string, d *db.DB, opts Options) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("create pack dir: %w", err)
 	}
+	// The window only needs to cover one frame; zstd's default (8 MiB)
+	// would cost 16 MiB of history per encoder for nothing.
+	window := 1 << 20
+	for window < opts.FrameSize+MaxChunk {
+		window <<= 1
+	}
 	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(opts.Level), zstd.WithEncoderCRC(true),
-		zstd.WithEncoderConcurrency(opts.Workers), zstd.WithZeroFrames(true))
+		zstd.WithEncoderConcurrency(opts.Workers), zstd.WithZeroFrames(true), zstd.WithWindowSize(window))
 	if err != nil {
 		return nil, fmt.Errorf("zstd encoder: %w", err)
 	}

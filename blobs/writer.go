@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"sync"
 
@@ -26,9 +27,10 @@ type Writer struct {
 	s   *Store
 	ctx context.Context
 
-	chunker *Chunker
-	pending map[digest.Digest]struct{} // chunks written by this Writer
-	blobs   map[digest.Digest]db.Blob  // blobs to record at Commit
+	chunker    *Chunker
+	firstChunk []byte
+	pending    map[digest.Digest]struct{} // chunks written by this Writer
+	blobs      map[digest.Digest]db.Blob  // blobs to record at Commit
 
 	group    []pack.Entry
 	groupRaw []byte
@@ -56,6 +58,7 @@ type Writer struct {
 type frameJob struct {
 	entries []pack.Entry
 	raw     []byte
+	rawLen  int64
 	out     []byte
 	ready   chan struct{}
 }
@@ -87,7 +90,9 @@ func (s *Store) NewWriter(ctx context.Context) *Writer {
 func (w *Writer) compressor() {
 	defer w.wg.Done()
 	for j := range w.work {
-		j.out = w.s.enc.EncodeAll(j.raw, make([]byte, 0, len(j.raw)/2+64))
+		j.out = w.s.enc.EncodeAll(j.raw, getBuf(len(j.raw)+len(j.raw)/64+64))
+		putBuf(j.raw)
+		j.raw = nil
 		close(j.ready)
 	}
 }
@@ -98,6 +103,7 @@ func (w *Writer) appender() {
 	for j := range w.order {
 		<-j.ready
 		if w.appErr != nil {
+			putBuf(j.out)
 			continue // drain
 		}
 		w.appErr = w.appendFrame(j)
@@ -136,7 +142,7 @@ func (w *Writer) appendFrame(j *frameJob) error {
 	f := pendingFrame{
 		Frame: db.Frame{
 			Pack: w.cur.id, Offset: w.cur.size, DataOff: w.cur.size + int64(len(hdr)),
-			CLen: int64(len(j.out)), RawLen: int64(len(j.raw)),
+			CLen: int64(len(j.out)), RawLen: j.rawLen,
 		},
 		entries: j.entries,
 	}
@@ -148,6 +154,8 @@ func (w *Writer) appendFrame(j *frameJob) error {
 	}
 	w.cur.size += int64(len(hdr) + len(j.out))
 	w.frames = append(w.frames, f)
+	putBuf(j.out)
+	j.out = nil
 	return nil
 }
 
@@ -167,12 +175,16 @@ func (w *Writer) WriteBlob(r io.Reader, size int64) (digest.Digest, error) {
 func (w *Writer) writeBlob(r io.Reader, size int64) (digest.Digest, error) {
 	w.chunker.Reset(io.LimitReader(r, size))
 	var (
-		whole = digest.New()
 		list  []byte
 		first digest.Digest
 		n     int
 		total int64
 	)
+	// Most files are one chunk, whose digest is the blob's: the whole-file
+	// hash is only started when a second chunk shows up, from a copy of the
+	// first (copying is far cheaper than hashing everything twice).
+	w.firstChunk = w.firstChunk[:0]
+	var whole hash.Hash
 	for {
 		c, err := w.chunker.Next()
 		if errors.Is(err, io.EOF) {
@@ -182,12 +194,19 @@ func (w *Writer) writeBlob(r io.Reader, size int64) (digest.Digest, error) {
 			return digest.Digest{}, fmt.Errorf("read blob: %w", err)
 		}
 		cd := digest.Sum(c)
-		if n == 0 {
+		switch n {
+		case 0:
 			first = cd
+			w.firstChunk = append(w.firstChunk, c...)
+		case 1:
+			whole = digest.New()
+			whole.Write(w.firstChunk)
+			fallthrough
+		default:
+			whole.Write(c)
 		}
 		n++
 		total += int64(len(c))
-		whole.Write(c)
 		list = append(list, cd[:]...)
 		list = binary.LittleEndian.AppendUint32(list, uint32(len(c)))
 		if err := w.addChunk(cd, c); err != nil {
@@ -200,8 +219,8 @@ func (w *Writer) writeBlob(r io.Reader, size int64) (digest.Digest, error) {
 	var bd digest.Digest
 	switch n {
 	case 0:
-		bd, list = digest.Empty, nil
 		// The empty blob has no chunks; it is recorded so lookups succeed.
+		bd, list = digest.Empty, nil
 	case 1:
 		bd, list = first, nil // the one chunk is the blob
 	default:
@@ -243,9 +262,9 @@ func (w *Writer) submit() error {
 	if len(w.group) == 0 {
 		return nil
 	}
-	j := &frameJob{entries: w.group, raw: w.groupRaw, ready: make(chan struct{})}
+	j := &frameJob{entries: w.group, raw: w.groupRaw, rawLen: int64(len(w.groupRaw)), ready: make(chan struct{})}
 	w.group = nil
-	w.groupRaw = make([]byte, 0, w.s.opts.FrameSize+MaxChunk)
+	w.groupRaw = getBuf(w.s.opts.FrameSize + MaxChunk)
 	// No ctx cases: compressors and the appender always drain, and a job
 	// queued for the appender but never compressed would block it forever.
 	w.order <- j
@@ -333,4 +352,23 @@ func (w *Writer) HasBlob(d digest.Digest) (bool, error) {
 		return true, nil
 	}
 	return w.s.db.HasBlob(w.ctx, d)
+}
+
+// Frame buffers are recycled: each frame needs a raw and a compressed
+// buffer of about FrameSize, and allocating them fresh made the garbage
+// collector the busiest part of an import.
+var bufPool sync.Pool
+
+func getBuf(n int) []byte {
+	if b, ok := bufPool.Get().(*[]byte); ok && cap(*b) >= n {
+		return (*b)[:0]
+	}
+	return make([]byte, 0, n)
+}
+
+func putBuf(b []byte) {
+	if b != nil {
+		b = b[:0]
+		bufPool.Put(&b)
+	}
 }

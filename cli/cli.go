@@ -11,8 +11,10 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/klauspost/compress/zstd"
 	"golang.org/x/term"
 
+	"github.com/casnix/casnix/blobs"
 	"github.com/casnix/casnix/store"
 )
 
@@ -23,6 +25,8 @@ var Version = "dev"
 type Globals struct {
 	DataDir    string `name:"data-dir" short:"d" env:"CASNIX_DIR" placeholder:"DIR" help:"Data directory (default: /var/lib/casnix as root, else $XDG_DATA_HOME/casnix)."`
 	StoreDir   string `name:"store-dir" env:"CASNIX_STORE_DIR" default:"/nix/store" help:"Nix store directory the stored paths belong to."`
+	ZstdLevel  int    `name:"zstd-level" hidden:"" default:"3" help:"zstd level for new frames (1 fastest, 3 default, 7 better, 11 best)."`
+	FrameSize  int    `name:"frame-size" hidden:"" default:"1048576" help:"Raw bytes of new chunks grouped into one zstd frame."`
 	CPUProfile string `name:"cpu-profile" hidden:"" type:"path" help:"Write a Go CPU profile to this file."`
 	LogLevel   string `name:"log-level" env:"CASNIX_LOG_LEVEL" default:"info" enum:"debug,info,warn,error" help:"Log level (${enum})."`
 
@@ -52,7 +56,10 @@ func (g *Globals) Open() (*store.Store, error) {
 	if dir == "" {
 		dir = DefaultDataDir()
 	}
-	st, err := store.Open(g.Ctx, dir, store.Options{StoreDir: g.StoreDir, Logger: g.Logger})
+	st, err := store.Open(g.Ctx, dir, store.Options{
+		StoreDir: g.StoreDir, Logger: g.Logger,
+		Blobs: blobs.Options{Level: zstd.EncoderLevelFromZstd(g.ZstdLevel), FrameSize: g.FrameSize},
+	})
 	if err != nil {
 		return nil, fmt.Errorf("open data dir %s: %w", dir, err)
 	}
@@ -69,6 +76,7 @@ func isTTY(w io.Writer) bool {
 type CLI struct {
 	Globals
 
+	Serve    ServeCmd    `cmd:"" help:"Serve the store to Nix over the nix-daemon protocol."`
 	Import   ImportCmd   `cmd:"" help:"Import store paths from a live Nix store or a NAR file."`
 	Info     InfoCmd     `cmd:"" help:"Show store totals: paths, logical NAR bytes, stored bytes, dedup ratio."`
 	PathInfo PathInfoCmd `cmd:"" name:"path-info" help:"Show path-info of store paths."`

@@ -26,6 +26,9 @@ type PathRow struct {
 	CA         string
 	Refs       []string // sorted
 	Sigs       []string
+	// DrvOutputs maps output name to basename, for derivations; only
+	// written by InsertPath (read it with DrvOutputs).
+	DrvOutputs map[string]string
 }
 
 func nullStr(s string) sql.NullString { return sql.NullString{String: s, Valid: s != ""} }
@@ -57,6 +60,11 @@ func (q q) InsertPath(ctx context.Context, p *PathRow) (int64, error) {
 	}
 	if err := q.AddSigs(ctx, id, p.Sigs); err != nil {
 		return 0, fmt.Errorf("path %s: %w", p.Name, err)
+	}
+	for name, out := range p.DrvOutputs {
+		if _, err := q.exec(ctx, "INSERT OR IGNORE INTO drv_outputs(drv, name, path) VALUES (?,?,?)", id, name, out); err != nil {
+			return 0, fmt.Errorf("path %s: insert output %s: %w", p.Name, name, err)
+		}
 	}
 	return id, nil
 }
@@ -198,4 +206,36 @@ func (q q) PathNames(ctx context.Context, prefix string) ([]string, error) {
 	}
 	esc := strings.NewReplacer(`\`, `\\`, `%`, `\%`, `_`, `\_`).Replace(prefix)
 	return q.strings(ctx, `SELECT name FROM paths WHERE name LIKE ? ESCAPE '\' ORDER BY name`, esc+"%")
+}
+
+// DrvOutput is one output of a derivation.
+type DrvOutput struct {
+	Name string
+	Path string // basename, "" if not known in advance
+}
+
+// DrvOutputs lists the outputs of derivation drv (a valid .drv path).
+func (q q) DrvOutputs(ctx context.Context, drv string) ([]DrvOutput, error) {
+	rows, err := q.query(ctx, `SELECT o.name, o.path FROM paths p JOIN drv_outputs o ON o.drv = p.id
+		WHERE p.name = ? ORDER BY o.name`, drv)
+	if err != nil {
+		return nil, fmt.Errorf("outputs of %s: %w", drv, err)
+	}
+	defer rows.Close()
+	var out []DrvOutput
+	for rows.Next() {
+		var o DrvOutput
+		if err := rows.Scan(&o.Name, &o.Path); err != nil {
+			return nil, err
+		}
+		out = append(out, o)
+	}
+	return out, rows.Err()
+}
+
+// DerivationsWithOutput lists the valid derivations that have out as an
+// output.
+func (q q) DerivationsWithOutput(ctx context.Context, out string) ([]string, error) {
+	return q.strings(ctx, `SELECT DISTINCT p.name FROM drv_outputs o JOIN paths p ON p.id = o.drv
+		WHERE o.path = ? ORDER BY p.name`, out)
 }

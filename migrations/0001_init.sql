@@ -77,3 +77,15 @@ CREATE TABLE sigs (
     sig  TEXT NOT NULL,
     PRIMARY KEY (path, sig)
 ) WITHOUT ROWID;
+
+-- Outputs of the derivations (.drv paths) in the store, parsed from the
+-- .drv files at import: what nix-store --query --valid-derivers and
+-- QueryDerivationOutputMap answer from. path is a basename ("" for an
+-- output whose path is not known in advance, e.g. floating CA).
+CREATE TABLE drv_outputs (
+    drv  INTEGER NOT NULL REFERENCES paths(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    path TEXT NOT NULL,
+    PRIMARY KEY (drv, name)
+) WITHOUT ROWID;
+CREATE INDEX drv_outputs_path ON drv_outputs(path);

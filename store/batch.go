@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/casnix/casnix/blobs"
@@ -48,9 +49,19 @@ func (b *Batch) Stats() (newChunks, newBytes, dupChunks, dupBytes int64) {
 }
 
 // batchSink is the nar.Sink of one Add.
-type batchSink struct{ b *Batch }
+type batchSink struct {
+	b   *Batch
+	drv *bytes.Buffer // captures a .drv file's contents for parsing
+}
+
+// maxDrvSize bounds how much of a .drv file is kept for parsing; real ones
+// are kilobytes.
+const maxDrvSize = 16 << 20
 
 func (k batchSink) WriteBlob(r io.Reader, size int64) (digest.Digest, error) {
+	if k.drv != nil && size <= maxDrvSize {
+		r = io.TeeReader(r, k.drv)
+	}
 	return k.b.w.WriteBlob(r, size)
 }
 
@@ -113,7 +124,11 @@ func (b *Batch) add(r io.Reader, info PathInfo) (*PathInfo, error) {
 			return nil, fmt.Errorf("%s: reference %s: %w", full, b.s.Full(ref), ErrMissingRef)
 		}
 	}
-	res, err := nar.Ingest(r, batchSink{b})
+	sink := batchSink{b: b}
+	if strings.HasSuffix(info.Name, ".drv") {
+		sink.drv = &bytes.Buffer{}
+	}
+	res, err := nar.Ingest(r, sink)
 	if err != nil {
 		return nil, fmt.Errorf("import %s: %w", full, err)
 	}
@@ -126,6 +141,9 @@ func (b *Batch) add(r io.Reader, info PathInfo) (*PathInfo, error) {
 			NixBase32(res.NarHash[:]), NixBase32(info.NarHash[:]))
 	}
 	pi := info
+	if sink.drv != nil && res.Root.Kind == castore.KindFile {
+		pi.DrvOutputs = b.s.drvOutputs(info.Name, sink.drv.Bytes())
+	}
 	pi.References = refs
 	pi.Root = res.Root
 	pi.NarHash = res.NarHash
@@ -204,7 +222,7 @@ func toRow(pi *PathInfo) *db.PathRow {
 		Executable: pi.Root.Executable, Target: pi.Root.Target,
 		NarHash: pi.NarHash[:], NarSize: pi.NarSize, Deriver: pi.Deriver,
 		Registered: pi.Registered.Unix(), Ultimate: pi.Ultimate, CA: pi.CA,
-		Refs: pi.References, Sigs: pi.Sigs,
+		Refs: pi.References, Sigs: pi.Sigs, DrvOutputs: pi.DrvOutputs,
 	}
 	if pi.Root.Kind != castore.KindSymlink {
 		r.Digest = pi.Root.Digest[:]

@@ -1,10 +1,14 @@
 package store
 
 import (
+	"bytes"
+	"strings"
+
 	"context"
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"github.com/nix-community/go-nix/pkg/derivation"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -101,6 +105,9 @@ type PathInfo struct {
 	Ultimate   bool
 	Sigs       []string
 	CA         string
+	// DrvOutputs, for a derivation, maps output names to basenames. It is
+	// filled at import (parsed from the .drv) and read with DrvOutputs.
+	DrvOutputs map[string]string
 }
 
 func fromRow(p *db.PathRow) (*PathInfo, error) {
@@ -304,4 +311,49 @@ func splitSub(sub string) []string {
 		}
 	}
 	return out
+}
+
+// drvOutputs parses a .drv file's outputs. A file that does not parse is
+// stored all the same (a path may be named .drv without being one); it just
+// has no outputs recorded.
+func (s *Store) drvOutputs(name string, contents []byte) map[string]string {
+	drv, err := derivation.ReadDerivation(bytes.NewReader(contents))
+	if err != nil {
+		s.log.Debug("not a parseable derivation", "path", s.Full(name), "err", err)
+		return nil
+	}
+	out := map[string]string{}
+	prefix := s.StoreDir + "/"
+	for o, v := range drv.Outputs {
+		out[o] = strings.TrimPrefix(v.Path, prefix)
+		if v.Path != "" && !strings.HasPrefix(v.Path, prefix) {
+			delete(out, o)
+		}
+	}
+	return out
+}
+
+// DrvOutputs lists a derivation's outputs (name -> basename, "" if not
+// known in advance).
+func (s *Store) DrvOutputs(ctx context.Context, drv string) ([]db.DrvOutput, error) {
+	return s.db.DrvOutputs(ctx, drv)
+}
+
+// ValidDerivers lists the valid derivations that have out as an output.
+func (s *Store) ValidDerivers(ctx context.Context, out string) ([]string, error) {
+	return s.db.DerivationsWithOutput(ctx, out)
+}
+
+// AddSignatures adds signatures to a valid path.
+func (s *Store) AddSignatures(ctx context.Context, name string, sigs []string) error {
+	return s.db.Write(ctx, func(tx *db.Tx) error {
+		id, err := tx.PathID(ctx, name)
+		if errors.Is(err, db.ErrNotFound) {
+			return fmt.Errorf("path '%s' %w", s.Full(name), ErrNotValid)
+		}
+		if err != nil {
+			return err
+		}
+		return tx.AddSigs(ctx, id, sigs)
+	})
 }

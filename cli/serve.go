@@ -1,0 +1,164 @@
+package cli
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/casnix/casnix/proto"
+)
+
+// ServeCmd runs the daemon.
+type ServeCmd struct {
+	Socket           string        `name:"socket" env:"CASNIX_SOCKET" placeholder:"PATH" help:"Unix socket for the nix-daemon protocol (default: /run/casnix/daemon.sock as root, else DATA_DIR/daemon.sock). Ignored under socket activation (LISTEN_FDS)."`
+	Stdio            bool          `name:"stdio" help:"Speak the protocol on stdin/stdout, like nix-daemon --stdio (for ssh-ng:// stores: remote-program=casnix serve --stdio)."`
+	TrustedUsers     []string      `name:"trusted-users" env:"CASNIX_TRUSTED_USERS" default:"root" help:"Users (names, @group, or *) whose connections are trusted."`
+	HandshakeTimeout time.Duration `name:"handshake-timeout" env:"CASNIX_HANDSHAKE_TIMEOUT" default:"30s" help:"Close connections that do not finish the handshake in time."`
+	StallTimeout     time.Duration `name:"stall-timeout" env:"CASNIX_STALL_TIMEOUT" default:"5m" help:"Close connections that stall this long in the middle of an operation."`
+	ShutdownTimeout  time.Duration `name:"shutdown-timeout" env:"CASNIX_SHUTDOWN_TIMEOUT" default:"30s" help:"On SIGINT/SIGTERM, how long in-flight operations may take to finish."`
+}
+
+// DefaultSocket is the socket path used when none is given.
+func DefaultSocket(dataDir string) string {
+	if os.Geteuid() == 0 {
+		return "/run/casnix/daemon.sock"
+	}
+	return filepath.Join(dataDir, "daemon.sock")
+}
+
+// Run serves until interrupted.
+func (c *ServeCmd) Run(g *Globals) error {
+	st, err := g.Open()
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	trusted, err := trustFunc(c.TrustedUsers)
+	if err != nil {
+		return err
+	}
+	srv := &proto.Server{
+		Store: st, StoreDir: st.StoreDir, NixVersion: "casnix-" + Version, Logger: g.Logger,
+		HandshakeTimeout: c.HandshakeTimeout, StallTimeout: c.StallTimeout, Trusted: trusted,
+	}
+	if c.Stdio {
+		err := srv.ServeStdio(g.Ctx, os.Stdin, os.Stdout, trusted(uint32(os.Getuid()), uint32(os.Getgid())))
+		if err != nil && !errors.Is(err, os.ErrClosed) {
+			return err
+		}
+		return nil
+	}
+	ln, path, err := c.listen(st.Dir())
+	if err != nil {
+		return err
+	}
+	if path != "" {
+		defer os.Remove(path)
+	}
+	g.Logger.Info("serving", "socket", ln.Addr().String(), "data", st.Dir(), "version", Version)
+	err = srv.Serve(g.Ctx, ln, c.ShutdownTimeout)
+	g.Logger.Info("stopped")
+	return err
+}
+
+// listen takes the socket from systemd (LISTEN_FDS) or creates it. It
+// returns the path to remove on exit ("" when systemd owns the socket).
+func (c *ServeCmd) listen(dataDir string) (net.Listener, string, error) {
+	if pid, _ := strconv.Atoi(os.Getenv("LISTEN_PID")); pid == os.Getpid() {
+		if n, _ := strconv.Atoi(os.Getenv("LISTEN_FDS")); n >= 1 {
+			f := os.NewFile(3, "systemd-socket")
+			ln, err := net.FileListener(f)
+			f.Close()
+			if err != nil {
+				return nil, "", fmt.Errorf("socket activation: %w", err)
+			}
+			return ln, "", nil
+		}
+	}
+	path := c.Socket
+	if path == "" {
+		path = DefaultSocket(dataDir)
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, "", fmt.Errorf("create socket dir: %w", err)
+	}
+	if _, err := os.Lstat(path); err == nil {
+		// A socket nobody answers on is left over from a crash.
+		if conn, err := net.Dial("unix", path); err == nil {
+			conn.Close()
+			return nil, "", fmt.Errorf("%s: another daemon is already listening there", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, "", fmt.Errorf("remove stale socket: %w", err)
+		}
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, "", fmt.Errorf("listen: %w", err)
+	}
+	// Like nix-daemon's socket: anyone may connect; trust is decided per
+	// connection from the peer's credentials.
+	if err := os.Chmod(path, 0o666); err != nil {
+		ln.Close()
+		return nil, "", fmt.Errorf("chmod socket: %w", err)
+	}
+	return ln, path, nil
+}
+
+// trustFunc builds the trusted-users check: names, @group and *.
+func trustFunc(spec []string) (func(uid, gid uint32) bool, error) {
+	uids := map[uint32]bool{}
+	gids := map[uint32]bool{}
+	all := false
+	for _, s := range spec {
+		for _, e := range strings.FieldsFunc(s, func(r rune) bool { return r == ',' || r == ' ' }) {
+			switch {
+			case e == "*":
+				all = true
+			case strings.HasPrefix(e, "@"):
+				g, err := user.LookupGroup(e[1:])
+				if err != nil {
+					return nil, fmt.Errorf("trusted-users: %w", err)
+				}
+				id, _ := strconv.Atoi(g.Gid)
+				gids[uint32(id)] = true
+			default:
+				u, err := user.Lookup(e)
+				if err != nil {
+					return nil, fmt.Errorf("trusted-users: %w", err)
+				}
+				id, _ := strconv.Atoi(u.Uid)
+				uids[uint32(id)] = true
+			}
+		}
+	}
+	return func(uid, gid uint32) bool {
+		if all || uids[uid] || gids[gid] {
+			return true
+		}
+		if len(gids) == 0 {
+			return false
+		}
+		u, err := user.LookupId(strconv.Itoa(int(uid)))
+		if err != nil {
+			return false
+		}
+		groups, err := u.GroupIds()
+		if err != nil {
+			return false
+		}
+		for _, g := range groups {
+			id, _ := strconv.Atoi(g)
+			if gids[uint32(id)] {
+				return true
+			}
+		}
+		return false
+	}, nil
+}

@@ -1,0 +1,996 @@
+package proto
+
+import (
+	"bufio"
+	"context"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+
+	"github.com/casnix/casnix/nar"
+	"github.com/casnix/casnix/store"
+)
+
+// Op codes (worker-protocol.hh).
+const (
+	opIsValidPath                 = 1
+	opHasSubstitutes              = 3
+	opQueryReferrers              = 6
+	opAddToStore                  = 7
+	opAddTextToStore              = 8
+	opBuildPaths                  = 9
+	opEnsurePath                  = 10
+	opAddTempRoot                 = 11
+	opAddIndirectRoot             = 12
+	opSyncWithGC                  = 13
+	opFindRoots                   = 14
+	opQueryDeriver                = 18
+	opSetOptions                  = 19
+	opCollectGarbage              = 20
+	opQuerySubstitutablePathInfo  = 21
+	opQueryDerivationOutputs      = 22
+	opQueryAllValidPaths          = 23
+	opQueryFailedPaths            = 24
+	opClearFailedPaths            = 25
+	opQueryPathInfo               = 26
+	opQueryDerivationOutputNames  = 28
+	opQueryPathFromHashPart       = 29
+	opQuerySubstitutablePathInfos = 30
+	opQueryValidPaths             = 31
+	opQuerySubstitutablePaths     = 32
+	opQueryValidDerivers          = 33
+	opOptimiseStore               = 34
+	opVerifyStore                 = 35
+	opBuildDerivation             = 36
+	opAddSignatures               = 37
+	opNarFromPath                 = 38
+	opAddToStoreNar               = 39
+	opQueryMissing                = 40
+	opQueryDerivationOutputMap    = 41
+	opRegisterDrvOutput           = 42
+	opQueryRealisation            = 43
+	opAddMultipleToStore          = 44
+	opAddBuildLog                 = 45
+	opBuildPathsWithResults       = 46
+	opAddPermRoot                 = 47
+)
+
+var opNames = map[uint64]string{
+	1: "IsValidPath", 3: "HasSubstitutes", 4: "QueryPathHash", 5: "QueryReferences", 6: "QueryReferrers",
+	7: "AddToStore", 8: "AddTextToStore", 9: "BuildPaths", 10: "EnsurePath", 11: "AddTempRoot",
+	12: "AddIndirectRoot", 13: "SyncWithGC", 14: "FindRoots", 16: "ExportPath", 18: "QueryDeriver",
+	19: "SetOptions", 20: "CollectGarbage", 21: "QuerySubstitutablePathInfo", 22: "QueryDerivationOutputs",
+	23: "QueryAllValidPaths", 24: "QueryFailedPaths", 25: "ClearFailedPaths", 26: "QueryPathInfo",
+	27: "ImportPaths", 28: "QueryDerivationOutputNames", 29: "QueryPathFromHashPart",
+	30: "QuerySubstitutablePathInfos", 31: "QueryValidPaths", 32: "QuerySubstitutablePaths",
+	33: "QueryValidDerivers", 34: "OptimiseStore", 35: "VerifyStore", 36: "BuildDerivation",
+	37: "AddSignatures", 38: "NarFromPath", 39: "AddToStoreNar", 40: "QueryMissing",
+	41: "QueryDerivationOutputMap", 42: "RegisterDrvOutput", 43: "QueryRealisation",
+	44: "AddMultipleToStore", 45: "AddBuildLog", 46: "BuildPathsWithResults", 47: "AddPermRoot",
+}
+
+func opName(op uint64) string {
+	if n, ok := opNames[op]; ok {
+		return n
+	}
+	return fmt.Sprintf("op %d", op)
+}
+
+// dispatch runs one op. It reports whether the connection can go on.
+func (c *conn) dispatch(op uint64) (keep bool, err error) {
+	c.log.Debug("op", "op", opName(op))
+	switch op {
+	case opIsValidPath:
+		err = c.isValidPath()
+	case opQueryReferrers:
+		err = c.pathSetQuery(c.s.Store.Referrers)
+	case opQueryValidDerivers:
+		err = c.pathSetQuery(c.s.Store.ValidDerivers)
+	case opAddToStore:
+		err = c.addToStore()
+	case opAddTextToStore:
+		err = c.addTextToStore()
+	case opBuildPaths:
+		err = c.buildPaths(false)
+	case opBuildPathsWithResults:
+		err = c.buildPaths(true)
+	case opEnsurePath:
+		err = c.ensurePath()
+	case opAddTempRoot:
+		err = c.addTempRoot()
+	case opAddIndirectRoot:
+		err = c.addIndirectRoot()
+	case opAddPermRoot:
+		err = c.addPermRoot()
+	case opSyncWithGC, opOptimiseStore:
+		// casnix is always deduplicated, and has no GC lock to wait on.
+		c.last()
+		c.w.u64(1)
+	case opFindRoots:
+		c.last()
+		c.w.u64(0)
+	case opQueryDeriver:
+		err = c.queryDeriver()
+	case opSetOptions:
+		err = c.setOptions()
+	case opCollectGarbage:
+		err = c.collectGarbage()
+	case opQuerySubstitutablePathInfo:
+		if _, err = c.r.str(maxPath); err == nil {
+			c.last()
+			c.w.boolean(false) // casnix has no substituters
+		}
+	case opQueryDerivationOutputs:
+		err = c.queryDerivationOutputs(false)
+	case opQueryDerivationOutputNames:
+		err = c.queryDerivationOutputs(true)
+	case opQueryAllValidPaths:
+		err = c.queryAllValidPaths()
+	case opQueryPathInfo:
+		err = c.queryPathInfo()
+	case opQueryPathFromHashPart:
+		err = c.queryPathFromHashPart()
+	case opQuerySubstitutablePathInfos:
+		err = c.querySubstitutablePathInfos()
+	case opQueryValidPaths:
+		err = c.queryValidPaths()
+	case opQuerySubstitutablePaths:
+		if _, err = c.r.strings(maxPath); err == nil {
+			c.last()
+			c.w.strings(nil)
+		}
+	case opVerifyStore:
+		err = c.verifyStore()
+	case opAddSignatures:
+		err = c.addSignatures()
+	case opNarFromPath:
+		err = c.narFromPath()
+	case opAddToStoreNar:
+		err = c.addToStoreNar()
+	case opAddMultipleToStore:
+		err = c.addMultipleToStore()
+	case opAddBuildLog:
+		err = c.addBuildLog()
+	case opQueryMissing:
+		err = c.queryMissing()
+	case opQueryDerivationOutputMap:
+		err = c.queryDerivationOutputMap()
+	case opRegisterDrvOutput:
+		err = c.registerDrvOutput()
+	case opQueryRealisation:
+		err = c.queryRealisation()
+	case opBuildDerivation:
+		// Its BasicDerivation argument is not read, so the connection
+		// cannot continue after the refusal.
+		c.sendError(fmt.Sprintf("casnix does not build derivations (%s); build with a local or overlay store and copy the result in", opName(op)))
+		return false, nil
+	default:
+		// An unknown op's arguments cannot be skipped: report and close.
+		c.sendError(fmt.Sprintf("invalid operation %d: casnix does not support %s", op, opName(op)))
+		return false, nil
+	}
+	var oe *opError
+	switch {
+	case err == nil:
+		return true, nil
+	case errors.As(err, &oe):
+		// The op was read to its end: the connection stays usable.
+		c.sendError(oe.msg)
+		return true, nil
+	case errors.Is(err, errProtocol):
+		c.sendError(fmt.Sprintf("%s: %v", opName(op), err))
+		return false, err
+	default:
+		return false, err
+	}
+}
+
+func (c *conn) readPath() (string, error) {
+	p, err := c.r.str(maxPath)
+	if err != nil {
+		return "", err
+	}
+	return c.parsePath(p)
+}
+
+// readPaths reads a set of paths. A malformed one is an op error, reported
+// after the whole set was read.
+func (c *conn) readPaths() ([]string, error) {
+	ps, err := c.r.strings(maxPath)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]string, 0, len(ps))
+	var bad error
+	for _, p := range ps {
+		n, err := c.parsePath(p)
+		if err != nil && bad == nil {
+			bad = err
+		}
+		out = append(out, n)
+	}
+	return out, bad
+}
+
+func (c *conn) storeErr(err error) error {
+	if err == nil {
+		return nil
+	}
+	var oe *opError
+	if errors.As(err, &oe) {
+		return err
+	}
+	if errors.Is(err, store.ErrNotValid) {
+		return errorf("%v", err)
+	}
+	if c.ctx.Err() != nil {
+		return errorf("casnix is shutting down")
+	}
+	c.log.Error("store error", "err", err)
+	return errorf("casnix: %v", err)
+}
+
+func (c *conn) isValidPath() error {
+	name, err := c.readPath()
+	if err != nil {
+		return err
+	}
+	ok, err := c.s.Store.IsValid(c.ctx, name)
+	if err != nil {
+		return c.storeErr(err)
+	}
+	c.last()
+	c.w.boolean(ok)
+	return nil
+}
+
+// pathSetQuery answers ops that map one path to a set of paths.
+func (c *conn) pathSetQuery(q func(context.Context, string) ([]string, error)) error {
+	name, err := c.readPath()
+	if err != nil {
+		return err
+	}
+	res, err := q(c.ctx, name)
+	if err != nil {
+		return c.storeErr(err)
+	}
+	c.last()
+	c.w.strings(c.fullAll(res))
+	return nil
+}
+
+func (c *conn) queryValidPaths() error {
+	names, err := c.readPaths()
+	if c.minor >= 27 {
+		if _, rerr := c.r.boolean(); rerr != nil { // substitute: casnix has no substituters
+			return rerr
+		}
+	}
+	if err != nil {
+		return err
+	}
+	var valid []string
+	for _, n := range names {
+		ok, err := c.s.Store.IsValid(c.ctx, n)
+		if err != nil {
+			return c.storeErr(err)
+		}
+		if ok {
+			valid = append(valid, n)
+		}
+	}
+	slices.Sort(valid)
+	valid = slices.Compact(valid)
+	c.last()
+	c.w.strings(c.fullAll(valid))
+	return nil
+}
+
+func (c *conn) writeUnkeyedInfo(pi *store.PathInfo) {
+	c.w.str(c.full(pi.Deriver))
+	c.w.str(hex.EncodeToString(pi.NarHash[:]))
+	c.w.strings(c.fullAll(pi.References))
+	c.w.u64(uint64(pi.Registered.Unix()))
+	c.w.u64(uint64(pi.NarSize))
+	if c.minor >= 16 {
+		c.w.boolean(pi.Ultimate)
+		c.w.strings(pi.Sigs)
+		c.w.str(pi.CA)
+	}
+}
+
+func (c *conn) queryPathInfo() error {
+	name, err := c.readPath()
+	if err != nil {
+		return err
+	}
+	pi, err := c.s.Store.Info(c.ctx, name)
+	if errors.Is(err, store.ErrNotValid) {
+		if c.minor < 17 {
+			return errorf("path '%s' is not valid", c.full(name))
+		}
+		c.last()
+		c.w.boolean(false)
+		return nil
+	}
+	if err != nil {
+		return c.storeErr(err)
+	}
+	c.last()
+	if c.minor >= 17 {
+		c.w.boolean(true)
+	}
+	c.writeUnkeyedInfo(pi)
+	return nil
+}
+
+func (c *conn) queryDeriver() error {
+	name, err := c.readPath()
+	if err != nil {
+		return err
+	}
+	pi, err := c.s.Store.Info(c.ctx, name)
+	if err != nil {
+		return c.storeErr(err)
+	}
+	c.last()
+	c.w.str(c.full(pi.Deriver))
+	return nil
+}
+
+func (c *conn) queryAllValidPaths() error {
+	all, err := c.s.Store.All(c.ctx)
+	if err != nil {
+		return c.storeErr(err)
+	}
+	c.last()
+	c.w.strings(c.fullAll(all))
+	return nil
+}
+
+func (c *conn) queryPathFromHashPart() error {
+	h, err := c.r.str(maxPath)
+	if err != nil {
+		return err
+	}
+	var name string
+	if len(h) == 32 && !strings.ContainsAny(h, "-/.") {
+		if name, err = c.s.Store.PathByHashPart(c.ctx, h); err != nil {
+			return c.storeErr(err)
+		}
+	}
+	c.last()
+	c.w.str(c.full(name))
+	return nil
+}
+
+func (c *conn) querySubstitutablePathInfos() error {
+	if c.minor < 22 {
+		if _, err := c.r.strings(maxPath); err != nil {
+			return err
+		}
+	} else {
+		n, err := c.r.u64()
+		if err != nil {
+			return err
+		}
+		if n > maxListLen {
+			return fmt.Errorf("%w: %d paths", errProtocol, n)
+		}
+		for i := uint64(0); i < n; i++ {
+			if _, err := c.r.str(maxPath); err != nil {
+				return err
+			}
+			if _, err := c.r.str(maxString); err != nil {
+				return err
+			}
+		}
+	}
+	c.last()
+	c.w.u64(0)
+	return nil
+}
+
+func (c *conn) setOptions() error {
+	// keepFailed keepGoing tryFallback verbosity maxBuildJobs maxSilentTime
+	// useBuildHook verboseBuild logType printBuildTrace buildCores
+	// useSubstitutes: all about building, which casnix does not do.
+	for i := 0; i < 12; i++ {
+		if _, err := c.r.u64(); err != nil {
+			return err
+		}
+	}
+	if c.minor >= 12 {
+		n, err := c.r.u64()
+		if err != nil {
+			return err
+		}
+		if n > maxListLen {
+			return fmt.Errorf("%w: %d overrides", errProtocol, n)
+		}
+		for i := uint64(0); i < n; i++ {
+			if _, err := c.r.str(maxString); err != nil {
+				return err
+			}
+			if _, err := c.r.str(maxString); err != nil {
+				return err
+			}
+		}
+	}
+	c.last()
+	return nil
+}
+
+func (c *conn) ensurePath() error {
+	name, err := c.readPath()
+	if err != nil {
+		return err
+	}
+	ok, err := c.s.Store.IsValid(c.ctx, name)
+	if err != nil {
+		return c.storeErr(err)
+	}
+	if !ok {
+		return errorf("path '%s' is not valid, and casnix cannot substitute or build it", c.full(name))
+	}
+	c.last()
+	c.w.u64(1)
+	return nil
+}
+
+func (c *conn) addTempRoot() error {
+	name, err := c.readPath()
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	c.tempRoots[name] = struct{}{}
+	c.mu.Unlock()
+	c.last()
+	c.w.u64(1)
+	return nil
+}
+
+func (c *conn) addIndirectRoot() error {
+	if _, err := c.r.str(maxPath); err != nil {
+		return err
+	}
+	c.last()
+	c.w.u64(1)
+	return nil
+}
+
+func (c *conn) addPermRoot() error {
+	if _, err := c.readPath(); err != nil {
+		return err
+	}
+	if _, err := c.r.str(maxPath); err != nil {
+		return err
+	}
+	return errorf("casnix does not keep permanent GC roots yet")
+}
+
+func (c *conn) collectGarbage() error {
+	action, err := c.r.u64()
+	if err != nil {
+		return err
+	}
+	names, perr := c.readPaths()
+	if perr != nil && !isOpError(perr) {
+		return perr
+	}
+	for i := 0; i < 5; i++ { // ignoreLiveness, maxFreed, 3 obsolete
+		if _, err := c.r.u64(); err != nil {
+			return err
+		}
+	}
+	if perr != nil {
+		return perr
+	}
+	switch action {
+	case 0, 1: // ReturnLive, ReturnDead
+		var res []string
+		if action == 0 {
+			// casnix deletes nothing through the daemon, so everything is live.
+			if res, err = c.s.Store.All(c.ctx); err != nil {
+				return c.storeErr(err)
+			}
+		}
+		c.last()
+		c.w.strings(c.fullAll(res))
+		c.w.u64(0)
+		c.w.u64(0)
+		return nil
+	case 3: // DeleteSpecific
+		for _, n := range names {
+			refs, err := c.s.Store.Referrers(c.ctx, n)
+			if err != nil {
+				return c.storeErr(err)
+			}
+			for _, r := range refs {
+				if r != n {
+					return errorf("Cannot delete path '%s' since it is still alive. To find out why, use: nix-store --query --roots and nix-store --query --referrers", c.full(n))
+				}
+			}
+		}
+		return errorf("casnix does not delete paths through the daemon yet; use 'casnix gc'")
+	default:
+		return errorf("casnix does not delete paths through the daemon yet; use 'casnix gc'")
+	}
+}
+
+func isOpError(err error) bool {
+	var oe *opError
+	return errors.As(err, &oe)
+}
+
+func (c *conn) queryDerivationOutputs(namesOnly bool) error {
+	drv, err := c.readPath()
+	if err != nil {
+		return err
+	}
+	outs, err := c.s.Store.DrvOutputs(c.ctx, drv)
+	if err != nil {
+		return c.storeErr(err)
+	}
+	var res []string
+	for _, o := range outs {
+		if namesOnly {
+			res = append(res, o.Name)
+		} else if o.Path != "" {
+			res = append(res, c.full(o.Path))
+		}
+	}
+	c.last()
+	c.w.strings(res)
+	return nil
+}
+
+func (c *conn) queryDerivationOutputMap() error {
+	drv, err := c.readPath()
+	if err != nil {
+		return err
+	}
+	ok, err := c.s.Store.IsValid(c.ctx, drv)
+	if err != nil {
+		return c.storeErr(err)
+	}
+	if !ok {
+		return errorf("path '%s' is not valid", c.full(drv))
+	}
+	outs, err := c.s.Store.DrvOutputs(c.ctx, drv)
+	if err != nil {
+		return c.storeErr(err)
+	}
+	c.last()
+	c.w.u64(uint64(len(outs)))
+	for _, o := range outs {
+		c.w.str(o.Name)
+		c.w.str(c.full(o.Path))
+	}
+	return nil
+}
+
+func (c *conn) queryRealisation() error {
+	if _, err := c.r.str(maxString); err != nil {
+		return err
+	}
+	// casnix keeps no realisations (CA derivation outputs): the answer is
+	// "none", never an error, which the local overlay store relies on.
+	c.last()
+	if c.minor < 31 {
+		c.w.strings(nil)
+	} else {
+		c.w.u64(0)
+	}
+	return nil
+}
+
+func (c *conn) registerDrvOutput() error {
+	if c.minor < 31 {
+		if _, err := c.r.str(maxString); err != nil {
+			return err
+		}
+		if _, err := c.r.str(maxPath); err != nil {
+			return err
+		}
+	} else if _, err := c.r.str(maxString); err != nil {
+		return err
+	}
+	return errorf("casnix does not record realisations (content-addressed derivation outputs)")
+}
+
+func (c *conn) verifyStore() error {
+	checkContents, err := c.r.boolean()
+	if err != nil {
+		return err
+	}
+	repair, err := c.r.boolean()
+	if err != nil {
+		return err
+	}
+	if repair {
+		return errorf("casnix cannot repair paths: it keeps one copy of each chunk (restore from a backup)")
+	}
+	errorsFound := false
+	if checkContents {
+		rep, err := c.s.Store.Verify(c.ctx, nil)
+		if err != nil {
+			return c.storeErr(err)
+		}
+		errorsFound = !rep.OK()
+		c.last()
+		c.w.boolean(errorsFound)
+		for _, d := range rep.Damaged {
+			c.log.Warn("damaged path", "path", c.full(d.Name), "err", d.Err)
+		}
+		return nil
+	}
+	// Without --check-contents Nix checks that its database is consistent;
+	// casnix's foreign keys keep it so.
+	c.last()
+	c.w.boolean(errorsFound)
+	return nil
+}
+
+func (c *conn) addSignatures() error {
+	name, err := c.readPath()
+	if err != nil {
+		return err
+	}
+	sigs, err := c.r.strings(maxString)
+	if err != nil {
+		return err
+	}
+	if !c.trusted {
+		return errorf("you are not privileged to add signatures")
+	}
+	if err := c.s.Store.AddSignatures(c.ctx, name, sigs); err != nil {
+		return c.storeErr(err)
+	}
+	c.last()
+	c.w.u64(1)
+	return nil
+}
+
+func (c *conn) narFromPath() error {
+	name, err := c.readPath()
+	if err != nil {
+		return err
+	}
+	// Check before STDERR_LAST: after it an error can only close the
+	// connection.
+	ok, err := c.s.Store.IsValid(c.ctx, name)
+	if err != nil {
+		return c.storeErr(err)
+	}
+	if !ok {
+		return errorf("path '%s' is not valid", c.full(name))
+	}
+	c.last()
+	if _, err := c.s.Store.NarRender(c.ctx, name, c.w.w); err != nil {
+		// Mid-stream: nothing can be reported, the client sees the
+		// connection end.
+		return fmt.Errorf("NarFromPath %s: %w", c.full(name), err)
+	}
+	return nil
+}
+
+// derivedPath is a BuildPaths / QueryMissing target: an opaque path, or
+// outputs of a derivation ("/nix/store/…drv!out,dev" or "!*").
+type derivedPath struct {
+	raw     string
+	path    string // basename
+	outputs []string
+	built   bool
+}
+
+func (c *conn) readDerivedPaths() ([]derivedPath, error) {
+	raw, err := c.r.strings(maxPath)
+	if err != nil {
+		return nil, err
+	}
+	var out []derivedPath
+	var bad error
+	for _, s := range raw {
+		p, outs, built := strings.Cut(s, "!")
+		// Dynamic derivations nest further "!"; casnix treats the first
+		// derivation's outputs only.
+		if i := strings.IndexByte(outs, '!'); i >= 0 {
+			outs = outs[:i]
+		}
+		name, err := c.parsePath(p)
+		if err != nil && bad == nil {
+			bad = err
+		}
+		dp := derivedPath{raw: s, path: name, built: built}
+		if built {
+			dp.outputs = strings.Split(outs, ",")
+		}
+		out = append(out, dp)
+	}
+	return out, bad
+}
+
+// missing reports what of dp is not in the store (nil if it all is).
+func (c *conn) missing(dp derivedPath) ([]string, error) {
+	if !dp.built {
+		ok, err := c.s.Store.IsValid(c.ctx, dp.path)
+		if err != nil || ok {
+			return nil, err
+		}
+		return []string{dp.path}, nil
+	}
+	ok, err := c.s.Store.IsValid(c.ctx, dp.path)
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
+		return []string{dp.path}, nil
+	}
+	outs, err := c.s.Store.DrvOutputs(c.ctx, dp.path)
+	if err != nil {
+		return nil, err
+	}
+	want := map[string]bool{}
+	for _, o := range dp.outputs {
+		want[o] = true
+	}
+	var miss []string
+	for _, o := range outs {
+		if !want["*"] && !want[o.Name] {
+			continue
+		}
+		delete(want, o.Name)
+		if o.Path == "" {
+			miss = append(miss, dp.path)
+			continue
+		}
+		ok, err := c.s.Store.IsValid(c.ctx, o.Path)
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			miss = append(miss, o.Path)
+		}
+	}
+	delete(want, "*")
+	if len(want) > 0 {
+		miss = append(miss, dp.path) // asks for an output the derivation lacks
+	}
+	return miss, nil
+}
+
+func (c *conn) queryMissing() error {
+	dps, err := c.readDerivedPaths()
+	if err != nil {
+		return err
+	}
+	var unknown []string
+	for _, dp := range dps {
+		m, err := c.missing(dp)
+		if err != nil {
+			return c.storeErr(err)
+		}
+		unknown = append(unknown, m...)
+	}
+	slices.Sort(unknown)
+	unknown = slices.Compact(unknown)
+	c.last()
+	c.w.strings(nil) // willBuild
+	c.w.strings(nil) // willSubstitute
+	c.w.strings(c.fullAll(unknown))
+	c.w.u64(0) // downloadSize
+	c.w.u64(0) // narSize
+	return nil
+}
+
+func (c *conn) buildPaths(withResults bool) error {
+	dps, perr := c.readDerivedPaths()
+	if perr != nil && !isOpError(perr) {
+		return perr
+	}
+	mode := uint64(0)
+	if withResults || c.minor >= 15 {
+		m, err := c.r.u64()
+		if err != nil {
+			return err
+		}
+		mode = m
+	}
+	if perr != nil {
+		return perr
+	}
+	if mode == 1 && !c.trusted {
+		return errorf("repairing is not allowed because you are not in 'trusted-users'")
+	}
+	var failures []string
+	results := make([]string, len(dps)) // error message per path, "" = valid
+	for i, dp := range dps {
+		m, err := c.missing(dp)
+		if err != nil {
+			return c.storeErr(err)
+		}
+		if len(m) > 0 {
+			results[i] = fmt.Sprintf("cannot build '%s': %s is not in the store and casnix does not build or substitute",
+				dp.raw, strings.Join(c.fullAll(m), ", "))
+			failures = append(failures, results[i])
+		}
+	}
+	if !withResults {
+		if len(failures) > 0 {
+			return errorf("%s", strings.Join(failures, "; "))
+		}
+		c.last()
+		c.w.u64(1)
+		return nil
+	}
+	c.last()
+	c.w.u64(uint64(len(dps)))
+	for i, dp := range dps {
+		c.w.str(dp.raw)
+		if results[i] == "" {
+			c.writeBuildResult(2, "") // AlreadyValid
+		} else {
+			c.writeBuildResult(9, results[i]) // MiscFailure
+		}
+	}
+	return nil
+}
+
+func (c *conn) writeBuildResult(status uint64, msg string) {
+	c.w.u64(status)
+	c.w.str(msg)
+	if c.minor >= 29 {
+		c.w.u64(0) // timesBuilt
+		c.w.boolean(false)
+		c.w.u64(0) // startTime
+		c.w.u64(0) // stopTime
+	}
+	if c.minor >= 37 {
+		c.w.u64(0) // cpuUser: none
+		c.w.u64(0) // cpuSystem: none
+	}
+	if c.minor >= 28 {
+		c.w.u64(0) // builtOutputs
+	}
+}
+
+// ---- writes: refused until casnix accepts paths over the daemon ----
+
+var errReadOnly = "casnix does not accept new paths over the daemon protocol yet; import them with 'casnix import'"
+
+func (c *conn) addToStore() error {
+	if c.minor < 25 {
+		c.sendError("casnix does not support the pre-1.25 AddToStore format")
+		return fmt.Errorf("%w: old AddToStore", errProtocol)
+	}
+	name, err := c.r.str(maxPath)
+	if err != nil {
+		return err
+	}
+	if _, err := c.r.str(maxPath); err != nil { // content-address method
+		return err
+	}
+	if _, err := c.r.strings(maxPath); err != nil {
+		return err
+	}
+	if _, err := c.r.boolean(); err != nil { // repair
+		return err
+	}
+	f := &framedReader{w: &c.r}
+	if err := f.drain(); err != nil {
+		return err
+	}
+	return errorf("cannot add '%s': %s", name, errReadOnly)
+}
+
+func (c *conn) addTextToStore() error {
+	name, err := c.r.str(maxPath)
+	if err != nil {
+		return err
+	}
+	if _, err := c.r.str(1 << 30); err != nil {
+		return err
+	}
+	if _, err := c.r.strings(maxPath); err != nil {
+		return err
+	}
+	return errorf("cannot add '%s': %s", name, errReadOnly)
+}
+
+func (c *conn) addToStoreNar() error {
+	p, err := c.r.str(maxPath)
+	if err != nil {
+		return err
+	}
+	for _, what := range []string{"deriver", "narHash"} {
+		if _, err := c.r.str(maxPath); err != nil {
+			return fmt.Errorf("%s: %w", what, err)
+		}
+	}
+	if _, err := c.r.strings(maxPath); err != nil {
+		return err
+	}
+	for i := 0; i < 3; i++ { // registrationTime, narSize, ultimate
+		if _, err := c.r.u64(); err != nil {
+			return err
+		}
+	}
+	if _, err := c.r.strings(maxString); err != nil { // sigs
+		return err
+	}
+	if _, err := c.r.str(maxString); err != nil { // ca
+		return err
+	}
+	for i := 0; i < 2; i++ { // repair, dontCheckSigs
+		if _, err := c.r.u64(); err != nil {
+			return err
+		}
+	}
+	if err := c.skipNAR(); err != nil {
+		return err
+	}
+	return errorf("cannot add '%s': %s", p, errReadOnly)
+}
+
+// skipNAR consumes the NAR that follows an AddToStoreNar header, in the
+// form the negotiated version uses.
+func (c *conn) skipNAR() error {
+	switch {
+	case c.minor >= 23:
+		return (&framedReader{w: &c.r}).drain()
+	case c.minor >= 21:
+		// 1.21-1.22 pull the NAR with STDERR_READ requests; parsing it
+		// finds its end.
+		_, err := nar.Ingest(bufio.NewReader(&pullReader{c: c}), discardSink{})
+		return err
+	default:
+		_, err := nar.Ingest(c.r.r, discardSink{})
+		return err
+	}
+}
+
+func (c *conn) addMultipleToStore() error {
+	for i := 0; i < 2; i++ { // repair, dontCheckSigs
+		if _, err := c.r.u64(); err != nil {
+			return err
+		}
+	}
+	if err := (&framedReader{w: &c.r}).drain(); err != nil {
+		return err
+	}
+	return errorf("%s", errReadOnly)
+}
+
+func (c *conn) addBuildLog() error {
+	if _, err := c.r.str(maxPath); err != nil {
+		return err
+	}
+	if err := (&framedReader{w: &c.r}).drain(); err != nil {
+		return err
+	}
+	return errorf("casnix does not store build logs")
+}
+
+// pullReader asks the client for data with STDERR_READ (protocol 1.21-1.22).
+type pullReader struct{ c *conn }
+
+func (p *pullReader) Read(b []byte) (int, error) {
+	p.c.w.u64(stderrRead)
+	p.c.w.u64(uint64(len(b)))
+	if err := p.c.w.flush(); err != nil {
+		return 0, err
+	}
+	data, err := p.c.r.bytes(uint64(len(b)))
+	if err != nil {
+		return 0, err
+	}
+	if len(data) == 0 {
+		return 0, io.ErrUnexpectedEOF
+	}
+	return copy(b, data), nil
+}
