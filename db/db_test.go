@@ -1,0 +1,81 @@
+package db
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestMigrateAndRefuseNewer(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "x.db")
+	d, err := Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	latest, err := LatestVersion()
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+	if v, err := SchemaVersion(ctx, path); err != nil || v != latest {
+		t.Fatalf("schema version %d (%v), want %d", v, err, latest)
+	}
+	// Reopening is a no-op migration.
+	d, err = Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+
+	// A data dir from a newer casnix is refused with a clear message.
+	raw, err := sql.Open("sqlite", "file:"+path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := raw.Exec("PRAGMA user_version = 999"); err != nil {
+		t.Fatal(err)
+	}
+	raw.Close()
+	_, err = Open(ctx, path)
+	if !errors.Is(err, ErrSchemaTooNew) || !strings.Contains(err.Error(), "upgrade casnix") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestPathByHashPart(t *testing.T) {
+	ctx := context.Background()
+	d, err := Open(ctx, filepath.Join(t.TempDir(), "x.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	names := []string{"aaaa-x", "aaab-y", "aaa-z"}
+	err = d.Write(ctx, func(tx *Tx) error {
+		for _, n := range names {
+			if _, err := tx.InsertPath(ctx, &PathRow{Name: n, Kind: 1, NarHash: make([]byte, 32)}); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct{ hash, want string }{{"aaaa", "aaaa-x"}, {"aaab", "aaab-y"}, {"aaa", "aaa-z"}, {"aab", ""}}
+	for _, tc := range tests {
+		got, err := d.PathByHashPart(ctx, tc.hash)
+		if tc.want == "" {
+			if !errors.Is(err, ErrNotFound) {
+				t.Errorf("%s: %q %v", tc.hash, got, err)
+			}
+			continue
+		}
+		if got != tc.want || err != nil {
+			t.Errorf("%s: %q %v", tc.hash, got, err)
+		}
+	}
+}
