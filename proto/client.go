@@ -1,0 +1,477 @@
+package proto
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"time"
+)
+
+// Client is a minimal worker-protocol client: enough for load tests and
+// benchmarks to drive casnix and a real nix-daemon the same way. It is not
+// safe for concurrent use; open one per goroutine.
+type Client struct {
+	c     net.Conn
+	r     wireReader
+	w     wireWriter
+	Minor uint64
+	// DaemonVersion and Trusted are what the handshake reported.
+	DaemonVersion string
+	Trusted       uint64
+}
+
+// PathInfo is a QueryPathInfo answer.
+type PathInfo struct {
+	Deriver          string
+	NarHash          string
+	References       []string
+	RegistrationTime uint64
+	NarSize          uint64
+	Ultimate         bool
+	Sigs             []string
+	CA               string
+}
+
+// Dial connects to a daemon socket and completes the handshake and
+// SetOptions as protocol 1.38.
+func Dial(socket string) (*Client, error) {
+	c, err := net.DialTimeout("unix", socket, 10*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	cl := &Client{c: c, r: wireReader{r: bufio.NewReaderSize(c, 64<<10)}, w: wireWriter{w: bufio.NewWriterSize(c, 64<<10)}}
+	if err := cl.handshake(); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("handshake with %s: %w", socket, err)
+	}
+	return cl, nil
+}
+
+// Close closes the connection.
+func (cl *Client) Close() error { return cl.c.Close() }
+
+func (cl *Client) handshake() error {
+	cl.w.u64(workerMagic1)
+	if err := cl.w.flush(); err != nil {
+		return err
+	}
+	if m, err := cl.r.u64(); err != nil || m != workerMagic2 {
+		return fmt.Errorf("bad server magic %#x: %v", m, err)
+	}
+	sv, err := cl.r.u64()
+	if err != nil {
+		return err
+	}
+	cl.Minor = min(sv&0xff, ServerMinor)
+	cl.w.u64(1<<8 | ServerMinor)
+	if cl.Minor >= 38 {
+		cl.w.strings(nil)
+		if err := cl.w.flush(); err != nil {
+			return err
+		}
+		if _, err := cl.r.strings(maxPath); err != nil {
+			return err
+		}
+	}
+	cl.w.u64(0) // cpu affinity
+	cl.w.u64(0) // reserve space
+	if err := cl.w.flush(); err != nil {
+		return err
+	}
+	if cl.Minor >= 33 {
+		if cl.DaemonVersion, err = cl.r.str(maxPath); err != nil {
+			return err
+		}
+	}
+	if cl.Minor >= 35 {
+		if cl.Trusted, err = cl.r.u64(); err != nil {
+			return err
+		}
+	}
+	if err := cl.result(); err != nil {
+		return err
+	}
+	cl.w.u64(opSetOptions)
+	for i := 0; i < 12; i++ {
+		cl.w.u64(0)
+	}
+	cl.w.u64(0)
+	return cl.result()
+}
+
+// RemoteError is an error the daemon reported.
+type RemoteError struct{ Msg string }
+
+func (e *RemoteError) Error() string { return e.Msg }
+
+// result flushes the request and reads the stderr channel up to LAST.
+func (cl *Client) result() error {
+	if err := cl.w.flush(); err != nil {
+		return err
+	}
+	for {
+		code, err := cl.r.u64()
+		if err != nil {
+			return err
+		}
+		switch code {
+		case stderrLast:
+			return nil
+		case stderrNext:
+			if _, err := cl.r.str(maxString); err != nil {
+				return err
+			}
+		case stderrError:
+			return cl.readError()
+		case 0x53545254: // START_ACTIVITY: id, level, type, text, fields, parent
+			if err := cl.skipActivity(true); err != nil {
+				return err
+			}
+		case 0x53544f50: // STOP_ACTIVITY: id
+			if _, err := cl.r.u64(); err != nil {
+				return err
+			}
+		case 0x52534c54: // RESULT: id, type, fields
+			if err := cl.skipActivity(false); err != nil {
+				return err
+			}
+		default:
+			return fmt.Errorf("%w: unexpected stderr message %#x", errProtocol, code)
+		}
+	}
+}
+
+func (cl *Client) skipActivity(start bool) error {
+	n := 2
+	if start {
+		n = 3
+	}
+	for i := 0; i < n; i++ {
+		if _, err := cl.r.u64(); err != nil {
+			return err
+		}
+	}
+	if start {
+		if _, err := cl.r.str(maxString); err != nil {
+			return err
+		}
+	}
+	nf, err := cl.r.u64()
+	if err != nil {
+		return err
+	}
+	for i := uint64(0); i < nf; i++ {
+		typ, err := cl.r.u64()
+		if err != nil {
+			return err
+		}
+		if typ == 0 {
+			_, err = cl.r.u64()
+		} else {
+			_, err = cl.r.str(maxString)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if start {
+		_, err = cl.r.u64() // parent
+	}
+	return err
+}
+
+func (cl *Client) readError() error {
+	if _, err := cl.r.str(maxPath); err != nil { // "Error"
+		return err
+	}
+	if _, err := cl.r.u64(); err != nil { // level
+		return err
+	}
+	if _, err := cl.r.str(maxPath); err != nil { // name
+		return err
+	}
+	msg, err := cl.r.str(maxString)
+	if err != nil {
+		return err
+	}
+	if _, err := cl.r.u64(); err != nil { // havePos
+		return err
+	}
+	n, err := cl.r.u64()
+	if err != nil {
+		return err
+	}
+	for i := uint64(0); i < n; i++ {
+		if _, err := cl.r.u64(); err != nil {
+			return err
+		}
+		if _, err := cl.r.str(maxString); err != nil {
+			return err
+		}
+	}
+	return &RemoteError{msg}
+}
+
+// IsValidPath asks whether a full store path is valid.
+func (cl *Client) IsValidPath(path string) (bool, error) {
+	cl.w.u64(opIsValidPath)
+	cl.w.str(path)
+	if err := cl.result(); err != nil {
+		return false, err
+	}
+	return cl.r.boolean()
+}
+
+// QueryPathInfo returns a path's info, or nil if it is not valid.
+func (cl *Client) QueryPathInfo(path string) (*PathInfo, error) {
+	cl.w.u64(opQueryPathInfo)
+	cl.w.str(path)
+	if err := cl.result(); err != nil {
+		return nil, err
+	}
+	valid, err := cl.r.boolean()
+	if err != nil || !valid {
+		return nil, err
+	}
+	pi := &PathInfo{}
+	if pi.Deriver, err = cl.r.str(maxPath); err != nil {
+		return nil, err
+	}
+	if pi.NarHash, err = cl.r.str(maxPath); err != nil {
+		return nil, err
+	}
+	if pi.References, err = cl.r.strings(maxPath); err != nil {
+		return nil, err
+	}
+	if pi.RegistrationTime, err = cl.r.u64(); err != nil {
+		return nil, err
+	}
+	if pi.NarSize, err = cl.r.u64(); err != nil {
+		return nil, err
+	}
+	if pi.Ultimate, err = cl.r.boolean(); err != nil {
+		return nil, err
+	}
+	if pi.Sigs, err = cl.r.strings(maxString); err != nil {
+		return nil, err
+	}
+	if pi.CA, err = cl.r.str(maxString); err != nil {
+		return nil, err
+	}
+	return pi, nil
+}
+
+// QueryValidPaths returns the valid subset of paths.
+func (cl *Client) QueryValidPaths(paths []string) ([]string, error) {
+	cl.w.u64(opQueryValidPaths)
+	cl.w.strings(paths)
+	cl.w.u64(0)
+	if err := cl.result(); err != nil {
+		return nil, err
+	}
+	return cl.r.strings(maxPath)
+}
+
+// QueryReferrers lists the paths that refer to path.
+func (cl *Client) QueryReferrers(path string) ([]string, error) {
+	cl.w.u64(opQueryReferrers)
+	cl.w.str(path)
+	if err := cl.result(); err != nil {
+		return nil, err
+	}
+	return cl.r.strings(maxPath)
+}
+
+// QueryAllValidPaths lists every valid path.
+func (cl *Client) QueryAllValidPaths() ([]string, error) {
+	cl.w.u64(opQueryAllValidPaths)
+	if err := cl.result(); err != nil {
+		return nil, err
+	}
+	return cl.r.strings(maxPath)
+}
+
+// QueryPathFromHashPart finds a path by its 32-character hash part ("" if
+// none).
+func (cl *Client) QueryPathFromHashPart(hash string) (string, error) {
+	cl.w.u64(opQueryPathFromHashPart)
+	cl.w.str(hash)
+	if err := cl.result(); err != nil {
+		return "", err
+	}
+	return cl.r.str(maxPath)
+}
+
+// NarFromPath streams a path's NAR to w. The NAR is not framed, so this
+// parses it to find its end.
+func (cl *Client) NarFromPath(path string, w io.Writer) (int64, error) {
+	cl.w.u64(opNarFromPath)
+	cl.w.str(path)
+	if err := cl.result(); err != nil {
+		return 0, err
+	}
+	cw := &countingWriter{w: w}
+	err := copyNAR(cl.r.r, cw)
+	return cw.n, err
+}
+
+type countingWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += int64(n)
+	return n, err
+}
+
+// copyNAR copies exactly one NAR from r to w, following its grammar only
+// as far as needed to find where it ends.
+func copyNAR(r *bufio.Reader, w io.Writer) error {
+	p := &narSkipper{r: r, w: w}
+	if err := p.expect("nix-archive-1"); err != nil {
+		return err
+	}
+	return p.node(0)
+}
+
+type narSkipper struct {
+	r   *bufio.Reader
+	w   io.Writer
+	buf [8]byte
+}
+
+func (p *narSkipper) u64() (uint64, error) {
+	if _, err := io.ReadFull(p.r, p.buf[:]); err != nil {
+		return 0, err
+	}
+	if _, err := p.w.Write(p.buf[:]); err != nil {
+		return 0, err
+	}
+	var v uint64
+	for i := 7; i >= 0; i-- {
+		v = v<<8 | uint64(p.buf[i])
+	}
+	return v, nil
+}
+
+func (p *narSkipper) bytes(n uint64, keep bool) ([]byte, error) {
+	padded := n + (8-n%8)%8
+	if keep {
+		if padded > 1<<16 {
+			return nil, fmt.Errorf("%w: NAR token too long", errProtocol)
+		}
+		b := make([]byte, padded)
+		if _, err := io.ReadFull(p.r, b); err != nil {
+			return nil, err
+		}
+		_, err := p.w.Write(b)
+		return b[:n], err
+	}
+	_, err := io.CopyN(p.w, p.r, int64(padded))
+	return nil, err
+}
+
+func (p *narSkipper) str() (string, error) {
+	n, err := p.u64()
+	if err != nil {
+		return "", err
+	}
+	b, err := p.bytes(n, true)
+	return string(b), err
+}
+
+func (p *narSkipper) expect(s string) error {
+	got, err := p.str()
+	if err != nil {
+		return err
+	}
+	if got != s {
+		return fmt.Errorf("%w: NAR: expected %q, got %q", errProtocol, s, got)
+	}
+	return nil
+}
+
+func (p *narSkipper) node(depth int) error {
+	if depth > 4096 {
+		return errors.New("NAR nested too deep")
+	}
+	if err := p.expect("("); err != nil {
+		return err
+	}
+	if err := p.expect("type"); err != nil {
+		return err
+	}
+	t, err := p.str()
+	if err != nil {
+		return err
+	}
+	switch t {
+	case "regular":
+		tok, err := p.str()
+		if err != nil {
+			return err
+		}
+		if tok == "executable" {
+			if _, err := p.str(); err != nil {
+				return err
+			}
+			if tok, err = p.str(); err != nil {
+				return err
+			}
+		}
+		if tok != "contents" {
+			return fmt.Errorf("%w: NAR: expected contents", errProtocol)
+		}
+		n, err := p.u64()
+		if err != nil {
+			return err
+		}
+		if _, err := p.bytes(n, false); err != nil {
+			return err
+		}
+	case "symlink":
+		if err := p.expect("target"); err != nil {
+			return err
+		}
+		if _, err := p.str(); err != nil {
+			return err
+		}
+	case "directory":
+		for {
+			tok, err := p.str()
+			if err != nil {
+				return err
+			}
+			if tok == ")" {
+				return nil
+			}
+			if tok != "entry" {
+				return fmt.Errorf("%w: NAR: expected entry", errProtocol)
+			}
+			for _, s := range []string{"(", "name"} {
+				if err := p.expect(s); err != nil {
+					return err
+				}
+			}
+			if _, err := p.str(); err != nil {
+				return err
+			}
+			if err := p.expect("node"); err != nil {
+				return err
+			}
+			if err := p.node(depth + 1); err != nil {
+				return err
+			}
+			if err := p.expect(")"); err != nil {
+				return err
+			}
+		}
+	default:
+		return fmt.Errorf("%w: NAR: unknown type %q", errProtocol, t)
+	}
+	return p.expect(")")
+}
