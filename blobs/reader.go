@@ -77,7 +77,7 @@ type BlobReader struct {
 
 // Open returns a reader for blob d.
 func (s *Store) Open(ctx context.Context, d digest.Digest) (*BlobReader, error) {
-	b, err := s.db.Blob(ctx, d)
+	b, loc, err := s.db.BlobAndLoc(ctx, d)
 	if errors.Is(err, db.ErrNotFound) {
 		return nil, fmt.Errorf("blob %s: %w", d, ErrNotFound)
 	}
@@ -88,6 +88,9 @@ func (s *Store) Open(ctx context.Context, d digest.Digest) (*BlobReader, error) 
 	switch {
 	case b.Chunks == nil && b.Size > 0:
 		br.chunks = []chunkRef{{digest: d, len: b.Size}}
+		if loc != nil && loc.Len == b.Size && loc.Off+loc.Len <= loc.RawLen {
+			br.chunks[0].loc = loc
+		}
 	case b.Chunks != nil:
 		if len(b.Chunks)%(digest.Size+4) != 0 {
 			return nil, fmt.Errorf("%w: blob %s: chunk list of %d bytes", ErrCorrupt, d, len(b.Chunks))
@@ -111,18 +114,42 @@ func (s *Store) Open(ctx context.Context, d digest.Digest) (*BlobReader, error) 
 // Size is the blob's length.
 func (br *BlobReader) Size() int64 { return br.size }
 
+// locate returns chunk i's location, looking up the locations of the
+// following chunks in the same query (one round trip per ChunkBatch chunks
+// instead of one per chunk).
 func (br *BlobReader) locate(i int) (*db.ChunkLoc, error) {
 	c := &br.chunks[i]
-	if c.loc == nil {
-		loc, err := br.s.db.Chunk(br.ctx, c.digest)
-		if err != nil {
-			return nil, fmt.Errorf("%w: %v", ErrCorrupt, err)
+	if c.loc != nil {
+		return c.loc, nil
+	}
+	end := min(i+db.ChunkBatch, len(br.chunks))
+	ds := make([]digest.Digest, 0, end-i)
+	for j := i; j < end; j++ {
+		if br.chunks[j].loc == nil {
+			ds = append(ds, br.chunks[j].digest)
 		}
-		if loc.Len != c.len || loc.Off+loc.Len > loc.RawLen {
+	}
+	locs, err := br.s.db.Chunks(br.ctx, ds)
+	if err != nil {
+		return nil, err
+	}
+	for j := i; j < end; j++ {
+		cj := &br.chunks[j]
+		if cj.loc != nil {
+			continue
+		}
+		loc, ok := locs[cj.digest]
+		if !ok {
+			if j == i {
+				return nil, fmt.Errorf("%w: chunk %s of a stored blob is not in the index", ErrCorrupt, cj.digest)
+			}
+			continue
+		}
+		if loc.Len != cj.len || loc.Off+loc.Len > loc.RawLen {
 			return nil, fmt.Errorf("%w: chunk %s: index says %d bytes at %d of %d, blob says %d",
-				ErrCorrupt, c.digest, loc.Len, loc.Off, loc.RawLen, c.len)
+				ErrCorrupt, cj.digest, loc.Len, loc.Off, loc.RawLen, cj.len)
 		}
-		c.loc = &loc
+		cj.loc = &loc
 	}
 	return c.loc, nil
 }

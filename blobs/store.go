@@ -48,7 +48,7 @@ func (o *Options) defaults() {
 		o.PackSize = 256 << 20
 	}
 	if o.CacheBytes == 0 {
-		o.CacheBytes = 48 << 20
+		o.CacheBytes = 32 << 20
 	}
 	if o.Workers == 0 {
 		o.Workers = runtime.GOMAXPROCS(0)

@@ -109,6 +109,51 @@ func (q q) Chunk(ctx context.Context, d digest.Digest) (ChunkLoc, error) {
 	return c, nil
 }
 
+// ChunkBatch is how many chunk locations Chunks looks up per statement;
+// shorter lists are padded so one prepared statement serves every call.
+const ChunkBatch = 32
+
+var chunksQuery = func() string {
+	q := `SELECT c.digest, f.id, f.pack, f.offset, f.data_off, f.clen, f.rawlen, c.off, c.len
+		FROM chunks c JOIN frames f ON f.id = c.frame WHERE c.digest IN (?`
+	for i := 1; i < ChunkBatch; i++ {
+		q += ",?"
+	}
+	return q + ")"
+}()
+
+// Chunks looks up the locations of up to ChunkBatch chunks at once;
+// missing chunks are absent from the result.
+func (q q) Chunks(ctx context.Context, ds []digest.Digest) (map[digest.Digest]ChunkLoc, error) {
+	if len(ds) > ChunkBatch {
+		return nil, fmt.Errorf("chunks: %d digests, at most %d per call", len(ds), ChunkBatch)
+	}
+	args := make([]any, ChunkBatch)
+	for i := range args {
+		d := ds[min(i, len(ds)-1)]
+		args[i] = d[:]
+	}
+	rows, err := q.query(ctx, chunksQuery, args...)
+	if err != nil {
+		return nil, fmt.Errorf("chunks: %w", err)
+	}
+	defer rows.Close()
+	out := make(map[digest.Digest]ChunkLoc, len(ds))
+	for rows.Next() {
+		var c ChunkLoc
+		var dg []byte
+		if err := rows.Scan(&dg, &c.ID, &c.Pack, &c.Offset, &c.DataOff, &c.CLen, &c.RawLen, &c.Off, &c.Len); err != nil {
+			return nil, fmt.Errorf("chunks: %w", err)
+		}
+		d, err := digest.FromBytes(dg)
+		if err != nil {
+			return nil, fmt.Errorf("chunks: %w", err)
+		}
+		out[d] = c
+	}
+	return out, rows.Err()
+}
+
 // HasChunk reports whether a chunk is stored.
 func (q q) HasChunk(ctx context.Context, d digest.Digest) (bool, error) {
 	var one int
@@ -199,6 +244,28 @@ func (q q) Blob(ctx context.Context, d digest.Digest) (Blob, error) {
 		return b, notFound(err, "blob "+d.String())
 	}
 	return b, nil
+}
+
+// BlobAndLoc looks up a blob and, when it is a single chunk, that chunk's
+// location, in one query: the common case of a small file costs one round
+// trip instead of two.
+func (q q) BlobAndLoc(ctx context.Context, d digest.Digest) (Blob, *ChunkLoc, error) {
+	var b Blob
+	var id, pack, offset, dataOff, clen, rawlen, off, ln sql.NullInt64
+	err := q.row(ctx, `SELECT b.size, b.chunks, f.id, f.pack, f.offset, f.data_off, f.clen, f.rawlen, c.off, c.len
+		FROM blobs b LEFT JOIN chunks c ON b.chunks IS NULL AND c.digest = b.digest
+		LEFT JOIN frames f ON f.id = c.frame WHERE b.digest = ?`, d[:]).
+		Scan(&b.Size, &b.Chunks, &id, &pack, &offset, &dataOff, &clen, &rawlen, &off, &ln)
+	if err != nil {
+		return b, nil, notFound(err, "blob "+d.String())
+	}
+	if !id.Valid {
+		return b, nil, nil
+	}
+	return b, &ChunkLoc{
+		Frame: Frame{ID: id.Int64, Pack: pack.Int64, Offset: offset.Int64, DataOff: dataOff.Int64, CLen: clen.Int64, RawLen: rawlen.Int64},
+		Off:   off.Int64, Len: ln.Int64,
+	}, nil
 }
 
 // HasBlob reports whether a blob is stored.
