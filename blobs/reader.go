@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"sort"
+	"sync"
 
 	"github.com/casnix/casnix/db"
 	"github.com/casnix/casnix/digest"
@@ -68,6 +69,7 @@ type chunkRef struct {
 // in the background; ReadAt serves random access. It is not safe for
 // concurrent use except ReadAt.
 type BlobReader struct {
+	mu     sync.Mutex // guards chunk locations, filled lazily by concurrent ReadAt
 	s      *Store
 	ctx    context.Context
 	size   int64
@@ -118,6 +120,8 @@ func (br *BlobReader) Size() int64 { return br.size }
 // following chunks in the same query (one round trip per ChunkBatch chunks
 // instead of one per chunk).
 func (br *BlobReader) locate(i int) (*db.ChunkLoc, error) {
+	br.mu.Lock()
+	defer br.mu.Unlock()
 	c := &br.chunks[i]
 	if c.loc != nil {
 		return c.loc, nil
@@ -257,4 +261,13 @@ func (br *BlobReader) Prefetch() {
 			br.s.prefetch(loc.Frame)
 		}
 	}
+}
+
+// ReadAhead starts decoding the frames after offset off in the background,
+// for callers (FUSE) that read sequentially through ReadAt.
+func (br *BlobReader) ReadAhead(off int64) {
+	if off >= br.size || len(br.chunks) == 0 {
+		return
+	}
+	br.readAhead(br.chunkAt(off) - 1)
 }

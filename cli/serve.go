@@ -21,7 +21,9 @@ type ServeCmd struct {
 	TrustedUsers     []string      `name:"trusted-users" env:"CASNIX_TRUSTED_USERS" default:"root" help:"Users (names, @group, or *) whose connections are trusted."`
 	HandshakeTimeout time.Duration `name:"handshake-timeout" env:"CASNIX_HANDSHAKE_TIMEOUT" default:"30s" help:"Close connections that do not finish the handshake in time."`
 	StallTimeout     time.Duration `name:"stall-timeout" env:"CASNIX_STALL_TIMEOUT" default:"5m" help:"Close connections that stall this long in the middle of an operation."`
-	ShutdownTimeout  time.Duration `name:"shutdown-timeout" env:"CASNIX_SHUTDOWN_TIMEOUT" default:"30s" help:"On SIGINT/SIGTERM, how long in-flight operations may take to finish."`
+	Mount            string        `name:"mount" env:"CASNIX_MOUNT" placeholder:"DIR" help:"Also mount the store read-only at DIR (FUSE), in the same process: the whole lower store of a Local Overlay Store."`
+	MountFlags
+	ShutdownTimeout time.Duration `name:"shutdown-timeout" env:"CASNIX_SHUTDOWN_TIMEOUT" default:"30s" help:"On SIGINT/SIGTERM, how long in-flight operations may take to finish."`
 }
 
 // DefaultSocket is the socket path used when none is given.
@@ -57,6 +59,18 @@ func (c *ServeCmd) Run(g *Globals) error {
 	ln, path, err := c.listen(st.Dir())
 	if err != nil {
 		return err
+	}
+	if c.Mount != "" {
+		fsrv, err := c.mount(g, st, c.Mount)
+		if err != nil {
+			ln.Close()
+			if path != "" {
+				os.Remove(path)
+			}
+			return err
+		}
+		g.Logger.Info("mounted", "dir", c.Mount)
+		defer unmount(g, fsrv, c.Mount)
 	}
 	if path != "" {
 		defer os.Remove(path)

@@ -239,3 +239,9 @@ func (q q) DerivationsWithOutput(ctx context.Context, out string) ([]string, err
 	return q.strings(ctx, `SELECT DISTINCT p.name FROM drv_outputs o JOIN paths p ON p.id = o.drv
 		WHERE o.path = ? ORDER BY p.name`, out)
 }
+
+// PathNamesAfter lists up to limit valid path names greater than after, in
+// order: a cursor for streaming the whole list without holding it.
+func (q q) PathNamesAfter(ctx context.Context, after string, limit int) ([]string, error) {
+	return q.strings(ctx, "SELECT name FROM paths WHERE name > ? ORDER BY name LIMIT ?", after, limit)
+}

@@ -357,3 +357,9 @@ func (s *Store) AddSignatures(ctx context.Context, name string, sigs []string) e
 		return tx.AddSigs(ctx, id, sigs)
 	})
 }
+
+// NamesAfter lists up to limit valid path names after the given one, in
+// order (a cursor, so listings stream however large the store).
+func (s *Store) NamesAfter(ctx context.Context, after string, limit int) ([]string, error) {
+	return s.db.PathNamesAfter(ctx, after, limit)
+}

@@ -1,0 +1,65 @@
+package cli
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/hanwen/go-fuse/v2/fuse"
+
+	"github.com/casnix/casnix/fusefs"
+	"github.com/casnix/casnix/store"
+)
+
+// MountFlags are shared by mount and serve --mount.
+type MountFlags struct {
+	ListRoot   bool `name:"list-root" default:"true" negatable:"" help:"Make the mount root listable (overlayfs and Nix's overlay GC list it); --no-list-root for huge stores only looked up by name."`
+	AllowOther bool `name:"allow-other" default:"true" negatable:"" help:"Let other users (sandboxed builders) read the mount; needs root or user_allow_other."`
+	FuseDebug  bool `name:"fuse-debug" hidden:"" help:"Log every FUSE request."`
+}
+
+func (m *MountFlags) mount(g *Globals, st *store.Store, dir string) (*fuse.Server, error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("create mount point: %w", err)
+	}
+	return fusefs.Mount(dir, st, fusefs.Options{
+		ListRoot: m.ListRoot, AllowOther: m.AllowOther && os.Geteuid() == 0, Logger: g.Logger, Debug: m.FuseDebug,
+	})
+}
+
+// MountCmd mounts the store read-only.
+type MountCmd struct {
+	Dir string `arg:"" help:"Mount point."`
+	MountFlags
+}
+
+// Run mounts until interrupted, then unmounts.
+func (c *MountCmd) Run(g *Globals) error {
+	st, err := g.Open()
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	srv, err := c.mount(g, st, c.Dir)
+	if err != nil {
+		return err
+	}
+	g.Logger.Info("mounted", "dir", c.Dir, "data", st.Dir())
+	done := make(chan struct{})
+	go func() { srv.Wait(); close(done) }()
+	select {
+	case <-g.Ctx.Done():
+		return unmount(g, srv, c.Dir)
+	case <-done:
+		// Unmounted from outside (fusermount -u / umount).
+		return nil
+	}
+}
+
+func unmount(g *Globals, srv *fuse.Server, dir string) error {
+	if err := srv.Unmount(); err != nil {
+		// Busy (a process has it open): detach so it goes away when freed.
+		g.Logger.Warn("unmount failed; detaching", "dir", dir, "err", err)
+		return fusefs.Detach(dir)
+	}
+	return nil
+}

@@ -1,0 +1,393 @@
+// Package fusefs is a read-only FUSE view of the store: the mount root
+// holds one entry per valid store path (its basename), and below each,
+// directories, files and symlinks exactly as the path's NAR describes them,
+// as the Nix store shows them: owner root, mode 0444 or 0555, mtime 1.
+// It is the lowerdir of an overlayfs for Nix's Local Overlay Store.
+//
+// Content never changes, so the kernel may cache entries, attributes and
+// file pages for long; only the root is dynamic: paths imported while
+// mounted appear at once (negative lookups are not cached).
+package fusefs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"io"
+	"log/slog"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+
+	"github.com/casnix/casnix/blobs"
+	"github.com/casnix/casnix/castore"
+	"github.com/casnix/casnix/digest"
+	"github.com/casnix/casnix/store"
+)
+
+// Store is what the filesystem reads.
+type Store interface {
+	Info(ctx context.Context, name string) (*store.PathInfo, error)
+	Directory(ctx context.Context, d digest.Digest) (*castore.Directory, error)
+	OpenBlob(ctx context.Context, d digest.Digest) (*blobs.BlobReader, error)
+	NamesAfter(ctx context.Context, after string, limit int) ([]string, error)
+}
+
+// Options configure Mount.
+type Options struct {
+	// ListRoot makes the root listable (overlayfs and Nix's overlay GC
+	// list it). Off, only lookups by name work: for huge stores.
+	ListRoot bool
+	// AllowOther lets other users (sandboxed builders) read the mount.
+	AllowOther bool
+	Logger     *slog.Logger
+	Debug      bool
+}
+
+// contentTimeout is how long the kernel may cache what never changes.
+const contentTimeout = 24 * time.Hour
+
+// mtime is what Nix sets every store file's mtime to.
+const mtime = 1
+
+type fsys struct {
+	st   Store
+	opts Options
+	log  *slog.Logger
+}
+
+// Mount mounts the store at dir and returns the server; call Unmount (or
+// Wait) on it.
+func Mount(dir string, st Store, opts Options) (*fuse.Server, error) {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if err := CleanStale(dir); err != nil {
+		return nil, err
+	}
+	f := &fsys{st: st, opts: opts, log: opts.Logger}
+	long := contentTimeout
+	zero := time.Duration(0)
+	mo := fuse.MountOptions{
+		FsName: "casnix", Name: "casnix",
+		AllowOther:   opts.AllowOther,
+		Options:      []string{"ro", "default_permissions"},
+		MaxReadAhead: 1 << 20,
+		// Mount with mount(2) as root; fusermount otherwise.
+		DirectMount:          os.Geteuid() == 0,
+		EnableSymlinkCaching: true,
+		Debug:                opts.Debug,
+		MaxBackground:        64,
+	}
+	srv, err := fs.Mount(dir, &rootNode{fs: f}, &fs.Options{
+		MountOptions: mo, EntryTimeout: &long, AttrTimeout: &long, NegativeTimeout: &zero,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("mount %s: %w", dir, err)
+	}
+	return srv, nil
+}
+
+// ino gives every node a stable inode number for the life of the mount
+// (and across mounts): a hash of its path below the mount root.
+func ino(path string) uint64 {
+	h := fnv.New64a()
+	io.WriteString(h, path)
+	v := h.Sum64()
+	if v <= 1 {
+		v += 2 // 1 is the root
+	}
+	return v
+}
+
+func attrFor(n castore.Node, out *fuse.Attr) {
+	out.Mtime, out.Atime, out.Ctime = mtime, mtime, mtime
+	out.Nlink = 1
+	switch n.Kind {
+	case castore.KindDirectory:
+		out.Mode = syscall.S_IFDIR | 0o555
+	case castore.KindFile:
+		out.Mode = syscall.S_IFREG | 0o444
+		if n.Executable {
+			out.Mode = syscall.S_IFREG | 0o555
+		}
+		out.Size = n.Size
+		out.Blocks = (n.Size + 511) / 512
+	case castore.KindSymlink:
+		out.Mode = syscall.S_IFLNK | 0o777
+		out.Size = uint64(len(n.Target))
+	}
+	out.Blksize = 1 << 16
+}
+
+func modeOf(k castore.Kind) uint32 {
+	switch k {
+	case castore.KindDirectory:
+		return syscall.S_IFDIR
+	case castore.KindSymlink:
+		return syscall.S_IFLNK
+	}
+	return syscall.S_IFREG
+}
+
+func (f *fsys) errno(op string, err error) syscall.Errno {
+	if errors.Is(err, store.ErrNotValid) || errors.Is(err, os.ErrNotExist) {
+		return syscall.ENOENT
+	}
+	if errors.Is(err, context.Canceled) {
+		return syscall.EINTR
+	}
+	f.log.Error("fuse "+op, "err", err)
+	return syscall.EIO
+}
+
+// rootNode lists store paths.
+type rootNode struct {
+	fs.Inode
+	fs *fsys
+}
+
+var (
+	_ fs.NodeLookuper  = (*rootNode)(nil)
+	_ fs.NodeReaddirer = (*rootNode)(nil)
+	_ fs.NodeGetattrer = (*rootNode)(nil)
+)
+
+func (r *rootNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	out.Mode = syscall.S_IFDIR | 0o555
+	out.Mtime, out.Atime, out.Ctime = mtime, mtime, mtime
+	out.Nlink = 2
+	out.SetTimeout(0) // the root changes as paths are added
+	return 0
+}
+
+func (r *rootNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	if store.ValidateName(name) != nil {
+		return nil, syscall.ENOENT // "..", "/", over-long or not a store path name
+	}
+	pi, err := r.fs.st.Info(ctx, name)
+	if err != nil {
+		return nil, r.fs.errno("lookup", err)
+	}
+	return newChild(ctx, &r.Inode, r.fs, name, pi.Root, out), 0
+}
+
+func newChild(ctx context.Context, parent *fs.Inode, f *fsys, path string, n castore.Node, out *fuse.EntryOut) *fs.Inode {
+	attrFor(n, &out.Attr)
+	out.SetEntryTimeout(contentTimeout)
+	out.SetAttrTimeout(contentTimeout)
+	id := fs.StableAttr{Mode: modeOf(n.Kind), Ino: ino(path)}
+	out.Ino = id.Ino
+	var emb fs.InodeEmbedder
+	switch n.Kind {
+	case castore.KindDirectory:
+		emb = &dirNode{fs: f, path: path, node: n}
+	case castore.KindFile:
+		emb = &fileNode{fs: f, node: n}
+	default:
+		emb = &linkNode{node: n}
+	}
+	return parent.NewInode(ctx, emb, id)
+}
+
+func (r *rootNode) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
+	if !r.fs.opts.ListRoot {
+		return fs.NewListDirStream(nil), 0
+	}
+	return &rootStream{ctx: ctx, fs: r.fs}, 0
+}
+
+// rootStream pages through the path names in SQLite, so listing a store
+// of any size holds one page in memory.
+type rootStream struct {
+	ctx   context.Context
+	fs    *fsys
+	page  []string
+	after string
+	done  bool
+	err   syscall.Errno
+}
+
+const rootPage = 1024
+
+func (s *rootStream) fill() {
+	if len(s.page) > 0 || s.done {
+		return
+	}
+	names, err := s.fs.st.NamesAfter(s.ctx, s.after, rootPage)
+	if err != nil {
+		s.err = s.fs.errno("readdir", err)
+		s.done = true
+		return
+	}
+	if len(names) < rootPage {
+		s.done = true
+	}
+	if len(names) > 0 {
+		s.after = names[len(names)-1]
+	}
+	s.page = names
+}
+
+func (s *rootStream) HasNext() bool {
+	s.fill()
+	return len(s.page) > 0 || s.err != 0
+}
+
+func (s *rootStream) Next() (fuse.DirEntry, syscall.Errno) {
+	if s.err != 0 {
+		err := s.err
+		s.err = 0
+		return fuse.DirEntry{}, err
+	}
+	name := s.page[0]
+	s.page = s.page[1:]
+	// The kind of each path is not looked up here: a type of 0 (unknown)
+	// makes readers stat when they care, and keeps listing to one query
+	// per page.
+	return fuse.DirEntry{Name: name, Ino: ino(name)}, 0
+}
+
+func (s *rootStream) Close() {}
+
+// dirNode is a directory inside a store path.
+type dirNode struct {
+	fs.Inode
+	fs   *fsys
+	path string
+	node castore.Node
+
+	once sync.Once
+	dir  *castore.Directory
+	err  error
+}
+
+var (
+	_ fs.NodeLookuper  = (*dirNode)(nil)
+	_ fs.NodeReaddirer = (*dirNode)(nil)
+	_ fs.NodeGetattrer = (*dirNode)(nil)
+)
+
+func (d *dirNode) load(ctx context.Context) (*castore.Directory, error) {
+	d.once.Do(func() { d.dir, d.err = d.fs.st.Directory(ctx, d.node.Digest) })
+	return d.dir, d.err
+}
+
+func (d *dirNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	attrFor(d.node, &out.Attr)
+	out.SetTimeout(contentTimeout)
+	return 0
+}
+
+func (d *dirNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	dir, err := d.load(ctx)
+	if err != nil {
+		return nil, d.fs.errno("lookup", err)
+	}
+	n, ok := dir.Lookup([]byte(name))
+	if !ok {
+		return nil, syscall.ENOENT
+	}
+	return newChild(ctx, &d.Inode, d.fs, d.path+"/"+name, n, out), 0
+}
+
+func (d *dirNode) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
+	dir, err := d.load(ctx)
+	if err != nil {
+		return nil, d.fs.errno("readdir", err)
+	}
+	ents := dir.Entries()
+	list := make([]fuse.DirEntry, len(ents))
+	for i, e := range ents {
+		list[i] = fuse.DirEntry{Name: string(e.Name), Mode: modeOf(e.Kind), Ino: ino(d.path + "/" + string(e.Name))}
+	}
+	return fs.NewListDirStream(list), 0
+}
+
+// linkNode is a symlink.
+type linkNode struct {
+	fs.Inode
+	node castore.Node
+}
+
+var (
+	_ fs.NodeReadlinker = (*linkNode)(nil)
+	_ fs.NodeGetattrer  = (*linkNode)(nil)
+)
+
+func (l *linkNode) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
+	return l.node.Target, 0
+}
+
+func (l *linkNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	attrFor(l.node, &out.Attr)
+	out.SetTimeout(contentTimeout)
+	return 0
+}
+
+// fileNode is a regular file.
+type fileNode struct {
+	fs.Inode
+	fs   *fsys
+	node castore.Node
+}
+
+var (
+	_ fs.NodeOpener    = (*fileNode)(nil)
+	_ fs.NodeReader    = (*fileNode)(nil)
+	_ fs.NodeGetattrer = (*fileNode)(nil)
+)
+
+func (f *fileNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	attrFor(f.node, &out.Attr)
+	out.SetTimeout(contentTimeout)
+	return 0
+}
+
+// handle is an open file: the blob reader keeps the chunk list and
+// locations, and sequential reads start read-ahead.
+type handle struct {
+	mu   sync.Mutex
+	br   *blobs.BlobReader
+	next int64 // offset a sequential reader reads next
+}
+
+func (f *fileNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	if flags&(syscall.O_WRONLY|syscall.O_RDWR|syscall.O_TRUNC|syscall.O_APPEND) != 0 {
+		return nil, 0, syscall.EROFS
+	}
+	h := &handle{}
+	if f.node.Size > 0 {
+		br, err := f.fs.st.OpenBlob(context.Background(), f.node.Digest)
+		if err != nil {
+			return nil, 0, f.fs.errno("open", err)
+		}
+		h.br = br
+	}
+	// Content never changes: keep the page cache across opens.
+	return h, fuse.FOPEN_KEEP_CACHE, 0
+}
+
+func (f *fileNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	h, ok := fh.(*handle)
+	if !ok || h.br == nil || off >= int64(f.node.Size) {
+		return fuse.ReadResultData(nil), 0
+	}
+	h.mu.Lock()
+	sequential := off == h.next
+	h.next = off + int64(len(dest))
+	h.mu.Unlock()
+	if sequential {
+		h.br.ReadAhead(off + int64(len(dest)))
+	}
+	n, err := h.br.ReadAt(dest, off)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return nil, f.fs.errno("read", err)
+	}
+	return fuse.ReadResultData(dest[:n]), 0
+}
