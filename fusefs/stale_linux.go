@@ -27,7 +27,10 @@ func CleanStale(dir string) error {
 	if !strings.HasPrefix(fstype, "fuse") {
 		return fmt.Errorf("%s is already a mount point (%s)", abs, fstype)
 	}
-	_, serr := os.Stat(abs)
+	// statfs always reaches the FUSE server (stat may be answered from the
+	// kernel's attribute cache), so it tells a live mount from a dead one.
+	var sfs unix.Statfs_t
+	serr := unix.Statfs(abs, &sfs)
 	if serr == nil {
 		return fmt.Errorf("%s is already mounted by a running casnix (unmount it first)", abs)
 	}
