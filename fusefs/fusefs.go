@@ -32,7 +32,7 @@ import (
 
 // Store is what the filesystem reads.
 type Store interface {
-	Info(ctx context.Context, name string) (*store.PathInfo, error)
+	Root(ctx context.Context, name string) (castore.Node, error)
 	Directory(ctx context.Context, d digest.Digest) (*castore.Directory, error)
 	OpenBlob(ctx context.Context, d digest.Digest) (*blobs.BlobReader, error)
 	NamesAfter(ctx context.Context, after string, limit int) ([]string, error)
@@ -78,6 +78,8 @@ func Mount(dir string, st Store, opts Options) (*fuse.Server, error) {
 		AllowOther:   opts.AllowOther,
 		Options:      []string{"ro", "default_permissions"},
 		MaxReadAhead: 1 << 20,
+		// Large reads: fewer round trips, and whole chunks per request.
+		MaxWrite: 1 << 20,
 		// Mount with mount(2) as root; fusermount otherwise.
 		DirectMount:          os.Geteuid() == 0,
 		EnableSymlinkCaching: true,
@@ -170,11 +172,11 @@ func (r *rootNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) 
 	if store.ValidateName(name) != nil {
 		return nil, syscall.ENOENT // "..", "/", over-long or not a store path name
 	}
-	pi, err := r.fs.st.Info(ctx, name)
+	n, err := r.fs.st.Root(ctx, name)
 	if err != nil {
 		return nil, r.fs.errno("lookup", err)
 	}
-	return newChild(ctx, &r.Inode, r.fs, name, pi.Root, out), 0
+	return newChild(ctx, &r.Inode, r.fs, name, n, out), 0
 }
 
 func newChild(ctx context.Context, parent *fs.Inode, f *fsys, path string, n castore.Node, out *fuse.EntryOut) *fs.Inode {
@@ -268,10 +270,46 @@ type dirNode struct {
 }
 
 var (
-	_ fs.NodeLookuper  = (*dirNode)(nil)
-	_ fs.NodeReaddirer = (*dirNode)(nil)
-	_ fs.NodeGetattrer = (*dirNode)(nil)
+	_ fs.NodeLookuper       = (*dirNode)(nil)
+	_ fs.NodeReaddirer      = (*dirNode)(nil)
+	_ fs.NodeOpendirHandler = (*dirNode)(nil)
+	_ fs.NodeGetattrer      = (*dirNode)(nil)
 )
+
+// OpendirHandle lets the kernel cache the listing: a directory's entries
+// never change.
+func (d *dirNode) OpendirHandle(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	list, errno := d.entries(ctx)
+	if errno != 0 {
+		return nil, 0, errno
+	}
+	return &dirHandle{list: list}, fuse.FOPEN_CACHE_DIR | fuse.FOPEN_KEEP_CACHE, 0
+}
+
+// dirHandle serves a listing from memory.
+type dirHandle struct {
+	list []fuse.DirEntry
+	pos  int
+}
+
+var (
+	_ fs.FileReaddirenter = (*dirHandle)(nil)
+	_ fs.FileSeekdirer    = (*dirHandle)(nil)
+)
+
+func (h *dirHandle) Readdirent(ctx context.Context) (*fuse.DirEntry, syscall.Errno) {
+	if h.pos >= len(h.list) {
+		return nil, 0
+	}
+	e := h.list[h.pos]
+	h.pos++
+	return &e, 0
+}
+
+func (h *dirHandle) Seekdir(ctx context.Context, off uint64) syscall.Errno {
+	h.pos = int(min(off, uint64(len(h.list))))
+	return 0
+}
 
 func (d *dirNode) load(ctx context.Context) (*castore.Directory, error) {
 	d.once.Do(func() { d.dir, d.err = d.fs.st.Directory(ctx, d.node.Digest) })
@@ -297,6 +335,14 @@ func (d *dirNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (
 }
 
 func (d *dirNode) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
+	list, errno := d.entries(ctx)
+	if errno != 0 {
+		return nil, errno
+	}
+	return fs.NewListDirStream(list), 0
+}
+
+func (d *dirNode) entries(ctx context.Context) ([]fuse.DirEntry, syscall.Errno) {
 	dir, err := d.load(ctx)
 	if err != nil {
 		return nil, d.fs.errno("readdir", err)
@@ -306,7 +352,7 @@ func (d *dirNode) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
 	for i, e := range ents {
 		list[i] = fuse.DirEntry{Name: string(e.Name), Mode: modeOf(e.Kind), Ino: ino(d.path + "/" + string(e.Name))}
 	}
-	return fs.NewListDirStream(list), 0
+	return list, 0
 }
 
 // linkNode is a symlink.

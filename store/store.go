@@ -363,3 +363,22 @@ func (s *Store) AddSignatures(ctx context.Context, name string, sigs []string) e
 func (s *Store) NamesAfter(ctx context.Context, after string, limit int) ([]string, error) {
 	return s.db.PathNamesAfter(ctx, after, limit)
 }
+
+// Root returns the root node of a valid path, without the rest of its
+// path-info: the cheap lookup a file system needs.
+func (s *Store) Root(ctx context.Context, name string) (castore.Node, error) {
+	row, err := s.db.PathRoot(ctx, name)
+	if errors.Is(err, db.ErrNotFound) {
+		return castore.Node{}, fmt.Errorf("path '%s' %w", s.Full(name), ErrNotValid)
+	}
+	if err != nil {
+		return castore.Node{}, err
+	}
+	n := castore.Node{Kind: castore.Kind(row.Kind), Size: uint64(row.Size), Executable: row.Executable, Target: row.Target}
+	if row.Digest != nil {
+		if n.Digest, err = digest.FromBytes(row.Digest); err != nil {
+			return castore.Node{}, fmt.Errorf("path %s: %w: %v", name, blobs.ErrCorrupt, err)
+		}
+	}
+	return n, nil
+}
