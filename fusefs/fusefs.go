@@ -395,6 +395,10 @@ func (f *fileNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.Attr
 	return 0
 }
 
+// nearby is how far from the previous read a read may start and still
+// count as sequential.
+const nearby = 4 << 20
+
 // handle is an open file: the blob reader keeps the chunk list and
 // locations, and sequential reads start read-ahead.
 type handle struct {
@@ -425,8 +429,10 @@ func (f *fileNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off 
 		return fuse.ReadResultData(nil), 0
 	}
 	h.mu.Lock()
-	sequential := off == h.next
-	h.next = off + int64(len(dest))
+	// The kernel's own read-ahead sends several requests at once, so
+	// "sequential" means near where the last one ended, not exactly there.
+	sequential := off >= h.next-nearby && off <= h.next+nearby
+	h.next = max(h.next, off+int64(len(dest)))
 	h.mu.Unlock()
 	if sequential {
 		h.br.ReadAhead(off + int64(len(dest)))
