@@ -117,6 +117,12 @@ type pathInfoJSON struct {
 	CA               string   `json:"ca,omitempty"`
 }
 
+// invalidJSON is how nix path-info --json lists a path that is not valid.
+type invalidJSON struct {
+	Path  string `json:"path"`
+	Valid bool   `json:"valid"`
+}
+
 // Run prints path-info.
 func (c *PathInfoCmd) Run(g *Globals) error {
 	st, err := g.Open()
@@ -137,11 +143,16 @@ func (c *PathInfoCmd) Run(g *Globals) error {
 			return err
 		}
 	}
-	var out []pathInfoJSON
+	var out []any
 	w := bufio.NewWriter(g.Stdout)
 	defer w.Flush()
 	for _, n := range names {
 		pi, err := st.Info(g.Ctx, n)
+		if c.JSON && errors.Is(err, store.ErrNotValid) {
+			// As nix path-info --json does: the path is listed as invalid.
+			out = append(out, invalidJSON{Path: st.Full(n), Valid: false})
+			continue
+		}
 		if err != nil {
 			return err
 		}
@@ -162,7 +173,7 @@ func (c *PathInfoCmd) Run(g *Globals) error {
 	}
 	if c.JSON {
 		if out == nil {
-			out = []pathInfoJSON{}
+			out = []any{}
 		}
 		return json.NewEncoder(w).Encode(out)
 	}

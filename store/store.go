@@ -23,7 +23,7 @@ import (
 
 // Sentinel errors callers branch on.
 var (
-	ErrNotValid     = errors.New("path is not valid")
+	ErrNotValid     = errors.New("is not valid") // reads "path '/nix/store/…' is not valid", as Nix words it
 	ErrHashMismatch = errors.New("NAR hash mismatch")
 	ErrSizeMismatch = errors.New("NAR size mismatch")
 	ErrMissingRef   = errors.New("reference is not valid")
