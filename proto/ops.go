@@ -3,7 +3,9 @@ package proto
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -828,20 +830,70 @@ func (c *conn) buildPaths(withResults bool) error {
 		c.w.u64(1)
 		return nil
 	}
+	built := make([][]builtOutput, len(dps))
+	for i, dp := range dps {
+		if results[i] != "" || !dp.built {
+			continue
+		}
+		outs, err := c.builtOutputs(dp)
+		if err != nil {
+			return c.storeErr(err)
+		}
+		built[i] = outs
+	}
 	c.last()
 	c.w.u64(uint64(len(dps)))
 	for i, dp := range dps {
 		c.w.str(dp.raw)
 		if results[i] == "" {
-			c.writeBuildResult(2, "") // AlreadyValid
+			c.writeBuildResult(2, "", built[i]) // AlreadyValid
 		} else {
-			c.writeBuildResult(9, results[i]) // MiscFailure
+			c.writeBuildResult(9, results[i], nil) // MiscFailure
 		}
 	}
 	return nil
 }
 
-func (c *conn) writeBuildResult(status uint64, msg string) {
+// builtOutput is one output of an already-valid derivation, as
+// BuildPathsWithResults reports it (a DrvOutput id and a realisation).
+type builtOutput struct {
+	id, json string
+}
+
+// builtOutputs lists the requested outputs of a valid derivation. Clients
+// (nix build DRV^out) take the output name and path from these to print
+// and link results. The id's hash is casnix's own (SHA-256 of the .drv path
+// and output name), not Nix's derivation hash modulo: casnix records no
+// realisations, and for input-addressed derivations clients use only the
+// name and path.
+func (c *conn) builtOutputs(dp derivedPath) ([]builtOutput, error) {
+	outs, err := c.s.Store.DrvOutputs(c.ctx, dp.path)
+	if err != nil {
+		return nil, err
+	}
+	want := map[string]bool{}
+	for _, o := range dp.outputs {
+		want[o] = true
+	}
+	var res []builtOutput
+	for _, o := range outs {
+		if o.Path == "" || (!want["*"] && !want[o.Name]) {
+			continue
+		}
+		h := sha256.Sum256([]byte(c.full(dp.path) + "!" + o.Name))
+		id := "sha256:" + hex.EncodeToString(h[:]) + "!" + o.Name
+		js, err := json.Marshal(map[string]any{
+			"id": id, "outPath": o.Path, "signatures": []string{}, "dependentRealisations": map[string]string{},
+		})
+		if err != nil {
+			return nil, err
+		}
+		res = append(res, builtOutput{id, string(js)})
+	}
+	return res, nil
+}
+
+func (c *conn) writeBuildResult(status uint64, msg string, outs []builtOutput) {
 	c.w.u64(status)
 	c.w.str(msg)
 	if c.minor >= 29 {
@@ -855,7 +907,11 @@ func (c *conn) writeBuildResult(status uint64, msg string) {
 		c.w.u64(0) // cpuSystem: none
 	}
 	if c.minor >= 28 {
-		c.w.u64(0) // builtOutputs
+		c.w.u64(uint64(len(outs)))
+		for _, o := range outs {
+			c.w.str(o.id)
+			c.w.str(o.json)
+		}
 	}
 }
 
