@@ -56,7 +56,7 @@ func writeBlobs(t testing.TB, s *Store, d *db.DB, blobs ...[]byte) []digest.Dige
 
 func TestWriteRead(t *testing.T) {
 	// Small frames and packs so one test crosses frame and pack boundaries.
-	s, d := openBlobs(t, Options{FrameSize: 100 << 10, PackSize: 1 << 20})
+	s, d := openBlobs(t, Options{FrameSize: MaxChunk, PackSize: 1 << 20})
 	r := rand.New(rand.NewSource(1))
 	var blobs [][]byte
 	for _, n := range []int{0, 1, 100, MinChunk, MaxChunk + 1, 3 << 20} {

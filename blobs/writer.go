@@ -75,8 +75,8 @@ func (s *Store) NewWriter(ctx context.Context) *Writer {
 		chunker: NewChunker(nil),
 		pending: map[digest.Digest]struct{}{},
 		blobs:   map[digest.Digest]db.Blob{},
-		work:    make(chan *frameJob, s.opts.Workers),
-		order:   make(chan *frameJob, s.opts.Workers+1),
+		work:    make(chan *frameJob, 1),
+		order:   make(chan *frameJob, s.opts.Workers),
 		done:    make(chan struct{}),
 	}
 	for i := 0; i < s.opts.Workers; i++ {
@@ -250,11 +250,15 @@ func (w *Writer) addChunk(d digest.Digest, c []byte) error {
 	w.pending[d] = struct{}{}
 	w.NewChunks++
 	w.NewChunkBytes += int64(len(c))
+	// A frame never exceeds FrameSize, so the zstd window (and with it the
+	// encoders' memory) can be exactly FrameSize.
+	if len(w.groupRaw)+len(c) > w.s.opts.FrameSize || len(w.group) >= pack.MaxChunks {
+		if err := w.submit(); err != nil {
+			return err
+		}
+	}
 	w.group = append(w.group, pack.Entry{Digest: d, Len: uint32(len(c))})
 	w.groupRaw = append(w.groupRaw, c...)
-	if len(w.groupRaw) >= w.s.opts.FrameSize || len(w.group) >= pack.MaxChunks {
-		return w.submit()
-	}
 	return nil
 }
 
@@ -264,7 +268,7 @@ func (w *Writer) submit() error {
 	}
 	j := &frameJob{entries: w.group, raw: w.groupRaw, rawLen: int64(len(w.groupRaw)), ready: make(chan struct{})}
 	w.group = nil
-	w.groupRaw = getBuf(w.s.opts.FrameSize + MaxChunk)
+	w.groupRaw = getBuf(w.s.opts.FrameSize)
 	// No ctx cases: compressors and the appender always drain, and a job
 	// queued for the appender but never compressed would block it forever.
 	w.order <- j
