@@ -79,7 +79,13 @@ func TestImportFromNixStore(t *testing.T) {
 
 	t.Run("InvalidPath", func(t *testing.T) {
 		bogus := nixtest.StoreDir + "/00000000000000000000000000000000-not-there"
-		for _, args := range [][]string{{"path-info", "--json", bogus}, {"dump", bogus}, {"ls", bogus}, {"cat", bogus + "/x"}} {
+		// As nix path-info --json (2.8) does, the JSON form lists an invalid
+		// path as {"path": …, "valid": false} and exits 0.
+		if r := cas.Try("path-info", "--json", bogus); r.Err != nil || r.ExitCode != 0 ||
+			!strings.Contains(string(r.Stdout), `"valid":false`) {
+			t.Errorf("casnix path-info --json of an invalid path:\n%s", r)
+		}
+		for _, args := range [][]string{{"path-info", bogus}, {"dump", bogus}, {"ls", bogus}, {"cat", bogus + "/x"}} {
 			r := cas.Try(args...)
 			if r.Err != nil {
 				t.Fatalf("%s", r)
