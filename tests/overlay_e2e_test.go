@@ -43,7 +43,7 @@ type casnixServer struct {
 	sock, mnt string
 }
 
-func startCasnixServe(t *testing.T, bin, data, dir string, waitFor string) *casnixServer {
+func startCasnixServe(t testing.TB, bin, data, dir string, waitFor string) *casnixServer {
 	t.Helper()
 	s := &casnixServer{sock: filepath.Join(dir, "daemon.sock"), mnt: filepath.Join(dir, "lower")}
 	s.cmd = exec.Command(bin, "-d", data, "serve", "--socket", s.sock, "--mount", s.mnt)
