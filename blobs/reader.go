@@ -171,12 +171,16 @@ func (br *BlobReader) chunkData(i int) ([]byte, error) {
 	return data[loc.Off : loc.Off+loc.Len], nil
 }
 
+// readAheadBytes is how far ahead sequential readers decode: a few frames,
+// so that both cores decode while the reader consumes.
+const readAheadBytes = 16 << 20
+
 // readAhead keeps the frames of the next few MiB decoding in the
 // background, so sequential readers use every core and rarely wait.
 func (br *BlobReader) readAhead(i int) {
 	var ahead int64
 	last := int64(-1)
-	for j := i + 1; j < len(br.chunks) && ahead < 4<<20; j++ {
+	for j := i + 1; j < len(br.chunks) && ahead < readAheadBytes; j++ {
 		loc, err := br.locate(j)
 		if err != nil {
 			return

@@ -411,22 +411,35 @@ func (f *fileNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint3
 	if flags&(syscall.O_WRONLY|syscall.O_RDWR|syscall.O_TRUNC|syscall.O_APPEND) != 0 {
 		return nil, 0, syscall.EROFS
 	}
+	// The blob is opened on the first read: a file whose pages the kernel
+	// still caches is read without casnix touching the database at all.
 	h := &handle{}
-	if f.node.Size > 0 {
-		br, err := f.fs.st.OpenBlob(context.Background(), f.node.Digest)
-		if err != nil {
-			return nil, 0, f.fs.errno("open", err)
-		}
-		h.br = br
-	}
 	// Content never changes: keep the page cache across opens.
 	return h, fuse.FOPEN_KEEP_CACHE, 0
 }
 
+// reader returns the handle's blob reader, opening it on first use.
+func (f *fileNode) reader(h *handle) (*blobs.BlobReader, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.br == nil {
+		br, err := f.fs.st.OpenBlob(context.Background(), f.node.Digest)
+		if err != nil {
+			return nil, err
+		}
+		h.br = br
+	}
+	return h.br, nil
+}
+
 func (f *fileNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
 	h, ok := fh.(*handle)
-	if !ok || h.br == nil || off >= int64(f.node.Size) {
+	if !ok || off >= int64(f.node.Size) {
 		return fuse.ReadResultData(nil), 0
+	}
+	br, err := f.reader(h)
+	if err != nil {
+		return nil, f.fs.errno("open", err)
 	}
 	h.mu.Lock()
 	// The kernel's own read-ahead sends several requests at once, so
@@ -435,9 +448,9 @@ func (f *fileNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off 
 	h.next = max(h.next, off+int64(len(dest)))
 	h.mu.Unlock()
 	if sequential {
-		h.br.ReadAhead(off + int64(len(dest)))
+		br.ReadAhead(off + int64(len(dest)))
 	}
-	n, err := h.br.ReadAt(dest, off)
+	n, err := br.ReadAt(dest, off)
 	if err != nil && !errors.Is(err, io.EOF) {
 		return nil, f.fs.errno("read", err)
 	}
