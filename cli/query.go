@@ -187,15 +187,11 @@ type LsCmd struct {
 
 // Run lists.
 func (c *LsCmd) Run(g *Globals) error {
-	st, base, sub, err := openSub(g, c.Path)
+	st, n, err := lookupSub(g, c.Path)
 	if err != nil {
 		return err
 	}
 	defer st.Close()
-	n, err := st.Lookup(g.Ctx, base, sub)
-	if err != nil {
-		return err
-	}
 	w := bufio.NewWriter(g.Stdout)
 	defer w.Flush()
 	if n.Kind != castore.KindDirectory {
@@ -228,16 +224,23 @@ func printEntry(w io.Writer, name string, n castore.Node) {
 	}
 }
 
-func openSub(g *Globals, p string) (*store.Store, string, string, error) {
+// lookupSub opens the store and resolves a store path with an optional
+// path inside it; the caller closes the store.
+func lookupSub(g *Globals, p string) (*store.Store, castore.Node, error) {
 	base, sub, err := store.Split(g.StoreDir, p)
 	if err != nil {
-		return nil, "", "", err
+		return nil, castore.Node{}, err
 	}
 	st, err := g.Open()
 	if err != nil {
-		return nil, "", "", err
+		return nil, castore.Node{}, err
 	}
-	return st, base, sub, nil
+	n, err := st.Lookup(g.Ctx, base, sub)
+	if err != nil {
+		st.Close()
+		return nil, castore.Node{}, err
+	}
+	return st, n, nil
 }
 
 // CatCmd prints a file.
@@ -247,15 +250,11 @@ type CatCmd struct {
 
 // Run prints the file.
 func (c *CatCmd) Run(g *Globals) error {
-	st, base, sub, err := openSub(g, c.Path)
+	st, n, err := lookupSub(g, c.Path)
 	if err != nil {
 		return err
 	}
 	defer st.Close()
-	n, err := st.Lookup(g.Ctx, base, sub)
-	if err != nil {
-		return err
-	}
 	if n.Kind != castore.KindFile {
 		return fmt.Errorf("%s is a %v, not a regular file", c.Path, n.Kind)
 	}

@@ -374,22 +374,8 @@ func (c *conn) querySubstitutablePathInfos() error {
 		if _, err := c.r.strings(maxPath); err != nil {
 			return err
 		}
-	} else {
-		n, err := c.r.u64()
-		if err != nil {
-			return err
-		}
-		if n > maxListLen {
-			return fmt.Errorf("%w: %d paths", errProtocol, n)
-		}
-		for i := uint64(0); i < n; i++ {
-			if _, err := c.r.str(maxPath); err != nil {
-				return err
-			}
-			if _, err := c.r.str(maxString); err != nil {
-				return err
-			}
-		}
+	} else if err := c.r.skipPairs(maxPath, maxString); err != nil { // (path, content address)
+		return err
 	}
 	c.last()
 	c.w.u64(0)
@@ -406,20 +392,8 @@ func (c *conn) setOptions() error {
 		}
 	}
 	if c.minor >= 12 {
-		n, err := c.r.u64()
-		if err != nil {
+		if err := c.r.skipPairs(maxString, maxString); err != nil { // setting overrides
 			return err
-		}
-		if n > maxListLen {
-			return fmt.Errorf("%w: %d overrides", errProtocol, n)
-		}
-		for i := uint64(0); i < n; i++ {
-			if _, err := c.r.str(maxString); err != nil {
-				return err
-			}
-			if _, err := c.r.str(maxString); err != nil {
-				return err
-			}
 		}
 	}
 	c.last()
