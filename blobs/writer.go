@@ -276,6 +276,20 @@ func (w *Writer) submit() error {
 	return w.ctx.Err()
 }
 
+// EndGroup closes the frame being filled, so that what comes next starts a
+// new frame. The store calls it between store paths: a frame then never
+// holds two paths' contents, and reading one path (dump, NarFromPath, a
+// small file through FUSE) decodes only that path's frames.
+func (w *Writer) EndGroup() error {
+	if w.err != nil {
+		return w.err
+	}
+	if err := w.submit(); err != nil {
+		w.err = err
+	}
+	return w.err
+}
+
 // Flush compresses what is left, writes it, and fsyncs every pack written
 // to. After Flush the Writer takes no more blobs.
 func (w *Writer) Flush() error {

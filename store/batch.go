@@ -132,6 +132,9 @@ func (b *Batch) add(r io.Reader, info PathInfo) (*PathInfo, error) {
 	if err != nil {
 		return nil, fmt.Errorf("import %s: %w", full, err)
 	}
+	if err := b.w.EndGroup(); err != nil {
+		return nil, fmt.Errorf("import %s: %w", full, err)
+	}
 	if info.NarSize != 0 && res.NarSize != info.NarSize {
 		return nil, fmt.Errorf("import %s: %w: got %d bytes, expected %d", full, ErrSizeMismatch, res.NarSize, info.NarSize)
 	}
