@@ -43,7 +43,8 @@ func (s *Store) decodeFrame(f db.Frame) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	comp := make([]byte, f.CLen)
+	comp := getBuf(int(f.CLen))[:f.CLen]
+	defer putBuf(comp)
 	if _, err := r.ReadAt(comp, f.DataOff); err != nil {
 		return nil, fmt.Errorf("read pack %d offset %d: %w", f.Pack, f.DataOff, err)
 	}

@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 )
 
@@ -108,28 +109,31 @@ func scanPath(s interface{ Scan(...any) error }) (*PathRow, error) {
 	return p, err
 }
 
-// Path returns a valid path with its references and signatures.
+// Path returns a valid path with its references and signatures, in one
+// query (this is the daemon's hottest lookup: QueryPathInfo).
 func (q q) Path(ctx context.Context, name string) (*PathRow, error) {
-	p, err := scanPath(q.row(ctx, "SELECT "+pathCols+" FROM paths WHERE name = ?", name))
+	var refs, sigs sql.NullString
+	p := &PathRow{}
+	err := q.row(ctx, "SELECT "+pathCols+`,
+		(SELECT group_concat(t.name, ' ') FROM refs r JOIN paths t ON t.id = r.reference WHERE r.referrer = paths.id),
+		(SELECT group_concat(sig, char(10)) FROM sigs WHERE sigs.path = paths.id)
+		FROM paths WHERE name = ?`, name).
+		Scan(&p.ID, &p.Name, &p.Kind, &p.Digest, &p.Size, &p.Executable, &p.Target,
+			&p.NarHash, &p.NarSize, &p.Deriver, &p.Registered, &p.Ultimate, &p.CA, &refs, &sigs)
 	if err != nil {
 		return nil, notFound(err, "path "+name)
 	}
-	if err := q.fillPath(ctx, p); err != nil {
-		return nil, err
+	// Store path names hold no spaces and signatures no newlines, so the
+	// separators are unambiguous; group_concat's order is not defined.
+	if refs.String != "" {
+		p.Refs = strings.Split(refs.String, " ")
+		slices.Sort(p.Refs)
+	}
+	if sigs.String != "" {
+		p.Sigs = strings.Split(sigs.String, "\n")
+		slices.Sort(p.Sigs)
 	}
 	return p, nil
-}
-
-func (q q) fillPath(ctx context.Context, p *PathRow) error {
-	var err error
-	if p.Refs, err = q.strings(ctx, `SELECT p.name FROM refs r JOIN paths p ON p.id = r.reference
-		WHERE r.referrer = ? ORDER BY p.name`, p.ID); err != nil {
-		return fmt.Errorf("path %s references: %w", p.Name, err)
-	}
-	if p.Sigs, err = q.strings(ctx, "SELECT sig FROM sigs WHERE path = ? ORDER BY sig", p.ID); err != nil {
-		return fmt.Errorf("path %s signatures: %w", p.Name, err)
-	}
-	return nil
 }
 
 func (q q) strings(ctx context.Context, query string, args ...any) ([]string, error) {

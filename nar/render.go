@@ -130,7 +130,14 @@ func (r *renderer) contents(n castore.Node) error {
 		if b.Size() != int64(n.Size) {
 			return fmt.Errorf("blob %s has %d bytes, tree says %d", n.Digest, b.Size(), n.Size)
 		}
-		got, err := r.w.ReadFrom(b)
+		var got int64
+		if wt, ok := b.(io.WriterTo); ok {
+			// Hands chunk slices straight to the writer (no copy through
+			// a read buffer).
+			got, err = wt.WriteTo(r.w)
+		} else {
+			got, err = r.w.ReadFrom(b)
+		}
 		if err != nil {
 			return fmt.Errorf("blob %s: %w", n.Digest, err)
 		}

@@ -3,6 +3,7 @@ package store
 import (
 	"bytes"
 	"strings"
+	"sync"
 
 	"context"
 	"crypto/sha256"
@@ -43,6 +44,7 @@ type Store struct {
 	db       *db.DB
 	blobs    *blobs.Store
 	log      *slog.Logger
+	infos    infoCache
 }
 
 // DBFile and PackDir are the data directory's layout.
@@ -130,8 +132,12 @@ func fromRow(p *db.PathRow) (*PathInfo, error) {
 	return pi, nil
 }
 
-// Info returns the path-info of a valid path.
+// Info returns the path-info of a valid path. The result is shared: do
+// not modify it.
 func (s *Store) Info(ctx context.Context, name string) (*PathInfo, error) {
+	if pi := s.infos.get(name); pi != nil {
+		return pi, nil
+	}
 	row, err := s.db.Path(ctx, name)
 	if errors.Is(err, db.ErrNotFound) {
 		return nil, fmt.Errorf("path '%s' %w", s.Full(name), ErrNotValid)
@@ -139,7 +145,59 @@ func (s *Store) Info(ctx context.Context, name string) (*PathInfo, error) {
 	if err != nil {
 		return nil, err
 	}
-	return fromRow(row)
+	pi, err := fromRow(row)
+	if err != nil {
+		return nil, err
+	}
+	s.infos.put(name, pi)
+	return pi, nil
+}
+
+// infoCache keeps recently read path-info for a few seconds. Path-info of
+// a valid path changes only by added signatures (which drop the entry here)
+// or by deletion; the expiry bounds how long another process's change
+// (casnix gc, casnix import adding signatures) goes unseen. Clients ask for
+// the same paths over and over (every nix command walks a closure), so this
+// is where the daemon's query rate comes from. Invalid paths are never
+// cached: they may become valid at any moment.
+type infoCache struct {
+	mu sync.Mutex
+	m  map[string]cachedInfo
+}
+
+type cachedInfo struct {
+	pi      *PathInfo
+	expires time.Time
+}
+
+const (
+	infoCacheTTL = 5 * time.Second
+	infoCacheMax = 1 << 16
+)
+
+func (c *infoCache) get(name string) *PathInfo {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.m[name]
+	if !ok || time.Now().After(e.expires) {
+		return nil
+	}
+	return e.pi
+}
+
+func (c *infoCache) put(name string, pi *PathInfo) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.m == nil || len(c.m) >= infoCacheMax {
+		c.m = make(map[string]cachedInfo) // crude but bounded
+	}
+	c.m[name] = cachedInfo{pi, time.Now().Add(infoCacheTTL)}
+}
+
+func (c *infoCache) drop(name string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.m, name)
 }
 
 // IsValid reports whether name is a valid path.
@@ -346,6 +404,7 @@ func (s *Store) ValidDerivers(ctx context.Context, out string) ([]string, error)
 
 // AddSignatures adds signatures to a valid path.
 func (s *Store) AddSignatures(ctx context.Context, name string, sigs []string) error {
+	defer s.infos.drop(name)
 	return s.db.Write(ctx, func(tx *db.Tx) error {
 		id, err := tx.PathID(ctx, name)
 		if errors.Is(err, db.ErrNotFound) {
