@@ -1,0 +1,428 @@
+#!/usr/bin/env bash
+# Daemon benchmark: `casnix serve` against a real nix-daemon (Debian's Nix 2.8) serving the same
+# store paths, driven by the same clients: QueryPathInfo req/s with 1 and 16 connections
+# (bench/cmd/protobench), `nix path-info -r` of a 1,001-path closure (Nix 2.8 as the client of
+# both), NarFromPath MB/s of a 1 GiB path (protobench). Prints a markdown table and merges it,
+# as the "Daemon" section, into bench/RESULTS.md. See bench/README.md ("Daemon benchmark").
+#
+#   bench/daemon.sh                      # build what is missing, check, measure, report
+#   bench/daemon.sh prepare              # only the store, the casnix data dir and the binaries
+#   bench/daemon.sh merge                # merge the last run's section into RESULTS.md again
+#   RUNS=1 QPI_SECS=3 bench/daemon.sh    # a quick run
+#   PROFILE=1 bench/daemon.sh            # also a CPU profile of casnix serve (top in the log dir)
+#   MAX_LOAD=1.0 bench/daemon.sh         # wait (up to LOAD_WAIT s) for a 1-min load below 1.0
+#
+# Layout under $BENCH_DIR/daemon (default BENCH_DIR=/var/tmp/casnix-bench):
+#   store/        ROOT of a real Nix store (ROOT/nix/store, ROOT/nix/var/nix/db/db.sqlite) holding
+#                 the closure (daemon-closure.nix, built by nix-build) and the 1 GiB path
+#                 (nix-store --add); the two daemons serve it
+#   casnix/       casnix data dir, `casnix import --from-nix-store store/`
+#   run/          sockets, daemon logs, raw results, profiles
+set -euo pipefail
+
+BENCH_DIR=${BENCH_DIR:-/var/tmp/casnix-bench}
+RUNS=${RUNS:-3}
+QPI_SECS=${QPI_SECS:-10}         # seconds per QueryPathInfo measurement
+QPI_CLIENTS=${QPI_CLIENTS:-1 16} # connection counts
+PATHINFO_REPS=${PATHINFO_REPS:-7} # nix path-info -r invocations per run (their median is the run's)
+WIDTH=${WIDTH:-10}               # closure: DEPTH layers of WIDTH derivations, plus the top path
+DEPTH=${DEPTH:-100}
+BIG_MIB=${BIG_MIB:-1024}         # size of the big path's files
+PROFILE=${PROFILE:-0}            # 1: casnix serve --cpu-profile
+MAX_LOAD=${MAX_LOAD:-}           # wait for the 1-min load average to drop below this
+REIMPORT=${REIMPORT:-0}          # 1: import into a new casnix data dir even if the paths did not change
+LOAD_WAIT=${LOAD_WAIT:-1800}     # ... for at most this many seconds
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+CASNIX=${CASNIX:-}               # a prebuilt binary; default: build $REPO into $BENCH_DIR/bin/casnix
+RESULTS=${RESULTS:-$HERE/RESULTS.md}
+D=$BENCH_DIR/daemon
+ROOT=$D/store
+DATA=$D/casnix
+RUN=$D/run
+PROTOBENCH=$BENCH_DIR/bin/protobench
+NIX_SOCK=$RUN/nix-daemon.sock
+CASNIX_SOCK=$RUN/casnix.sock
+BIG_NAME=casnix-bench-big-${BIG_MIB}m
+
+log() { printf '%s daemon: %s\n' "$(date +%T)" "$*" >&2; }
+die() {
+  log "error: $*"
+  exit 1
+}
+
+nixo=(--option experimental-features nix-command --option build-users-group '' --option substituters '')
+
+need_tools() {
+  local missing=()
+  command -v nix-daemon >/dev/null || missing+=(nix-bin)
+  [[ -x /bin/busybox ]] || missing+=(busybox-static)
+  command -v go >/dev/null || die "go is not on PATH"
+  if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    apt-get install -y -q "${missing[@]}" >&2 || {
+      apt-get update -q >&2
+      apt-get install -y -q "${missing[@]}" >&2
+    }
+  fi
+}
+
+build_tools() {
+  mkdir -p "$BENCH_DIR/bin"
+  if [[ -n $CASNIX ]]; then
+    [[ -x $CASNIX ]] || die "CASNIX=$CASNIX is not executable"
+  else
+    CASNIX=$BENCH_DIR/bin/casnix
+    log "building casnix from $REPO"
+    (cd "$REPO" && CGO_ENABLED=0 go build -o "$CASNIX" .) || die "go build of casnix failed"
+  fi
+  (cd "$REPO" && CGO_ENABLED=0 go build -o "$PROTOBENCH" ./bench/cmd/protobench) ||
+    die "go build of protobench failed"
+}
+
+# --- the store -----------------------------------------------------------------------------
+
+build_closure() {
+  local top
+  log "closure: nix-build of daemon-closure.nix ($DEPTH x $WIDTH derivations + top) into $ROOT"
+  mkdir -p "$ROOT"
+  top=$(nix-build --store "$ROOT" "${nixo[@]}" --option sandbox true \
+    --option extra-sandbox-paths /bin/busybox --option max-jobs 2 --option cores 1 \
+    --arg width "$WIDTH" --arg depth "$DEPTH" --no-out-link --quiet "$HERE/daemon-closure.nix") ||
+    die "nix-build of the closure failed"
+  echo "$top" >"$D/closure.top"
+}
+
+# The big path: BIG_MIB MiB of semi-compressible files, 64 MiB each (the recipe of core.sh's big
+# NAR: per MiB 384 KiB random, 384 KiB base64 of random, 256 KiB zero-padded numbers).
+gen_mib() { # COUNT FIRST-UNIT: COUNT MiB on stdout
+  local u
+  for ((u = $2; u < $2 + $1; u++)); do
+    head -c 393216 /dev/urandom
+    head -c 294912 /dev/urandom | base64 -w 0
+    seq -f '%015.0f' $((u * 16384)) $((u * 16384 + 16383))
+  done
+}
+
+build_big() {
+  local p tree=$D/big.tmp/$BIG_NAME i n
+  if [[ -f $D/big.path ]]; then
+    p=$(cat "$D/big.path")
+    if nix-store --store "$ROOT" "${nixo[@]}" --check-validity "$p" 2>/dev/null; then
+      return
+    fi
+  fi
+  log "big path: generating $BIG_MIB MiB of files and adding them with nix-store --add"
+  rm -rf "$D/big.tmp"
+  mkdir -p "$tree"
+  n=$((BIG_MIB / 64))
+  for ((i = 0; i < n; i++)); do
+    gen_mib 64 $((i * 64)) >"$tree/part-$i"
+  done
+  if ((BIG_MIB % 64)); then
+    gen_mib $((BIG_MIB % 64)) $((n * 64)) >"$tree/part-$n"
+  fi
+  p=$(nix-store --store "$ROOT" "${nixo[@]}" --add "$tree") || die "nix-store --add failed"
+  echo "$p" >"$D/big.path"
+  rm -rf "$D/big.tmp"
+}
+
+import_casnix() {
+  local sum
+  nix path-info --store "$ROOT" "${nixo[@]}" --all | LC_ALL=C sort >"$D/all.paths"
+  sum=$(sha256sum <"$D/all.paths" | cut -d' ' -f1)
+  if ((!REIMPORT)) && [[ -f $DATA/.bench-paths && $(cat "$DATA/.bench-paths") == "$sum" ]]; then
+    return
+  fi
+  log "importing $(wc -l <"$D/all.paths") paths into a new casnix data dir $DATA"
+  rm -rf "$DATA"
+  "$CASNIX" --data-dir "$DATA" import --from-nix-store "$ROOT" >"$D/import.log" 2>&1 ||
+    die "casnix import failed, see $D/import.log"
+  echo "$sum" >"$DATA/.bench-paths"
+}
+
+prepare() {
+  mkdir -p "$D" "$RUN"
+  build_tools
+  build_closure
+  build_big
+  import_casnix
+}
+
+# --- daemons -------------------------------------------------------------------------------
+
+NIX_PID=
+CASNIX_PID=
+
+stop_daemons() {
+  if [[ -n $CASNIX_PID ]]; then
+    kill -TERM "$CASNIX_PID" 2>/dev/null || true
+    wait "$CASNIX_PID" 2>/dev/null || true
+    CASNIX_PID=
+  fi
+  if [[ -n $NIX_PID ]]; then
+    kill -TERM "$NIX_PID" 2>/dev/null || true
+    wait "$NIX_PID" 2>/dev/null || true
+    NIX_PID=
+  fi
+}
+
+wait_socket() { # NAME SOCKET PID
+  local i
+  for ((i = 0; i < 100; i++)); do
+    kill -0 "$3" 2>/dev/null || die "$1 exited, see $RUN/$1.log"
+    if [[ -S $2 ]] && "$PROTOBENCH" infos -socket "$2" -paths "$D/closure.top" >/dev/null 2>&1; then
+      return
+    fi
+    sleep 0.1
+  done
+  die "$1 does not answer on $2"
+}
+
+start_daemons() {
+  local prof=()
+  rm -f "$NIX_SOCK" "$CASNIX_SOCK"
+  NIX_DAEMON_SOCKET_PATH=$NIX_SOCK nix-daemon --store "local?root=$ROOT" "${nixo[@]}" \
+    >"$RUN/nix-daemon.log" 2>&1 &
+  NIX_PID=$!
+  ((PROFILE)) && prof=(--cpu-profile "$RUN/casnix.cpu.pprof")
+  "$CASNIX" --data-dir "$DATA" "${prof[@]}" --log-level warn serve --socket "$CASNIX_SOCK" \
+    >"$RUN/casnix.log" 2>&1 &
+  CASNIX_PID=$!
+  wait_socket nix-daemon "$NIX_SOCK" "$NIX_PID"
+  wait_socket casnix "$CASNIX_SOCK" "$CASNIX_PID"
+}
+
+# --- checks and measurements ---------------------------------------------------------------
+
+nix_client() { nix --option experimental-features nix-command "$@"; }
+
+# Both daemons must give the same answers before anything is timed.
+check() {
+  local top big n
+  top=$(cat "$D/closure.top")
+  big=$(cat "$D/big.path")
+  log "checking that both daemons give the same answers"
+  "$PROTOBENCH" infos -socket "$NIX_SOCK" -paths "$D/all.paths" >"$RUN/nix-daemon.infos"
+  "$PROTOBENCH" infos -socket "$CASNIX_SOCK" -paths "$D/all.paths" >"$RUN/casnix.infos"
+  if ! cmp -s "$RUN/nix-daemon.infos" "$RUN/casnix.infos"; then
+    diff "$RUN/nix-daemon.infos" "$RUN/casnix.infos" | head -6 >&2 || true
+    die "QueryPathInfo answers differ (see $RUN/*.infos)"
+  fi
+  nix_client path-info --store "unix://$NIX_SOCK" -r "$top" | LC_ALL=C sort >"$RUN/nix-daemon.closure"
+  nix_client path-info --store "unix://$CASNIX_SOCK" -r "$top" | LC_ALL=C sort >"$RUN/casnix.closure"
+  cmp -s "$RUN/nix-daemon.closure" "$RUN/casnix.closure" || die "nix path-info -r differs"
+  n=$(wc -l <"$RUN/casnix.closure")
+  ((n >= 1000)) || die "the closure has only $n paths"
+  "$PROTOBENCH" nar -check -socket "$NIX_SOCK" -path "$big" >/dev/null || die "nix-daemon NAR check"
+  "$PROTOBENCH" nar -check -socket "$CASNIX_SOCK" -path "$big" >/dev/null || die "casnix NAR check"
+}
+
+declare -A M=() # "<daemon>:<figure>:<run>" -> value
+DAEMONS=(nix-daemon casnix)
+
+sock_of() { if [[ $1 == casnix ]]; then echo "$CASNIX_SOCK"; else echo "$NIX_SOCK"; fi; }
+field() { tr ' ' '\n' | awk -F= -v k="$1" '$1 == k { print $2 }'; }
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'; }
+
+# The two daemons take turns within each figure; who goes first alternates between runs.
+order() { if (($1 % 2)); then echo nix-daemon casnix; else echo casnix nix-daemon; fi; }
+
+measure_qpi() { # RUN
+  local r=$1 c d out
+  for c in $QPI_CLIENTS; do
+    for d in $(order "$r"); do
+      out=$("$PROTOBENCH" qpi -socket "$(sock_of "$d")" -paths "$D/all.paths" -clients "$c" -duration "${QPI_SECS}s") ||
+        die "$d: qpi failed"
+      M[$d:qpi$c:$r]=$(field rps <<<"$out")
+      log "run $r: $d QueryPathInfo, $c connection(s): ${M[$d:qpi$c:$r]} req/s"
+    done
+  done
+}
+
+measure_pathinfo() { # RUN
+  local r=$1 d i t0 t1 top
+  top=$(cat "$D/closure.top")
+  for d in $(order "$r"); do
+    for ((i = 0; i < PATHINFO_REPS; i++)); do
+      t0=$(date +%s%N)
+      nix_client path-info --store "unix://$(sock_of "$d")" -r "$top" >/dev/null
+      t1=$(date +%s%N)
+      echo $(((t1 - t0) / 1000))
+    done | awk '{ printf "%.4f\n", $1 / 1e6 }' >"$RUN/pathinfo.$d.$r"
+    M[$d:pathinfo:$r]=$(median <"$RUN/pathinfo.$d.$r")
+    log "run $r: $d nix path-info -r: ${M[$d:pathinfo:$r]} s (median of $PATHINFO_REPS: $(tr '\n' ' ' <"$RUN/pathinfo.$d.$r"))"
+  done
+}
+
+measure_nar() { # RUN
+  local r=$1 d out big
+  big=$(cat "$D/big.path")
+  for d in $(order "$r"); do
+    out=$("$PROTOBENCH" nar -socket "$(sock_of "$d")" -path "$big") || die "$d: nar failed"
+    M[$d:nar:$r]=$(field mbps <<<"$out")
+    M[$d:nar_bytes:$r]=$(field bytes <<<"$out")
+    log "run $r: $d NarFromPath: ${M[$d:nar:$r]} MB/s"
+  done
+}
+
+warm() {
+  local big d
+  big=$(cat "$D/big.path")
+  log "warming the page cache (store tree, casnix data dir) and both daemons"
+  find "$ROOT/nix/store" "$DATA" -type f -exec cat {} + >/dev/null
+  for d in "${DAEMONS[@]}"; do
+    "$PROTOBENCH" nar -socket "$(sock_of "$d")" -path "$big" >/dev/null
+    "$PROTOBENCH" qpi -socket "$(sock_of "$d")" -paths "$D/all.paths" -clients 2 -duration 1s >/dev/null
+  done
+}
+
+wait_for_load() {
+  local start l
+  [[ -n $MAX_LOAD ]] || return 0
+  start=$(date +%s)
+  while :; do
+    l=$(cut -d' ' -f1 /proc/loadavg)
+    awk -v l="$l" -v m="$MAX_LOAD" 'BEGIN { exit !(l < m) }' && return
+    if (($(date +%s) - start > LOAD_WAIT)); then
+      log "load $l still >= $MAX_LOAD after $LOAD_WAIT s; measuring anyway"
+      return
+    fi
+    log "load $l >= $MAX_LOAD; waiting"
+    sleep 30
+  done
+}
+
+# --- report --------------------------------------------------------------------------------
+
+med() { # DAEMON FIGURE: median over the runs
+  local r
+  for ((r = 1; r <= RUNS; r++)); do
+    [[ -n ${M[$1:$2:$r]:-} ]] && echo "${M[$1:$2:$r]}"
+  done | median
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+verdict() { awk -v x="$1" 'BEGIN { if (x == "n/a") print "n/a"; else print (x + 0 >= 1) ? "yes" : "**no**" }'; }
+row() { printf '| %s | %s | %s | %s | %s | %s |\n' "$@"; }
+
+report() {
+  local c n a b x closure mb
+  closure=$(wc -l <"$RUN/casnix.closure")
+  mb=$(awk -v b="${M[casnix:nar_bytes:1]:-0}" 'BEGIN { printf "%.0f", b / 1048576 }')
+  echo "| figure | nix-daemon 2.8 | casnix serve | casnix / nix-daemon | target | met |"
+  echo "|---|---|---|---|---|---|"
+  for c in $QPI_CLIENTS; do
+    n=client
+    ((c > 1)) && n=clients
+    a=$(med nix-daemon "qpi$c")
+    b=$(med casnix "qpi$c")
+    x=$(ratio "$b" "$a")
+    row "QueryPathInfo, $c $n (req/s)" "$(printf '%.0f' "$a")" "$(printf '%.0f' "$b")" "$x" ">= 1.0" "$(verdict "$x")"
+  done
+  a=$(med nix-daemon pathinfo)
+  b=$(med casnix pathinfo)
+  x=$(ratio "$a" "$b") # speed ratio: time of nix-daemon / time of casnix
+  row "\`nix path-info -r\`, $closure paths (s, lower is better)" "$a" "$b" "$x" ">= 1.0" "$(verdict "$x")"
+  a=$(med nix-daemon nar)
+  b=$(med casnix nar)
+  x=$(ratio "$b" "$a")
+  row "NarFromPath, $mb MiB NAR (MB/s)" "$a" "$b" "$x" ">= 1.0" "$(verdict "$x")"
+}
+
+raw_runs() {
+  local k
+  for k in "${!M[@]}"; do
+    printf '%s %s\n' "$k" "${M[$k]}"
+  done | LC_ALL=C sort
+}
+
+section() { # TABLE LOAD-BEFORE LOAD-AFTER SECONDS
+  local commit cpu npaths
+  commit=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo "no commit yet")
+  [[ -z $(git -C "$REPO" status --porcelain 2>/dev/null | grep -v '^?? bench/' || true) ]] || commit="$commit (+ uncommitted changes)"
+  cpu=$(lscpu | awk -F: '/^Model name/ { gsub(/^[ \t]+/, "", $2); print $2; exit }')
+  npaths=$(wc -l <"$D/all.paths")
+  echo "<!-- bench/daemon.sh: begin (this section is rewritten by every daemon.sh run) -->"
+  echo "## Daemon: casnix serve vs nix-daemon"
+  echo
+  echo "Written by \`bench/daemon.sh\`; see bench/README.md (\"Daemon benchmark\") for what is measured."
+  echo
+  echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC'); measuring took $4 s"
+  echo "- CPU: ${cpu:-unknown}, $(nproc) cores (shared with other jobs), $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo) RAM"
+  echo "- load average (1, 5, 15 min) before: $2; after: $3"
+  echo "- commit: $commit; $(go version 2>/dev/null | cut -d' ' -f3-4); $(nix-daemon --version 2>/dev/null | head -1)"
+  echo "- store: $npaths valid paths ($((WIDTH * DEPTH + 1))-path closure and its .drv files, one $BIG_MIB MiB path);" \
+    "casnix data dir $(du -sm "$DATA" | cut -f1) MiB, Nix store $(du -sm "$ROOT/nix" | cut -f1) MiB"
+  echo "- runs: $RUNS, each figure is the median run of each daemon; QueryPathInfo: ${QPI_SECS} s per figure;" \
+    "\`nix path-info -r\`: median of $PATHINFO_REPS invocations per run"
+  echo
+  echo "$1"
+  echo
+  echo "<details><summary>raw per-run values (req/s, seconds, MB/s, bytes)</summary>"
+  echo
+  echo '```'
+  raw_runs
+  echo '```'
+  echo
+  echo "</details>"
+  echo "<!-- bench/daemon.sh: end -->"
+}
+
+# Replaces the section between the markers in $RESULTS, or appends it.
+merge_results() { # SECTION-FILE
+  local tmp=$RESULTS.tmp
+  if [[ -f $RESULTS ]] && grep -q '^<!-- bench/daemon.sh: begin' "$RESULTS"; then
+    awk -v f="$1" '
+      /^<!-- bench\/daemon.sh: begin/ { while ((getline l < f) > 0) print l; skip = 1; next }
+      /^<!-- bench\/daemon.sh: end/ { skip = 0; next }
+      !skip { print }' "$RESULTS" >"$tmp"
+  else
+    { [[ -f $RESULTS ]] && cat "$RESULTS" && echo; cat "$1"; } >"$tmp"
+  fi
+  mv "$tmp" "$RESULTS"
+}
+
+profile_top() {
+  [[ -f $RUN/casnix.cpu.pprof ]] || return 0
+  (cd "$REPO" && go tool pprof -top -nodecount=40 "$CASNIX" "$RUN/casnix.cpu.pprof") >"$RUN/casnix.cpu.top" 2>/dev/null || true
+  log "casnix CPU profile: $RUN/casnix.cpu.pprof (top: $RUN/casnix.cpu.top)"
+}
+
+main() {
+  local step=${1:-all} r started load0 load1 table
+  case $step in
+    all | prepare) ;;
+    merge)
+      [[ -f $RUN/section.md ]] || die "no $RUN/section.md yet: run daemon.sh first"
+      merge_results "$RUN/section.md"
+      log "merged $RUN/section.md into $RESULTS"
+      return
+      ;;
+    *) die "usage: daemon.sh [all|prepare|merge]" ;;
+  esac
+  need_tools
+  prepare
+  [[ $step == prepare ]] && return
+  trap stop_daemons EXIT
+  start_daemons
+  check
+  wait_for_load
+  warm
+  started=$(date +%s)
+  load0=$(cut -d' ' -f1-3 /proc/loadavg)
+  for ((r = 1; r <= RUNS; r++)); do
+    measure_qpi "$r"
+    measure_pathinfo "$r"
+    measure_nar "$r"
+  done
+  load1=$(cut -d' ' -f1-3 /proc/loadavg)
+  stop_daemons
+  profile_top
+  table=$(report)
+  printf '%s\n' "$table"
+  section "$table" "$load0" "$load1" "$(($(date +%s) - started))" >"$RUN/section.md"
+  merge_results "$RUN/section.md"
+  log "merged the Daemon section into $RESULTS (also in $RUN/section.md)"
+}
+
+main "$@"

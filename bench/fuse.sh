@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# FUSE mount benchmarks: reading through `casnix mount` against the same
+# bytes on the native file system, in one run, median of $RUNS.
+#
+#   bench/fuse.sh            # needs root, /dev/fuse, and bench/build-corpora.sh's releases corpus
+#
+# Figures (written to bench/RESULTS.md under "FUSE"):
+#   seq-cold  dd of a 1 GiB file after drop_caches (and, for casnix, a fresh mount)
+#   seq-warm  the same, read again (page cache warm)
+#   cat-all   find DIR -type f | xargs cat, warm, over the releases corpus
+#   stat-all  find DIR -exec stat, warm, over the releases corpus
+set -Eeuo pipefail
+
+BENCH_DIR=${BENCH_DIR:-/var/tmp/casnix-bench}
+RUNS=${RUNS:-3}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+RESULTS=${RESULTS:-$HERE/RESULTS.md}
+CORPUS=${CORPUS:-$BENCH_DIR/corpora/releases}
+W=$BENCH_DIR/fuse
+CASNIX=${CASNIX:-$W/casnix}
+BIG=/nix/store/0123456789abcdfghijklmnpqrsvwxyz-fuse-bench-1g
+MNT=$W/mnt
+log() { printf '%s fuse: %s\n' "$(date +%T)" "$*" >&2; }
+trap 'log "failed at line $LINENO: $BASH_COMMAND"' ERR
+
+[[ $(id -u) == 0 ]] || { log "needs root"; exit 1; }
+[[ -d $CORPUS/nix/store ]] || { log "no corpus at $CORPUS: run bench/build-corpora.sh"; exit 1; }
+mkdir -p "$W" "$MNT"
+if [[ ! -x $CASNIX || $CASNIX == "$W/casnix" ]]; then
+  (cd "$REPO" && CGO_ENABLED=0 go build -o "$W/casnix" .)
+  CASNIX=$W/casnix
+fi
+
+# The 1 GiB file, semi-compressible (text-like), native and as a store path.
+if [[ ! -f $W/big/file ]]; then
+  mkdir -p "$W/big"
+  python3 - "$W/big/file" <<'PY'
+import os, random, sys
+random.seed(1)
+words = [os.urandom(random.randint(2, 10)).hex().encode() for _ in range(20000)]
+with open(sys.argv[1], "wb") as f:
+    for _ in range(1024):
+        f.write(b" ".join(random.choice(words) for _ in range(100000))[: 1 << 20])
+PY
+fi
+DATA=$W/data
+if [[ ! -f $W/.imported ]]; then
+  rm -rf "$DATA"
+  nix-store --dump "$W/big/file" | "$CASNIX" -d "$DATA" import --nar - --path "$BIG"
+  "$CASNIX" -d "$DATA" import --from-nix-store "$CORPUS"
+  touch "$W/.imported"
+fi
+
+MPID=
+mount_casnix() {
+  "$CASNIX" -d "$DATA" mount "$MNT" 2>"$W/mount.log" &
+  MPID=$!
+  for _ in $(seq 200); do
+    [[ -e $MNT/$(basename "$BIG") ]] && return
+    sleep 0.05
+  done
+  log "mount did not come up"; cat "$W/mount.log" >&2; exit 1
+}
+umount_casnix() {
+  [[ -n $MPID ]] || return 0
+  kill -TERM "$MPID"; wait "$MPID" || true; MPID=
+}
+trap 'umount_casnix' EXIT
+
+secs() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); echo "$e - $s" | bc; }
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+
+for i in $(seq "$RUNS"); do
+  log "run $i/$RUNS"
+  # cold: caches dropped; casnix also restarted, so its frame cache is empty
+  drop
+  secs dd if="$W/big/file" of=/dev/null bs=1M >>"$W/seq-cold.native"
+  umount_casnix; drop; mount_casnix
+  secs dd if="$MNT/$(basename "$BIG")" of=/dev/null bs=1M >>"$W/seq-cold.casnix"
+  secs dd if="$W/big/file" of=/dev/null bs=1M >>"$W/seq-warm.native"
+  secs dd if="$MNT/$(basename "$BIG")" of=/dev/null bs=1M >>"$W/seq-warm.casnix"
+  # whole-corpus walks, warm (one pass to warm, one measured)
+  for which in native casnix; do
+    d=$CORPUS/nix/store
+    [[ $which == casnix ]] && d=$MNT
+    find "$d" -type f -print0 | xargs -0 cat >/dev/null 2>&1 || true
+    secs sh -c "find '$d' -type f -print0 | xargs -0 cat" >>"$W/cat-all.$which"
+    find "$d" -exec stat {} + >/dev/null 2>&1 || true
+    secs sh -c "find '$d' -exec stat {} +" >>"$W/stat-all.$which"
+  done
+done
+umount_casnix
+
+{
+  echo "<!-- bench/fuse.sh: begin (rewritten by every fuse.sh run) -->"
+  echo "## FUSE ($(date -u +%F), $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), commit $(git -C "$REPO" rev-parse --short HEAD))"
+  echo
+  echo "Median of $RUNS runs, seconds. 1 GiB file = $(du -b "$W/big/file" | cut -f1) bytes; corpus = $CORPUS ($(find "$CORPUS/nix/store" -type f | wc -l) files)."
+  echo
+  echo "| figure | native | casnix mount | native/casnix speed ratio | target |"
+  echo "|---|---|---|---|---|"
+  for f in seq-cold seq-warm cat-all stat-all; do
+    n=$(median <"$W/$f.native"); c=$(median <"$W/$f.casnix")
+    case $f in
+      seq-cold) tgt="≥ 0.5× native speed" ;; seq-warm) tgt="≥ 0.9× native speed" ;; *) tgt="≤ 2× native time" ;;
+    esac
+    printf '| %s | %.3f | %.3f | %.2f× | %s |\n' "$f" "$n" "$c" "$(echo "$n / $c" | bc -l)" "$tgt"
+  done
+  echo "<!-- bench/fuse.sh: end -->"
+} | tee "$W/table.md"
+rm -f "$W"/*.native "$W"/*.casnix
+# Replace this script's section of RESULTS.md (between its markers), or
+# append it; other scripts' sections are left alone.
+if [[ -f $RESULTS ]] && grep -q '^<!-- bench/fuse.sh: begin' "$RESULTS"; then
+  awk -v f="$W/table.md" '
+    /^<!-- bench\/fuse.sh: begin/ { while ((getline l < f) > 0) print l; skip = 1; next }
+    /^<!-- bench\/fuse.sh: end/ { skip = 0; next }
+    !skip' "$RESULTS" >"$RESULTS.tmp" && mv "$RESULTS.tmp" "$RESULTS"
+else
+  { echo; cat "$W/table.md"; } >>"$RESULTS"
+fi
