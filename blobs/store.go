@@ -52,7 +52,7 @@ func (o *Options) defaults() {
 	if o.Level == 0 {
 		o.Level = DefaultLevel
 	}
-	if o.FrameSize < MaxChunk {
+	if o.FrameSize < MaxChunk || o.FrameSize > 16<<20 {
 		o.FrameSize = DefaultFrameSize
 	}
 	if o.PackSize == 0 {
