@@ -376,11 +376,14 @@ func (l *linkNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.Attr
 	return 0
 }
 
-// fileNode is a regular file.
 type fileNode struct {
 	fs.Inode
 	fs   *fsys
 	node castore.Node
+
+	mu   sync.Mutex
+	br   *blobs.BlobReader
+	next int64 // where a sequential reader reads next
 }
 
 var (
@@ -399,54 +402,46 @@ func (f *fileNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.Attr
 // count as sequential.
 const nearby = 4 << 20
 
-// handle is an open file: the blob reader keeps the chunk list and
-// locations, and sequential reads start read-ahead.
-type handle struct {
-	mu   sync.Mutex
-	br   *blobs.BlobReader
-	next int64 // offset a sequential reader reads next
-}
-
+// fileNode is a regular file. There are no per-open handles: Open answers
+// ENOSYS, which tells the kernel (FUSE no_open) never to send OPEN, FLUSH
+// or RELEASE again and to keep file pages cached across opens. That makes a
+// warm read of a small file cost no round trip at all; the blob reader and
+// read-ahead state live in the node, shared by all readers of the file.
 func (f *fileNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
 	if flags&(syscall.O_WRONLY|syscall.O_RDWR|syscall.O_TRUNC|syscall.O_APPEND) != 0 {
 		return nil, 0, syscall.EROFS
 	}
-	// The blob is opened on the first read: a file whose pages the kernel
-	// still caches is read without casnix touching the database at all.
-	h := &handle{}
-	// Content never changes: keep the page cache across opens.
-	return h, fuse.FOPEN_KEEP_CACHE, 0
+	return nil, 0, syscall.ENOSYS
 }
 
-// reader returns the handle's blob reader, opening it on first use.
-func (f *fileNode) reader(h *handle) (*blobs.BlobReader, error) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.br == nil {
+// reader returns the node's blob reader, opening it on first use.
+func (f *fileNode) reader() (*blobs.BlobReader, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.br == nil {
 		br, err := f.fs.st.OpenBlob(context.Background(), f.node.Digest)
 		if err != nil {
 			return nil, err
 		}
-		h.br = br
+		f.br = br
 	}
-	return h.br, nil
+	return f.br, nil
 }
 
 func (f *fileNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
-	h, ok := fh.(*handle)
-	if !ok || off >= int64(f.node.Size) {
+	if off >= int64(f.node.Size) {
 		return fuse.ReadResultData(nil), 0
 	}
-	br, err := f.reader(h)
+	br, err := f.reader()
 	if err != nil {
 		return nil, f.fs.errno("open", err)
 	}
-	h.mu.Lock()
+	f.mu.Lock()
 	// The kernel's own read-ahead sends several requests at once, so
 	// "sequential" means near where the last one ended, not exactly there.
-	sequential := off >= h.next-nearby && off <= h.next+nearby
-	h.next = max(h.next, off+int64(len(dest)))
-	h.mu.Unlock()
+	sequential := off >= f.next-nearby && off <= f.next+nearby
+	f.next = off + int64(len(dest))
+	f.mu.Unlock()
 	if sequential {
 		br.ReadAhead(off + int64(len(dest)))
 	}
