@@ -7,7 +7,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash"
 	"io"
 
 	"github.com/casnix/casnix/castore"
@@ -49,36 +48,67 @@ func Ingest(r io.Reader, sink Sink) (*Result, error) {
 	if !ok {
 		br = bufio.NewReaderSize(r, 256<<10)
 	}
-	in := &ingester{r: hashingReader{r: br, h: sha256.New()}, sink: sink}
-	in.r.n = &in.n
-	if err := in.expect(Magic); err != nil {
-		return nil, err
-	}
-	root, err := in.node(0)
+	h := sha256.New()
+	size, root, err := parse(br, h, sink)
 	if err != nil {
 		return nil, err
 	}
-	res := &Result{Root: root, NarSize: in.n}
-	in.r.h.Sum(res.NarHash[:0])
+	res := &Result{Root: root, NarSize: size}
+	h.Sum(res.NarHash[:0])
 	return res, nil
 }
 
-// hashingReader hashes and counts exactly what the parser consumes.
-type hashingReader struct {
+// Copy copies exactly one NAR from r to w, checking it as strictly as
+// Ingest does but storing nothing, and returns its size. It is how a
+// NAR embedded in a protocol stream is passed on or skipped.
+func Copy(w io.Writer, r *bufio.Reader) (int64, error) {
+	size, _, err := parse(r, w, discard{})
+	return size, err
+}
+
+// parse reads one NAR from r into sink, copying exactly the bytes it
+// consumes to w.
+func parse(r *bufio.Reader, w io.Writer, sink Sink) (int64, castore.Node, error) {
+	in := &ingester{r: teeReader{r: r, w: w}, sink: sink}
+	in.r.n = &in.n
+	if err := in.expect(Magic); err != nil {
+		return in.n, castore.Node{}, err
+	}
+	root, err := in.node(0)
+	return in.n, root, err
+}
+
+// teeReader passes on (to a hash, or a destination) and counts exactly
+// what the parser consumes.
+type teeReader struct {
 	r *bufio.Reader
-	h hash.Hash
+	w io.Writer
 	n *int64
 }
 
-func (h hashingReader) Read(p []byte) (int, error) {
-	n, err := h.r.Read(p)
-	h.h.Write(p[:n])
-	*h.n += int64(n)
+func (t teeReader) Read(p []byte) (int, error) {
+	n, err := t.r.Read(p)
+	if _, werr := t.w.Write(p[:n]); werr != nil && err == nil {
+		err = fmt.Errorf("nar: copy: %w", werr)
+	}
+	*t.n += int64(n)
 	return n, err
 }
 
+// discard is the Sink of Copy.
+type discard struct{}
+
+func (discard) WriteBlob(r io.Reader, size int64) (digest.Digest, error) {
+	_, err := io.CopyN(io.Discard, r, size)
+	return digest.Digest{}, err
+}
+
+func (discard) PutDirectory(*castore.Directory) (digest.Digest, error) {
+	return digest.Digest{}, nil
+}
+
 type ingester struct {
-	r    hashingReader
+	r    teeReader
 	n    int64
 	sink Sink
 	buf  [8]byte

@@ -2,11 +2,12 @@ package proto
 
 import (
 	"bufio"
-	"errors"
 	"fmt"
 	"io"
 	"net"
 	"time"
+
+	"github.com/casnix/casnix/nar"
 )
 
 // Client is a minimal worker-protocol client: enough for load tests and
@@ -304,174 +305,13 @@ func (cl *Client) QueryPathFromHashPart(hash string) (string, error) {
 	return cl.r.str(maxPath)
 }
 
-// NarFromPath streams a path's NAR to w. The NAR is not framed, so this
-// parses it to find its end.
+// NarFromPath streams a path's NAR to w. The NAR is not framed, so it is
+// parsed (and checked) to find its end.
 func (cl *Client) NarFromPath(path string, w io.Writer) (int64, error) {
 	cl.w.u64(opNarFromPath)
 	cl.w.str(path)
 	if err := cl.result(); err != nil {
 		return 0, err
 	}
-	cw := &countingWriter{w: w}
-	err := copyNAR(cl.r.r, cw)
-	return cw.n, err
-}
-
-type countingWriter struct {
-	w io.Writer
-	n int64
-}
-
-func (c *countingWriter) Write(p []byte) (int, error) {
-	n, err := c.w.Write(p)
-	c.n += int64(n)
-	return n, err
-}
-
-// copyNAR copies exactly one NAR from r to w, following its grammar only
-// as far as needed to find where it ends.
-func copyNAR(r *bufio.Reader, w io.Writer) error {
-	p := &narSkipper{r: r, w: w}
-	if err := p.expect("nix-archive-1"); err != nil {
-		return err
-	}
-	return p.node(0)
-}
-
-type narSkipper struct {
-	r   *bufio.Reader
-	w   io.Writer
-	buf [8]byte
-}
-
-func (p *narSkipper) u64() (uint64, error) {
-	if _, err := io.ReadFull(p.r, p.buf[:]); err != nil {
-		return 0, err
-	}
-	if _, err := p.w.Write(p.buf[:]); err != nil {
-		return 0, err
-	}
-	var v uint64
-	for i := 7; i >= 0; i-- {
-		v = v<<8 | uint64(p.buf[i])
-	}
-	return v, nil
-}
-
-func (p *narSkipper) bytes(n uint64, keep bool) ([]byte, error) {
-	padded := n + (8-n%8)%8
-	if keep {
-		if padded > 1<<16 {
-			return nil, fmt.Errorf("%w: NAR token too long", errProtocol)
-		}
-		b := make([]byte, padded)
-		if _, err := io.ReadFull(p.r, b); err != nil {
-			return nil, err
-		}
-		_, err := p.w.Write(b)
-		return b[:n], err
-	}
-	_, err := io.CopyN(p.w, p.r, int64(padded))
-	return nil, err
-}
-
-func (p *narSkipper) str() (string, error) {
-	n, err := p.u64()
-	if err != nil {
-		return "", err
-	}
-	b, err := p.bytes(n, true)
-	return string(b), err
-}
-
-func (p *narSkipper) expect(s string) error {
-	got, err := p.str()
-	if err != nil {
-		return err
-	}
-	if got != s {
-		return fmt.Errorf("%w: NAR: expected %q, got %q", errProtocol, s, got)
-	}
-	return nil
-}
-
-func (p *narSkipper) node(depth int) error {
-	if depth > 4096 {
-		return errors.New("NAR nested too deep")
-	}
-	if err := p.expect("("); err != nil {
-		return err
-	}
-	if err := p.expect("type"); err != nil {
-		return err
-	}
-	t, err := p.str()
-	if err != nil {
-		return err
-	}
-	switch t {
-	case "regular":
-		tok, err := p.str()
-		if err != nil {
-			return err
-		}
-		if tok == "executable" {
-			if _, err := p.str(); err != nil {
-				return err
-			}
-			if tok, err = p.str(); err != nil {
-				return err
-			}
-		}
-		if tok != "contents" {
-			return fmt.Errorf("%w: NAR: expected contents", errProtocol)
-		}
-		n, err := p.u64()
-		if err != nil {
-			return err
-		}
-		if _, err := p.bytes(n, false); err != nil {
-			return err
-		}
-	case "symlink":
-		if err := p.expect("target"); err != nil {
-			return err
-		}
-		if _, err := p.str(); err != nil {
-			return err
-		}
-	case "directory":
-		for {
-			tok, err := p.str()
-			if err != nil {
-				return err
-			}
-			if tok == ")" {
-				return nil
-			}
-			if tok != "entry" {
-				return fmt.Errorf("%w: NAR: expected entry", errProtocol)
-			}
-			for _, s := range []string{"(", "name"} {
-				if err := p.expect(s); err != nil {
-					return err
-				}
-			}
-			if _, err := p.str(); err != nil {
-				return err
-			}
-			if err := p.expect("node"); err != nil {
-				return err
-			}
-			if err := p.node(depth + 1); err != nil {
-				return err
-			}
-			if err := p.expect(")"); err != nil {
-				return err
-			}
-		}
-	default:
-		return fmt.Errorf("%w: NAR: unknown type %q", errProtocol, t)
-	}
-	return p.expect(")")
+	return nar.Copy(w, cl.r.r)
 }

@@ -976,10 +976,10 @@ func (c *conn) skipNAR() error {
 	case c.minor >= 21:
 		// 1.21-1.22 pull the NAR with STDERR_READ requests; parsing it
 		// finds its end.
-		_, err := nar.Ingest(bufio.NewReader(&pullReader{c: c}), discardSink{})
+		_, err := nar.Copy(io.Discard, bufio.NewReader(&pullReader{c: c}))
 		return err
 	default:
-		_, err := nar.Ingest(c.r.r, discardSink{})
+		_, err := nar.Copy(io.Discard, c.r.r)
 		return err
 	}
 }
