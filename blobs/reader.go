@@ -258,16 +258,6 @@ func (br *BlobReader) WriteTo(w io.Writer) (int64, error) {
 	return total, nil
 }
 
-// Prefetch starts decoding the first frames of blob d, so a caller about
-// to stream several small blobs in a row overlaps their decoding.
-func (br *BlobReader) Prefetch() {
-	if len(br.chunks) > 0 {
-		if loc, err := br.locate(0); err == nil {
-			br.s.prefetch(loc.Frame)
-		}
-	}
-}
-
 // ReadAhead starts decoding the frames after offset off in the background,
 // for callers (FUSE) that read sequentially through ReadAt.
 func (br *BlobReader) ReadAhead(off int64) {

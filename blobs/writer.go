@@ -364,14 +364,6 @@ func (w *Writer) Done() {
 	w.touched = nil
 }
 
-// HasBlob reports whether the Writer or the store already has blob d.
-func (w *Writer) HasBlob(d digest.Digest) (bool, error) {
-	if _, ok := w.blobs[d]; ok {
-		return true, nil
-	}
-	return w.s.db.HasBlob(w.ctx, d)
-}
-
 // Frame buffers are recycled: each frame needs a raw and a compressed
 // buffer of about FrameSize, and allocating them fresh made the garbage
 // collector the busiest part of an import.

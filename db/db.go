@@ -209,49 +209,23 @@ func (d *DB) Write(ctx context.Context, fn func(*Tx) error) error {
 	return nil
 }
 
-// ReadTx runs fn with a read transaction, giving it one consistent snapshot.
-func (d *DB) ReadTx(ctx context.Context, fn func(Queries) error) error {
-	tx, err := d.r.BeginTx(ctx, &sql.TxOptions{ReadOnly: true})
-	if err != nil {
-		return fmt.Errorf("begin read: %w", err)
-	}
-	defer tx.Rollback()
-	return fn(q{c: tx, tx: tx, stmts: d.q.stmts})
-}
-
-// Checkpoint folds the WAL back into the main file.
-func (d *DB) Checkpoint(ctx context.Context) error {
-	_, err := d.w.ExecContext(ctx, "PRAGMA wal_checkpoint(TRUNCATE)")
-	return err
-}
-
-// Queries are the read queries, available on DB, Tx and read transactions.
-type Queries = q
-
 type queryer interface {
 	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
 	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
 	QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row
 }
 
-// q implements the typed queries on the reader pool or in a transaction.
+// q implements the typed queries on the reader pool or in a write
+// transaction.
 // Queries go through prepared statements cached per connection pool:
 // parsing SQL on every call cost more than running it.
 type q struct {
 	c     queryer
-	tx    *sql.Tx // a read transaction using the pool's statements, else nil
 	stmts *stmtCache
 }
 
 func (q q) stmt(ctx context.Context, query string) (*sql.Stmt, error) {
-	st, err := q.stmts.get(ctx, query)
-	if err != nil {
-		return nil, err
-	}
-	if q.tx != nil {
-		return q.tx.StmtContext(ctx, st), nil
-	}
-	return st, nil
+	return q.stmts.get(ctx, query)
 }
 
 func (q q) exec(ctx context.Context, query string, args ...any) (sql.Result, error) {

@@ -102,13 +102,6 @@ func (q q) HasPath(ctx context.Context, name string) (bool, error) {
 const pathCols = `id, name, kind, digest, size, executable, target, nar_hash, nar_size,
 	IFNULL(deriver,''), registered, ultimate, IFNULL(ca,'')`
 
-func scanPath(s interface{ Scan(...any) error }) (*PathRow, error) {
-	p := &PathRow{}
-	err := s.Scan(&p.ID, &p.Name, &p.Kind, &p.Digest, &p.Size, &p.Executable, &p.Target,
-		&p.NarHash, &p.NarSize, &p.Deriver, &p.Registered, &p.Ultimate, &p.CA)
-	return p, err
-}
-
 // Path returns a valid path with its references and signatures, in one
 // query (this is the daemon's hottest lookup: QueryPathInfo).
 func (q q) Path(ctx context.Context, name string) (*PathRow, error) {
@@ -165,12 +158,6 @@ func (q q) Referrers(ctx context.Context, name string) ([]string, error) {
 		JOIN paths s ON s.id = r.referrer WHERE t.name = ? ORDER BY s.name`, name)
 }
 
-// PathsWithDeriver lists the valid paths that name drv as their deriver
-// (what nix-store --query --valid-derivers inverts).
-func (q q) PathsWithDeriver(ctx context.Context, drv string) ([]string, error) {
-	return q.strings(ctx, "SELECT name FROM paths WHERE deriver = ? ORDER BY name", drv)
-}
-
 // PathByHashPart finds the valid path whose basename starts with hashPart
 // followed by '-'.
 func (q q) PathByHashPart(ctx context.Context, hashPart string) (string, error) {
@@ -183,33 +170,9 @@ func (q q) PathByHashPart(ctx context.Context, hashPart string) (string, error) 
 	return name, nil
 }
 
-// EachPath calls fn for every valid path in name order, without references
-// and signatures (use Path for those). Rows are streamed.
-func (q q) EachPath(ctx context.Context, fn func(*PathRow) error) error {
-	rows, err := q.query(ctx, "SELECT "+pathCols+" FROM paths ORDER BY name")
-	if err != nil {
-		return fmt.Errorf("list paths: %w", err)
-	}
-	defer rows.Close()
-	for rows.Next() {
-		p, err := scanPath(rows)
-		if err != nil {
-			return fmt.Errorf("list paths: %w", err)
-		}
-		if err := fn(p); err != nil {
-			return err
-		}
-	}
-	return rows.Err()
-}
-
-// PathNames lists names of valid paths with the given prefix (all if "").
-func (q q) PathNames(ctx context.Context, prefix string) ([]string, error) {
-	if prefix == "" {
-		return q.strings(ctx, "SELECT name FROM paths ORDER BY name")
-	}
-	esc := strings.NewReplacer(`\`, `\\`, `%`, `\%`, `_`, `\_`).Replace(prefix)
-	return q.strings(ctx, `SELECT name FROM paths WHERE name LIKE ? ESCAPE '\' ORDER BY name`, esc+"%")
+// PathNames lists the names of every valid path, in order.
+func (q q) PathNames(ctx context.Context) ([]string, error) {
+	return q.strings(ctx, "SELECT name FROM paths ORDER BY name")
 }
 
 // DrvOutput is one output of a derivation.

@@ -97,18 +97,6 @@ type ChunkLoc struct {
 	Len int64
 }
 
-// Chunk looks up a chunk's location.
-func (q q) Chunk(ctx context.Context, d digest.Digest) (ChunkLoc, error) {
-	var c ChunkLoc
-	err := q.row(ctx, `SELECT f.id, f.pack, f.offset, f.data_off, f.clen, f.rawlen, c.off, c.len
-		FROM chunks c JOIN frames f ON f.id = c.frame WHERE c.digest = ?`, d[:]).
-		Scan(&c.ID, &c.Pack, &c.Offset, &c.DataOff, &c.CLen, &c.RawLen, &c.Off, &c.Len)
-	if err != nil {
-		return c, notFound(err, "chunk "+d.String())
-	}
-	return c, nil
-}
-
 // ChunkBatch is how many chunk locations Chunks looks up per statement;
 // shorter lists are padded so one prepared statement serves every call.
 const ChunkBatch = 32
@@ -236,16 +224,6 @@ func (q q) InsertBlob(ctx context.Context, d digest.Digest, b Blob) error {
 	return nil
 }
 
-// Blob looks up a blob.
-func (q q) Blob(ctx context.Context, d digest.Digest) (Blob, error) {
-	var b Blob
-	err := q.row(ctx, "SELECT size, chunks FROM blobs WHERE digest = ?", d[:]).Scan(&b.Size, &b.Chunks)
-	if err != nil {
-		return b, notFound(err, "blob "+d.String())
-	}
-	return b, nil
-}
-
 // BlobAndLoc looks up a blob and, when it is a single chunk, that chunk's
 // location, in one query: the common case of a small file costs one round
 // trip instead of two.
@@ -266,19 +244,6 @@ func (q q) BlobAndLoc(ctx context.Context, d digest.Digest) (Blob, *ChunkLoc, er
 		Frame: Frame{ID: id.Int64, Pack: pack.Int64, Offset: offset.Int64, DataOff: dataOff.Int64, CLen: clen.Int64, RawLen: rawlen.Int64},
 		Off:   off.Int64, Len: ln.Int64,
 	}, nil
-}
-
-// HasBlob reports whether a blob is stored.
-func (q q) HasBlob(ctx context.Context, d digest.Digest) (bool, error) {
-	var one int
-	err := q.row(ctx, "SELECT 1 FROM blobs WHERE digest = ?", d[:]).Scan(&one)
-	if errors.Is(err, sql.ErrNoRows) {
-		return false, nil
-	}
-	if err != nil {
-		return false, fmt.Errorf("blob %s: %w", d, err)
-	}
-	return true, nil
 }
 
 // InsertDirectory records an encoded Directory unless present.

@@ -63,7 +63,6 @@ CREATE TABLE paths (
     ultimate     INTEGER NOT NULL DEFAULT 0,
     ca           TEXT                   -- content address, NULL if none
 );
-CREATE INDEX paths_deriver ON paths(deriver) WHERE deriver IS NOT NULL;
 
 CREATE TABLE refs (
     referrer  INTEGER NOT NULL REFERENCES paths(id) ON DELETE CASCADE,

@@ -84,9 +84,6 @@ func (s *Store) Close() error {
 // Dir is the data directory.
 func (s *Store) Dir() string { return s.dir }
 
-// DB exposes the database for packages layered on the store (GC, backup).
-func (s *Store) DB() *db.DB { return s.db }
-
 // Full returns the full store path of a basename.
 func (s *Store) Full(base string) string {
 	if base == "" {
@@ -205,19 +202,9 @@ func (s *Store) IsValid(ctx context.Context, name string) (bool, error) {
 	return s.db.HasPath(ctx, name)
 }
 
-// References lists what a valid path refers to.
-func (s *Store) References(ctx context.Context, name string) ([]string, error) {
-	return s.db.References(ctx, name)
-}
-
 // Referrers lists the valid paths that refer to name.
 func (s *Store) Referrers(ctx context.Context, name string) ([]string, error) {
 	return s.db.Referrers(ctx, name)
-}
-
-// PathsWithDeriver lists valid paths whose deriver is drv.
-func (s *Store) PathsWithDeriver(ctx context.Context, drv string) ([]string, error) {
-	return s.db.PathsWithDeriver(ctx, drv)
 }
 
 // PathByHashPart finds a valid path by its hash part.
@@ -231,19 +218,7 @@ func (s *Store) PathByHashPart(ctx context.Context, hash string) (string, error)
 
 // All lists every valid path's basename.
 func (s *Store) All(ctx context.Context) ([]string, error) {
-	return s.db.PathNames(ctx, "")
-}
-
-// EachInfo calls fn for each valid path in name order. References and
-// signatures are not filled in (use Info).
-func (s *Store) EachInfo(ctx context.Context, fn func(*PathInfo) error) error {
-	return s.db.EachPath(ctx, func(r *db.PathRow) error {
-		pi, err := fromRow(r)
-		if err != nil {
-			return err
-		}
-		return fn(pi)
-	})
+	return s.db.PathNames(ctx)
 }
 
 // Closure returns the names in the closure of names (which must be valid),
