@@ -28,7 +28,7 @@ func (d Damage) Error() string {
 // damaged chunks (nil if none); the error is for failures to run at all.
 // Frames are read straight from disk, bypassing the cache.
 func (s *Store) Verify(ctx context.Context, progress func(done, total int64)) ([]Damage, error) {
-	st, err := s.db.Stats(ctx)
+	total, err := s.db.FrameCount(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -40,7 +40,7 @@ func (s *Store) Verify(ctx context.Context, progress func(done, total int64)) ([
 		}
 		done++
 		if progress != nil {
-			progress(done, st.Frames)
+			progress(done, total)
 		}
 		bad := func(err error) {
 			for _, c := range chunks {

@@ -206,6 +206,16 @@ func (q q) EachFrame(ctx context.Context, fn func(Frame, []ChunkInFrame) error) 
 	return nil
 }
 
+// FrameCount is the number of frames (a progress total for verify, without
+// the full scan Stats does).
+func (q q) FrameCount(ctx context.Context) (int64, error) {
+	var n int64
+	if err := q.row(ctx, "SELECT COUNT(*) FROM frames").Scan(&n); err != nil {
+		return 0, fmt.Errorf("count frames: %w", err)
+	}
+	return n, nil
+}
+
 // ---- blobs and directories ----
 
 // Blob is a file's contents: its size and chunk list (nil: one chunk whose

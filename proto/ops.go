@@ -198,6 +198,23 @@ func (c *conn) readPath() (string, error) {
 	return c.parsePath(p)
 }
 
+// readValidPath reads a path that must be valid in the store; what
+// follows "is not valid" in the error says why the op needs it.
+func (c *conn) readValidPath(why string) (string, error) {
+	name, err := c.readPath()
+	if err != nil {
+		return "", err
+	}
+	ok, err := c.s.Store.IsValid(c.ctx, name)
+	if err != nil {
+		return "", c.storeErr(err)
+	}
+	if !ok {
+		return "", errorf("path '%s' is not valid%s", c.full(name), why)
+	}
+	return name, nil
+}
+
 // readPaths reads a set of paths. A malformed one is an op error, reported
 // after the whole set was read.
 func (c *conn) readPaths() ([]string, error) {
@@ -401,16 +418,8 @@ func (c *conn) setOptions() error {
 }
 
 func (c *conn) ensurePath() error {
-	name, err := c.readPath()
-	if err != nil {
+	if _, err := c.readValidPath(", and casnix cannot substitute or build it"); err != nil {
 		return err
-	}
-	ok, err := c.s.Store.IsValid(c.ctx, name)
-	if err != nil {
-		return c.storeErr(err)
-	}
-	if !ok {
-		return errorf("path '%s' is not valid, and casnix cannot substitute or build it", c.full(name))
 	}
 	c.last()
 	c.w.u64(1)
@@ -526,16 +535,9 @@ func (c *conn) queryDerivationOutputs(namesOnly bool) error {
 }
 
 func (c *conn) queryDerivationOutputMap() error {
-	drv, err := c.readPath()
+	drv, err := c.readValidPath("")
 	if err != nil {
 		return err
-	}
-	ok, err := c.s.Store.IsValid(c.ctx, drv)
-	if err != nil {
-		return c.storeErr(err)
-	}
-	if !ok {
-		return errorf("path '%s' is not valid", c.full(drv))
 	}
 	outs, err := c.s.Store.DrvOutputs(c.ctx, drv)
 	if err != nil {
@@ -633,18 +635,11 @@ func (c *conn) addSignatures() error {
 }
 
 func (c *conn) narFromPath() error {
-	name, err := c.readPath()
+	// Checked before STDERR_LAST: after it an error can only close the
+	// connection.
+	name, err := c.readValidPath("")
 	if err != nil {
 		return err
-	}
-	// Check before STDERR_LAST: after it an error can only close the
-	// connection.
-	ok, err := c.s.Store.IsValid(c.ctx, name)
-	if err != nil {
-		return c.storeErr(err)
-	}
-	if !ok {
-		return errorf("path '%s' is not valid", c.full(name))
 	}
 	c.last()
 	if _, err := c.s.Store.NarRender(c.ctx, name, c.w.w); err != nil {

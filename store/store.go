@@ -110,23 +110,32 @@ type PathInfo struct {
 }
 
 func fromRow(p *db.PathRow) (*PathInfo, error) {
+	root, err := rootOf(p)
+	if err != nil {
+		return nil, err
+	}
 	pi := &PathInfo{
-		Name: p.Name, NarSize: p.NarSize, References: p.Refs, Deriver: p.Deriver,
+		Name: p.Name, Root: root, NarSize: p.NarSize, References: p.Refs, Deriver: p.Deriver,
 		Registered: time.Unix(p.Registered, 0), Ultimate: p.Ultimate, Sigs: p.Sigs, CA: p.CA,
-		Root: castore.Node{Kind: castore.Kind(p.Kind), Size: uint64(p.Size), Executable: p.Executable, Target: p.Target},
 	}
 	if len(p.NarHash) != sha256.Size {
 		return nil, fmt.Errorf("path %s: %w: stored NAR hash has %d bytes", p.Name, blobs.ErrCorrupt, len(p.NarHash))
 	}
 	copy(pi.NarHash[:], p.NarHash)
+	return pi, nil
+}
+
+// rootOf decodes a path row's root node columns.
+func rootOf(p *db.PathRow) (castore.Node, error) {
+	n := castore.Node{Kind: castore.Kind(p.Kind), Size: uint64(p.Size), Executable: p.Executable, Target: p.Target}
 	if p.Digest != nil {
 		d, err := digest.FromBytes(p.Digest)
 		if err != nil {
-			return nil, fmt.Errorf("path %s: %w: %v", p.Name, blobs.ErrCorrupt, err)
+			return castore.Node{}, fmt.Errorf("path %s: %w: %v", p.Name, blobs.ErrCorrupt, err)
 		}
-		pi.Root.Digest = d
+		n.Digest = d
 	}
-	return pi, nil
+	return n, nil
 }
 
 // Info returns the path-info of a valid path. The result is shared: do
@@ -310,11 +319,10 @@ func (s *Store) NarRender(ctx context.Context, name string, w interface{ Write([
 
 // Lookup resolves a path inside a store path ("" for its root).
 func (s *Store) Lookup(ctx context.Context, name, sub string) (castore.Node, error) {
-	pi, err := s.Info(ctx, name)
+	n, err := s.Root(ctx, name)
 	if err != nil {
 		return castore.Node{}, err
 	}
-	n := pi.Root
 	for _, comp := range splitSub(sub) {
 		if n.Kind != castore.KindDirectory {
 			return castore.Node{}, fmt.Errorf("%s/%s: %w", s.Full(name), sub, os.ErrNotExist)
@@ -408,11 +416,5 @@ func (s *Store) Root(ctx context.Context, name string) (castore.Node, error) {
 	if err != nil {
 		return castore.Node{}, err
 	}
-	n := castore.Node{Kind: castore.Kind(row.Kind), Size: uint64(row.Size), Executable: row.Executable, Target: row.Target}
-	if row.Digest != nil {
-		if n.Digest, err = digest.FromBytes(row.Digest); err != nil {
-			return castore.Node{}, fmt.Errorf("path %s: %w: %v", name, blobs.ErrCorrupt, err)
-		}
-	}
-	return n, nil
+	return rootOf(row)
 }
