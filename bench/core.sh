@@ -17,6 +17,8 @@ RUNS=${RUNS:-3}
 BIG_NAR=${BIG_NAR:-1}   # 0: skip the big-NAR memory test
 BIG_GIB=${BIG_GIB:-4}   # size of the big NAR's tree
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 REPO=$(cd "$HERE/.." && pwd)
 CASNIX=${CASNIX:-}      # a prebuilt binary; default: build casnix into $BENCH_DIR/core/casnix
 BUILD_FROM=${BUILD_FROM:-head} # head: the last commit of $REPO; worktree: the work tree as it is
@@ -266,18 +268,8 @@ run_corpus() {
 
 # --- big NAR -------------------------------------------------------------------------------
 
-# A tree of $BIG_GIB GiB: one file of half the size (one blob of many chunks) plus 64 MiB files.
-# Each MiB: 384 KiB random, 384 KiB base64 of random, 256 KiB of zero-padded decimal numbers
-# (unique, very compressible); zstd -3 gets about 1.4x and no chunk repeats.
-gen_mib() { # COUNT FIRST-UNIT: COUNT MiB on stdout
-  local u
-  for ((u = $2; u < $2 + $1; u++)); do
-    head -c 393216 /dev/urandom
-    head -c 294912 /dev/urandom | base64 -w 0
-    seq -f '%015.0f' $((u * 16384)) $((u * 16384 + 16383))
-  done
-}
-
+# A tree of $BIG_GIB GiB: one file of half the size (one blob of many chunks) plus 64 MiB files,
+# made by gen_mib (bench/lib.sh).
 prepare_big() {
   local dir=$BENCH_DIR/big total half n i
   if [[ -f $dir/.done-$BIG_GIB ]]; then

@@ -33,6 +33,8 @@ MAX_LOAD=${MAX_LOAD:-}           # wait for the 1-min load average to drop below
 REIMPORT=${REIMPORT:-0}          # 1: import into a new casnix data dir even if the paths did not change
 LOAD_WAIT=${LOAD_WAIT:-1800}     # ... for at most this many seconds
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 REPO=$(cd "$HERE/.." && pwd)
 CASNIX=${CASNIX:-}               # a prebuilt binary; default: build $REPO into $BENCH_DIR/bin/casnix
 RESULTS=${RESULTS:-$HERE/RESULTS.md}
@@ -93,17 +95,8 @@ build_closure() {
   echo "$top" >"$D/closure.top"
 }
 
-# The big path: BIG_MIB MiB of semi-compressible files, 64 MiB each (the recipe of core.sh's big
-# NAR: per MiB 384 KiB random, 384 KiB base64 of random, 256 KiB zero-padded numbers).
-gen_mib() { # COUNT FIRST-UNIT: COUNT MiB on stdout
-  local u
-  for ((u = $2; u < $2 + $1; u++)); do
-    head -c 393216 /dev/urandom
-    head -c 294912 /dev/urandom | base64 -w 0
-    seq -f '%015.0f' $((u * 16384)) $((u * 16384 + 16383))
-  done
-}
-
+# The big path: BIG_MIB MiB of semi-compressible files, 64 MiB each, made by gen_mib (bench/lib.sh,
+# the recipe of core.sh's big NAR).
 build_big() {
   local p tree=$D/big.tmp/$BIG_NAME i n
   if [[ -f $D/big.path ]]; then

@@ -145,7 +145,7 @@ func checkStoreInfo(t *testing.T, dc *daemonCompare) {
 	}
 	// Depending on the version the lines go to stdout or stderr.
 	info := func(r *nixtest.Result) (version string, rest []string) {
-		for _, l := range sortedLines(append(append([]byte{}, r.Stdout...), r.Stderr...)) {
+		for _, l := range nixtest.SortedLines(append(append([]byte{}, r.Stdout...), r.Stderr...)) {
 			if v, ok := strings.CutPrefix(l, "Version: "); ok {
 				version = v
 			} else {
@@ -205,7 +205,7 @@ func checkPathInfoJSON(t *testing.T, dc *daemonCompare, sf *servedFixture) {
 	}
 	// The plain listing, whose order may depend on the daemon's answer.
 	cas, nixd := dc.run("nix", "path-info", "--all", "--store", "{store}")
-	if !cas.OK() || !sameLineSet(cas.Stdout, nixd.Stdout) || !slices.Equal(sortedLines(cas.Stdout), sf.All) {
+	if !cas.OK() || !sameLineSet(cas.Stdout, nixd.Stdout) || !slices.Equal(nixtest.SortedLines(cas.Stdout), sf.All) {
 		t.Errorf("nix path-info --all: through casnix\n%s\nthrough nix-daemon\n%s", cas, nixd)
 	}
 }
@@ -225,14 +225,14 @@ func checkQueries(t *testing.T, dc *daemonCompare, sf *servedFixture) {
 	}
 	for _, p := range paths {
 		w := sf.Want[p]
-		if r := q("--references", p); !slices.Equal(sortedLines(r.Stdout), w.References) {
-			t.Errorf("nix-store -q --references %s: %q, want %q", p, sortedLines(r.Stdout), w.References)
+		if r := q("--references", p); !slices.Equal(nixtest.SortedLines(r.Stdout), w.References) {
+			t.Errorf("nix-store -q --references %s: %q, want %q", p, nixtest.SortedLines(r.Stdout), w.References)
 		}
-		if r := q("--requisites", p); !slices.Equal(sortedLines(r.Stdout), sf.Closure(t, p)) {
-			t.Errorf("nix-store -q --requisites %s: %q, want %q", p, sortedLines(r.Stdout), sf.Closure(t, p))
+		if r := q("--requisites", p); !slices.Equal(nixtest.SortedLines(r.Stdout), sf.Closure(t, p)) {
+			t.Errorf("nix-store -q --requisites %s: %q, want %q", p, nixtest.SortedLines(r.Stdout), sf.Closure(t, p))
 		}
-		if r := q("--referrers", p); !slices.Equal(sortedLines(r.Stdout), refs[p]) {
-			t.Errorf("nix-store -q --referrers %s: %q, want %q", p, sortedLines(r.Stdout), refs[p])
+		if r := q("--referrers", p); !slices.Equal(nixtest.SortedLines(r.Stdout), refs[p]) {
+			t.Errorf("nix-store -q --referrers %s: %q, want %q", p, nixtest.SortedLines(r.Stdout), refs[p])
 		}
 		if dc.c.AtLeast(t, 2, 19) {
 			// Only newer nix-store knows the flag; the answer comes from QueryValidDerivers.
@@ -243,7 +243,7 @@ func checkQueries(t *testing.T, dc *daemonCompare, sf *servedFixture) {
 					want = []string{w.Deriver}
 				}
 			}
-			if got := sortedLines(r.Stdout); !r.OK() || !slices.Equal(got, want) {
+			if got := nixtest.SortedLines(r.Stdout); !r.OK() || !slices.Equal(got, want) {
 				t.Errorf("nix-store -q --valid-derivers %s: %q, want %q\n%s", p, got, want, r)
 			}
 		}
@@ -305,11 +305,11 @@ func checkRealise(t *testing.T, dc *daemonCompare, sf *servedFixture) {
 	slices.Sort(outs)
 
 	r := dc.same(append([]string{"nix-store", "--store", "{store}", "-r"}, paths...)...)
-	if got := sortedLines(r.Stdout); !r.OK() || !slices.Equal(got, slices.Sorted(slices.Values(paths))) {
+	if got := nixtest.SortedLines(r.Stdout); !r.OK() || !slices.Equal(got, slices.Sorted(slices.Values(paths))) {
 		t.Errorf("nix-store -r of valid paths: %q\n%s", got, r)
 	}
 	r = dc.same("nix-store", "--store", "{store}", "-r", drv)
-	if got := sortedLines(r.Stdout); !r.OK() || !slices.Equal(got, outs) {
+	if got := nixtest.SortedLines(r.Stdout); !r.OK() || !slices.Equal(got, outs) {
 		t.Errorf("nix-store -r %s (all outputs valid): %q, want %q\n%s", drv, got, outs, r)
 	}
 	r = dc.same(append([]string{"nix", "build", "--no-link", "--store", "{store}"}, paths...)...)
@@ -318,7 +318,7 @@ func checkRealise(t *testing.T, dc *daemonCompare, sf *servedFixture) {
 	}
 	if dc.c.AtLeast(t, 2, 19) { // DRV^* installables
 		r = dc.same("nix", "build", "--no-link", "--print-out-paths", "--store", "{store}", drv+"^*")
-		if got := sortedLines(r.Stdout); !r.OK() || !slices.Equal(got, outs) {
+		if got := nixtest.SortedLines(r.Stdout); !r.OK() || !slices.Equal(got, outs) {
 			t.Errorf("nix build %s^*: %q, want %q\n%s", drv, got, outs, r)
 		}
 	}

@@ -60,18 +60,7 @@ func copyStoreRoot(t testing.TB, src, dst string) *nixtest.Store {
 
 // sameLineSet compares two outputs as sets of lines (order ignored, empty lines dropped).
 func sameLineSet(a, b []byte) bool {
-	return slices.Equal(sortedLines(a), sortedLines(b))
-}
-
-func sortedLines(b []byte) []string {
-	var out []string
-	for _, l := range strings.Split(string(b), "\n") {
-		if l = strings.TrimSpace(l); l != "" {
-			out = append(out, l)
-		}
-	}
-	slices.Sort(out)
-	return out
+	return slices.Equal(nixtest.SortedLines(a), nixtest.SortedLines(b))
 }
 
 // diffPathInfos lists the differences between two normalised path-info maps on every

@@ -72,7 +72,7 @@ func TestServeSSHNG(t *testing.T) {
 			copyStart := time.Now()
 			c.Run(t, append([]string{"nix", "copy", "--from", store, "--to", destURL}, roots...)...)
 			t.Logf("nix copy --from ssh-ng of %d paths in %s", len(closure), time.Since(copyStart).Round(time.Millisecond))
-			all := sortedLines(c.Output(t, "nix", "path-info", "--all", "--store", destURL))
+			all := nixtest.SortedLines(c.Output(t, "nix", "path-info", "--all", "--store", destURL))
 			if !slices.Equal(all, closure) {
 				t.Errorf("after nix copy the local store holds\n%q\nwant the closure\n%q", all, closure)
 			}

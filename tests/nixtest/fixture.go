@@ -60,7 +60,7 @@ func (f *Fixture) BuildExpr(t testing.TB, expr string) []string {
 	file := filepath.Join(t.TempDir(), "expr.nix")
 	wrapped := "{ bbPath }:\nlet busybox = \"${builtins.storePath bbPath}/bin/busybox\"; in\n" + expr + "\n"
 	writeFile(t, file, wrapped, 0o644)
-	return lines(f.Cmd("nix-build", file, "--no-out-link", "--argstr", "bbPath", f.Path(t, "busybox-src")).Run(t).Stdout)
+	return SortedLines(f.Cmd("nix-build", file, "--no-out-link", "--argstr", "bbPath", f.Path(t, "busybox-src")).Run(t).Stdout)
 }
 
 // PopulateFixture makes a new Store holding the fixture: every derivation of fixture.nix

@@ -121,13 +121,13 @@ func (s *Store) AddFixed(t testing.TB, algo string, recursive bool, path string)
 // AllPaths lists every valid path, sorted.
 func (s *Store) AllPaths(t testing.TB) []string {
 	t.Helper()
-	return lines(s.Nix(t, "path-info", "--all"))
+	return SortedLines(s.Nix(t, "path-info", "--all"))
 }
 
 // Closure lists the closure of paths (nix-store -qR), sorted.
 func (s *Store) Closure(t testing.TB, paths ...string) []string {
 	t.Helper()
-	return lines(s.NixStore(t, append([]string{"-qR"}, paths...)...))
+	return SortedLines(s.NixStore(t, append([]string{"-qR"}, paths...)...))
 }
 
 // PathInfos returns `nix path-info --json` of paths (every valid path when none are
@@ -247,7 +247,9 @@ func ParsePathInfoJSON(b []byte) (map[string]PathInfo, error) {
 	return out, nil
 }
 
-func lines(b []byte) []string {
+// SortedLines returns the non-empty lines of b, trimmed and sorted: command
+// output compared as a set.
+func SortedLines(b []byte) []string {
 	var out []string
 	for _, l := range strings.Split(string(b), "\n") {
 		if l = strings.TrimSpace(l); l != "" {
