@@ -146,12 +146,6 @@ func (q q) strings(ctx context.Context, query string, args ...any) ([]string, er
 	return out, rows.Err()
 }
 
-// References lists the basenames a path refers to.
-func (q q) References(ctx context.Context, name string) ([]string, error) {
-	return q.strings(ctx, `SELECT t.name FROM paths s JOIN refs r ON r.referrer = s.id
-		JOIN paths t ON t.id = r.reference WHERE s.name = ? ORDER BY t.name`, name)
-}
-
 // Referrers lists the basenames of paths that refer to name.
 func (q q) Referrers(ctx context.Context, name string) ([]string, error) {
 	return q.strings(ctx, `SELECT s.name FROM paths t JOIN refs r ON r.reference = t.id

@@ -241,19 +241,13 @@ func (s *Store) Closure(ctx context.Context, names []string) ([]string, error) {
 		if seen[n] {
 			continue
 		}
-		ok, err := s.db.HasPath(ctx, n)
+		// One (cached) lookup gives validity and references together.
+		pi, err := s.Info(ctx, n)
 		if err != nil {
 			return nil, err
-		}
-		if !ok {
-			return nil, fmt.Errorf("path '%s' %w", s.Full(n), ErrNotValid)
 		}
 		seen[n] = true
-		refs, err := s.db.References(ctx, n)
-		if err != nil {
-			return nil, err
-		}
-		queue = append(queue, refs...)
+		queue = append(queue, pi.References...)
 	}
 	out := make([]string, 0, len(seen))
 	for n := range seen {
