@@ -201,13 +201,12 @@ func (r *rootNode) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
 	if !r.fs.opts.ListRoot {
 		return fs.NewListDirStream(nil), 0
 	}
-	return &rootStream{ctx: ctx, fs: r.fs}, 0
+	return &rootStream{fs: r.fs}, 0
 }
 
 // rootStream pages through the path names in SQLite, so listing a store
 // of any size holds one page in memory.
 type rootStream struct {
-	ctx   context.Context
 	fs    *fsys
 	page  []string
 	after string
@@ -221,10 +220,14 @@ func (s *rootStream) fill() {
 	if len(s.page) > 0 || s.done {
 		return
 	}
-	names, err := s.fs.st.NamesAfter(s.ctx, s.after, rootPage)
+	// Not the request's context: the kernel interrupts FUSE requests when
+	// the reading thread gets any signal (Go's preemption signals
+	// included), and a cancelled query must not end the listing early.
+	// After an error the stream stays where it was, so a retried READDIR
+	// carries on.
+	names, err := s.fs.st.NamesAfter(context.Background(), s.after, rootPage)
 	if err != nil {
 		s.err = s.fs.errno("readdir", err)
-		s.done = true
 		return
 	}
 	if len(names) < rootPage {
@@ -264,9 +267,8 @@ type dirNode struct {
 	path string
 	node castore.Node
 
-	once sync.Once
-	dir  *castore.Directory
-	err  error
+	mu  sync.Mutex
+	dir *castore.Directory
 }
 
 var (
@@ -311,9 +313,20 @@ func (h *dirHandle) Seekdir(ctx context.Context, off uint64) syscall.Errno {
 	return 0
 }
 
-func (d *dirNode) load(ctx context.Context) (*castore.Directory, error) {
-	d.once.Do(func() { d.dir, d.err = d.fs.st.Directory(ctx, d.node.Digest) })
-	return d.dir, d.err
+// load reads the directory once it succeeds; a failure is not kept, so a
+// retry (after an interrupted request, say) reads it again. The request's
+// context is not used: an interrupt must not poison the node.
+func (d *dirNode) load(context.Context) (*castore.Directory, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.dir == nil {
+		dir, err := d.fs.st.Directory(context.Background(), d.node.Digest)
+		if err != nil {
+			return nil, err
+		}
+		d.dir = dir
+	}
+	return d.dir, nil
 }
 
 func (d *dirNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
