@@ -1,0 +1,59 @@
+package store
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// GCLockFile is the data directory's garbage-collection lock. Everything
+// that must not see data vanish under it (a Batch between its first
+// deduplicated chunk and its commit, a backup copying packs) holds it
+// shared; a collection's sweep holds it exclusive. It is a flock, so it
+// works across processes (`casnix gc` next to `casnix serve`) and is
+// released by the kernel when a holder dies.
+const GCLockFile = "gc.lock"
+
+// lockGC takes the GC lock in mode (unix.LOCK_SH or unix.LOCK_EX), waiting
+// until ctx is done. The returned func releases it.
+func (s *Store) lockGC(ctx context.Context, mode int) (func(), error) {
+	f, err := os.OpenFile(filepath.Join(s.dir, GCLockFile), os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("open gc lock: %w", err)
+	}
+	// flock has no timeout: poll non-blocking so ctx can cancel the wait.
+	delay := time.Millisecond
+	for {
+		err := unix.Flock(int(f.Fd()), mode|unix.LOCK_NB)
+		if err == nil {
+			return func() { f.Close() }, nil
+		}
+		if err != unix.EWOULDBLOCK && err != unix.EINTR {
+			f.Close()
+			return nil, fmt.Errorf("gc lock: %w", err)
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, fmt.Errorf("wait for gc lock: %w", ctx.Err())
+		case <-time.After(delay):
+		}
+		delay = min(delay*2, 50*time.Millisecond)
+	}
+}
+
+// SharedGCLock keeps garbage collection from sweeping until the returned
+// func is called. Holders may overlap each other.
+func (s *Store) SharedGCLock(ctx context.Context) (func(), error) {
+	return s.lockGC(ctx, unix.LOCK_SH)
+}
+
+// ExclusiveGCLock waits for every shared holder to finish and keeps new
+// ones out until the returned func is called.
+func (s *Store) ExclusiveGCLock(ctx context.Context) (func(), error) {
+	return s.lockGC(ctx, unix.LOCK_EX)
+}
