@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"slices"
 	"strings"
@@ -50,8 +51,9 @@ func (b *Batch) Stats() (newChunks, newBytes, dupChunks, dupBytes int64) {
 
 // batchSink is the nar.Sink of one Add.
 type batchSink struct {
-	b   *Batch
-	drv *bytes.Buffer // captures a .drv file's contents for parsing
+	b       *Batch
+	drv     *bytes.Buffer // captures a .drv file's contents for parsing
+	content io.Writer     // hashes file contents for a flat or text content address
 }
 
 // maxDrvSize bounds how much of a .drv file is kept for parsing; real ones
@@ -61,6 +63,9 @@ const maxDrvSize = 16 << 20
 func (k batchSink) WriteBlob(r io.Reader, size int64) (digest.Digest, error) {
 	if k.drv != nil && size <= maxDrvSize {
 		r = io.TeeReader(r, k.drv)
+	}
+	if k.content != nil {
+		r = io.TeeReader(r, k.content)
 	}
 	return k.b.w.WriteBlob(r, size)
 }
@@ -128,6 +133,24 @@ func (b *Batch) add(r io.Reader, info PathInfo) (*PathInfo, error) {
 	if strings.HasSuffix(info.Name, ".drv") {
 		sink.drv = &bytes.Buffer{}
 	}
+	var ca *CA
+	var caHash hash.Hash
+	if info.CA != "" {
+		c, err := ParseCA(info.CA)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", full, err)
+		}
+		ca = &c
+		if caHash, err = NewCAHash(c.Algo); err != nil {
+			return nil, fmt.Errorf("%s: %w", full, err)
+		}
+		switch {
+		case c.Method != CANAR:
+			sink.content = caHash
+		case c.Algo != "sha256": // sha256 is the NAR hash, computed anyway
+			r = io.TeeReader(r, caHash)
+		}
+	}
 	res, err := nar.Ingest(r, sink)
 	if err != nil {
 		return nil, fmt.Errorf("import %s: %w", full, err)
@@ -142,6 +165,11 @@ func (b *Batch) add(r io.Reader, info PathInfo) (*PathInfo, error) {
 	if info.NarHash != zero && !bytes.Equal(res.NarHash[:], info.NarHash[:]) {
 		return nil, fmt.Errorf("import %s: %w: got sha256:%s, expected sha256:%s", full, ErrHashMismatch,
 			NixBase32(res.NarHash[:]), NixBase32(info.NarHash[:]))
+	}
+	if ca != nil {
+		if err := b.checkCA(*ca, caHash, res, info.Name, refs); err != nil {
+			return nil, err
+		}
 	}
 	pi := info
 	if sink.drv != nil && res.Root.Kind == castore.KindFile {
@@ -158,6 +186,40 @@ func (b *Batch) add(r io.Reader, info PathInfo) (*PathInfo, error) {
 	b.names[pi.Name] = true
 	b.NarBytes += res.NarSize
 	return &pi, nil
+}
+
+// checkCA checks a content-addressed path: its contents hash to its content
+// address, and the address, name and references make its store path, so a
+// client cannot pass arbitrary contents off as content-addressed.
+func (b *Batch) checkCA(ca CA, h hash.Hash, res *nar.Result, name string, refs []string) error {
+	full := b.s.Full(name)
+	got := h.Sum(nil)
+	if ca.Method == CANAR && ca.Algo == "sha256" {
+		got = res.NarHash[:]
+	}
+	if ca.Method != CANAR && (res.Root.Kind != castore.KindFile || res.Root.Executable) {
+		return fmt.Errorf("import %s: %w: a flat or text content address needs a plain regular file", full, ErrCAMismatch)
+	}
+	if !bytes.Equal(got, ca.Hash) {
+		return fmt.Errorf("import %s: %w: specified %s, got %s", full, ErrCAMismatch, ca, CA{Method: ca.Method, Algo: ca.Algo, Hash: got})
+	}
+	self := false
+	others := make([]string, 0, len(refs))
+	for _, r := range refs {
+		if r == name {
+			self = true
+		} else {
+			others = append(others, r)
+		}
+	}
+	want, err := ca.Path(b.s.StoreDir, nameOf(name), others, self)
+	if err != nil {
+		return fmt.Errorf("import %s: %w: %v", full, ErrCAMismatch, err)
+	}
+	if want != name {
+		return fmt.Errorf("import %s: %w: content address %s and references make %s", full, ErrCAMismatch, ca, b.s.Full(want))
+	}
+	return nil
 }
 
 // Commit makes the batch's paths valid: pack data is fsynced first, then
