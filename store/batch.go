@@ -197,8 +197,10 @@ func (b *Batch) checkCA(ca CA, h hash.Hash, res *nar.Result, name string, refs [
 	if ca.Method == CANAR && ca.Algo == "sha256" {
 		got = res.NarHash[:]
 	}
-	if ca.Method != CANAR && (res.Root.Kind != castore.KindFile || res.Root.Executable) {
-		return fmt.Errorf("import %s: %w: a flat or text content address needs a plain regular file", full, ErrCAMismatch)
+	// A flat hash covers a regular file's contents only (Nix lets a flat
+	// fixed-output derivation make its file executable).
+	if ca.Method != CANAR && res.Root.Kind != castore.KindFile {
+		return fmt.Errorf("import %s: %w: a flat or text content address needs a regular file", full, ErrCAMismatch)
 	}
 	if !bytes.Equal(got, ca.Hash) {
 		return fmt.Errorf("import %s: %w: specified %s, got %s", full, ErrCAMismatch, ca, CA{Method: ca.Method, Algo: ca.Algo, Hash: got})
