@@ -86,6 +86,8 @@ type CLI struct {
 	Dump     DumpCmd     `cmd:"" help:"Write the NAR of a store path to stdout."`
 	Verify   VerifyCmd   `cmd:"" help:"Re-hash every chunk and re-render every NAR; exit non-zero naming damaged paths."`
 	Version  VersionCmd  `cmd:"" help:"Print the version."`
+	Backup   BackupCmd   `cmd:"" help:"Copy a consistent, verified snapshot of the data dir (safe while serve and imports run)."`
+	Restore  RestoreCmd  `cmd:"" help:"Restore a backup into the data dir and verify it."`
 }
 
 // VersionCmd prints the version.
