@@ -17,7 +17,7 @@ import (
 // ServeCmd runs the daemon.
 type ServeCmd struct {
 	Socket           string        `name:"socket" env:"CASNIX_SOCKET" placeholder:"PATH" help:"Unix socket for the nix-daemon protocol (default: /run/casnix/daemon.sock as root, else DATA_DIR/daemon.sock). Ignored under socket activation (LISTEN_FDS)."`
-	Stdio            bool          `name:"stdio" help:"Speak the protocol on stdin/stdout, like nix-daemon --stdio (for ssh-ng:// stores: remote-program=casnix serve --stdio)."`
+	Stdio            bool          `name:"stdio" env:"CASNIX_STDIO" help:"Speak the protocol on stdin/stdout, like nix-daemon --stdio (for ssh-ng:// stores: remote-program=casnix serve --stdio)."`
 	TrustedUsers     []string      `name:"trusted-users" env:"CASNIX_TRUSTED_USERS" default:"root" help:"Users (names, @group, or *) whose connections are trusted."`
 	HandshakeTimeout time.Duration `name:"handshake-timeout" env:"CASNIX_HANDSHAKE_TIMEOUT" default:"30s" help:"Close connections that do not finish the handshake in time."`
 	StallTimeout     time.Duration `name:"stall-timeout" env:"CASNIX_STALL_TIMEOUT" default:"5m" help:"Close connections that stall this long in the middle of an operation."`
