@@ -73,6 +73,12 @@ func (c *DoctorCmd) Run(g *Globals) error {
 	return nil
 }
 
+// absent reports whether a stat error means the path does not exist (or
+// cannot, being below a file).
+func absent(err error) bool {
+	return errors.Is(err, fs.ErrNotExist) || errors.Is(err, unix.ENOTDIR)
+}
+
 // existingParent is dir or its nearest existing ancestor.
 func existingParent(dir string) string {
 	for {
@@ -98,7 +104,7 @@ func checkDataDir(dir string) check {
 	ch := check{name: "data dir"}
 	st, err := os.Stat(dir)
 	switch {
-	case errors.Is(err, fs.ErrNotExist):
+	case absent(err):
 		parent := existingParent(dir)
 		if err := canWrite(parent); err != nil {
 			ch.detail = fmt.Sprintf("%s does not exist and cannot be created: %v", dir, err)
@@ -131,7 +137,7 @@ func checkSchema(g *Globals, dir string) check {
 		return ch
 	}
 	file := filepath.Join(dir, store.DBFile)
-	if _, err := os.Stat(file); errors.Is(err, fs.ErrNotExist) {
+	if _, err := os.Stat(file); absent(err) {
 		ch.detail = fmt.Sprintf("no database yet; it will be created at schema version %d", latest)
 		return ch
 	}
@@ -232,7 +238,7 @@ func checkOverlay(procFS string) check {
 func checkSocket(path string) check {
 	ch := check{name: "socket"}
 	st, err := os.Lstat(path)
-	if errors.Is(err, fs.ErrNotExist) {
+	if absent(err) {
 		parent := existingParent(filepath.Dir(path))
 		if err := canWrite(parent); err != nil {
 			ch.detail = fmt.Sprintf("%s cannot be created: %v", path, err)
