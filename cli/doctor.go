@@ -287,7 +287,7 @@ func ownerOf(st fs.FileInfo) uint32 {
 // the container image's HEALTHCHECK.
 type PingCmd struct {
 	Socket  string        `name:"socket" env:"CASNIX_SOCKET" placeholder:"PATH" help:"Daemon socket (default: as casnix serve picks it)."`
-	Timeout time.Duration `name:"timeout" default:"5s" help:"Give up after this long."`
+	Timeout time.Duration `name:"timeout" env:"CASNIX_PING_TIMEOUT" default:"5s" help:"Give up after this long."`
 }
 
 // Run pings.
