@@ -216,7 +216,7 @@ func TestUntrustedWrites(t *testing.T) {
 		return cmd.Try()
 	}
 	from := "local?root=" + src
-	ia := f.Path(t, "diamond-top")     // input-addressed, signed below
+	ia := f.Path(t, "diamond-top")    // input-addressed, signed below
 	iaUnsigned := f.Path(t, "random") // input-addressed, never signed
 	r := nobody("nix", "copy", "--from", from, "--to", d.URL(), iaUnsigned)
 	if r.OK() || !strings.Contains(string(r.Stderr), "lacks a signature by a trusted key") {
