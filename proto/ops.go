@@ -1,7 +1,6 @@
 package proto
 
 import (
-	"bufio"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -12,7 +11,6 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/casnix/casnix/nar"
 	"github.com/casnix/casnix/store"
 )
 
@@ -884,113 +882,6 @@ func (c *conn) writeBuildResult(status uint64, msg string, outs []builtOutput) {
 	}
 }
 
-// ---- writes: refused until casnix accepts paths over the daemon ----
-
-var errReadOnly = "casnix does not accept new paths over the daemon protocol yet; import them with 'casnix import'"
-
-func (c *conn) addToStore() error {
-	if c.minor < 25 {
-		c.sendError("casnix does not support the pre-1.25 AddToStore format")
-		return fmt.Errorf("%w: old AddToStore", errProtocol)
-	}
-	name, err := c.r.str(maxPath)
-	if err != nil {
-		return err
-	}
-	if _, err := c.r.str(maxPath); err != nil { // content-address method
-		return err
-	}
-	if _, err := c.r.strings(maxPath); err != nil {
-		return err
-	}
-	if _, err := c.r.boolean(); err != nil { // repair
-		return err
-	}
-	f := &framedReader{w: &c.r}
-	if err := f.drain(); err != nil {
-		return err
-	}
-	return errorf("cannot add '%s': %s", name, errReadOnly)
-}
-
-func (c *conn) addTextToStore() error {
-	name, err := c.r.str(maxPath)
-	if err != nil {
-		return err
-	}
-	if _, err := c.r.str(1 << 30); err != nil {
-		return err
-	}
-	if _, err := c.r.strings(maxPath); err != nil {
-		return err
-	}
-	return errorf("cannot add '%s': %s", name, errReadOnly)
-}
-
-func (c *conn) addToStoreNar() error {
-	p, err := c.r.str(maxPath)
-	if err != nil {
-		return err
-	}
-	for _, what := range []string{"deriver", "narHash"} {
-		if _, err := c.r.str(maxPath); err != nil {
-			return fmt.Errorf("%s: %w", what, err)
-		}
-	}
-	if _, err := c.r.strings(maxPath); err != nil {
-		return err
-	}
-	for i := 0; i < 3; i++ { // registrationTime, narSize, ultimate
-		if _, err := c.r.u64(); err != nil {
-			return err
-		}
-	}
-	if _, err := c.r.strings(maxString); err != nil { // sigs
-		return err
-	}
-	if _, err := c.r.str(maxString); err != nil { // ca
-		return err
-	}
-	for i := 0; i < 2; i++ { // repair, dontCheckSigs
-		if _, err := c.r.u64(); err != nil {
-			return err
-		}
-	}
-	if err := c.skipNAR(); err != nil {
-		return err
-	}
-	return errorf("cannot add '%s': %s", p, errReadOnly)
-}
-
-// skipNAR consumes the NAR that follows an AddToStoreNar header, in the
-// form the negotiated version uses.
-func (c *conn) skipNAR() error {
-	switch {
-	case c.minor >= 23:
-		return (&framedReader{w: &c.r}).drain()
-	case c.minor >= 21:
-		// 1.21-1.22 pull the NAR with STDERR_READ requests; parsing it
-		// finds its end.
-		_, err := nar.Copy(io.Discard, bufio.NewReader(&pullReader{c: c}))
-		return err
-	default:
-		_, err := nar.Copy(io.Discard, c.r.r)
-		return err
-	}
-}
-
-func (c *conn) addMultipleToStore() error {
-	for i := 0; i < 2; i++ { // repair, dontCheckSigs
-		if _, err := c.r.u64(); err != nil {
-			return err
-		}
-	}
-	if err := (&framedReader{w: &c.r}).drain(); err != nil {
-		return err
-	}
-	return errorf("%s", errReadOnly)
-}
-
 func (c *conn) addBuildLog() error {
 	if _, err := c.r.str(maxPath); err != nil {
 		return err
@@ -1002,20 +893,30 @@ func (c *conn) addBuildLog() error {
 }
 
 // pullReader asks the client for data with STDERR_READ (protocol 1.21-1.22).
-type pullReader struct{ c *conn }
+type pullReader struct {
+	c   *conn
+	err error // the transport error that ended the upload
+}
 
 func (p *pullReader) Read(b []byte) (int, error) {
+	if p.err != nil {
+		return 0, p.err
+	}
+	b = b[:min(len(b), maxFrameChunk)]
 	p.c.w.u64(stderrRead)
 	p.c.w.u64(uint64(len(b)))
 	if err := p.c.w.flush(); err != nil {
+		p.err = err
 		return 0, err
 	}
 	data, err := p.c.r.bytes(uint64(len(b)))
 	if err != nil {
+		p.err = err
 		return 0, err
 	}
 	if len(data) == 0 {
-		return 0, io.ErrUnexpectedEOF
+		p.err = io.ErrUnexpectedEOF
+		return 0, p.err
 	}
 	return copy(b, data), nil
 }
