@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	_ "modernc.org/sqlite"
 
@@ -84,6 +85,31 @@ func TestDoctor(t *testing.T) {
 				t.Errorf("want one PROBLEM %q with a fix mentioning %q:\n%s", tc.problem, tc.fix, r)
 			}
 		})
+	}
+}
+
+// TestPing: `casnix ping` answers for a running daemon (and doctor sees it listening), and
+// fails clearly when nothing listens.
+func TestPing(t *testing.T) {
+	cas := nixtest.NewCasnix(t)
+	sock := filepath.Join(t.TempDir(), "daemon.sock")
+	if r := cas.Try("ping", "--socket", sock); r.OK() || !strings.Contains(string(r.Stderr), "ping "+sock) {
+		t.Errorf("ping with no daemon:\n%s", r)
+	}
+	d := cas.Serve(t, sock)
+	r := cas.Run(t, "ping", "--socket", sock)
+	if !strings.Contains(string(r.Stdout), "protocol 1.") {
+		t.Errorf("ping output: %s", r.Stdout)
+	}
+	r = cas.Try("doctor", "--socket", sock, "--skip", "fuse,overlay")
+	if !r.OK() || !strings.Contains(string(r.Stdout), "a daemon listens") {
+		t.Errorf("doctor with a daemon on the socket:\n%s", r)
+	}
+	if err := d.Stop(10 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if r := cas.Try("ping", "--socket", sock, "--timeout", "2s"); r.OK() {
+		t.Errorf("ping after the daemon stopped:\n%s", r)
 	}
 }
 
