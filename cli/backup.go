@@ -52,7 +52,7 @@ func (c *RestoreCmd) Run(g *Globals) error {
 
 func printCopy(w io.Writer, what, from, to string, rep *store.CopyReport) {
 	secs := max(rep.Copy.Seconds(), 1e-9)
-	fmt.Fprintf(w, "%s %s to %s: %d paths, %s (database %s, %d packs %s) in %.2fs, %.1f MB/s; verified in %.2fs\n",
+	fmt.Fprintf(w, "%s %s to %s: %d paths, %s (database %s, %d pack files %s) in %.2fs, %.1f MB/s; verified in %.2fs\n",
 		what, from, to, rep.Paths, humanBytes(rep.Bytes()), humanBytes(rep.DBBytes), rep.Packs, humanBytes(rep.PackBytes),
 		secs, float64(rep.Bytes())/1e6/secs, rep.Verify.Round(time.Millisecond).Seconds())
 }
