@@ -35,7 +35,10 @@ rm -rf "$W/ctx" "$W/run" "$W/native-run"
 mkdir -p "$W/ctx" "$W/run" "$W/native-run"
 (cd "$REPO" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X github.com/casnix/casnix/cli.Version=$VERSION" -o "$W/ctx/casnix" .)
 cp -a "$REPO/Dockerfile" "$REPO/contrib" "$W/ctx/"
+before=$("${PODMAN[@]}" images -a -q --no-trunc -f dangling=true | sort)
 "${PODMAN[@]}" build -q --format docker --build-arg BINARY=prebuilt --build-arg VERSION="$VERSION" -t "$IMAGE" "$W/ctx" >/dev/null
+# the build's untagged intermediate stage, removed with the image at the end
+STAGES=$(comm -13 <(echo "$before") <("${PODMAN[@]}" images -a -q --no-trunc -f dangling=true | sort))
 CASNIX=$W/ctx/casnix
 
 if [[ ! -f $W/data/casnix.db ]]; then
@@ -85,7 +88,8 @@ done
 
 isize=$("${PODMAN[@]}" image inspect -f '{{.Size}}' "$IMAGE")
 bsize=$(stat -c %s "$CASNIX")
-"${PODMAN[@]}" rmi -f "$IMAGE" >/dev/null
+# shellcheck disable=SC2086
+"${PODMAN[@]}" rmi -f "$IMAGE" $STAGES >/dev/null
 {
   echo "<!-- bench/container.sh: begin (rewritten by every container.sh run) -->"
   echo "## Container image ($(date -u +%F), $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), commit $(git -C "$REPO" rev-parse --short HEAD), $(podman --version), runc)"

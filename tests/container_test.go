@@ -216,13 +216,24 @@ func buildImage(t *testing.T) (image, version string) {
 	}
 	nixtest.Run(t, "cp", "-a", filepath.Join(root, "Dockerfile"), filepath.Join(root, "contrib"), ctx)
 	image = "localhost/casnix-e2e:" + version
+	dangling := func() []string {
+		return strings.Fields(string(nixtest.Run(t, "podman", "images", "-a", "-q", "--no-trunc", "-f", "dangling=true")))
+	}
+	before := dangling()
 	start := time.Now()
 	r := podman(t, "build", "--format", "docker", "--build-arg", "BINARY=prebuilt", "--build-arg", "VERSION="+version, "-t", image, ctx)
 	if !r.OK() {
 		t.Fatalf("podman build:\n%s", r)
 	}
 	t.Logf("podman build in %s", time.Since(start).Round(time.Millisecond))
-	t.Cleanup(func() { podman(t, "rmi", "-f", image) })
+	// The build leaves its intermediate stage behind untagged: remove it with the image.
+	var stages []string
+	for _, id := range dangling() {
+		if !slices.Contains(before, id) {
+			stages = append(stages, id)
+		}
+	}
+	t.Cleanup(func() { podman(t, append([]string{"rmi", "-f", image}, stages...)...) })
 	return image, version
 }
 
