@@ -57,7 +57,6 @@ if [[ ! -f $SRC/casnix.db ]]; then
 fi
 
 secs() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); echo "$e - $s" | bc; }
-median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 fsync_tree() { find "$1" -type f -exec sync {} +; }
 OUT=$W/out
 rm -rf "$OUT" "$W"/*.raw
@@ -109,11 +108,4 @@ cs=$(cat "$W/casnix-size.raw")
   row "tar -cf (anchor)" "$(cat "$W/tar-size.raw")" "$(median <"$W/tar.raw")" "not consistent while casnix writes"
   echo "<!-- bench/backup.sh: end -->"
 } | tee "$W/table.md"
-if [[ -f $RESULTS ]] && grep -q '^<!-- bench/backup.sh: begin' "$RESULTS"; then
-  awk -v f="$W/table.md" '
-    /^<!-- bench\/backup.sh: begin/ { while ((getline l < f) > 0) print l; skip = 1; next }
-    /^<!-- bench\/backup.sh: end/ { skip = 0; next }
-    !skip' "$RESULTS" >"$RESULTS.tmp" && mv "$RESULTS.tmp" "$RESULTS"
-else
-  { echo; cat "$W/table.md"; } >>"$RESULTS"
-fi
+merge_section backup.sh "$W/table.md" "$RESULTS"

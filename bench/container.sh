@@ -16,6 +16,8 @@ RUNS=${RUNS:-3}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 RESULTS=${RESULTS:-$HERE/RESULTS.md}
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 W=$BENCH_DIR/container
 SRC=${SRC:-$BENCH_DIR/backup/data}
 VERSION=bench-$(git -C "$REPO" rev-parse --short HEAD)
@@ -63,7 +65,6 @@ wait_ping() {
   log "no answer on $1"; return 1
 }
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
-median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 rm -f "$W"/*.raw
 
 for i in $(seq "$RUNS"); do
@@ -104,11 +105,4 @@ bsize=$(stat -c %s "$CASNIX")
   printf '| idle RSS | %.1f MiB | %.1f MiB |\n' "$(echo "$(median <"$W/rss-container.raw") / 1024" | bc -l)" "$(echo "$(median <"$W/rss-native.raw") / 1024" | bc -l)"
   echo "<!-- bench/container.sh: end -->"
 } | tee "$W/table.md"
-if [[ -f $RESULTS ]] && grep -q '^<!-- bench/container.sh: begin' "$RESULTS"; then
-  awk -v f="$W/table.md" '
-    /^<!-- bench\/container.sh: begin/ { while ((getline l < f) > 0) print l; skip = 1; next }
-    /^<!-- bench\/container.sh: end/ { skip = 0; next }
-    !skip' "$RESULTS" >"$RESULTS.tmp" && mv "$RESULTS.tmp" "$RESULTS"
-else
-  { echo; cat "$W/table.md"; } >>"$RESULTS"
-fi
+merge_section container.sh "$W/table.md" "$RESULTS"

@@ -42,6 +42,9 @@ func DefaultSocket(dataDir string) string {
 
 // Run serves until interrupted.
 func (c *ServeCmd) Run(g *Globals) error {
+	if g.ZstdLevel == 0 {
+		g.ZstdLevel = ServeWriteLevel
+	}
 	st, err := g.Open()
 	if err != nil {
 		return err

@@ -551,32 +551,69 @@ func (c *conn) queryDerivationOutputMap() error {
 }
 
 func (c *conn) queryRealisation() error {
-	if _, err := c.r.str(maxString); err != nil {
+	id, err := c.r.str(maxString)
+	if err != nil {
 		return err
 	}
-	// casnix keeps no realisations (CA derivation outputs): the answer is
-	// "none", never an error, which the local overlay store relies on.
-	c.last()
-	if c.minor < 31 {
-		c.w.strings(nil)
-	} else {
-		c.w.u64(0)
+	r, err := c.s.Store.Realisation(c.ctx, id)
+	if err != nil {
+		return c.storeErr(err)
 	}
+	c.last()
+	// Before 1.31 the answer is the set of output paths, after it the set
+	// of realisations as JSON; either way empty when casnix has none (which
+	// the local overlay store relies on: never an error).
+	var out []string
+	if r != nil {
+		if c.minor < 31 {
+			out = []string{c.full(r.OutPath)}
+		} else {
+			out = []string{r.JSON()}
+		}
+	}
+	c.w.strings(out)
 	return nil
 }
 
 func (c *conn) registerDrvOutput() error {
+	var r *store.Realisation
+	var bad error
 	if c.minor < 31 {
-		if _, err := c.r.str(maxString); err != nil {
+		id, err := c.r.str(maxString)
+		if err != nil {
 			return err
 		}
-		if _, err := c.r.str(maxPath); err != nil {
+		p, err := c.readPath()
+		if err != nil && !isOpError(err) {
 			return err
 		}
-	} else if _, err := c.r.str(maxString); err != nil {
-		return err
+		bad = err
+		r = &store.Realisation{ID: id, OutPath: p}
+	} else {
+		text, err := c.r.str(maxString)
+		if err != nil {
+			return err
+		}
+		if r, err = store.ParseRealisation(text); err != nil {
+			bad = errorf("%v", err)
+		}
 	}
-	return errorf("casnix does not record realisations (content-addressed derivation outputs)")
+	if bad != nil {
+		return bad
+	}
+	// As nix-daemon: realisations are always checked against
+	// require-sigs, whoever registers them.
+	if c.s.RequireSigs && c.s.PublicKeys.VerifyFingerprint(r.Fingerprint(), r.Signatures) == 0 {
+		return errorf("cannot register realisation '%s' because it lacks a signature by a trusted key", r.ID)
+	}
+	if err := c.s.Store.RegisterRealisation(c.ctx, r); err != nil {
+		if errors.Is(err, store.ErrNotValid) || errors.Is(err, store.ErrBadPath) {
+			return errorf("%v", err)
+		}
+		return c.storeErr(err)
+	}
+	c.last()
+	return nil
 }
 
 func (c *conn) verifyStore() error {

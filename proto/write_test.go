@@ -365,3 +365,73 @@ func TestAddToStoreCA(t *testing.T) {
 		cl.inStep()
 	}
 }
+
+func TestRealisations(t *testing.T) {
+	sk, pk, err := signature.GenerateKeypair("casnix-test-1", rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys, _ := store.ParsePublicKeys([]string{pk.String()})
+	f := newFixture(t, func(s *Server) {
+		s.RequireSigs = true
+		s.PublicKeys = keys
+	})
+	const id = "sha256:1f2bb2f1d0e8c7a8cbc0a68c1a2d0b3b0b7ba4c9c51b9e8b1a3c9d4e5f60718a!out"
+	r := &store.Realisation{ID: id, OutPath: testB, DependentRealisations: map[string]string{}}
+	sig, err := sk.Sign(rand.Reader, r.Fingerprint())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := `{"dependentRealisations":{},"id":"` + id + `","outPath":"` + testB + `"}`; r.Fingerprint() != want {
+		t.Fatalf("fingerprint %s, want %s", r.Fingerprint(), want)
+	}
+	cl := f.connect(t, 38)
+	register := func(json string) error {
+		cl.w.u64(opRegisterDrvOutput)
+		cl.w.str(json)
+		return cl.result()
+	}
+	query := func(id string) []string {
+		cl.w.u64(opQueryRealisation)
+		cl.w.str(id)
+		if err := cl.result(); err != nil {
+			t.Fatal(err)
+		}
+		return cl.strs()
+	}
+	if got := query(id); len(got) != 0 {
+		t.Fatalf("realisation before registering: %v", got)
+	}
+	if err := register(r.JSON()); err == nil || !strings.Contains(err.Error(), "lacks a signature") {
+		t.Fatalf("unsigned realisation: %v", err)
+	}
+	r.Signatures = []string{sig.String()}
+	for _, bad := range []string{"{", `{"id":"nohash","outPath":"` + testB + `"}`,
+		`{"id":"` + id + `","outPath":"33333333333333333333333333333333-gone","signatures":["` + sig.String() + `"]}`} {
+		if err := register(bad); err == nil {
+			t.Fatalf("registered %s", bad)
+		}
+	}
+	if err := register(r.JSON()); err != nil {
+		t.Fatal(err)
+	}
+	got := query(id)
+	if len(got) != 1 || got[0] != r.JSON() {
+		t.Fatalf("realisation %v, want %s", got, r.JSON())
+	}
+	back, err := store.ParseRealisation(got[0])
+	if err != nil || keys.VerifyFingerprint(back.Fingerprint(), back.Signatures) != 1 {
+		t.Fatalf("round trip: %+v %v", back, err)
+	}
+	// Protocol 1.30 asks for output paths.
+	old := f.connect(t, 30)
+	old.w.u64(opQueryRealisation)
+	old.w.str(id)
+	if err := old.result(); err != nil {
+		t.Fatal(err)
+	}
+	if got := old.strs(); len(got) != 1 || got[0] != full(testB) {
+		t.Fatalf("1.30 answer %v", got)
+	}
+	cl.inStep()
+}
