@@ -82,6 +82,8 @@ type Store struct {
 	readers map[int64]*os.File
 
 	cache *frameCache
+
+	readerSweepState
 }
 
 // Open opens the blob store whose packs live under dir (created if needed).
@@ -307,6 +309,7 @@ func (s *Store) release(ps ...*packFile) {
 
 // reader returns a read-only handle on pack id.
 func (s *Store) reader(id int64) (*os.File, error) {
+	s.dropDeadReaders()
 	s.rmu.RLock()
 	f := s.readers[id]
 	s.rmu.RUnlock()
