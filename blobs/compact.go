@@ -450,6 +450,14 @@ func (s *Store) dropDeadReaders() {
 	}
 }
 
+// compactedAway reports whether an open pack file was removed (by a
+// compaction that held it while this process opened it): appending to it
+// would commit frames of a dropped pack.
+func compactedAway(f *os.File) bool {
+	var st unix.Stat_t
+	return unix.Fstat(int(f.Fd()), &st) == nil && st.Nlink == 0
+}
+
 // vanished reports whether a read failed because its pack went away (moved
 // by a compaction): the caller looks the chunk up again.
 func vanished(err error) bool {

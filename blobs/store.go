@@ -195,6 +195,10 @@ func (s *Store) reuseExisting(ctx context.Context) (*packFile, error) {
 			f.Close()
 			continue // another process writes it
 		}
+		if compactedAway(f) {
+			f.Close()
+			continue
+		}
 		st, err := f.Stat()
 		if err != nil {
 			f.Close()
