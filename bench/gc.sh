@@ -103,7 +103,8 @@ FULL=$(du -sB1 "$W/base" | cut -f1)
 LIVEONLY=$(du -sB1 "$W/liveonly" | cut -f1)
 rm -rf "$W/liveonly"
 
-secs() { local s e; s=$(date +%s.%N); "$@"; e=$(date +%s.%N); echo "$e - $s" | bc; }
+# timed OUT CMD…: run CMD with stdout to OUT (stderr to OUT.log), print its wall seconds
+timed() { local out=$1 s e; shift; s=$(date +%s.%N); "$@" >"$out" 2>"$out.log"; e=$(date +%s.%N); echo "$e - $s" | bc; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 rm -f "$W"/raw.*
 for i in $(seq "$RUNS"); do
@@ -116,7 +117,7 @@ for i in $(seq "$RUNS"); do
   sync
   before=$(du -sB1 "$W/work" | cut -f1)
   echo "$(cut -d' ' -f1 /proc/loadavg)" >>"$W/raw.load"
-  t=$(secs "$CASNIX" -d "$W/work" gc --json >"$W/gc.json" 2>"$W/gc.log")
+  t=$(timed "$W/gc.json" "$CASNIX" -d "$W/work" gc --json)
   after=$(du -sB1 "$W/work" | cut -f1)
   echo "$t" >>"$W/raw.casnix_secs"
   echo $((before - after)) >>"$W/raw.reclaimed"
@@ -141,7 +142,7 @@ for i in $(seq "$RUNS"); do
   while read -r p; do ln -s "$p" "$W/nixwork/nix/var/nix/gcroots/bench/$(basename "$p")"; done <"$W/roots.txt"
   sync
   nbefore=$(du -sB1 "$W/nixwork" | cut -f1)
-  t=$(secs nix-store --store "$W/nixwork" --gc >/dev/null 2>"$W/nixgc.log")
+  t=$(timed "$W/nixgc.out" nix-store --store "$W/nixwork" --gc)
   nafter=$(du -sB1 "$W/nixwork" | cut -f1)
   echo "$t" >>"$W/raw.nix_secs"
   echo $((nbefore - nafter)) >>"$W/raw.nix_reclaimed"

@@ -482,9 +482,39 @@ func (br *BlobReader) relocate(i int) (*db.ChunkLoc, error) {
 }
 
 // readerSweepState is embedded in Store: when dropDeadReaders last ran
-// (unix nanoseconds).
+// (unix nanoseconds), and the background sweeper's stop channel.
 type readerSweepState struct {
 	readerSweep atomic.Int64
+	stopSweep   chan struct{}
+	sweeperDone chan struct{}
+}
+
+// startReaderSweeper runs dropDeadReaders every few seconds, so a process
+// that stops reading (an idle daemon) still lets go of removed packs.
+func (s *Store) startReaderSweeper() {
+	s.stopSweep = make(chan struct{})
+	s.sweeperDone = make(chan struct{})
+	go func() {
+		defer close(s.sweeperDone)
+		t := time.NewTicker(2 * readerSweepEvery)
+		defer t.Stop()
+		for {
+			select {
+			case <-s.stopSweep:
+				return
+			case <-t.C:
+				s.dropDeadReaders()
+			}
+		}
+	}()
+}
+
+func (s *Store) stopReaderSweeper() {
+	if s.stopSweep != nil {
+		close(s.stopSweep)
+		<-s.sweeperDone
+		s.stopSweep = nil
+	}
 }
 
 // DropCache empties the decoded-frame cache (tests use it to make reads

@@ -108,15 +108,18 @@ func Open(dir string, d *db.DB, opts Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("zstd decoder: %w", err)
 	}
-	return &Store{
+	s := &Store{
 		dir: dir, db: d, opts: opts, enc: enc, dec: dec,
 		readers: map[int64]*os.File{},
 		cache:   newFrameCache(opts.CacheBytes),
-	}, nil
+	}
+	s.startReaderSweeper()
+	return s, nil
 }
 
 // Close releases packs and files.
 func (s *Store) Close() error {
+	s.stopReaderSweeper()
 	s.mu.Lock()
 	var errs []error
 	for _, p := range s.free {

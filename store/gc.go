@@ -333,15 +333,17 @@ func (s *Store) markAndSweep(ctx context.Context, o GCOptions, res *GCResult) ([
 // them is alive: reached from a root (unless IgnoreLiveness) or referred to
 // by a valid path that is not deleted with it.
 func (s *Store) specific(g *pathGraph, o GCOptions, live, del []bool) error {
+	var cand []int
 	for _, p := range o.Paths {
-		if i, ok := g.byName[p]; ok {
+		if i, ok := g.byName[p]; ok && !del[i] {
 			del[i] = true
+			cand = append(cand, i)
 		}
 	}
 	// Un-mark paths with a referrer that stays, until nothing changes.
 	for changed := true; changed; {
 		changed = false
-		for i := range del {
+		for _, i := range cand {
 			if !del[i] {
 				continue
 			}
@@ -487,9 +489,8 @@ func (m *marker) limit(g *pathGraph, del []bool, maxFreed int64) error {
 	chosen := make([]bool, len(g.nodes))
 	var freed float64
 	for len(ready) > 0 && freed < float64(maxFreed) {
-		sort.Slice(ready, func(a, b int) bool { return g.nodes[ready[a]].Name > g.nodes[ready[b]].Name })
-		i := ready[len(ready)-1]
-		ready = ready[:len(ready)-1]
+		i := ready[0]
+		ready = ready[1:]
 		chosen[i] = true
 		err := m.tree(g.nodes[i], func(d digest.Digest) error {
 			b, _, err := m.s.db.BlobAndLoc(m.ctx, d)

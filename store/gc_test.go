@@ -11,8 +11,10 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/casnix/casnix/blobs"
 	"github.com/casnix/casnix/nar"
@@ -458,4 +460,62 @@ func maxPackID(t testing.TB, st *Store) int64 {
 		t.Fatal(err)
 	}
 	return n
+}
+
+// TestOtherProcessLetsGoOfCompactedPacks: a second Store on the same data
+// directory (as a daemon next to `casnix gc` is) keeps reading right after
+// a collection moved its data, and closes its handles on removed packs so
+// their space is freed.
+func TestOtherProcessLetsGoOfCompactedPacks(t *testing.T) {
+	dir := t.TempDir()
+	open := func() *Store {
+		st, err := Open(context.Background(), dir, Options{Blobs: blobs.Options{PackSize: 4 << 20}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { st.Close() })
+		return st
+	}
+	// An importer that has exited (a daemon's own free packs are not
+	// compacted while it holds them).
+	importer := open()
+	nA, nB := treeNAR(t, 1<<20), treeNAR(t, 2<<20)
+	if err := add(t, importer, pathA, nA); err != nil {
+		t.Fatal(err)
+	}
+	if err := add(t, importer, pathB, nB); err != nil {
+		t.Fatal(err)
+	}
+	importer.Close()
+	daemon, collector := open(), open()
+	permRoot(t, daemon, pathA)
+	if !bytes.Equal(render(t, daemon, pathA), nA) {
+		t.Fatal("render before gc")
+	}
+	res := gc(t, collector, GCOptions{Action: GCDeleteDead})
+	if res.Compact.PacksRemoved == 0 {
+		t.Fatalf("nothing compacted: %+v", res.Compact)
+	}
+	daemon.blobs.DropCache()
+	if !bytes.Equal(render(t, daemon, pathA), nA) {
+		t.Fatal("render after another process compacted")
+	}
+	deleted := func() []string {
+		var out []string
+		ents, _ := os.ReadDir("/proc/self/fd")
+		for _, e := range ents {
+			if l, err := os.Readlink(filepath.Join("/proc/self/fd", e.Name())); err == nil && strings.HasSuffix(l, ".pack (deleted)") {
+				out = append(out, l)
+			}
+		}
+		return out
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for len(deleted()) > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("still open after 10 s: %v", deleted())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	mustVerify(t, daemon)
 }
