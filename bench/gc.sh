@@ -22,6 +22,7 @@ set -Eeuo pipefail
 
 BENCH_DIR=${BENCH_DIR:-/var/tmp/casnix-bench}
 RUNS=${RUNS:-3}
+MIN_DEADS=${MIN_DEADS:-0.25 0.01} # casnix gc --min-dead values measured (0.25 is the default)
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 RESULTS=${RESULTS:-$HERE/RESULTS.md}
@@ -106,35 +107,39 @@ rm -rf "$W/liveonly"
 # timed OUT CMD…: run CMD with stdout to OUT (stderr to OUT.log), print its wall seconds
 timed() { local out=$1 s e; shift; s=$(date +%s.%N); "$@" >"$out" 2>"$out.log"; e=$(date +%s.%N); echo "$e - $s" | bc; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+mib() { echo "scale=1; $1 / 1048576" | bc; }
 rm -f "$W"/raw.*
 for i in $(seq "$RUNS"); do
   log "run $i/$RUNS"
-  # casnix: a copy of the full data dir, roots as gcroots symlinks.
-  rm -rf "$W/work"
-  cp -a "$W/base" "$W/work"
-  mkdir -p "$W/work/gcroots"
-  while read -r p; do ln -s "$p" "$W/work/gcroots/$(basename "$p")"; done <"$W/roots.txt"
-  sync
-  before=$(du -sB1 "$W/work" | cut -f1)
   echo "$(cut -d' ' -f1 /proc/loadavg)" >>"$W/raw.load"
-  t=$(timed "$W/gc.json" "$CASNIX" -d "$W/work" gc --json)
-  after=$(du -sB1 "$W/work" | cut -f1)
-  echo "$t" >>"$W/raw.casnix_secs"
-  echo $((before - after)) >>"$W/raw.reclaimed"
-  python3 -c "import json; d=json.load(open('$W/gc.json')); print(d['exclusiveBytes'])" >>"$W/raw.estimate"
-  python3 -c "import json; d=json.load(open('$W/gc.json')); print(d['lockSeconds'])" >>"$W/raw.lock_secs"
-  n=$(python3 -c "import json; print(len(json.load(open('$W/gc.json'))['paths']))")
-  [[ $n == "$NDEAD" ]] || { log "casnix gc deleted $n paths, expected $NDEAD"; exit 1; }
-  if [[ $i == 1 ]]; then
-    log "verify after gc"
-    "$CASNIX" -d "$W/work" verify 2>"$W/verify.log"
-    # every 10th live path dumps byte-identical to the source
-    awk 'NR % 10 == 1' "$W/live.txt" | while read -r p; do
-      a=$("$CASNIX" -d "$W/work" dump "$p" | sha256sum)
-      b=$(nix-store --store "$CORPUS" --dump "$p" | sha256sum)
-      [[ $a == "$b" ]] || { log "dump of $p differs after gc"; exit 1; }
+  for md in $MIN_DEADS; do
+    # casnix: a copy of the full data dir, roots as gcroots symlinks.
+    rm -rf "$W/work"
+    cp -a "$W/base" "$W/work"
+    mkdir -p "$W/work/gcroots"
+    while read -r p; do ln -s "$p" "$W/work/gcroots/$(basename "$p")"; done <"$W/roots.txt"
+    sync
+    before=$(du -sB1 "$W/work" | cut -f1)
+    t=$(timed "$W/gc.json" "$CASNIX" -d "$W/work" gc --json --min-dead "$md")
+    after=$(du -sB1 "$W/work" | cut -f1)
+    echo "$t" >>"$W/raw.casnix_secs.$md"
+    echo $((before - after)) >>"$W/raw.reclaimed.$md"
+    for k in exclusiveBytes lockSeconds deadLeft; do
+      python3 -c "import json; print(json.load(open('$W/gc.json'))['$k'])" >>"$W/raw.$k.$md"
     done
-  fi
+    n=$(python3 -c "import json; print(len(json.load(open('$W/gc.json'))['paths']))")
+    [[ $n == "$NDEAD" ]] || { log "casnix gc deleted $n paths, expected $NDEAD"; exit 1; }
+    if [[ $i == 1 ]]; then
+      log "verify after gc --min-dead $md"
+      "$CASNIX" -d "$W/work" verify 2>"$W/verify.log"
+      # every 10th live path dumps byte-identical to the source
+      awk 'NR % 10 == 1' "$W/live.txt" | while read -r p; do
+        a=$("$CASNIX" -d "$W/work" dump "$p" | sha256sum)
+        b=$(nix-store --dump "$CORPUS$p" | sha256sum)
+        [[ $a == "$b" ]] || { log "dump of $p differs after gc"; exit 1; }
+      done
+    fi
+  done
   # Nix: a copy of the source store, the same roots, nix-store --gc.
   rm -rf "$W/nixwork"
   cp -a "$CORPUS" "$W/nixwork"
@@ -142,7 +147,7 @@ for i in $(seq "$RUNS"); do
   while read -r p; do ln -s "$p" "$W/nixwork/nix/var/nix/gcroots/bench/$(basename "$p")"; done <"$W/roots.txt"
   sync
   nbefore=$(du -sB1 "$W/nixwork" | cut -f1)
-  t=$(timed "$W/nixgc.out" nix-store --store "$W/nixwork" --gc)
+  t=$(timed "$W/nixgc.out" nix-store --store "$W/nixwork" --option keep-derivations false --gc)
   nafter=$(du -sB1 "$W/nixwork" | cut -f1)
   echo "$t" >>"$W/raw.nix_secs"
   echo $((nbefore - nafter)) >>"$W/raw.nix_reclaimed"
@@ -151,24 +156,26 @@ for i in $(seq "$RUNS"); do
 done
 rm -rf "$W/work" "$W/nixwork"
 
-mib() { echo "scale=1; $1 / 1048576" | bc; }
-CS=$(median <"$W/raw.casnix_secs"); NS=$(median <"$W/raw.nix_secs")
-RC=$(median <"$W/raw.reclaimed"); NR=$(median <"$W/raw.nix_reclaimed")
-ES=$(median <"$W/raw.estimate"); LS=$(median <"$W/raw.lock_secs")
+NS=$(median <"$W/raw.nix_secs"); NR=$(median <"$W/raw.nix_reclaimed")
 EXCL=$((FULL - LIVEONLY))
 {
   echo "<!-- bench/gc.sh: begin (rewritten by every gc.sh run) -->"
   echo "## GC ($(date -u +%F), $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, 1-min load at the runs: $(paste -sd/ "$W/raw.load"), commit $(git -C "$REPO" rev-parse --short HEAD))"
   echo
-  echo "Corpus $CORPUS: $NPATHS paths; roots keep $(wc -l <"$W/live.txt") paths, $NDEAD paths ($(mib "$DEADNAR") MiB of NAR) are garbage. Median of $RUNS runs."
+  echo "Corpus $CORPUS: $NPATHS paths; roots keep $(wc -l <"$W/live.txt") paths, $NDEAD paths ($(mib "$DEADNAR") MiB of NAR) are garbage."
+  echo "Median of $RUNS runs. Exclusive stored bytes of the garbage (the space anchor): du of the full data dir ($(mib "$FULL") MiB)"
+  echo "minus du of a data dir into which only the live closure was imported ($(mib "$LIVEONLY") MiB) = $(mib "$EXCL") MiB."
+  echo "Time anchor: \`nix-store --gc\` (keep-derivations off) of the same garbage from a copy of the source Nix store:"
+  printf '%.2f s, reclaiming %s MiB (files as big as their NARs).\n' "$NS" "$(mib "$NR")"
   echo
-  echo "| figure | casnix gc | anchor |"
-  echo "|---|---|---|"
-  printf '| wall time, s | %.2f (imports held off %.2f) | %.2f (`nix-store --gc`, same roots, copy of the source store) |\n' "$CS" "$LS" "$NS"
-  printf '| space reclaimed (du), MiB | %s | %s (`nix-store --gc`: the NAR-sized files) |\n' "$(mib "$RC")" "$(mib "$NR")"
-  printf '| exclusive stored bytes of the garbage, MiB | %s (gc estimate) | %s (du of full data dir %s MiB minus a data dir of the live closure alone %s MiB) |\n' \
-    "$(mib "$ES")" "$(mib "$EXCL")" "$(mib "$FULL")" "$(mib "$LIVEONLY")"
-  printf '| reclaimed / exclusive | %.3f | 1 |\n' "$(echo "$RC / $EXCL" | bc -l)"
+  echo "| casnix gc | wall time, s | imports held off, s | reclaimed (du), MiB | gc's estimate of the exclusive bytes, MiB | dead bytes left in packs, MiB | reclaimed / exclusive | time vs nix-store --gc |"
+  echo "|---|---|---|---|---|---|---|---|"
+  for md in $MIN_DEADS; do
+    CS=$(median <"$W/raw.casnix_secs.$md"); RC=$(median <"$W/raw.reclaimed.$md")
+    printf '| --min-dead %s | %.2f | %.2f | %s | %s | %s | %.3f | %.3f× |\n' "$md" "$CS" "$(median <"$W/raw.lockSeconds.$md")" \
+      "$(mib "$RC")" "$(mib "$(median <"$W/raw.exclusiveBytes.$md")")" "$(mib "$(median <"$W/raw.deadLeft.$md")")" \
+      "$(echo "$RC / $EXCL" | bc -l)" "$(echo "$CS / $NS" | bc -l)"
+  done
   echo "<!-- bench/gc.sh: end -->"
 } | tee "$W/table.md"
 if [[ -f $RESULTS ]] && grep -q '^<!-- bench/gc.sh: begin' "$RESULTS"; then

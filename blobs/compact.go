@@ -33,7 +33,8 @@ type CompactStats struct {
 	FramesRewritten int   // recompressed without their dead chunks
 	DiskRemoved     int64 // bytes of the pack files removed
 	DiskWritten     int64 // bytes of the pack files written
-	Skipped         int   // under-used packs held by a writer
+	Skipped         int   // packs held by a writer, not looked at
+	DeadLeft        int64 // dead bytes left in packs under the minDead threshold
 }
 
 // Freed is the net disk space Compact gave back.
@@ -208,6 +209,7 @@ func (c *compactor) pack(u db.PackUse, minDead float64) error {
 	}
 	dead := fi.Size() - pack.HeaderSize - u.LiveBytes
 	if float64(dead) < minDead*float64(fi.Size()) {
+		c.st.DeadLeft += max(dead, 0)
 		return nil
 	}
 	return c.move(u.ID, f, diskUsage(fi))

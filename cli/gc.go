@@ -32,6 +32,7 @@ type gcJSON struct {
 	ExclusiveBytes int64    `json:"exclusiveBytes"`
 	PacksRemoved   int      `json:"packsRemoved"`
 	PacksWritten   int      `json:"packsWritten"`
+	DeadLeft       int64    `json:"deadLeft"`
 	Seconds        float64  `json:"seconds"`
 	LockSeconds    float64  `json:"lockSeconds"`
 }
@@ -90,7 +91,8 @@ func (c *GCCmd) Run(g *Globals) error {
 	if c.JSON {
 		out := gcJSON{Action: o.Action.String(), Paths: make([]string, 0, len(res.Paths)), BytesFreed: res.BytesFreed,
 			ExclusiveBytes: res.ExclusiveBytes, PacksRemoved: res.Compact.PacksRemoved, PacksWritten: res.Compact.PacksWritten,
-			Seconds: el.Seconds(), LockSeconds: res.LockTime.Seconds()}
+			DeadLeft: res.Compact.DeadLeft,
+			Seconds:  el.Seconds(), LockSeconds: res.LockTime.Seconds()}
 		for _, p := range res.Paths {
 			out.Paths = append(out.Paths, st.Full(p))
 		}
@@ -112,9 +114,9 @@ func (c *GCCmd) Run(g *Globals) error {
 		fmt.Fprintf(g.Stderr, "%d dead paths; deleting them would free about %s of stored data\n",
 			len(res.Paths), humanBytes(res.ExclusiveBytes))
 	default:
-		fmt.Fprintf(g.Stderr, "deleted %d paths (%s of stored data) in %.1fs (imports held off %.1fs); %s freed on disk, %d packs removed, %d written\n",
+		fmt.Fprintf(g.Stderr, "deleted %d paths (%s of stored data) in %.1fs (imports held off %.1fs); %s freed on disk, %d packs removed, %d written; %s dead left in packs under --min-dead\n",
 			len(res.Paths), humanBytes(res.ExclusiveBytes), el.Seconds(), res.LockTime.Seconds(),
-			humanBytes(res.BytesFreed), res.Compact.PacksRemoved, res.Compact.PacksWritten)
+			humanBytes(res.BytesFreed), res.Compact.PacksRemoved, res.Compact.PacksWritten, humanBytes(res.Compact.DeadLeft))
 	}
 	return nil
 }
