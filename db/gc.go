@@ -12,7 +12,7 @@ import (
 // that stream, and the deletes and moves only a collection makes.
 
 // nextID is the SQL expression for a new id of table tbl (packs or frames)
-// that no row, present or deleted, ever had (see migration 0002).
+// that no row, present or deleted, ever had (see migration 0003).
 func nextID(tbl string) string {
 	return fmt.Sprintf("(SELECT MAX(IFNULL((SELECT MAX(id) FROM %[1]s), 0), IFNULL((SELECT top FROM id_floor WHERE tbl = '%[1]s'), 0)) + 1)", tbl)
 }

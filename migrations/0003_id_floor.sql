@@ -1,4 +1,4 @@
--- casnix schema version 2: garbage collection.
+-- casnix schema version 3: garbage collection.
 -- SQLite hands out max(id)+1 for a new row, so deleting the newest pack or
 -- frame would let its id come back. Ids must never be reused: a process's
 -- decoded-frame cache is keyed by frame id and its open pack handles by pack
