@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/casnix/casnix/proto"
 	"github.com/casnix/casnix/tests/nixtest"
 )
 
@@ -199,10 +200,33 @@ func TestGCConcurrent(t *testing.T) {
 	addRoots(t, cas, liveSet...)
 	addRoots(t, cas, twins...) // not valid yet: imported during the collections
 
+	// A long-running reader too: casnix serve answering NarFromPath on one
+	// connection holds its pack handles across the collections.
+	socket := filepath.Join(t.TempDir(), "daemon.sock")
+	daemon := cas.Serve(t, socket)
+
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	var wg sync.WaitGroup
 	errs := make(chan string, 100)
+	wg.Add(1)
+	go func() { // daemon reader
+		defer wg.Done()
+		cl, err := proto.Dial(socket)
+		if err != nil {
+			errs <- fmt.Sprintf("dial casnix serve: %v", err)
+			return
+		}
+		defer cl.Close()
+		for i := 0; ctx.Err() == nil; i++ {
+			p := liveSet[i%len(liveSet)]
+			w := nixtest.NewDigestWriter()
+			if _, err := cl.NarFromPath(p, w); err != nil || w.Digest().NixHash() != want[p].NarHash {
+				errs <- fmt.Sprintf("NarFromPath %s during gc: %s, %v", p, w.Digest(), err)
+				return
+			}
+		}
+	}()
 	wg.Add(1)
 	go func() { // readers
 		defer wg.Done()
@@ -260,6 +284,23 @@ func TestGCConcurrent(t *testing.T) {
 	}
 	mustDump(t, cas, wantLive, want)
 	cas.Run(t, "verify")
+	// The daemon lets go of the packs the collections removed, so their
+	// space is really free.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		fds, err := daemon.OpenFDs()
+		if err != nil {
+			t.Fatal(err)
+		}
+		held := slices.DeleteFunc(fds, func(f string) bool { return !strings.HasSuffix(f, ".pack (deleted)") })
+		if len(held) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("casnix serve still holds removed packs 10 s after the last gc: %q", held)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 }
 
 // gcKills is how many times TestGCCrash kills a collection.
@@ -304,12 +345,25 @@ func TestGCCrash(t *testing.T) {
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
-		d := time.Duration(rng.Float64() * 1.2 * float64(full))
+		start := time.Now()
+		d := time.Duration(rng.Float64() * float64(full))
+		if kill%3 == 2 {
+			// Every third kill early: start-up, marking, the sweep.
+			d /= 4
+		}
 		time.Sleep(d)
 		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 		if err := cmd.Wait(); err == nil {
+			// It finished first: later kills aim within the time a run
+			// really takes now (the calibration run may have been slow).
 			finished++
+			full = min(full, time.Since(start)) * 9 / 10
 		}
+		// Where the kill landed: before the sweep committed (garbage still
+		// valid), or after (then during or after compaction: pack files).
+		packs, _ := filepath.Glob(filepath.Join(cas.DataDir, "packs", "*", "*.pack"))
+		t.Logf("kill %d after %s: %d garbage paths still valid, %d pack files", kill, d.Round(time.Millisecond),
+			len(cas.ValidPaths(t, garbage)), len(packs))
 		if r := cas.Try("verify"); !r.OK() {
 			t.Fatalf("kill %d after %s: verify:\n%s\ngc said:\n%s", kill, d, r, out.String())
 		}
