@@ -166,6 +166,12 @@ func (br *BlobReader) chunkData(i int) ([]byte, error) {
 		return nil, err
 	}
 	data, err := br.s.frame(loc.Frame)
+	if err != nil && vanished(err) {
+		// Its pack was compacted away since the lookup: look again, once.
+		if loc, err = br.relocate(i); err == nil {
+			data, err = br.s.frame(loc.Frame)
+		}
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -82,6 +82,8 @@ type Store struct {
 	readers map[int64]*os.File
 
 	cache *frameCache
+
+	readerSweepState
 }
 
 // Open opens the blob store whose packs live under dir (created if needed).
@@ -106,15 +108,18 @@ func Open(dir string, d *db.DB, opts Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("zstd decoder: %w", err)
 	}
-	return &Store{
+	s := &Store{
 		dir: dir, db: d, opts: opts, enc: enc, dec: dec,
 		readers: map[int64]*os.File{},
 		cache:   newFrameCache(opts.CacheBytes),
-	}, nil
+	}
+	s.startReaderSweeper()
+	return s, nil
 }
 
 // Close releases packs and files.
 func (s *Store) Close() error {
+	s.stopReaderSweeper()
 	s.mu.Lock()
 	var errs []error
 	for _, p := range s.free {
@@ -195,6 +200,10 @@ func (s *Store) reuseExisting(ctx context.Context) (*packFile, error) {
 		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
 			f.Close()
 			continue // another process writes it
+		}
+		if compactedAway(f) {
+			f.Close()
+			continue
 		}
 		st, err := f.Stat()
 		if err != nil {
@@ -310,6 +319,7 @@ func (s *Store) release(ps ...*packFile) {
 
 // reader returns a read-only handle on pack id.
 func (s *Store) reader(id int64) (*os.File, error) {
+	s.dropDeadReaders()
 	s.rmu.RLock()
 	f := s.readers[id]
 	s.rmu.RUnlock()

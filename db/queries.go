@@ -21,7 +21,7 @@ func notFound(err error, what string) error {
 
 // InsertPack allocates a new pack id.
 func (q q) InsertPack(ctx context.Context) (int64, error) {
-	res, err := q.exec(ctx, "INSERT INTO packs(created) VALUES (?)", time.Now().Unix())
+	res, err := q.exec(ctx, "INSERT INTO packs(id, created) VALUES ("+nextID("packs")+", ?)", time.Now().Unix())
 	if err != nil {
 		return 0, fmt.Errorf("insert pack: %w", err)
 	}
@@ -70,7 +70,7 @@ type Frame struct {
 // InsertFrame records a frame and returns its id.
 func (q q) InsertFrame(ctx context.Context, f Frame) (int64, error) {
 	res, err := q.exec(ctx,
-		"INSERT INTO frames(pack, offset, data_off, clen, rawlen) VALUES (?,?,?,?,?)",
+		"INSERT INTO frames(id, pack, offset, data_off, clen, rawlen) VALUES ("+nextID("frames")+",?,?,?,?,?)",
 		f.Pack, f.Offset, f.DataOff, f.CLen, f.RawLen)
 	if err != nil {
 		return 0, fmt.Errorf("insert frame: %w", err)
@@ -166,8 +166,12 @@ type ChunkInFrame struct {
 // index says it holds (possibly none, for a frame that lost a race to a
 // concurrent writer storing the same chunks).
 func (q q) EachFrame(ctx context.Context, fn func(Frame, []ChunkInFrame) error) error {
+	return q.eachFrame(ctx, "", nil, fn)
+}
+
+func (q q) eachFrame(ctx context.Context, where string, args []any, fn func(Frame, []ChunkInFrame) error) error {
 	rows, err := q.query(ctx, `SELECT f.id, f.pack, f.offset, f.data_off, f.clen, f.rawlen, c.digest, c.off, c.len
-		FROM frames f LEFT JOIN chunks c ON c.frame = f.id ORDER BY f.pack, f.offset, c.off`)
+		FROM frames f LEFT JOIN chunks c ON c.frame = f.id `+where+` ORDER BY f.pack, f.offset, c.off`, args...)
 	if err != nil {
 		return fmt.Errorf("list frames: %w", err)
 	}

@@ -110,8 +110,7 @@ func (c *conn) dispatch(op uint64) (keep bool, err error) {
 		c.last()
 		c.w.u64(1)
 	case opFindRoots:
-		c.last()
-		c.w.u64(0)
+		err = c.findRoots()
 	case opQueryDeriver:
 		err = c.queryDeriver()
 	case opSetOptions:
@@ -422,87 +421,6 @@ func (c *conn) ensurePath() error {
 	c.last()
 	c.w.u64(1)
 	return nil
-}
-
-func (c *conn) addTempRoot() error {
-	name, err := c.readPath()
-	if err != nil {
-		return err
-	}
-	c.mu.Lock()
-	c.tempRoots[name] = struct{}{}
-	c.mu.Unlock()
-	c.last()
-	c.w.u64(1)
-	return nil
-}
-
-func (c *conn) addIndirectRoot() error {
-	if _, err := c.r.str(maxPath); err != nil {
-		return err
-	}
-	c.last()
-	c.w.u64(1)
-	return nil
-}
-
-func (c *conn) addPermRoot() error {
-	if _, err := c.readPath(); err != nil {
-		return err
-	}
-	if _, err := c.r.str(maxPath); err != nil {
-		return err
-	}
-	return errorf("casnix does not keep permanent GC roots yet")
-}
-
-func (c *conn) collectGarbage() error {
-	action, err := c.r.u64()
-	if err != nil {
-		return err
-	}
-	names, perr := c.readPaths()
-	if perr != nil && !isOpError(perr) {
-		return perr
-	}
-	for i := 0; i < 5; i++ { // ignoreLiveness, maxFreed, 3 obsolete
-		if _, err := c.r.u64(); err != nil {
-			return err
-		}
-	}
-	if perr != nil {
-		return perr
-	}
-	switch action {
-	case 0, 1: // ReturnLive, ReturnDead
-		var res []string
-		if action == 0 {
-			// casnix deletes nothing through the daemon, so everything is live.
-			if res, err = c.s.Store.All(c.ctx); err != nil {
-				return c.storeErr(err)
-			}
-		}
-		c.last()
-		c.w.strings(c.fullAll(res))
-		c.w.u64(0)
-		c.w.u64(0)
-		return nil
-	case 3: // DeleteSpecific
-		for _, n := range names {
-			refs, err := c.s.Store.Referrers(c.ctx, n)
-			if err != nil {
-				return c.storeErr(err)
-			}
-			for _, r := range refs {
-				if r != n {
-					return errorf("Cannot delete path '%s' since it is still alive. To find out why, use: nix-store --query --roots and nix-store --query --referrers", c.full(n))
-				}
-			}
-		}
-		return errorf("casnix does not delete paths through the daemon yet; use 'casnix gc'")
-	default:
-		return errorf("casnix does not delete paths through the daemon yet; use 'casnix gc'")
-	}
 }
 
 func isOpError(err error) bool {

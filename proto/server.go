@@ -232,7 +232,7 @@ type conn struct {
 	mu        sync.Mutex
 	busy      bool // inside an op
 	stopping  bool
-	tempRoots map[string]struct{}
+	roots     *store.TempRoots // created by the first temp root
 	refused   bool // not in allowed-users: the handshake ends in an error
 }
 
@@ -241,7 +241,6 @@ func (s *Server) newConn(ctx context.Context, rw io.ReadWriteCloser, trusted boo
 		s: s, ctx: ctx, rw: rw, trusted: trusted, log: s.log(),
 		r:         wireReader{r: bufio.NewReaderSize(rw, 64<<10)},
 		w:         wireWriter{w: bufio.NewWriterSize(rw, 64<<10)},
-		tempRoots: map[string]struct{}{},
 	}
 }
 
@@ -269,6 +268,7 @@ func (c *conn) timeout(t time.Duration) {
 }
 
 func (c *conn) serve() error {
+	defer c.closeRoots()
 	c.timeout(c.s.HandshakeTimeout)
 	if err := c.handshake(); err != nil {
 		if !isDisconnect(err) {

@@ -243,6 +243,9 @@ func (c *conn) addToStoreNar() error {
 	if bad == nil {
 		bad = c.checkAdd(&pi, pw.hasNarHash, flags[1])
 	}
+	if bad == nil {
+		bad = c.addTemp(pi.Name)
+	}
 	u := c.openUpload()
 	if bad != nil {
 		return c.failUpload(u, bad)
@@ -270,7 +273,6 @@ func (c *conn) addToStoreNar() error {
 			return c.addErr(err)
 		}
 	}
-	c.addTemp(pi.Name)
 	c.last()
 	return nil
 }
@@ -294,20 +296,13 @@ func (c *conn) addMultipleToStore() error {
 	// Inside the framed stream, values are encoded as on the wire.
 	inner := &wireReader{r: bufio.NewReaderSize(f, 64<<10)}
 	var b *store.Batch
-	var pending []string
 	commit := func() error {
 		if b == nil {
 			return nil
 		}
 		defer func() { b = nil }()
-		if _, err := b.Commit(); err != nil {
-			return err
-		}
-		for _, n := range pending {
-			c.addTemp(n)
-		}
-		pending = pending[:0]
-		return nil
+		_, err := b.Commit()
+		return err
 	}
 	defer func() {
 		if b != nil {
@@ -335,21 +330,18 @@ func (c *conn) addMultipleToStore() error {
 			if err := c.checkAdd(&pi, pw.hasNarHash, flags[1]); err != nil {
 				return err
 			}
+			if err := c.addTemp(pi.Name); err != nil {
+				return err
+			}
 			if b == nil {
 				b = c.s.Store.NewBatch(c.ctx)
 			}
 			lr := &io.LimitedReader{R: inner.r, N: pi.NarSize}
-			added, err := c.ingestOne(b, bufio.NewReaderSize(lr, 64<<10), pi)
-			if err != nil {
+			if _, err := c.ingestOne(b, bufio.NewReaderSize(lr, 64<<10), pi); err != nil {
 				return err
 			}
 			if lr.N != 0 {
 				return errorf("NAR of '%s' is shorter than its narSize %d", c.full(pi.Name), pi.NarSize)
-			}
-			if added {
-				pending = append(pending, pi.Name)
-			} else {
-				c.addTemp(pi.Name)
 			}
 			if b.NarBytes >= multiBatchBytes {
 				if err := commit(); err != nil {
@@ -442,6 +434,9 @@ func (c *conn) addCA(dump io.Reader, method store.CAMethod, algo, name string, r
 		nr = flatNAR(f, size)
 	}
 	pi := store.PathInfo{Name: base, References: refs, CA: ca.String()}
+	if err := c.addTemp(base); err != nil {
+		return nil, err
+	}
 	b := c.s.Store.NewBatch(c.ctx)
 	defer b.Abort()
 	added, err := c.ingestOne(b, nr, pi)
@@ -453,7 +448,6 @@ func (c *conn) addCA(dump io.Reader, method store.CAMethod, algo, name string, r
 			return nil, c.addErr(err)
 		}
 	}
-	c.addTemp(base)
 	info, err := c.s.Store.Info(c.ctx, base)
 	if err != nil {
 		return nil, c.storeErr(err)
@@ -645,12 +639,4 @@ func (c *conn) addTextToStore() error {
 	c.last()
 	c.w.str(c.full(pi.Name))
 	return nil
-}
-
-// addTemp makes name a temp root of this connection: like nix-daemon, a
-// path a client added or asked to keep stays alive while it is connected.
-func (c *conn) addTemp(name string) {
-	c.mu.Lock()
-	c.tempRoots[name] = struct{}{}
-	c.mu.Unlock()
 }

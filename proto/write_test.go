@@ -9,8 +9,10 @@ import (
 	"encoding/hex"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nix-community/go-nix/pkg/narinfo/signature"
 
@@ -432,6 +434,111 @@ func TestRealisations(t *testing.T) {
 	}
 	if got := old.strs(); len(got) != 1 || got[0] != full(testB) {
 		t.Fatalf("1.30 answer %v", got)
+	}
+	cl.inStep()
+}
+
+func TestGCOps(t *testing.T) {
+	trusted := true
+	f := newFixture(t, func(s *Server) { s.Trusted = func(uint32, uint32) bool { return trusted } })
+	gc := func(cl *client, action uint64, paths ...string) ([]string, error) {
+		cl.w.u64(opCollectGarbage)
+		cl.w.u64(action)
+		var full_ []string
+		for _, p := range paths {
+			full_ = append(full_, full(p))
+		}
+		cl.w.strings(full_)
+		cl.w.u64(0) // ignoreLiveness
+		cl.w.u64(0) // maxFreed
+		cl.w.u64(0)
+		cl.w.u64(0)
+		cl.w.u64(0)
+		if err := cl.result(); err != nil {
+			return nil, err
+		}
+		out := cl.strs()
+		cl.u64()
+		cl.u64()
+		return out, nil
+	}
+	holder := f.connect(t, 38)
+	holder.w.u64(opAddTempRoot)
+	holder.w.str(full(testB))
+	holder.expectLast()
+	holder.u64()
+	cl := f.connect(t, 38)
+	if dead, err := gc(cl, 1); err != nil || len(dead) != 0 {
+		t.Fatalf("dead paths while testB is a temp root of a live connection: %v %v", dead, err)
+	}
+	if _, err := gc(cl, 3, testB); err == nil || !strings.Contains(err.Error(), "alive") {
+		t.Fatalf("deleting a temp-rooted path: %v", err)
+	}
+	holder.c.Close()
+	// The holder's roots go when its connection ends.
+	var dead []string
+	for i := 0; i < 100; i++ {
+		if dead, _ = gc(cl, 1); len(dead) == 2 {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if len(dead) != 2 {
+		t.Fatalf("dead after the holder left: %v", dead)
+	}
+	// A perm root keeps testA (and is what FindRoots reports).
+	link := filepath.Join(t.TempDir(), "result")
+	cl.w.u64(opAddPermRoot)
+	cl.w.str(full(testA))
+	cl.w.str(link)
+	cl.expectLast()
+	if got := cl.str(); got != link {
+		t.Fatalf("AddPermRoot returned %q", got)
+	}
+	cl.w.u64(opFindRoots)
+	cl.expectLast()
+	n := cl.u64()
+	var roots []string
+	for i := uint64(0); i < n; i++ {
+		roots = append(roots, cl.str()+" -> "+cl.str())
+	}
+	if !slices.Contains(roots, link+" -> "+full(testA)) {
+		t.Fatalf("FindRoots: %v", roots)
+	}
+	// Untrusted: may list, may not delete or make perm roots, sees censored links.
+	trusted = false
+	un := f.connect(t, 38)
+	if _, err := gc(un, 2); err == nil || !strings.Contains(err.Error(), "not privileged") {
+		t.Fatalf("untrusted delete: %v", err)
+	}
+	if _, err := gc(un, 3, testB); err == nil {
+		t.Fatal("untrusted delete-specific allowed")
+	}
+	un.w.u64(opAddPermRoot)
+	un.w.str(full(testA))
+	un.w.str(link + "2")
+	if err := un.result(); err == nil {
+		t.Fatal("untrusted perm root allowed")
+	}
+	un.w.u64(opFindRoots)
+	un.expectLast()
+	for i, n := uint64(0), un.u64(); i < n; i++ {
+		if l := un.str(); l != "{censored}" {
+			t.Fatalf("untrusted client sees root %s", l)
+		}
+		un.str()
+	}
+	un.inStep()
+	trusted = true
+	deleted, err := gc(cl, 2)
+	if err != nil || len(deleted) != 1 || deleted[0] != full(testB) {
+		t.Fatalf("delete dead: %v %v", deleted, err)
+	}
+	if ok, _ := f.st.IsValid(context.Background(), testB); ok {
+		t.Fatal("testB still valid after GC")
+	}
+	if !bytes.Equal(render(t, f.st, testA), f.narA) {
+		t.Fatal("live path changed by GC")
 	}
 	cl.inStep()
 }

@@ -31,6 +31,10 @@ type Batch struct {
 	names map[string]bool
 	err   error
 	done  bool
+	// unlock releases the shared GC lock, held from the first Add to
+	// Commit or Abort: chunks deduplicated against and references checked
+	// stay put until the batch's rows are committed.
+	unlock func()
 
 	// NarBytes is the NAR bytes added so far (to size batches).
 	NarBytes int64
@@ -89,6 +93,17 @@ func (k batchSink) PutDirectory(d *castore.Directory) (digest.Digest, error) {
 func (b *Batch) Add(r io.Reader, info PathInfo) (*PathInfo, error) {
 	if b.err != nil {
 		return nil, b.err
+	}
+	if b.done {
+		return nil, errors.New("batch already finished")
+	}
+	if b.unlock == nil {
+		unlock, err := b.s.SharedGCLock(b.ctx)
+		if err != nil {
+			b.err = err
+			return nil, err
+		}
+		b.unlock = unlock
 	}
 	pi, err := b.add(r, info)
 	if err != nil {
@@ -232,7 +247,7 @@ func (b *Batch) Commit() (added []string, err error) {
 		return nil, errors.New("batch already finished")
 	}
 	b.done = true
-	defer b.w.Done()
+	defer b.release()
 	if b.err != nil {
 		return nil, b.err
 	}
@@ -280,7 +295,15 @@ func (b *Batch) Abort() {
 		return
 	}
 	b.done = true
+	b.release()
+}
+
+func (b *Batch) release() {
 	b.w.Done()
+	if b.unlock != nil {
+		b.unlock()
+		b.unlock = nil
+	}
 }
 
 func toRow(pi *PathInfo) *db.PathRow {

@@ -21,9 +21,14 @@ const GCLockFile = "gc.lock"
 // lockGC takes the GC lock in mode (unix.LOCK_SH or unix.LOCK_EX), waiting
 // until ctx is done. The returned func releases it.
 func (s *Store) lockGC(ctx context.Context, mode int) (func(), error) {
-	f, err := os.OpenFile(filepath.Join(s.dir, GCLockFile), os.O_RDWR|os.O_CREATE, 0o644)
+	return s.lockFile(ctx, GCLockFile, mode)
+}
+
+// lockFile takes a flock on the data directory's file name.
+func (s *Store) lockFile(ctx context.Context, name string, mode int) (func(), error) {
+	f, err := os.OpenFile(filepath.Join(s.dir, name), os.O_RDWR|os.O_CREATE, 0o644)
 	if err != nil {
-		return nil, fmt.Errorf("open gc lock: %w", err)
+		return nil, fmt.Errorf("open %s: %w", name, err)
 	}
 	// flock has no timeout: poll non-blocking so ctx can cancel the wait.
 	delay := time.Millisecond
@@ -34,12 +39,12 @@ func (s *Store) lockGC(ctx context.Context, mode int) (func(), error) {
 		}
 		if err != unix.EWOULDBLOCK && err != unix.EINTR {
 			f.Close()
-			return nil, fmt.Errorf("gc lock: %w", err)
+			return nil, fmt.Errorf("lock %s: %w", name, err)
 		}
 		select {
 		case <-ctx.Done():
 			f.Close()
-			return nil, fmt.Errorf("wait for gc lock: %w", ctx.Err())
+			return nil, fmt.Errorf("wait for %s: %w", name, ctx.Err())
 		case <-time.After(delay):
 		}
 		delay = min(delay*2, 50*time.Millisecond)

@@ -7,6 +7,8 @@ import (
 	"runtime"
 	"sync"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/casnix/casnix/blobs"
 )
 
@@ -30,8 +32,14 @@ func (r *VerifyReport) OK() bool { return len(r.Chunks) == 0 && len(r.Damaged) =
 // Verify re-hashes every chunk in every pack, then re-renders every valid
 // path's NAR and compares its SHA-256 and size with the path-info.
 func (s *Store) Verify(ctx context.Context, progress func(stage string, done, total int64)) (*VerifyReport, error) {
+	// No collection meanwhile: a pack compacted away or a path deleted
+	// under the scan would read as damage.
+	unlock, err := s.lockFile(ctx, gcRunLock, unix.LOCK_SH)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
 	rep := &VerifyReport{}
-	var err error
 	rep.Chunks, err = s.blobs.Verify(ctx, func(done, total int64) {
 		rep.Frames = total
 		if progress != nil {

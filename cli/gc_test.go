@@ -1,0 +1,80 @@
+package cli
+
+import (
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/casnix/casnix/store"
+)
+
+func TestParseSize(t *testing.T) {
+	tests := []struct {
+		in   string
+		want int64
+		bad  bool
+	}{
+		{"0", 0, false},
+		{"123", 123, false},
+		{"1K", 1024, false},
+		{"1k", 1024, false},
+		{"2M", 2 << 20, false},
+		{"2MiB", 2 << 20, false},
+		{"3G", 3 << 30, false},
+		{"1T", 1 << 40, false},
+		{" 5 ", 5, false},
+		{"", 0, true},
+		{"K", 0, true},
+		{"-1", 0, true},
+		{"1.5G", 0, true},
+		{"1X", 0, true},
+		{"99999999999T", 0, true},
+	}
+	for _, tc := range tests {
+		got, err := parseSize(tc.in)
+		if tc.bad != (err != nil) || got != tc.want {
+			t.Errorf("parseSize(%q) = %d, %v; want %d, error %v", tc.in, got, err, tc.want, tc.bad)
+		}
+	}
+}
+
+func FuzzParseSize(f *testing.F) {
+	for _, s := range []string{"0", "1K", "2MiB", "3gb", "-1", "", "1e9", "9223372036854775807", "4T"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		n, err := parseSize(s)
+		if err == nil && (n < 0 || n > 1<<62) {
+			t.Fatalf("parseSize(%q) = %d", s, n)
+		}
+	})
+}
+
+func TestKeepList(t *testing.T) {
+	st, err := store.Open(t.Context(), t.TempDir(), store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	const a = "00000000000000000000000000000000-a"
+	const b = "11111111111111111111111111111111-b"
+	file := filepath.Join(t.TempDir(), "keep")
+	os.WriteFile(file, []byte("# roots\n/nix/store/"+b+"/bin/x\n\n"+a+"\n"), 0o644)
+	got, err := keepList(st, []string{"/nix/store/" + a, file})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{a, b, a}; !slices.Equal(got, want) {
+		t.Fatalf("keepList = %q, want %q", got, want)
+	}
+	bad := filepath.Join(t.TempDir(), "bad")
+	os.WriteFile(bad, []byte("/etc/passwd\n"), 0o644)
+	if _, err := keepList(st, []string{bad}); err == nil || !strings.Contains(err.Error(), ":1:") {
+		t.Fatalf("bad keep file: %v", err)
+	}
+	if _, err := keepList(st, []string{"/nix/store/short"}); err == nil {
+		t.Fatal("accepted an invalid store path")
+	}
+}
