@@ -229,18 +229,18 @@ type conn struct {
 	trusted  bool
 	log      *slog.Logger
 
-	mu        sync.Mutex
-	busy      bool // inside an op
-	stopping  bool
-	roots     *store.TempRoots // created by the first temp root
-	refused   bool // not in allowed-users: the handshake ends in an error
+	mu       sync.Mutex
+	busy     bool // inside an op
+	stopping bool
+	roots    *store.TempRoots // created by the first temp root
+	refused  bool             // not in allowed-users: the handshake ends in an error
 }
 
 func (s *Server) newConn(ctx context.Context, rw io.ReadWriteCloser, trusted bool) *conn {
 	return &conn{
 		s: s, ctx: ctx, rw: rw, trusted: trusted, log: s.log(),
-		r:         wireReader{r: bufio.NewReaderSize(rw, 64<<10)},
-		w:         wireWriter{w: bufio.NewWriterSize(rw, 64<<10)},
+		r: wireReader{r: bufio.NewReaderSize(rw, 64<<10)},
+		w: wireWriter{w: bufio.NewWriterSize(rw, 64<<10)},
 	}
 }
 
