@@ -76,6 +76,7 @@ type BlobReader struct {
 	size   int64
 	chunks []chunkRef
 	pos    int64
+	ahead  aheadState
 }
 
 // Open returns a reader for blob d.
@@ -172,28 +173,6 @@ func (br *BlobReader) chunkData(i int) ([]byte, error) {
 	return data[loc.Off : loc.Off+loc.Len], nil
 }
 
-// readAheadBytes is how far ahead sequential readers decode: a few frames,
-// so that both cores decode while the reader consumes.
-const readAheadBytes = 16 << 20
-
-// readAhead keeps the frames of the next few MiB decoding in the
-// background, so sequential readers use every core and rarely wait.
-func (br *BlobReader) readAhead(i int) {
-	var ahead int64
-	last := int64(-1)
-	for j := i + 1; j < len(br.chunks) && ahead < readAheadBytes; j++ {
-		loc, err := br.locate(j)
-		if err != nil {
-			return
-		}
-		if loc.ID != last {
-			br.s.prefetch(loc.Frame)
-			last = loc.ID
-		}
-		ahead += loc.Len
-	}
-}
-
 func (br *BlobReader) chunkAt(off int64) int {
 	return sort.Search(len(br.chunks), func(i int) bool { return br.chunks[i].off+br.chunks[i].len > off })
 }
@@ -225,10 +204,8 @@ func (br *BlobReader) Read(p []byte) (int, error) {
 	if br.pos >= br.size {
 		return 0, io.EOF
 	}
+	br.ReadAhead(br.pos)
 	i := br.chunkAt(br.pos)
-	if br.pos == br.chunks[i].off {
-		br.readAhead(i)
-	}
 	data, err := br.chunkData(i)
 	if err != nil {
 		return 0, err
@@ -242,8 +219,8 @@ func (br *BlobReader) Read(p []byte) (int, error) {
 func (br *BlobReader) WriteTo(w io.Writer) (int64, error) {
 	var total int64
 	for br.pos < br.size {
+		br.ReadAhead(br.pos)
 		i := br.chunkAt(br.pos)
-		br.readAhead(i)
 		data, err := br.chunkData(i)
 		if err != nil {
 			return total, err
@@ -256,13 +233,4 @@ func (br *BlobReader) WriteTo(w io.Writer) (int64, error) {
 		}
 	}
 	return total, nil
-}
-
-// ReadAhead starts decoding the frames after offset off in the background,
-// for callers (FUSE) that read sequentially through ReadAt.
-func (br *BlobReader) ReadAhead(off int64) {
-	if off >= br.size || len(br.chunks) == 0 {
-		return
-	}
-	br.readAhead(br.chunkAt(off) - 1)
 }
