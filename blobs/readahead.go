@@ -28,8 +28,11 @@ func (br *BlobReader) ReadAhead(off int64) {
 	a := &br.ahead
 	a.mu.Lock()
 	from := a.end
-	if from < off || from > end {
-		from = off // first call, or a seek: start the window here
+	if from < off || from > off+2*readAheadBytes {
+		// First call, or a seek: start the window here. (Concurrent
+		// readers of one file, such as the kernel's parallel FUSE reads,
+		// arrive a little out of order: that is no seek.)
+		from = off
 	}
 	if end <= from {
 		a.mu.Unlock()
