@@ -125,3 +125,48 @@ func TestReadAheadDecodesOnce(t *testing.T) {
 		t.Fatalf("%d frame decodes for %d frames", got, len(frames))
 	}
 }
+
+// TestView: views return the same bytes as ReadAt, consecutive chunks of
+// one frame come as one slice, and Release gives every frame back.
+func TestView(t *testing.T) {
+	s, d := openBlobs(t, Options{FrameSize: 1 << 20, Level: zstd.SpeedFastest})
+	data := benchText(5<<20, 3)
+	br, err := s.Open(context.Background(), writeBlobs(t, s, d, data)[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := rand.New(rand.NewSource(1))
+	for range 100 {
+		off := r.Int63n(int64(len(data)) + 10)
+		n := r.Intn(600 << 10)
+		v, err := br.View(off, n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := data[min(off, int64(len(data))):min(off+int64(n), int64(len(data)))]
+		var got []byte
+		for _, sl := range v.Slices() {
+			got = append(got, sl...)
+		}
+		if v.Len() != len(want) || !bytes.Equal(got, want) {
+			t.Fatalf("View(%d, %d): %d bytes, differs from the blob", off, n, v.Len())
+		}
+		// One slice per frame touched: 600 KiB spans at most two 1 MiB frames.
+		if len(v.Slices()) > 2 {
+			t.Fatalf("View(%d, %d): %d slices", off, n, len(v.Slices()))
+		}
+		cp := make([]byte, n)
+		if k := v.CopyTo(cp); !bytes.Equal(cp[:k], want) {
+			t.Fatalf("CopyTo differs")
+		}
+		v.Release()
+		v.Release()
+	}
+	s.cache.mu.Lock()
+	defer s.cache.mu.Unlock()
+	for el := s.cache.lru.Front(); el != nil; el = el.Next() {
+		if e := el.Value.(*frameEntry); e.refs != 1 {
+			t.Fatalf("frame %d: %d references left, want the cache's one", e.id, e.refs)
+		}
+	}
+}
