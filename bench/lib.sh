@@ -13,3 +13,22 @@ gen_mib() {
     seq -f '%015.0f' $((u * 16384)) $((u * 16384 + 16383))
   done
 }
+
+# merge_section SCRIPT SECTION RESULTS: put the markdown file SECTION into RESULTS between
+# the markers "<!-- bench/SCRIPT: begin" and "<!-- bench/SCRIPT: end -->" (replacing what
+# was there), or append it, so every bench script owns one section of RESULTS.md.
+merge_section() {
+  local script=$1 section=$2 results=$3 tmp=$3.tmp
+  if [[ -f $results ]] && grep -q "^<!-- bench/$script: begin" "$results"; then
+    awk -v f="$section" -v b="<!-- bench/$script: begin" -v e="<!-- bench/$script: end" '
+      index($0, b) == 1 { while ((getline l < f) > 0) print l; skip = 1; next }
+      index($0, e) == 1 { skip = 0; next }
+      !skip { print }' "$results" >"$tmp"
+  else
+    { [[ -f $results ]] && cat "$results" && echo; cat "$section"; } >"$tmp"
+  fi
+  mv "$tmp" "$results"
+}
+
+# median: the median of the numbers on stdin, one per line.
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }

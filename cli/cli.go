@@ -25,7 +25,7 @@ var Version = "dev"
 type Globals struct {
 	DataDir    string `name:"data-dir" short:"d" env:"CASNIX_DIR" placeholder:"DIR" help:"Data directory (default: /var/lib/casnix as root, else $XDG_DATA_HOME/casnix)."`
 	StoreDir   string `name:"store-dir" env:"CASNIX_STORE_DIR" default:"/nix/store" help:"Nix store directory the stored paths belong to."`
-	ZstdLevel  int    `name:"zstd-level" env:"CASNIX_ZSTD_LEVEL" default:"7" help:"zstd level for new data: 1 fastest, 3 default, 7 better, 11 best. 7 stores about 7% smaller than 3 but ingests about half as fast (bench/RESULTS.md)."`
+	ZstdLevel  int    `name:"zstd-level" env:"CASNIX_ZSTD_LEVEL" placeholder:"N" help:"zstd level for new data: 1 fastest, 3 default, 7 better, 11 best (default: 7 for import, 1 for serve, where clients wait for their writes). 7 stores about 7% smaller than 3 but ingests about half as fast (bench/RESULTS.md)."`
 	FrameSize  int    `name:"frame-size" env:"CASNIX_FRAME_SIZE" default:"4194304" help:"Bytes of new chunks compressed together in one zstd frame (256 KiB to 16 MiB): larger compresses better, smaller reads small files faster."`
 	CPUProfile string `name:"cpu-profile" hidden:"" type:"path" help:"Write a Go CPU profile to this file."`
 	LogLevel   string `name:"log-level" env:"CASNIX_LOG_LEVEL" default:"info" enum:"debug,info,warn,error" help:"Log level (${enum})."`
@@ -50,15 +50,28 @@ func DefaultDataDir() string {
 	return "casnix-data"
 }
 
+// DefaultZstdLevel is the compression level of commands that write in
+// bulk (import); ServeWriteLevel that of `casnix serve`, whose clients wait
+// for each write: at level 1 `nix copy --to` keeps pace with nix-daemon
+// (bench/RESULTS.md, "Write").
+const (
+	DefaultZstdLevel = 7
+	ServeWriteLevel  = 1
+)
+
 // Open opens the store for a command; callers defer Close.
 func (g *Globals) Open() (*store.Store, error) {
 	dir := g.DataDir
 	if dir == "" {
 		dir = DefaultDataDir()
 	}
+	level := g.ZstdLevel
+	if level == 0 {
+		level = DefaultZstdLevel
+	}
 	st, err := store.Open(g.Ctx, dir, store.Options{
 		StoreDir: g.StoreDir, Logger: g.Logger,
-		Blobs: blobs.Options{Level: zstd.EncoderLevelFromZstd(g.ZstdLevel), FrameSize: g.FrameSize},
+		Blobs: blobs.Options{Level: zstd.EncoderLevelFromZstd(level), FrameSize: g.FrameSize},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("open data dir %s: %w", dir, err)

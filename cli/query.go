@@ -102,7 +102,8 @@ func dirBytes(dir string) (int64, error) {
 type PathInfoCmd struct {
 	JSON      bool     `name:"json" help:"Print JSON shaped like 'nix path-info --json' (Nix 2.8: a list of objects)."`
 	Recursive bool     `name:"recursive" short:"r" help:"Include the closure."`
-	Paths     []string `arg:"" name:"paths" help:"Store paths."`
+	All       bool     `name:"all" help:"Every valid path."`
+	Paths     []string `arg:"" optional:"" name:"paths" help:"Store paths."`
 }
 
 type pathInfoJSON struct {
@@ -137,6 +138,15 @@ func (c *PathInfoCmd) Run(g *Globals) error {
 			return err
 		}
 		names = append(names, n)
+	}
+	if c.All {
+		all, err := st.All(g.Ctx)
+		if err != nil {
+			return err
+		}
+		names = append(names, all...)
+	} else if len(names) == 0 {
+		return errors.New("path-info: give store paths or --all")
 	}
 	if c.Recursive {
 		if names, err = st.Closure(g.Ctx, names); err != nil {

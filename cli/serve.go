@@ -12,13 +12,19 @@ import (
 	"time"
 
 	"github.com/casnix/casnix/proto"
+	"github.com/casnix/casnix/store"
 )
 
 // ServeCmd runs the daemon.
 type ServeCmd struct {
 	Socket           string        `name:"socket" env:"CASNIX_SOCKET" placeholder:"PATH" help:"Unix socket for the nix-daemon protocol (default: /run/casnix/daemon.sock as root, else DATA_DIR/daemon.sock). Ignored under socket activation (LISTEN_FDS)."`
 	Stdio            bool          `name:"stdio" help:"Speak the protocol on stdin/stdout, like nix-daemon --stdio (for ssh-ng:// stores: remote-program=casnix serve --stdio)."`
-	TrustedUsers     []string      `name:"trusted-users" env:"CASNIX_TRUSTED_USERS" default:"root" help:"Users (names, @group, or *) whose connections are trusted."`
+	TrustedUsers     []string      `name:"trusted-users" env:"CASNIX_TRUSTED_USERS" default:"root" help:"Users (names, @group, or *) whose connections are trusted: they may add unsigned paths (with --no-check-sigs), add signatures and delete paths."`
+	AllowedUsers     []string      `name:"allowed-users" env:"CASNIX_ALLOWED_USERS" default:"*" help:"Users (names, @group, or *) who may connect at all; trusted users always may. With a single @group, the socket is made 0660 and owned by that group."`
+	RequireSigs      bool          `name:"require-sigs" env:"CASNIX_REQUIRE_SIGS" default:"true" negatable:"" help:"Paths added over the daemon must be content-addressed or signed by a --trusted-public-keys key, unless a trusted client passes --no-check-sigs (Nix's require-sigs)."`
+	TrustedKeys      []string      `name:"trusted-public-keys" env:"CASNIX_TRUSTED_PUBLIC_KEYS" placeholder:"NAME:KEY" help:"Public keys (Nix format) whose signatures make an added path acceptable."`
+	SocketMode       string        `name:"socket-mode" env:"CASNIX_SOCKET_MODE" placeholder:"MODE" help:"Permission bits of the socket (default 0666, or 0660 when --allowed-users is a single @group)."`
+	SocketGroup      string        `name:"socket-group" env:"CASNIX_SOCKET_GROUP" placeholder:"GROUP" help:"Group owning the socket (default: the single @group of --allowed-users, if any)."`
 	HandshakeTimeout time.Duration `name:"handshake-timeout" env:"CASNIX_HANDSHAKE_TIMEOUT" default:"30s" help:"Close connections that do not finish the handshake in time."`
 	StallTimeout     time.Duration `name:"stall-timeout" env:"CASNIX_STALL_TIMEOUT" default:"5m" help:"Close connections that stall this long in the middle of an operation."`
 	Mount            string        `name:"mount" env:"CASNIX_MOUNT" placeholder:"DIR" help:"Also mount the store read-only at DIR (FUSE), in the same process: the whole lower store of a Local Overlay Store."`
@@ -36,6 +42,9 @@ func DefaultSocket(dataDir string) string {
 
 // Run serves until interrupted.
 func (c *ServeCmd) Run(g *Globals) error {
+	if g.ZstdLevel == 0 {
+		g.ZstdLevel = ServeWriteLevel
+	}
 	st, err := g.Open()
 	if err != nil {
 		return err
@@ -45,9 +54,18 @@ func (c *ServeCmd) Run(g *Globals) error {
 	if err != nil {
 		return err
 	}
+	allowed, err := trustFunc(c.AllowedUsers)
+	if err != nil {
+		return fmt.Errorf("allowed-users: %w", err)
+	}
+	keys, err := store.ParsePublicKeys(c.TrustedKeys)
+	if err != nil {
+		return fmt.Errorf("trusted-public-keys: %w", err)
+	}
 	srv := &proto.Server{
 		Store: st, StoreDir: st.StoreDir, NixVersion: "casnix-" + Version, Logger: g.Logger,
 		HandshakeTimeout: c.HandshakeTimeout, StallTimeout: c.StallTimeout, Trusted: trusted,
+		Allowed: allowed, RequireSigs: c.RequireSigs, PublicKeys: keys,
 	}
 	if c.Stdio {
 		err := srv.ServeStdio(g.Ctx, os.Stdin, os.Stdout, trusted(uint32(os.Getuid()), uint32(os.Getgid())))
@@ -116,13 +134,52 @@ func (c *ServeCmd) listen(dataDir string) (net.Listener, string, error) {
 	if err != nil {
 		return nil, "", fmt.Errorf("listen: %w", err)
 	}
-	// Like nix-daemon's socket: anyone may connect; trust is decided per
-	// connection from the peer's credentials.
-	if err := os.Chmod(path, 0o666); err != nil {
+	// Like nix-daemon's socket: anyone may connect and trust is decided per
+	// connection from the peer's credentials, unless access is narrowed to
+	// a group, which the file mode then enforces too.
+	mode, gid, err := c.socketAccess()
+	if err == nil && gid >= 0 {
+		err = os.Chown(path, -1, gid)
+	}
+	if err == nil {
+		err = os.Chmod(path, mode)
+	}
+	if err != nil {
 		ln.Close()
-		return nil, "", fmt.Errorf("chmod socket: %w", err)
+		os.Remove(path)
+		return nil, "", fmt.Errorf("socket permissions: %w", err)
 	}
 	return ln, path, nil
+}
+
+// socketAccess is the socket's mode and group (-1: leave it).
+func (c *ServeCmd) socketAccess() (os.FileMode, int, error) {
+	group := c.SocketGroup
+	mode := os.FileMode(0o666)
+	var entries []string
+	for _, s := range c.AllowedUsers {
+		entries = append(entries, strings.FieldsFunc(s, func(r rune) bool { return r == ',' || r == ' ' })...)
+	}
+	if group == "" && len(entries) == 1 && strings.HasPrefix(entries[0], "@") {
+		group = entries[0][1:]
+	}
+	gid := -1
+	if group != "" {
+		g, err := user.LookupGroup(group)
+		if err != nil {
+			return 0, 0, err
+		}
+		gid, _ = strconv.Atoi(g.Gid)
+		mode = 0o660
+	}
+	if c.SocketMode != "" {
+		m, err := strconv.ParseUint(c.SocketMode, 8, 32)
+		if err != nil || m > 0o777 {
+			return 0, 0, fmt.Errorf("socket-mode %q: want octal permission bits like 0660", c.SocketMode)
+		}
+		mode = os.FileMode(m)
+	}
+	return mode, gid, nil
 }
 
 // trustFunc builds the trusted-users check: names, @group and *.

@@ -1,7 +1,6 @@
 package proto
 
 import (
-	"bufio"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -12,7 +11,6 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/casnix/casnix/nar"
 	"github.com/casnix/casnix/store"
 )
 
@@ -553,32 +551,69 @@ func (c *conn) queryDerivationOutputMap() error {
 }
 
 func (c *conn) queryRealisation() error {
-	if _, err := c.r.str(maxString); err != nil {
+	id, err := c.r.str(maxString)
+	if err != nil {
 		return err
 	}
-	// casnix keeps no realisations (CA derivation outputs): the answer is
-	// "none", never an error, which the local overlay store relies on.
-	c.last()
-	if c.minor < 31 {
-		c.w.strings(nil)
-	} else {
-		c.w.u64(0)
+	r, err := c.s.Store.Realisation(c.ctx, id)
+	if err != nil {
+		return c.storeErr(err)
 	}
+	c.last()
+	// Before 1.31 the answer is the set of output paths, after it the set
+	// of realisations as JSON; either way empty when casnix has none (which
+	// the local overlay store relies on: never an error).
+	var out []string
+	if r != nil {
+		if c.minor < 31 {
+			out = []string{c.full(r.OutPath)}
+		} else {
+			out = []string{r.JSON()}
+		}
+	}
+	c.w.strings(out)
 	return nil
 }
 
 func (c *conn) registerDrvOutput() error {
+	var r *store.Realisation
+	var bad error
 	if c.minor < 31 {
-		if _, err := c.r.str(maxString); err != nil {
+		id, err := c.r.str(maxString)
+		if err != nil {
 			return err
 		}
-		if _, err := c.r.str(maxPath); err != nil {
+		p, err := c.readPath()
+		if err != nil && !isOpError(err) {
 			return err
 		}
-	} else if _, err := c.r.str(maxString); err != nil {
-		return err
+		bad = err
+		r = &store.Realisation{ID: id, OutPath: p}
+	} else {
+		text, err := c.r.str(maxString)
+		if err != nil {
+			return err
+		}
+		if r, err = store.ParseRealisation(text); err != nil {
+			bad = errorf("%v", err)
+		}
 	}
-	return errorf("casnix does not record realisations (content-addressed derivation outputs)")
+	if bad != nil {
+		return bad
+	}
+	// As nix-daemon: realisations are always checked against
+	// require-sigs, whoever registers them.
+	if c.s.RequireSigs && c.s.PublicKeys.VerifyFingerprint(r.Fingerprint(), r.Signatures) == 0 {
+		return errorf("cannot register realisation '%s' because it lacks a signature by a trusted key", r.ID)
+	}
+	if err := c.s.Store.RegisterRealisation(c.ctx, r); err != nil {
+		if errors.Is(err, store.ErrNotValid) || errors.Is(err, store.ErrBadPath) {
+			return errorf("%v", err)
+		}
+		return c.storeErr(err)
+	}
+	c.last()
+	return nil
 }
 
 func (c *conn) verifyStore() error {
@@ -884,113 +919,6 @@ func (c *conn) writeBuildResult(status uint64, msg string, outs []builtOutput) {
 	}
 }
 
-// ---- writes: refused until casnix accepts paths over the daemon ----
-
-var errReadOnly = "casnix does not accept new paths over the daemon protocol yet; import them with 'casnix import'"
-
-func (c *conn) addToStore() error {
-	if c.minor < 25 {
-		c.sendError("casnix does not support the pre-1.25 AddToStore format")
-		return fmt.Errorf("%w: old AddToStore", errProtocol)
-	}
-	name, err := c.r.str(maxPath)
-	if err != nil {
-		return err
-	}
-	if _, err := c.r.str(maxPath); err != nil { // content-address method
-		return err
-	}
-	if _, err := c.r.strings(maxPath); err != nil {
-		return err
-	}
-	if _, err := c.r.boolean(); err != nil { // repair
-		return err
-	}
-	f := &framedReader{w: &c.r}
-	if err := f.drain(); err != nil {
-		return err
-	}
-	return errorf("cannot add '%s': %s", name, errReadOnly)
-}
-
-func (c *conn) addTextToStore() error {
-	name, err := c.r.str(maxPath)
-	if err != nil {
-		return err
-	}
-	if _, err := c.r.str(1 << 30); err != nil {
-		return err
-	}
-	if _, err := c.r.strings(maxPath); err != nil {
-		return err
-	}
-	return errorf("cannot add '%s': %s", name, errReadOnly)
-}
-
-func (c *conn) addToStoreNar() error {
-	p, err := c.r.str(maxPath)
-	if err != nil {
-		return err
-	}
-	for _, what := range []string{"deriver", "narHash"} {
-		if _, err := c.r.str(maxPath); err != nil {
-			return fmt.Errorf("%s: %w", what, err)
-		}
-	}
-	if _, err := c.r.strings(maxPath); err != nil {
-		return err
-	}
-	for i := 0; i < 3; i++ { // registrationTime, narSize, ultimate
-		if _, err := c.r.u64(); err != nil {
-			return err
-		}
-	}
-	if _, err := c.r.strings(maxString); err != nil { // sigs
-		return err
-	}
-	if _, err := c.r.str(maxString); err != nil { // ca
-		return err
-	}
-	for i := 0; i < 2; i++ { // repair, dontCheckSigs
-		if _, err := c.r.u64(); err != nil {
-			return err
-		}
-	}
-	if err := c.skipNAR(); err != nil {
-		return err
-	}
-	return errorf("cannot add '%s': %s", p, errReadOnly)
-}
-
-// skipNAR consumes the NAR that follows an AddToStoreNar header, in the
-// form the negotiated version uses.
-func (c *conn) skipNAR() error {
-	switch {
-	case c.minor >= 23:
-		return (&framedReader{w: &c.r}).drain()
-	case c.minor >= 21:
-		// 1.21-1.22 pull the NAR with STDERR_READ requests; parsing it
-		// finds its end.
-		_, err := nar.Copy(io.Discard, bufio.NewReader(&pullReader{c: c}))
-		return err
-	default:
-		_, err := nar.Copy(io.Discard, c.r.r)
-		return err
-	}
-}
-
-func (c *conn) addMultipleToStore() error {
-	for i := 0; i < 2; i++ { // repair, dontCheckSigs
-		if _, err := c.r.u64(); err != nil {
-			return err
-		}
-	}
-	if err := (&framedReader{w: &c.r}).drain(); err != nil {
-		return err
-	}
-	return errorf("%s", errReadOnly)
-}
-
 func (c *conn) addBuildLog() error {
 	if _, err := c.r.str(maxPath); err != nil {
 		return err
@@ -1002,20 +930,30 @@ func (c *conn) addBuildLog() error {
 }
 
 // pullReader asks the client for data with STDERR_READ (protocol 1.21-1.22).
-type pullReader struct{ c *conn }
+type pullReader struct {
+	c   *conn
+	err error // the transport error that ended the upload
+}
 
 func (p *pullReader) Read(b []byte) (int, error) {
+	if p.err != nil {
+		return 0, p.err
+	}
+	b = b[:min(len(b), maxFrameChunk)]
 	p.c.w.u64(stderrRead)
 	p.c.w.u64(uint64(len(b)))
 	if err := p.c.w.flush(); err != nil {
+		p.err = err
 		return 0, err
 	}
 	data, err := p.c.r.bytes(uint64(len(b)))
 	if err != nil {
+		p.err = err
 		return 0, err
 	}
 	if len(data) == 0 {
-		return 0, io.ErrUnexpectedEOF
+		p.err = io.ErrUnexpectedEOF
+		return 0, p.err
 	}
 	return copy(b, data), nil
 }

@@ -56,6 +56,14 @@ type Server struct {
 	// Trusted decides whether a peer (by its SO_PEERCRED uid and gid) is a
 	// trusted user. Nil trusts only root.
 	Trusted func(uid, gid uint32) bool
+	// Allowed decides whether a peer may connect at all (nix-daemon's
+	// allowed-users; trusted users always may). Nil allows everyone.
+	Allowed func(uid, gid uint32) bool
+	// RequireSigs makes added input-addressed paths need a signature by
+	// one of PublicKeys unless a trusted client waives the check, as Nix's
+	// require-sigs and trusted-public-keys settings do.
+	RequireSigs bool
+	PublicKeys  store.PublicKeys
 
 	wg    sync.WaitGroup
 	mu    sync.Mutex
@@ -85,11 +93,11 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener, drain time.Duration
 			}
 			return fmt.Errorf("accept: %w", err)
 		}
-		trusted := s.peerTrusted(c)
+		trusted, allowed := s.peerAccess(c)
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()
-			s.serveNetConn(ctx, c, trusted)
+			s.serveNetConn(ctx, c, trusted, allowed)
 		}()
 	}
 }
@@ -123,25 +131,34 @@ func (s *Server) shutdown(drain time.Duration) {
 	}
 }
 
-func (s *Server) peerTrusted(c net.Conn) bool {
+// peerAccess decides from the peer's SO_PEERCRED credentials whether it is
+// trusted and whether it may connect at all.
+func (s *Server) peerAccess(c net.Conn) (trusted, allowed bool) {
 	uc, ok := c.(*net.UnixConn)
 	if !ok {
-		return false
+		return false, s.Allowed == nil
 	}
 	cred, err := peerCred(uc)
 	if err != nil {
 		s.log().Warn("cannot read peer credentials; treating client as untrusted", "err", err)
-		return false
+		return false, s.Allowed == nil
 	}
 	if s.Trusted != nil {
-		return s.Trusted(cred.Uid, cred.Gid)
+		trusted = s.Trusted(cred.Uid, cred.Gid)
+	} else {
+		trusted = cred.Uid == 0
 	}
-	return cred.Uid == 0
+	allowed = trusted || s.Allowed == nil || s.Allowed(cred.Uid, cred.Gid)
+	if !allowed {
+		s.log().Warn("refusing connection: user not in allowed-users", "uid", cred.Uid, "gid", cred.Gid)
+	}
+	return trusted, allowed
 }
 
-func (s *Server) serveNetConn(ctx context.Context, nc net.Conn, trusted bool) {
+func (s *Server) serveNetConn(ctx context.Context, nc net.Conn, trusted, allowed bool) {
 	dc := &deadlineConn{Conn: nc}
 	c := s.newConn(ctx, dc, trusted)
+	c.refused = !allowed
 	c.deadline = dc
 	s.track(c, true)
 	defer s.track(c, false)
@@ -216,6 +233,7 @@ type conn struct {
 	busy      bool // inside an op
 	stopping  bool
 	tempRoots map[string]struct{}
+	refused   bool // not in allowed-users: the handshake ends in an error
 }
 
 func (s *Server) newConn(ctx context.Context, rw io.ReadWriteCloser, trusted bool) *conn {
@@ -353,9 +371,17 @@ func (c *conn) handshake() error {
 			c.w.u64(trustNo)
 		}
 	}
+	if c.refused {
+		c.sendError("you are not allowed to connect to this casnix daemon (allowed-users)")
+		c.w.flush()
+		return fmt.Errorf("%w: peer not in allowed-users", errRefused)
+	}
 	c.w.u64(stderrLast)
 	return c.w.flush()
 }
+
+// errRefused ends connections from peers that may not connect.
+var errRefused = errors.New("connection refused")
 
 // opError is an error reported to the client with STDERR_ERROR.
 type opError struct{ msg string }

@@ -47,7 +47,7 @@ func treeNAR(t testing.TB, contents string) []byte {
 	return buf.Bytes()
 }
 
-func newFixture(t testing.TB) *fixture {
+func newFixture(t testing.TB, opts ...func(*Server)) *fixture {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	st, err := store.Open(ctx, t.TempDir(), store.Options{})
@@ -71,6 +71,9 @@ func newFixture(t testing.TB) *fixture {
 		t.Fatal(err)
 	}
 	srv := &Server{Store: st, StoreDir: "/nix/store", NixVersion: "test", HandshakeTimeout: 500 * time.Millisecond, StallTimeout: time.Second}
+	for _, o := range opts {
+		o(srv)
+	}
 	done := make(chan error)
 	go func() { done <- srv.Serve(ctx, ln, time.Second) }()
 	f.stop = func() {

@@ -58,10 +58,15 @@ func (keys PublicKeys) Verify(storeDir string, pi *PathInfo) int {
 	if len(keys) == 0 || len(pi.Sigs) == 0 {
 		return 0
 	}
-	fp := Fingerprint(storeDir, pi)
+	return keys.VerifyFingerprint(Fingerprint(storeDir, pi), pi.Sigs)
+}
+
+// VerifyFingerprint counts the keys in keys that made a valid signature
+// in sigs of fp.
+func (keys PublicKeys) VerifyFingerprint(fp string, sigs []string) int {
 	n := 0
 	seen := map[string]bool{}
-	for _, s := range pi.Sigs {
+	for _, s := range sigs {
 		sig, err := signature.ParseSignature(s)
 		if err != nil || seen[sig.Name] {
 			continue

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Write-path benchmark: `nix copy --to unix://…` of a whole bench corpus (a real Nix store built
+# by build-corpora.sh) into `casnix serve` against the same copy into a real nix-daemon (Debian's
+# Nix 2.8) with an empty local store. Same client (Nix 2.8), same source, fresh destination each
+# run, alternating order; wall time and bytes on disk afterwards (du of the data dir vs of the
+# destination store root). Prints a markdown table and merges it into bench/RESULTS.md ("Write").
+#
+#   bench/write.sh                         # CORPUS=releases, RUNS=3
+#   CORPUS=generations RUNS=1 bench/write.sh
+#   CASNIX=/path/to/casnix bench/write.sh  # measure a prebuilt binary
+set -euo pipefail
+
+BENCH_DIR=${BENCH_DIR:-/var/tmp/casnix-bench}
+RUNS=${RUNS:-3}
+CORPUS=${CORPUS:-releases}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
+REPO=$(cd "$HERE/.." && pwd)
+CASNIX=${CASNIX:-}
+RESULTS=${RESULTS:-$HERE/RESULTS.md}
+SRC=$BENCH_DIR/corpora/$CORPUS
+W=$BENCH_DIR/write
+nixo=(--option experimental-features nix-command --option build-users-group '' --option substituters '')
+
+log() { printf '%s write: %s\n' "$(date +%T)" "$*" >&2; }
+die() {
+  log "error: $*"
+  exit 1
+}
+
+[[ -f $SRC/nix/var/nix/db/db.sqlite ]] || die "no corpus at $SRC: run bench/build-corpora.sh first"
+command -v nix-daemon >/dev/null || apt-get install -y -q nix-bin >&2
+mkdir -p "$W" "$BENCH_DIR/bin"
+if [[ -z $CASNIX ]]; then
+  CASNIX=$BENCH_DIR/bin/casnix
+  log "building casnix from $REPO"
+  (cd "$REPO" && CGO_ENABLED=0 go build -o "$CASNIX" .) || die "go build failed"
+fi
+npaths=$(nix "${nixo[@]}" path-info --store "local?root=$SRC" --all | wc -l)
+narbytes=$(nix "${nixo[@]}" path-info --store "local?root=$SRC" --all --json | python3 -c 'import json,sys; print(sum(p["narSize"] for p in json.load(sys.stdin)))')
+log "corpus $CORPUS: $npaths paths, $narbytes NAR bytes"
+
+wait_sock() { # SOCKET PID
+  local i
+  for ((i = 0; i < 300; i++)); do
+    kill -0 "$2" 2>/dev/null || die "daemon exited"
+    if [[ -S $1 ]] && nix "${nixo[@]}" store ping --store "unix://$1" >/dev/null 2>&1; then return; fi
+    sleep 0.1
+  done
+  die "no answer on $1"
+}
+
+# run_one DAEMON RUN: one copy into a fresh destination; appends "DAEMON seconds bytes" to raw.
+run_one() {
+  local who=$1 sock=$W/$1.sock dest=$W/$1-dest pid t0 t1
+  rm -rf "$dest" "$sock"
+  mkdir -p "$dest"
+  if [[ $who == casnix ]]; then
+    "$CASNIX" --data-dir "$dest" serve --socket "$sock" >"$W/$who.log" 2>&1 &
+  else
+    NIX_DAEMON_SOCKET_PATH=$sock nix-daemon --store "local?root=$dest" "${nixo[@]}" >"$W/$who.log" 2>&1 &
+  fi
+  pid=$!
+  wait_sock "$sock" "$pid"
+  sync
+  echo 3 >/proc/sys/vm/drop_caches
+  t0=$(date +%s.%N)
+  nix "${nixo[@]}" copy --no-check-sigs --all --from "local?root=$SRC" --to "unix://$sock" 2>>"$W/$who.client.log"
+  sync # what nix-daemon wrote is not durable until here (casnix fsyncs before acknowledging)
+  t1=$(date +%s.%N)
+  kill "$pid"
+  wait "$pid" 2>/dev/null || true
+  echo "$who $(echo "$t1 - $t0" | bc) $(du -sb "$dest" | cut -f1) $(uptime | sed 's/.*average: //; s/,.*//')" >>"$W/raw"
+}
+
+: >"$W/raw"
+for ((r = 0; r < RUNS; r++)); do
+  if ((r % 2)); then order="nix-daemon casnix"; else order="casnix nix-daemon"; fi
+  for who in $order; do
+    log "run $r: $who"
+    run_one "$who" "$r"
+  done
+done
+
+med() { awk -v w="$1" -v c="$2" '$1 == w { print $c }' "$W/raw" | median; }
+tc=$(med casnix 2)
+tn=$(med nix-daemon 2)
+bc_=$(med casnix 3)
+bn=$(med nix-daemon 3)
+ratio=$(echo "scale=2; $tc / $tn" | bc)
+met=no
+(($(echo "$ratio <= 1.0" | bc))) && met=yes
+{
+  echo "<!-- bench/write.sh: begin (this section is rewritten by every write.sh run) -->"
+  echo "## Write: nix copy --to casnix serve vs nix-daemon"
+  echo
+  echo "- $(date -u +%F), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB;" \
+    "commit $(cd "$REPO" && git rev-parse --short HEAD); $(nix --version | head -1); median of $RUNS runs, alternating order, caches dropped"
+  echo "- corpus $CORPUS: $npaths paths, $((narbytes / 1048576)) MiB NAR; client: nix copy --no-check-sigs --all --from local?root=CORPUS (Nix 2.8)"
+  echo "- load averages during runs: $(awk '{print $4}' "$W/raw" | xargs)"
+  echo
+  echo "| figure | nix-daemon (local store) | casnix serve | casnix / nix-daemon | target | met |"
+  echo "|---|---|---|---|---|---|"
+  echo "| nix copy --to wall time (incl. final sync) | ${tn} s | ${tc} s | $ratio | ≤ 1.0 | $met |"
+  echo "| bytes on disk afterwards | $((bn / 1048576)) MiB | $((bc_ / 1048576)) MiB | $(echo "scale=3; $bc_ / $bn" | bc) | | |"
+  echo "<!-- bench/write.sh: end -->"
+} >"$W/section.md"
+cat "$W/section.md"
+merge_section write.sh "$W/section.md" "$RESULTS"
+log "merged into $RESULTS"

@@ -1,0 +1,29 @@
+package db
+
+import (
+	"context"
+	"fmt"
+)
+
+// PutRealisation records (or replaces) the realisation id of the valid
+// path name.
+func (q q) PutRealisation(ctx context.Context, id, name, json string) error {
+	pid, err := q.PathID(ctx, name)
+	if err != nil {
+		return err
+	}
+	if _, err := q.exec(ctx, "INSERT OR REPLACE INTO realisations(id, path, json) VALUES (?, ?, ?)", id, pid, json); err != nil {
+		return fmt.Errorf("record realisation %s: %w", id, err)
+	}
+	return nil
+}
+
+// Realisation returns the stored JSON of realisation id and its output
+// path's name.
+func (q q) Realisation(ctx context.Context, id string) (json, name string, err error) {
+	err = q.row(ctx, "SELECT r.json, p.name FROM realisations r JOIN paths p ON p.id = r.path WHERE r.id = ?", id).Scan(&json, &name)
+	if err != nil {
+		return "", "", notFound(err, "realisation "+id)
+	}
+	return json, name, nil
+}

@@ -1,0 +1,437 @@
+package proto
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/nix-community/go-nix/pkg/narinfo/signature"
+
+	"github.com/casnix/casnix/nar"
+	"github.com/casnix/casnix/store"
+)
+
+const testC = "cccccccccccccccccccccccccccccccc-c"
+
+// narInfo is what a client claims about a NAR it uploads.
+type narInfo struct {
+	name, deriver, ca string
+	hash              []byte // nil: sha256 of the NAR
+	size              int64  // 0: the NAR's length
+	refs, sigs        []string
+	dontCheckSigs     bool
+}
+
+func (cl *client) writeInfo(in narInfo, data []byte) {
+	h := sha256.Sum256(data)
+	if in.hash == nil {
+		in.hash = h[:]
+	}
+	if in.size == 0 {
+		in.size = int64(len(data))
+	}
+	cl.w.str(full(in.name))
+	if in.deriver != "" {
+		cl.w.str(full(in.deriver))
+	} else {
+		cl.w.str("")
+	}
+	cl.w.str(hex.EncodeToString(in.hash))
+	var refs []string
+	for _, r := range in.refs {
+		refs = append(refs, full(r))
+	}
+	cl.w.strings(refs)
+	cl.w.u64(1700000000)
+	cl.w.u64(uint64(in.size))
+	cl.w.u64(0) // ultimate
+	cl.w.strings(in.sigs)
+	cl.w.str(in.ca)
+}
+
+// framed writes data as a framed upload in uneven chunks.
+func (cl *client) framed(data []byte) {
+	for len(data) > 0 {
+		n := min(len(data), 1000+len(data)/3)
+		cl.w.u64(uint64(n))
+		cl.w.w.Write(data[:n])
+		data = data[n:]
+	}
+	cl.w.u64(0)
+}
+
+func (cl *client) addToStoreNar(in narInfo, data []byte) error {
+	cl.t.Helper()
+	cl.w.u64(opAddToStoreNar)
+	cl.writeInfo(in, data)
+	cl.w.u64(0) // repair
+	cl.w.boolean(in.dontCheckSigs)
+	if cl.minor >= 23 {
+		cl.framed(data)
+		return cl.result()
+	}
+	// 1.21-1.22: the server pulls the NAR with STDERR_READ.
+	cl.flush()
+	rest := data
+	for {
+		switch code := cl.u64(); code {
+		case stderrRead:
+			n := cl.u64()
+			chunk := rest[:min(uint64(len(rest)), n)]
+			rest = rest[len(chunk):]
+			cl.w.str(string(chunk))
+			cl.flush()
+		case stderrLast:
+			return nil
+		case stderrError:
+			msg := cl.str()
+			cl.u64()
+			return &RemoteError{Msg: msg}
+		default:
+			cl.t.Fatalf("unexpected stderr code %#x", code)
+		}
+	}
+}
+
+// inStep checks the connection still answers after an op.
+func (cl *client) inStep() {
+	cl.t.Helper()
+	cl.w.u64(opIsValidPath)
+	cl.w.str(full(testA))
+	cl.expectLast()
+	if cl.u64() != 1 {
+		cl.t.Fatal("connection out of step")
+	}
+}
+
+func dumpNAR(t *testing.T, dir string) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	if _, err := nar.DumpPath(&buf, dir); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+func render(t *testing.T, st *store.Store, name string) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	if _, err := st.NarRender(context.Background(), name, &buf); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+func TestAddToStoreNar(t *testing.T) {
+	sk, pk, err := signature.GenerateKeypair("casnix-test-1", rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys, _ := store.ParsePublicKeys([]string{pk.String()})
+	good := treeNAR(t, "new contents of c")
+	goodHash := sha256.Sum256(good)
+	signed := func(refs ...string) string {
+		pi := &store.PathInfo{Name: testC, NarHash: goodHash, NarSize: int64(len(good)), References: refs}
+		sig, err := sk.Sign(rand.Reader, store.Fingerprint("/nix/store", pi))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return sig.String()
+	}
+	wrong := sha256.Sum256([]byte("x"))
+	caName, err := store.CA{Method: store.CANAR, Algo: "sha256", Hash: goodHash[:]}.Path("/nix/store", "c", nil, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caStr := "fixed:r:sha256:" + store.NixBase32(goodHash[:])
+	tests := []struct {
+		name    string
+		trusted bool
+		minor   uint64
+		in      narInfo
+		data    []byte
+		wantErr string // "" = accepted
+		valid   string // path valid afterwards
+	}{
+		{"trusted, no sig check", true, 38, narInfo{name: testC, refs: []string{testA}, dontCheckSigs: true}, good, "", testC},
+		{"protocol 1.22 pulls", true, 22, narInfo{name: testC, dontCheckSigs: true}, good, "", testC},
+		{"protocol 1.23 framed", true, 23, narInfo{name: testC, dontCheckSigs: true}, good, "", testC},
+		{"trusted but checks sigs: unsigned", true, 38, narInfo{name: testC}, good, "lacks a signature by a trusted key", ""},
+		{"signed by trusted key", false, 38, narInfo{name: testC, refs: []string{testA}, sigs: []string{signed(testA)}}, good, "", testC},
+		{"untrusted cannot waive sigs", false, 38, narInfo{name: testC, dontCheckSigs: true}, good, "lacks a signature", ""},
+		{"signature over other refs", false, 38, narInfo{name: testC, refs: []string{testA}, sigs: []string{signed()}}, good, "lacks a signature", ""},
+		{"untrusted, content-addressed", false, 38, narInfo{name: caName, ca: caStr}, good, "", caName},
+		{"untrusted, false CA claim", false, 38, narInfo{name: testC, ca: caStr}, good, "content address mismatch", ""},
+		{"wrong hash", true, 38, narInfo{name: testC, hash: wrong[:], dontCheckSigs: true}, good, "hash mismatch", ""},
+		{"narSize too large", true, 38, narInfo{name: testC, size: int64(len(good)) + 8, dontCheckSigs: true}, good, "size mismatch", ""},
+		{"narSize too small", true, 38, narInfo{name: testC, size: int64(len(good)) - 8, dontCheckSigs: true}, good, "NAR", ""},
+		{"stream longer than NAR", true, 38, narInfo{name: testC, hash: goodHash[:], size: int64(len(good)), dontCheckSigs: true}, append(append([]byte{}, good...), make([]byte, 16)...), "longer than its narSize", ""},
+		{"unknown reference", true, 38, narInfo{name: testC, refs: []string{"dddddddddddddddddddddddddddddddd-d"}, dontCheckSigs: true}, good, "reference", ""},
+		{"path outside the store", true, 38, narInfo{name: "../../etc/passwd", dontCheckSigs: true}, good, "not", ""},
+		{"garbage NAR", true, 38, narInfo{name: testC, dontCheckSigs: true}, bytes.Repeat([]byte("garbage!"), 100), "", ""},
+		{"already valid is a no-op", true, 38, narInfo{name: testA, dontCheckSigs: true}, treeNAR(t, "other"), "", testA},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFixture(t, func(s *Server) {
+				s.Trusted = func(uint32, uint32) bool { return tc.trusted }
+				s.RequireSigs = true
+				s.PublicKeys = keys
+			})
+			before, _ := f.st.All(context.Background())
+			cl := f.connect(t, tc.minor)
+			err := cl.addToStoreNar(tc.in, tc.data)
+			switch {
+			case tc.valid != "" && err != nil:
+				t.Fatalf("refused: %v", err)
+			case tc.valid == "" && err == nil:
+				t.Fatal("accepted")
+			case tc.valid == "" && !strings.Contains(err.Error(), tc.wantErr):
+				t.Fatalf("err = %v, want %q", err, tc.wantErr)
+			}
+			cl.inStep()
+			after, _ := f.st.All(context.Background())
+			if tc.valid == "" && len(after) != len(before) {
+				t.Fatalf("store changed after a refused add: %v", after)
+			}
+			if tc.valid != "" && tc.valid != testA {
+				if len(after) != len(before)+1 {
+					t.Fatalf("paths %v", after)
+				}
+				if !bytes.Equal(render(t, f.st, tc.valid), tc.data) {
+					t.Fatal("rendered NAR differs from the upload")
+				}
+				pi, err := f.st.Info(context.Background(), tc.valid)
+				if err != nil || len(pi.References) != len(tc.in.refs) || pi.CA != tc.in.ca || len(pi.Sigs) != len(tc.in.sigs) {
+					t.Fatalf("info %+v %v", pi, err)
+				}
+			}
+			if rep, err := f.st.Verify(context.Background(), nil); err != nil || !rep.OK() {
+				t.Fatalf("verify: %v %+v", err, rep)
+			}
+		})
+	}
+}
+
+func TestAddMultipleToStore(t *testing.T) {
+	f := newFixture(t)
+	cl := f.connect(t, 38)
+	names := []string{
+		"jjjjjjjjjjjjjjjjjjjjjjjjjjjjjjjj-j",
+		"ffffffffffffffffffffffffffffffff-f",
+		testA, // valid already: skipped
+	}
+	nars := [][]byte{treeNAR(t, "e"), treeNAR(t, "f"), f.narA}
+	var stream bytes.Buffer
+	sw := &client{t: t, w: wireWriter{w: bufio.NewWriter(&stream)}}
+	sw.w.u64(uint64(len(names)))
+	for i, n := range names {
+		var refs []string
+		if i == 1 {
+			refs = []string{names[0], testA} // a reference earlier in the same upload
+		}
+		sw.writeInfo(narInfo{name: n, refs: refs}, nars[i])
+		sw.w.w.Write(nars[i])
+	}
+	sw.flush()
+	cl.w.u64(opAddMultipleToStore)
+	cl.w.u64(0) // repair
+	cl.w.u64(1) // dontCheckSigs (root is trusted)
+	cl.framed(stream.Bytes())
+	if err := cl.result(); err != nil {
+		t.Fatal(err)
+	}
+	cl.inStep()
+	for i, n := range names {
+		if !bytes.Equal(render(t, f.st, n), nars[i]) {
+			t.Fatalf("%s differs", n)
+		}
+	}
+	refs, err := f.st.Referrers(context.Background(), names[0])
+	if err != nil || len(refs) != 1 || refs[0] != names[1] {
+		t.Fatalf("referrers %v %v", refs, err)
+	}
+
+	// A bad entry in the middle fails the op and leaves nothing of it.
+	stream.Reset()
+	sw.w.u64(2)
+	g := treeNAR(t, "g")
+	sw.writeInfo(narInfo{name: "gggggggggggggggggggggggggggggggg-g"}, g)
+	sw.w.w.Write(g)
+	h := treeNAR(t, "h")
+	sw.writeInfo(narInfo{name: "hhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhh-h", size: int64(len(h)) + 8}, h)
+	sw.w.w.Write(h)
+	sw.flush()
+	cl.w.u64(opAddMultipleToStore)
+	cl.w.u64(0)
+	cl.w.u64(1)
+	cl.framed(stream.Bytes())
+	if err := cl.result(); err == nil {
+		t.Fatal("accepted a short NAR")
+	}
+	cl.inStep()
+	for _, n := range []string{"gggggggggggggggggggggggggggggggg-g", "hhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhh-h"} {
+		if ok, _ := f.st.IsValid(context.Background(), n); ok {
+			t.Fatalf("%s became valid from a failed upload", n)
+		}
+	}
+}
+
+// TestAddToStoreCA checks the content-addressed adds against store paths
+// Nix 2.8 computed for the same contents (store.TestCAPath's vectors).
+func TestAddToStoreCA(t *testing.T) {
+	f := newFixture(t, func(s *Server) {
+		s.Trusted = func(uint32, uint32) bool { return false } // CA adds need no trust
+		s.RequireSigs = true
+	})
+	cl := f.connect(t, 38)
+	dir := filepath.Join(t.TempDir(), "d")
+	os.MkdirAll(filepath.Join(dir, "sub"), 0o755)
+	os.WriteFile(filepath.Join(dir, "sub", "x"), []byte("hi\n"), 0o644)
+	os.Symlink("x", filepath.Join(dir, "sub", "l"))
+	dirNAR := dumpNAR(t, dir)
+	cases := []struct {
+		name, method string
+		dump         []byte
+		refs         []string
+		want         string
+	}{
+		{"f", "fixed:sha256", []byte("hello\n"), nil, "1p9q0bz6f22dyxh4lw8xs08p4201vyq4-f"},
+		{"f", "fixed:sha1", []byte("hello\n"), nil, "pbqmppvgnnyqxagz7bnmwfdfvr3h43f2-f"},
+		{"d", "fixed:r:sha256", dirNAR, nil, "i13kz2gysik8acx94qnn0iz68iavj7d7-d"},
+		{"d", "fixed:r:sha512", dirNAR, nil, "qjgn7wwxaa2ihrfqbhhkx7ncifq9hp3k-d"},
+		{"t", "text:sha256", []byte("hello"), nil, "vqpn17r03lqabwk0wksgpbgy620zwfd4-t"},
+		{"t2", "text:sha256", []byte("see /nix/store/vqpn17r03lqabwk0wksgpbgy620zwfd4-t"), []string{"vqpn17r03lqabwk0wksgpbgy620zwfd4-t"}, "aa9v1s45k4l7wrfxas55l7fp8wq4ing9-t2"},
+	}
+	for _, c := range cases {
+		cl.w.u64(opAddToStore)
+		cl.w.str(c.name)
+		cl.w.str(c.method)
+		var refs []string
+		for _, r := range c.refs {
+			refs = append(refs, full(r))
+		}
+		cl.w.strings(refs)
+		cl.w.u64(0)
+		cl.framed(c.dump)
+		if err := cl.result(); err != nil {
+			t.Fatalf("%s %s: %v", c.method, c.name, err)
+		}
+		if got := cl.str(); got != full(c.want) {
+			t.Fatalf("%s %s: path %s, want %s", c.method, c.name, got, full(c.want))
+		}
+		cl.str()  // deriver
+		cl.str()  // narHash
+		cl.strs() // references
+		cl.u64()
+		cl.u64()
+		cl.u64()
+		cl.strs()
+		if ca := cl.str(); !strings.HasPrefix(ca, c.method+":") {
+			t.Fatalf("ca %q", ca)
+		}
+	}
+	// Old AddTextToStore gives the same path.
+	cl.w.u64(opAddTextToStore)
+	cl.w.str("t")
+	cl.w.str("hello")
+	cl.w.strings(nil)
+	cl.expectLast()
+	if got := cl.str(); got != full("vqpn17r03lqabwk0wksgpbgy620zwfd4-t") {
+		t.Fatalf("AddTextToStore: %s", got)
+	}
+	// Bad method and unknown reference are refused with the upload drained.
+	for _, bad := range []struct{ method, ref string }{{"fixed:blake9", ""}, {"text:sha256", "dddddddddddddddddddddddddddddddd-d"}, {"fixed:sha256", testA}} {
+		cl.w.u64(opAddToStore)
+		cl.w.str("x")
+		cl.w.str(bad.method)
+		if bad.ref != "" {
+			cl.w.strings([]string{full(bad.ref)})
+		} else {
+			cl.w.strings(nil)
+		}
+		cl.w.u64(0)
+		cl.framed([]byte("data"))
+		if err := cl.result(); err == nil {
+			t.Fatalf("%v accepted", bad)
+		}
+		cl.inStep()
+	}
+}
+
+func TestRealisations(t *testing.T) {
+	sk, pk, err := signature.GenerateKeypair("casnix-test-1", rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys, _ := store.ParsePublicKeys([]string{pk.String()})
+	f := newFixture(t, func(s *Server) {
+		s.RequireSigs = true
+		s.PublicKeys = keys
+	})
+	const id = "sha256:1f2bb2f1d0e8c7a8cbc0a68c1a2d0b3b0b7ba4c9c51b9e8b1a3c9d4e5f60718a!out"
+	r := &store.Realisation{ID: id, OutPath: testB, DependentRealisations: map[string]string{}}
+	sig, err := sk.Sign(rand.Reader, r.Fingerprint())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := `{"dependentRealisations":{},"id":"` + id + `","outPath":"` + testB + `"}`; r.Fingerprint() != want {
+		t.Fatalf("fingerprint %s, want %s", r.Fingerprint(), want)
+	}
+	cl := f.connect(t, 38)
+	register := func(json string) error {
+		cl.w.u64(opRegisterDrvOutput)
+		cl.w.str(json)
+		return cl.result()
+	}
+	query := func(id string) []string {
+		cl.w.u64(opQueryRealisation)
+		cl.w.str(id)
+		if err := cl.result(); err != nil {
+			t.Fatal(err)
+		}
+		return cl.strs()
+	}
+	if got := query(id); len(got) != 0 {
+		t.Fatalf("realisation before registering: %v", got)
+	}
+	if err := register(r.JSON()); err == nil || !strings.Contains(err.Error(), "lacks a signature") {
+		t.Fatalf("unsigned realisation: %v", err)
+	}
+	r.Signatures = []string{sig.String()}
+	for _, bad := range []string{"{", `{"id":"nohash","outPath":"` + testB + `"}`,
+		`{"id":"` + id + `","outPath":"33333333333333333333333333333333-gone","signatures":["` + sig.String() + `"]}`} {
+		if err := register(bad); err == nil {
+			t.Fatalf("registered %s", bad)
+		}
+	}
+	if err := register(r.JSON()); err != nil {
+		t.Fatal(err)
+	}
+	got := query(id)
+	if len(got) != 1 || got[0] != r.JSON() {
+		t.Fatalf("realisation %v, want %s", got, r.JSON())
+	}
+	back, err := store.ParseRealisation(got[0])
+	if err != nil || keys.VerifyFingerprint(back.Fingerprint(), back.Signatures) != 1 {
+		t.Fatalf("round trip: %+v %v", back, err)
+	}
+	// Protocol 1.30 asks for output paths.
+	old := f.connect(t, 30)
+	old.w.u64(opQueryRealisation)
+	old.w.str(id)
+	if err := old.result(); err != nil {
+		t.Fatal(err)
+	}
+	if got := old.strs(); len(got) != 1 || got[0] != full(testB) {
+		t.Fatalf("1.30 answer %v", got)
+	}
+	cl.inStep()
+}

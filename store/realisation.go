@@ -1,0 +1,111 @@
+package store
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/casnix/casnix/db"
+)
+
+// Realisation records which output path a content-addressed derivation's
+// output resolved to (Nix's Realisation, experimental ca-derivations).
+type Realisation struct {
+	ID         string // DrvOutput: "sha256:<hash modulo>!<output name>"
+	OutPath    string // basename
+	Signatures []string
+	// DependentRealisations maps DrvOutput ids to output basenames.
+	DependentRealisations map[string]string
+}
+
+// realisationJSON is Nix's serialisation; encoding/json writes the keys in
+// this (sorted) order, as nlohmann's json does, so fingerprints match.
+type realisationJSON struct {
+	DependentRealisations map[string]string `json:"dependentRealisations"`
+	ID                    string            `json:"id"`
+	OutPath               string            `json:"outPath"`
+	Signatures            []string          `json:"signatures,omitempty"`
+}
+
+// ParseRealisation reads a realisation as the daemon protocol (≥ 1.31)
+// carries it.
+func ParseRealisation(s string) (*Realisation, error) {
+	var j realisationJSON
+	dec := json.NewDecoder(strings.NewReader(s))
+	if err := dec.Decode(&j); err != nil {
+		return nil, fmt.Errorf("realisation: %w", err)
+	}
+	r := &Realisation{ID: j.ID, OutPath: j.OutPath, Signatures: j.Signatures, DependentRealisations: j.DependentRealisations}
+	return r, r.validate()
+}
+
+func (r *Realisation) validate() error {
+	hash, out, ok := strings.Cut(r.ID, "!")
+	if !ok || out == "" || !strings.Contains(hash, ":") || strings.ContainsAny(r.ID, " /\n") {
+		return fmt.Errorf("realisation id %q is not <algo>:<hash>!<output>", r.ID)
+	}
+	if err := ValidateName(r.OutPath); err != nil {
+		return fmt.Errorf("realisation %s: out path: %w", r.ID, err)
+	}
+	for id, p := range r.DependentRealisations {
+		if err := ValidateName(p); err != nil {
+			return fmt.Errorf("realisation %s: dependency %s: %w", r.ID, id, err)
+		}
+	}
+	return nil
+}
+
+func (r *Realisation) encode(withSigs bool) string {
+	j := realisationJSON{ID: r.ID, OutPath: r.OutPath, DependentRealisations: r.DependentRealisations}
+	if j.DependentRealisations == nil {
+		j.DependentRealisations = map[string]string{}
+	}
+	if withSigs {
+		j.Signatures = slices.Sorted(slices.Values(r.Signatures))
+		if j.Signatures == nil {
+			j.Signatures = []string{}
+		}
+	}
+	var b bytes.Buffer
+	enc := json.NewEncoder(&b)
+	enc.SetEscapeHTML(false)
+	enc.Encode(j) // a struct of strings cannot fail to encode
+	return strings.TrimSuffix(b.String(), "\n")
+}
+
+// JSON is the realisation as Nix serialises it.
+func (r *Realisation) JSON() string { return r.encode(true) }
+
+// Fingerprint is what a realisation signature signs: its JSON without the
+// signatures.
+func (r *Realisation) Fingerprint() string { return r.encode(false) }
+
+// RegisterRealisation records r; its output path must be valid.
+func (s *Store) RegisterRealisation(ctx context.Context, r *Realisation) error {
+	if err := r.validate(); err != nil {
+		return err
+	}
+	err := s.db.Write(ctx, func(tx *db.Tx) error {
+		return tx.PutRealisation(ctx, r.ID, r.OutPath, r.JSON())
+	})
+	if errors.Is(err, db.ErrNotFound) {
+		return fmt.Errorf("realisation %s: path '%s' %w", r.ID, s.Full(r.OutPath), ErrNotValid)
+	}
+	return err
+}
+
+// Realisation returns the realisation id, or nil if there is none.
+func (s *Store) Realisation(ctx context.Context, id string) (*Realisation, error) {
+	text, _, err := s.db.Realisation(ctx, id)
+	if errors.Is(err, db.ErrNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	return ParseRealisation(text)
+}
