@@ -49,7 +49,7 @@ func run(args []string) int {
 	c.Ctx = ctx
 	c.Stdout = os.Stdout
 	c.Stderr = os.Stderr
-	c.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	c.Logger = slog.New(logHandler(c.LogFormat, level))
 	if c.CPUProfile != "" {
 		f, err := os.Create(c.CPUProfile)
 		if err != nil {
@@ -72,4 +72,22 @@ func run(args []string) int {
 		return 1
 	}
 	return 0
+}
+
+// logHandler makes the stderr log handler. Under systemd (JOURNAL_STREAM
+// set) the text form leaves out the time: the journal stamps every line.
+func logHandler(format string, level slog.Level) slog.Handler {
+	opts := &slog.HandlerOptions{Level: level}
+	if format == "json" {
+		return slog.NewJSONHandler(os.Stderr, opts)
+	}
+	if os.Getenv("JOURNAL_STREAM") != "" {
+		opts.ReplaceAttr = func(groups []string, a slog.Attr) slog.Attr {
+			if len(groups) == 0 && a.Key == slog.TimeKey {
+				return slog.Attr{}
+			}
+			return a
+		}
+	}
+	return slog.NewTextHandler(os.Stderr, opts)
 }

@@ -134,8 +134,11 @@ func (s *Store) Close() error {
 }
 
 // PackPath is where pack id lives.
-func (s *Store) PackPath(id int64) string {
-	return filepath.Join(s.dir, fmt.Sprintf("%02x", id%256), fmt.Sprintf("%08x.pack", id))
+func (s *Store) PackPath(id int64) string { return PackFile(s.dir, id) }
+
+// PackFile is where pack id lives under the pack directory dir.
+func PackFile(dir string, id int64) string {
+	return filepath.Join(dir, fmt.Sprintf("%02x", id%256), fmt.Sprintf("%08x.pack", id))
 }
 
 // packFile is a pack open for appending by this process.

@@ -29,6 +29,7 @@ type Globals struct {
 	FrameSize  int    `name:"frame-size" env:"CASNIX_FRAME_SIZE" default:"4194304" help:"Bytes of new chunks compressed together in one zstd frame (256 KiB to 16 MiB): larger compresses better, smaller reads small files faster."`
 	CPUProfile string `name:"cpu-profile" hidden:"" type:"path" help:"Write a Go CPU profile to this file."`
 	LogLevel   string `name:"log-level" env:"CASNIX_LOG_LEVEL" default:"info" enum:"debug,info,warn,error" help:"Log level (${enum})."`
+	LogFormat  string `name:"log-format" env:"CASNIX_LOG_FORMAT" default:"text" enum:"text,json" help:"Log format on stderr (${enum}); text under journald (JOURNAL_STREAM set) leaves out the time, which the journal adds."`
 
 	Ctx    context.Context `kong:"-"`
 	Stdout io.Writer       `kong:"-"`
@@ -99,6 +100,10 @@ type CLI struct {
 	Dump     DumpCmd     `cmd:"" help:"Write the NAR of a store path to stdout."`
 	Verify   VerifyCmd   `cmd:"" help:"Re-hash every chunk and re-render every NAR; exit non-zero naming damaged paths."`
 	Version  VersionCmd  `cmd:"" help:"Print the version."`
+	Backup   BackupCmd   `cmd:"" help:"Copy a consistent, verified snapshot of the data dir (safe while serve and imports run)."`
+	Restore  RestoreCmd  `cmd:"" help:"Restore a backup into the data dir and verify it."`
+	Doctor   DoctorCmd   `cmd:"" help:"Check that casnix can run here: data dir, schema, free space, FUSE, overlayfs, socket; exit non-zero on any problem."`
+	Ping     PingCmd     `cmd:"" help:"Connect to the daemon socket and do the protocol handshake and one query (container health check)."`
 }
 
 // VersionCmd prints the version.

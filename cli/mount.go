@@ -12,9 +12,9 @@ import (
 
 // MountFlags are shared by mount and serve --mount.
 type MountFlags struct {
-	ListRoot   bool `name:"list-root" default:"true" negatable:"" help:"Make the mount root listable (overlayfs and Nix's overlay GC list it); --no-list-root for huge stores only looked up by name."`
-	AllowOther bool `name:"allow-other" default:"true" negatable:"" help:"Let other users (sandboxed builders) read the mount; needs root or user_allow_other."`
-	FuseDebug  bool `name:"fuse-debug" hidden:"" help:"Log every FUSE request."`
+	ListRoot   bool `name:"list-root" env:"CASNIX_LIST_ROOT" default:"true" negatable:"" help:"Make the mount root listable (overlayfs and Nix's overlay GC list it); --no-list-root for huge stores only looked up by name."`
+	AllowOther bool `name:"allow-other" env:"CASNIX_ALLOW_OTHER" default:"true" negatable:"" help:"Let other users (sandboxed builders) read the mount; needs root or user_allow_other."`
+	FuseDebug  bool `name:"fuse-debug" env:"CASNIX_FUSE_DEBUG" hidden:"" help:"Log every FUSE request."`
 }
 
 func (m *MountFlags) mount(g *Globals, st *store.Store, dir string) (*fuse.Server, error) {

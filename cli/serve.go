@@ -18,7 +18,7 @@ import (
 // ServeCmd runs the daemon.
 type ServeCmd struct {
 	Socket           string        `name:"socket" env:"CASNIX_SOCKET" placeholder:"PATH" help:"Unix socket for the nix-daemon protocol (default: /run/casnix/daemon.sock as root, else DATA_DIR/daemon.sock). Ignored under socket activation (LISTEN_FDS)."`
-	Stdio            bool          `name:"stdio" help:"Speak the protocol on stdin/stdout, like nix-daemon --stdio (for ssh-ng:// stores: remote-program=casnix serve --stdio)."`
+	Stdio            bool          `name:"stdio" env:"CASNIX_STDIO" help:"Speak the protocol on stdin/stdout, like nix-daemon --stdio (for ssh-ng:// stores: remote-program=casnix serve --stdio)."`
 	TrustedUsers     []string      `name:"trusted-users" env:"CASNIX_TRUSTED_USERS" default:"root" help:"Users (names, @group, or *) whose connections are trusted: they may add unsigned paths (with --no-check-sigs), add signatures and delete paths."`
 	AllowedUsers     []string      `name:"allowed-users" env:"CASNIX_ALLOWED_USERS" default:"*" help:"Users (names, @group, or *) who may connect at all; trusted users always may. With a single @group, the socket is made 0660 and owned by that group."`
 	RequireSigs      bool          `name:"require-sigs" env:"CASNIX_REQUIRE_SIGS" default:"true" negatable:"" help:"Paths added over the daemon must be content-addressed or signed by a --trusted-public-keys key, unless a trusted client passes --no-check-sigs (Nix's require-sigs)."`

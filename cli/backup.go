@@ -1,0 +1,58 @@
+package cli
+
+import (
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/casnix/casnix/store"
+)
+
+// BackupCmd copies a consistent snapshot of the data dir.
+type BackupCmd struct {
+	Dest  string `arg:"" name:"DEST" help:"Directory to write the backup to (absent or empty); it becomes a casnix data dir."`
+	Quick bool   `name:"quick" env:"CASNIX_BACKUP_QUICK" help:"Check the copy's frames and chunk hashes only, not every NAR."`
+}
+
+// Run backs up.
+func (c *BackupCmd) Run(g *Globals) error {
+	st, err := g.Open()
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	rep, err := st.Backup(g.Ctx, c.Dest, store.CopyOptions{Quick: c.Quick})
+	if err != nil {
+		return err
+	}
+	printCopy(g.Stdout, "backed up", st.Dir(), c.Dest, rep)
+	return nil
+}
+
+// RestoreCmd restores a backup into the data dir.
+type RestoreCmd struct {
+	Src   string `arg:"" name:"SRC" help:"Backup (or stopped data dir) to restore from."`
+	Force bool   `name:"force" help:"Replace the data dir's contents if it is not empty (stop casnix serve first)."`
+	Quick bool   `name:"quick" env:"CASNIX_RESTORE_QUICK" help:"Check the restored frames and chunk hashes only, not every NAR."`
+}
+
+// Run restores.
+func (c *RestoreCmd) Run(g *Globals) error {
+	dst := g.DataDir
+	if dst == "" {
+		dst = DefaultDataDir()
+	}
+	rep, err := store.Restore(g.Ctx, c.Src, dst, store.CopyOptions{Quick: c.Quick, Force: c.Force})
+	if err != nil {
+		return err
+	}
+	printCopy(g.Stdout, "restored", c.Src, dst, rep)
+	return nil
+}
+
+func printCopy(w io.Writer, what, from, to string, rep *store.CopyReport) {
+	secs := max(rep.Copy.Seconds(), 1e-9)
+	fmt.Fprintf(w, "%s %s to %s: %d paths, %s (database %s, %d pack files %s) in %.2fs, %.1f MB/s; verified in %.2fs\n",
+		what, from, to, rep.Paths, humanBytes(rep.Bytes()), humanBytes(rep.DBBytes), rep.Packs, humanBytes(rep.PackBytes),
+		secs, float64(rep.Bytes())/1e6/secs, rep.Verify.Round(time.Millisecond).Seconds())
+}

@@ -1,0 +1,172 @@
+package store
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+
+	"github.com/casnix/casnix/blobs"
+)
+
+// TestBackupRestore: a backup taken while a batch has written frames it has not committed
+// holds exactly the committed paths, with each pack cut at its last committed frame;
+// restore reproduces it; non-empty targets and damaged backups are refused and leave the
+// target as it was.
+func TestBackupRestore(t *testing.T) {
+	ctx := context.Background()
+	st := openStore(t)
+	a, b, c := treeNAR(t, 3<<20), treeNAR(t, 1<<20), treeNAR(t, 2<<20)
+	for name, n := range map[string][]byte{pathA: a, pathB: b} {
+		if err := add(t, st, name, n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// An import in flight: its frames are in the packs, its rows are not.
+	batch := st.NewBatch(ctx)
+	if _, err := batch.Add(bytes.NewReader(c), PathInfo{Name: pathC}); err != nil {
+		t.Fatal(err)
+	}
+	dst := filepath.Join(t.TempDir(), "backup")
+	rep, err := st.Backup(ctx, dst, CopyOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := batch.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if rep.Paths != 2 || rep.Packs == 0 || rep.PackBytes == 0 || rep.DBBytes == 0 {
+		t.Errorf("report %+v, want 2 paths and some packs", rep)
+	}
+	ends, err := st.db.PackEnds(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cut bool
+	for id := range ends {
+		src, _ := os.Stat(blobs.PackFile(filepath.Join(st.Dir(), PackDir), id))
+		bk, err := os.Stat(blobs.PackFile(filepath.Join(dst, PackDir), id))
+		if err != nil {
+			continue // a pack only pathC's frames are in
+		}
+		cut = cut || bk.Size() < src.Size()
+	}
+	if !cut {
+		t.Errorf("no backup pack is shorter than its source: the uncommitted frames were copied")
+	}
+
+	bst, err := Open(ctx, dst, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	names, _ := bst.All(ctx)
+	if !slices.Equal(names, []string{pathA, pathB}) {
+		t.Errorf("backup holds %q, want A and B", names)
+	}
+	if !bytes.Equal(render(t, bst, pathA), a) || !bytes.Equal(render(t, bst, pathB), b) {
+		t.Errorf("backup renders different NARs")
+	}
+	bst.Close()
+
+	// Restore, then the refusals.
+	target := filepath.Join(t.TempDir(), "restored")
+	if _, err := Restore(ctx, dst, target, CopyOptions{Quick: true}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Restore(ctx, dst, target, CopyOptions{}); !errors.Is(err, ErrNotEmpty) {
+		t.Errorf("restore into a restored data dir: %v, want ErrNotEmpty", err)
+	}
+	if _, err := Restore(ctx, dst, target, CopyOptions{Force: true}); err != nil {
+		t.Errorf("restore --force: %v", err)
+	}
+	if _, err := st.Backup(ctx, target, CopyOptions{}); !errors.Is(err, ErrNotEmpty) {
+		t.Errorf("backup into a non-empty dir: %v, want ErrNotEmpty", err)
+	}
+	rst, err := Open(ctx, target, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if names, _ := rst.All(ctx); !slices.Equal(names, []string{pathA, pathB}) {
+		t.Errorf("restored data dir holds %q", names)
+	}
+	rst.Close()
+
+	// Damaged backups.
+	packs, _ := filepath.Glob(filepath.Join(dst, PackDir, "*", "*.pack"))
+	for _, tc := range []struct {
+		name   string
+		damage func(t *testing.T, dir string)
+	}{
+		{"truncated pack", func(t *testing.T, dir string) {
+			p := filepath.Join(dir, PackDir, filepath.Base(filepath.Dir(packs[0])), filepath.Base(packs[0]))
+			fi, _ := os.Stat(p)
+			if err := os.Truncate(p, fi.Size()-1); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"flipped byte in a frame", func(t *testing.T, dir string) {
+			p := filepath.Join(dir, PackDir, filepath.Base(filepath.Dir(packs[0])), filepath.Base(packs[0]))
+			f, err := os.OpenFile(p, os.O_RDWR, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			buf := make([]byte, 1)
+			f.ReadAt(buf, 100_000)
+			buf[0] ^= 0xff
+			f.WriteAt(buf, 100_000)
+		}},
+		{"truncated database", func(t *testing.T, dir string) {
+			fi, _ := os.Stat(filepath.Join(dir, DBFile))
+			if err := os.Truncate(filepath.Join(dir, DBFile), fi.Size()/2); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"no database", func(t *testing.T, dir string) {
+			os.Remove(filepath.Join(dir, DBFile))
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			bad := filepath.Join(t.TempDir(), "bad")
+			if _, err := copyTree(dst, bad); err != nil {
+				t.Fatal(err)
+			}
+			tc.damage(t, bad)
+			empty := t.TempDir()
+			if _, err := Restore(ctx, bad, empty, CopyOptions{Quick: true}); err == nil {
+				t.Fatal("restore of a damaged backup succeeded")
+			} else {
+				t.Logf("%s: %v", tc.name, err)
+			}
+			if left, _ := os.ReadDir(empty); len(left) != 0 {
+				t.Errorf("failed restore left %d entries in the target", len(left))
+			}
+			absent := filepath.Join(t.TempDir(), "absent")
+			Restore(ctx, bad, absent, CopyOptions{Quick: true})
+			if _, err := os.Stat(absent); !os.IsNotExist(err) {
+				t.Errorf("failed restore left the target it created: %v", err)
+			}
+		})
+	}
+}
+
+// copyTree copies the files of a data dir (two levels of pack directories).
+func copyTree(from, to string) (int64, error) {
+	var n int64
+	err := filepath.WalkDir(from, func(p string, d os.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(from, p)
+		if d.IsDir() {
+			return os.MkdirAll(filepath.Join(to, rel), 0o755)
+		}
+		m, err := copyFile(p, filepath.Join(to, rel), -1)
+		n += m
+		return err
+	})
+	return n, err
+}
