@@ -9,6 +9,9 @@
 #   seq-warm  the same, read again (page cache warm)
 #   cat-all   find DIR -type f | xargs cat, warm, over the releases corpus
 #   stat-all  find DIR -exec stat, warm, over the releases corpus
+# and the CPU time the mount process spent on seq-cold. Each run first waits
+# (up to QUIET_TIMEOUT = 60 s) for other jobs to leave the CPUs below
+# QUIET_BUSY = 0.15 busy, and the table notes how busy they were.
 set -Eeuo pipefail
 
 BENCH_DIR=${BENCH_DIR:-/var/tmp/casnix-bench}
@@ -69,19 +72,50 @@ umount_casnix() {
 trap 'umount_casnix' EXIT
 
 secs() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); echo "$e - $s" | bc; }
+# CPU seconds (user + system) the mount process has used so far: next to
+# the wall times, which swing with other jobs on a shared machine.
+cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f\n", ($14 + $15) / hz }' "/proc/$1/stat"; }
+# Fraction of both cores busy over one second.
+cpu_busy() {
+  local a b
+  a=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6; exit }' /proc/stat)
+  sleep 1
+  b=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6; exit }' /proc/stat)
+  awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " ");
+    busy = y[1] - x[1]; idle = y[2] - x[2]; printf "%.2f\n", (busy + idle) ? busy / (busy + idle) : 0 }'
+}
+# Waits (up to QUIET_TIMEOUT s) until other jobs leave the CPUs below
+# QUIET_BUSY busy, and records the busy fraction it started with.
+QUIET_BUSY=${QUIET_BUSY:-0.15}
+QUIET_TIMEOUT=${QUIET_TIMEOUT:-60}
+wait_quiet() {
+  local busy waited=0
+  busy=$(cpu_busy)
+  while awk -v b="$busy" -v l="$QUIET_BUSY" 'BEGIN { exit !(b > l) }' && ((waited < QUIET_TIMEOUT)); do
+    sleep 4
+    waited=$((waited + 5))
+    busy=$(cpu_busy)
+  done
+  echo "$busy" >>"$W/busy"
+}
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 
+rm -f "$W"/*.native "$W"/*.casnix "$W"/*.cpu "$W"/busy # an interrupted run's values
 for i in $(seq "$RUNS"); do
   log "run $i/$RUNS"
   # cold: caches dropped; casnix also restarted, so its frame cache is empty
+  wait_quiet
   drop
   secs dd if="$W/big/file" of=/dev/null bs=1M >>"$W/seq-cold.native"
   umount_casnix; drop; mount_casnix
+  c0=$(cpu_of "$MPID")
   secs dd if="$MNT/$(basename "$BIG")" of=/dev/null bs=1M >>"$W/seq-cold.casnix"
+  echo "$(cpu_of "$MPID") - $c0" | bc >>"$W/seq-cold.cpu"
   secs dd if="$W/big/file" of=/dev/null bs=1M >>"$W/seq-warm.native"
   secs dd if="$MNT/$(basename "$BIG")" of=/dev/null bs=1M >>"$W/seq-warm.casnix"
   # whole-corpus walks, warm (one pass to warm, one measured)
+  wait_quiet
   for which in native casnix; do
     d=$CORPUS/nix/store
     [[ $which == casnix ]] && d=$MNT
@@ -108,9 +142,11 @@ umount_casnix
     esac
     printf '| %s | %.3f | %.3f | %.2f× | %s |\n' "$f" "$n" "$c" "$(echo "$n / $c" | bc -l)" "$tgt"
   done
+  echo
+  echo "seq-cold: the mount process used $(median <"$W/seq-cold.cpu") s of CPU (median) to serve the 1 GiB. CPUs busy with other work before each timed step (fraction of 2 cores, waited up to ${QUIET_TIMEOUT} s for < $QUIET_BUSY): $(tr '\n' ' ' <"$W/busy")"
   echo "<!-- bench/fuse.sh: end -->"
 } | tee "$W/table.md"
-rm -f "$W"/*.native "$W"/*.casnix
+rm -f "$W"/*.native "$W"/*.casnix "$W"/*.cpu "$W"/busy
 # Replace this script's section of RESULTS.md (between its markers), or
 # append it; other scripts' sections are left alone.
 if [[ -f $RESULTS ]] && grep -q '^<!-- bench/fuse.sh: begin' "$RESULTS"; then

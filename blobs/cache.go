@@ -8,6 +8,13 @@ import (
 // frameCache holds decoded frames, bounded by bytes, least recently used
 // out first. An entry is inserted before it is decoded so concurrent readers
 // (and read-ahead) of one frame share a single decode.
+//
+// Entries are reference counted: the cache holds one reference while the
+// entry is listed, and every get hands out one more, given back with
+// release. The buffer of the last reference dropped goes back to
+// frameBufs, so a sequential read of a big file decodes into the same few
+// buffers instead of allocating (and zeroing) a new one per frame. Memory is
+// bounded by max plus the frames readers hold at the moment.
 type frameCache struct {
 	mu   sync.Mutex
 	max  int64
@@ -22,51 +29,131 @@ type frameEntry struct {
 	data  []byte
 	err   error
 	size  int64
+	refs  int  // guarded by frameCache.mu
+	ahead bool // decoded by read-ahead and not read yet (guarded by mu)
 }
 
 func newFrameCache(max int64) *frameCache {
 	return &frameCache{max: max, lru: list.New(), byID: map[int64]*list.Element{}}
 }
 
-// get returns the entry for frame id and whether the caller must fill it
-// (then it calls done).
+// get returns the entry for frame id, holding a reference for the caller,
+// and whether the caller must fill it (then it calls done). The caller
+// calls release when it no longer uses the entry's data.
 func (c *frameCache) get(id int64) (*frameEntry, bool) {
+	return c.getFor(id, false)
+}
+
+// getFor is get; ahead says the caller is read-ahead. Eviction spares
+// read-ahead's entries until a reader gets them: a sequential reader's
+// frames just behind it are more recently used than the ones just ahead,
+// yet it needs the latter, not the former.
+func (c *frameCache) getFor(id int64, ahead bool) (*frameEntry, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if el, ok := c.byID[id]; ok {
-		c.lru.MoveToFront(el)
-		return el.Value.(*frameEntry), false
+		e := el.Value.(*frameEntry)
+		e.refs++
+		if !ahead {
+			c.lru.MoveToFront(el)
+			e.ahead = false
+		}
+		return e, false
 	}
-	e := &frameEntry{id: id, ready: make(chan struct{})}
+	e := &frameEntry{id: id, ready: make(chan struct{}), refs: 2, ahead: ahead} // the cache's and the caller's
 	c.byID[id] = c.lru.PushFront(e)
 	return e, true
+}
+
+// release gives back a reference from get; the last one recycles the
+// buffer.
+func (c *frameCache) release(e *frameEntry) {
+	c.mu.Lock()
+	e.refs--
+	free := e.refs == 0
+	c.mu.Unlock()
+	if free {
+		putFrameBuf(e.data)
+	}
 }
 
 // done publishes a filled entry and evicts old ones. Failed decodes are
 // not kept, so a transient read error is retried next time.
 func (c *frameCache) done(e *frameEntry) {
 	close(e.ready)
+	var freed []*frameEntry
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	el, ok := c.byID[e.id]
 	if !ok || el.Value.(*frameEntry) != e {
-		return
+		c.mu.Unlock()
+		return // evicted while it was being filled
 	}
 	if e.err != nil {
-		c.lru.Remove(el)
-		delete(c.byID, e.id)
+		c.unlist(el, e, &freed)
+		c.mu.Unlock()
 		return
 	}
 	e.size = int64(cap(e.data))
 	c.size += e.size
-	for c.size > c.max && c.lru.Len() > 1 {
-		old := c.lru.Back()
-		oe := old.Value.(*frameEntry)
-		if oe == e {
-			break
+	// Least recently used first, read-ahead's unread entries only when
+	// nothing else is left, never the entry just filled.
+	for _, ahead := range []bool{false, true} {
+		for el := c.lru.Back(); el != nil && c.size > c.max; {
+			prev := el.Prev()
+			if oe := el.Value.(*frameEntry); oe != e && oe.ahead == ahead {
+				c.unlist(el, oe, &freed)
+			}
+			el = prev
 		}
-		c.lru.Remove(old)
-		delete(c.byID, oe.id)
-		c.size -= oe.size
 	}
+	c.mu.Unlock()
+	for _, oe := range freed {
+		putFrameBuf(oe.data)
+	}
+}
+
+// unlist drops the cache's reference to an entry (c.mu held); entries no
+// reader holds any more are appended to freed, to be recycled after the
+// lock is released.
+func (c *frameCache) unlist(el *list.Element, e *frameEntry, freed *[]*frameEntry) {
+	c.lru.Remove(el)
+	delete(c.byID, e.id)
+	c.size -= e.size
+	e.refs--
+	if e.refs == 0 {
+		*freed = append(*freed, e)
+	}
+}
+
+// Decoded-frame buffers, pooled by capacity in steps of frameBufStep: a
+// store's big frames all come close to its frame size, so they share a
+// class or two. Small frames (of small files) are not pooled.
+const (
+	frameBufStep = 256 << 10
+	frameBufMax  = 16 << 20
+)
+
+var frameBufs [frameBufMax/frameBufStep + 1]sync.Pool
+
+// getFrameBuf returns an empty buffer with room for n bytes.
+func getFrameBuf(n int64) []byte {
+	class := (n + frameBufStep - 1) / frameBufStep
+	if n < frameBufStep || n > frameBufMax {
+		return make([]byte, 0, n)
+	}
+	if b, ok := frameBufs[class].Get().(*[]byte); ok {
+		return (*b)[:0]
+	}
+	return make([]byte, 0, class*frameBufStep)
+}
+
+// putFrameBuf hands a buffer from getFrameBuf back; nobody may use it
+// afterwards.
+func putFrameBuf(b []byte) {
+	c := int64(cap(b))
+	if c < frameBufStep || c > frameBufMax || c%frameBufStep != 0 {
+		return
+	}
+	b = b[:0]
+	frameBufs[c/frameBufStep].Put(&b)
 }

@@ -8,14 +8,16 @@ import (
 	"io"
 	"sort"
 	"sync"
+	"sync/atomic"
 
 	"github.com/casnix/casnix/db"
 	"github.com/casnix/casnix/digest"
 )
 
-// frame returns the decoded bytes of a frame, from the cache or by reading
-// and decompressing it.
-func (s *Store) frame(f db.Frame) ([]byte, error) {
+// frame returns the cache entry of a decoded frame, decoding it unless it
+// is cached or being decoded. The caller holds a reference to the entry and
+// gives it back with s.cache.release once done with its data.
+func (s *Store) frame(f db.Frame) (*frameEntry, error) {
 	e, fill := s.cache.get(f.ID)
 	if fill {
 		e.data, e.err = s.decodeFrame(f)
@@ -23,22 +25,34 @@ func (s *Store) frame(f db.Frame) ([]byte, error) {
 	} else {
 		<-e.ready
 	}
-	return e.data, e.err
+	if e.err != nil {
+		err := e.err
+		s.cache.release(e)
+		return nil, err
+	}
+	return e, nil
 }
 
 // prefetch starts decoding a frame in the background if it is not cached.
 func (s *Store) prefetch(f db.Frame) {
-	e, fill := s.cache.get(f.ID)
+	e, fill := s.cache.getFor(f.ID, true)
 	if !fill {
+		s.cache.release(e)
 		return
 	}
 	go func() {
 		e.data, e.err = s.decodeFrame(f)
 		s.cache.done(e)
+		s.cache.release(e)
 	}()
 }
 
+// frameDecodes counts frame decodes, for tests and benchmarks that check
+// read-ahead decodes each frame once.
+var frameDecodes atomic.Int64
+
 func (s *Store) decodeFrame(f db.Frame) ([]byte, error) {
+	frameDecodes.Add(1)
 	r, err := s.reader(f.Pack)
 	if err != nil {
 		return nil, err
@@ -48,7 +62,7 @@ func (s *Store) decodeFrame(f db.Frame) ([]byte, error) {
 	if _, err := r.ReadAt(comp, f.DataOff); err != nil {
 		return nil, fmt.Errorf("read pack %d offset %d: %w", f.Pack, f.DataOff, err)
 	}
-	out, err := s.dec.DecodeAll(comp, make([]byte, 0, f.RawLen))
+	out, err := s.dec.DecodeAll(comp, getFrameBuf(f.RawLen))
 	if err != nil {
 		return nil, fmt.Errorf("%w: pack %d frame at %d: %v", ErrCorrupt, f.Pack, f.Offset, err)
 	}
@@ -76,6 +90,7 @@ type BlobReader struct {
 	size   int64
 	chunks []chunkRef
 	pos    int64
+	ahead  aheadState
 }
 
 // Open returns a reader for blob d.
@@ -159,45 +174,25 @@ func (br *BlobReader) locate(i int) (*db.ChunkLoc, error) {
 	return c.loc, nil
 }
 
-// chunkData returns chunk i's bytes (shared with the cache: do not modify).
-func (br *BlobReader) chunkData(i int) ([]byte, error) {
+// chunkData returns chunk i's bytes, a view into the frame cache entry e:
+// do not modify them, and call br.s.cache.release(e) when done with them
+// (the buffer is reused after).
+func (br *BlobReader) chunkData(i int) (data []byte, e *frameEntry, err error) {
 	loc, err := br.locate(i)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	data, err := br.s.frame(loc.Frame)
+	e, err = br.s.frame(loc.Frame)
 	if err != nil && vanished(err) {
 		// Its pack was compacted away since the lookup: look again, once.
 		if loc, err = br.relocate(i); err == nil {
-			data, err = br.s.frame(loc.Frame)
+			e, err = br.s.frame(loc.Frame)
 		}
 	}
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	return data[loc.Off : loc.Off+loc.Len], nil
-}
-
-// readAheadBytes is how far ahead sequential readers decode: a few frames,
-// so that both cores decode while the reader consumes.
-const readAheadBytes = 16 << 20
-
-// readAhead keeps the frames of the next few MiB decoding in the
-// background, so sequential readers use every core and rarely wait.
-func (br *BlobReader) readAhead(i int) {
-	var ahead int64
-	last := int64(-1)
-	for j := i + 1; j < len(br.chunks) && ahead < readAheadBytes; j++ {
-		loc, err := br.locate(j)
-		if err != nil {
-			return
-		}
-		if loc.ID != last {
-			br.s.prefetch(loc.Frame)
-			last = loc.ID
-		}
-		ahead += loc.Len
-	}
+	return e.data[loc.Off : loc.Off+loc.Len], e, nil
 }
 
 func (br *BlobReader) chunkAt(off int64) int {
@@ -212,11 +207,12 @@ func (br *BlobReader) ReadAt(p []byte, off int64) (int, error) {
 	n := 0
 	for n < len(p) && off < br.size {
 		i := br.chunkAt(off)
-		data, err := br.chunkData(i)
+		data, e, err := br.chunkData(i)
 		if err != nil {
 			return n, err
 		}
 		k := copy(p[n:], data[off-br.chunks[i].off:])
+		br.s.cache.release(e)
 		n += k
 		off += int64(k)
 	}
@@ -231,15 +227,14 @@ func (br *BlobReader) Read(p []byte) (int, error) {
 	if br.pos >= br.size {
 		return 0, io.EOF
 	}
+	br.ReadAhead(br.pos)
 	i := br.chunkAt(br.pos)
-	if br.pos == br.chunks[i].off {
-		br.readAhead(i)
-	}
-	data, err := br.chunkData(i)
+	data, e, err := br.chunkData(i)
 	if err != nil {
 		return 0, err
 	}
 	k := copy(p, data[br.pos-br.chunks[i].off:])
+	br.s.cache.release(e)
 	br.pos += int64(k)
 	return k, nil
 }
@@ -248,13 +243,14 @@ func (br *BlobReader) Read(p []byte) (int, error) {
 func (br *BlobReader) WriteTo(w io.Writer) (int64, error) {
 	var total int64
 	for br.pos < br.size {
+		br.ReadAhead(br.pos)
 		i := br.chunkAt(br.pos)
-		br.readAhead(i)
-		data, err := br.chunkData(i)
+		data, e, err := br.chunkData(i)
 		if err != nil {
 			return total, err
 		}
 		n, err := w.Write(data[br.pos-br.chunks[i].off:])
+		br.s.cache.release(e)
 		total += int64(n)
 		br.pos += int64(n)
 		if err != nil {
@@ -262,13 +258,4 @@ func (br *BlobReader) WriteTo(w io.Writer) (int64, error) {
 		}
 	}
 	return total, nil
-}
-
-// ReadAhead starts decoding the frames after offset off in the background,
-// for callers (FUSE) that read sequentially through ReadAt.
-func (br *BlobReader) ReadAhead(off int64) {
-	if off >= br.size || len(br.chunks) == 0 {
-		return
-	}
-	br.readAhead(br.chunkAt(off) - 1)
 }

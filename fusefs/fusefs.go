@@ -267,8 +267,9 @@ type dirNode struct {
 	path string
 	node castore.Node
 
-	mu  sync.Mutex
-	dir *castore.Directory
+	mu   sync.Mutex
+	dir  *castore.Directory
+	list []fuse.DirEntry // shared by all handles: read only
 }
 
 var (
@@ -355,17 +356,25 @@ func (d *dirNode) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
 	return fs.NewListDirStream(list), 0
 }
 
+// entries is the directory's listing, built once: the kernel sends
+// OPENDIR on every opendir(3) even when it serves the entries from its
+// own cache, and a tree walk opens every directory.
 func (d *dirNode) entries(ctx context.Context) ([]fuse.DirEntry, syscall.Errno) {
 	dir, err := d.load(ctx)
 	if err != nil {
 		return nil, d.fs.errno("readdir", err)
 	}
-	ents := dir.Entries()
-	list := make([]fuse.DirEntry, len(ents))
-	for i, e := range ents {
-		list[i] = fuse.DirEntry{Name: string(e.Name), Mode: modeOf(e.Kind), Ino: ino(d.path + "/" + string(e.Name))}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.list == nil {
+		ents := dir.Entries()
+		list := make([]fuse.DirEntry, len(ents))
+		for i, e := range ents {
+			list[i] = fuse.DirEntry{Name: string(e.Name), Mode: modeOf(e.Kind), Ino: ino(d.path + "/" + string(e.Name))}
+		}
+		d.list = list
 	}
-	return list, 0
+	return d.list, 0
 }
 
 // linkNode is a symlink.
@@ -458,9 +467,37 @@ func (f *fileNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off 
 	if sequential {
 		br.ReadAhead(off + int64(len(dest)))
 	}
-	n, err := br.ReadAt(dest, off)
-	if err != nil && !errors.Is(err, io.EOF) {
+	v, err := br.View(off, len(dest))
+	if err != nil {
 		return nil, f.fs.errno("read", err)
 	}
-	return fuse.ReadResultData(dest[:n]), 0
+	return viewResult{v}, 0
+}
+
+// viewResult hands the kernel the bytes of a read straight from the frame
+// cache: go-fuse writes its slices with one writev (it takes them through
+// Slices, a method of its unexported vectored-result interface) and calls
+// Done after the write, which gives the frames back to the cache.
+type viewResult struct{ v *blobs.View }
+
+func (r viewResult) Slices() ([][]byte, fuse.Status) { return r.v.Slices(), fuse.OK }
+
+func (r viewResult) Bytes(buf []byte) ([]byte, fuse.Status) {
+	if len(buf) < r.v.Len() {
+		buf = make([]byte, r.v.Len())
+	}
+	return buf[:r.v.CopyTo(buf)], fuse.OK
+}
+
+func (r viewResult) Size() int { return r.v.Len() }
+
+func (r viewResult) Done() { r.v.Release() }
+
+var _ fs.NodeFlusher = (*fileNode)(nil)
+
+// Flush answers ENOSYS: nothing is ever written, and the kernel takes
+// ENOSYS to mean "never send FLUSH again" (no_flush), which saves a round
+// trip on every close(2) of every file.
+func (f *fileNode) Flush(ctx context.Context, fh fs.FileHandle) syscall.Errno {
+	return syscall.ENOSYS
 }

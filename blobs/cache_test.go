@@ -1,0 +1,172 @@
+package blobs
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"math/rand"
+	"sync"
+	"testing"
+
+	"github.com/klauspost/compress/zstd"
+)
+
+// TestFrameCacheHeldNotRecycled: a frame evicted while a reader holds it
+// keeps its buffer until the reader releases it.
+func TestFrameCacheHeldNotRecycled(t *testing.T) {
+	c := newFrameCache(2 * frameBufStep)
+	held, fill := c.get(1)
+	if !fill {
+		t.Fatal("new id not filled")
+	}
+	held.data = append(getFrameBuf(frameBufStep), bytes.Repeat([]byte{7}, frameBufStep)...)
+	c.done(held)
+	for id := int64(2); id < 6; id++ { // evicts frame 1
+		e, _ := c.get(id)
+		e.data = getFrameBuf(frameBufStep)[:frameBufStep]
+		c.done(e)
+		c.release(e)
+	}
+	if _, ok := c.byID[1]; ok {
+		t.Fatal("frame 1 not evicted")
+	}
+	for range 8 {
+		b := getFrameBuf(frameBufStep)[:frameBufStep]
+		if &b[0] == &held.data[0] {
+			t.Fatal("a held frame's buffer was handed out again")
+		}
+		clear(b)
+	}
+	if !bytes.Equal(held.data, bytes.Repeat([]byte{7}, frameBufStep)) {
+		t.Fatal("a held frame's data changed")
+	}
+	c.release(held)
+	if held.refs != 0 {
+		t.Fatalf("refs = %d after the last release", held.refs)
+	}
+}
+
+// TestConcurrentReadersSmallCache: many readers of several blobs through a
+// cache that holds one frame, so frames are evicted and their buffers reused
+// while other readers copy from them; every byte read must be right (run
+// with -race too).
+func TestConcurrentReadersSmallCache(t *testing.T) {
+	// 1 MiB frames: big enough for their buffers to be pooled.
+	s, d := openBlobs(t, Options{FrameSize: 1 << 20, CacheBytes: 1, Level: zstd.SpeedFastest})
+	var blobs [][]byte
+	for i := range 4 {
+		blobs = append(blobs, benchText(2<<20, int64(i)))
+	}
+	ds := writeBlobs(t, s, d, blobs...)
+	ctx := context.Background()
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Go(func() {
+			r := rand.New(rand.NewSource(int64(g)))
+			i := g % len(blobs)
+			br, err := s.Open(ctx, ds[i])
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			if g%2 == 0 { // sequential, with read-ahead
+				var got bytes.Buffer
+				if _, err := br.WriteTo(&got); err != nil || !bytes.Equal(got.Bytes(), blobs[i]) {
+					t.Errorf("blob %d: WriteTo differs (%v)", i, err)
+				}
+				return
+			}
+			for range 50 {
+				off := r.Intn(len(blobs[i]))
+				buf := make([]byte, r.Intn(300<<10))
+				n, err := br.ReadAt(buf, int64(off))
+				if err != nil && err != io.EOF || !bytes.Equal(buf[:n], blobs[i][off:off+n]) {
+					t.Errorf("blob %d: ReadAt(%d, %d) differs (%v)", i, off, len(buf), err)
+					return
+				}
+				br.ReadAhead(int64(off + n))
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// TestReadAheadDecodesOnce: a sequential reader (the FUSE pattern: ReadAt
+// calls, each announcing read-ahead) decodes every frame exactly once,
+// although the frames just behind it are more recently used than the ones
+// read-ahead decoded for it.
+func TestReadAheadDecodesOnce(t *testing.T) {
+	// A cache not much bigger than the read-ahead window.
+	s, d := openBlobs(t, Options{FrameSize: MaxChunk, Level: zstd.SpeedFastest, CacheBytes: readAheadBytes + 4<<20})
+	data := benchText(40<<20, 1)
+	dg := writeBlobs(t, s, d, data)[0]
+	br, err := s.Open(context.Background(), dg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	frames := map[int64]bool{}
+	for i := range br.chunks {
+		loc, err := br.locate(i)
+		if err != nil {
+			t.Fatal(err)
+		}
+		frames[loc.ID] = true
+	}
+	before := frameDecodes.Load()
+	buf := make([]byte, 128<<10)
+	for off := int64(0); off < int64(len(data)); off += int64(len(buf)) {
+		br.ReadAhead(off + int64(len(buf)))
+		n, err := br.ReadAt(buf, off)
+		if err != nil && err != io.EOF || !bytes.Equal(buf[:n], data[off:off+int64(n)]) {
+			t.Fatalf("ReadAt(%d) differs (%v)", off, err)
+		}
+	}
+	if got := frameDecodes.Load() - before; got != int64(len(frames)) {
+		t.Fatalf("%d frame decodes for %d frames", got, len(frames))
+	}
+}
+
+// TestView: views return the same bytes as ReadAt, consecutive chunks of
+// one frame come as one slice, and Release gives every frame back.
+func TestView(t *testing.T) {
+	s, d := openBlobs(t, Options{FrameSize: 1 << 20, Level: zstd.SpeedFastest})
+	data := benchText(5<<20, 3)
+	br, err := s.Open(context.Background(), writeBlobs(t, s, d, data)[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := rand.New(rand.NewSource(1))
+	for range 100 {
+		off := r.Int63n(int64(len(data)) + 10)
+		n := r.Intn(600 << 10)
+		v, err := br.View(off, n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := data[min(off, int64(len(data))):min(off+int64(n), int64(len(data)))]
+		var got []byte
+		for _, sl := range v.Slices() {
+			got = append(got, sl...)
+		}
+		if v.Len() != len(want) || !bytes.Equal(got, want) {
+			t.Fatalf("View(%d, %d): %d bytes, differs from the blob", off, n, v.Len())
+		}
+		// One slice per frame touched: 600 KiB spans at most two 1 MiB frames.
+		if len(v.Slices()) > 2 {
+			t.Fatalf("View(%d, %d): %d slices", off, n, len(v.Slices()))
+		}
+		cp := make([]byte, n)
+		if k := v.CopyTo(cp); !bytes.Equal(cp[:k], want) {
+			t.Fatalf("CopyTo differs")
+		}
+		v.Release()
+		v.Release()
+	}
+	s.cache.mu.Lock()
+	defer s.cache.mu.Unlock()
+	for el := s.cache.lru.Front(); el != nil; el = el.Next() {
+		if e := el.Value.(*frameEntry); e.refs != 1 {
+			t.Fatalf("frame %d: %d references left, want the cache's one", e.id, e.refs)
+		}
+	}
+}
