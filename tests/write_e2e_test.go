@@ -274,6 +274,16 @@ func TestUntrustedWrites(t *testing.T) {
 		t.Errorf("nix store ping as nobody:\n%s", r)
 	}
 	checkServeLog(t, d)
+
+	// With allowed-users narrowed to root, nobody cannot connect at all, and is told why.
+	d2 := cas.Serve(t, filepath.Join(sockDir, "root-only.sock"), "--allowed-users", "root")
+	r = nobody("nix", "store", "ping", "--store", d2.URL())
+	if r.OK() || !strings.Contains(string(r.Stderr), "not allowed to connect") {
+		t.Errorf("nix store ping as nobody with --allowed-users root:\n%s", r)
+	}
+	if r := (&nixtest.Cmd{Name: "nix", Args: []string{"store", "ping", "--store", d2.URL()}, Env: nixtest.NixEnv(t)}).Try(); !r.OK() {
+		t.Errorf("root refused with --allowed-users root:\n%s", r)
+	}
 }
 
 // TestConcurrentCopies runs 8 nix copy --to unix:// at once, of overlapping closures, into

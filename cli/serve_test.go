@@ -1,0 +1,47 @@
+package cli
+
+import (
+	"os"
+	"os/user"
+	"strconv"
+	"testing"
+)
+
+func TestSocketAccess(t *testing.T) {
+	g, err := user.LookupGroupId(strconv.Itoa(os.Getgid()))
+	if err != nil {
+		t.Skipf("no group entry for gid %d: %v", os.Getgid(), err)
+	}
+	gid, _ := strconv.Atoi(g.Gid)
+	tests := []struct {
+		name    string
+		cmd     ServeCmd
+		mode    os.FileMode
+		gid     int
+		wantErr bool
+	}{
+		{"everyone", ServeCmd{AllowedUsers: []string{"*"}}, 0o666, -1, false},
+		{"names only: checked per connection", ServeCmd{AllowedUsers: []string{"root"}}, 0o666, -1, false},
+		{"one group: the file mode enforces it too", ServeCmd{AllowedUsers: []string{"@" + g.Name}}, 0o660, gid, false},
+		{"group and names", ServeCmd{AllowedUsers: []string{"@" + g.Name, "root"}}, 0o666, -1, false},
+		{"explicit group", ServeCmd{AllowedUsers: []string{"*"}, SocketGroup: g.Name}, 0o660, gid, false},
+		{"explicit mode", ServeCmd{AllowedUsers: []string{"@" + g.Name}, SocketMode: "0600"}, 0o600, gid, false},
+		{"bad mode", ServeCmd{AllowedUsers: []string{"*"}, SocketMode: "rw-rw----"}, 0, 0, true},
+		{"mode out of range", ServeCmd{AllowedUsers: []string{"*"}, SocketMode: "7777"}, 0, 0, true},
+		{"unknown group", ServeCmd{AllowedUsers: []string{"*"}, SocketGroup: "no-such-group-casnix"}, 0, 0, true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			mode, gid, err := tc.cmd.socketAccess()
+			if tc.wantErr {
+				if err == nil {
+					t.Fatal("accepted")
+				}
+				return
+			}
+			if err != nil || mode != tc.mode || gid != tc.gid {
+				t.Fatalf("mode %o gid %d err %v; want %o %d", mode, gid, err, tc.mode, tc.gid)
+			}
+		})
+	}
+}
