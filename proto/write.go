@@ -281,7 +281,7 @@ func (c *conn) addToStoreNar() error {
 // AddMultipleToStore collects before it is committed: fewer fsyncs and
 // transactions for many small paths, and a bounded amount of work lost
 // (never acknowledged) if the upload fails.
-const multiBatchBytes = 32 << 20
+const multiBatchBytes = 256 << 20
 
 func (c *conn) addMultipleToStore() error {
 	var flags [2]bool // repair, dontCheckSigs
