@@ -10,6 +10,7 @@ import (
 	"hash"
 	"io"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -63,6 +64,9 @@ func (im *Importer) Import(ctx context.Context, names, hashes []string) (*Import
 	results, runErr := runDAG(ctx, todo, func(n string) []string { return infos[n].References }, im.Jobs, im.KeepGoing,
 		func(ctx context.Context, n string) error {
 			err := im.fetchOne(ctx, infos[n])
+			if err != nil && !strings.Contains(err.Error(), n) {
+				err = fmt.Errorf("%s/%s: %w", im.StoreDir, n, err)
+			}
 			if err == nil {
 				narBytes.Add(infos[n].NarSize)
 			}
@@ -72,9 +76,11 @@ func (im *Importer) Import(ctx context.Context, names, hashes []string) (*Import
 			return err
 		})
 	res.NarBytes = narBytes.Load()
+	named := map[string]bool{} // errors that name their path already
 	for _, n := range todo {
 		if err, ok := results[n]; ok && err != nil {
 			failed[n] = err
+			named[n] = !errors.Is(err, ErrDependency)
 		} else if ok {
 			res.Imported++
 		}
@@ -86,7 +92,11 @@ func (im *Importer) Import(ctx context.Context, names, hashes []string) (*Import
 	}
 	slices.Sort(fnames)
 	for _, n := range fnames {
-		res.Failures = append(res.Failures, fmt.Errorf("%s/%s: %w", im.StoreDir, n, failed[n]))
+		if named[n] {
+			res.Failures = append(res.Failures, failed[n])
+		} else {
+			res.Failures = append(res.Failures, fmt.Errorf("%s/%s: %w", im.StoreDir, n, failed[n]))
+		}
 	}
 	if runErr != nil && !im.KeepGoing {
 		return res, fmt.Errorf("%s: %w", im.Src, runErr)
@@ -153,6 +163,14 @@ func (im *Importer) resolve(ctx context.Context, names, hashes []string, res *Im
 					return nil, nil, fmt.Errorf("%s/%s: %w", im.StoreDir, name, a.err)
 				}
 				failed[name] = a.err
+				if a.in != nil {
+					// Refused (unsigned): what it refers to may still be fine.
+					for _, r := range a.in.References {
+						if r != a.in.Name {
+							add(target{name: r})
+						}
+					}
+				}
 			case a.present:
 				res.Present++
 			default:
@@ -212,9 +230,9 @@ func (im *Importer) lookup(ctx context.Context, t target) (*Info, bool, error) {
 		pi := in.PathInfo()
 		if im.Keys.Verify(im.StoreDir, &pi) == 0 {
 			if len(in.Sigs) == 0 {
-				return nil, false, fmt.Errorf("refused: not signed, and a signature by a trusted key is required")
+				return in, false, fmt.Errorf("refused: not signed, and a signature by a trusted key is required")
 			}
-			return nil, false, fmt.Errorf("refused: no valid signature by a trusted key (%d signatures)", len(in.Sigs))
+			return in, false, fmt.Errorf("refused: no valid signature by a trusted key (%d signatures)", len(in.Sigs))
 		}
 	}
 	return in, false, nil
@@ -270,9 +288,16 @@ func (im *Importer) fetchAttempt(ctx context.Context, in *Info) error {
 	defer closeDec()
 	br := bufio.NewReaderSize(narR, 256<<10)
 	b := im.Store.NewBatch(ctx)
-	if _, err := b.Add(br, in.PathInfo()); err != nil {
+	pi, err := b.Add(br, in.PathInfo())
+	if err != nil {
 		b.Abort()
 		return err
+	}
+	// Batch.Add skips checks of zero values; a narinfo must not.
+	if pi.NarHash != in.NarHash || pi.NarSize != in.NarSize {
+		b.Abort()
+		return fmt.Errorf("%s: %w: got sha256:%s (%d bytes), narinfo says sha256:%s (%d bytes)", in.URL, store.ErrHashMismatch,
+			store.NixBase32(pi.NarHash[:]), pi.NarSize, store.NixBase32(in.NarHash[:]), in.NarSize)
 	}
 	// The file must hold exactly the NAR, and be what the narinfo says.
 	if _, err := br.ReadByte(); err != io.EOF {
