@@ -1,6 +1,7 @@
 package tests
 
 import (
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -163,6 +164,29 @@ func TestCacheServeHTTP(t *testing.T) {
 	}
 	if resp, err := http.Get(url + "/00000000000000000000000000000000.narinfo"); err != nil || resp.StatusCode != 404 {
 		t.Errorf("unknown narinfo: %v %v", resp, err)
+	}
+	// The uncompressed NAR, whole and by Range, is what `casnix dump` writes.
+	ni := string(nixtest.HTTPGet(t, url+"/"+strings.TrimPrefix(tree, nixtest.StoreDir+"/")[:32]+".narinfo"))
+	narURL := ""
+	for _, l := range strings.Split(ni, "\n") {
+		if u, ok := strings.CutPrefix(l, "URL: "); ok {
+			narURL = url + "/" + strings.TrimSuffix(u, ".zst")
+		}
+	}
+	nar := c.Run(t, "dump", tree).Stdout
+	if got := nixtest.HTTPGet(t, narURL); string(got) != string(nar) {
+		t.Errorf("GET %s: %d bytes differ from casnix dump's %d", narURL, len(got), len(nar))
+	}
+	req, _ := http.NewRequest(http.MethodGet, narURL, nil)
+	req.Header.Set("Range", "bytes=100-199")
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != http.StatusPartialContent {
+		t.Errorf("Range request: %v %v", resp, err)
+	} else {
+		got, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if string(got) != string(nar[100:200]) {
+			t.Errorf("Range bytes=100-199: got %q, want %q", got, nar[100:200])
+		}
 	}
 	metrics := string(nixtest.HTTPGet(t, url+"/metrics"))
 	for _, want := range []string{`casnix_http_requests_total{route="narinfo",status="200"}`, `route="nar",status="200"`,
