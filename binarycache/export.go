@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"context"
 	"crypto/sha256"
-	"errors"
 	"fmt"
 	"hash"
 	"io"
@@ -18,6 +17,7 @@ import (
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/ulikunitz/xz"
+	"golang.org/x/sys/unix"
 
 	"github.com/casnix/casnix/store"
 )
@@ -63,7 +63,7 @@ func (e *Exporter) Export(ctx context.Context, names []string) (*ExportResult, e
 	res := &ExportResult{}
 	var todo []string
 	for _, n := range closure {
-		if _, err := os.Stat(filepath.Join(e.Dir, store.HashPart(n)+".narinfo")); err == nil {
+		if e.present(n) {
 			res.Present++
 		} else {
 			todo = append(todo, n)
@@ -80,12 +80,19 @@ func (e *Exporter) Export(ctx context.Context, names []string) (*ExportResult, e
 	if jobs <= 0 {
 		jobs = runtime.GOMAXPROCS(0)
 	}
+	cm, err := newCommitter(e.Dir)
+	if err != nil {
+		return res, err
+	}
 	_, err = runDAG(ctx, todo, func(n string) []string { return infos[n].References }, jobs, false,
 		func(ctx context.Context, n string) error {
-			fsize, err := e.exportOne(ctx, infos[n])
+			fsize, ni, err := e.exportOne(ctx, infos[n])
 			if err != nil {
 				return err
 			}
+			// Handed over before this returns, so a reference's narinfo is
+			// always queued (and written) before its referrers'.
+			cm.add(filepath.Join(e.Dir, store.HashPart(n)+".narinfo"), ni)
 			narBytes.Add(infos[n].NarSize)
 			fileBytes.Add(fsize)
 			d := done.Add(1)
@@ -94,11 +101,113 @@ func (e *Exporter) Export(ctx context.Context, names []string) (*ExportResult, e
 			}
 			return nil
 		})
-	res.Exported, res.NarBytes, res.FileBytes = int(done.Load()), narBytes.Load(), fileBytes.Load()
-	if err != nil {
-		return res, err
+	if cerr := cm.close(); err == nil {
+		err = cerr
 	}
-	return res, syncDir(e.Dir)
+	res.Exported, res.NarBytes, res.FileBytes = int(done.Load()), narBytes.Load(), fileBytes.Load()
+	return res, err
+}
+
+// present reports whether the cache holds n: its narinfo parses and the NAR
+// file it names has the size it says (a crash can leave neither half-made,
+// but this costs little and makes a re-run repair anything odd).
+func (e *Exporter) present(n string) bool {
+	f, err := os.Open(filepath.Join(e.Dir, store.HashPart(n)+".narinfo"))
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	in, err := ParseNarinfo(f, e.StoreDir)
+	if err != nil || in.Name != n {
+		return false
+	}
+	st, err := os.Stat(filepath.Join(e.Dir, filepath.FromSlash(in.URL)))
+	return err == nil && st.Mode().IsRegular() && (in.FileSize == 0 || st.Size() == in.FileSize)
+}
+
+// committer writes narinfos in batches: one syncfs makes every NAR file
+// written so far durable, then the batch's narinfos are renamed into place.
+// A per-file fsync costs milliseconds each on common disks; one syncfs per
+// batch keeps the rule (a narinfo only after its NAR is on disk) at a
+// fraction of the cost.
+type committer struct {
+	dir   string
+	fd    *os.File
+	ch    chan [2]any
+	done  chan error
+	batch int
+}
+
+func newCommitter(dir string) (*committer, error) {
+	fd, err := os.Open(dir)
+	if err != nil {
+		return nil, err
+	}
+	c := &committer{dir: dir, fd: fd, ch: make(chan [2]any, 256), done: make(chan error, 1), batch: 128}
+	go c.run()
+	return c, nil
+}
+
+func (c *committer) add(path string, data []byte) { c.ch <- [2]any{path, data} }
+
+func (c *committer) run() {
+	var firstErr error
+	var pending [][2]any
+	flush := func() {
+		if len(pending) == 0 || firstErr != nil {
+			pending = pending[:0]
+			return
+		}
+		if err := unix.Syncfs(int(c.fd.Fd())); err != nil {
+			firstErr = fmt.Errorf("syncfs %s: %w", c.dir, err)
+			return
+		}
+		for _, p := range pending {
+			if err := writeFileRename(p[0].(string), p[1].([]byte)); err != nil && firstErr == nil {
+				firstErr = fmt.Errorf("write %s: %w", p[0], err)
+			}
+		}
+		pending = pending[:0]
+	}
+	for {
+		item, ok := <-c.ch
+		if !ok {
+			break
+		}
+		pending = append(pending, item)
+		// Take what else is queued; flush when the queue runs dry or the
+		// batch is full, so a slow export still publishes as it goes.
+	drain:
+		for len(pending) < c.batch {
+			select {
+			case item, ok := <-c.ch:
+				if !ok {
+					break drain
+				}
+				pending = append(pending, item)
+			default:
+				break drain
+			}
+		}
+		if len(pending) >= c.batch || len(c.ch) == 0 {
+			flush()
+		}
+	}
+	flush()
+	// The last narinfos durable too before the command reports success.
+	if firstErr == nil {
+		if err := unix.Syncfs(int(c.fd.Fd())); err != nil {
+			firstErr = fmt.Errorf("syncfs %s: %w", c.dir, err)
+		}
+	}
+	c.done <- firstErr
+}
+
+func (c *committer) close() error {
+	close(c.ch)
+	err := <-c.done
+	c.fd.Close()
+	return err
 }
 
 func (e *Exporter) writeCacheInfo() error {
@@ -144,19 +253,21 @@ func (c *hashOnly) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-func (e *Exporter) exportOne(ctx context.Context, pi *store.PathInfo) (int64, error) {
+// exportOne writes pi's NAR file (not yet synced: the committer does that
+// for many at once) and returns its size and narinfo.
+func (e *Exporter) exportOne(ctx context.Context, pi *store.PathInfo) (int64, []byte, error) {
 	full := e.StoreDir + "/" + pi.Name
 	narDir := filepath.Join(e.Dir, "nar")
 	tmp, err := os.CreateTemp(narDir, ".tmp-*")
 	if err != nil {
-		return 0, fmt.Errorf("export %s: %w", full, err)
+		return 0, nil, fmt.Errorf("export %s: %w", full, err)
 	}
 	defer func() {
 		tmp.Close()
 		os.Remove(tmp.Name()) // gone already after the rename
 	}()
 	if err := tmp.Chmod(0o644); err != nil {
-		return 0, fmt.Errorf("export %s: %w", full, err)
+		return 0, nil, fmt.Errorf("export %s: %w", full, err)
 	}
 	bw := bufio.NewWriterSize(tmp, 256<<10)
 	file := &counter{w: bw, h: sha256.New()}
@@ -166,7 +277,7 @@ func (e *Exporter) exportOne(ctx context.Context, pi *store.PathInfo) (int64, er
 		enc, _ := e.encoders.Get().(*zstd.Encoder)
 		if enc == nil {
 			if enc, err = zstd.NewWriter(nil, zstd.WithEncoderLevel(e.Level), zstd.WithEncoderConcurrency(1)); err != nil {
-				return 0, err
+				return 0, nil, err
 			}
 		}
 		enc.Reset(file)
@@ -174,7 +285,7 @@ func (e *Exporter) exportOne(ctx context.Context, pi *store.PathInfo) (int64, er
 		comp = enc
 	case "xz":
 		if comp, err = xz.NewWriter(file); err != nil {
-			return 0, fmt.Errorf("export %s: xz: %w", full, err)
+			return 0, nil, fmt.Errorf("export %s: xz: %w", full, err)
 		}
 	default:
 		comp = nopCloser{file}
@@ -183,19 +294,16 @@ func (e *Exporter) exportOne(ctx context.Context, pi *store.PathInfo) (int64, er
 	// the path-info (and its signatures) vouch for.
 	nar := &hashOnly{h: sha256.New()}
 	if _, err := e.Store.NarRender(ctx, pi.Name, io.MultiWriter(comp, nar)); err != nil {
-		return 0, fmt.Errorf("export %s: %w", full, err)
+		return 0, nil, fmt.Errorf("export %s: %w", full, err)
 	}
 	if err := comp.Close(); err != nil {
-		return 0, fmt.Errorf("export %s: compress: %w", full, err)
+		return 0, nil, fmt.Errorf("export %s: compress: %w", full, err)
 	}
 	if nar.n != pi.NarSize || string(nar.h.Sum(nil)) != string(pi.NarHash[:]) {
-		return 0, fmt.Errorf("export %s: %w: the rendered NAR does not match the stored NAR hash", full, store.ErrHashMismatch)
+		return 0, nil, fmt.Errorf("export %s: %w: the rendered NAR does not match the stored NAR hash", full, store.ErrHashMismatch)
 	}
 	if err := bw.Flush(); err != nil {
-		return 0, fmt.Errorf("export %s: %w", full, err)
-	}
-	if err := tmp.Sync(); err != nil {
-		return 0, fmt.Errorf("export %s: fsync: %w", full, err)
+		return 0, nil, fmt.Errorf("export %s: %w", full, err)
 	}
 	in := InfoFrom(pi)
 	in.Compression = e.Compression
@@ -203,21 +311,15 @@ func (e *Exporter) exportOne(ctx context.Context, pi *store.PathInfo) (int64, er
 	in.FileSize = file.n
 	in.URL = "nar/" + store.NixBase32(in.FileHash) + ".nar" + extensions[e.Compression]
 	if err := os.Rename(tmp.Name(), filepath.Join(e.Dir, in.URL)); err != nil {
-		return 0, fmt.Errorf("export %s: %w", full, err)
-	}
-	if err := syncDir(narDir); err != nil {
-		return 0, err
+		return 0, nil, fmt.Errorf("export %s: %w", full, err)
 	}
 	if e.Key != nil {
 		in.Sigs = addSig(in.Sigs, e.Key, e.StoreDir, pi)
 		if in.Sigs == nil {
-			return 0, fmt.Errorf("export %s: signing failed", full)
+			return 0, nil, fmt.Errorf("export %s: signing failed", full)
 		}
 	}
-	if err := writeFileAtomic(filepath.Join(e.Dir, store.HashPart(pi.Name)+".narinfo"), in.Format(e.StoreDir)); err != nil {
-		return 0, fmt.Errorf("export %s: %w", full, err)
-	}
-	return file.n, nil
+	return file.n, in.Format(e.StoreDir), nil
 }
 
 // addSig returns sigs with the key's signature of pi (replacing an older
@@ -234,6 +336,28 @@ func addSig(sigs []string, k *store.SecretKey, storeDir string, pi *store.PathIn
 type nopCloser struct{ io.Writer }
 
 func (nopCloser) Close() error { return nil }
+
+// writeFileRename writes a small file via a temporary file and a rename,
+// so readers see all of it or nothing; durability is the caller's (syncfs).
+func writeFileRename(path string, data []byte) error {
+	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Chmod(0o644); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), path)
+}
 
 // writeFileAtomic writes a small file via a synced temporary file and a
 // rename, so readers see all of it or nothing.
@@ -259,16 +383,4 @@ func writeFileAtomic(path string, data []byte) error {
 		return err
 	}
 	return os.Rename(tmp.Name(), path)
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil && !errors.Is(err, os.ErrInvalid) {
-		return fmt.Errorf("fsync %s: %w", dir, err)
-	}
-	return nil
 }

@@ -34,10 +34,17 @@ type Server struct {
 	Compression string
 	Logger      *slog.Logger
 
-	encoders sync.Pool
-	narinfos sync.Map // basename → []byte, signed narinfo (paths never change once valid)
-	cached   atomic.Int64
-	metrics  metrics
+	// CacheDir, when set, keeps compressed NARs once rendered (at most
+	// CacheBytes), so later downloads are sent from a file.
+	CacheDir   string
+	CacheBytes int64
+
+	encoders  sync.Pool
+	cacheOnce sync.Once
+	cache     *narCache
+	narinfos  sync.Map // basename → []byte, signed narinfo (paths never change once valid)
+	cached    atomic.Int64
+	metrics   metrics
 }
 
 // maxCachedNarinfos bounds the narinfo cache.
@@ -75,6 +82,16 @@ func (w *statusWriter) WriteHeader(code int) {
 		w.status = code
 	}
 	w.ResponseWriter.WriteHeader(code)
+}
+
+// ReadFrom keeps net/http's sendfile path for files.
+func (w *statusWriter) ReadFrom(r io.Reader) (int64, error) {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	n, err := io.Copy(w.ResponseWriter, r)
+	w.n += n
+	return n, err
 }
 
 func (w *statusWriter) Write(p []byte) (int, error) {
@@ -224,8 +241,23 @@ func (s *Server) serveNAR(w http.ResponseWriter, r *http.Request, file string) {
 		return
 	}
 	w.Header().Set("Content-Type", "application/zstd")
+	cache := s.narCache()
+	key := narHash + ".nar.zst"
+	if cache != nil {
+		if f := cache.open(key); f != nil {
+			defer f.Close()
+			if fi, err := f.Stat(); err == nil {
+				http.ServeContent(w, r, "", fi.ModTime(), f)
+				return
+			}
+		}
+	}
 	if r.Method == http.MethodHead {
 		return
+	}
+	var fill *cacheFill
+	if cache != nil && r.Header.Get("Range") == "" {
+		fill = cache.fill(key)
 	}
 	enc, _ := s.encoders.Get().(*zstd.Encoder)
 	if enc == nil {
@@ -240,7 +272,19 @@ func (s *Server) serveNAR(w http.ResponseWriter, r *http.Request, file string) {
 	}
 	defer s.encoders.Put(enc)
 	bw := bufio.NewWriterSize(w, 128<<10)
-	enc.Reset(bw)
+	committed := false
+	if fill != nil {
+		// Whatever ends this response early (an error, a panic, the client
+		// leaving) drops the file; only a complete NAR is kept.
+		defer func() {
+			if !committed {
+				fill.abort()
+			}
+		}()
+		enc.Reset(io.MultiWriter(bw, fill))
+	} else {
+		enc.Reset(bw)
+	}
 	// Once the first bytes are out an error can only cut the response
 	// short; the client notices by the missing zstd frame end (and the NAR
 	// hash).
@@ -254,7 +298,29 @@ func (s *Server) serveNAR(w http.ResponseWriter, r *http.Request, file string) {
 	}
 	if err := bw.Flush(); err != nil {
 		s.abort(w, r, err)
+		return
 	}
+	if fill != nil && r.Context().Err() == nil {
+		committed = true
+		fill.commit()
+	}
+}
+
+func (s *Server) narCache() *narCache {
+	s.cacheOnce.Do(func() {
+		if s.CacheDir == "" {
+			return
+		}
+		c, err := newNarCache(s.CacheDir, max(s.CacheBytes, 1<<20))
+		if err != nil {
+			if s.Logger != nil {
+				s.Logger.Error("NAR cache disabled", "dir", s.CacheDir, "err", err)
+			}
+			return
+		}
+		s.cache = c
+	})
+	return s.cache
 }
 
 // abort ends a response that failed after its header was sent.

@@ -188,6 +188,8 @@ type HTTPFlags struct {
 	SignKey         string `name:"sign-key" type:"path" placeholder:"FILE" help:"With --http: sign narinfos with this Nix secret key file."`
 	HTTPCompression string `name:"http-compression" default:"zstd" enum:"zstd,none" help:"With --http: NAR compression narinfos point at (${enum}); none suits fast local networks."`
 	Priority        int    `name:"priority" default:"40" help:"With --http: the Priority in nix-cache-info (lower is preferred)."`
+	HTTPCache       string `name:"http-cache" type:"path" placeholder:"DIR" help:"With --http: keep compressed NARs once served in DIR, so later downloads are sent from a file (no render, no compression)."`
+	HTTPCacheSize   int64  `name:"http-cache-size" default:"10737418240" placeholder:"BYTES" help:"With --http-cache: evict least recently used NARs beyond this many bytes."`
 }
 
 // startHTTP starts the HTTP binary cache; the returned function stops it.
@@ -204,7 +206,7 @@ func (c *ServeCmd) startHTTP(g *Globals, st *store.Store) (func(), error) {
 		return nil, fmt.Errorf("--http: %w", err)
 	}
 	h := &binarycache.Server{Store: st, StoreDir: st.StoreDir, Key: key, Priority: c.Priority,
-		Compression: c.HTTPCompression, Logger: g.Logger}
+		Compression: c.HTTPCompression, Logger: g.Logger, CacheDir: c.HTTPCache, CacheBytes: c.HTTPCacheSize}
 	srv := &http.Server{Handler: h, ReadHeaderTimeout: 30 * time.Second, IdleTimeout: 2 * time.Minute}
 	g.Logger.Info("serving HTTP binary cache", "addr", ln.Addr().String())
 	go func() {

@@ -120,7 +120,8 @@ func TestCacheServeHTTP(t *testing.T) {
 	c := nixtest.NewCasnix(t)
 	c.ImportFromNixStore(t, f.Store)
 	key, pub := cacheKey(t, f.Store, "casnix-serve-1")
-	_, url := c.ServeHTTP(t, "--sign-key", key)
+	narCache := filepath.Join(t.TempDir(), "nar-cache")
+	_, url := c.ServeHTTP(t, "--sign-key", key, "--http-cache", narCache)
 	want := f.PathInfos(t)
 
 	top, fod := f.Path(t, "diamond-top"), f.Path(t, "uses-fod")
@@ -135,6 +136,15 @@ func TestCacheServeHTTP(t *testing.T) {
 	}
 	sameInfos(t, got, map[string]nixtest.PathInfo{top: want[top], fod: want[fod]})
 	dst.Nix(t, append([]string{"store", "verify", "--all", "--sigs-needed", "1"}, requireSigs(pub)...)...)
+
+	// The NARs are cached now: a second copy is served from the cache files.
+	if ents, _ := os.ReadDir(narCache); len(ents) < len(closure) {
+		t.Errorf("--http-cache holds %d files after %d NARs were served", len(ents), len(closure))
+	}
+	again := nixtest.NewStore(t)
+	again.Nix(t, append([]string{"copy", "--from", url, top, fod}, requireSigs(pub)...)...)
+	again.Nix(t, append([]string{"store", "verify", "--all", "--sigs-needed", "1"}, requireSigs(pub)...)...)
+	sameInfos(t, again.PathInfos(t), map[string]nixtest.PathInfo{top: want[top], fod: want[fod]})
 
 	// nix-store -r through the substituter.
 	dst2 := nixtest.NewStore(t)
