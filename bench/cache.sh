@@ -15,8 +15,10 @@
 #   http N    MB/s of NAR (10^6 bytes) for cachebench get with N clients fetching every path
 #             (narinfo, NAR file, zstd decompression, SHA-256 check against NarHash, like a
 #             Nix substitution) from: the static file server (cachebench serve, sendfile)
-#             over nix copy's cache; casnix serve --http (NARs rendered and zstd-compressed
-#             on the fly, level 1); casnix serve --http --http-compression none.
+#             over nix copy's cache; casnix serve --http --http-cache DIR cold (cache emptied:
+#             NARs rendered and zstd-compressed on the fly, level 1, and cached) and warm (the
+#             same downloads again, sent from the cache files); casnix serve --http
+#             --http-compression none (rendered, uncompressed, no cache).
 set -Eeuo pipefail
 
 BENCH_DIR=${BENCH_DIR:-/var/tmp/casnix-bench}
@@ -105,7 +107,8 @@ p_static=$(free_port)
 "$W/cachebench" serve -dir "$W/exp-nix" -addr "127.0.0.1:$p_static" &
 PIDS+=($!)
 p_zstd=$(free_port)
-"$CASNIX" --data-dir "$DATA" serve --http "127.0.0.1:$p_zstd" --http-only --log-level warn &
+rm -rf "$W/http-cache"
+"$CASNIX" --data-dir "$DATA" serve --http "127.0.0.1:$p_zstd" --http-only --http-cache "$W/http-cache" --log-level warn &
 PIDS+=($!)
 wait_port "$p_static"
 wait_port "$p_zstd"
@@ -116,8 +119,11 @@ PIDS+=($!)
 wait_port "$p_none"
 for ((r = 1; r <= RUNS; r++)); do
   for n in 1 16; do
-    for s in static:$p_static zstd:$p_zstd none:$p_none; do
+    for s in static:$p_static cold:$p_zstd warm:$p_zstd none:$p_none; do
       name=${s%%:*} port=${s#*:}
+      # cold: nothing in --http-cache, every NAR rendered, compressed and cached;
+      # warm: the same downloads again, sent from the cache files.
+      [[ $name == cold ]] && find "$W/http-cache" -type f -delete
       out=$("$W/cachebench" get -base "http://127.0.0.1:$port" -hashes "$W/hashes" -clients "$n")
       M[http_${name}_$n:$r]=$(sed 's/.*mbps=//' <<<"$out")
       log "run $r/$RUNS http $name clients=$n: $out"
@@ -133,10 +139,11 @@ table="| figure | casnix | anchor | ratio (casnix / anchor) | target |
 |---|---|---|---|---|
 | export $NPATHS paths, $((NAR_BYTES / 1048576)) MiB NAR to a zstd cache: wall s | $ec s ($(med export_casnix_bytes | awk '{ printf "%.0f", $1 / 1048576 }') MiB) | nix copy: $en s ($(med export_nix_bytes | awk '{ printf "%.0f", $1 / 1048576 }') MiB) | $(ratio "$ec" "$en")× time | ≤ 1.0× |"
 for n in 1 16; do
-  st=$(med "http_static_$n") z=$(med "http_zstd_$n") no=$(med "http_none_$n")
+  st=$(med "http_static_$n") co=$(med "http_cold_$n") wa=$(med "http_warm_$n") no=$(med "http_none_$n")
   table+="
-| HTTP NAR download, $n client(s), zstd: MB/s | $z | static file server: $st | $(ratio "$z" "$st")× | ≥ 0.8× |
-| HTTP NAR download, $n client(s), casnix --http-compression none: MB/s | $no | static file server (zstd): $st | $(ratio "$no" "$st")× | — |"
+| HTTP NAR download, $n client(s), zstd, cold (rendered + compressed on the fly, filling --http-cache): MB/s | $co | static file server: $st | $(ratio "$co" "$st")× | ≥ 0.8× |
+| HTTP NAR download, $n client(s), zstd, warm (sent from --http-cache): MB/s | $wa | static file server: $st | $(ratio "$wa" "$st")× | ≥ 0.8× |
+| HTTP NAR download, $n client(s), casnix --http-compression none (rendered, uncompressed): MB/s | $no | static file server (zstd): $st | $(ratio "$no" "$st")× | — |"
 done
 echo "$table"
 
@@ -150,8 +157,9 @@ section() {
   echo "fsynced) vs \`nix copy --to file://…?compression=zstd\` (Nix $(nix --version | awk '{ print $NF }'), no fsync), wall time."
   echo "HTTP: every path fetched like a Nix substitution (narinfo, NAR file, decompress, SHA-256 check) by"
   echo "\`bench/cmd/cachebench get\` with N clients; anchor: a static file server (Go net/http, sendfile)"
-  echo "serving the cache nix copy wrote. casnix renders each NAR from its chunks and compresses it with"
-  echo "zstd level 1 on the fly (or sends it uncompressed with \`--http-compression none\`)."
+  echo "serving the cache nix copy wrote. casnix cold: \`--http-cache\` emptied, each NAR rendered from its"
+  echo "chunks, compressed with zstd level 1 on the fly and written to the cache; warm: the same downloads"
+  echo "again, sent from the cache files; none: rendered and sent uncompressed (\`--http-compression none\`)."
   echo "Client, servers and compression share the machine's 2 cores."
   echo
   echo "- date: $(date -u +%F), commit $COMMIT, CPU: ${cpu:-unknown}, $(nproc) cores"

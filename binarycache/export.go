@@ -276,7 +276,11 @@ func (e *Exporter) exportOne(ctx context.Context, pi *store.PathInfo) (int64, []
 	case "zstd":
 		enc, _ := e.encoders.Get().(*zstd.Encoder)
 		if enc == nil {
-			if enc, err = zstd.NewWriter(nil, zstd.WithEncoderLevel(e.Level), zstd.WithEncoderConcurrency(1)); err != nil {
+			level := e.Level
+			if level == 0 {
+				level = zstd.SpeedDefault
+			}
+			if enc, err = zstd.NewWriter(nil, zstd.WithEncoderLevel(level), zstd.WithEncoderConcurrency(1)); err != nil {
 				return 0, nil, err
 			}
 		}
