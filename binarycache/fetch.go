@@ -228,7 +228,7 @@ func (im *Importer) lookup(ctx context.Context, t target) (*Info, bool, error) {
 	}
 	if im.Keys != nil {
 		pi := in.PathInfo()
-		if im.Keys.Verify(im.StoreDir, &pi) == 0 {
+		if im.Keys.Verify(im.StoreDir, &pi) == 0 && !caVerified(im.StoreDir, in) {
 			if len(in.Sigs) == 0 {
 				return in, false, fmt.Errorf("refused: not signed, and a signature by a trusted key is required")
 			}

@@ -117,3 +117,28 @@ func TestParseRange(t *testing.T) {
 		}
 	}
 }
+
+func TestCAVerified(t *testing.T) {
+	// A path `nix-store --add` made (Nix 2.8): its name follows from its NAR hash.
+	in, err := ParseNarinfo(strings.NewReader(goodNarinfo), "/nix/store")
+	if err != nil {
+		t.Fatal(err)
+	}
+	in.References = nil
+	if !caVerified("/nix/store", in) {
+		t.Error("a genuine fixed:r:sha256 path was not verified")
+	}
+	for name, change := range map[string]func(*Info){
+		"other name":      func(in *Info) { in.Name = "r2k7c37lbak6l7a4n3a4vra91dhddqcl-e" },
+		"added reference": func(in *Info) { in.References = []string{"32k8qgilpbm7j9irq6lgchi0bsmyx65r-chain-1"} },
+		"other NAR hash":  func(in *Info) { in.NarHash[0] ^= 1 },
+		"flat":            func(in *Info) { in.CA = strings.Replace(in.CA, "fixed:r:", "fixed:", 1) },
+		"no CA":           func(in *Info) { in.CA = "" },
+	} {
+		c := *in
+		change(&c)
+		if caVerified("/nix/store", &c) {
+			t.Errorf("%s: verified", name)
+		}
+	}
+}

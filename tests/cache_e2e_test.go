@@ -95,6 +95,39 @@ func TestCacheRoundTrip(t *testing.T) {
 	// Contents re-hashed, and every path carries a valid signature by casnix's key.
 	dst.Nix(t, append([]string{"store", "verify", "--all", "--sigs-needed", "1"}, requireSigs(pub)...)...)
 
+	// With signatures required, Nix's unsigned cache yields only the paths whose content
+	// address proves them (recursive SHA-256) and whose references are such paths too.
+	c3 := nixtest.NewCasnix(t)
+	r = c3.Try("import", "--from", "file://"+cacheA, "--trusted-public-keys", pub, "--all", "--keep-going")
+	if r.OK() || !strings.Contains(string(r.Stderr), "refused: not signed") {
+		t.Errorf("unsigned cache with --trusted-public-keys:\n%s", r)
+	}
+	caOK := map[string]bool{}
+	for changed := true; changed; {
+		changed = false
+		for p, pi := range want {
+			if caOK[p] || !strings.HasPrefix(pi.CA, "fixed:r:sha256:") {
+				continue
+			}
+			ok := true
+			for _, ref := range pi.References {
+				ok = ok && (ref == p || caOK[ref])
+			}
+			if ok {
+				caOK[p], changed = true, true
+			}
+		}
+	}
+	got := c3.ValidPaths(t, f.AllPaths(t))
+	if len(caOK) < 3 || len(got) != len(caOK) {
+		t.Errorf("imported %d unsigned paths, want the %d verifiable content-addressed ones", len(got), len(caOK))
+	}
+	for p := range got {
+		if !caOK[p] {
+			t.Errorf("%s imported without a signature (CA %q)", p, want[p].CA)
+		}
+	}
+
 	// A plain static HTTP server serving the xz cache: import by path (no listing).
 	hs := httptest.NewServer(http.FileServer(http.Dir(cacheA)))
 	defer hs.Close()
@@ -107,7 +140,7 @@ func TestCacheRoundTrip(t *testing.T) {
 	for _, p := range f.Closure(t, f.Path(t, "diamond-top"), f.Path(t, "uses-fod")) {
 		sub[p] = want[p]
 	}
-	got := c2.ValidPaths(t, f.AllPaths(t))
+	got = c2.ValidPaths(t, f.AllPaths(t))
 	sameInfos(t, got, sub)
 	if len(got) != len(sub) {
 		t.Errorf("imported %d paths over http, want the %d of the closures", len(got), len(sub))
