@@ -62,6 +62,29 @@ if [[ ! -f $W/data.count || $(cat "$W/data.count") != "$want_count" ]]; then
 fi
 
 now() { date +%s.%N; }
+QUIET_BUSY=${QUIET_BUSY:-0.25}      # wait before each timed step until other CPU use is below this
+QUIET_TIMEOUT=${QUIET_TIMEOUT:-60}  # ... but at most this many seconds
+# Fraction of both cores busy over one second (run it while ours are idle).
+cpu_busy() {
+  local a b
+  a=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6; exit }' /proc/stat)
+  sleep 1
+  b=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6; exit }' /proc/stat)
+  awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " ");
+    busy = y[1] - x[1]; idle = y[2] - x[2]; printf "%.2f\n", (busy + idle) ? busy / (busy + idle) : 0 }'
+}
+# wait_quiet KEY: waits (up to QUIET_TIMEOUT s) until other processes leave the CPUs alone;
+# records the busy fraction the step started with under KEY.
+wait_quiet() {
+  local busy waited=0
+  busy=$(cpu_busy)
+  while awk -v b="$busy" -v l="$QUIET_BUSY" 'BEGIN { exit !(b > l) }' && ((waited < QUIET_TIMEOUT)); do
+    sleep 2
+    waited=$((waited + 3))
+    busy=$(cpu_busy)
+  done
+  M[$1]=$busy
+}
 warm() {
   tar -C "$ROOT/nix/store" -cf - . | cat >/dev/null
   cat "$DATA"/packs/*/*.pack >/dev/null 2>&1 || true
@@ -85,12 +108,16 @@ for ((r = 1; r <= RUNS; r++)); do
   rm -rf "$W/exp-casnix" "$W/exp-nix"
   warm
   sync
+  wait_quiet "busy_export_casnix:$r"
   t0=$(now)
   "$CASNIX" --data-dir "$DATA" export --to "file://$W/exp-casnix" --all --compression zstd 2>"$W/export.log"
   t1=$(now)
+  wait_quiet "busy_export_nix:$r"
+  t1=$(now)
   nix copy --store "$ROOT" "${NIXQ[@]}" --to "file://$W/exp-nix?compression=zstd" --all 2>"$W/nixcopy.log"
-  sync
   t2=$(now)
+  sync
+  M[export_nix_sync:$r]=$(awk -v a="$t1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }')
   M[export_casnix:$r]=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
   M[export_nix:$r]=$(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.2f", b - a }')
   M[export_casnix_bytes:$r]=$(du -sB1 "$W/exp-casnix" | cut -f1)
@@ -123,7 +150,11 @@ for ((r = 1; r <= RUNS; r++)); do
       name=${s%%:*} port=${s#*:}
       # cold: nothing in --http-cache, every NAR rendered, compressed and cached;
       # warm: the same downloads again, sent from the cache files.
-      [[ $name == cold ]] && find "$W/http-cache" -type f -delete
+      if [[ $name == cold ]]; then
+        mkdir -p "$W/http-cache"
+        find "$W/http-cache" -type f -delete
+      fi
+      wait_quiet "busy_http_${name}_$n:$r"
       out=$("$W/cachebench" get -base "http://127.0.0.1:$port" -hashes "$W/hashes" -clients "$n")
       M[http_${name}_$n:$r]=$(sed 's/.*mbps=//' <<<"$out")
       log "run $r/$RUNS http $name clients=$n: $out"
@@ -137,7 +168,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 ec=$(med export_casnix) en=$(med export_nix)
 table="| figure | casnix | anchor | ratio (casnix / anchor) | target |
 |---|---|---|---|---|
-| export $NPATHS paths, $((NAR_BYTES / 1048576)) MiB NAR to a zstd cache: wall s | $ec s ($(med export_casnix_bytes | awk '{ printf "%.0f", $1 / 1048576 }') MiB) | nix copy: $en s ($(med export_nix_bytes | awk '{ printf "%.0f", $1 / 1048576 }') MiB) | $(ratio "$ec" "$en")× time | ≤ 1.0× |"
+| export $NPATHS paths, $((NAR_BYTES / 1048576)) MiB NAR to a zstd cache: wall s | $ec s ($(med export_casnix_bytes | awk '{ printf "%.0f", $1 / 1048576 }') MiB, synced) | nix copy: $en s ($(med export_nix_bytes | awk '{ printf "%.0f", $1 / 1048576 }') MiB, not synced; $(med export_nix_sync) s with a sync after) | $(ratio "$ec" "$en")× time | ≤ 1.0× |"
 for n in 1 16; do
   st=$(med "http_static_$n") co=$(med "http_cold_$n") wa=$(med "http_warm_$n") no=$(med "http_none_$n")
   table+="
@@ -163,6 +194,7 @@ section() {
   echo "Client, servers and compression share the machine's 2 cores."
   echo
   echo "- date: $(date -u +%F), commit $COMMIT, CPU: ${cpu:-unknown}, $(nproc) cores"
+  echo "- busy: each timed step waited (up to ${QUIET_TIMEOUT} s) for the CPUs to be less than $QUIET_BUSY busy with other work; the busy fraction it started with is in the raw values (busy_*)"
   echo "- runs: $RUNS, median; load average (1/5/15 min) after each run: export $(for ((r = 1; r <= RUNS; r++)); do printf '[%s] ' "${M[load_export:$r]}"; done)· http $(for ((r = 1; r <= RUNS; r++)); do printf '[%s] ' "${M[load_http:$r]}"; done)"
   echo
   echo "$table"
