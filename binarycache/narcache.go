@@ -49,8 +49,12 @@ func (c *narCache) open(key string) *os.File {
 	if err != nil {
 		return nil
 	}
-	now := time.Now()
-	os.Chtimes(p, now, now) // recency for eviction
+	// Recency for eviction, at most hourly: a metadata write per hit would
+	// cost more than the hit.
+	if fi, err := f.Stat(); err == nil && time.Since(fi.ModTime()) > time.Hour {
+		now := time.Now()
+		os.Chtimes(p, now, now)
+	}
 	return f
 }
 

@@ -226,6 +226,22 @@ func (s *Server) serveNAR(w http.ResponseWriter, r *http.Request, file string) {
 		http.NotFound(w, r)
 		return
 	}
+	w.Header().Set("Cache-Control", "public, max-age=31536000, immutable")
+	cache := s.narCache()
+	key := narHash + ".nar.zst"
+	if cache != nil && ext == "nar.zst" && len(narHash) == 52 {
+		// A cached file is named by its NAR hash, so it is right for the
+		// URL without asking the database (Nix got the URL from a narinfo,
+		// which did check validity).
+		if f := cache.open(key); f != nil {
+			defer f.Close()
+			if fi, err := f.Stat(); err == nil {
+				w.Header().Set("Content-Type", "application/zstd")
+				http.ServeContent(w, r, "", fi.ModTime(), f)
+				return
+			}
+		}
+	}
 	pi, err := s.lookup(r.Context(), hash)
 	if err != nil {
 		s.fail(w, r.URL.Path, err)
@@ -235,23 +251,11 @@ func (s *Server) serveNAR(w http.ResponseWriter, r *http.Request, file string) {
 		http.NotFound(w, r)
 		return
 	}
-	w.Header().Set("Cache-Control", "public, max-age=31536000, immutable")
 	if ext == "nar" {
 		s.serveRawNAR(w, r, pi)
 		return
 	}
 	w.Header().Set("Content-Type", "application/zstd")
-	cache := s.narCache()
-	key := narHash + ".nar.zst"
-	if cache != nil {
-		if f := cache.open(key); f != nil {
-			defer f.Close()
-			if fi, err := f.Stat(); err == nil {
-				http.ServeContent(w, r, "", fi.ModTime(), f)
-				return
-			}
-		}
-	}
 	if r.Method == http.MethodHead {
 		return
 	}
