@@ -80,19 +80,16 @@ func (e *Exporter) Export(ctx context.Context, names []string) (*ExportResult, e
 	if jobs <= 0 {
 		jobs = runtime.GOMAXPROCS(0)
 	}
-	cm, err := newCommitter(e.Dir)
-	if err != nil {
-		return res, err
-	}
+	cm := newCommitter(e.Dir)
 	_, err = runDAG(ctx, todo, func(n string) []string { return infos[n].References }, jobs, false,
 		func(ctx context.Context, n string) error {
-			fsize, ni, err := e.exportOne(ctx, infos[n])
+			fsize, narPath, ni, err := e.exportOne(ctx, infos[n])
 			if err != nil {
 				return err
 			}
 			// Handed over before this returns, so a reference's narinfo is
 			// always queued (and written) before its referrers'.
-			cm.add(filepath.Join(e.Dir, store.HashPart(n)+".narinfo"), ni)
+			cm.add(narPath, filepath.Join(e.Dir, store.HashPart(n)+".narinfo"), ni)
 			narBytes.Add(infos[n].NarSize)
 			fileBytes.Add(fsize)
 			d := done.Add(1)
@@ -125,47 +122,104 @@ func (e *Exporter) present(n string) bool {
 	return err == nil && st.Mode().IsRegular() && (in.FileSize == 0 || st.Size() == in.FileSize)
 }
 
-// committer writes narinfos in batches: one syncfs makes every NAR file
-// written so far durable, then the batch's narinfos are renamed into place.
-// A per-file fsync costs milliseconds each on common disks; one syncfs per
-// batch keeps the rule (a narinfo only after its NAR is on disk) at a
-// fraction of the cost.
+// committer writes narinfos in batches, each only after its NAR file is
+// durable: the batch's NAR files are fdatasynced in parallel (their
+// writeback was started when they were written, and concurrent syncs share
+// journal commits), then the nar directory, then the narinfos are renamed
+// into place. The narinfos themselves are synced at the end; one torn by a
+// crash before that fails to parse and is exported again.
 type committer struct {
-	dir   string
-	fd    *os.File
-	ch    chan [2]any
-	done  chan error
-	batch int
+	dir      string
+	ch       chan commitItem
+	done     chan error
+	batch    int
+	narinfos []string
 }
 
-func newCommitter(dir string) (*committer, error) {
-	fd, err := os.Open(dir)
-	if err != nil {
-		return nil, err
-	}
-	c := &committer{dir: dir, fd: fd, ch: make(chan [2]any, 256), done: make(chan error, 1), batch: 128}
+type commitItem struct {
+	nar, narinfo string
+	data         []byte
+}
+
+func newCommitter(dir string) *committer {
+	c := &committer{dir: dir, ch: make(chan commitItem, 256), done: make(chan error, 1), batch: 64}
 	go c.run()
-	return c, nil
+	return c
 }
 
-func (c *committer) add(path string, data []byte) { c.ch <- [2]any{path, data} }
+func (c *committer) add(nar, narinfo string, data []byte) {
+	c.ch <- commitItem{nar: nar, narinfo: narinfo, data: data}
+}
+
+// syncFiles fsyncs (fdatasync for data only) the files in parallel.
+func syncFiles(paths []string, dataOnly bool) error {
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		first error
+		sem   = make(chan struct{}, 16)
+	)
+	for _, p := range paths {
+		wg.Go(func() {
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			err := syncFile(p, dataOnly)
+			if err != nil {
+				mu.Lock()
+				if first == nil {
+					first = err
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	return first
+}
+
+func syncFile(p string, dataOnly bool) error {
+	f, err := os.Open(p)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if dataOnly {
+		err = unix.Fdatasync(int(f.Fd()))
+	} else {
+		err = f.Sync()
+	}
+	if err != nil {
+		return fmt.Errorf("fsync %s: %w", p, err)
+	}
+	return nil
+}
 
 func (c *committer) run() {
 	var firstErr error
-	var pending [][2]any
+	var pending []commitItem
 	flush := func() {
 		if len(pending) == 0 || firstErr != nil {
 			pending = pending[:0]
 			return
 		}
-		if err := unix.Syncfs(int(c.fd.Fd())); err != nil {
-			firstErr = fmt.Errorf("syncfs %s: %w", c.dir, err)
+		nars := make([]string, len(pending))
+		for i, it := range pending {
+			nars[i] = it.nar
+		}
+		if err := syncFiles(nars, true); err != nil {
+			firstErr = err
 			return
 		}
-		for _, p := range pending {
-			if err := writeFileRename(p[0].(string), p[1].([]byte)); err != nil && firstErr == nil {
-				firstErr = fmt.Errorf("write %s: %w", p[0], err)
+		if err := syncFile(filepath.Join(c.dir, "nar"), false); err != nil {
+			firstErr = err
+			return
+		}
+		for _, it := range pending {
+			if err := writeFileRename(it.narinfo, it.data); err != nil {
+				firstErr = fmt.Errorf("write %s: %w", it.narinfo, err)
+				return
 			}
+			c.narinfos = append(c.narinfos, it.narinfo)
 		}
 		pending = pending[:0]
 	}
@@ -194,20 +248,19 @@ func (c *committer) run() {
 		}
 	}
 	flush()
-	// The last narinfos durable too before the command reports success.
+	// The narinfos durable too before the command reports success.
 	if firstErr == nil {
-		if err := unix.Syncfs(int(c.fd.Fd())); err != nil {
-			firstErr = fmt.Errorf("syncfs %s: %w", c.dir, err)
-		}
+		firstErr = syncFiles(c.narinfos, false)
+	}
+	if firstErr == nil {
+		firstErr = syncFile(c.dir, false)
 	}
 	c.done <- firstErr
 }
 
 func (c *committer) close() error {
 	close(c.ch)
-	err := <-c.done
-	c.fd.Close()
-	return err
+	return <-c.done
 }
 
 func (e *Exporter) writeCacheInfo() error {
@@ -255,19 +308,19 @@ func (c *hashOnly) Write(p []byte) (int, error) {
 
 // exportOne writes pi's NAR file (not yet synced: the committer does that
 // for many at once) and returns its size and narinfo.
-func (e *Exporter) exportOne(ctx context.Context, pi *store.PathInfo) (int64, []byte, error) {
+func (e *Exporter) exportOne(ctx context.Context, pi *store.PathInfo) (int64, string, []byte, error) {
 	full := e.StoreDir + "/" + pi.Name
 	narDir := filepath.Join(e.Dir, "nar")
 	tmp, err := os.CreateTemp(narDir, ".tmp-*")
 	if err != nil {
-		return 0, nil, fmt.Errorf("export %s: %w", full, err)
+		return 0, "", nil, fmt.Errorf("export %s: %w", full, err)
 	}
 	defer func() {
 		tmp.Close()
 		os.Remove(tmp.Name()) // gone already after the rename
 	}()
 	if err := tmp.Chmod(0o644); err != nil {
-		return 0, nil, fmt.Errorf("export %s: %w", full, err)
+		return 0, "", nil, fmt.Errorf("export %s: %w", full, err)
 	}
 	bw := bufio.NewWriterSize(tmp, 256<<10)
 	file := &counter{w: bw, h: sha256.New()}
@@ -281,7 +334,7 @@ func (e *Exporter) exportOne(ctx context.Context, pi *store.PathInfo) (int64, []
 				level = zstd.SpeedDefault
 			}
 			if enc, err = zstd.NewWriter(nil, zstd.WithEncoderLevel(level), zstd.WithEncoderConcurrency(1)); err != nil {
-				return 0, nil, err
+				return 0, "", nil, err
 			}
 		}
 		enc.Reset(file)
@@ -289,7 +342,7 @@ func (e *Exporter) exportOne(ctx context.Context, pi *store.PathInfo) (int64, []
 		comp = enc
 	case "xz":
 		if comp, err = xz.NewWriter(file); err != nil {
-			return 0, nil, fmt.Errorf("export %s: xz: %w", full, err)
+			return 0, "", nil, fmt.Errorf("export %s: xz: %w", full, err)
 		}
 	default:
 		comp = nopCloser{file}
@@ -298,32 +351,34 @@ func (e *Exporter) exportOne(ctx context.Context, pi *store.PathInfo) (int64, []
 	// the path-info (and its signatures) vouch for.
 	nar := &hashOnly{h: sha256.New()}
 	if _, err := e.Store.NarRender(ctx, pi.Name, io.MultiWriter(comp, nar)); err != nil {
-		return 0, nil, fmt.Errorf("export %s: %w", full, err)
+		return 0, "", nil, fmt.Errorf("export %s: %w", full, err)
 	}
 	if err := comp.Close(); err != nil {
-		return 0, nil, fmt.Errorf("export %s: compress: %w", full, err)
+		return 0, "", nil, fmt.Errorf("export %s: compress: %w", full, err)
 	}
 	if nar.n != pi.NarSize || string(nar.h.Sum(nil)) != string(pi.NarHash[:]) {
-		return 0, nil, fmt.Errorf("export %s: %w: the rendered NAR does not match the stored NAR hash", full, store.ErrHashMismatch)
+		return 0, "", nil, fmt.Errorf("export %s: %w: the rendered NAR does not match the stored NAR hash", full, store.ErrHashMismatch)
 	}
 	if err := bw.Flush(); err != nil {
-		return 0, nil, fmt.Errorf("export %s: %w", full, err)
+		return 0, "", nil, fmt.Errorf("export %s: %w", full, err)
 	}
+	// Start writeback now, so the committer's fdatasync finds little to do.
+	_ = unix.SyncFileRange(int(tmp.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WRITE)
 	in := InfoFrom(pi)
 	in.Compression = e.Compression
 	in.FileHash = file.h.Sum(nil)
 	in.FileSize = file.n
 	in.URL = "nar/" + store.NixBase32(in.FileHash) + ".nar" + extensions[e.Compression]
 	if err := os.Rename(tmp.Name(), filepath.Join(e.Dir, in.URL)); err != nil {
-		return 0, nil, fmt.Errorf("export %s: %w", full, err)
+		return 0, "", nil, fmt.Errorf("export %s: %w", full, err)
 	}
 	if e.Key != nil {
 		in.Sigs = addSig(in.Sigs, e.Key, e.StoreDir, pi)
 		if in.Sigs == nil {
-			return 0, nil, fmt.Errorf("export %s: signing failed", full)
+			return 0, "", nil, fmt.Errorf("export %s: signing failed", full)
 		}
 	}
-	return file.n, in.Format(e.StoreDir), nil
+	return file.n, filepath.Join(e.Dir, in.URL), in.Format(e.StoreDir), nil
 }
 
 // addSig returns sigs with the key's signature of pi (replacing an older
