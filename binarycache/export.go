@@ -397,7 +397,7 @@ type nopCloser struct{ io.Writer }
 func (nopCloser) Close() error { return nil }
 
 // writeFileRename writes a small file via a temporary file and a rename,
-// so readers see all of it or nothing; durability is the caller's (syncfs).
+// so readers see all of it or nothing; durability is the caller's.
 func writeFileRename(path string, data []byte) error {
 	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
 	if err != nil {
