@@ -93,6 +93,7 @@ type CLI struct {
 	Serve    ServeCmd    `cmd:"" help:"Serve the store to Nix over the nix-daemon protocol."`
 	Mount    MountCmd    `cmd:"" help:"Mount the store read-only with FUSE (the lowerdir of Nix's Local Overlay Store)."`
 	Import   ImportCmd   `cmd:"" help:"Import store paths from a live Nix store or a NAR file."`
+	Export   ExportCmd   `cmd:"" help:"Write closures into a binary cache directory that Nix can substitute from."`
 	Info     InfoCmd     `cmd:"" help:"Show store totals: paths, logical NAR bytes, stored bytes, dedup ratio."`
 	PathInfo PathInfoCmd `cmd:"" name:"path-info" help:"Show path-info of store paths."`
 	Ls       LsCmd       `cmd:"" help:"List a directory inside a store path."`

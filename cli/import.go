@@ -17,15 +17,17 @@ import (
 
 // ImportCmd imports paths.
 type ImportCmd struct {
-	FromNixStore string   `name:"from-nix-store" placeholder:"ROOT" xor:"source" required:"" help:"Import from the live Nix store under ROOT (ROOT/nix/store and ROOT/nix/var/nix/db/db.sqlite; / for the system store)."`
-	NAR          string   `name:"nar" placeholder:"FILE" xor:"source" required:"" help:"Import one NAR file (- for stdin) as --path."`
-	Path         string   `name:"path" placeholder:"STOREPATH" help:"With --nar: the store path the NAR is."`
-	References   []string `name:"references" sep:"none" placeholder:"PATH" help:"With --nar: a store path it refers to (repeatable; must be valid)."`
-	Deriver      string   `name:"deriver" placeholder:"PATH" help:"With --nar: its deriver."`
-	CA           string   `name:"ca" help:"With --nar: its content address (e.g. fixed:r:sha256:…)."`
-	Sigs         []string `name:"sig" sep:"none" help:"With --nar: a signature (repeatable)."`
-	NarHash      string   `name:"nar-hash" placeholder:"HASH" help:"With --nar: refuse the NAR unless its SHA-256 is this (sha256:… in any Nix encoding)."`
-	Paths        []string `arg:"" optional:"" name:"paths" help:"With --from-nix-store: import the closure of these paths instead of every valid path."`
+	FromNixStore string `name:"from-nix-store" placeholder:"ROOT" xor:"source" required:"" help:"Import from the live Nix store under ROOT (ROOT/nix/store and ROOT/nix/var/nix/db/db.sqlite; / for the system store)."`
+	NAR          string `name:"nar" placeholder:"FILE" xor:"source" required:"" help:"Import one NAR file (- for stdin) as --path."`
+	From         string `name:"from" placeholder:"URL" xor:"source" required:"" help:"Import from a binary cache: file:///DIR or http(s)://… (closures of the given paths, or --all)."`
+	CacheImportFlags
+	Path       string   `name:"path" placeholder:"STOREPATH" help:"With --nar: the store path the NAR is."`
+	References []string `name:"references" sep:"none" placeholder:"PATH" help:"With --nar: a store path it refers to (repeatable; must be valid)."`
+	Deriver    string   `name:"deriver" placeholder:"PATH" help:"With --nar: its deriver."`
+	CA         string   `name:"ca" help:"With --nar: its content address (e.g. fixed:r:sha256:…)."`
+	Sigs       []string `name:"sig" sep:"none" help:"With --nar: a signature (repeatable)."`
+	NarHash    string   `name:"nar-hash" placeholder:"HASH" help:"With --nar: refuse the NAR unless its SHA-256 is this (sha256:… in any Nix encoding)."`
+	Paths      []string `arg:"" optional:"" name:"paths" help:"With --from-nix-store or --from: import the closure of these paths (--from-nix-store: instead of every valid path)."`
 }
 
 // Run imports.
@@ -43,6 +45,9 @@ func (c *ImportCmd) Run(g *Globals) error {
 	}
 	if c.NAR != "" {
 		return c.runNAR(g)
+	}
+	if c.From != "" {
+		return c.runCache(g)
 	}
 	if c.Path != "" || len(c.References) > 0 || c.Deriver != "" || c.CA != "" || len(c.Sigs) > 0 || c.NarHash != "" {
 		return errors.New("--path, --references, --deriver, --ca, --sig and --nar-hash go with --nar")

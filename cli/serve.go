@@ -29,6 +29,7 @@ type ServeCmd struct {
 	StallTimeout     time.Duration `name:"stall-timeout" env:"CASNIX_STALL_TIMEOUT" default:"5m" help:"Close connections that stall this long in the middle of an operation."`
 	Mount            string        `name:"mount" env:"CASNIX_MOUNT" placeholder:"DIR" help:"Also mount the store read-only at DIR (FUSE), in the same process: the whole lower store of a Local Overlay Store."`
 	MountFlags
+	HTTPFlags
 	ShutdownTimeout time.Duration `name:"shutdown-timeout" env:"CASNIX_SHUTDOWN_TIMEOUT" default:"30s" help:"On SIGINT/SIGTERM, how long in-flight operations may take to finish."`
 }
 
@@ -66,6 +67,17 @@ func (c *ServeCmd) Run(g *Globals) error {
 		Store: st, StoreDir: st.StoreDir, NixVersion: "casnix-" + Version, Logger: g.Logger,
 		HandshakeTimeout: c.HandshakeTimeout, StallTimeout: c.StallTimeout, Trusted: trusted,
 		Allowed: allowed, RequireSigs: c.RequireSigs, PublicKeys: keys,
+	}
+	if c.HTTP != "" {
+		stop, err := c.startHTTP(g, st)
+		if err != nil {
+			return err
+		}
+		defer stop()
+		if c.HTTPOnly {
+			<-g.Ctx.Done()
+			return nil
+		}
 	}
 	if c.Stdio {
 		err := srv.ServeStdio(g.Ctx, os.Stdin, os.Stdout, trusted(uint32(os.Getuid()), uint32(os.Getgid())))

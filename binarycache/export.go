@@ -1,0 +1,445 @@
+package binarycache
+
+import (
+	"bufio"
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"hash"
+	"io"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"github.com/klauspost/compress/zstd"
+	"github.com/ulikunitz/xz"
+	"golang.org/x/sys/unix"
+
+	"github.com/casnix/casnix/store"
+)
+
+// Exporter writes closures into a binary cache directory.
+type Exporter struct {
+	Store       *store.Store
+	Dir         string
+	StoreDir    string
+	Compression string            // zstd, xz or none
+	Level       zstd.EncoderLevel // for zstd
+	Key         *store.SecretKey  // signs every exported path when set
+	Jobs        int
+	Progress    func(done, total int, narBytes int64)
+
+	encoders sync.Pool
+}
+
+// ExportResult sums up an export.
+type ExportResult struct {
+	Exported, Present   int
+	NarBytes, FileBytes int64
+}
+
+// Export writes the closures of names (all valid) that the cache does not
+// hold yet. References are written before their referrers, and a narinfo
+// only after its NAR file is durable, so a reader never sees a narinfo
+// pointing at nothing.
+func (e *Exporter) Export(ctx context.Context, names []string) (*ExportResult, error) {
+	if _, ok := extensions[e.Compression]; !ok || e.Compression == "bzip2" {
+		return nil, fmt.Errorf("compression %q: use zstd, xz or none", e.Compression)
+	}
+	if err := os.MkdirAll(filepath.Join(e.Dir, "nar"), 0o755); err != nil {
+		return nil, fmt.Errorf("create cache: %w", err)
+	}
+	if err := e.writeCacheInfo(); err != nil {
+		return nil, err
+	}
+	closure, err := e.Store.Closure(ctx, names)
+	if err != nil {
+		return nil, err
+	}
+	res := &ExportResult{}
+	var todo []string
+	for _, n := range closure {
+		if e.present(n) {
+			res.Present++
+		} else {
+			todo = append(todo, n)
+		}
+	}
+	infos := map[string]*store.PathInfo{}
+	for _, n := range todo {
+		if infos[n], err = e.Store.Info(ctx, n); err != nil {
+			return res, err
+		}
+	}
+	var done, narBytes, fileBytes atomic.Int64
+	jobs := e.Jobs
+	if jobs <= 0 {
+		jobs = runtime.GOMAXPROCS(0)
+	}
+	cm := newCommitter(e.Dir)
+	_, err = runDAG(ctx, todo, func(n string) []string { return infos[n].References }, jobs, false,
+		func(ctx context.Context, n string) error {
+			fsize, narPath, ni, err := e.exportOne(ctx, infos[n])
+			if err != nil {
+				return err
+			}
+			// Handed over before this returns, so a reference's narinfo is
+			// always queued (and written) before its referrers'.
+			cm.add(narPath, filepath.Join(e.Dir, store.HashPart(n)+".narinfo"), ni)
+			narBytes.Add(infos[n].NarSize)
+			fileBytes.Add(fsize)
+			d := done.Add(1)
+			if e.Progress != nil {
+				e.Progress(int(d), len(todo), narBytes.Load())
+			}
+			return nil
+		})
+	if cerr := cm.close(); err == nil {
+		err = cerr
+	}
+	res.Exported, res.NarBytes, res.FileBytes = int(done.Load()), narBytes.Load(), fileBytes.Load()
+	return res, err
+}
+
+// present reports whether the cache holds n: its narinfo parses and the NAR
+// file it names has the size it says (a crash can leave neither half-made,
+// but this costs little and makes a re-run repair anything odd).
+func (e *Exporter) present(n string) bool {
+	f, err := os.Open(filepath.Join(e.Dir, store.HashPart(n)+".narinfo"))
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	in, err := ParseNarinfo(f, e.StoreDir)
+	if err != nil || in.Name != n {
+		return false
+	}
+	st, err := os.Stat(filepath.Join(e.Dir, filepath.FromSlash(in.URL)))
+	return err == nil && st.Mode().IsRegular() && (in.FileSize == 0 || st.Size() == in.FileSize)
+}
+
+// committer writes narinfos in batches, each only after its NAR file is
+// durable: the batch's NAR files are fdatasynced in parallel (their
+// writeback was started when they were written, and concurrent syncs share
+// journal commits), then the nar directory, then the narinfos are renamed
+// into place. The narinfos themselves are synced at the end; one torn by a
+// crash before that fails to parse and is exported again.
+type committer struct {
+	dir      string
+	ch       chan commitItem
+	done     chan error
+	batch    int
+	narinfos []string
+}
+
+type commitItem struct {
+	nar, narinfo string
+	data         []byte
+}
+
+func newCommitter(dir string) *committer {
+	c := &committer{dir: dir, ch: make(chan commitItem, 256), done: make(chan error, 1), batch: 64}
+	go c.run()
+	return c
+}
+
+func (c *committer) add(nar, narinfo string, data []byte) {
+	c.ch <- commitItem{nar: nar, narinfo: narinfo, data: data}
+}
+
+// syncFiles fsyncs (fdatasync for data only) the files in parallel.
+func syncFiles(paths []string, dataOnly bool) error {
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		first error
+		sem   = make(chan struct{}, 16)
+	)
+	for _, p := range paths {
+		wg.Go(func() {
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			err := syncFile(p, dataOnly)
+			if err != nil {
+				mu.Lock()
+				if first == nil {
+					first = err
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	return first
+}
+
+func syncFile(p string, dataOnly bool) error {
+	f, err := os.Open(p)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if dataOnly {
+		err = unix.Fdatasync(int(f.Fd()))
+	} else {
+		err = f.Sync()
+	}
+	if err != nil {
+		return fmt.Errorf("fsync %s: %w", p, err)
+	}
+	return nil
+}
+
+func (c *committer) run() {
+	var firstErr error
+	var pending []commitItem
+	flush := func() {
+		if len(pending) == 0 || firstErr != nil {
+			pending = pending[:0]
+			return
+		}
+		nars := make([]string, len(pending))
+		for i, it := range pending {
+			nars[i] = it.nar
+		}
+		if err := syncFiles(nars, true); err != nil {
+			firstErr = err
+			return
+		}
+		if err := syncFile(filepath.Join(c.dir, "nar"), false); err != nil {
+			firstErr = err
+			return
+		}
+		for _, it := range pending {
+			if err := writeFileRename(it.narinfo, it.data); err != nil {
+				firstErr = fmt.Errorf("write %s: %w", it.narinfo, err)
+				return
+			}
+			c.narinfos = append(c.narinfos, it.narinfo)
+		}
+		pending = pending[:0]
+	}
+	for {
+		item, ok := <-c.ch
+		if !ok {
+			break
+		}
+		pending = append(pending, item)
+		// Take what else is queued; flush when the queue runs dry or the
+		// batch is full, so a slow export still publishes as it goes.
+	drain:
+		for len(pending) < c.batch {
+			select {
+			case item, ok := <-c.ch:
+				if !ok {
+					break drain
+				}
+				pending = append(pending, item)
+			default:
+				break drain
+			}
+		}
+		if len(pending) >= c.batch || len(c.ch) == 0 {
+			flush()
+		}
+	}
+	flush()
+	// The narinfos durable too before the command reports success.
+	if firstErr == nil {
+		firstErr = syncFiles(c.narinfos, false)
+	}
+	if firstErr == nil {
+		firstErr = syncFile(c.dir, false)
+	}
+	c.done <- firstErr
+}
+
+func (c *committer) close() error {
+	close(c.ch)
+	return <-c.done
+}
+
+func (e *Exporter) writeCacheInfo() error {
+	p := filepath.Join(e.Dir, "nix-cache-info")
+	if data, err := os.ReadFile(p); err == nil {
+		for line := range strings.SplitSeq(string(data), "\n") {
+			if v, ok := strings.CutPrefix(line, "StoreDir:"); ok && strings.TrimSpace(v) != e.StoreDir {
+				return fmt.Errorf("%s holds paths of the store directory %s, not %s", e.Dir, strings.TrimSpace(v), e.StoreDir)
+			}
+		}
+		return nil
+	}
+	return writeFileAtomic(p, []byte(CacheInfo(e.StoreDir, 40)))
+}
+
+// CacheInfo is the nix-cache-info of a cache of storeDir.
+func CacheInfo(storeDir string, priority int) string {
+	return fmt.Sprintf("StoreDir: %s\nWantMassQuery: 1\nPriority: %d\n", storeDir, priority)
+}
+
+// counter counts and hashes what is written through it.
+type counter struct {
+	w io.Writer
+	h hash.Hash
+	n int64
+}
+
+func (c *counter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.h.Write(p[:n])
+	c.n += int64(n)
+	return n, err
+}
+
+type hashOnly struct {
+	h hash.Hash
+	n int64
+}
+
+func (c *hashOnly) Write(p []byte) (int, error) {
+	c.h.Write(p)
+	c.n += int64(len(p))
+	return len(p), nil
+}
+
+// exportOne writes pi's NAR file (not yet synced: the committer does that
+// for many at once) and returns its size and narinfo.
+func (e *Exporter) exportOne(ctx context.Context, pi *store.PathInfo) (int64, string, []byte, error) {
+	full := e.StoreDir + "/" + pi.Name
+	narDir := filepath.Join(e.Dir, "nar")
+	tmp, err := os.CreateTemp(narDir, ".tmp-*")
+	if err != nil {
+		return 0, "", nil, fmt.Errorf("export %s: %w", full, err)
+	}
+	defer func() {
+		tmp.Close()
+		os.Remove(tmp.Name()) // gone already after the rename
+	}()
+	if err := tmp.Chmod(0o644); err != nil {
+		return 0, "", nil, fmt.Errorf("export %s: %w", full, err)
+	}
+	bw := bufio.NewWriterSize(tmp, 256<<10)
+	file := &counter{w: bw, h: sha256.New()}
+	var comp io.WriteCloser
+	switch e.Compression {
+	case "zstd":
+		enc, _ := e.encoders.Get().(*zstd.Encoder)
+		if enc == nil {
+			level := e.Level
+			if level == 0 {
+				level = zstd.SpeedDefault
+			}
+			if enc, err = zstd.NewWriter(nil, zstd.WithEncoderLevel(level), zstd.WithEncoderConcurrency(1)); err != nil {
+				return 0, "", nil, err
+			}
+		}
+		enc.Reset(file)
+		defer e.encoders.Put(enc)
+		comp = enc
+	case "xz":
+		if comp, err = xz.NewWriter(file); err != nil {
+			return 0, "", nil, fmt.Errorf("export %s: xz: %w", full, err)
+		}
+	default:
+		comp = nopCloser{file}
+	}
+	// The NAR is hashed on its way out: what the cache gets must be what
+	// the path-info (and its signatures) vouch for.
+	nar := &hashOnly{h: sha256.New()}
+	if _, err := e.Store.NarRender(ctx, pi.Name, io.MultiWriter(comp, nar)); err != nil {
+		return 0, "", nil, fmt.Errorf("export %s: %w", full, err)
+	}
+	if err := comp.Close(); err != nil {
+		return 0, "", nil, fmt.Errorf("export %s: compress: %w", full, err)
+	}
+	if nar.n != pi.NarSize || string(nar.h.Sum(nil)) != string(pi.NarHash[:]) {
+		return 0, "", nil, fmt.Errorf("export %s: %w: the rendered NAR does not match the stored NAR hash", full, store.ErrHashMismatch)
+	}
+	if err := bw.Flush(); err != nil {
+		return 0, "", nil, fmt.Errorf("export %s: %w", full, err)
+	}
+	// Start writeback now, so the committer's fdatasync finds little to do.
+	_ = unix.SyncFileRange(int(tmp.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WRITE)
+	in := InfoFrom(pi)
+	in.Compression = e.Compression
+	in.FileHash = file.h.Sum(nil)
+	in.FileSize = file.n
+	in.URL = "nar/" + store.NixBase32(in.FileHash) + ".nar" + extensions[e.Compression]
+	if err := os.Rename(tmp.Name(), filepath.Join(e.Dir, in.URL)); err != nil {
+		return 0, "", nil, fmt.Errorf("export %s: %w", full, err)
+	}
+	if e.Key != nil {
+		in.Sigs = addSig(in.Sigs, e.Key, e.StoreDir, pi)
+		if in.Sigs == nil {
+			return 0, "", nil, fmt.Errorf("export %s: signing failed", full)
+		}
+	}
+	return file.n, filepath.Join(e.Dir, in.URL), in.Format(e.StoreDir), nil
+}
+
+// addSig returns sigs with the key's signature of pi (replacing an older
+// one by the same key name), or nil if signing fails.
+func addSig(sigs []string, k *store.SecretKey, storeDir string, pi *store.PathInfo) []string {
+	sig, err := k.Sign(storeDir, pi)
+	if err != nil {
+		return nil
+	}
+	out := slices.DeleteFunc(slices.Clone(sigs), func(s string) bool { return strings.HasPrefix(s, k.Name()+":") })
+	return append(out, sig)
+}
+
+type nopCloser struct{ io.Writer }
+
+func (nopCloser) Close() error { return nil }
+
+// writeFileRename writes a small file via a temporary file and a rename,
+// so readers see all of it or nothing; durability is the caller's.
+func writeFileRename(path string, data []byte) error {
+	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Chmod(0o644); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), path)
+}
+
+// writeFileAtomic writes a small file via a synced temporary file and a
+// rename, so readers see all of it or nothing.
+func writeFileAtomic(path string, data []byte) error {
+	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Chmod(0o644); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), path)
+}

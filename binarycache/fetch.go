@@ -1,0 +1,327 @@
+package binarycache
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/casnix/casnix/store"
+)
+
+// Importer copies closures from a binary cache into the store.
+type Importer struct {
+	Store    *store.Store
+	Src      Source
+	StoreDir string
+	// Keys, when set, are the trusted public keys: a path needs a valid
+	// signature by one of them (Nix's require-sigs).
+	Keys      store.PublicKeys
+	Jobs      int  // NARs fetched and imported at once
+	Retries   int  // extra attempts after a transient failure
+	KeepGoing bool // import what can be imported when some paths fail
+	// Progress, when set, is called as paths finish.
+	Progress func(done, total int, narBytes int64)
+}
+
+// ImportResult sums up an import.
+type ImportResult struct {
+	Imported, Present, Failed int
+	NarBytes                  int64
+	Failures                  []error // one per failed path, in store path order
+}
+
+// Import imports the closures of the given store paths (basenames) or,
+// with hashes, of the paths whose narinfo hash parts they are.
+func (im *Importer) Import(ctx context.Context, names, hashes []string) (*ImportResult, error) {
+	if err := readCacheInfo(ctx, im.Src, im.StoreDir); err != nil {
+		return nil, err
+	}
+	res := &ImportResult{}
+	infos, failed, err := im.resolve(ctx, names, hashes, res)
+	if err != nil {
+		return res, err
+	}
+	var todo []string
+	for n := range infos {
+		todo = append(todo, n)
+	}
+	slices.Sort(todo)
+	var (
+		done     atomic.Int64
+		narBytes atomic.Int64
+		total    = len(todo)
+	)
+	results, runErr := runDAG(ctx, todo, func(n string) []string { return infos[n].References }, im.Jobs, im.KeepGoing,
+		func(ctx context.Context, n string) error {
+			err := im.fetchOne(ctx, infos[n])
+			if err != nil && !strings.Contains(err.Error(), n) {
+				err = fmt.Errorf("%s/%s: %w", im.StoreDir, n, err)
+			}
+			if err == nil {
+				narBytes.Add(infos[n].NarSize)
+			}
+			if im.Progress != nil {
+				im.Progress(int(done.Add(1)), total, narBytes.Load())
+			}
+			return err
+		})
+	res.NarBytes = narBytes.Load()
+	named := map[string]bool{} // errors that name their path already
+	for _, n := range todo {
+		if err, ok := results[n]; ok && err != nil {
+			failed[n] = err
+			named[n] = !errors.Is(err, ErrDependency)
+		} else if ok {
+			res.Imported++
+		}
+	}
+	res.Failed = len(failed)
+	var fnames []string
+	for n := range failed {
+		fnames = append(fnames, n)
+	}
+	slices.Sort(fnames)
+	for _, n := range fnames {
+		if named[n] {
+			res.Failures = append(res.Failures, failed[n])
+		} else {
+			res.Failures = append(res.Failures, fmt.Errorf("%s/%s: %w", im.StoreDir, n, failed[n]))
+		}
+	}
+	if runErr != nil && !im.KeepGoing {
+		return res, fmt.Errorf("%s: %w", im.Src, runErr)
+	}
+	return res, runErr
+}
+
+// target is one path to look up: by name, or by hash part alone (--all).
+type target struct{ name, hash string }
+
+// resolve fetches the narinfos of the closures that are not valid yet,
+// breadth first, a level's lookups in parallel. Paths whose narinfo is
+// missing or bad are returned in failed (with KeepGoing; without, the
+// first such error is returned) along with every path that refers to them.
+func (im *Importer) resolve(ctx context.Context, names, hashes []string, res *ImportResult) (map[string]*Info, map[string]error, error) {
+	infos := map[string]*Info{}
+	failed := map[string]error{}
+	seen := map[string]bool{} // hash parts
+	var level []target
+	add := func(t target) {
+		if t.hash == "" {
+			t.hash = store.HashPart(t.name)
+		}
+		if !seen[t.hash] {
+			seen[t.hash] = true
+			level = append(level, t)
+		}
+	}
+	for _, n := range names {
+		add(target{name: n})
+	}
+	for _, h := range hashes {
+		add(target{hash: h})
+	}
+	for len(level) > 0 {
+		type answer struct {
+			in      *Info
+			present bool
+			err     error
+		}
+		answers := make([]answer, len(level))
+		sem := make(chan struct{}, max(im.Jobs, 8))
+		var wg sync.WaitGroup
+		for i, t := range level {
+			wg.Go(func() {
+				sem <- struct{}{}
+				defer func() { <-sem }()
+				a := &answers[i]
+				a.in, a.present, a.err = im.lookup(ctx, t)
+			})
+		}
+		wg.Wait()
+		cur := level
+		level = nil
+		for i, a := range answers {
+			t := cur[i]
+			switch {
+			case a.err != nil:
+				name := t.name
+				if name == "" {
+					name = t.hash
+				}
+				if !im.KeepGoing {
+					return nil, nil, fmt.Errorf("%s/%s: %w", im.StoreDir, name, a.err)
+				}
+				failed[name] = a.err
+				if a.in != nil {
+					// Refused (unsigned): what it refers to may still be fine.
+					for _, r := range a.in.References {
+						if r != a.in.Name {
+							add(target{name: r})
+						}
+					}
+				}
+			case a.present:
+				res.Present++
+			default:
+				infos[a.in.Name] = a.in
+				for _, r := range a.in.References {
+					if r != a.in.Name {
+						add(target{name: r})
+					}
+				}
+			}
+		}
+	}
+	// A path whose reference failed cannot become valid.
+	for changed := true; changed; {
+		changed = false
+		for n, in := range infos {
+			for _, r := range in.References {
+				if err, bad := failed[r]; bad && r != n {
+					failed[n] = fmt.Errorf("%w: %s: %v", ErrDependency, r, err)
+					delete(infos, n)
+					changed = true
+					break
+				}
+			}
+		}
+	}
+	return infos, failed, nil
+}
+
+// lookup reports whether t is valid already and otherwise fetches and
+// checks its narinfo.
+func (im *Importer) lookup(ctx context.Context, t target) (*Info, bool, error) {
+	if t.name != "" {
+		if ok, err := im.Store.IsValid(ctx, t.name); err != nil || ok {
+			return nil, ok, err
+		}
+	} else if n, err := im.Store.PathByHashPart(ctx, t.hash); err != nil || n != "" {
+		return nil, n != "", err
+	}
+	var in *Info
+	err := im.retry(ctx, func() error {
+		rc, err := im.Src.Open(ctx, t.hash+".narinfo")
+		if err != nil {
+			return err
+		}
+		defer rc.Close()
+		in, err = ParseNarinfo(rc, im.StoreDir)
+		return err
+	})
+	if err != nil {
+		return nil, false, err
+	}
+	if store.HashPart(in.Name) != t.hash || (t.name != "" && in.Name != t.name) {
+		return nil, false, fmt.Errorf("%w: %s.narinfo describes %s/%s", ErrBadNarinfo, t.hash, im.StoreDir, in.Name)
+	}
+	if im.Keys != nil {
+		pi := in.PathInfo()
+		if im.Keys.Verify(im.StoreDir, &pi) == 0 && !caVerified(im.StoreDir, in) {
+			if len(in.Sigs) == 0 {
+				return in, false, fmt.Errorf("refused: not signed, and a signature by a trusted key is required")
+			}
+			return in, false, fmt.Errorf("refused: no valid signature by a trusted key (%d signatures)", len(in.Sigs))
+		}
+	}
+	return in, false, nil
+}
+
+// retry runs f until it succeeds, fails for good, or ran out of attempts.
+func (im *Importer) retry(ctx context.Context, f func() error) error {
+	var err error
+	for attempt := 0; ; attempt++ {
+		err = f()
+		var te *TransientError
+		if err == nil || !errors.As(err, &te) || attempt >= im.Retries || ctx.Err() != nil {
+			return err
+		}
+		select {
+		case <-time.After(time.Duration(250<<attempt) * time.Millisecond):
+		case <-ctx.Done():
+			return err
+		}
+	}
+}
+
+// fetchOne downloads, checks and commits one path.
+func (im *Importer) fetchOne(ctx context.Context, in *Info) error {
+	return im.retry(ctx, func() error { return im.fetchAttempt(ctx, in) })
+}
+
+// hashCounter hashes and counts what is read through it.
+type hashCounter struct {
+	r io.Reader
+	h hash.Hash
+	n int64
+}
+
+func (c *hashCounter) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.h.Write(p[:n])
+	c.n += int64(n)
+	return n, err
+}
+
+func (im *Importer) fetchAttempt(ctx context.Context, in *Info) error {
+	rc, err := im.Src.Open(ctx, in.URL)
+	if err != nil {
+		return err
+	}
+	defer rc.Close()
+	file := &hashCounter{r: rc, h: sha256.New()}
+	narR, closeDec, err := decompress(file, in.Compression)
+	if err != nil {
+		return fmt.Errorf("%s: %w", in.URL, err)
+	}
+	defer closeDec()
+	br := bufio.NewReaderSize(narR, 256<<10)
+	b := im.Store.NewBatch(ctx)
+	pi, err := b.Add(br, in.PathInfo())
+	if err != nil {
+		b.Abort()
+		return err
+	}
+	// Batch.Add skips checks of zero values; a narinfo must not.
+	if pi.NarHash != in.NarHash || pi.NarSize != in.NarSize {
+		b.Abort()
+		return fmt.Errorf("%s: %w: got sha256:%s (%d bytes), narinfo says sha256:%s (%d bytes)", in.URL, store.ErrHashMismatch,
+			store.NixBase32(pi.NarHash[:]), pi.NarSize, store.NixBase32(in.NarHash[:]), in.NarSize)
+	}
+	// The file must hold exactly the NAR, and be what the narinfo says.
+	if _, err := br.ReadByte(); err != io.EOF {
+		b.Abort()
+		if err != nil {
+			return fmt.Errorf("%s: after the NAR: %w", in.URL, err)
+		}
+		return fmt.Errorf("%s: data after the end of the NAR", in.URL)
+	}
+	if _, err := io.Copy(io.Discard, file); err != nil {
+		b.Abort()
+		return fmt.Errorf("%s: %w", in.URL, err)
+	}
+	if in.FileSize != 0 && file.n != in.FileSize {
+		b.Abort()
+		return fmt.Errorf("%s: file size mismatch: got %d bytes, narinfo says %d", in.URL, file.n, in.FileSize)
+	}
+	if sum := file.h.Sum(nil); in.FileHash != nil && !bytes.Equal(sum, in.FileHash) {
+		b.Abort()
+		return fmt.Errorf("%s: file hash mismatch: got sha256:%s, narinfo says sha256:%s", in.URL,
+			store.NixBase32(sum), store.NixBase32(in.FileHash))
+	}
+	if _, err := b.Commit(); err != nil {
+		return err
+	}
+	return nil
+}
