@@ -1,53 +1,42 @@
 package binarycache
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
+	"bytes"
 	"strings"
 
 	"github.com/casnix/casnix/store"
 )
 
-// caVerified reports whether in's content address proves its store path
-// without a signature, which is what lets Nix take content-addressed paths
-// from untrusted caches. Only recursive SHA-256 ("fixed:r:sha256:…", what
-// `nix-store --add` and most fixed-output derivations make) can be checked
-// from the narinfo alone: its hash is the NAR hash, which the import checks.
-// The other kinds hash the flat file contents and still need a signature.
+// caVerified reports whether in's content address, name and references
+// make its store path (Nix's makeFixedOutputPathFromCA). Such a path needs
+// no signature, as Nix takes content-addressed paths from untrusted caches:
+// its contents are checked against the address when it is ingested
+// (store.Batch.Add verifies every content address), so a cache cannot pass
+// other contents off under that name.
 func caVerified(storeDir string, in *Info) bool {
-	h, ok := strings.CutPrefix(in.CA, "fixed:r:sha256:")
-	if !ok || h != store.NixBase32(in.NarHash[:]) {
+	if in.CA == "" {
 		return false
+	}
+	ca, err := store.ParseCA(in.CA)
+	if err != nil {
+		return false
+	}
+	if ca.Method == store.CANAR && ca.Algo == "sha256" && !bytes.Equal(ca.Hash, in.NarHash[:]) {
+		return false // the NAR hash is the address: they must agree
 	}
 	_, name, ok := strings.Cut(in.Name, "-")
 	if !ok {
 		return false
 	}
-	// Nix's makeFixedOutputPath for recursive SHA-256: makeStorePath of
-	// type "source" with the references (and ":self"), the NAR hash, name.
-	typ := "source"
+	self := false
+	var others []string
 	for _, r := range in.References {
 		if r == in.Name {
-			continue
-		}
-		typ += ":" + storeDir + "/" + r
-	}
-	for _, r := range in.References {
-		if r == in.Name {
-			typ += ":self"
-			break
+			self = true
+		} else {
+			others = append(others, r)
 		}
 	}
-	return makeStorePathHash(typ, "sha256:"+hex.EncodeToString(in.NarHash[:]), storeDir, name) == store.HashPart(in.Name)
-}
-
-// makeStorePathHash is the hash part of Nix's makeStorePath: SHA-256 of
-// "type:hash:storeDir:name", folded to 20 bytes, in Nix's base32.
-func makeStorePathHash(typ, hash, storeDir, name string) string {
-	sum := sha256.Sum256([]byte(typ + ":" + hash + ":" + storeDir + ":" + name))
-	var folded [20]byte
-	for i, b := range sum {
-		folded[i%20] ^= b
-	}
-	return store.NixBase32(folded[:])
+	p, err := ca.Path(storeDir, name, others, self)
+	return err == nil && p == in.Name
 }

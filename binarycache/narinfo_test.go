@@ -128,11 +128,19 @@ func TestCAVerified(t *testing.T) {
 	if !caVerified("/nix/store", in) {
 		t.Error("a genuine fixed:r:sha256 path was not verified")
 	}
+	// A flat content address (nix-store --add-fixed sha256, made by Nix 2.8) proves its
+	// name too; its contents are checked at ingest.
+	flat := *in
+	flat.Name, flat.CA = "1p9q0bz6f22dyxh4lw8xs08p4201vyq4-f", "fixed:sha256:00xyyr3fi8l6hb839bv3f7yb86yjv7xi1cgh1xnhipym4asvb4aq"
+	if !caVerified("/nix/store", &flat) {
+		t.Error("a genuine flat fixed:sha256 path was not verified")
+	}
 	for name, change := range map[string]func(*Info){
 		"other name":      func(in *Info) { in.Name = "r2k7c37lbak6l7a4n3a4vra91dhddqcl-e" },
 		"added reference": func(in *Info) { in.References = []string{"32k8qgilpbm7j9irq6lgchi0bsmyx65r-chain-1"} },
 		"other NAR hash":  func(in *Info) { in.NarHash[0] ^= 1 },
-		"flat":            func(in *Info) { in.CA = strings.Replace(in.CA, "fixed:r:", "fixed:", 1) },
+		"flat, same hash": func(in *Info) { in.CA = strings.Replace(in.CA, "fixed:r:", "fixed:", 1) },
+		"unparseable CA":  func(in *Info) { in.CA = "fixed:r:sha256:xyz" },
 		"no CA":           func(in *Info) { in.CA = "" },
 	} {
 		c := *in
