@@ -48,10 +48,12 @@ WORKDIR /run/casnix
 WORKDIR /data
 ENV CASNIX_DIR=/data \
     CASNIX_SOCKET=/run/casnix/daemon.sock \
+    CASNIX_HTTP=:8080 \
     CASNIX_LOG_FORMAT=json \
     TMPDIR=/tmp
 VOLUME ["/data", "/run/casnix"]
-# The HTTP binary cache port (casnix serve --http, CASNIX_HTTP).
+# The HTTP binary cache (casnix serve --http, CASNIX_HTTP; unset it to serve
+# only the socket).
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
   CMD ["casnix", "ping"]

@@ -3,6 +3,7 @@ package tests
 import (
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -25,7 +26,8 @@ import (
 // restart with the data intact; then, as the lower store of a Local Overlay Store (root,
 // /dev/fuse, `serve --mount` on a shared host directory), `nix copy --from` the socket. Then `casnix doctor` in the image: an
 // unwritable data volume and a missing /dev/fuse are named as problems (exit 1); a good
-// setup passes. The HTTP cache port is not checked: `serve --http` is not on main yet.
+// setup passes. The HTTP binary cache on the published port 8080 answers the host's Nix
+// (`nix path-info` and `nix copy --from http://…`).
 func TestContainer(t *testing.T) {
 	nixtest.RequirePodman(t)
 	client := nixtest.RequireNixClient(t, "bookworm")
@@ -91,7 +93,9 @@ func TestContainer(t *testing.T) {
 
 	// casnix serve in the container as its own user; :U hands both directories to it.
 	name := fmt.Sprintf("casnix-e2e-%d", os.Getpid())
-	if r := podman(t, "run", "-d", "--name", name, "-v", data+":/data:U", "-v", run+":/run/casnix:U", image); !r.OK() {
+	port := freePort(t)
+	if r := podman(t, "run", "-d", "--name", name, "-p", fmt.Sprintf("127.0.0.1:%d:8080", port),
+		"-v", data+":/data:U", "-v", run+":/run/casnix:U", image); !r.OK() {
 		t.Fatalf("podman run:\n%s", r)
 	}
 	t.Cleanup(func() { podman(t, "rm", "-f", "-t", "0", name) })
@@ -116,12 +120,37 @@ func TestContainer(t *testing.T) {
 	}
 	check("first start")
 
+	// The HTTP binary cache (CASNIX_HTTP=:8080 in the image) on the published port.
+	cacheURL := fmt.Sprintf("http://127.0.0.1:%d", port)
+	top := f.Path(t, "diamond-top")
+	if r := client.Run(t, "nix", "path-info", "--store", cacheURL, top); strings.TrimSpace(string(r.Stdout)) != top {
+		t.Errorf("nix path-info through the container's HTTP cache:\n%s", r)
+	}
+	fromHTTP := filepath.Join(t.TempDir(), "from-http")
+	client.Run(t, "nix", "copy", "--no-check-sigs", "--from", cacheURL, "--to", "local?root="+fromHTTP, top)
+	for _, p := range f.Closure(t, top) {
+		w := nixtest.NewDigestWriter()
+		dump := client.Cmd("nix-store", "--dump", filepath.Join(fromHTTP, p))
+		dump.Stdout = w
+		dump.Run(t)
+		if w.Digest() != f.Dump(t, p) {
+			t.Errorf("%s copied from the container's HTTP cache differs from the source", p)
+		}
+	}
+
 	// Logs: JSON lines on stderr (CASNIX_LOG_FORMAT=json in the image).
 	logs := podman(t, "logs", name)
-	first, _, _ := strings.Cut(strings.TrimSpace(string(logs.Stdout)+string(logs.Stderr)), "\n")
-	var entry map[string]any
-	if err := json.Unmarshal([]byte(first), &entry); err != nil || entry["msg"] != "serving" {
-		t.Errorf("first log line %q: want a JSON \"serving\" entry (%v)", first, err)
+	serving := false
+	for _, line := range strings.Split(strings.TrimSpace(string(logs.Stdout)+string(logs.Stderr)), "\n") {
+		var entry map[string]any
+		if err := json.Unmarshal([]byte(line), &entry); err != nil {
+			t.Errorf("log line %q is not JSON: %v", line, err)
+			continue
+		}
+		serving = serving || entry["msg"] == "serving"
+	}
+	if !serving {
+		t.Errorf("no JSON \"serving\" log entry:\n%s%s", logs.Stdout, logs.Stderr)
 	}
 
 	// Restart: same data, answering again.
@@ -286,4 +315,15 @@ func sharedMount(t *testing.T) string {
 	})
 	nixtest.Run(t, "mount", "--make-shared", dir)
 	return dir
+}
+
+// freePort returns a TCP port on 127.0.0.1 that was free a moment ago.
+func freePort(t *testing.T) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
 }
