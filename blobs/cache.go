@@ -3,6 +3,7 @@ package blobs
 import (
 	"container/list"
 	"sync"
+	"sync/atomic"
 )
 
 // frameCache holds decoded frames, bounded by bytes, least recently used
@@ -31,7 +32,14 @@ type frameEntry struct {
 	size  int64
 	refs  int  // guarded by frameCache.mu
 	ahead bool // decoded by read-ahead and not read yet (guarded by mu)
+	// claimed is set by whoever decodes the entry: its creator, or for
+	// read-ahead's entries, the first of a background decoder and a
+	// reader that needs it.
+	claimed atomic.Bool
 }
+
+// claim reports whether the caller won the right to decode e.
+func (e *frameEntry) claim() bool { return e.claimed.CompareAndSwap(false, true) }
 
 func newFrameCache(max int64) *frameCache {
 	return &frameCache{max: max, lru: list.New(), byID: map[int64]*list.Element{}}
@@ -61,6 +69,9 @@ func (c *frameCache) getFor(id int64, ahead bool) (*frameEntry, bool) {
 		return e, false
 	}
 	e := &frameEntry{id: id, ready: make(chan struct{}), refs: 2, ahead: ahead} // the cache's and the caller's
+	if !ahead {
+		e.claimed.Store(true) // a reader fills what it creates itself
+	}
 	c.byID[id] = c.lru.PushFront(e)
 	return e, true
 }

@@ -7,6 +7,7 @@ import (
 	"math/rand"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/klauspost/compress/zstd"
 )
@@ -168,5 +169,62 @@ func TestView(t *testing.T) {
 		if e := el.Value.(*frameEntry); e.refs != 1 {
 			t.Fatalf("frame %d: %d references left, want the cache's one", e.id, e.refs)
 		}
+	}
+}
+
+// TestReaderClaimsQueuedFrames: frames that read-ahead queued while every
+// decoder slot is busy are decoded by the reader that needs them, each
+// once, and the queued background decodes then give up without decoding.
+func TestReaderClaimsQueuedFrames(t *testing.T) {
+	s, d := openBlobs(t, Options{FrameSize: MaxChunk, Level: zstd.SpeedFastest, Decoders: 1})
+	data := benchText(4<<20, 2)
+	br, err := s.Open(context.Background(), writeBlobs(t, s, d, data)[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	frames := map[int64]bool{}
+	for i := range br.chunks {
+		loc, err := br.locate(i)
+		if err != nil {
+			t.Fatal(err)
+		}
+		frames[loc.ID] = true
+	}
+	if len(frames) < 4 {
+		t.Fatalf("%d frames, want several", len(frames))
+	}
+	s.decodeSlots <- struct{}{} // the only slot: read-ahead can only queue
+	before := frameDecodes.Load()
+	br.ReadAhead(0)
+	got := make([]byte, len(data))
+	if n, err := br.ReadAt(got, 0); err != nil || n != len(data) || !bytes.Equal(got, data) {
+		t.Fatalf("ReadAt: %d bytes, %v, equal %v", n, err, bytes.Equal(got, data))
+	}
+	if n := frameDecodes.Load() - before; n != int64(len(frames)) {
+		t.Fatalf("%d frame decodes for %d frames", n, len(frames))
+	}
+	<-s.decodeSlots
+	// The queued goroutines take the slot in turn, find their frame
+	// claimed and give back their reference: then only the cache's is left.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		s.cache.mu.Lock()
+		held := 0
+		for el := s.cache.lru.Front(); el != nil; el = el.Next() {
+			if e := el.Value.(*frameEntry); e.refs != 1 {
+				held++
+			}
+		}
+		s.cache.mu.Unlock()
+		if held == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d frames still referenced by queued decodes", held)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if n := frameDecodes.Load() - before; n != int64(len(frames)) {
+		t.Fatalf("%d frame decodes for %d frames after the queue drained", n, len(frames))
 	}
 }

@@ -19,6 +19,12 @@ import (
 // gives it back with s.cache.release once done with its data.
 func (s *Store) frame(f db.Frame) (*frameEntry, error) {
 	e, fill := s.cache.get(f.ID)
+	if !fill && e.claim() {
+		// Read-ahead queued it but no decoder has started it yet: the
+		// reader needs it now, and decodes it itself rather than wait
+		// for a decoder slot.
+		fill = true
+	}
 	if fill {
 		e.data, e.err = s.decodeFrame(f)
 		s.cache.done(e)
@@ -33,7 +39,12 @@ func (s *Store) frame(f db.Frame) (*frameEntry, error) {
 	return e, nil
 }
 
-// prefetch starts decoding a frame in the background if it is not cached.
+// prefetch queues a frame for decoding in the background if it is not
+// cached. At most Options.Decoders frames decode in the background at once;
+// the rest wait for a slot, in order, unless a reader that needs one claims
+// it first. Unbounded, every frame of the read-ahead window decoded at once
+// and kept the readers' goroutines (FUSE requests) from running for
+// milliseconds at a time; the readers are what the decoders are for.
 func (s *Store) prefetch(f db.Frame) {
 	e, fill := s.cache.getFor(f.ID, true)
 	if !fill {
@@ -41,9 +52,14 @@ func (s *Store) prefetch(f db.Frame) {
 		return
 	}
 	go func() {
+		defer s.cache.release(e)
+		s.decodeSlots <- struct{}{}
+		defer func() { <-s.decodeSlots }()
+		if !e.claim() {
+			return // a reader decodes it
+		}
 		e.data, e.err = s.decodeFrame(f)
 		s.cache.done(e)
-		s.cache.release(e)
 	}()
 }
 

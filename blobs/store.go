@@ -46,6 +46,10 @@ type Options struct {
 	CacheBytes int64
 	// Workers is the number of parallel compressors per Writer.
 	Workers int
+	// Decoders bounds the frames read-ahead decodes at once (default: the
+	// number of CPUs). More would only take CPUs from the readers that
+	// wait for them.
+	Decoders int
 }
 
 func (o *Options) defaults() {
@@ -63,6 +67,9 @@ func (o *Options) defaults() {
 	}
 	if o.Workers == 0 {
 		o.Workers = runtime.GOMAXPROCS(0)
+	}
+	if o.Decoders == 0 {
+		o.Decoders = min(runtime.NumCPU(), runtime.GOMAXPROCS(0))
 	}
 }
 
@@ -82,6 +89,9 @@ type Store struct {
 	readers map[int64]*os.File
 
 	cache *frameCache
+	// decodeSlots bounds background frame decodes (a semaphore of
+	// Options.Decoders slots).
+	decodeSlots chan struct{}
 
 	readerSweepState
 }
@@ -112,6 +122,8 @@ func Open(dir string, d *db.DB, opts Options) (*Store, error) {
 		dir: dir, db: d, opts: opts, enc: enc, dec: dec,
 		readers: map[int64]*os.File{},
 		cache:   newFrameCache(opts.CacheBytes),
+
+		decodeSlots: make(chan struct{}, opts.Decoders),
 	}
 	s.startReaderSweeper()
 	return s, nil

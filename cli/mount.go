@@ -3,6 +3,8 @@ package cli
 import (
 	"fmt"
 	"os"
+	"runtime"
+	"sync"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 
@@ -21,10 +23,25 @@ func (m *MountFlags) mount(g *Globals, st *store.Store, dir string) (*fuse.Serve
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("create mount point: %w", err)
 	}
+	moreProcs.Do(func() {
+		// go-fuse keeps goroutines blocked in read(2) on /dev/fuse, each
+		// holding a P until the runtime takes it back; one that wakes with a
+		// request while read-ahead's decoders (one per CPU) run on every P
+		// waits for a decoder to finish a frame, milliseconds, with the
+		// kernel and the reading process waiting on it. Two Ps more than
+		// CPUs let it run at once and leave the sharing of the CPUs to the
+		// kernel's scheduler (bench/README.md, "FUSE"). A GOMAXPROCS set by
+		// the user stands.
+		if os.Getenv("GOMAXPROCS") == "" {
+			runtime.GOMAXPROCS(runtime.GOMAXPROCS(0) + 2)
+		}
+	})
 	return fusefs.Mount(dir, st, fusefs.Options{
 		ListRoot: m.ListRoot, AllowOther: m.AllowOther && os.Geteuid() == 0, Logger: g.Logger, Debug: m.FuseDebug,
 	})
 }
+
+var moreProcs sync.Once
 
 // MountCmd mounts the store read-only.
 type MountCmd struct {

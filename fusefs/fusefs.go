@@ -18,6 +18,7 @@ import (
 	"log/slog"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -47,6 +48,10 @@ type Options struct {
 	AllowOther bool
 	Logger     *slog.Logger
 	Debug      bool
+	// ReadAheadKB is the kernel's read-ahead window for the mount in KiB
+	// (0: ReadAheadKB; negative: leave the kernel's default). Setting it
+	// needs root.
+	ReadAheadKB int
 }
 
 // contentTimeout is how long the kernel may cache what never changes.
@@ -91,6 +96,16 @@ func Mount(dir string, st Store, opts Options) (*fuse.Server, error) {
 	})
 	if err != nil {
 		return nil, fmt.Errorf("mount %s: %w", dir, err)
+	}
+	if opts.ReadAheadKB == 0 {
+		opts.ReadAheadKB = ReadAheadKB
+	}
+	if opts.ReadAheadKB > 0 {
+		// Before anyone opens a file: the kernel copies the window into
+		// each open file's read-ahead state.
+		if err := setReadAhead(dir, opts.ReadAheadKB); err != nil {
+			f.log.Debug("kernel read-ahead left at its default", "err", err)
+		}
 	}
 	return srv, nil
 }
@@ -420,6 +435,10 @@ func (f *fileNode) Getattr(ctx context.Context, fh fs.FileHandle, out *fuse.Attr
 	return 0
 }
 
+// largestRead is the largest READ request served, for tests of the
+// read-ahead window.
+var largestRead atomic.Int64
+
 // nearby is how far from the previous read a read may start and still
 // count as sequential.
 const nearby = 4 << 20
@@ -457,6 +476,9 @@ func (f *fileNode) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off 
 	br, err := f.reader()
 	if err != nil {
 		return nil, f.fs.errno("open", err)
+	}
+	if n := int64(len(dest)); n > largestRead.Load() {
+		largestRead.Store(n) // racy max: only tests look, after the reads
 	}
 	f.mu.Lock()
 	// The kernel's own read-ahead sends several requests at once, so

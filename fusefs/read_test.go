@@ -114,3 +114,57 @@ func TestConcurrentReadsSmallCache(t *testing.T) {
 		}
 	}
 }
+
+// TestReadAheadWindow: a mount gets the kernel read-ahead window it asks
+// for (ReadAheadKB by default), and a sequential read through it arrives
+// in requests larger than the kernel's 128 KiB default.
+func TestReadAheadWindow(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		opt  int
+		want int
+	}{
+		{"default", 0, ReadAheadKB},
+		{"explicit", 2048, 2048},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			requireFUSE(t)
+			st, err := store.Open(context.Background(), t.TempDir(), store.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			src := sourceTree(t)
+			addTree(t, st, pathA, src)
+			mnt := t.TempDir()
+			srv, err := Mount(mnt, st, Options{ReadAheadKB: tc.opt})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() {
+				if err := srv.Unmount(); err != nil {
+					t.Errorf("unmount: %v", err)
+				}
+				st.Close()
+			})
+			got, err := readAhead(mnt)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got != tc.want {
+				t.Fatalf("read_ahead_kb = %d, want %d", got, tc.want)
+			}
+			want, err := os.ReadFile(filepath.Join(src, "share", "big"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			largestRead.Store(0)
+			b, err := os.ReadFile(filepath.Join(mnt, pathA, "share", "big"))
+			if err != nil || !bytes.Equal(b, want) {
+				t.Fatalf("read differs (%v)", err)
+			}
+			if n := largestRead.Load(); n <= 128<<10 {
+				t.Fatalf("largest READ request %d bytes, want more than the kernel default's 128 KiB", n)
+			}
+		})
+	}
+}
