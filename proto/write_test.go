@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -439,8 +440,8 @@ func TestRealisations(t *testing.T) {
 }
 
 func TestGCOps(t *testing.T) {
-	trusted := true
-	f := newFixture(t, func(s *Server) { s.Trusted = func(uint32, uint32) bool { return trusted } })
+	var untrusted atomic.Bool
+	f := newFixture(t, func(s *Server) { s.Trusted = func(uint32, uint32) bool { return !untrusted.Load() } })
 	gc := func(cl *client, action uint64, paths ...string) ([]string, error) {
 		cl.w.u64(opCollectGarbage)
 		cl.w.u64(action)
@@ -506,7 +507,7 @@ func TestGCOps(t *testing.T) {
 		t.Fatalf("FindRoots: %v", roots)
 	}
 	// Untrusted: may list, may not delete or make perm roots, sees censored links.
-	trusted = false
+	untrusted.Store(true)
 	un := f.connect(t, 38)
 	if _, err := gc(un, 2); err == nil || !strings.Contains(err.Error(), "not privileged") {
 		t.Fatalf("untrusted delete: %v", err)
@@ -529,7 +530,7 @@ func TestGCOps(t *testing.T) {
 		un.str()
 	}
 	un.inStep()
-	trusted = true
+	untrusted.Store(false)
 	deleted, err := gc(cl, 2)
 	if err != nil || len(deleted) != 1 || deleted[0] != full(testB) {
 		t.Fatalf("delete dead: %v %v", deleted, err)
