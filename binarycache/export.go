@@ -215,7 +215,7 @@ func (c *committer) run() {
 			return
 		}
 		for _, it := range pending {
-			if err := writeFileRename(it.narinfo, it.data); err != nil {
+			if err := writeFileRename(it.narinfo, it.data, false); err != nil {
 				firstErr = fmt.Errorf("write %s: %w", it.narinfo, err)
 				return
 			}
@@ -273,7 +273,7 @@ func (e *Exporter) writeCacheInfo() error {
 		}
 		return nil
 	}
-	return writeFileAtomic(p, []byte(CacheInfo(e.StoreDir, 40)))
+	return writeFileRename(p, []byte(CacheInfo(e.StoreDir, 40)), true)
 }
 
 // CacheInfo is the nix-cache-info of a cache of storeDir.
@@ -397,8 +397,9 @@ type nopCloser struct{ io.Writer }
 func (nopCloser) Close() error { return nil }
 
 // writeFileRename writes a small file via a temporary file and a rename,
-// so readers see all of it or nothing; durability is the caller's.
-func writeFileRename(path string, data []byte) error {
+// so readers see all of it or nothing. With sync the file's data is
+// fsynced before the rename; without it durability is the caller's.
+func writeFileRename(path string, data []byte, sync bool) error {
 	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
 	if err != nil {
 		return err
@@ -412,31 +413,11 @@ func writeFileRename(path string, data []byte) error {
 		tmp.Close()
 		return err
 	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
-}
-
-// writeFileAtomic writes a small file via a synced temporary file and a
-// rename, so readers see all of it or nothing.
-func writeFileAtomic(path string, data []byte) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Chmod(0o644); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
+	if sync {
+		if err := tmp.Sync(); err != nil {
+			tmp.Close()
+			return err
+		}
 	}
 	if err := tmp.Close(); err != nil {
 		return err
