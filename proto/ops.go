@@ -4,13 +4,13 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"slices"
 	"strings"
 
+	"github.com/casnix/casnix/db"
 	"github.com/casnix/casnix/store"
 )
 
@@ -641,13 +641,6 @@ func (c *conn) readDerivedPaths() ([]derivedPath, error) {
 
 // missing reports what of dp is not in the store (nil if it all is).
 func (c *conn) missing(dp derivedPath) ([]string, error) {
-	if !dp.built {
-		ok, err := c.s.Store.IsValid(c.ctx, dp.path)
-		if err != nil || ok {
-			return nil, err
-		}
-		return []string{dp.path}, nil
-	}
 	ok, err := c.s.Store.IsValid(c.ctx, dp.path)
 	if err != nil {
 		return nil, err
@@ -655,20 +648,15 @@ func (c *conn) missing(dp derivedPath) ([]string, error) {
 	if !ok {
 		return []string{dp.path}, nil
 	}
-	outs, err := c.s.Store.DrvOutputs(c.ctx, dp.path)
+	if !dp.built {
+		return nil, nil
+	}
+	outs, unknown, err := c.requestedOutputs(dp)
 	if err != nil {
 		return nil, err
 	}
-	want := map[string]bool{}
-	for _, o := range dp.outputs {
-		want[o] = true
-	}
 	var miss []string
 	for _, o := range outs {
-		if !want["*"] && !want[o.Name] {
-			continue
-		}
-		delete(want, o.Name)
 		if o.Path == "" {
 			miss = append(miss, dp.path)
 			continue
@@ -681,11 +669,32 @@ func (c *conn) missing(dp derivedPath) ([]string, error) {
 			miss = append(miss, o.Path)
 		}
 	}
-	delete(want, "*")
-	if len(want) > 0 {
+	if unknown {
 		miss = append(miss, dp.path) // asks for an output the derivation lacks
 	}
 	return miss, nil
+}
+
+// requestedOutputs lists the outputs of the valid derivation dp.path that
+// dp asks for ("*" is all), and whether it asks for one the derivation
+// does not have.
+func (c *conn) requestedOutputs(dp derivedPath) (outs []db.DrvOutput, unknown bool, err error) {
+	all, err := c.s.Store.DrvOutputs(c.ctx, dp.path)
+	if err != nil {
+		return nil, false, err
+	}
+	want := map[string]bool{}
+	for _, o := range dp.outputs {
+		want[o] = true
+	}
+	for _, o := range all {
+		if want["*"] || want[o.Name] {
+			outs = append(outs, o)
+		}
+		delete(want, o.Name)
+	}
+	delete(want, "*")
+	return outs, len(want) > 0, nil
 }
 
 func (c *conn) queryMissing() error {
@@ -785,32 +794,21 @@ type builtOutput struct {
 // builtOutputs lists the requested outputs of a valid derivation. Clients
 // (nix build DRV^out) take the output name and path from these to print
 // and link results. The id's hash is casnix's own (SHA-256 of the .drv path
-// and output name), not Nix's derivation hash modulo: casnix records no
-// realisations, and for input-addressed derivations clients use only the
-// name and path.
+// and output name), not Nix's derivation hash modulo: for input-addressed
+// derivations clients use only the name and path.
 func (c *conn) builtOutputs(dp derivedPath) ([]builtOutput, error) {
-	outs, err := c.s.Store.DrvOutputs(c.ctx, dp.path)
+	outs, _, err := c.requestedOutputs(dp)
 	if err != nil {
 		return nil, err
 	}
-	want := map[string]bool{}
-	for _, o := range dp.outputs {
-		want[o] = true
-	}
 	var res []builtOutput
 	for _, o := range outs {
-		if o.Path == "" || (!want["*"] && !want[o.Name]) {
+		if o.Path == "" {
 			continue
 		}
 		h := sha256.Sum256([]byte(c.full(dp.path) + "!" + o.Name))
-		id := "sha256:" + hex.EncodeToString(h[:]) + "!" + o.Name
-		js, err := json.Marshal(map[string]any{
-			"id": id, "outPath": o.Path, "signatures": []string{}, "dependentRealisations": map[string]string{},
-		})
-		if err != nil {
-			return nil, err
-		}
-		res = append(res, builtOutput{id, string(js)})
+		r := store.Realisation{ID: "sha256:" + hex.EncodeToString(h[:]) + "!" + o.Name, OutPath: o.Path}
+		res = append(res, builtOutput{r.ID, r.JSON()})
 	}
 	return res, nil
 }
