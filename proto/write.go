@@ -91,7 +91,6 @@ func (c *conn) addErr(err error) error {
 type pathInfoWire struct {
 	info        store.PathInfo
 	hasNarHash  bool
-	registered  uint64
 	ultimateRaw bool
 }
 
@@ -144,8 +143,12 @@ func readPathInfo(r *wireReader, parse func(string) (string, error)) (*pathInfoW
 		note(err)
 		pw.info.References = append(pw.info.References, n)
 	}
-	if pw.registered, err = r.u64(); err != nil {
+	registered, err := r.u64()
+	if err != nil {
 		return nil, err
+	}
+	if registered != 0 {
+		pw.info.Registered = time.Unix(int64(registered&(1<<62-1)), 0)
 	}
 	size, err := r.u64()
 	if err != nil {
@@ -178,6 +181,16 @@ func parseNarHash(s string) ([32]byte, error) {
 	}
 	copy(h[:], ca.Hash)
 	return h, nil
+}
+
+// readAddFlags reads the repair and dontCheckSigs flags of AddToStoreNar
+// and AddMultipleToStore. Repair is moot: casnix re-adds nothing it has
+// (verify names damage; a backup restores it).
+func (c *conn) readAddFlags() (dontCheckSigs bool, err error) {
+	if _, err := c.r.boolean(); err != nil {
+		return false, err
+	}
+	return c.r.boolean()
 }
 
 // checkAdd applies Nix's rules for adding a path with given info: a NAR
@@ -227,21 +240,14 @@ func (c *conn) addToStoreNar() error {
 	if pw == nil {
 		return bad
 	}
-	var flags [2]bool // repair, dontCheckSigs
-	for i := range flags {
-		v, err := c.r.boolean()
-		if err != nil {
-			return err
-		}
-		flags[i] = v
+	dontCheckSigs, err := c.readAddFlags()
+	if err != nil {
+		return err
 	}
 	pi := pw.info
 	pi.Ultimate = pw.ultimateRaw && c.trusted
-	if pw.registered != 0 {
-		pi.Registered = time.Unix(int64(pw.registered&(1<<62-1)), 0)
-	}
 	if bad == nil {
-		bad = c.checkAdd(&pi, pw.hasNarHash, flags[1])
+		bad = c.checkAdd(&pi, pw.hasNarHash, dontCheckSigs)
 	}
 	if bad == nil {
 		bad = c.addTemp(pi.Name)
@@ -284,13 +290,9 @@ func (c *conn) addToStoreNar() error {
 const multiBatchBytes = 256 << 20
 
 func (c *conn) addMultipleToStore() error {
-	var flags [2]bool // repair, dontCheckSigs
-	for i := range flags {
-		v, err := c.r.boolean()
-		if err != nil {
-			return err
-		}
-		flags[i] = v
+	dontCheckSigs, err := c.readAddFlags()
+	if err != nil {
+		return err
 	}
 	f := &framedReader{w: &c.r}
 	// Inside the framed stream, values are encoded as on the wire.
@@ -309,7 +311,7 @@ func (c *conn) addMultipleToStore() error {
 			b.Abort()
 		}
 	}()
-	err := func() error {
+	err = func() error {
 		count, err := inner.u64()
 		if err != nil {
 			return err
@@ -324,10 +326,7 @@ func (c *conn) addMultipleToStore() error {
 			}
 			pi := pw.info
 			pi.Ultimate = false // as nix-daemon: copied paths are never ultimate
-			if pw.registered != 0 {
-				pi.Registered = time.Unix(int64(pw.registered&(1<<62-1)), 0)
-			}
-			if err := c.checkAdd(&pi, pw.hasNarHash, flags[1]); err != nil {
+			if err := c.checkAdd(&pi, pw.hasNarHash, dontCheckSigs); err != nil {
 				return err
 			}
 			if err := c.addTemp(pi.Name); err != nil {
