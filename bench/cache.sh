@@ -25,6 +25,8 @@ BENCH_DIR=${BENCH_DIR:-/var/tmp/casnix-bench}
 RUNS=${RUNS:-3}
 CORPUS=${CORPUS:-releases}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 REPO=$(cd "$HERE/.." && pwd)
 RESULTS=${RESULTS:-$HERE/RESULTS.md}
 ROOT=$BENCH_DIR/corpora/$CORPUS
@@ -64,15 +66,6 @@ fi
 now() { date +%s.%N; }
 QUIET_BUSY=${QUIET_BUSY:-0.25}      # wait before each timed step until other CPU use is below this
 QUIET_TIMEOUT=${QUIET_TIMEOUT:-60}  # ... but at most this many seconds
-# Fraction of both cores busy over one second (run it while ours are idle).
-cpu_busy() {
-  local a b
-  a=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6; exit }' /proc/stat)
-  sleep 1
-  b=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6; exit }' /proc/stat)
-  awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " ");
-    busy = y[1] - x[1]; idle = y[2] - x[2]; printf "%.2f\n", (busy + idle) ? busy / (busy + idle) : 0 }'
-}
 # wait_quiet KEY: waits (up to QUIET_TIMEOUT s) until other processes leave the CPUs alone;
 # records the busy fraction the step started with under KEY.
 wait_quiet() {
@@ -210,13 +203,5 @@ section() {
 }
 sec=$W/section.md
 section >"$sec"
-if grep -q '^<!-- bench/cache.sh: begin' "$RESULTS"; then
-  awk -v sec="$sec" '
-    /^<!-- bench\/cache.sh: begin/ { while ((getline l < sec) > 0) print l; skip = 1; next }
-    /^<!-- bench\/cache.sh: end/ { skip = 0; next }
-    !skip { print }' "$RESULTS" >"$RESULTS.tmp"
-  mv "$RESULTS.tmp" "$RESULTS"
-else
-  { echo; cat "$sec"; } >>"$RESULTS"
-fi
+merge_section cache.sh "$sec" "$RESULTS"
 log "wrote $RESULTS"

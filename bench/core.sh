@@ -94,15 +94,6 @@ timed() {
 secs() { awk '{ print $1 }' "$1"; }
 rss() { awk '{ print $2 }' "$1"; }
 
-# Fraction of both cores busy over one second (all processes: run it when ours are idle).
-cpu_busy() {
-  local a b
-  a=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6; exit }' /proc/stat)
-  sleep 1
-  b=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6; exit }' /proc/stat)
-  awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " ");
-    busy = y[1] - x[1]; idle = y[2] - x[2]; printf "%.2f\n", (busy + idle) ? busy / (busy + idle) : 0 }'
-}
 
 # wait_quiet KEY: waits (up to QUIET_TIMEOUT) until other processes leave the CPUs alone, so
 # that a timed step does not share them; records the busy fraction it started with under KEY.

@@ -362,18 +362,7 @@ section() { # TABLE LOAD-BEFORE LOAD-AFTER SECONDS
 }
 
 # Replaces the section between the markers in $RESULTS, or appends it.
-merge_results() { # SECTION-FILE
-  local tmp=$RESULTS.tmp
-  if [[ -f $RESULTS ]] && grep -q '^<!-- bench/daemon.sh: begin' "$RESULTS"; then
-    awk -v f="$1" '
-      /^<!-- bench\/daemon.sh: begin/ { while ((getline l < f) > 0) print l; skip = 1; next }
-      /^<!-- bench\/daemon.sh: end/ { skip = 0; next }
-      !skip { print }' "$RESULTS" >"$tmp"
-  else
-    { [[ -f $RESULTS ]] && cat "$RESULTS" && echo; cat "$1"; } >"$tmp"
-  fi
-  mv "$tmp" "$RESULTS"
-}
+merge_results() { merge_section daemon.sh "$1" "$RESULTS"; } # SECTION-FILE
 
 profile_top() {
   [[ -f $RUN/casnix.cpu.pprof ]] || return 0

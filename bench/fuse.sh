@@ -17,6 +17,8 @@ set -Eeuo pipefail
 BENCH_DIR=${BENCH_DIR:-/var/tmp/casnix-bench}
 RUNS=${RUNS:-3}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 REPO=$(cd "$HERE/.." && pwd)
 RESULTS=${RESULTS:-$HERE/RESULTS.md}
 CORPUS=${CORPUS:-$BENCH_DIR/corpora/releases}
@@ -78,15 +80,6 @@ secs() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); ec
 # CPU seconds (user + system) the mount process has used so far: next to
 # the wall times, which swing with other jobs on a shared machine.
 cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f\n", ($14 + $15) / hz }' "/proc/$1/stat"; }
-# Fraction of both cores busy over one second.
-cpu_busy() {
-  local a b
-  a=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6; exit }' /proc/stat)
-  sleep 1
-  b=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6; exit }' /proc/stat)
-  awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " ");
-    busy = y[1] - x[1]; idle = y[2] - x[2]; printf "%.2f\n", (busy + idle) ? busy / (busy + idle) : 0 }'
-}
 # Waits (up to QUIET_TIMEOUT s) until other jobs leave the CPUs below
 # QUIET_BUSY busy, and records the busy fraction it started with.
 QUIET_BUSY=${QUIET_BUSY:-0.15}
@@ -150,13 +143,4 @@ umount_casnix
   echo "<!-- bench/fuse.sh: end -->"
 } | tee "$W/table.md"
 rm -f "$W"/*.native "$W"/*.casnix "$W"/*.cpu "$W"/busy
-# Replace this script's section of RESULTS.md (between its markers), or
-# append it; other scripts' sections are left alone.
-if [[ -f $RESULTS ]] && grep -q '^<!-- bench/fuse.sh: begin' "$RESULTS"; then
-  awk -v f="$W/table.md" '
-    /^<!-- bench\/fuse.sh: begin/ { while ((getline l < f) > 0) print l; skip = 1; next }
-    /^<!-- bench\/fuse.sh: end/ { skip = 0; next }
-    !skip' "$RESULTS" >"$RESULTS.tmp" && mv "$RESULTS.tmp" "$RESULTS"
-else
-  { echo; cat "$W/table.md"; } >>"$RESULTS"
-fi
+merge_section fuse.sh "$W/table.md" "$RESULTS"

@@ -24,6 +24,8 @@ BENCH_DIR=${BENCH_DIR:-/var/tmp/casnix-bench}
 RUNS=${RUNS:-3}
 MIN_DEADS=${MIN_DEADS:-0.25 0.01} # casnix gc --min-dead values measured (0.25 is the default)
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 REPO=$(cd "$HERE/.." && pwd)
 RESULTS=${RESULTS:-$HERE/RESULTS.md}
 CORPUS=${CORPUS:-$BENCH_DIR/corpora/releases}
@@ -178,11 +180,4 @@ EXCL=$((FULL - LIVEONLY))
   done
   echo "<!-- bench/gc.sh: end -->"
 } | tee "$W/table.md"
-if [[ -f $RESULTS ]] && grep -q '^<!-- bench/gc.sh: begin' "$RESULTS"; then
-  awk -v f="$W/table.md" '
-    /^<!-- bench\/gc.sh: begin/ { while ((getline l < f) > 0) print l; skip = 1; next }
-    /^<!-- bench\/gc.sh: end/ { skip = 0; next }
-    !skip' "$RESULTS" >"$RESULTS.tmp" && mv "$RESULTS.tmp" "$RESULTS"
-else
-  { echo; cat "$W/table.md"; } >>"$RESULTS"
-fi
+merge_section gc.sh "$W/table.md" "$RESULTS"
