@@ -2,6 +2,7 @@ package proto
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -11,6 +12,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/casnix/casnix/castore"
+	"github.com/casnix/casnix/digest"
 	"github.com/casnix/casnix/nar"
 	"github.com/casnix/casnix/store"
 )
@@ -401,7 +404,7 @@ func flatNAR(contents io.Reader, size int64) io.Reader {
 	head = binary.LittleEndian.AppendUint64(head, uint64(size))
 	tail := make([]byte, (8-size%8)%8)
 	tail = appendStr(tail, ")")
-	return io.MultiReader(bytesReader(head), io.LimitReader(contents, size), bytesReader(tail))
+	return io.MultiReader(bytes.NewReader(head), io.LimitReader(contents, size), bytes.NewReader(tail))
 }
 
 func appendStr(b []byte, s string) []byte {
@@ -409,8 +412,6 @@ func appendStr(b []byte, s string) []byte {
 	b = append(b, s...)
 	return append(b, make([]byte, (8-len(s)%8)%8)...)
 }
-
-func bytesReader(b []byte) io.Reader { return strings.NewReader(string(b)) }
 
 // addCA adds a content-addressed path from its dump (flat contents, or a
 // NAR for CANAR) and returns its path-info.
@@ -563,11 +564,21 @@ func (c *conn) addToStoreOld() error {
 	}
 	var dump io.Reader = tmp
 	if method == store.CAFlat {
-		fr, err := narFileContents(tmp)
-		if err != nil {
-			return errorf("cannot add '%s': %v", name, err)
-		}
-		dump = fr
+		// The flat contents are the NAR's one regular file, taken out by
+		// the NAR parser as it streams.
+		pr, pw := io.Pipe()
+		defer pr.Close()
+		go func() {
+			res, err := nar.Ingest(tmp, fileContents{pw})
+			if err == nil && res.Root.Kind != castore.KindFile {
+				err = errNotFlat
+			}
+			if err != nil {
+				err = errorf("cannot add '%s': %v", name, err)
+			}
+			pw.CloseWithError(err)
+		}()
+		dump = pr
 	}
 	pi, err := c.addCA(dump, method, algo, name, nil)
 	if err != nil {
@@ -578,44 +589,20 @@ func (c *conn) addToStoreOld() error {
 	return nil
 }
 
-// narFileContents returns the contents of the regular file a NAR holds.
-func narFileContents(r io.Reader) (io.Reader, error) {
-	br := bufio.NewReader(r)
-	for _, want := range []string{"nix-archive-1", "(", "type", "regular"} {
-		if s, err := readNarStr(br); err != nil || s != want {
-			return nil, errors.New("a flat add needs the NAR of a regular file")
-		}
-	}
-	s, err := readNarStr(br)
-	if err == nil && s == "executable" {
-		if _, err = readNarStr(br); err == nil {
-			s, err = readNarStr(br)
-		}
-	}
-	if err != nil || s != "contents" {
-		return nil, errors.New("a flat add needs the NAR of a regular file")
-	}
-	var n [8]byte
-	if _, err := io.ReadFull(br, n[:]); err != nil {
-		return nil, err
-	}
-	return io.LimitReader(br, int64(binary.LittleEndian.Uint64(n[:]))), nil
+// errNotFlat refuses a flat add whose NAR is not a regular file.
+var errNotFlat = errors.New("a flat add needs the NAR of a regular file")
+
+// fileContents is the nar.Sink of a flat add's NAR: the root file's
+// contents go to w; a directory is refused.
+type fileContents struct{ w io.Writer }
+
+func (f fileContents) WriteBlob(r io.Reader, size int64) (digest.Digest, error) {
+	_, err := io.CopyN(f.w, r, size)
+	return digest.Digest{}, err
 }
 
-func readNarStr(r *bufio.Reader) (string, error) {
-	var n [8]byte
-	if _, err := io.ReadFull(r, n[:]); err != nil {
-		return "", err
-	}
-	l := binary.LittleEndian.Uint64(n[:])
-	if l > 64 {
-		return "", errors.New("unexpected NAR token")
-	}
-	b := make([]byte, l+(8-l%8)%8)
-	if _, err := io.ReadFull(r, b); err != nil {
-		return "", err
-	}
-	return string(b[:l]), nil
+func (fileContents) PutDirectory(*castore.Directory) (digest.Digest, error) {
+	return digest.Digest{}, errNotFlat
 }
 
 func (c *conn) addTextToStore() error {

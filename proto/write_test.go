@@ -543,3 +543,50 @@ func TestGCOps(t *testing.T) {
 	}
 	cl.inStep()
 }
+
+// TestAddToStoreOld is AddToStore before protocol 1.25: the data is a NAR
+// straight on the connection, flat or recursive, and the answer a path.
+func TestAddToStoreOld(t *testing.T) {
+	f := newFixture(t)
+	cl := f.connect(t, 24)
+	dir := filepath.Join(t.TempDir(), "d")
+	os.MkdirAll(filepath.Join(dir, "sub"), 0o755)
+	os.WriteFile(filepath.Join(dir, "sub", "x"), []byte("hi\n"), 0o644)
+	os.Symlink("x", filepath.Join(dir, "sub", "l"))
+	file := filepath.Join(t.TempDir(), "f")
+	os.WriteFile(file, []byte("hello\n"), 0o644)
+	for _, c := range []struct {
+		name, algo       string
+		fixed, recursive uint64
+		src, want        string
+	}{
+		{"f", "sha1", 1, 0, file, "pbqmppvgnnyqxagz7bnmwfdfvr3h43f2-f"},
+		{"f", "sha256", 1, 0, file, "1p9q0bz6f22dyxh4lw8xs08p4201vyq4-f"},
+		{"d", "sha256", 1, 1, dir, "i13kz2gysik8acx94qnn0iz68iavj7d7-d"},
+		{"d", "sha1", 0, 0, dir, "i13kz2gysik8acx94qnn0iz68iavj7d7-d"}, // not fixed: NAR sha256
+	} {
+		cl.w.u64(opAddToStore)
+		cl.w.str(c.name)
+		cl.w.u64(c.fixed)
+		cl.w.u64(c.recursive)
+		cl.w.str(c.algo)
+		cl.w.w.Write(dumpNAR(t, c.src))
+		if err := cl.result(); err != nil {
+			t.Fatalf("%+v: %v", c, err)
+		}
+		if got := cl.str(); got != full(c.want) {
+			t.Fatalf("%+v: path %s, want %s", c, got, full(c.want))
+		}
+	}
+	// A flat add of a directory is refused; the connection stays usable.
+	cl.w.u64(opAddToStore)
+	cl.w.str("d")
+	cl.w.u64(1)
+	cl.w.u64(0)
+	cl.w.str("sha256")
+	cl.w.w.Write(dumpNAR(t, dir))
+	if err := cl.result(); err == nil {
+		t.Fatal("flat add of a directory accepted")
+	}
+	cl.inStep()
+}
