@@ -361,3 +361,29 @@ func FuzzIngest(f *testing.F) {
 		checkGoNix(t, in)
 	})
 }
+
+// TestFile checks File against the NAR a directory-less dump of the same
+// file makes, for sizes on and off the 8-byte padding.
+func TestFile(t *testing.T) {
+	for _, contents := range []string{"", "x", "12345678", "hello, world\n"} {
+		for _, exe := range []bool{false, true} {
+			dir := t.TempDir()
+			p := filepath.Join(dir, "f")
+			mode := os.FileMode(0o644)
+			if exe {
+				mode = 0o755
+			}
+			if err := os.WriteFile(p, []byte(contents), mode); err != nil {
+				t.Fatal(err)
+			}
+			var want bytes.Buffer
+			if _, err := DumpPath(&want, p); err != nil {
+				t.Fatal(err)
+			}
+			got, err := io.ReadAll(File(strings.NewReader(contents+"trailing"), int64(len(contents)), exe))
+			if err != nil || !bytes.Equal(got, want.Bytes()) {
+				t.Errorf("%q exe=%v: File differs from DumpPath (%v)", contents, exe, err)
+			}
+		}
+	}
+}

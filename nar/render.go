@@ -2,6 +2,7 @@ package nar
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/binary"
 	"fmt"
@@ -147,4 +148,28 @@ func (r *renderer) contents(n castore.Node) error {
 	}
 	r.w.Write(zeros[:(8-n.Size%8)%8])
 	return nil
+}
+
+// File returns the NAR of one regular file whose size bytes of contents r
+// yields, streaming them: how flat contents (a flat or text content-address
+// add) become a NAR to ingest.
+func File(r io.Reader, size int64, executable bool) io.Reader {
+	var head, tail bytes.Buffer
+	h := &renderer{w: bufio.NewWriter(&head)}
+	h.str([]byte(Magic))
+	for _, t := range []string{"(", "type", "regular"} {
+		h.tok(t)
+	}
+	if executable {
+		h.tok("executable")
+		h.tok("")
+	}
+	h.tok("contents")
+	h.u64(uint64(size))
+	h.w.Flush() // to a bytes.Buffer: cannot fail
+	t := &renderer{w: bufio.NewWriter(&tail)}
+	t.w.Write(zeros[:(8-size%8)%8])
+	t.tok(")")
+	t.w.Flush()
+	return io.MultiReader(&head, io.LimitReader(r, size), &tail)
 }

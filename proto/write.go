@@ -2,8 +2,6 @@ package proto
 
 import (
 	"bufio"
-	"bytes"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -395,24 +393,6 @@ func (c *conn) spool(r io.Reader, algo string) (*os.File, int64, []byte, error) 
 	return f, n, h.Sum(nil), nil
 }
 
-// flatNAR is the NAR of a regular file with the given contents.
-func flatNAR(contents io.Reader, size int64) io.Reader {
-	var head []byte
-	for _, s := range []string{"nix-archive-1", "(", "type", "regular", "contents"} {
-		head = appendStr(head, s)
-	}
-	head = binary.LittleEndian.AppendUint64(head, uint64(size))
-	tail := make([]byte, (8-size%8)%8)
-	tail = appendStr(tail, ")")
-	return io.MultiReader(bytes.NewReader(head), io.LimitReader(contents, size), bytes.NewReader(tail))
-}
-
-func appendStr(b []byte, s string) []byte {
-	b = binary.LittleEndian.AppendUint64(b, uint64(len(s)))
-	b = append(b, s...)
-	return append(b, make([]byte, (8-len(s)%8)%8)...)
-}
-
 // addCA adds a content-addressed path from its dump (flat contents, or a
 // NAR for CANAR) and returns its path-info.
 func (c *conn) addCA(dump io.Reader, method store.CAMethod, algo, name string, refs []string) (*store.PathInfo, error) {
@@ -431,7 +411,7 @@ func (c *conn) addCA(dump io.Reader, method store.CAMethod, algo, name string, r
 	}
 	var nr io.Reader = f
 	if method != store.CANAR {
-		nr = flatNAR(f, size)
+		nr = nar.File(f, size, false)
 	}
 	pi := store.PathInfo{Name: base, References: refs, CA: ca.String()}
 	if err := c.addTemp(base); err != nil {
