@@ -168,10 +168,7 @@ func (c *ServeCmd) listen(dataDir string) (net.Listener, string, error) {
 func (c *ServeCmd) socketAccess() (os.FileMode, int, error) {
 	group := c.SocketGroup
 	mode := os.FileMode(0o666)
-	var entries []string
-	for _, s := range c.AllowedUsers {
-		entries = append(entries, strings.FieldsFunc(s, func(r rune) bool { return r == ',' || r == ' ' })...)
-	}
+	entries := userEntries(c.AllowedUsers)
 	if group == "" && len(entries) == 1 && strings.HasPrefix(entries[0], "@") {
 		group = entries[0][1:]
 	}
@@ -194,31 +191,39 @@ func (c *ServeCmd) socketAccess() (os.FileMode, int, error) {
 	return mode, gid, nil
 }
 
+// userEntries splits user lists (flags repeated, or comma- or
+// space-separated in one value) into names, @groups and *.
+func userEntries(spec []string) []string {
+	var out []string
+	for _, s := range spec {
+		out = append(out, strings.FieldsFunc(s, func(r rune) bool { return r == ',' || r == ' ' })...)
+	}
+	return out
+}
+
 // trustFunc builds the trusted-users check: names, @group and *.
 func trustFunc(spec []string) (func(uid, gid uint32) bool, error) {
 	uids := map[uint32]bool{}
 	gids := map[uint32]bool{}
 	all := false
-	for _, s := range spec {
-		for _, e := range strings.FieldsFunc(s, func(r rune) bool { return r == ',' || r == ' ' }) {
-			switch {
-			case e == "*":
-				all = true
-			case strings.HasPrefix(e, "@"):
-				g, err := user.LookupGroup(e[1:])
-				if err != nil {
-					return nil, fmt.Errorf("trusted-users: %w", err)
-				}
-				id, _ := strconv.Atoi(g.Gid)
-				gids[uint32(id)] = true
-			default:
-				u, err := user.Lookup(e)
-				if err != nil {
-					return nil, fmt.Errorf("trusted-users: %w", err)
-				}
-				id, _ := strconv.Atoi(u.Uid)
-				uids[uint32(id)] = true
+	for _, e := range userEntries(spec) {
+		switch {
+		case e == "*":
+			all = true
+		case strings.HasPrefix(e, "@"):
+			g, err := user.LookupGroup(e[1:])
+			if err != nil {
+				return nil, fmt.Errorf("trusted-users: %w", err)
 			}
+			id, _ := strconv.Atoi(g.Gid)
+			gids[uint32(id)] = true
+		default:
+			u, err := user.Lookup(e)
+			if err != nil {
+				return nil, fmt.Errorf("trusted-users: %w", err)
+			}
+			id, _ := strconv.Atoi(u.Uid)
+			uids[uint32(id)] = true
 		}
 	}
 	return func(uid, gid uint32) bool {
