@@ -1,9 +1,11 @@
 package proto
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 
 	"github.com/casnix/casnix/store"
 )
@@ -118,19 +120,7 @@ func (c *conn) findRoots() error {
 		}
 	}
 	slices.SortFunc(out, func(a, b pair) int {
-		if a.path != b.path {
-			if a.path < b.path {
-				return -1
-			}
-			return 1
-		}
-		if a.link < b.link {
-			return -1
-		}
-		if a.link > b.link {
-			return 1
-		}
-		return 0
+		return cmp.Or(strings.Compare(a.path, b.path), strings.Compare(a.link, b.link))
 	})
 	c.w.u64(uint64(len(out)))
 	for _, p := range out {
