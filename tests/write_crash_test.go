@@ -3,7 +3,9 @@ package tests
 import (
 	"context"
 	"encoding/hex"
+	"errors"
 	"io"
+	"maps"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -172,9 +174,9 @@ func uploadUntilError(t *testing.T, socket string, f *nixtest.Fixture, want map[
 		}, pr)
 		pr.Close()
 		if err != nil {
-			var re *proto.RemoteError
 			t.Logf("upload of %s ended: %v", p, err)
-			if asRemote(err, &re) {
+			var re *proto.RemoteError
+			if errors.As(err, &re) {
 				t.Errorf("casnix refused %s: %v", p, err)
 			}
 			return
@@ -183,14 +185,6 @@ func uploadUntilError(t *testing.T, socket string, f *nixtest.Fixture, want map[
 		acked[p] = true
 		mu.Unlock()
 	}
-}
-
-func asRemote(err error, re **proto.RemoteError) bool {
-	r, ok := err.(*proto.RemoteError)
-	if ok {
-		*re = r
-	}
-	return ok
 }
 
 // topoOrder sorts paths so that references come before their referrers.
@@ -210,13 +204,7 @@ func topoOrder(infos map[string]nixtest.PathInfo) []string {
 		}
 		out = append(out, p)
 	}
-	for _, p := range slices.Sorted(func(yield func(string) bool) {
-		for p := range infos {
-			if !yield(p) {
-				return
-			}
-		}
-	}) {
+	for _, p := range slices.Sorted(maps.Keys(infos)) {
 		visit(p)
 	}
 	return out
