@@ -2,7 +2,6 @@ package binarycache
 
 import (
 	"bytes"
-	"strings"
 
 	"github.com/casnix/casnix/store"
 )
@@ -24,19 +23,6 @@ func caVerified(storeDir string, in *Info) bool {
 	if ca.Method == store.CANAR && ca.Algo == "sha256" && !bytes.Equal(ca.Hash, in.NarHash[:]) {
 		return false // the NAR hash is the address: they must agree
 	}
-	_, name, ok := strings.Cut(in.Name, "-")
-	if !ok {
-		return false
-	}
-	self := false
-	var others []string
-	for _, r := range in.References {
-		if r == in.Name {
-			self = true
-		} else {
-			others = append(others, r)
-		}
-	}
-	p, err := ca.Path(storeDir, name, others, self)
+	p, err := ca.PathOf(storeDir, in.Name, in.References)
 	return err == nil && p == in.Name
 }

@@ -220,16 +220,7 @@ func (b *Batch) checkCA(ca CA, h hash.Hash, res *nar.Result, name string, refs [
 	if !bytes.Equal(got, ca.Hash) {
 		return fmt.Errorf("import %s: %w: specified %s, got %s", full, ErrCAMismatch, ca, CA{Method: ca.Method, Algo: ca.Algo, Hash: got})
 	}
-	self := false
-	others := make([]string, 0, len(refs))
-	for _, r := range refs {
-		if r == name {
-			self = true
-		} else {
-			others = append(others, r)
-		}
-	}
-	want, err := ca.Path(b.s.StoreDir, nameOf(name), others, self)
+	want, err := ca.PathOf(b.s.StoreDir, name, refs)
 	if err != nil {
 		return fmt.Errorf("import %s: %w: %v", full, ErrCAMismatch, err)
 	}

@@ -150,6 +150,22 @@ func (c CA) Path(storeDir, name string, refs []string, selfRef bool) (string, er
 	return makeStorePath(storeDir, "output:out", "sha256", inner[:], name), nil
 }
 
+// PathOf is Path for the store path base claims to be: its name part, and
+// its references (basenames) with base itself among them for a
+// self-reference. The result equals base when the claim holds.
+func (c CA) PathOf(storeDir, base string, refs []string) (string, error) {
+	self := false
+	others := make([]string, 0, len(refs))
+	for _, r := range refs {
+		if r == base {
+			self = true
+		} else {
+			others = append(others, r)
+		}
+	}
+	return c.Path(storeDir, nameOf(base), others, self)
+}
+
 func makeType(storeDir, typ string, refs []string, selfRef bool) string {
 	sorted := slices.Clone(refs)
 	slices.Sort(sorted)
