@@ -58,15 +58,19 @@ const rewriteBelow = 0.5
 func (s *Store) Compact(ctx context.Context, minDead float64) (CompactStats, error) {
 	var st CompactStats
 	s.closeFree()
-	if err := s.removeOrphanPacks(ctx, &st); err != nil {
+	c := &compactor{s: s, ctx: ctx, st: &st, dirs: map[string]bool{}}
+	defer c.finish()
+	orphans, err := s.orphanPacks(ctx)
+	if err != nil {
+		return st, err
+	}
+	if err := c.remove(orphans...); err != nil {
 		return st, err
 	}
 	uses, err := s.db.PackUsage(ctx)
 	if err != nil {
 		return st, err
 	}
-	c := &compactor{s: s, ctx: ctx, st: &st, dirs: map[string]bool{}}
-	defer c.finish()
 	for _, u := range uses {
 		if err := ctx.Err(); err != nil {
 			return st, err
@@ -135,34 +139,30 @@ func (s *Store) packFiles() (map[int64]string, error) {
 	return out, nil
 }
 
-// removeOrphanPacks deletes pack files that have no row. Files are listed
-// before rows: a pack's row is committed before its file is created, so a
-// file seen first whose row is missing was dropped, not just made.
-func (s *Store) removeOrphanPacks(ctx context.Context, st *CompactStats) error {
+// orphanPacks lists pack files that have no row. Files are listed before
+// rows: a pack's row is committed before its file is created, so a file
+// seen first whose row is missing was dropped, not just made.
+func (s *Store) orphanPacks(ctx context.Context) ([]removal, error) {
 	files, err := s.packFiles()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	ids, err := s.db.Packs(ctx)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	for _, id := range ids {
 		delete(files, id)
 	}
+	var out []removal
 	for id, path := range files {
 		fi, err := os.Stat(path)
 		if err != nil {
 			continue
 		}
-		if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("remove orphan pack %d: %w", id, err)
-		}
-		s.forgetReaders(id)
-		st.PacksRemoved++
-		st.DiskRemoved += diskUsage(fi)
+		out = append(out, removal{id: id, path: path, usage: diskUsage(fi)})
 	}
-	return nil
+	return out, nil
 }
 
 // compactor copies live frames into its current output pack.
@@ -175,7 +175,21 @@ type compactor struct {
 	// out packs written to and not yet released
 	outs []*packFile
 	dirs map[string]bool // of removed packs, synced at the end
-	done bool
+	// pending are dropped packs whose files a backup holds (HoldPacks):
+	// removed as soon as it lets go, at the latest in finish.
+	pending []removal
+	done    bool
+}
+
+// remove unlinks dropped pack files now, or once no backup holds them.
+func (c *compactor) remove(rs ...removal) error {
+	for _, r := range rs {
+		c.dirs[filepath.Dir(r.path)] = true
+	}
+	c.pending = append(c.pending, rs...)
+	left, err := c.s.removePacks(c.ctx, c.pending, false, c.st)
+	c.pending = left
+	return err
 }
 
 func (c *compactor) pack(u db.PackUse, minDead float64) error {
@@ -376,17 +390,9 @@ func (c *compactor) drop(id int64, frames []moved, usage int64) error {
 	if err != nil {
 		return fmt.Errorf("compact pack %d: %w", id, err)
 	}
-	path := c.s.PackPath(id)
-	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("remove pack %d: %w", id, err)
-	}
-	c.s.forgetReaders(id)
-	c.dirs[filepath.Dir(path)] = true
 	// Not synced per pack: a file that comes back after a crash has no row
 	// and is removed by the next Compact.
-	c.st.PacksRemoved++
-	c.st.DiskRemoved += usage
-	return nil
+	return c.remove(removal{id: id, path: c.s.PackPath(id), usage: usage})
 }
 
 // finish measures and hands back the output packs (to this process's free
@@ -405,6 +411,10 @@ func (c *compactor) finish() error {
 			c.st.DiskWritten += diskUsage(fi)
 		}
 	}
+	// Wait for backups that hold packs this run dropped, then unlink them.
+	left, err := c.s.removePacks(c.ctx, c.pending, true, c.st)
+	c.pending = left
+	errs = append(errs, err)
 	for d := range c.dirs {
 		errs = append(errs, syncDir(d))
 	}

@@ -49,8 +49,10 @@ func (r *CopyReport) Bytes() int64 { return r.DBBytes + r.PackBytes }
 // database is snapshotted in one read transaction (VACUUM INTO), and of
 // each pack only the prefix that snapshot refers to is copied. Packs are
 // append-only, so that prefix is stable; the GC lock, held shared for the
-// whole copy, keeps a collection from deleting or compacting them under
-// us. Everything is fsynced (packs before the database that names them),
+// whole copy, keeps a collection from sweeping, and the pack hold
+// (blobs.HoldPacks) keeps a compaction from unlinking a pack the snapshot
+// names (it moves the chunks in the index and unlinks the file after the
+// copy). Everything is fsynced (packs before the database that names them),
 // then the copy is opened as a data dir and verified. On failure dst is
 // left as it was found.
 func (s *Store) Backup(ctx context.Context, dst string, opts CopyOptions) (rep *CopyReport, err error) {
@@ -89,6 +91,14 @@ func (s *Store) backupLocked(ctx context.Context, dst string) (*CopyReport, erro
 		return nil, err
 	}
 	defer unlock()
+	// The GC lock keeps sweeps out, not compactions (they run after the
+	// sweep, without it): holding the packs keeps a compaction from
+	// unlinking a pack the snapshot below still names.
+	release, err := s.blobs.HoldPacks(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
 	partial := filepath.Join(dst, DBFile+".partial")
 	if err := s.db.SnapshotTo(ctx, partial); err != nil {
 		return nil, err

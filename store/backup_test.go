@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -169,4 +170,82 @@ func copyTree(from, to string) (int64, error) {
 		return err
 	})
 	return n, err
+}
+
+// TestBackupBesideCompaction: backups taken while another Store on the same
+// data dir (as `casnix gc` beside `casnix backup`) collects and compacts
+// packs all complete and verify: a compaction never removes a pack file a
+// running backup's snapshot still names.
+func TestBackupBesideCompaction(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	open := func() *Store {
+		st, err := Open(ctx, dir, Options{Blobs: blobs.Options{PackSize: 2 << 20}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { st.Close() })
+		return st
+	}
+	collector, backer := open(), open()
+	want := map[string][]byte{}
+	compacted := 0
+	for round := 0; round < 20; round++ {
+		// A kept path and garbage beside it, in the same packs, so the
+		// collection leaves packs dead enough to compact.
+		// The importer exits each round: a writer's own free packs are not
+		// compacted while it holds them.
+		importer, err := Open(ctx, dir, Options{Blobs: blobs.Options{PackSize: 2 << 20}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		keep := fmt.Sprintf("%031dk-keep", round)
+		n := treeNAR(t, 600<<10)
+		if err := add(t, importer, keep, n); err != nil {
+			t.Fatal(err)
+		}
+		permRoot(t, importer, keep)
+		want[keep] = n
+		for j := 0; j < 3; j++ {
+			if err := add(t, importer, fmt.Sprintf("%030d%dg-junk", round, j), treeNAR(t, 500<<10)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		importer.Close()
+		gcDone := make(chan *GCResult, 1)
+		go func() {
+			res, err := collector.GC(ctx, GCOptions{Action: GCDeleteDead, MinDead: 0.05})
+			if err != nil {
+				t.Error(err)
+			}
+			gcDone <- res
+		}()
+		// Back up until the collection is over, so backups overlap its
+		// compaction, not only its sweep (which the GC lock holds off).
+		var res *GCResult
+		for i := 0; res == nil; i++ {
+			select {
+			case res = <-gcDone:
+			default:
+			}
+			dst := filepath.Join(t.TempDir(), "b")
+			rep, err := backer.Backup(ctx, dst, CopyOptions{Quick: true})
+			if err != nil {
+				t.Fatalf("round %d backup %d: %v", round, i, err)
+			}
+			if rep.Paths < len(want) {
+				t.Fatalf("round %d backup %d holds %d paths, want at least %d", round, i, rep.Paths, len(want))
+			}
+		}
+		compacted += res.Compact.PacksRemoved
+	}
+	if compacted == 0 {
+		t.Fatal("no collection compacted a pack: the test shows nothing")
+	}
+	for name, n := range want {
+		if !bytes.Equal(render(t, backer, name), n) {
+			t.Fatalf("%s lost", name)
+		}
+	}
+	mustVerify(t, backer)
 }
