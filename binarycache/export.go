@@ -83,13 +83,13 @@ func (e *Exporter) Export(ctx context.Context, names []string) (*ExportResult, e
 	cm := newCommitter(e.Dir)
 	_, err = runDAG(ctx, todo, func(n string) []string { return infos[n].References }, jobs, false,
 		func(ctx context.Context, n string) error {
-			fsize, narPath, ni, err := e.exportOne(ctx, infos[n])
+			fsize, narFile, ni, err := e.exportOne(ctx, infos[n])
 			if err != nil {
 				return err
 			}
 			// Handed over before this returns, so a reference's narinfo is
 			// always queued (and written) before its referrers'.
-			cm.add(narPath, filepath.Join(e.Dir, store.HashPart(n)+".narinfo"), ni)
+			cm.add(narFile, filepath.Join(e.Dir, store.HashPart(n)+".narinfo"), ni)
 			narBytes.Add(infos[n].NarSize)
 			fileBytes.Add(fsize)
 			d := done.Add(1)
@@ -136,9 +136,13 @@ type committer struct {
 	narinfos []string
 }
 
+// commitItem is one exported path: its NAR file, still open on the
+// descriptor that wrote it (the committer syncs through it, then closes
+// it), and the narinfo to write once that sync succeeded.
 type commitItem struct {
-	nar, narinfo string
-	data         []byte
+	nar     *os.File
+	narinfo string
+	data    []byte
 }
 
 func newCommitter(dir string) *committer {
@@ -147,12 +151,16 @@ func newCommitter(dir string) *committer {
 	return c
 }
 
-func (c *committer) add(nar, narinfo string, data []byte) {
+func (c *committer) add(nar *os.File, narinfo string, data []byte) {
 	c.ch <- commitItem{nar: nar, narinfo: narinfo, data: data}
 }
 
+// fdatasync is unix.Fdatasync; tests wrap it to see which descriptors are
+// synced.
+var fdatasync = unix.Fdatasync
+
 // syncFiles fsyncs (fdatasync for data only) the files in parallel.
-func syncFiles(paths []string, dataOnly bool) error {
+func syncFiles(paths []string) error {
 	var (
 		wg    sync.WaitGroup
 		mu    sync.Mutex
@@ -163,7 +171,7 @@ func syncFiles(paths []string, dataOnly bool) error {
 		wg.Go(func() {
 			sem <- struct{}{}
 			defer func() { <-sem }()
-			err := syncFile(p, dataOnly)
+			err := syncFile(p)
 			if err != nil {
 				mu.Lock()
 				if first == nil {
@@ -177,18 +185,40 @@ func syncFiles(paths []string, dataOnly bool) error {
 	return first
 }
 
-func syncFile(p string, dataOnly bool) error {
+// syncNARs fdatasyncs NAR files in parallel through the descriptors that
+// wrote them: a writeback error is reported on the descriptors open when it
+// happened, so one opened afterwards could report success for lost data.
+func syncNARs(files []*os.File) error {
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		first error
+		sem   = make(chan struct{}, 16)
+	)
+	for _, f := range files {
+		wg.Go(func() {
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			if err := fdatasync(int(f.Fd())); err != nil {
+				mu.Lock()
+				if first == nil {
+					first = fmt.Errorf("fdatasync %s: %w", f.Name(), err)
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	return first
+}
+
+func syncFile(p string) error {
 	f, err := os.Open(p)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	if dataOnly {
-		err = unix.Fdatasync(int(f.Fd()))
-	} else {
-		err = f.Sync()
-	}
-	if err != nil {
+	if err := f.Sync(); err != nil {
 		return fmt.Errorf("fsync %s: %w", p, err)
 	}
 	return nil
@@ -198,19 +228,25 @@ func (c *committer) run() {
 	var firstErr error
 	var pending []commitItem
 	flush := func() {
-		if len(pending) == 0 || firstErr != nil {
+		defer func() {
+			for _, it := range pending {
+				it.nar.Close()
+			}
 			pending = pending[:0]
+		}()
+		if len(pending) == 0 || firstErr != nil {
 			return
 		}
-		nars := make([]string, len(pending))
+		nars := make([]*os.File, len(pending))
 		for i, it := range pending {
 			nars[i] = it.nar
 		}
-		if err := syncFiles(nars, true); err != nil {
+		err := syncNARs(nars)
+		if err != nil {
 			firstErr = err
 			return
 		}
-		if err := syncFile(filepath.Join(c.dir, "nar"), false); err != nil {
+		if err := syncFile(filepath.Join(c.dir, "nar")); err != nil {
 			firstErr = err
 			return
 		}
@@ -221,7 +257,6 @@ func (c *committer) run() {
 			}
 			c.narinfos = append(c.narinfos, it.narinfo)
 		}
-		pending = pending[:0]
 	}
 	for {
 		item, ok := <-c.ch
@@ -250,10 +285,10 @@ func (c *committer) run() {
 	flush()
 	// The narinfos durable too before the command reports success.
 	if firstErr == nil {
-		firstErr = syncFiles(c.narinfos, false)
+		firstErr = syncFiles(c.narinfos)
 	}
 	if firstErr == nil {
-		firstErr = syncFile(c.dir, false)
+		firstErr = syncFile(c.dir)
 	}
 	c.done <- firstErr
 }
@@ -307,20 +342,23 @@ func (c *hashOnly) Write(p []byte) (int, error) {
 }
 
 // exportOne writes pi's NAR file (not yet synced: the committer does that
-// for many at once) and returns its size and narinfo.
-func (e *Exporter) exportOne(ctx context.Context, pi *store.PathInfo) (int64, string, []byte, error) {
+// for many at once) and returns its size, the file still open (the
+// committer syncs through this descriptor and closes it) and its narinfo.
+func (e *Exporter) exportOne(ctx context.Context, pi *store.PathInfo) (_ int64, _ *os.File, _ []byte, err error) {
 	full := e.StoreDir + "/" + pi.Name
 	narDir := filepath.Join(e.Dir, "nar")
 	tmp, err := os.CreateTemp(narDir, ".tmp-*")
 	if err != nil {
-		return 0, "", nil, fmt.Errorf("export %s: %w", full, err)
+		return 0, nil, nil, fmt.Errorf("export %s: %w", full, err)
 	}
 	defer func() {
-		tmp.Close()
-		os.Remove(tmp.Name()) // gone already after the rename
+		if err != nil {
+			tmp.Close()
+			os.Remove(tmp.Name()) // gone already after the rename
+		}
 	}()
 	if err := tmp.Chmod(0o644); err != nil {
-		return 0, "", nil, fmt.Errorf("export %s: %w", full, err)
+		return 0, nil, nil, fmt.Errorf("export %s: %w", full, err)
 	}
 	bw := bufio.NewWriterSize(tmp, 256<<10)
 	file := &counter{w: bw, h: sha256.New()}
@@ -334,7 +372,7 @@ func (e *Exporter) exportOne(ctx context.Context, pi *store.PathInfo) (int64, st
 				level = zstd.SpeedDefault
 			}
 			if enc, err = zstd.NewWriter(nil, zstd.WithEncoderLevel(level), zstd.WithEncoderConcurrency(1)); err != nil {
-				return 0, "", nil, err
+				return 0, nil, nil, err
 			}
 		}
 		enc.Reset(file)
@@ -342,7 +380,7 @@ func (e *Exporter) exportOne(ctx context.Context, pi *store.PathInfo) (int64, st
 		comp = enc
 	case "xz":
 		if comp, err = xz.NewWriter(file); err != nil {
-			return 0, "", nil, fmt.Errorf("export %s: xz: %w", full, err)
+			return 0, nil, nil, fmt.Errorf("export %s: xz: %w", full, err)
 		}
 	default:
 		comp = nopCloser{file}
@@ -351,16 +389,16 @@ func (e *Exporter) exportOne(ctx context.Context, pi *store.PathInfo) (int64, st
 	// the path-info (and its signatures) vouch for.
 	nar := &hashOnly{h: sha256.New()}
 	if _, err := e.Store.NarRender(ctx, pi.Name, io.MultiWriter(comp, nar)); err != nil {
-		return 0, "", nil, fmt.Errorf("export %s: %w", full, err)
+		return 0, nil, nil, fmt.Errorf("export %s: %w", full, err)
 	}
 	if err := comp.Close(); err != nil {
-		return 0, "", nil, fmt.Errorf("export %s: compress: %w", full, err)
+		return 0, nil, nil, fmt.Errorf("export %s: compress: %w", full, err)
 	}
 	if nar.n != pi.NarSize || string(nar.h.Sum(nil)) != string(pi.NarHash[:]) {
-		return 0, "", nil, fmt.Errorf("export %s: %w: the rendered NAR does not match the stored NAR hash", full, store.ErrHashMismatch)
+		return 0, nil, nil, fmt.Errorf("export %s: %w: the rendered NAR does not match the stored NAR hash", full, store.ErrHashMismatch)
 	}
 	if err := bw.Flush(); err != nil {
-		return 0, "", nil, fmt.Errorf("export %s: %w", full, err)
+		return 0, nil, nil, fmt.Errorf("export %s: %w", full, err)
 	}
 	// Start writeback now, so the committer's fdatasync finds little to do.
 	_ = unix.SyncFileRange(int(tmp.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WRITE)
@@ -370,15 +408,15 @@ func (e *Exporter) exportOne(ctx context.Context, pi *store.PathInfo) (int64, st
 	in.FileSize = file.n
 	in.URL = "nar/" + store.NixBase32(in.FileHash) + ".nar" + extensions[e.Compression]
 	if err := os.Rename(tmp.Name(), filepath.Join(e.Dir, in.URL)); err != nil {
-		return 0, "", nil, fmt.Errorf("export %s: %w", full, err)
+		return 0, nil, nil, fmt.Errorf("export %s: %w", full, err)
 	}
 	if e.Key != nil {
 		in.Sigs = addSig(in.Sigs, e.Key, e.StoreDir, pi)
 		if in.Sigs == nil {
-			return 0, "", nil, fmt.Errorf("export %s: signing failed", full)
+			return 0, nil, nil, fmt.Errorf("export %s: signing failed", full)
 		}
 	}
-	return file.n, filepath.Join(e.Dir, in.URL), in.Format(e.StoreDir), nil
+	return file.n, tmp, in.Format(e.StoreDir), nil
 }
 
 // addSig returns sigs with the key's signature of pi (replacing an older
