@@ -274,9 +274,20 @@ func (c *compactor) copyFrame(f *os.File, fr db.Frame, chunks []db.ChunkInFrame)
 		if _, err := f.ReadAt(rec, fr.Offset); err != nil {
 			return moved{}, fmt.Errorf("read pack %d frame at %d: %w", fr.Pack, fr.Offset, err)
 		}
-		// The record header is checked so damage is never copied silently.
+		// The record header's CRC covers only the header; the frame's
+		// data is decoded and every live chunk checked against its BLAKE3,
+		// so damage is never copied into a new pack under a clean header.
 		if _, err := pack.ReadRecord(bytes.NewReader(rec[:fr.DataOff-fr.Offset])); err != nil {
 			return moved{}, fmt.Errorf("pack %d frame at %d: %w", fr.Pack, fr.Offset, err)
+		}
+		data, err := c.s.dec.DecodeAll(rec[fr.DataOff-fr.Offset:], getFrameBuf(fr.RawLen))
+		if err != nil {
+			return moved{}, fmt.Errorf("%w: pack %d frame at %d: %v", ErrCorrupt, fr.Pack, fr.Offset, err)
+		}
+		err = checkChunks(data, fr, chunks)
+		putFrameBuf(data)
+		if err != nil {
+			return moved{}, err
 		}
 		nf := db.Frame{Pack: o.id, Offset: o.size, DataOff: o.size + fr.DataOff - fr.Offset, CLen: fr.CLen, RawLen: fr.RawLen}
 		if _, err := c.bw.Write(rec); err != nil {
@@ -293,14 +304,11 @@ func (c *compactor) copyFrame(f *os.File, fr db.Frame, chunks []db.ChunkInFrame)
 	raw := make([]byte, 0, live)
 	entries := make([]pack.Entry, 0, len(chunks))
 	out := make([]db.ChunkInFrame, 0, len(chunks))
+	if err := checkChunks(data, fr, chunks); err != nil {
+		return moved{}, err
+	}
 	for _, ch := range chunks {
-		if ch.Off+ch.Len > int64(len(data)) {
-			return moved{}, fmt.Errorf("%w: chunk %s outside pack %d frame at %d", ErrCorrupt, ch.Digest, fr.Pack, fr.Offset)
-		}
 		b := data[ch.Off : ch.Off+ch.Len]
-		if digest.Sum(b) != ch.Digest {
-			return moved{}, fmt.Errorf("%w: chunk %s in pack %d frame at %d", ErrCorrupt, ch.Digest, fr.Pack, fr.Offset)
-		}
 		out = append(out, db.ChunkInFrame{Digest: ch.Digest, Off: int64(len(raw)), Len: ch.Len})
 		entries = append(entries, pack.Entry{Digest: ch.Digest, Len: uint32(ch.Len)})
 		raw = append(raw, b...)
@@ -317,6 +325,23 @@ func (c *compactor) copyFrame(f *os.File, fr db.Frame, chunks []db.ChunkInFrame)
 	o.size += int64(len(hdr) + len(comp))
 	c.st.FramesRewritten++
 	return moved{nf, out}, nil
+}
+
+// checkChunks checks the live chunks of fr against their digests in its
+// decoded data.
+func checkChunks(data []byte, fr db.Frame, chunks []db.ChunkInFrame) error {
+	if int64(len(data)) != fr.RawLen {
+		return fmt.Errorf("%w: pack %d frame at %d: %d bytes, index says %d", ErrCorrupt, fr.Pack, fr.Offset, len(data), fr.RawLen)
+	}
+	for _, ch := range chunks {
+		if ch.Off < 0 || ch.Len < 0 || ch.Off+ch.Len > int64(len(data)) {
+			return fmt.Errorf("%w: chunk %s outside pack %d frame at %d", ErrCorrupt, ch.Digest, fr.Pack, fr.Offset)
+		}
+		if digest.Sum(data[ch.Off:ch.Off+ch.Len]) != ch.Digest {
+			return fmt.Errorf("%w: chunk %s in pack %d frame at %d", ErrCorrupt, ch.Digest, fr.Pack, fr.Offset)
+		}
+	}
+	return nil
 }
 
 // ensureOut makes sure there is an output pack with room.

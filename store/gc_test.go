@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/casnix/casnix/blobs"
+	"github.com/casnix/casnix/db"
 	"github.com/casnix/casnix/nar"
 )
 
@@ -518,4 +519,68 @@ func TestOtherProcessLetsGoOfCompactedPacks(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 	mustVerify(t, daemon)
+}
+
+// TestCompactionRefusesDamagedFrame: a frame compaction would copy as it
+// is (mostly live) but whose data is damaged stops the compaction with
+// ErrCorrupt: the damage is not copied into a new pack under a clean
+// record header, and the old pack stays for `casnix verify` to name.
+func TestCompactionRefusesDamagedFrame(t *testing.T) {
+	ctx := context.Background()
+	st := openSmallPacks(t)
+	if err := add(t, st, pathA, treeNAR(t, 1<<20)); err != nil {
+		t.Fatal(err)
+	}
+	if err := add(t, st, pathB, treeNAR(t, 1<<20)); err != nil {
+		t.Fatal(err)
+	}
+	permRoot(t, st, pathA)
+	// A's first frame (A was added first, so it leads the first pack).
+	ends, err := st.db.PackEnds(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := int64(-1)
+	for id := range ends {
+		if first < 0 || id < first {
+			first = id
+		}
+	}
+	var fr db.Frame
+	err = st.db.PackFrames(ctx, first, func(f db.Frame, _ []db.ChunkInFrame) error {
+		if fr.CLen == 0 {
+			fr = f
+		}
+		return nil
+	})
+	if err != nil || fr.CLen == 0 {
+		t.Fatalf("first frame of pack %d: %+v %v", first, fr, err)
+	}
+	f, err := os.OpenFile(st.blobs.PackPath(first), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := []byte{0}
+	at := fr.DataOff + fr.CLen/2
+	f.ReadAt(b, at)
+	b[0] ^= 0x5a
+	if _, err := f.WriteAt(b, at); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	st.blobs.DropCache()
+	_, err = st.GC(ctx, GCOptions{Action: GCDeleteDead, MinDead: 0.01})
+	if !errors.Is(err, blobs.ErrCorrupt) {
+		t.Fatalf("GC over a damaged frame: %v, want ErrCorrupt", err)
+	}
+	if _, err := os.Stat(st.blobs.PackPath(first)); err != nil {
+		t.Errorf("the damaged pack is gone: %v", err)
+	}
+	rep, err := st.Verify(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Damaged) == 0 || rep.Damaged[0].Name != pathA {
+		t.Errorf("verify after the refused compaction: damaged %v, want %s", rep.Damaged, pathA)
+	}
 }
