@@ -3,6 +3,9 @@ package cli
 import (
 	"fmt"
 	"io"
+	"os"
+	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/casnix/casnix/store"
@@ -32,8 +35,11 @@ func (c *BackupCmd) Run(g *Globals) error {
 // RestoreCmd restores a backup into the data dir.
 type RestoreCmd struct {
 	Src   string `arg:"" name:"SRC" help:"Backup (or stopped data dir) to restore from."`
-	Force bool   `name:"force" help:"Replace the data dir's contents if it is not empty (stop casnix serve first)."`
+	Force bool   `name:"force" help:"Replace the data dir's contents if it is not empty (refused while any casnix process has it open)."`
 	Quick bool   `name:"quick" env:"CASNIX_RESTORE_QUICK" help:"Check the restored frames and chunk hashes only, not every NAR."`
+	// KillAt makes restore SIGKILL itself after its Nth step: the crash
+	// tests use it to stop it at chosen points of every phase.
+	KillAt int `name:"test-kill-at" hidden:"" env:"CASNIX_TEST_RESTORE_KILL_AT" help:"Testing only: SIGKILL this process after step N."`
 }
 
 // Run restores.
@@ -42,7 +48,16 @@ func (c *RestoreCmd) Run(g *Globals) error {
 	if dst == "" {
 		dst = DefaultDataDir()
 	}
-	rep, err := store.Restore(g.Ctx, c.Src, dst, store.CopyOptions{Quick: c.Quick, Force: c.Force})
+	var steps atomic.Int64
+	step := func(name string) {
+		n := steps.Add(1)
+		g.Logger.Debug("restore step", "n", n, "step", name)
+		if c.KillAt > 0 && n == int64(c.KillAt) {
+			syscall.Kill(os.Getpid(), syscall.SIGKILL)
+			select {} // the signal is on its way
+		}
+	}
+	rep, err := store.Restore(g.Ctx, c.Src, dst, store.CopyOptions{Quick: c.Quick, Force: c.Force, Step: step})
 	if err != nil {
 		return err
 	}

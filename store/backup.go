@@ -12,6 +12,8 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/casnix/casnix/blobs"
 	"github.com/casnix/casnix/db"
 )
@@ -29,6 +31,10 @@ type CopyOptions struct {
 	Quick bool
 	// Force lets Restore replace a data dir that is not empty.
 	Force bool
+	// Step, if set, is called by Restore after each step it takes (a pack
+	// staged, verify progress, each move of the swap): tests stop the
+	// process there to check that every crash point is recoverable.
+	Step func(name string)
 }
 
 // CopyReport is what Backup and Restore did.
@@ -78,7 +84,7 @@ func (s *Store) Backup(ctx context.Context, dst string, opts CopyOptions) (rep *
 	}
 	rep.Copy = time.Since(start)
 	vstart := time.Now()
-	if rep.Paths, err = verifyDir(ctx, dst, opts.Quick); err != nil {
+	if rep.Paths, err = verifyDir(ctx, dst, opts.Quick, nil); err != nil {
 		return nil, fmt.Errorf("verify backup: %w", err)
 	}
 	rep.Verify = time.Since(vstart)
@@ -103,7 +109,7 @@ func (s *Store) backupLocked(ctx context.Context, dst string) (*CopyReport, erro
 	if err := s.db.SnapshotTo(ctx, partial); err != nil {
 		return nil, err
 	}
-	rep, err := copyPacks(ctx, partial, filepath.Join(s.dir, PackDir), filepath.Join(dst, PackDir))
+	rep, err := copyPacks(ctx, partial, filepath.Join(s.dir, PackDir), filepath.Join(dst, PackDir), nil)
 	if err != nil {
 		return nil, err
 	}
@@ -122,11 +128,20 @@ func (s *Store) backupLocked(ctx context.Context, dst string) (*CopyReport, erro
 
 // Restore copies the data dir or backup src into the data dir dst and
 // verifies it there before it takes dst's place. dst must be absent or
-// empty unless opts.Force; with Force its database and packs are replaced
-// (stop any casnix using it first). The copy is staged in a directory
-// inside dst, so a failed restore leaves dst as it was.
+// empty unless opts.Force; with Force its database and packs are replaced.
+// Restore holds dst's data-dir lock exclusively throughout, so it refuses
+// (ErrInUse) while any casnix process has dst open, and nothing opens dst
+// until it is done. The copy is staged in a directory inside dst; once it is
+// complete and verified, a journal naming it is written, and the swap that
+// follows is finished by whoever next takes the lock (Open, Restore) if a
+// crash interrupts it. So after a crash at any point dst holds either its
+// old contents or the restored ones, complete, with no manual step.
 func Restore(ctx context.Context, src, dst string, opts CopyOptions) (rep *CopyReport, err error) {
 	start := time.Now()
+	step := opts.Step
+	if step == nil {
+		step = func(string) {}
+	}
 	srcDB := filepath.Join(src, DBFile)
 	if _, err := os.Stat(srcDB); err != nil {
 		return nil, fmt.Errorf("%s is not a casnix data dir or backup: %w", src, err)
@@ -145,24 +160,51 @@ func Restore(ctx context.Context, src, dst string, opts CopyOptions) (rep *CopyR
 	case v > latest:
 		return nil, fmt.Errorf("restore from %s: %w: schema version %d, this binary knows up to %d", src, db.ErrSchemaTooNew, v, latest)
 	}
-	created, nonEmpty, err := inspectTarget(dst)
+	created, _, err := inspectTarget(dst)
 	if err != nil {
 		return nil, err
-	}
-	if nonEmpty && !opts.Force {
-		return nil, fmt.Errorf("data dir %s %w (use --force to replace its contents)", dst, ErrNotEmpty)
 	}
 	if err := os.MkdirAll(dst, 0o755); err != nil {
 		return nil, fmt.Errorf("create data dir: %w", err)
 	}
-	stage, err := os.MkdirTemp(dst, ".restore-")
+	_, statErr := os.Stat(filepath.Join(dst, DirLockFile))
+	hadLock := statErr == nil
+	lock, err := lockDir(dst, unix.LOCK_EX)
+	if errors.Is(err, errBusy) {
+		return nil, fmt.Errorf("data dir %s %w by another casnix process: stop casnix serve (and every other casnix using it) first", dst, ErrInUse)
+	}
+	if err != nil {
+		return nil, err
+	}
+	var committed bool
+	defer func() {
+		if err != nil && !committed {
+			if created {
+				os.RemoveAll(dst)
+			} else if !hadLock && !dataDirUsed(dst) {
+				os.Remove(filepath.Join(dst, DirLockFile))
+			}
+		}
+		lock.Close()
+	}()
+	// A restore a crash interrupted is finished first, and what one killed
+	// before its commit point staged is dropped.
+	if err := recoverRestore(dst, nil); err != nil {
+		return nil, fmt.Errorf("finish interrupted restore of %s: %w", dst, err)
+	}
+	if err := removeStages(dst); err != nil {
+		return nil, err
+	}
+	if dataDirUsed(dst) && !opts.Force {
+		return nil, fmt.Errorf("data dir %s %w (use --force to replace its contents)", dst, ErrNotEmpty)
+	}
+	stage, err := os.MkdirTemp(dst, stagePrefix)
 	if err != nil {
 		return nil, fmt.Errorf("create staging dir: %w", err)
 	}
 	defer func() {
-		os.RemoveAll(stage)
-		if err != nil && created {
-			os.Remove(dst)
+		if !committed {
+			os.RemoveAll(stage)
 		}
 	}()
 	for _, name := range []string{DBFile, DBFile + "-wal"} {
@@ -170,7 +212,8 @@ func Restore(ctx context.Context, src, dst string, opts CopyOptions) (rep *CopyR
 			return nil, err
 		}
 	}
-	rep, err = copyPacks(ctx, filepath.Join(stage, DBFile), filepath.Join(src, PackDir), filepath.Join(stage, PackDir))
+	step("database staged")
+	rep, err = copyPacks(ctx, filepath.Join(stage, DBFile), filepath.Join(src, PackDir), filepath.Join(stage, PackDir), step)
 	if err != nil {
 		return nil, err
 	}
@@ -179,32 +222,49 @@ func Restore(ctx context.Context, src, dst string, opts CopyOptions) (rep *CopyR
 	}
 	rep.Copy = time.Since(start)
 	vstart := time.Now()
-	if rep.Paths, err = verifyDir(ctx, stage, opts.Quick); err != nil {
+	if rep.Paths, err = verifyDir(ctx, stage, opts.Quick, step); err != nil {
 		return nil, fmt.Errorf("verify restored data: %w", err)
 	}
 	rep.Verify = time.Since(vstart)
-	if nonEmpty {
-		for _, name := range replacedNames {
-			if err := os.RemoveAll(filepath.Join(dst, name)); err != nil {
-				return nil, fmt.Errorf("remove old %s: %w", name, err)
-			}
-		}
+	// Opening the copy to verify it checkpointed its WAL into the database
+	// file; only that file moves in (a WAL left beside it would be lost).
+	if fi, err := os.Stat(filepath.Join(stage, DBFile+"-wal")); err == nil && fi.Size() > 0 {
+		return nil, fmt.Errorf("staged database %s still has a write-ahead log", filepath.Join(stage, DBFile))
 	}
-	// Packs first, the database that names them last.
-	for _, name := range []string{PackDir, GCLockFile, DBFile} {
-		err := os.Rename(filepath.Join(stage, name), filepath.Join(dst, name))
-		if err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return nil, fmt.Errorf("move restored %s into place: %w", name, err)
-		}
-	}
-	if err := syncPath(dst); err != nil {
+	if err := syncFile(filepath.Join(stage, DBFile)); err != nil {
 		return nil, err
+	}
+	if err := syncPath(stage); err != nil {
+		return nil, err
+	}
+	step("verified")
+	// The commit point: from here on the restored data replaces dst's,
+	// now or, after a crash, at the next Open or Restore.
+	if err := writeJournal(dst, filepath.Base(stage)); err != nil {
+		return nil, err
+	}
+	committed = true
+	step("journal written")
+	if err := rollForward(dst, filepath.Base(stage), step); err != nil {
+		return nil, fmt.Errorf("move restored data into place (the next open of %s finishes it): %w", dst, err)
 	}
 	return rep, nil
 }
 
-// replacedNames are the entries of a data dir a forced restore replaces.
-var replacedNames = []string{DBFile, DBFile + "-wal", DBFile + "-shm", DBFile + "-journal", PackDir, GCLockFile}
+// dataDirUsed reports whether dir holds anything but its lock file and
+// restore staging directories: the contents a restore would replace.
+func dataDirUsed(dir string) bool {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return false
+	}
+	for _, e := range ents {
+		if e.Name() != DirLockFile && !strings.HasPrefix(e.Name(), stagePrefix) {
+			return true
+		}
+	}
+	return false
+}
 
 // inspectTarget reports whether dir is absent (and will be created) or a
 // directory that is not empty.
@@ -241,7 +301,7 @@ func undoTarget(dst string, created bool) {
 // the prefix of the pack up to the end of its last frame from srcDir to
 // dstDir (pack directory layout), fsyncing files and directories. The
 // database is checked first, so a damaged one fails here, not halfway.
-func copyPacks(ctx context.Context, dbFile, srcDir, dstDir string) (*CopyReport, error) {
+func copyPacks(ctx context.Context, dbFile, srcDir, dstDir string, step func(string)) (*CopyReport, error) {
 	d, err := db.Open(ctx, dbFile)
 	if err != nil {
 		return nil, err
@@ -287,6 +347,9 @@ func copyPacks(ctx context.Context, dbFile, srcDir, dstDir string) (*CopyReport,
 			return nil, fmt.Errorf("pack %d: %w", id, err)
 		}
 		rep.PackBytes += n
+		if step != nil {
+			step(fmt.Sprintf("pack %d staged", id))
+		}
 	}
 	sorted := make([]string, 0, len(dirs))
 	for d := range dirs {
@@ -370,7 +433,7 @@ func syncPath(dir string) error {
 // verifyDir opens the data dir dir and checks it: the database structure,
 // every frame and chunk, and unless quick every path's NAR. It returns the
 // number of valid paths.
-func verifyDir(ctx context.Context, dir string, quick bool) (int, error) {
+func verifyDir(ctx context.Context, dir string, quick bool, step func(string)) (int, error) {
 	s, err := Open(ctx, dir, Options{})
 	if err != nil {
 		return 0, err
@@ -384,7 +447,11 @@ func verifyDir(ctx context.Context, dir string, quick bool) (int, error) {
 		return 0, err
 	}
 	if quick {
-		damaged, err := s.blobs.Verify(ctx, nil)
+		var progress func(done, total int64)
+		if step != nil {
+			progress = func(done, _ int64) { step(fmt.Sprintf("verified frame %d", done)) }
+		}
+		damaged, err := s.blobs.Verify(ctx, progress)
 		if err != nil {
 			return 0, err
 		}
@@ -393,7 +460,11 @@ func verifyDir(ctx context.Context, dir string, quick bool) (int, error) {
 		}
 		return len(names), nil
 	}
-	rep, err := s.Verify(ctx, nil)
+	var progress func(stage string, done, total int64)
+	if step != nil {
+		progress = func(stage string, done, _ int64) { step(fmt.Sprintf("verified %s %d", stage, done)) }
+	}
+	rep, err := s.Verify(ctx, progress)
 	if err != nil {
 		return 0, err
 	}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/casnix/casnix/blobs"
@@ -248,4 +249,80 @@ func TestBackupBesideCompaction(t *testing.T) {
 		}
 	}
 	mustVerify(t, backer)
+}
+
+// TestRestoreRefusesOpenDataDir: restore --force refuses a data dir a
+// Store has open (as a running `casnix serve` has), which keeps working;
+// nothing opens a data dir while a restore replaces it; once the Store is
+// closed the restore goes through and leaves the GC lock file alone.
+func TestRestoreRefusesOpenDataDir(t *testing.T) {
+	ctx := context.Background()
+	src := openStore(t)
+	nA, nB := treeNAR(t, 300<<10), treeNAR(t, 200<<10)
+	if err := add(t, src, pathA, nA); err != nil {
+		t.Fatal(err)
+	}
+	bk := filepath.Join(t.TempDir(), "bk")
+	if _, err := src.Backup(ctx, bk, CopyOptions{Quick: true}); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	live, err := Open(ctx, dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := add(t, live, pathB, nB); err != nil {
+		t.Fatal(err)
+	}
+	unlock, err := live.SharedGCLock(ctx) // creates gc.lock
+	if err != nil {
+		t.Fatal(err)
+	}
+	unlock()
+	gcLock, err := os.Stat(filepath.Join(dir, GCLockFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Restore(ctx, bk, dir, CopyOptions{Force: true, Quick: true}); !errors.Is(err, ErrInUse) {
+		t.Fatalf("restore --force of an open data dir: %v, want ErrInUse", err)
+	}
+	if !bytes.Equal(render(t, live, pathB), nB) {
+		t.Fatal("the open store lost a path to a refused restore")
+	}
+	live.Close()
+
+	var during error
+	_, err = Restore(ctx, bk, dir, CopyOptions{Force: true, Quick: true, Step: func(name string) {
+		if name == "verified" {
+			if s, err := Open(ctx, dir, Options{}); err == nil {
+				s.Close()
+				during = errors.New("opened while the restore held it")
+			} else if !errors.Is(err, ErrInUse) {
+				during = err
+			}
+		}
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if during != nil {
+		t.Errorf("open during restore: %v", during)
+	}
+	rst, err := Open(ctx, dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rst.Close()
+	if names, _ := rst.All(ctx); !slices.Equal(names, []string{pathA}) {
+		t.Errorf("restored data dir holds %q, want only A", names)
+	}
+	if fi, err := os.Stat(filepath.Join(dir, GCLockFile)); err != nil || !os.SameFile(fi, gcLock) {
+		t.Errorf("restore replaced the GC lock file (%v): GC and a daemon would lock different files", err)
+	}
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		if strings.HasPrefix(e.Name(), stagePrefix) || e.Name() == restoreJournal {
+			t.Errorf("left behind: %s", e.Name())
+		}
+	}
 }

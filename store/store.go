@@ -45,6 +45,7 @@ type Store struct {
 	blobs    *blobs.Store
 	log      *slog.Logger
 	infos    infoCache
+	dirLock  *os.File // DirLockFile, held shared while open
 }
 
 // DBFile and PackDir are the data directory's layout.
@@ -64,21 +65,29 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("create data dir: %w", err)
 	}
+	lock, err := openDirLock(ctx, dir)
+	if err != nil {
+		return nil, err
+	}
 	d, err := db.Open(ctx, filepath.Join(dir, DBFile))
 	if err != nil {
+		lock.Close()
 		return nil, err
 	}
 	b, err := blobs.Open(filepath.Join(dir, PackDir), d, opts.Blobs)
 	if err != nil {
 		d.Close()
+		lock.Close()
 		return nil, err
 	}
-	return &Store{StoreDir: opts.StoreDir, dir: dir, db: d, blobs: b, log: opts.Logger}, nil
+	return &Store{StoreDir: opts.StoreDir, dir: dir, db: d, blobs: b, log: opts.Logger, dirLock: lock}, nil
 }
 
 // Close closes the store.
 func (s *Store) Close() error {
-	return errors.Join(s.blobs.Close(), s.db.Close())
+	err := errors.Join(s.blobs.Close(), s.db.Close())
+	// The data-dir lock last: a restore may replace the files once it goes.
+	return errors.Join(err, s.dirLock.Close())
 }
 
 // Dir is the data directory.
