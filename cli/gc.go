@@ -23,6 +23,7 @@ type GCCmd struct {
 	IgnoreLiveness bool     `name:"ignore-liveness" help:"With --delete: delete paths even if roots reach them (never paths other kept paths refer to)."`
 	MinDead        float64  `name:"min-dead" default:"0.25" help:"Rewrite a pack once this share of its bytes is dead (1 = never)."`
 	JSON           bool     `name:"json" help:"Print the result as JSON."`
+	UpperDB        []string `name:"upper-db" sep:"none" placeholder:"FILE" type:"existingfile" help:"The Nix database (db.sqlite, read-only) of a Local Overlay Store's upper layer that uses this store as its lower store: keep every path it registers or refers to (repeatable)."`
 }
 
 type gcJSON struct {
@@ -39,7 +40,7 @@ type gcJSON struct {
 
 // Run collects.
 func (c *GCCmd) Run(g *Globals) error {
-	o := store.GCOptions{Action: store.GCDeleteDead, IgnoreLiveness: c.IgnoreLiveness, MinDead: c.MinDead}
+	o := store.GCOptions{Action: store.GCDeleteDead, IgnoreLiveness: c.IgnoreLiveness, MinDead: c.MinDead, UpperDBs: c.UpperDB}
 	switch {
 	case c.DryRun && c.PrintLive:
 		return errors.New("--dry-run and --print-live exclude each other")

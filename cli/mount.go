@@ -38,6 +38,7 @@ func (m *MountFlags) mount(g *Globals, st *store.Store, dir string) (*fuse.Serve
 	})
 	return fusefs.Mount(dir, st, fusefs.Options{
 		ListRoot: m.ListRoot, AllowOther: m.AllowOther && os.Geteuid() == 0, Logger: g.Logger, Debug: m.FuseDebug,
+		Deletions: st.Deletions,
 	})
 }
 

@@ -6,7 +6,8 @@
 //
 // Content never changes, so the kernel may cache entries, attributes and
 // file pages for long; only the root is dynamic: paths imported while
-// mounted appear at once (negative lookups are not cached).
+// mounted appear at once (negative lookups are not cached), and paths a
+// collection deleted are invalidated in the kernel (Options.Deletions).
 package fusefs
 
 import (
@@ -52,6 +53,11 @@ type Options struct {
 	// (0: ReadAheadKB; negative: leave the kernel's default). Setting it
 	// needs root.
 	ReadAheadKB int
+	// Deletions, if set, returns a counter that grows whenever paths were
+	// deleted (store.Store.Deletions, bumped by every collection that
+	// deleted paths, in any process). The mount polls it and invalidates
+	// the kernel's cached entries of paths that are gone.
+	Deletions func() (uint64, error)
 }
 
 // contentTimeout is how long the kernel may cache what never changes.
@@ -91,11 +97,22 @@ func Mount(dir string, st Store, opts Options) (*fuse.Server, error) {
 		Debug:                opts.Debug,
 		MaxBackground:        64,
 	}
-	srv, err := fs.Mount(dir, &rootNode{fs: f}, &fs.Options{
+	var deletions uint64
+	if opts.Deletions != nil {
+		var err error
+		if deletions, err = opts.Deletions(); err != nil {
+			return nil, fmt.Errorf("read deletions counter: %w", err)
+		}
+	}
+	root := &rootNode{fs: f}
+	srv, err := fs.Mount(dir, root, &fs.Options{
 		MountOptions: mo, EntryTimeout: &long, AttrTimeout: &long, NegativeTimeout: &zero,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("mount %s: %w", dir, err)
+	}
+	if opts.Deletions != nil {
+		go f.watchDeletions(srv, root, opts.Deletions, deletions)
 	}
 	if opts.ReadAheadKB == 0 {
 		opts.ReadAheadKB = ReadAheadKB

@@ -268,3 +268,62 @@ func TestRootListingStreams(t *testing.T) {
 		}
 	}
 }
+
+// TestDeletedPathsInvalidated: a path the kernel has looked up (its entry
+// cached for a day) stops resolving within seconds of a collection that
+// deleted it, whichever process ran it (here a second Store on the data
+// dir, as `casnix gc` beside `casnix serve --mount`); kept paths stay.
+func TestDeletedPathsInvalidated(t *testing.T) {
+	requireFUSE(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	st, err := store.Open(ctx, dir, store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	src := sourceTree(t)
+	addTree(t, st, pathA, src)
+	addTree(t, st, pathB, filepath.Join(src, "bin"))
+	mnt := t.TempDir()
+	srv, err := Mount(mnt, st, Options{ListRoot: true, Deletions: st.Deletions})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Unmount()
+	for _, p := range []string{pathA, pathB} {
+		if _, err := os.Stat(filepath.Join(mnt, p, "tool")); err != nil && p == pathB {
+			t.Fatal(err)
+		}
+	}
+	collector, err := store.Open(ctx, dir, store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := collector.GC(ctx, store.GCOptions{Action: store.GCDeleteDead, Keep: []string{pathA}})
+	collector.Close()
+	if err != nil || len(res.Paths) != 1 || res.Paths[0] != pathB {
+		t.Fatalf("gc: %+v %v", res, err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		_, err := os.Lstat(filepath.Join(mnt, pathB))
+		if errors.Is(err, fs.ErrNotExist) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("deleted path still resolves 5 s after the collection: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	ents, err := os.ReadDir(mnt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ents) != 1 || ents[0].Name() != pathA {
+		t.Errorf("root lists %v, want only A", ents)
+	}
+	if _, err := os.Stat(filepath.Join(mnt, pathA, "bin", "tool")); err != nil {
+		t.Errorf("kept path: %v", err)
+	}
+}

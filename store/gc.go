@@ -66,6 +66,10 @@ type GCOptions struct {
 	// MinDead is the share of a pack's bytes that must be dead before it
 	// is rewritten (0: DefaultMinDead; 1 or more: never rewrite).
 	MinDead float64
+	// UpperDBs are the Nix databases (db.sqlite) of Local Overlay Stores
+	// whose lower store this is: every path of this store one of them
+	// registers or refers to is a root (read under the GC lock).
+	UpperDBs []string
 }
 
 // DefaultMinDead is the share of dead bytes at which a pack is compacted.
@@ -126,6 +130,11 @@ func (s *Store) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
 	for _, n := range deleted {
 		s.infos.drop(n)
 	}
+	if len(deleted) > 0 {
+		if err := s.bumpDeletions(); err != nil {
+			s.log.Warn("mounts may show deleted paths until their entries expire", "err", err)
+		}
+	}
 	minDead := o.MinDead
 	if minDead == 0 {
 		minDead = DefaultMinDead
@@ -172,7 +181,7 @@ func (s *Store) loadGraph(ctx context.Context) (*pathGraph, error) {
 
 // rootNames gathers the roots of this collection, cleaning up dead temp
 // roots and dangling indirect roots.
-func (s *Store) rootNames(o GCOptions) (map[string]bool, error) {
+func (s *Store) rootNames(ctx context.Context, o GCOptions) (map[string]bool, error) {
 	roots := map[string]bool{}
 	perm, err := s.readPermRoots(true)
 	if err != nil {
@@ -193,6 +202,15 @@ func (s *Store) rootNames(o GCOptions) (map[string]bool, error) {
 	for _, k := range o.Keep {
 		roots[k] = true
 	}
+	for _, u := range o.UpperDBs {
+		names, err := s.upperRoots(ctx, u)
+		if err != nil {
+			return nil, err
+		}
+		for _, n := range names {
+			roots[n] = true
+		}
+	}
 	return roots, nil
 }
 
@@ -210,7 +228,7 @@ func (s *Store) markAndSweep(ctx context.Context, o GCOptions, res *GCResult) ([
 	if err != nil {
 		return nil, err
 	}
-	roots, err := s.rootNames(o)
+	roots, err := s.rootNames(ctx, o)
 	if err != nil {
 		return nil, err
 	}

@@ -584,3 +584,83 @@ func TestCompactionRefusesDamagedFrame(t *testing.T) {
 		t.Errorf("verify after the refused compaction: damaged %v, want %s", rep.Damaged, pathA)
 	}
 }
+
+// nixDB writes a Nix database with Nix's ValidPaths and Refs tables: valid
+// lists its paths (full), refs maps a referrer to its references.
+func nixDB(t *testing.T, valid []string, refs map[string][]string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "db.sqlite")
+	d, err := sql.Open("sqlite", "file:"+path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	stmts := []string{
+		`PRAGMA journal_mode=WAL`,
+		`CREATE TABLE ValidPaths (id integer primary key autoincrement not null, path text unique not null,
+			hash text not null, registrationTime integer not null, deriver text, narSize integer,
+			ultimate integer, sigs text, ca text)`,
+		`CREATE TABLE Refs (referrer integer not null, reference integer not null, primary key (referrer, reference))`,
+	}
+	for _, s := range stmts {
+		if _, err := d.Exec(s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, p := range valid {
+		if _, err := d.Exec(`INSERT INTO ValidPaths (path, hash, registrationTime) VALUES (?, 'sha256:0', 1)`, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for from, tos := range refs {
+		for _, to := range tos {
+			if _, err := d.Exec(`INSERT INTO Refs SELECT a.id, b.id FROM ValidPaths a, ValidPaths b WHERE a.path = ? AND b.path = ?`, from, to); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	return path
+}
+
+// TestGCUpperDB: with --upper-db, the lower paths an overlay's upper
+// database registers or refers to (and their closures) are kept; the rest
+// is deleted; a database that cannot be read fails the collection before
+// anything is deleted.
+func TestGCUpperDB(t *testing.T) {
+	ctx := context.Background()
+	st := openStore(t)
+	for _, n := range []struct {
+		name string
+		refs []string
+	}{{pathA, nil}, {pathB, []string{pathA}}, {pathC, nil}, {pathD, nil}, {pathE, nil}} {
+		if err := add(t, st, n.name, treeNAR(t, 64<<10), n.refs...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	full := func(n string) string { return st.Full(n) }
+	upperPath := full("99999999999999999999999999999999-app")
+	// The overlay built app on B (registering B's row, as Nix does) and
+	// holds D as valid; a second overlay refers to C only through Refs.
+	up1 := nixDB(t, []string{upperPath, full(pathB), full(pathD)}, map[string][]string{upperPath: {full(pathB)}})
+	up2 := nixDB(t, []string{upperPath, full(pathC)}, map[string][]string{upperPath: {full(pathC)}})
+
+	if _, err := st.GC(ctx, GCOptions{Action: GCDeleteDead, UpperDBs: []string{up1, filepath.Join(t.TempDir(), "missing.sqlite")}}); err == nil {
+		t.Fatal("GC with an unreadable upper database succeeded")
+	}
+	if names, _ := st.All(ctx); len(names) != 5 {
+		t.Fatalf("a failed GC deleted paths: %q left", names)
+	}
+	before, _ := st.Deletions()
+	res := gc(t, st, GCOptions{Action: GCDeleteDead, UpperDBs: []string{up1, up2}})
+	if !slices.Equal(res.Paths, []string{pathE}) {
+		t.Errorf("deleted %q, want only E", res.Paths)
+	}
+	names, _ := st.All(ctx)
+	if !slices.Equal(names, []string{pathA, pathB, pathC, pathD}) {
+		t.Errorf("left %q, want A (B's reference), B, C, D", names)
+	}
+	if after, _ := st.Deletions(); after != before+1 {
+		t.Errorf("deletions counter %d -> %d, want one more", before, after)
+	}
+	mustVerify(t, st)
+}
