@@ -8,7 +8,9 @@
 #
 # Usage: tests/overlay-stack.sh up|down [STATE_DIR]   (as root; Nix >= 2.22 with
 #        the local-overlay-store experimental feature; STATE_DIR defaults to /var/lib/casnix-overlay)
-# Environment: CASNIX (binary, default: casnix on PATH), CASNIX_DIR (data dir).
+# Environment: CASNIX (binary, default: casnix on PATH), CASNIX_DIR (data dir), UPPER_DB
+#   (the overlay store's Nix database, default /nix/var/nix/db/db.sqlite: `casnix gc` must be
+#   given it, or it deletes lower paths the upper layer uses).
 #
 # The Go test TestLocalOverlayStore (tests/overlay_e2e_test.go) runs the same
 # stack inside Debian trixie and sid roots with Nix 2.26 and 2.34.
@@ -22,6 +24,7 @@ UPPER=$S/upper      # new paths built by Nix
 WORK=$S/work        # overlayfs work dir
 MERGED=${MERGED:-/nix/store}
 SOCK=$S/daemon.sock
+UPPER_DB=${UPPER_DB:-/nix/var/nix/db/db.sqlite}
 
 case $cmd in
 up)
@@ -44,6 +47,11 @@ Overlay stack is up. Put this in nix.conf (of the nix-daemon or client that owns
 
 New paths imported into casnix appear in $LOWER at once; run 'mount -o remount $MERGED'
 for overlayfs to show them. Tear down with: $0 down $S
+
+Collect garbage in casnix only with the overlay's database as roots (the overlay registers
+nothing in casnix; without it, gc deletes lower paths the upper layer uses):
+
+  $CASNIX ${CASNIX_DIR:+--data-dir $CASNIX_DIR }gc --upper-db $UPPER_DB
 EOT
   ;;
 down)

@@ -1,10 +1,13 @@
 package tests
 
 import (
+	"errors"
+	"io/fs"
 	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -27,6 +30,12 @@ const overlayNix = `rec {
     system = builtins.currentSystem;
     builder = "/bin/busybox";
     args = [ "sh" "-c" "echo late > $out" ];
+  };
+  junk = builtins.derivation {
+    name = "junk";
+    system = builtins.currentSystem;
+    builder = "/bin/busybox";
+    args = [ "sh" "-c" "mkdir -p $out; echo junk > $out/junk" ];
   };
   app = builtins.derivation {
     name = "app";
@@ -96,11 +105,12 @@ func TestLocalOverlayStore(t *testing.T) {
 			}
 			lib := build("local?root=/tmp/src", "lib")
 			late := build("local?root=/tmp/src", "late")
+			junk := build("local?root=/tmp/src", "junk")
 			src := r.HostPath("/tmp/src")
 
 			// casnix holds lib (not late yet), serving socket and mount.
 			data := t.TempDir()
-			nixtest.Run(t, bin, "-d", data, "import", "--from-nix-store", src, lib)
+			nixtest.Run(t, bin, "-d", data, "import", "--from-nix-store", src, lib, junk)
 			dir := t.TempDir()
 			srv := startCasnixServe(t, bin, data, dir, filepath.Base(lib))
 			r.Bind(dir)
@@ -149,6 +159,55 @@ func TestLocalOverlayStore(t *testing.T) {
 			}
 			if _, ok := r.PathInfos(t, store, late)[late]; !ok {
 				t.Fatal("late path not valid in the overlay store")
+			}
+
+			// casnix gc of the lower store, beside the running serve --mount, rooted by the
+			// overlay's upper database: lib stays (app, in the upper layer, refers to it), so
+			// does late (the overlay registered it in its database when it was used), junk
+			// (which nothing in the overlay used) goes, and the mount stops showing it
+			// although the kernel had its entry cached.
+			junkOnMount := filepath.Join(srv.mnt, filepath.Base(junk), "junk")
+			if _, err := os.Stat(junkOnMount); err != nil {
+				t.Fatalf("junk not on the mount before gc: %v", err)
+			}
+			upperDB := r.HostPath("/nix/var/nix/db/db.sqlite")
+			deleted := nixtest.SortedLines(nixtest.Run(t, bin, "-d", data, "gc", "--upper-db", upperDB))
+			if want := []string{junk}; !slices.Equal(deleted, want) {
+				t.Fatalf("gc --upper-db deleted %q, want %q", deleted, want)
+			}
+			if got := nixtest.SortedLines(nixtest.Run(t, bin, "-d", data, "path-info", "--all")); len(got) != 2 ||
+				!strings.HasPrefix(got[0], lib) && !strings.HasPrefix(got[1], lib) {
+				t.Fatalf("casnix holds %q after gc, want lib and late", got)
+			}
+			deadline := time.Now().Add(10 * time.Second)
+			for {
+				_, err := os.Stat(junkOnMount)
+				if errors.Is(err, fs.ErrNotExist) {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("deleted path still on the mount 10 s after gc: %v", err)
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+			ents, err := os.ReadDir(srv.mnt)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, e := range ents {
+				if e.Name() == filepath.Base(junk) {
+					t.Errorf("the mount lists deleted %s", e.Name())
+				}
+			}
+			if out := r.Output(t, lib+"/bin/tool"); string(out) != "from-lower\n" {
+				t.Fatalf("lower program after gc printed %q", out)
+			}
+			if out := r.Output(t, "cat", app); string(out) != "data\n"+lib+"\n" {
+				t.Fatalf("%s after gc holds %q", app, out)
+			}
+			r.Run(t, "nix", "store", "verify", "--store", store, "--all", "--no-trust")
+			if _, ok := r.PathInfos(t, store, lib)[lib]; !ok {
+				t.Fatal("lib not valid in the overlay store after gc")
 			}
 		})
 	}
