@@ -519,3 +519,68 @@ func TestOtherProcessLetsGoOfCompactedPacks(t *testing.T) {
 	}
 	mustVerify(t, daemon)
 }
+
+// TestUnreadableRootsAreSkipped: a root whose link cannot be read (a client
+// registered a path through a regular file, ENOTDIR) is skipped, as Nix's
+// findRoots does, instead of failing every later collection.
+func TestUnreadableRootsAreSkipped(t *testing.T) {
+	st := openSmallPacks(t)
+	ctx := context.Background()
+	for _, p := range []string{pathA, pathB} {
+		if err := add(t, st, p, treeNAR(t, 1000)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	permRoot(t, st, pathA)
+	file := filepath.Join(t.TempDir(), "file")
+	if err := os.WriteFile(file, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, link := range []string{file + "/x", "/etc/passwd/x"} {
+		if err := st.AddIndirectRoot(link); err != nil {
+			t.Fatalf("AddIndirectRoot(%q): %v", link, err)
+		}
+	}
+	if _, err := st.Roots(ctx); err != nil {
+		t.Fatalf("Roots: %v", err)
+	}
+	res := gc(t, st, GCOptions{Action: GCDeleteDead})
+	if !slices.Equal(res.Paths, []string{pathB}) {
+		t.Fatalf("deleted %v, want B", res.Paths)
+	}
+}
+
+// TestAddIndirectRootPath: an indirect root's link must be absolute and is
+// canonicalised, as Nix's daemon does (absPath) before addIndirectRoot.
+func TestAddIndirectRootPath(t *testing.T) {
+	st := openStore(t)
+	auto := filepath.Join(st.GCRoots(), AutoRootsDir)
+	for _, tc := range []struct {
+		link, want string
+		ok         bool
+	}{
+		{"relative/link", "", false},
+		{"", "", false},
+		{"/tmp/x\x00y", "", false},
+		{"/tmp/a/../b//c/.", "/tmp/b/c", true},
+		{"/tmp/result", "/tmp/result", true},
+	} {
+		err := st.AddIndirectRoot(tc.link)
+		if (err == nil) != tc.ok {
+			t.Fatalf("AddIndirectRoot(%q) = %v, want ok=%v", tc.link, err, tc.ok)
+		}
+		if !tc.ok {
+			continue
+		}
+		found := false
+		ents, _ := os.ReadDir(auto)
+		for _, e := range ents {
+			if target, _ := os.Readlink(filepath.Join(auto, e.Name())); target == tc.want {
+				found = true
+			}
+		}
+		if !found {
+			t.Fatalf("AddIndirectRoot(%q): no auto root pointing at %q", tc.link, tc.want)
+		}
+	}
+}
