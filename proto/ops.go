@@ -525,7 +525,7 @@ func (c *conn) registerDrvOutput() error {
 		return errorf("cannot register realisation '%s' because it lacks a signature by a trusted key", r.ID)
 	}
 	if err := c.s.Store.RegisterRealisation(c.ctx, r); err != nil {
-		if errors.Is(err, store.ErrNotValid) || errors.Is(err, store.ErrBadPath) {
+		if errors.Is(err, store.ErrNotValid) || errors.Is(err, store.ErrBadPath) || errors.Is(err, store.ErrRealisationConflict) {
 			return errorf("%v", err)
 		}
 		return c.storeErr(err)
