@@ -43,6 +43,10 @@ func (a GCAction) String() string {
 	return fmt.Sprintf("gc-action(%d)", int(a))
 }
 
+// ErrNoRoots is returned by a GCDeleteDead with RefuseNoRoots that found
+// no root.
+var ErrNoRoots = errors.New("no gc roots reach a valid path: a collection would delete every path")
+
 // ErrAlive is wrapped by the error of a GCDeleteSpecific naming a live
 // path.
 var ErrAlive = errors.New("is still alive")
@@ -63,6 +67,12 @@ type GCOptions struct {
 	MaxFreed int64
 	// Keep are extra roots for this run (basenames, must be valid).
 	Keep []string
+	// RefuseNoRoots makes GCDeleteDead fail with ErrNoRoots, deleting
+	// nothing, when no root reaches a valid path: on a store imported
+	// without roots it would delete everything. Nix's daemon has no such
+	// check (an empty root set deletes everything there too), so the
+	// daemon op leaves it off; `casnix gc` sets it unless --force.
+	RefuseNoRoots bool
 	// MinDead is the share of a pack's bytes that must be dead before it
 	// is rewritten (0: DefaultMinDead; 1 or more: never rewrite).
 	MinDead float64
@@ -86,6 +96,9 @@ type GCResult struct {
 	// Rows deleted from the index.
 	Directories, Blobs, Chunks, Frames int
 	Compact                            blobs.CompactStats
+	// Roots is how many valid paths were roots of this run (before their
+	// closure was added).
+	Roots int
 	// LockTime is how long imports were held off (the exclusive lock).
 	LockTime time.Duration
 }
@@ -227,6 +240,10 @@ func (s *Store) markAndSweep(ctx context.Context, o GCOptions, res *GCResult) ([
 			live[i] = true
 			stack = append(stack, i)
 		}
+	}
+	res.Roots = len(stack)
+	if o.RefuseNoRoots && o.Action == GCDeleteDead && res.Roots == 0 && len(g.nodes) > 0 {
+		return nil, ErrNoRoots
 	}
 	for len(stack) > 0 {
 		i := stack[len(stack)-1]
