@@ -97,7 +97,7 @@ func (c *GCCmd) Run(g *Globals) error {
 		out := gcJSON{Action: o.Action.String(), Paths: make([]string, 0, len(res.Paths)), BytesFreed: res.BytesFreed,
 			ExclusiveBytes: res.ExclusiveBytes, PacksRemoved: res.Compact.PacksRemoved, PacksWritten: res.Compact.PacksWritten,
 			DeadLeft: res.Compact.DeadLeft, Roots: res.Roots,
-			Seconds:  el.Seconds(), LockSeconds: res.LockTime.Seconds()}
+			Seconds: el.Seconds(), LockSeconds: res.LockTime.Seconds()}
 		for _, p := range res.Paths {
 			out.Paths = append(out.Paths, st.Full(p))
 		}
