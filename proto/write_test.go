@@ -590,3 +590,52 @@ func TestAddToStoreOld(t *testing.T) {
 	}
 	cl.inStep()
 }
+
+// TestVerifyStorePolicy: anyone may check the store, only trusted clients
+// may ask for repair; an untrusted check finding another running is
+// refused instead of queued.
+func TestVerifyStorePolicy(t *testing.T) {
+	var untrusted atomic.Bool
+	f := newFixture(t, func(s *Server) { s.Trusted = func(uint32, uint32) bool { return !untrusted.Load() } })
+	verify := func(cl *client, check, repair bool) (bool, error) {
+		cl.w.u64(opVerifyStore)
+		cl.w.boolean(check)
+		cl.w.boolean(repair)
+		if err := cl.result(); err != nil {
+			return false, err
+		}
+		return cl.u64() != 0, nil
+	}
+	untrusted.Store(true)
+	un := f.connect(t, 38)
+	for _, tc := range []struct {
+		name          string
+		check, repair bool
+		busy          bool
+		wantErr       string
+	}{
+		{"check", true, false, false, ""},
+		{"consistency only", false, false, false, ""},
+		{"repair", true, true, false, "not privileged to repair"},
+		{"check while another runs", true, false, true, "another store verification is running"},
+	} {
+		var unlock func()
+		if tc.busy {
+			var err error
+			if unlock, err = f.st.LockVerify(context.Background(), true); err != nil {
+				t.Fatal(err)
+			}
+		}
+		bad, err := verify(un, tc.check, tc.repair)
+		if unlock != nil {
+			unlock()
+		}
+		if tc.wantErr == "" && (err != nil || bad) {
+			t.Fatalf("%s: errors found %v, err %v", tc.name, bad, err)
+		}
+		if tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)) {
+			t.Fatalf("%s: err %v, want %q", tc.name, err, tc.wantErr)
+		}
+	}
+	un.inStep()
+}

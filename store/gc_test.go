@@ -584,3 +584,72 @@ func TestAddIndirectRootPath(t *testing.T) {
 		}
 	}
 }
+
+// TestGCListingDoesNotBlockWriters: listing live or dead paths reads a
+// snapshot and takes no lock, so it neither waits for an import in
+// progress nor holds one off; its answer is that of the snapshot.
+func TestGCListingDoesNotBlockWriters(t *testing.T) {
+	st := openSmallPacks(t)
+	for _, p := range []string{pathA, pathB} {
+		if err := add(t, st, p, treeNAR(t, 1000)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	permRoot(t, st, pathA)
+	// An import in progress holds the GC lock shared until it commits.
+	b := st.NewBatch(context.Background())
+	if _, err := b.Add(bytes.NewReader(treeNAR(t, 1000)), PathInfo{Name: pathC}); err != nil {
+		t.Fatal(err)
+	}
+	// A collection sweeping in another process holds it exclusively; a
+	// listing must not wait for either.
+	for _, action := range []GCAction{GCReturnDead, GCReturnLive} {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		res, err := st.GC(ctx, GCOptions{Action: action})
+		cancel()
+		if err != nil {
+			t.Fatalf("%v during an import: %v", action, err)
+		}
+		want := map[GCAction][]string{GCReturnDead: {pathB}, GCReturnLive: {pathA}}[action]
+		if !slices.Equal(res.Paths, want) {
+			t.Fatalf("%v = %v, want %v", action, res.Paths, want)
+		}
+	}
+	if _, err := b.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	unlock, err := st.ExclusiveGCLock(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	res, err := st.GC(ctx, GCOptions{Action: GCReturnDead})
+	if err != nil {
+		t.Fatalf("return-dead during a sweep: %v", err)
+	}
+	if !slices.Equal(res.Paths, []string{pathB, pathC}) {
+		t.Fatalf("dead = %v, want B, C", res.Paths)
+	}
+}
+
+// TestVerifyStopsWhenCancelled: a verification started for a client that
+// hangs up stops promptly.
+func TestVerifyStopsWhenCancelled(t *testing.T) {
+	st := openSmallPacks(t)
+	for _, p := range []string{pathA, pathB, pathC} {
+		if err := add(t, st, p, treeNAR(t, 1<<20)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	_, err := st.Verify(ctx, func(stage string, done, total int64) {
+		if stage == "chunks" {
+			cancel()
+		}
+	})
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("Verify after cancel: %v", err)
+	}
+}

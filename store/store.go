@@ -275,11 +275,19 @@ func (src source) OpenBlob(ctx context.Context, d digest.Digest) (nar.Blob, erro
 
 // Directory loads and decodes a directory.
 func (s *Store) Directory(ctx context.Context, d digest.Digest) (*castore.Directory, error) {
+	return readDirectory(ctx, s.db, d)
+}
+
+// readDirectory reads a Directory from the index (the reader pool or a
+// snapshot), checks it against its digest and decodes it.
+func readDirectory(ctx context.Context, ix interface {
+	Directory(context.Context, digest.Digest) ([]byte, error)
+}, d digest.Digest) (*castore.Directory, error) {
 	if d == digest.Empty {
 		// The empty directory encodes to zero bytes; it is never stored.
 		return &castore.Directory{}, nil
 	}
-	data, err := s.db.Directory(ctx, d)
+	data, err := ix.Directory(ctx, d)
 	if err != nil {
 		return nil, err
 	}

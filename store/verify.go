@@ -3,7 +3,10 @@ package store
 import (
 	"context"
 	"crypto/sha256"
+	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"runtime"
 	"sync"
 
@@ -13,6 +16,36 @@ import (
 	"github.com/casnix/casnix/castore"
 	"github.com/casnix/casnix/digest"
 )
+
+// verifyLock serialises whole-store verifications started for clients:
+// each reads every pack and renders every path, so several at once would
+// only multiply the I/O.
+const verifyLock = "verify.lock"
+
+// ErrVerifyBusy is returned by LockVerify without wait while another
+// verification holds the lock.
+var ErrVerifyBusy = errors.New("another store verification is running")
+
+// LockVerify takes the verification lock (across processes), waiting for
+// it when wait is set (until ctx is done), else failing at once with
+// ErrVerifyBusy. The returned func releases it.
+func (s *Store) LockVerify(ctx context.Context, wait bool) (func(), error) {
+	if wait {
+		return s.lockFile(ctx, verifyLock, unix.LOCK_EX)
+	}
+	f, err := os.OpenFile(filepath.Join(s.dir, verifyLock), os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", verifyLock, err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if err == unix.EWOULDBLOCK {
+			return nil, ErrVerifyBusy
+		}
+		return nil, fmt.Errorf("lock %s: %w", verifyLock, err)
+	}
+	return func() { f.Close() }, nil
+}
 
 // Damaged names a store path that no longer renders to its recorded NAR,
 // or whose index rows or stored chunks are damaged.
