@@ -67,6 +67,13 @@ type GCOptions struct {
 	MaxFreed int64
 	// Keep are extra roots for this run (basenames, must be valid).
 	Keep []string
+	// RuntimeRoots makes the store paths running processes use roots too
+	// (RuntimeRoots: executables, working directories, open files, mapped
+	// files, environments), as nix-daemon does. RuntimeDirs are where
+	// processes see store paths (default: the store directory; add a FUSE
+	// mount point of the store).
+	RuntimeRoots bool
+	RuntimeDirs  []string
 	// RefuseNoRoots makes GCDeleteDead fail with ErrNoRoots, deleting
 	// nothing, when no root reaches a valid path: on a store imported
 	// without roots it would delete everything. Nix's daemon has no such
@@ -225,6 +232,17 @@ func (s *Store) rootNames(o GCOptions, clean bool) (map[string]bool, error) {
 	}
 	for _, k := range o.Keep {
 		roots[k] = true
+	}
+	if o.RuntimeRoots {
+		dirs := o.RuntimeDirs
+		if len(dirs) == 0 {
+			dirs = []string{s.StoreDir}
+		}
+		for _, names := range s.RuntimeRoots(dirs) {
+			for _, n := range names {
+				roots[n] = true
+			}
+		}
 	}
 	return roots, nil
 }
