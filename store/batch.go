@@ -29,7 +29,11 @@ type Batch struct {
 	dirs  map[digest.Digest][]byte
 	paths []*PathInfo
 	names map[string]bool
-	err   error
+	// drvHashes are the hashes modulo of the derivations added so far,
+	// for checking the outputs of derivations that use them
+	// (checkDrvOutputs); they go to the store's cache at commit.
+	drvHashes map[string]string
+	err       error
 	done  bool
 	// unlock releases the shared GC lock, held from the first Add to
 	// Commit or Abort: chunks deduplicated against and references checked
@@ -42,7 +46,7 @@ type Batch struct {
 
 // NewBatch starts a batch.
 func (s *Store) NewBatch(ctx context.Context) *Batch {
-	return &Batch{s: s, ctx: ctx, w: s.blobs.NewWriter(ctx), dirs: map[digest.Digest][]byte{}, names: map[string]bool{}}
+	return &Batch{s: s, ctx: ctx, w: s.blobs.NewWriter(ctx), dirs: map[digest.Digest][]byte{}, names: map[string]bool{}, drvHashes: map[string]string{}}
 }
 
 // Len is the number of paths added.
@@ -188,7 +192,18 @@ func (b *Batch) add(r io.Reader, info PathInfo) (*PathInfo, error) {
 	}
 	pi := info
 	if sink.drv != nil && res.Root.Kind == castore.KindFile {
-		pi.DrvOutputs = b.s.drvOutputs(info.Name, sink.drv.Bytes())
+		outs, self, err := b.s.checkDrvOutputs(b.ctx, info.Name, sink.drv.Bytes(), b.drvHashes)
+		switch {
+		case errors.Is(err, errNotDrv):
+			// A path may be named .drv without being one.
+			b.s.log.Debug("derivation outputs not recorded", "path", full, "err", err)
+		case err != nil:
+			b.s.log.Warn("derivation outputs not recorded", "path", full, "err", err)
+		}
+		if self != "" {
+			b.drvHashes[info.Name] = self
+		}
+		pi.DrvOutputs = outs
 	}
 	pi.References = refs
 	pi.Root = res.Root
@@ -277,6 +292,7 @@ func (b *Batch) Commit() (added []string, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("commit: %w", err)
 	}
+	b.s.drvHashes.put(b.drvHashes)
 	return added, nil
 }
 

@@ -1,15 +1,12 @@
 package store
 
 import (
-	"bytes"
-	"strings"
 	"sync"
 
 	"context"
 	"crypto/sha256"
 	"errors"
 	"fmt"
-	"github.com/nix-community/go-nix/pkg/derivation"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -45,6 +42,8 @@ type Store struct {
 	blobs    *blobs.Store
 	log      *slog.Logger
 	infos    infoCache
+	// drvHashes caches stored derivations' hashes modulo (drvhash.go).
+	drvHashes drvHashCache
 }
 
 // DBFile and PackDir are the data directory's layout.
@@ -351,26 +350,6 @@ func splitSub(sub string) []string {
 				out = append(out, sub[start:i])
 			}
 			start = i + 1
-		}
-	}
-	return out
-}
-
-// drvOutputs parses a .drv file's outputs. A file that does not parse is
-// stored all the same (a path may be named .drv without being one); it just
-// has no outputs recorded.
-func (s *Store) drvOutputs(name string, contents []byte) map[string]string {
-	drv, err := derivation.ReadDerivation(bytes.NewReader(contents))
-	if err != nil {
-		s.log.Debug("not a parseable derivation", "path", s.Full(name), "err", err)
-		return nil
-	}
-	out := map[string]string{}
-	prefix := s.StoreDir + "/"
-	for o, v := range drv.Outputs {
-		out[o] = strings.TrimPrefix(v.Path, prefix)
-		if v.Path != "" && !strings.HasPrefix(v.Path, prefix) {
-			delete(out, o)
 		}
 	}
 	return out
