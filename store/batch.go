@@ -34,7 +34,7 @@ type Batch struct {
 	// (checkDrvOutputs); they go to the store's cache at commit.
 	drvHashes map[string]string
 	err       error
-	done  bool
+	done      bool
 	// unlock releases the shared GC lock, held from the first Add to
 	// Commit or Abort: chunks deduplicated against and references checked
 	// stay put until the batch's rows are committed.
