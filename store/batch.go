@@ -154,6 +154,7 @@ func (b *Batch) add(r io.Reader, info PathInfo) (*PathInfo, error) {
 	}
 	var ca *CA
 	var caHash hash.Hash
+	var modulo *moduloHash
 	if info.CA != "" {
 		c, err := ParseCA(info.CA)
 		if err != nil {
@@ -164,6 +165,14 @@ func (b *Batch) add(r io.Reader, info PathInfo) (*PathInfo, error) {
 			return nil, fmt.Errorf("%s: %w", full, err)
 		}
 		switch {
+		case c.Method == CANAR && selfRef(info.Name, info.References):
+			// Hashed modulo its own hash part (selfref.go).
+			hp, err := hashPart(info.Name)
+			if err != nil {
+				return nil, fmt.Errorf("%s: %w", full, err)
+			}
+			modulo = newModuloHash(caHash, hp)
+			r = io.TeeReader(r, modulo)
 		case c.Method != CANAR:
 			sink.content = caHash
 		case c.Algo != "sha256": // sha256 is the NAR hash, computed anyway
@@ -186,7 +195,7 @@ func (b *Batch) add(r io.Reader, info PathInfo) (*PathInfo, error) {
 			NixBase32(res.NarHash[:]), NixBase32(info.NarHash[:]))
 	}
 	if ca != nil {
-		if err := b.checkCA(*ca, caHash, res, info.Name, refs); err != nil {
+		if err := b.checkCA(*ca, caHash, modulo, res, info.Name, refs); err != nil {
 			return nil, err
 		}
 	}
@@ -221,10 +230,16 @@ func (b *Batch) add(r io.Reader, info PathInfo) (*PathInfo, error) {
 // checkCA checks a content-addressed path: its contents hash to its content
 // address, and the address, name and references make its store path, so a
 // client cannot pass arbitrary contents off as content-addressed.
-func (b *Batch) checkCA(ca CA, h hash.Hash, res *nar.Result, name string, refs []string) error {
+func (b *Batch) checkCA(ca CA, h hash.Hash, modulo *moduloHash, res *nar.Result, name string, refs []string) error {
 	full := b.s.Full(name)
 	got := h.Sum(nil)
-	if ca.Method == CANAR && ca.Algo == "sha256" {
+	switch {
+	case modulo != nil:
+		var err error
+		if got, err = modulo.Sum(); err != nil {
+			return fmt.Errorf("import %s: %w: %v", full, ErrCAMismatch, err)
+		}
+	case ca.Method == CANAR && ca.Algo == "sha256":
 		got = res.NarHash[:]
 	}
 	// A flat hash covers a regular file's contents only (Nix lets a flat
