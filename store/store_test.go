@@ -470,6 +470,15 @@ func TestVerifyChecksDatabase(t *testing.T) {
 			if tc.wantDB != (len(rep.DB) > 0) || tc.wantPack != (len(rep.Packs) > 0) {
 				t.Fatalf("database problems %q, pack problems %v", rep.DB, rep.Packs)
 			}
+			// The database check alone (VerifyStore without contents)
+			// sees what the rows show.
+			db, err := st2.CheckDatabase(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.wantDB && db.OK() {
+				t.Fatalf("CheckDatabase found nothing; Verify found %q", rep.DB)
+			}
 		})
 	}
 }

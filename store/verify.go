@@ -104,35 +104,9 @@ func (s *Store) Verify(ctx context.Context, progress func(stage string, done, to
 	if progress != nil {
 		progress("database", 0, 1)
 	}
-	rep.DB, err = s.db.IntegrityCheck(ctx)
+	damaged, badChunks, badBlobs, err := s.checkDatabase(ctx, rep)
 	if err != nil {
-		return nil, fmt.Errorf("check database: %w", err)
-	}
-	damaged := map[string]error{}
-	badChunks := map[digest.Digest]bool{}
-	badBlobs := map[digest.Digest]bool{}
-	problems, err := s.db.Dangling(ctx, digest.Empty)
-	if err != nil {
-		if ctx.Err() != nil {
-			return nil, ctx.Err()
-		}
-		rep.DB = append(rep.DB, err.Error())
-	}
-	for _, p := range problems {
-		switch {
-		case p.Path != "":
-			if damaged[p.Path] == nil {
-				damaged[p.Path] = fmt.Errorf("%w: %s", blobs.ErrCorrupt, p.What)
-			}
-		case p.Chunk != nil:
-			badChunks[*p.Chunk] = true
-			rep.DB = append(rep.DB, p.What)
-		case p.Blob != nil:
-			badBlobs[*p.Blob] = true
-			rep.DB = append(rep.DB, p.What)
-		default:
-			rep.DB = append(rep.DB, p.What)
-		}
+		return nil, err
 	}
 	if progress != nil {
 		progress("database", 1, 1)
@@ -212,6 +186,59 @@ func (s *Store) Verify(ctx context.Context, progress func(stage string, done, to
 	}
 	sortDamaged(rep.Damaged)
 	return rep, nil
+}
+
+// CheckDatabase checks the database alone (Verify's first stage, cheap
+// beside reading every pack): SQLite's integrity and foreign-key checks and
+// that every row's references resolve. Damage that a row names is reported
+// against its store path.
+func (s *Store) CheckDatabase(ctx context.Context) (*VerifyReport, error) {
+	rep := &VerifyReport{}
+	damaged, _, _, err := s.checkDatabase(ctx, rep)
+	if err != nil {
+		return nil, err
+	}
+	for name, err := range damaged {
+		rep.Damaged = append(rep.Damaged, Damaged{name, err})
+	}
+	sortDamaged(rep.Damaged)
+	return rep, nil
+}
+
+// checkDatabase runs the database checks into rep.DB and returns the
+// damaged paths found, and the chunks and blobs that do not resolve.
+func (s *Store) checkDatabase(ctx context.Context, rep *VerifyReport) (damaged map[string]error, badChunks, badBlobs map[digest.Digest]bool, err error) {
+	rep.DB, err = s.db.IntegrityCheck(ctx)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("check database: %w", err)
+	}
+	damaged = map[string]error{}
+	badChunks = map[digest.Digest]bool{}
+	badBlobs = map[digest.Digest]bool{}
+	problems, err := s.db.Dangling(ctx, digest.Empty)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, nil, nil, ctx.Err()
+		}
+		rep.DB = append(rep.DB, err.Error())
+	}
+	for _, p := range problems {
+		switch {
+		case p.Path != "":
+			if damaged[p.Path] == nil {
+				damaged[p.Path] = fmt.Errorf("%w: %s", blobs.ErrCorrupt, p.What)
+			}
+		case p.Chunk != nil:
+			badChunks[*p.Chunk] = true
+			rep.DB = append(rep.DB, p.What)
+		case p.Blob != nil:
+			badBlobs[*p.Blob] = true
+			rep.DB = append(rep.DB, p.What)
+		default:
+			rep.DB = append(rep.DB, p.What)
+		}
+	}
+	return damaged, badChunks, badBlobs, nil
 }
 
 // pathsUsing returns the paths among names whose trees use one of the
