@@ -639,3 +639,46 @@ func TestVerifyStorePolicy(t *testing.T) {
 	}
 	un.inStep()
 }
+
+// TestUnreadableIndirectRoot: an untrusted client registering an indirect
+// root through a regular file ("/etc/passwd/x") does not break FindRoots or
+// later collections, as it did when an unreadable root was fatal.
+func TestUnreadableIndirectRoot(t *testing.T) {
+	f := newFixture(t, func(s *Server) { s.Trusted = func(uint32, uint32) bool { return false } })
+	un := f.connect(t, 38)
+	for _, link := range []string{"/etc/passwd/x", "relative"} {
+		un.w.u64(opAddIndirectRoot)
+		un.w.str(link)
+		err := un.result()
+		if (link == "relative") != (err != nil) {
+			t.Fatalf("AddIndirectRoot(%q): %v", link, err)
+		}
+		if err == nil {
+			un.u64()
+		}
+	}
+	un.w.u64(opFindRoots)
+	if err := un.result(); err != nil {
+		t.Fatalf("FindRoots: %v", err)
+	}
+	for i, n := uint64(0), un.u64(); i < n; i++ {
+		un.str()
+		un.str()
+	}
+	un.w.u64(opCollectGarbage)
+	un.w.u64(uint64(store.GCReturnDead))
+	un.w.strings(nil)
+	for i := 0; i < 5; i++ {
+		un.w.u64(0)
+	}
+	if err := un.result(); err != nil {
+		t.Fatalf("print-dead: %v", err)
+	}
+	un.strs()
+	un.u64()
+	un.u64()
+	un.inStep()
+	if _, err := f.st.GC(context.Background(), store.GCOptions{Action: store.GCDeleteDead}); err != nil {
+		t.Fatalf("collection after the bad root: %v", err)
+	}
+}
