@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"encoding/binary"
 	"fmt"
+	"regexp"
 
 	"github.com/casnix/casnix/digest"
 )
@@ -51,7 +52,7 @@ func (d *DB) IntegrityCheck(ctx context.Context) ([]string, error) {
 			return append(out, fmt.Sprintf("integrity_check: %v", err)), nil
 		}
 		if s != "ok" {
-			out = append(out, "integrity_check: "+s)
+			out = append(out, "integrity_check: "+s+d.namePathRow(ctx, s))
 		}
 	}
 	if err := rows.Err(); err != nil {
@@ -79,6 +80,29 @@ func (d *DB) IntegrityCheck(ctx context.Context) ([]string, error) {
 		out = append(out, fmt.Sprintf("foreign_key_check: %v", err))
 	}
 	return out, ctx.Err()
+}
+
+// rowMissing matches integrity_check's report of a table row an index
+// lacks.
+var rowMissing = regexp.MustCompile(`^row (\d+) missing from index (\S+)$`)
+
+// namePathRow names the store path of a paths row an integrity_check
+// message is about, if it can (" (store path <name>)"), so the report says
+// which path's lookups are broken.
+func (d *DB) namePathRow(ctx context.Context, msg string) string {
+	m := rowMissing.FindStringSubmatch(msg)
+	if m == nil {
+		return ""
+	}
+	var tbl string
+	if d.r.QueryRowContext(ctx, "SELECT tbl_name FROM sqlite_master WHERE type = 'index' AND name = ?", m[2]).Scan(&tbl) != nil || tbl != "paths" {
+		return ""
+	}
+	var name string
+	if d.r.QueryRowContext(ctx, "SELECT name FROM paths WHERE id = ?", m[1]).Scan(&name) != nil {
+		return ""
+	}
+	return " (store path " + name + ")"
 }
 
 // Dangling lists rows whose references do not resolve: refs to missing
