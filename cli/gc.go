@@ -23,7 +23,7 @@ type GCCmd struct {
 	IgnoreLiveness bool     `name:"ignore-liveness" help:"With --delete: delete paths even if roots reach them (never paths other kept paths refer to)."`
 	MinDead        float64  `name:"min-dead" default:"0.25" help:"Rewrite a pack once this share of its bytes is dead (1 = never)."`
 	NoRuntimeRoots bool     `name:"no-runtime-roots" help:"Do not keep the store paths running processes use (executables, working directories, open and mapped files, environments under /proc)."`
-	RuntimeDir     []string `name:"runtime-dir" sep:"none" placeholder:"DIR" help:"Where processes see store paths, for runtime roots (repeatable; default: the store dir; add a casnix mount point)."`
+	RuntimeDir     []string `name:"runtime-dir" sep:"none" placeholder:"DIR" help:"Another directory where processes see store paths, for runtime roots (repeatable; the store dir and casnix FUSE mount points are always looked at)."`
 	Force          bool     `name:"force" help:"Collect even when no root reaches a valid path (which deletes every path)."`
 	JSON           bool     `name:"json" help:"Print the result as JSON."`
 }
@@ -44,7 +44,7 @@ type gcJSON struct {
 // Run collects.
 func (c *GCCmd) Run(g *Globals) error {
 	o := store.GCOptions{Action: store.GCDeleteDead, IgnoreLiveness: c.IgnoreLiveness, MinDead: c.MinDead, RefuseNoRoots: !c.Force,
-		RuntimeRoots: !c.NoRuntimeRoots}
+		RuntimeRoots: !c.NoRuntimeRoots, RuntimeDirs: c.RuntimeDir}
 	switch {
 	case c.DryRun && c.PrintLive:
 		return errors.New("--dry-run and --print-live exclude each other")
@@ -71,9 +71,6 @@ func (c *GCCmd) Run(g *Globals) error {
 		return err
 	}
 	defer st.Close()
-	if len(c.RuntimeDir) > 0 {
-		o.RuntimeDirs = append([]string{st.StoreDir}, c.RuntimeDir...)
-	}
 	if o.Keep, err = keepList(st, c.Keep); err != nil {
 		return err
 	}

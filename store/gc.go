@@ -69,9 +69,9 @@ type GCOptions struct {
 	Keep []string
 	// RuntimeRoots makes the store paths running processes use roots too
 	// (RuntimeRoots: executables, working directories, open files, mapped
-	// files, environments), as nix-daemon does. RuntimeDirs are where
-	// processes see store paths (default: the store directory; add a FUSE
-	// mount point of the store).
+	// files, environments), as nix-daemon does. RuntimeDirs are further
+	// directories where processes see store paths, beside the store
+	// directory and casnix FUSE mount points.
 	RuntimeRoots bool
 	RuntimeDirs  []string
 	// RefuseNoRoots makes GCDeleteDead fail with ErrNoRoots, deleting
@@ -234,11 +234,7 @@ func (s *Store) rootNames(o GCOptions, clean bool) (map[string]bool, error) {
 		roots[k] = true
 	}
 	if o.RuntimeRoots {
-		dirs := o.RuntimeDirs
-		if len(dirs) == 0 {
-			dirs = []string{s.StoreDir}
-		}
-		for _, names := range s.RuntimeRoots(dirs) {
+		for _, names := range s.RuntimeRoots(o.RuntimeDirs) {
 			for _, n := range names {
 				roots[n] = true
 			}

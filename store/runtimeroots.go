@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 )
@@ -27,13 +28,13 @@ var procDir = "/proc"
 const maxProcFile = 16 << 20
 
 // RuntimeRoots returns the store path basenames that running processes use,
-// keyed by where they were seen ("/proc/PID/fd/3"). dirs are the
-// directories whose entries are store paths: the store directory and, for
-// example, the directory a FUSE mount of the store is mounted on.
-func (s *Store) RuntimeRoots(dirs []string) map[string][]string {
-	if len(dirs) == 0 {
-		dirs = []string{s.StoreDir}
-	}
+// keyed by where they were seen ("/proc/PID/fd/3"). Store paths are looked
+// for under the store directory, every casnix FUSE mount point (mountinfo
+// type fuse.casnix: a process reading through a mount uses the path as
+// much as one reading the store directory; a mount of another data dir
+// only keeps more) and the extra directories given.
+func (s *Store) RuntimeRoots(extra []string) map[string][]string {
+	dirs := append(append([]string{s.StoreDir}, casnixMounts()...), extra...)
 	out := map[string][]string{}
 	add := func(where, text string) {
 		for _, n := range storeNamesIn(text, dirs) {
@@ -136,4 +137,39 @@ func storeNamesIn(text string, dirs []string) []string {
 
 func isNameChar(c byte) bool {
 	return c >= '0' && c <= '9' || c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || strings.IndexByte("+-._?=", c) >= 0
+}
+
+// casnixMounts lists the mount points of casnix FUSE mounts
+// (/proc/self/mountinfo entries of type fuse.casnix).
+func casnixMounts() []string {
+	b, err := readCapped(filepath.Join(procDir, "self", "mountinfo"))
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, line := range strings.Split(string(b), "\n") {
+		pre, post, ok := strings.Cut(line, " - ")
+		f, g := strings.Fields(pre), strings.Fields(post)
+		if !ok || len(f) < 5 || len(g) < 1 || g[0] != "fuse.casnix" {
+			continue
+		}
+		out = append(out, unescapeMount(f[4]))
+	}
+	return out
+}
+
+// unescapeMount undoes mountinfo's octal escapes (\040 for a space).
+func unescapeMount(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
 }

@@ -94,3 +94,19 @@ func TestStoreNamesIn(t *testing.T) {
 		}
 	}
 }
+
+func TestCasnixMounts(t *testing.T) {
+	dir := t.TempDir()
+	os.MkdirAll(filepath.Join(dir, "self"), 0o755)
+	os.WriteFile(filepath.Join(dir, "self", "mountinfo"), []byte(
+		"22 1 0:21 / /proc rw,nosuid shared:5 - proc proc rw\n"+
+			"97 29 0:45 / /var/lib/casnix/mnt rw,nosuid,nodev,relatime shared:52 - fuse.casnix casnix rw,user_id=0,group_id=0\n"+
+			"98 29 0:46 / /mnt/with\\040space ro - fuse.casnix casnix ro\n"+
+			"99 29 0:47 / /mnt/other rw - fuse.sshfs host: rw\n"), 0o644)
+	old := procDir
+	procDir = dir
+	defer func() { procDir = old }()
+	if got, want := casnixMounts(), []string{"/var/lib/casnix/mnt", "/mnt/with space"}; !slices.Equal(got, want) {
+		t.Fatalf("casnixMounts = %q, want %q", got, want)
+	}
+}
