@@ -682,3 +682,54 @@ func TestUnreadableIndirectRoot(t *testing.T) {
 		t.Fatalf("collection after the bad root: %v", err)
 	}
 }
+
+// TestForgedDerivationOutputs: an untrusted client adding a .drv (text,
+// content-addressed, so anyone may) whose output claims an existing path
+// does not become that path's deriver; a real derivation made by Nix,
+// added the same way, gets its outputs.
+func TestForgedDerivationOutputs(t *testing.T) {
+	f := newFixture(t, func(s *Server) { s.Trusted = func(uint32, uint32) bool { return false } })
+	cl := f.connect(t, 38)
+	addText := func(name, contents string) string {
+		cl.w.u64(opAddTextToStore)
+		cl.w.str(name)
+		cl.w.str(contents)
+		cl.w.strings(nil)
+		cl.expectLast()
+		return cl.str()
+	}
+	outputMap := func(drv string) map[string]string {
+		cl.w.u64(opQueryDerivationOutputMap)
+		cl.w.str(drv)
+		cl.expectLast()
+		out := map[string]string{}
+		for i, n := uint64(0), cl.u64(); i < n; i++ {
+			k := cl.str()
+			out[k] = cl.str()
+		}
+		return out
+	}
+	const realName = "h32dahq0bx5rp1krcdx3a53asj21jvhk-has-multi-out.drv"
+	real, err := os.ReadFile(filepath.Join("..", "store", "testdata", "drv", realName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := addText("has-multi-out.drv", string(real)); got != full(realName) {
+		t.Fatalf("real derivation added as %s, want %s", got, full(realName))
+	}
+	if got := outputMap(full(realName)); len(got) != 2 || got["out"] != full("55lwldka5nyxa08wnvlizyqw02ihy8ic-has-multi-out") {
+		t.Fatalf("real derivation's outputs: %v", got)
+	}
+	forged := strings.ReplaceAll(string(real), "/nix/store/55lwldka5nyxa08wnvlizyqw02ihy8ic-has-multi-out", full(testA))
+	drv := addText("has-multi-out.drv", forged)
+	if got := outputMap(drv); len(got) != 0 {
+		t.Fatalf("forged derivation's outputs recorded: %v", got)
+	}
+	cl.w.u64(opQueryValidDerivers)
+	cl.w.str(full(testA))
+	cl.expectLast()
+	if got := cl.strs(); slices.Contains(got, drv) {
+		t.Fatalf("forged %s is a valid deriver of %s: %v", drv, testA, got)
+	}
+	cl.inStep()
+}
