@@ -280,8 +280,18 @@ func (s *Store) newPack(ctx context.Context) (*packFile, error) {
 		return nil, fmt.Errorf("allocate pack: %w", err)
 	}
 	path := s.PackPath(id)
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+	sub := filepath.Dir(path)
+	_, statErr := os.Stat(sub)
+	if err := os.MkdirAll(sub, 0o755); err != nil {
 		return nil, fmt.Errorf("create pack dir: %w", err)
+	}
+	// A new packs/NN/ is itself an entry of packs/: without syncing
+	// packs/, a crash could lose NN/ and with it a pack whose frames the
+	// index already names.
+	if errors.Is(statErr, fs.ErrNotExist) {
+		if err := syncDir(filepath.Dir(sub)); err != nil {
+			return nil, err
+		}
 	}
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
@@ -308,7 +318,9 @@ func (s *Store) newPack(ctx context.Context) (*packFile, error) {
 	return &packFile{id: id, f: f, size: pack.HeaderSize}, nil
 }
 
-func syncDir(dir string) error {
+// syncDir fsyncs a directory. A variable so tests can see which
+// directories are synced.
+var syncDir = func(dir string) error {
 	d, err := os.Open(dir)
 	if err != nil {
 		return fmt.Errorf("open dir %s: %w", dir, err)

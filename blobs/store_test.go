@@ -7,6 +7,7 @@ import (
 	"math/rand"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/casnix/casnix/db"
@@ -152,5 +153,28 @@ func TestFrameCacheBounded(t *testing.T) {
 	}
 	if _, fill := c.get(9); fill {
 		t.Fatal("most recent entry evicted")
+	}
+}
+
+// TestNewPackDirSynced: the first pack in a new packs/NN/ syncs packs/ too,
+// so a crash cannot lose the NN/ entry of a committed pack.
+func TestNewPackDirSynced(t *testing.T) {
+	var synced []string
+	orig := syncDir
+	syncDir = func(dir string) error {
+		synced = append(synced, dir)
+		return orig(dir)
+	}
+	t.Cleanup(func() { syncDir = orig })
+	s, d := openBlobs(t, Options{})
+	writeBlobs(t, s, d, []byte("hello"))
+	packs, _ := filepath.Glob(filepath.Join(s.dir, "*", "*.pack"))
+	if len(packs) != 1 {
+		t.Fatalf("packs %v", packs)
+	}
+	for _, want := range []string{s.dir, filepath.Dir(packs[0])} {
+		if !slices.Contains(synced, want) {
+			t.Fatalf("synced %q, want %q among them", synced, want)
+		}
 	}
 }

@@ -22,6 +22,9 @@ type GCCmd struct {
 	Delete         []string `name:"delete" sep:"none" placeholder:"PATH" help:"Delete only these store paths (repeatable), refusing if one is alive."`
 	IgnoreLiveness bool     `name:"ignore-liveness" help:"With --delete: delete paths even if roots reach them (never paths other kept paths refer to)."`
 	MinDead        float64  `name:"min-dead" default:"0.25" help:"Rewrite a pack once this share of its bytes is dead (1 = never)."`
+	NoRuntimeRoots bool     `name:"no-runtime-roots" help:"Do not keep the store paths running processes use (executables, working directories, open and mapped files, environments under /proc)."`
+	RuntimeDir     []string `name:"runtime-dir" sep:"none" placeholder:"DIR" help:"Another directory where processes see store paths, for runtime roots (repeatable; the store dir and casnix FUSE mount points are always looked at)."`
+	Force          bool     `name:"force" help:"Collect even when no root reaches a valid path (which deletes every path)."`
 	JSON           bool     `name:"json" help:"Print the result as JSON."`
 	UpperDB        []string `name:"upper-db" sep:"none" placeholder:"FILE" type:"existingfile" help:"The Nix database (db.sqlite, read-only) of a Local Overlay Store's upper layer that uses this store as its lower store: keep every path it registers or refers to (repeatable)."`
 }
@@ -34,13 +37,15 @@ type gcJSON struct {
 	PacksRemoved   int      `json:"packsRemoved"`
 	PacksWritten   int      `json:"packsWritten"`
 	DeadLeft       int64    `json:"deadLeft"`
+	Roots          int      `json:"roots"`
 	Seconds        float64  `json:"seconds"`
 	LockSeconds    float64  `json:"lockSeconds"`
 }
 
 // Run collects.
 func (c *GCCmd) Run(g *Globals) error {
-	o := store.GCOptions{Action: store.GCDeleteDead, IgnoreLiveness: c.IgnoreLiveness, MinDead: c.MinDead, UpperDBs: c.UpperDB}
+	o := store.GCOptions{Action: store.GCDeleteDead, IgnoreLiveness: c.IgnoreLiveness, MinDead: c.MinDead, RefuseNoRoots: !c.Force,
+		RuntimeRoots: !c.NoRuntimeRoots, RuntimeDirs: c.RuntimeDir, UpperDBs: c.UpperDB}
 	switch {
 	case c.DryRun && c.PrintLive:
 		return errors.New("--dry-run and --print-live exclude each other")
@@ -85,6 +90,9 @@ func (c *GCCmd) Run(g *Globals) error {
 	}
 	start := time.Now()
 	res, err := st.GC(g.Ctx, o)
+	if errors.Is(err, store.ErrNoRoots) {
+		return fmt.Errorf("%w (roots are symlinks in %s; a store filled by import has none); use --dry-run to see what would go, --force to delete it all", err, st.GCRoots())
+	}
 	if err != nil {
 		return err
 	}
@@ -92,8 +100,8 @@ func (c *GCCmd) Run(g *Globals) error {
 	if c.JSON {
 		out := gcJSON{Action: o.Action.String(), Paths: make([]string, 0, len(res.Paths)), BytesFreed: res.BytesFreed,
 			ExclusiveBytes: res.ExclusiveBytes, PacksRemoved: res.Compact.PacksRemoved, PacksWritten: res.Compact.PacksWritten,
-			DeadLeft: res.Compact.DeadLeft,
-			Seconds:  el.Seconds(), LockSeconds: res.LockTime.Seconds()}
+			DeadLeft: res.Compact.DeadLeft, Roots: res.Roots,
+			Seconds: el.Seconds(), LockSeconds: res.LockTime.Seconds()}
 		for _, p := range res.Paths {
 			out.Paths = append(out.Paths, st.Full(p))
 		}
@@ -107,6 +115,9 @@ func (c *GCCmd) Run(g *Globals) error {
 	}
 	if err := w.Flush(); err != nil {
 		return err
+	}
+	if o.Action != store.GCDeleteSpecific {
+		fmt.Fprintf(g.Stderr, "%d roots\n", res.Roots)
 	}
 	switch o.Action {
 	case store.GCReturnLive:

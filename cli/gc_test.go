@@ -1,6 +1,10 @@
 package cli
 
 import (
+	"bytes"
+	"errors"
+
+	narpkg "github.com/casnix/casnix/nar"
 	"os"
 	"path/filepath"
 	"slices"
@@ -76,5 +80,56 @@ func TestKeepList(t *testing.T) {
 	}
 	if _, err := keepList(st, []string{"/nix/store/short"}); err == nil {
 		t.Fatal("accepted an invalid store path")
+	}
+}
+
+// TestGCRefusesWithoutRoots: `casnix gc` on a store no root reaches (as
+// right after an import) deletes nothing unless --force, and says how many
+// roots it found; --dry-run still lists.
+func TestGCRefusesWithoutRoots(t *testing.T) {
+	dir := t.TempDir()
+	st, err := store.Open(t.Context(), dir, store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const a = "00000000000000000000000000000000-a"
+	var nar bytes.Buffer
+	f := filepath.Join(t.TempDir(), "f")
+	os.WriteFile(f, []byte("hello"), 0o644)
+	if _, err := narpkg.DumpPath(&nar, f); err != nil {
+		t.Fatal(err)
+	}
+	b := st.NewBatch(t.Context())
+	if _, err := b.Add(&nar, store.PathInfo{Name: a}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	st.Close()
+	run := func(c GCCmd) (string, error) {
+		var out, errOut bytes.Buffer
+		g := &Globals{DataDir: dir, StoreDir: "/nix/store", Ctx: t.Context(), Stdout: &out, Stderr: &errOut}
+		err := c.Run(g)
+		return out.String() + errOut.String(), err
+	}
+	for _, tc := range []struct {
+		name    string
+		cmd     GCCmd
+		wantErr bool
+		want    string
+	}{
+		{"refused", GCCmd{MinDead: 0.25}, true, ""},
+		{"dry run", GCCmd{MinDead: 0.25, DryRun: true}, false, "0 roots"},
+		{"still there", GCCmd{MinDead: 0.25, DryRun: true}, false, "/nix/store/" + a},
+		{"forced", GCCmd{MinDead: 0.25, Force: true}, false, "deleted 1 paths"},
+	} {
+		out, err := run(tc.cmd)
+		if (err != nil) != tc.wantErr || (err != nil && !errors.Is(err, store.ErrNoRoots)) {
+			t.Fatalf("%s: err %v, want error %v\n%s", tc.name, err, tc.wantErr, out)
+		}
+		if !strings.Contains(out, tc.want) {
+			t.Fatalf("%s: output %q lacks %q", tc.name, out, tc.want)
+		}
 	}
 }

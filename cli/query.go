@@ -318,14 +318,20 @@ func (c *VerifyCmd) Run(g *Globals) error {
 	if err != nil {
 		return err
 	}
+	for _, d := range rep.DB {
+		fmt.Fprintf(g.Stdout, "damaged database: %s\n", d)
+	}
+	for _, d := range rep.Packs {
+		fmt.Fprintf(g.Stdout, "damaged pack: %v\n", d)
+	}
 	for _, d := range rep.Chunks {
 		fmt.Fprintf(g.Stdout, "damaged chunk: %v\n", d)
 	}
 	for _, d := range rep.Damaged {
 		fmt.Fprintf(g.Stdout, "damaged path: %s: %v\n", st.Full(d.Name), d.Err)
 	}
-	fmt.Fprintf(g.Stderr, "verified %d frames and %d paths in %.1fs: %d damaged chunks, %d damaged paths\n",
-		rep.Frames, rep.Paths, time.Since(start).Seconds(), len(rep.Chunks), len(rep.Damaged))
+	fmt.Fprintf(g.Stderr, "verified the database, %d frames and %d paths in %.1fs: %d database problems, %d damaged pack headers, %d damaged chunks, %d damaged paths\n",
+		rep.Frames, rep.Paths, time.Since(start).Seconds(), len(rep.DB), len(rep.Packs), len(rep.Chunks), len(rep.Damaged))
 	if !rep.OK() {
 		return errors.New("store is damaged")
 	}

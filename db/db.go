@@ -209,6 +209,21 @@ func (d *DB) Write(ctx context.Context, fn func(*Tx) error) error {
 	return nil
 }
 
+// Snapshot runs fn in one read transaction on the reader pool: every query
+// made through the Tx sees the database as of its first query, whatever
+// commits meanwhile (WAL snapshot isolation), and no writer waits for it.
+// The Tx is read-only (its connection is query_only).
+func (d *DB) Snapshot(ctx context.Context, fn func(*Tx) error) error {
+	tx, err := d.r.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("begin read: %w", err)
+	}
+	defer tx.Rollback()
+	stmts := newStmtCache(tx.PrepareContext)
+	defer stmts.close()
+	return fn(&Tx{tx: tx, q: q{c: tx, stmts: stmts}})
+}
+
 type queryer interface {
 	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
 	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)

@@ -79,3 +79,33 @@ func TestPathByHashPart(t *testing.T) {
 		}
 	}
 }
+
+// TestIntegrityCheckNamesPath: a paths row missing from the name index (as
+// a flipped byte in the index leaves it) is reported with its store path;
+// rows of other tables are not given a path.
+func TestIntegrityCheckNamesPath(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "t.db")
+	d, err := Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const name = "00000000000000000000000000000000-a"
+	if err := d.Write(ctx, func(tx *Tx) error {
+		_, err := tx.InsertPath(ctx, &PathRow{Name: name, Kind: 3, Target: []byte("x"), NarHash: make([]byte, 32), NarSize: 1})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := d.IntegrityCheck(ctx); err != nil || len(got) != 0 {
+		t.Fatalf("sound database: %q %v", got, err)
+	}
+	defer d.Close()
+	// The message integrity_check gives for a row its name index lacks.
+	if got := d.namePathRow(ctx, "row 1 missing from index sqlite_autoindex_paths_1"); got != " (store path "+name+")" {
+		t.Fatalf("namePathRow = %q", got)
+	}
+	if got := d.namePathRow(ctx, "row 1 missing from index refs_reference"); got != "" {
+		t.Fatalf("namePathRow of another table's index = %q", got)
+	}
+}

@@ -73,8 +73,8 @@ func (q q) PathGraph(ctx context.Context) ([]PathNode, [][2]int64, error) {
 }
 
 // eachRow runs query and calls scan for each row, streaming.
-func eachRow(ctx context.Context, q q, query string, scan func(*sql.Rows) error) error {
-	rows, err := q.query(ctx, query)
+func eachRow(ctx context.Context, q q, query string, scan func(*sql.Rows) error, args ...any) error {
+	rows, err := q.query(ctx, query, args...)
 	if err != nil {
 		return err
 	}

@@ -106,6 +106,15 @@ func (c *conn) findRoots() error {
 	if err != nil {
 		return c.storeErr(err)
 	}
+	// Runtime roots too, as nix-daemon's findRoots; only valid paths, as
+	// it checks them.
+	for where, names := range c.s.Store.RuntimeRoots(nil) {
+		for _, n := range names {
+			if ok, err := c.s.Store.IsValid(c.ctx, n); err == nil && ok {
+				roots[where] = append(roots[where], n)
+			}
+		}
+	}
 	c.last()
 	type pair struct{ link, path string }
 	var out []pair
@@ -155,7 +164,8 @@ func (c *conn) collectGarbage() error {
 	if perr != nil {
 		return perr
 	}
-	o := store.GCOptions{Action: store.GCAction(action), Paths: names, MaxFreed: int64(min(maxFreed, 1<<62))}
+	// As nix-daemon, paths running processes use are roots.
+	o := store.GCOptions{Action: store.GCAction(action), Paths: names, MaxFreed: int64(min(maxFreed, 1<<62)), RuntimeRoots: true}
 	switch {
 	case action > uint64(store.GCDeleteSpecific):
 		return errorf("invalid garbage collector action %d", action)

@@ -525,7 +525,7 @@ func (c *conn) registerDrvOutput() error {
 		return errorf("cannot register realisation '%s' because it lacks a signature by a trusted key", r.ID)
 	}
 	if err := c.s.Store.RegisterRealisation(c.ctx, r); err != nil {
-		if errors.Is(err, store.ErrNotValid) || errors.Is(err, store.ErrBadPath) {
+		if errors.Is(err, store.ErrNotValid) || errors.Is(err, store.ErrBadPath) || errors.Is(err, store.ErrRealisationConflict) {
 			return errorf("%v", err)
 		}
 		return c.storeErr(err)
@@ -534,6 +534,13 @@ func (c *conn) registerDrvOutput() error {
 	return nil
 }
 
+// verifyStore runs VerifyStore. As nix-daemon: anyone may check, only
+// trusted users may ask for repair (which casnix cannot do anyway: it keeps
+// one copy of each chunk). A check with contents reads every pack and
+// renders every path (without, the database is still read through), so it
+// is bounded: one at a time per data directory (an untrusted client finding
+// one running is refused rather than queued; a trusted one waits), and it
+// stops when the connection's context ends (the client hung up).
 func (c *conn) verifyStore() error {
 	checkContents, err := c.r.boolean()
 	if err != nil {
@@ -543,27 +550,42 @@ func (c *conn) verifyStore() error {
 	if err != nil {
 		return err
 	}
+	if repair && !c.trusted {
+		return errorf("you are not privileged to repair paths")
+	}
 	if repair {
 		return errorf("casnix cannot repair paths: it keeps one copy of each chunk (restore from a backup)")
 	}
-	errorsFound := false
-	if checkContents {
-		rep, err := c.s.Store.Verify(c.ctx, nil)
-		if err != nil {
-			return c.storeErr(err)
-		}
-		errorsFound = !rep.OK()
-		c.last()
-		c.w.boolean(errorsFound)
-		for _, d := range rep.Damaged {
-			c.log.Warn("damaged path", "path", c.full(d.Name), "err", d.Err)
-		}
-		return nil
+	unlock, err := c.s.Store.LockVerify(c.ctx, c.trusted)
+	if errors.Is(err, store.ErrVerifyBusy) {
+		return errorf("%v; try again later", err)
 	}
-	// Without --check-contents Nix checks that its database is consistent;
-	// casnix's foreign keys keep it so.
+	if err != nil {
+		return c.storeErr(err)
+	}
+	// Without --check-contents Nix checks that its database is
+	// consistent: here, the database checks alone.
+	var rep *store.VerifyReport
+	if checkContents {
+		rep, err = c.s.Store.Verify(c.ctx, nil)
+	} else {
+		rep, err = c.s.Store.CheckDatabase(c.ctx)
+	}
+	unlock()
+	if err != nil {
+		return c.storeErr(err)
+	}
+	for _, d := range rep.DB {
+		c.log.Warn("damaged database", "problem", d)
+	}
+	for _, d := range rep.Packs {
+		c.log.Warn("damaged pack", "err", d)
+	}
+	for _, d := range rep.Damaged {
+		c.log.Warn("damaged path", "path", c.full(d.Name), "err", d.Err)
+	}
 	c.last()
-	c.w.boolean(errorsFound)
+	c.w.boolean(!rep.OK())
 	return nil
 }
 

@@ -590,3 +590,146 @@ func TestAddToStoreOld(t *testing.T) {
 	}
 	cl.inStep()
 }
+
+// TestVerifyStorePolicy: anyone may check the store, only trusted clients
+// may ask for repair; an untrusted check finding another running is
+// refused instead of queued.
+func TestVerifyStorePolicy(t *testing.T) {
+	var untrusted atomic.Bool
+	f := newFixture(t, func(s *Server) { s.Trusted = func(uint32, uint32) bool { return !untrusted.Load() } })
+	verify := func(cl *client, check, repair bool) (bool, error) {
+		cl.w.u64(opVerifyStore)
+		cl.w.boolean(check)
+		cl.w.boolean(repair)
+		if err := cl.result(); err != nil {
+			return false, err
+		}
+		return cl.u64() != 0, nil
+	}
+	untrusted.Store(true)
+	un := f.connect(t, 38)
+	for _, tc := range []struct {
+		name          string
+		check, repair bool
+		busy          bool
+		wantErr       string
+	}{
+		{"check", true, false, false, ""},
+		{"consistency only", false, false, false, ""},
+		{"repair", true, true, false, "not privileged to repair"},
+		{"check while another runs", true, false, true, "another store verification is running"},
+	} {
+		var unlock func()
+		if tc.busy {
+			var err error
+			if unlock, err = f.st.LockVerify(context.Background(), true); err != nil {
+				t.Fatal(err)
+			}
+		}
+		bad, err := verify(un, tc.check, tc.repair)
+		if unlock != nil {
+			unlock()
+		}
+		if tc.wantErr == "" && (err != nil || bad) {
+			t.Fatalf("%s: errors found %v, err %v", tc.name, bad, err)
+		}
+		if tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)) {
+			t.Fatalf("%s: err %v, want %q", tc.name, err, tc.wantErr)
+		}
+	}
+	un.inStep()
+}
+
+// TestUnreadableIndirectRoot: an untrusted client registering an indirect
+// root through a regular file ("/etc/passwd/x") does not break FindRoots or
+// later collections, as it did when an unreadable root was fatal.
+func TestUnreadableIndirectRoot(t *testing.T) {
+	f := newFixture(t, func(s *Server) { s.Trusted = func(uint32, uint32) bool { return false } })
+	un := f.connect(t, 38)
+	for _, link := range []string{"/etc/passwd/x", "relative"} {
+		un.w.u64(opAddIndirectRoot)
+		un.w.str(link)
+		err := un.result()
+		if (link == "relative") != (err != nil) {
+			t.Fatalf("AddIndirectRoot(%q): %v", link, err)
+		}
+		if err == nil {
+			un.u64()
+		}
+	}
+	un.w.u64(opFindRoots)
+	if err := un.result(); err != nil {
+		t.Fatalf("FindRoots: %v", err)
+	}
+	for i, n := uint64(0), un.u64(); i < n; i++ {
+		un.str()
+		un.str()
+	}
+	un.w.u64(opCollectGarbage)
+	un.w.u64(uint64(store.GCReturnDead))
+	un.w.strings(nil)
+	for i := 0; i < 5; i++ {
+		un.w.u64(0)
+	}
+	if err := un.result(); err != nil {
+		t.Fatalf("print-dead: %v", err)
+	}
+	un.strs()
+	un.u64()
+	un.u64()
+	un.inStep()
+	if _, err := f.st.GC(context.Background(), store.GCOptions{Action: store.GCDeleteDead}); err != nil {
+		t.Fatalf("collection after the bad root: %v", err)
+	}
+}
+
+// TestForgedDerivationOutputs: an untrusted client adding a .drv (text,
+// content-addressed, so anyone may) whose output claims an existing path
+// does not become that path's deriver; a real derivation made by Nix,
+// added the same way, gets its outputs.
+func TestForgedDerivationOutputs(t *testing.T) {
+	f := newFixture(t, func(s *Server) { s.Trusted = func(uint32, uint32) bool { return false } })
+	cl := f.connect(t, 38)
+	addText := func(name, contents string) string {
+		cl.w.u64(opAddTextToStore)
+		cl.w.str(name)
+		cl.w.str(contents)
+		cl.w.strings(nil)
+		cl.expectLast()
+		return cl.str()
+	}
+	outputMap := func(drv string) map[string]string {
+		cl.w.u64(opQueryDerivationOutputMap)
+		cl.w.str(drv)
+		cl.expectLast()
+		out := map[string]string{}
+		for i, n := uint64(0), cl.u64(); i < n; i++ {
+			k := cl.str()
+			out[k] = cl.str()
+		}
+		return out
+	}
+	const realName = "h32dahq0bx5rp1krcdx3a53asj21jvhk-has-multi-out.drv"
+	real, err := os.ReadFile(filepath.Join("..", "store", "testdata", "drv", realName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := addText("has-multi-out.drv", string(real)); got != full(realName) {
+		t.Fatalf("real derivation added as %s, want %s", got, full(realName))
+	}
+	if got := outputMap(full(realName)); len(got) != 2 || got["out"] != full("55lwldka5nyxa08wnvlizyqw02ihy8ic-has-multi-out") {
+		t.Fatalf("real derivation's outputs: %v", got)
+	}
+	forged := strings.ReplaceAll(string(real), "/nix/store/55lwldka5nyxa08wnvlizyqw02ihy8ic-has-multi-out", full(testA))
+	drv := addText("has-multi-out.drv", forged)
+	if got := outputMap(drv); len(got) != 0 {
+		t.Fatalf("forged derivation's outputs recorded: %v", got)
+	}
+	cl.w.u64(opQueryValidDerivers)
+	cl.w.str(full(testA))
+	cl.expectLast()
+	if got := cl.strs(); slices.Contains(got, drv) {
+		t.Fatalf("forged %s is a valid deriver of %s: %v", drv, testA, got)
+	}
+	cl.inStep()
+}

@@ -469,6 +469,10 @@ func verifyDir(ctx context.Context, dir string, quick bool, step func(string)) (
 		return 0, err
 	}
 	switch {
+	case len(rep.DB) > 0:
+		return 0, fmt.Errorf("%d database problems, first: %s", len(rep.DB), rep.DB[0])
+	case len(rep.Packs) > 0:
+		return 0, fmt.Errorf("%d damaged pack headers, first: %w", len(rep.Packs), rep.Packs[0])
 	case len(rep.Chunks) > 0:
 		return 0, fmt.Errorf("%d damaged chunks, first: %w", len(rep.Chunks), rep.Chunks[0])
 	case len(rep.Damaged) > 0:

@@ -29,8 +29,12 @@ type Batch struct {
 	dirs  map[digest.Digest][]byte
 	paths []*PathInfo
 	names map[string]bool
-	err   error
-	done  bool
+	// drvHashes are the hashes modulo of the derivations added so far,
+	// for checking the outputs of derivations that use them
+	// (checkDrvOutputs); they go to the store's cache at commit.
+	drvHashes map[string]string
+	err       error
+	done      bool
 	// unlock releases the shared GC lock, held from the first Add to
 	// Commit or Abort: chunks deduplicated against and references checked
 	// stay put until the batch's rows are committed.
@@ -42,7 +46,7 @@ type Batch struct {
 
 // NewBatch starts a batch.
 func (s *Store) NewBatch(ctx context.Context) *Batch {
-	return &Batch{s: s, ctx: ctx, w: s.blobs.NewWriter(ctx), dirs: map[digest.Digest][]byte{}, names: map[string]bool{}}
+	return &Batch{s: s, ctx: ctx, w: s.blobs.NewWriter(ctx), dirs: map[digest.Digest][]byte{}, names: map[string]bool{}, drvHashes: map[string]string{}}
 }
 
 // Len is the number of paths added.
@@ -150,6 +154,7 @@ func (b *Batch) add(r io.Reader, info PathInfo) (*PathInfo, error) {
 	}
 	var ca *CA
 	var caHash hash.Hash
+	var modulo *moduloHash
 	if info.CA != "" {
 		c, err := ParseCA(info.CA)
 		if err != nil {
@@ -160,6 +165,14 @@ func (b *Batch) add(r io.Reader, info PathInfo) (*PathInfo, error) {
 			return nil, fmt.Errorf("%s: %w", full, err)
 		}
 		switch {
+		case c.Method == CANAR && selfRef(info.Name, info.References):
+			// Hashed modulo its own hash part (selfref.go).
+			hp, err := hashPart(info.Name)
+			if err != nil {
+				return nil, fmt.Errorf("%s: %w", full, err)
+			}
+			modulo = newModuloHash(caHash, hp)
+			r = io.TeeReader(r, modulo)
 		case c.Method != CANAR:
 			sink.content = caHash
 		case c.Algo != "sha256": // sha256 is the NAR hash, computed anyway
@@ -182,13 +195,24 @@ func (b *Batch) add(r io.Reader, info PathInfo) (*PathInfo, error) {
 			NixBase32(res.NarHash[:]), NixBase32(info.NarHash[:]))
 	}
 	if ca != nil {
-		if err := b.checkCA(*ca, caHash, res, info.Name, refs); err != nil {
+		if err := b.checkCA(*ca, caHash, modulo, res, info.Name, refs); err != nil {
 			return nil, err
 		}
 	}
 	pi := info
 	if sink.drv != nil && res.Root.Kind == castore.KindFile {
-		pi.DrvOutputs = b.s.drvOutputs(info.Name, sink.drv.Bytes())
+		outs, self, err := b.s.checkDrvOutputs(b.ctx, info.Name, sink.drv.Bytes(), b.drvHashes)
+		switch {
+		case errors.Is(err, errNotDrv):
+			// A path may be named .drv without being one.
+			b.s.log.Debug("derivation outputs not recorded", "path", full, "err", err)
+		case err != nil:
+			b.s.log.Warn("derivation outputs not recorded", "path", full, "err", err)
+		}
+		if self != "" {
+			b.drvHashes[info.Name] = self
+		}
+		pi.DrvOutputs = outs
 	}
 	pi.References = refs
 	pi.Root = res.Root
@@ -206,10 +230,16 @@ func (b *Batch) add(r io.Reader, info PathInfo) (*PathInfo, error) {
 // checkCA checks a content-addressed path: its contents hash to its content
 // address, and the address, name and references make its store path, so a
 // client cannot pass arbitrary contents off as content-addressed.
-func (b *Batch) checkCA(ca CA, h hash.Hash, res *nar.Result, name string, refs []string) error {
+func (b *Batch) checkCA(ca CA, h hash.Hash, modulo *moduloHash, res *nar.Result, name string, refs []string) error {
 	full := b.s.Full(name)
 	got := h.Sum(nil)
-	if ca.Method == CANAR && ca.Algo == "sha256" {
+	switch {
+	case modulo != nil:
+		var err error
+		if got, err = modulo.Sum(); err != nil {
+			return fmt.Errorf("import %s: %w: %v", full, ErrCAMismatch, err)
+		}
+	case ca.Method == CANAR && ca.Algo == "sha256":
 		got = res.NarHash[:]
 	}
 	// A flat hash covers a regular file's contents only (Nix lets a flat
@@ -277,6 +307,7 @@ func (b *Batch) Commit() (added []string, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("commit: %w", err)
 	}
+	b.s.drvHashes.put(b.drvHashes)
 	return added, nil
 }
 

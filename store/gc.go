@@ -43,6 +43,10 @@ func (a GCAction) String() string {
 	return fmt.Sprintf("gc-action(%d)", int(a))
 }
 
+// ErrNoRoots is returned by a GCDeleteDead with RefuseNoRoots that found
+// no root.
+var ErrNoRoots = errors.New("no gc roots reach a valid path: a collection would delete every path")
+
 // ErrAlive is wrapped by the error of a GCDeleteSpecific naming a live
 // path.
 var ErrAlive = errors.New("is still alive")
@@ -63,6 +67,19 @@ type GCOptions struct {
 	MaxFreed int64
 	// Keep are extra roots for this run (basenames, must be valid).
 	Keep []string
+	// RuntimeRoots makes the store paths running processes use roots too
+	// (RuntimeRoots: executables, working directories, open files, mapped
+	// files, environments), as nix-daemon does. RuntimeDirs are further
+	// directories where processes see store paths, beside the store
+	// directory and casnix FUSE mount points.
+	RuntimeRoots bool
+	RuntimeDirs  []string
+	// RefuseNoRoots makes GCDeleteDead fail with ErrNoRoots, deleting
+	// nothing, when no root reaches a valid path: on a store imported
+	// without roots it would delete everything. Nix's daemon has no such
+	// check (an empty root set deletes everything there too), so the
+	// daemon op leaves it off; `casnix gc` sets it unless --force.
+	RefuseNoRoots bool
 	// MinDead is the share of a pack's bytes that must be dead before it
 	// is rewritten (0: DefaultMinDead; 1 or more: never rewrite).
 	MinDead float64
@@ -90,6 +107,9 @@ type GCResult struct {
 	// Rows deleted from the index.
 	Directories, Blobs, Chunks, Frames int
 	Compact                            blobs.CompactStats
+	// Roots is how many valid paths were roots of this run (before their
+	// closure was added).
+	Roots int
 	// LockTime is how long imports were held off (the exclusive lock).
 	LockTime time.Duration
 }
@@ -114,12 +134,19 @@ func (s *Store) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
 			return nil, fmt.Errorf("keep: %w", err)
 		}
 	}
+	res := &GCResult{}
+	if o.Action == GCReturnLive || o.Action == GCReturnDead {
+		// Listing reads a snapshot and takes no lock (markAndSweep).
+		if _, err := s.markAndSweep(ctx, o, res); err != nil {
+			return nil, err
+		}
+		return res, nil
+	}
 	unlockRun, err := s.lockFile(ctx, gcRunLock, unix.LOCK_EX)
 	if err != nil {
 		return nil, err
 	}
 	defer unlockRun()
-	res := &GCResult{}
 	deleted, err := s.markAndSweep(ctx, o, res)
 	if err != nil {
 		return nil, err
@@ -155,8 +182,21 @@ type pathGraph struct {
 	referrers [][]int // index -> referrers
 }
 
-func (s *Store) loadGraph(ctx context.Context) (*pathGraph, error) {
-	nodes, edges, err := s.db.PathGraph(ctx)
+// index is what a collection reads from the database: the store's reader
+// pool (*db.DB, under the exclusive GC lock) or one read snapshot (*db.Tx,
+// for the actions that only list).
+type index interface {
+	PathGraph(ctx context.Context) ([]db.PathNode, [][2]int64, error)
+	Directory(ctx context.Context, d digest.Digest) ([]byte, error)
+	BlobAndLoc(ctx context.Context, d digest.Digest) (db.Blob, *db.ChunkLoc, error)
+	Stats(ctx context.Context) (db.Stats, error)
+	EachBlob(ctx context.Context, fn func(d digest.Digest, chunks []byte) error) error
+	EachDirectoryDigest(ctx context.Context, fn func(digest.Digest) error) error
+	EachChunk(ctx context.Context, fn func(db.ChunkRow) error) error
+}
+
+func loadGraph(ctx context.Context, ix index) (*pathGraph, error) {
+	nodes, edges, err := ix.PathGraph(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -181,16 +221,16 @@ func (s *Store) loadGraph(ctx context.Context) (*pathGraph, error) {
 
 // rootNames gathers the roots of this collection, cleaning up dead temp
 // roots and dangling indirect roots.
-func (s *Store) rootNames(ctx context.Context, o GCOptions) (map[string]bool, error) {
+func (s *Store) rootNames(ctx context.Context, o GCOptions, clean bool) (map[string]bool, error) {
 	roots := map[string]bool{}
-	perm, err := s.readPermRoots(true)
+	perm, err := s.readPermRoots(clean)
 	if err != nil {
 		return nil, err
 	}
 	for _, b := range perm {
 		roots[b] = true
 	}
-	temp, err := s.readTempRoots(true)
+	temp, err := s.readTempRoots(clean)
 	if err != nil {
 		return nil, err
 	}
@@ -211,10 +251,32 @@ func (s *Store) rootNames(ctx context.Context, o GCOptions) (map[string]bool, er
 			roots[n] = true
 		}
 	}
+	if o.RuntimeRoots {
+		for _, names := range s.RuntimeRoots(o.RuntimeDirs) {
+			for _, n := range names {
+				roots[n] = true
+			}
+		}
+	}
 	return roots, nil
 }
 
+// markAndSweep lists or deletes. The actions that only list read one
+// database snapshot and then the roots, without any lock: a path committed
+// after the snapshot is simply not listed, a path in it had its temp root
+// written before its commit (so the roots, read later, have it unless its
+// owner died), and a concurrent collection cannot change the snapshot. So
+// listing never holds off writers (an untrusted client looping on
+// --print-dead must not starve them). Deleting marks and sweeps under the
+// exclusive GC lock.
 func (s *Store) markAndSweep(ctx context.Context, o GCOptions, res *GCResult) ([]string, error) {
+	if o.Action == GCReturnLive || o.Action == GCReturnDead {
+		err := s.db.Snapshot(ctx, func(tx *db.Tx) error {
+			_, err := s.mark(ctx, tx, o, res, false)
+			return err
+		})
+		return nil, err
+	}
 	unlock, err := s.ExclusiveGCLock(ctx)
 	if err != nil {
 		return nil, err
@@ -224,11 +286,18 @@ func (s *Store) markAndSweep(ctx context.Context, o GCOptions, res *GCResult) ([
 		unlock()
 		res.LockTime = time.Since(locked)
 	}()
-	g, err := s.loadGraph(ctx)
+	return s.mark(ctx, s.db, o, res, true)
+}
+
+// mark computes what is live and dead from ix and the roots (removing dead
+// temp roots and dangling indirect roots when clean), then lists or
+// sweeps as o.Action says.
+func (s *Store) mark(ctx context.Context, ix index, o GCOptions, res *GCResult, clean bool) ([]string, error) {
+	g, err := loadGraph(ctx, ix)
 	if err != nil {
 		return nil, err
 	}
-	roots, err := s.rootNames(ctx, o)
+	roots, err := s.rootNames(ctx, o, clean)
 	if err != nil {
 		return nil, err
 	}
@@ -245,6 +314,10 @@ func (s *Store) markAndSweep(ctx context.Context, o GCOptions, res *GCResult) ([
 			live[i] = true
 			stack = append(stack, i)
 		}
+	}
+	res.Roots = len(stack)
+	if o.RefuseNoRoots && o.Action == GCDeleteDead && res.Roots == 0 && len(g.nodes) > 0 {
+		return nil, ErrNoRoots
 	}
 	for len(stack) > 0 {
 		i := stack[len(stack)-1]
@@ -278,7 +351,7 @@ func (s *Store) markAndSweep(ctx context.Context, o GCOptions, res *GCResult) ([
 		}
 	}
 
-	m := newMarker(s, ctx)
+	m := newMarker(ix, ctx)
 	if o.Action == GCDeleteDead && o.MaxFreed > 0 {
 		if err := m.limit(g, del, o.MaxFreed); err != nil {
 			return nil, err
@@ -389,13 +462,13 @@ func (s *Store) specific(g *pathGraph, o GCOptions, live, del []bool) error {
 // digest: a collision keeps something dead (never the reverse), and the
 // set costs a fraction of full digests.
 type marker struct {
-	s     *Store
+	ix    index
 	ctx   context.Context
 	marks map[uint64]struct{}
 }
 
-func newMarker(s *Store, ctx context.Context) *marker {
-	return &marker{s: s, ctx: ctx, marks: map[uint64]struct{}{}}
+func newMarker(ix index, ctx context.Context) *marker {
+	return &marker{ix: ix, ctx: ctx, marks: map[uint64]struct{}{}}
 }
 
 func key(d digest.Digest) uint64 { return binary.LittleEndian.Uint64(d[:8]) }
@@ -450,7 +523,7 @@ func (m *marker) tree(n db.PathNode, newBlob func(digest.Digest) error) error {
 		}
 		d := stack[len(stack)-1]
 		stack = stack[:len(stack)-1]
-		dir, err := m.s.Directory(m.ctx, d)
+		dir, err := readDirectory(m.ctx, m.ix, d)
 		if err != nil {
 			return fmt.Errorf("path %s: %w", n.Name, err)
 		}
@@ -483,7 +556,7 @@ func (m *marker) limit(g *pathGraph, del []bool, maxFreed int64) error {
 			}
 		}
 	}
-	st, err := m.s.db.Stats(m.ctx)
+	st, err := m.ix.Stats(m.ctx)
 	if err != nil {
 		return err
 	}
@@ -511,7 +584,7 @@ func (m *marker) limit(g *pathGraph, del []bool, maxFreed int64) error {
 		ready = ready[1:]
 		chosen[i] = true
 		err := m.tree(g.nodes[i], func(d digest.Digest) error {
-			b, _, err := m.s.db.BlobAndLoc(m.ctx, d)
+			b, _, err := m.ix.BlobAndLoc(m.ctx, d)
 			if err != nil {
 				return err
 			}
@@ -544,7 +617,7 @@ type sweep struct {
 
 func (m *marker) sweepLists() (*sweep, error) {
 	sw := &sweep{}
-	err := m.s.db.EachBlob(m.ctx, func(d digest.Digest, chunks []byte) error {
+	err := m.ix.EachBlob(m.ctx, func(d digest.Digest, chunks []byte) error {
 		if !m.marked(d) {
 			sw.blobs = append(sw.blobs, d)
 			return nil
@@ -559,7 +632,7 @@ func (m *marker) sweepLists() (*sweep, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := m.s.db.EachDirectoryDigest(m.ctx, func(d digest.Digest) error {
+	if err := m.ix.EachDirectoryDigest(m.ctx, func(d digest.Digest) error {
 		if !m.marked(d) {
 			sw.dirs = append(sw.dirs, d)
 		}
@@ -567,7 +640,7 @@ func (m *marker) sweepLists() (*sweep, error) {
 	}); err != nil {
 		return nil, err
 	}
-	if err := m.s.db.EachChunk(m.ctx, func(c db.ChunkRow) error {
+	if err := m.ix.EachChunk(m.ctx, func(c db.ChunkRow) error {
 		if !m.marked(c.Digest) {
 			sw.chunks = append(sw.chunks, c.Digest)
 			if c.RawLen > 0 {

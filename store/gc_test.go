@@ -664,3 +664,137 @@ func TestGCUpperDB(t *testing.T) {
 	}
 	mustVerify(t, st)
 }
+
+// TestUnreadableRootsAreSkipped: a root whose link cannot be read (a client
+// registered a path through a regular file, ENOTDIR) is skipped, as Nix's
+// findRoots does, instead of failing every later collection.
+func TestUnreadableRootsAreSkipped(t *testing.T) {
+	st := openSmallPacks(t)
+	ctx := context.Background()
+	for _, p := range []string{pathA, pathB} {
+		if err := add(t, st, p, treeNAR(t, 1000)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	permRoot(t, st, pathA)
+	file := filepath.Join(t.TempDir(), "file")
+	if err := os.WriteFile(file, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, link := range []string{file + "/x", "/etc/passwd/x"} {
+		if err := st.AddIndirectRoot(link); err != nil {
+			t.Fatalf("AddIndirectRoot(%q): %v", link, err)
+		}
+	}
+	if _, err := st.Roots(ctx); err != nil {
+		t.Fatalf("Roots: %v", err)
+	}
+	res := gc(t, st, GCOptions{Action: GCDeleteDead})
+	if !slices.Equal(res.Paths, []string{pathB}) {
+		t.Fatalf("deleted %v, want B", res.Paths)
+	}
+}
+
+// TestAddIndirectRootPath: an indirect root's link must be absolute and is
+// canonicalised, as Nix's daemon does (absPath) before addIndirectRoot.
+func TestAddIndirectRootPath(t *testing.T) {
+	st := openStore(t)
+	auto := filepath.Join(st.GCRoots(), AutoRootsDir)
+	for _, tc := range []struct {
+		link, want string
+		ok         bool
+	}{
+		{"relative/link", "", false},
+		{"", "", false},
+		{"/tmp/x\x00y", "", false},
+		{"/tmp/a/../b//c/.", "/tmp/b/c", true},
+		{"/tmp/result", "/tmp/result", true},
+	} {
+		err := st.AddIndirectRoot(tc.link)
+		if (err == nil) != tc.ok {
+			t.Fatalf("AddIndirectRoot(%q) = %v, want ok=%v", tc.link, err, tc.ok)
+		}
+		if !tc.ok {
+			continue
+		}
+		found := false
+		ents, _ := os.ReadDir(auto)
+		for _, e := range ents {
+			if target, _ := os.Readlink(filepath.Join(auto, e.Name())); target == tc.want {
+				found = true
+			}
+		}
+		if !found {
+			t.Fatalf("AddIndirectRoot(%q): no auto root pointing at %q", tc.link, tc.want)
+		}
+	}
+}
+
+// TestGCListingDoesNotBlockWriters: listing live or dead paths reads a
+// snapshot and takes no lock, so it neither waits for an import in
+// progress nor holds one off; its answer is that of the snapshot.
+func TestGCListingDoesNotBlockWriters(t *testing.T) {
+	st := openSmallPacks(t)
+	for _, p := range []string{pathA, pathB} {
+		if err := add(t, st, p, treeNAR(t, 1000)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	permRoot(t, st, pathA)
+	// An import in progress holds the GC lock shared until it commits.
+	b := st.NewBatch(context.Background())
+	if _, err := b.Add(bytes.NewReader(treeNAR(t, 1000)), PathInfo{Name: pathC}); err != nil {
+		t.Fatal(err)
+	}
+	// A collection sweeping in another process holds it exclusively; a
+	// listing must not wait for either.
+	for _, action := range []GCAction{GCReturnDead, GCReturnLive} {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		res, err := st.GC(ctx, GCOptions{Action: action})
+		cancel()
+		if err != nil {
+			t.Fatalf("%v during an import: %v", action, err)
+		}
+		want := map[GCAction][]string{GCReturnDead: {pathB}, GCReturnLive: {pathA}}[action]
+		if !slices.Equal(res.Paths, want) {
+			t.Fatalf("%v = %v, want %v", action, res.Paths, want)
+		}
+	}
+	if _, err := b.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	unlock, err := st.ExclusiveGCLock(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	res, err := st.GC(ctx, GCOptions{Action: GCReturnDead})
+	if err != nil {
+		t.Fatalf("return-dead during a sweep: %v", err)
+	}
+	if !slices.Equal(res.Paths, []string{pathB, pathC}) {
+		t.Fatalf("dead = %v, want B, C", res.Paths)
+	}
+}
+
+// TestVerifyStopsWhenCancelled: a verification started for a client that
+// hangs up stops promptly.
+func TestVerifyStopsWhenCancelled(t *testing.T) {
+	st := openSmallPacks(t)
+	for _, p := range []string{pathA, pathB, pathC} {
+		if err := add(t, st, p, treeNAR(t, 1<<20)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	_, err := st.Verify(ctx, func(stage string, done, total int64) {
+		if stage == "chunks" {
+			cancel()
+		}
+	})
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("Verify after cancel: %v", err)
+	}
+}

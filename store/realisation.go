@@ -84,13 +84,41 @@ func (r *Realisation) JSON() string { return r.encode(true) }
 // signatures.
 func (r *Realisation) Fingerprint() string { return r.encode(false) }
 
-// RegisterRealisation records r; its output path must be valid.
+// ErrRealisationConflict is wrapped by the error of RegisterRealisation
+// when the store already has a different output path for the same id.
+var ErrRealisationConflict = errors.New("conflicts with the realisation already registered")
+
+// RegisterRealisation records r; its output path must be valid. As Nix's
+// LocalStore::registerDrvOutput: registering a realisation that is already
+// known with the same output path only adds its signatures; one with a
+// different output path is refused (a client must not be able to redirect
+// an output that others already resolved).
 func (s *Store) RegisterRealisation(ctx context.Context, r *Realisation) error {
 	if err := r.validate(); err != nil {
 		return err
 	}
 	err := s.db.Write(ctx, func(tx *db.Tx) error {
-		return tx.PutRealisation(ctx, r.ID, r.OutPath, r.JSON())
+		text, _, err := tx.Realisation(ctx, r.ID)
+		switch {
+		case errors.Is(err, db.ErrNotFound):
+			return tx.PutRealisation(ctx, r.ID, r.OutPath, r.JSON())
+		case err != nil:
+			return err
+		}
+		old, err := ParseRealisation(text)
+		if err != nil {
+			return fmt.Errorf("stored realisation %s: %w", r.ID, err)
+		}
+		if old.OutPath != r.OutPath {
+			return fmt.Errorf("realisation of '%s' with output '%s' %w (output '%s')",
+				r.ID, s.Full(r.OutPath), ErrRealisationConflict, s.Full(old.OutPath))
+		}
+		merged := *old
+		merged.Signatures = slices.Compact(slices.Sorted(slices.Values(append(slices.Clone(old.Signatures), r.Signatures...))))
+		if slices.Equal(merged.Signatures, slices.Sorted(slices.Values(old.Signatures))) {
+			return nil
+		}
+		return tx.PutRealisation(ctx, r.ID, r.OutPath, merged.JSON())
 	})
 	if errors.Is(err, db.ErrNotFound) {
 		return fmt.Errorf("realisation %s: path '%s' %w", r.ID, s.Full(r.OutPath), ErrNotValid)

@@ -204,9 +204,17 @@ func (s *Store) AddPermRoot(ctx context.Context, name, link string) (string, err
 // AddIndirectRoot registers link (an absolute path, normally a symlink to a
 // store path) as an indirect root: whatever store path link points at when
 // a collection runs is kept; once link is gone, the registration is too.
+// As nix-daemon (absPath, i.e. canonPath, before addIndirectRoot), link
+// must be absolute and is canonicalised lexically ("." and ".." removed,
+// slashes collapsed; symlinks are not resolved). Nothing else is asked of
+// it: any local user may register any path, so the collector must
+// tolerate links it cannot read (readPermRoots).
 func (s *Store) AddIndirectRoot(link string) error {
 	if !filepath.IsAbs(link) {
 		return fmt.Errorf("indirect gc root %q: not an absolute path", link)
+	}
+	if strings.IndexByte(link, 0) >= 0 {
+		return fmt.Errorf("indirect gc root %q: contains a NUL byte", link)
 	}
 	return s.addIndirectRoot(filepath.Clean(link))
 }
@@ -276,7 +284,16 @@ func (s *Store) readPermRoots(clean bool) (map[string]string, error) {
 			if errors.Is(err, fs.ErrNotExist) {
 				return nil
 			}
-			return err
+			if path == top {
+				return err
+			}
+			// Like Nix's findRoots: one unreadable entry must not stop
+			// every collection.
+			s.log.Warn("cannot read potential gc root", "path", path, "err", err)
+			if d != nil && d.IsDir() {
+				return fs.SkipDir
+			}
+			return nil
 		}
 		if d.Type()&fs.ModeSymlink == 0 {
 			return nil
@@ -298,7 +315,12 @@ func (s *Store) readPermRoots(clean bool) (map[string]string, error) {
 				return nil // not a symlink: not a root
 			}
 			if err != nil {
-				return fmt.Errorf("read gc root %s: %w", target, err)
+				// ENOTDIR, EACCES, ELOOP, ENAMETOOLONG…: a link anyone
+				// may register (AddIndirectRoot is open to untrusted
+				// clients) must not make every later collection fail,
+				// so, as Nix's findRoots, it is skipped with a warning.
+				s.log.Warn("cannot read potential gc root", "root", path, "link", target, "err", err)
+				return nil
 			}
 			if !filepath.IsAbs(t) {
 				t = filepath.Join(filepath.Dir(target), t)

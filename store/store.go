@@ -1,15 +1,12 @@
 package store
 
 import (
-	"bytes"
-	"strings"
 	"sync"
 
 	"context"
 	"crypto/sha256"
 	"errors"
 	"fmt"
-	"github.com/nix-community/go-nix/pkg/derivation"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -46,6 +43,8 @@ type Store struct {
 	log      *slog.Logger
 	infos    infoCache
 	dirLock  *os.File // DirLockFile, held shared while open
+	// drvHashes caches stored derivations' hashes modulo (drvhash.go).
+	drvHashes drvHashCache
 }
 
 // DBFile and PackDir are the data directory's layout.
@@ -284,11 +283,19 @@ func (src source) OpenBlob(ctx context.Context, d digest.Digest) (nar.Blob, erro
 
 // Directory loads and decodes a directory.
 func (s *Store) Directory(ctx context.Context, d digest.Digest) (*castore.Directory, error) {
+	return readDirectory(ctx, s.db, d)
+}
+
+// readDirectory reads a Directory from the index (the reader pool or a
+// snapshot), checks it against its digest and decodes it.
+func readDirectory(ctx context.Context, ix interface {
+	Directory(context.Context, digest.Digest) ([]byte, error)
+}, d digest.Digest) (*castore.Directory, error) {
 	if d == digest.Empty {
 		// The empty directory encodes to zero bytes; it is never stored.
 		return &castore.Directory{}, nil
 	}
-	data, err := s.db.Directory(ctx, d)
+	data, err := ix.Directory(ctx, d)
 	if err != nil {
 		return nil, err
 	}
@@ -352,26 +359,6 @@ func splitSub(sub string) []string {
 				out = append(out, sub[start:i])
 			}
 			start = i + 1
-		}
-	}
-	return out
-}
-
-// drvOutputs parses a .drv file's outputs. A file that does not parse is
-// stored all the same (a path may be named .drv without being one); it just
-// has no outputs recorded.
-func (s *Store) drvOutputs(name string, contents []byte) map[string]string {
-	drv, err := derivation.ReadDerivation(bytes.NewReader(contents))
-	if err != nil {
-		s.log.Debug("not a parseable derivation", "path", s.Full(name), "err", err)
-		return nil
-	}
-	out := map[string]string{}
-	prefix := s.StoreDir + "/"
-	for o, v := range drv.Outputs {
-		out[o] = strings.TrimPrefix(v.Path, prefix)
-		if v.Path != "" && !strings.HasPrefix(v.Path, prefix) {
-			delete(out, o)
 		}
 	}
 	return out

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -392,5 +393,103 @@ func TestSplit(t *testing.T) {
 		if (err == nil) != tc.ok || base != tc.base || sub != tc.sub {
 			t.Errorf("Split(%q) = %q, %q, %v", tc.in, base, sub, err)
 		}
+	}
+}
+
+// TestVerifyChecksDatabase: damage that re-rendering alone does not see, or
+// sees without naming the cause, is reported: rows whose references do not
+// resolve (written with foreign keys off, as a flipped byte would), and a
+// damaged pack header.
+func TestVerifyChecksDatabase(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		damage   func(t *testing.T, st *Store, raw *sql.DB)
+		wantPath string // the damaged path verify must name ("" none)
+		wantDB   bool   // a database-level problem must be reported
+		wantPack bool
+	}{
+		{"chunk row gone", func(t *testing.T, st *Store, raw *sql.DB) {
+			mustExec(t, raw, "DELETE FROM chunks WHERE digest IN (SELECT digest FROM chunks ORDER BY len DESC LIMIT 1)")
+		}, pathA, true, false},
+		{"frame row gone", func(t *testing.T, st *Store, raw *sql.DB) {
+			mustExec(t, raw, "DELETE FROM frames WHERE id = (SELECT frame FROM chunks ORDER BY len DESC LIMIT 1)")
+		}, pathA, true, false},
+		{"reference dangles", func(t *testing.T, st *Store, raw *sql.DB) {
+			mustExec(t, raw, "UPDATE refs SET reference = 999 WHERE referrer = (SELECT id FROM paths WHERE name = ?)", pathB)
+		}, pathB, true, false},
+		{"root directory gone", func(t *testing.T, st *Store, raw *sql.DB) {
+			mustExec(t, raw, "DELETE FROM directories WHERE digest = (SELECT digest FROM paths WHERE name = ?)", pathA)
+		}, pathA, false, false},
+		{"pack header", func(t *testing.T, st *Store, raw *sql.DB) {
+			packs, _ := filepath.Glob(filepath.Join(st.Dir(), PackDir, "*", "*.pack"))
+			f, err := os.OpenFile(packs[0], os.O_RDWR, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			f.WriteAt([]byte{1}, 13) // a reserved byte: no reader looks at it
+		}, "", false, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			st := openStore(t)
+			if err := add(t, st, pathA, treeNAR(t, 200<<10)); err != nil {
+				t.Fatal(err)
+			}
+			if err := add(t, st, pathB, treeNAR(t, 10), pathA); err != nil {
+				t.Fatal(err)
+			}
+			st.Close()
+			raw, err := sql.Open("sqlite", "file:"+filepath.Join(st.Dir(), DBFile)+"?_pragma=foreign_keys(0)")
+			if err != nil {
+				t.Fatal(err)
+			}
+			tc.damage(t, st, raw)
+			raw.Close()
+			st2, err := Open(context.Background(), st.Dir(), Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer st2.Close()
+			rep, err := st2.Verify(context.Background(), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if rep.OK() {
+				t.Fatal("verify found nothing")
+			}
+			var named []string
+			for _, d := range rep.Damaged {
+				named = append(named, d.Name)
+			}
+			if tc.wantPath != "" && !slices.Contains(named, tc.wantPath) {
+				t.Fatalf("damaged paths %v, want %s among them (report %+v)", named, tc.wantPath, rep)
+			}
+			if tc.wantPath == "" && len(named) > 0 {
+				t.Fatalf("damaged paths %v, want none", named)
+			}
+			if tc.wantDB != (len(rep.DB) > 0) || tc.wantPack != (len(rep.Packs) > 0) {
+				t.Fatalf("database problems %q, pack problems %v", rep.DB, rep.Packs)
+			}
+			// The database check alone (VerifyStore without contents)
+			// sees what the rows show.
+			db, err := st2.CheckDatabase(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.wantDB && db.OK() {
+				t.Fatalf("CheckDatabase found nothing; Verify found %q", rep.DB)
+			}
+		})
+	}
+}
+
+func mustExec(t *testing.T, d *sql.DB, q string, args ...any) {
+	t.Helper()
+	res, err := d.Exec(q, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		t.Fatalf("%s changed nothing", q)
 	}
 }
