@@ -18,7 +18,8 @@ import (
 // CacheImportFlags are ImportCmd's flags for --from (a binary cache).
 type CacheImportFlags struct {
 	All               bool     `name:"all" help:"With --from file://…: import every path the cache holds."`
-	TrustedPublicKeys []string `name:"trusted-public-keys" sep:"none" placeholder:"KEYS" help:"With --from: refuse paths without a valid signature by one of these keys (Nix format name:base64; repeatable, or space-separated)."`
+	TrustedPublicKeys []string `name:"trusted-public-keys" sep:"none" placeholder:"KEYS" help:"With --from: the keys (Nix format name:base64; repeatable, or space-separated) whose signature makes an input-addressed path acceptable; without one, only content-addressed paths are imported unless --no-check-sigs."`
+	NoCheckSigs       bool     `name:"no-check-sigs" help:"With --from: import paths without checking their signatures (a cache you trust as a whole, over a channel you trust)."`
 	KeepGoing         bool     `name:"keep-going" short:"k" help:"With --from: import what can be imported; report failed paths (and those that refer to them) and exit non-zero."`
 	Jobs              int      `name:"jobs" short:"j" default:"4" help:"With --from: NARs downloaded and imported at once."`
 	Retries           int      `name:"retries" default:"3" help:"With --from: extra attempts after a network or server error."`
@@ -64,8 +65,8 @@ func (c *ImportCmd) runCache(g *Globals) error {
 	defer st.Close()
 	pr := newProgress(g.Stderr)
 	im := &binarycache.Importer{
-		Store: st, Src: src, StoreDir: st.StoreDir, Keys: keys, Jobs: max(c.Jobs, 1), Retries: max(c.Retries, 0),
-		KeepGoing: c.KeepGoing,
+		Store: st, Src: src, StoreDir: st.StoreDir, Keys: keys, NoCheckSigs: c.NoCheckSigs,
+		Jobs: max(c.Jobs, 1), Retries: max(c.Retries, 0), KeepGoing: c.KeepGoing,
 		Progress: func(done, total int, bytes int64) {
 			pr.update("importing %s %d/%d paths, %s NAR", bar(int64(done), int64(total), 30), done, total, humanBytes(bytes))
 		},
@@ -83,6 +84,19 @@ func (c *ImportCmd) runCache(g *Globals) error {
 				fmt.Fprintf(g.Stderr, "error: %v\n", f)
 			}
 		}
+	}
+	untrusted := errors.As(err, new(*binarycache.UntrustedError))
+	if sum != nil {
+		for _, f := range sum.Failures {
+			untrusted = untrusted || errors.As(f, new(*binarycache.UntrustedError))
+		}
+	}
+	if untrusted {
+		const hint = "pass --trusted-public-keys with the cache's public key (NAME:BASE64), or --no-check-sigs to import unsigned paths unchecked"
+		if err != nil {
+			return fmt.Errorf("%w; %s", err, hint)
+		}
+		fmt.Fprintf(g.Stderr, "hint: %s\n", hint)
 	}
 	if err != nil {
 		return err
