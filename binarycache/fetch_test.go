@@ -226,6 +226,8 @@ func TestImportHostileCache(t *testing.T) {
 		{name: "zstd bomb", compression: "zstd", file: bomb, narSize: 1 << 20, want: ErrTooLong},
 		{name: "huge zstd window", compression: "zstd", file: hugeWindowFrame(small), narSize: int64(len(small)),
 			narHash: small, want: zstd.ErrWindowSizeExceeded},
+		{name: "huge xz dictionary", compression: "xz", file: hugeDictXz(t, small), narSize: int64(len(small)),
+			narHash: small, want: ErrXzDict},
 		{name: "file longer than FileSize", compression: "zstd", file: append(bytes.Clone(smallZ), skippableFrames(4<<20)...),
 			narSize: int64(len(small)), narHash: small, fileSize: int64(len(smallZ)), maxRead: int64(len(smallZ)) + 1, want: ErrTooLong},
 		{name: "endless skippable frames", compression: "zstd", file: append(bytes.Clone(smallZ), skippableFrames(4<<20)...),

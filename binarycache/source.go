@@ -176,7 +176,7 @@ func decompress(r io.Reader, compression string) (io.Reader, func(), error) {
 		}
 		return d, d.Close, nil
 	case "xz":
-		d, err := xz.NewReader(bufio.NewReaderSize(r, 64<<10))
+		d, err := xz.NewReader(bufio.NewReaderSize(newXzGuard(r), 64<<10))
 		if err != nil {
 			return nil, nil, fmt.Errorf("xz: %w", err)
 		}
