@@ -298,17 +298,17 @@ func (c *hashCounter) Read(p []byte) (int, error) {
 // its narinfo gave; reading stops at the first byte too many.
 var ErrTooLong = errors.New("longer than its narinfo says")
 
-// cappedReader passes on at most max bytes of r and fails with err (rather
-// than io.EOF) when r has more: a cache cannot make the importer read,
-// decompress or hash more than the narinfo announced.
+// cappedReader passes on the first left bytes of r and fails with err
+// (rather than io.EOF) when r has more: a cache cannot make the importer
+// read, decompress or hash more than the narinfo announced.
 type cappedReader struct {
 	r    io.Reader
 	left int64
 	err  error
-	over bool // r went on past max
+	over bool // r went on past the limit
 }
 
-// check returns c.err if r went on past max, whatever a reader above
+// check returns c.err if r went on past the limit, whatever a reader above
 // made of it (a decoder may report a failed read as a truncated frame),
 // else err.
 func (c *cappedReader) check(err error) error {
@@ -352,12 +352,13 @@ func (im *Importer) fetchAttempt(ctx context.Context, in *Info) error {
 		return err
 	}
 	defer rc.Close()
-	fileCap := in.FileSize
-	if fileCap == 0 {
-		fileCap = maxFileSize(in.NarSize)
+	fileCapped := &cappedReader{r: rc, left: in.FileSize,
+		err: fmt.Errorf("%s: file %w (FileSize %d)", in.URL, ErrTooLong, in.FileSize)}
+	if in.FileSize == 0 {
+		fileCapped.left = maxFileSize(in.NarSize)
+		fileCapped.err = fmt.Errorf("%s: file %w: over %d bytes, more than any compression of its NarSize %d takes",
+			in.URL, ErrTooLong, fileCapped.left, in.NarSize)
 	}
-	fileCapped := &cappedReader{r: rc, left: fileCap,
-		err: fmt.Errorf("%s: file %w (FileSize %d, or at most %d without one)", in.URL, ErrTooLong, in.FileSize, maxFileSize(in.NarSize))}
 	file := &hashCounter{r: fileCapped, h: sha256.New()}
 	narR, closeDec, err := decompress(file, in.Compression)
 	if err != nil {
