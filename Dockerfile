@@ -52,8 +52,9 @@ ENV CASNIX_DIR=/data \
     CASNIX_LOG_FORMAT=json \
     TMPDIR=/tmp
 VOLUME ["/data", "/run/casnix"]
-# The HTTP binary cache (casnix serve --http, CASNIX_HTTP; unset it to serve
-# only the socket).
+# The HTTP binary cache (casnix serve --http, CASNIX_HTTP; set it empty to
+# serve only the socket): every store path's narinfo and NAR, and /metrics,
+# to anyone who reaches the port, unauthenticated (README, "Container image").
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
   CMD ["casnix", "ping"]

@@ -399,9 +399,10 @@ report() {
     lines+=("| **big NAR** | 1 path, NAR | $(mib "$nb") | | | | |")
     r=$(median_run "big:import_rss")
     if [[ -n $r ]]; then
+      # No anchor here: 100 MiB is a fixed target, not something measured in this run.
       local kib=${M[big:import_rss:$r]} x
       x=$(ratio "$kib" $((100 * 1024)))
-      lines+=("$(row "big NAR" "peak RSS, import --nar" "$(mib_kib "$kib")" "100.0 MiB" "$x" "<= 1" "$(verdict "$x" "<=" 1)")")
+      lines+=("$(row "big NAR" "peak RSS, import --nar" "$(mib_kib "$kib")" "" "" "<= 100.0 MiB (fixed target)" "$(verdict "$x" "<=" 1)")")
       r=$(median_run "big:import_secs")
       local is=${M[big:import_secs:$r]} zs=${M[big:zstd_secs:$r]}
       x=$(ratio "$zs" "$is")
@@ -415,7 +416,7 @@ report() {
       [[ ${M[big:dump_mismatch:1]:-0} == 0 ]] ||
         lines+=("$(row "big NAR" "render errors" "dump differs from NAR" "" "" "" "**no**")")
     else
-      lines+=("$(fail_row "big NAR" "peak RSS, import --nar" "100.0 MiB" "<= 1")")
+      lines+=("$(fail_row "big NAR" "peak RSS, import --nar" "" "<= 100.0 MiB (fixed target)")")
     fi
   fi
   printf '%s\n' "${lines[@]}"

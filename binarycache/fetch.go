@@ -23,12 +23,17 @@ type Importer struct {
 	Store    *store.Store
 	Src      Source
 	StoreDir string
-	// Keys, when set, are the trusted public keys: a path needs a valid
-	// signature by one of them (Nix's require-sigs).
-	Keys      store.PublicKeys
-	Jobs      int  // NARs fetched and imported at once
-	Retries   int  // extra attempts after a transient failure
-	KeepGoing bool // import what can be imported when some paths fail
+	// Keys are the trusted public keys: an input-addressed path needs a
+	// valid signature by one of them (Nix's require-sigs, on by default),
+	// so with none, only content-addressed paths whose address makes their
+	// store path are taken.
+	Keys store.PublicKeys
+	// NoCheckSigs takes every path without looking at its signatures, for
+	// caches the user trusts as a whole (Nix's --no-check-sigs).
+	NoCheckSigs bool
+	Jobs        int  // NARs fetched and imported at once
+	Retries     int  // extra attempts after a transient failure
+	KeepGoing   bool // import what can be imported when some paths fail
 	// Progress, when set, is called as paths finish.
 	Progress func(done, total int, narBytes int64)
 }
@@ -226,16 +231,31 @@ func (im *Importer) lookup(ctx context.Context, t target) (*Info, bool, error) {
 	if store.HashPart(in.Name) != t.hash || (t.name != "" && in.Name != t.name) {
 		return nil, false, fmt.Errorf("%w: %s.narinfo describes %s/%s", ErrBadNarinfo, t.hash, im.StoreDir, in.Name)
 	}
-	if im.Keys != nil {
+	if !im.NoCheckSigs {
 		pi := in.PathInfo()
 		if im.Keys.Verify(im.StoreDir, &pi) == 0 && !caVerified(im.StoreDir, in) {
-			if len(in.Sigs) == 0 {
-				return in, false, fmt.Errorf("refused: not signed, and a signature by a trusted key is required")
-			}
-			return in, false, fmt.Errorf("refused: no valid signature by a trusted key (%d signatures)", len(in.Sigs))
+			return in, false, &UntrustedError{Sigs: len(in.Sigs), Keys: len(im.Keys)}
 		}
 	}
 	return in, false, nil
+}
+
+// UntrustedError refuses an input-addressed path that carries no valid
+// signature by a trusted key while signatures are checked.
+type UntrustedError struct {
+	Sigs int // signatures the narinfo carries
+	Keys int // trusted keys given
+}
+
+func (e *UntrustedError) Error() string {
+	msg := "refused: not signed, and a signature by a trusted key is required"
+	if e.Sigs > 0 {
+		msg = fmt.Sprintf("refused: no valid signature by a trusted key (%d signatures)", e.Sigs)
+	}
+	if e.Keys == 0 {
+		msg += " (no trusted public keys given)"
+	}
+	return msg
 }
 
 // retry runs f until it succeeds, fails for good, or ran out of attempts.
@@ -274,19 +294,87 @@ func (c *hashCounter) Read(p []byte) (int, error) {
 	return n, err
 }
 
+// ErrTooLong means a cache file or the NAR inside it went on past the size
+// its narinfo gave; reading stops at the first byte too many.
+var ErrTooLong = errors.New("longer than its narinfo says")
+
+// cappedReader passes on the first left bytes of r and fails with err
+// (rather than io.EOF) when r has more: a cache cannot make the importer
+// read, decompress or hash more than the narinfo announced.
+type cappedReader struct {
+	r    io.Reader
+	left int64
+	err  error
+	over bool // r went on past the limit
+}
+
+// check returns c.err if r went on past the limit, whatever a reader above
+// made of it (a decoder may report a failed read as a truncated frame),
+// else err.
+func (c *cappedReader) check(err error) error {
+	if c.over {
+		return c.err
+	}
+	return err
+}
+
+func (c *cappedReader) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	if c.left <= 0 {
+		// At the limit: the stream must end here. One byte tells.
+		var b [1]byte
+		n, err := c.r.Read(b[:])
+		if n > 0 {
+			c.over = true
+			return 0, c.err
+		}
+		return 0, err
+	}
+	if int64(len(p)) > c.left {
+		p = p[:c.left]
+	}
+	n, err := c.r.Read(p)
+	c.left -= int64(n)
+	return n, err
+}
+
+// maxFileSize bounds a compressed cache file whose narinfo gives no
+// FileSize: none, xz, bzip2 and zstd all expand incompressible data by far
+// less than a quarter, so anything longer is not an honest compression of
+// a NAR of narSize bytes (it could be endless padding or skippable frames).
+func maxFileSize(narSize int64) int64 { return narSize + narSize/4 + 1<<20 }
+
 func (im *Importer) fetchAttempt(ctx context.Context, in *Info) error {
 	rc, err := im.Src.Open(ctx, in.URL)
 	if err != nil {
 		return err
 	}
 	defer rc.Close()
-	file := &hashCounter{r: rc, h: sha256.New()}
+	fileCapped := &cappedReader{r: rc, left: in.FileSize,
+		err: fmt.Errorf("%s: file %w (FileSize %d)", in.URL, ErrTooLong, in.FileSize)}
+	if in.FileSize == 0 {
+		fileCapped.left = maxFileSize(in.NarSize)
+		fileCapped.err = fmt.Errorf("%s: file %w: over %d bytes, more than any compression of its NarSize %d takes",
+			in.URL, ErrTooLong, fileCapped.left, in.NarSize)
+	}
+	file := &hashCounter{r: fileCapped, h: sha256.New()}
 	narR, closeDec, err := decompress(file, in.Compression)
 	if err != nil {
-		return fmt.Errorf("%s: %w", in.URL, err)
+		return fileCapped.check(fmt.Errorf("%s: %w", in.URL, err))
 	}
 	defer closeDec()
-	br := bufio.NewReaderSize(narR, 256<<10)
+	narCapped := &cappedReader{r: narR, left: in.NarSize,
+		err: fmt.Errorf("%s: NAR %w (NarSize %d)", in.URL, ErrTooLong, in.NarSize)}
+	br := bufio.NewReaderSize(narCapped, 256<<10)
+	err = im.ingest(ctx, in, file, br)
+	return fileCapped.check(narCapped.check(err))
+}
+
+// ingest reads the NAR from br into a batch of its own and commits it if
+// the NAR, and the file it came in, are what the narinfo says.
+func (im *Importer) ingest(ctx context.Context, in *Info, file *hashCounter, br *bufio.Reader) error {
 	b := im.Store.NewBatch(ctx)
 	pi, err := b.Add(br, in.PathInfo())
 	if err != nil {

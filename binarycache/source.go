@@ -155,19 +155,28 @@ func (b transientBody) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// decompress returns a reader of the NAR inside a cache file.
+// maxZstdWindow is the largest zstd window (history a decoder keeps) a
+// cache file may ask for: libzstd's own default decoding limit
+// (ZSTD_WINDOWLOG_LIMIT_DEFAULT, 2^27), which the Nix that wrote the cache
+// decodes with too. A frame asking for more is refused before anything is
+// allocated for it, rather than costing up to its 3.75 TB maximum.
+const maxZstdWindow = 1 << 27
+
+// decompress returns a reader of the NAR inside a cache file. What it
+// yields is not bounded here: the caller caps it at the NAR's size.
 func decompress(r io.Reader, compression string) (io.Reader, func(), error) {
 	switch compression {
 	case "none":
 		return r, func() {}, nil
 	case "zstd":
-		d, err := zstd.NewReader(r, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
+		d, err := zstd.NewReader(r, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true),
+			zstd.WithDecoderMaxWindow(maxZstdWindow), zstd.WithDecoderMaxMemory(maxZstdWindow))
 		if err != nil {
 			return nil, nil, fmt.Errorf("zstd: %w", err)
 		}
 		return d, d.Close, nil
 	case "xz":
-		d, err := xz.NewReader(bufio.NewReaderSize(r, 64<<10))
+		d, err := xz.NewReader(bufio.NewReaderSize(newXzGuard(r), 64<<10))
 		if err != nil {
 			return nil, nil, fmt.Errorf("xz: %w", err)
 		}

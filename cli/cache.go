@@ -18,7 +18,8 @@ import (
 // CacheImportFlags are ImportCmd's flags for --from (a binary cache).
 type CacheImportFlags struct {
 	All               bool     `name:"all" help:"With --from file://…: import every path the cache holds."`
-	TrustedPublicKeys []string `name:"trusted-public-keys" sep:"none" placeholder:"KEYS" help:"With --from: refuse paths without a valid signature by one of these keys (Nix format name:base64; repeatable, or space-separated)."`
+	TrustedPublicKeys []string `name:"trusted-public-keys" sep:"none" placeholder:"KEYS" help:"With --from: the keys (Nix format name:base64; repeatable, or space-separated) whose signature makes an input-addressed path acceptable; without one, only content-addressed paths are imported unless --no-check-sigs."`
+	NoCheckSigs       bool     `name:"no-check-sigs" help:"With --from: import paths without checking their signatures (a cache you trust as a whole, over a channel you trust)."`
 	KeepGoing         bool     `name:"keep-going" short:"k" help:"With --from: import what can be imported; report failed paths (and those that refer to them) and exit non-zero."`
 	Jobs              int      `name:"jobs" short:"j" default:"4" help:"With --from: NARs downloaded and imported at once."`
 	Retries           int      `name:"retries" default:"3" help:"With --from: extra attempts after a network or server error."`
@@ -64,8 +65,8 @@ func (c *ImportCmd) runCache(g *Globals) error {
 	defer st.Close()
 	pr := newProgress(g.Stderr)
 	im := &binarycache.Importer{
-		Store: st, Src: src, StoreDir: st.StoreDir, Keys: keys, Jobs: max(c.Jobs, 1), Retries: max(c.Retries, 0),
-		KeepGoing: c.KeepGoing,
+		Store: st, Src: src, StoreDir: st.StoreDir, Keys: keys, NoCheckSigs: c.NoCheckSigs,
+		Jobs: max(c.Jobs, 1), Retries: max(c.Retries, 0), KeepGoing: c.KeepGoing,
 		Progress: func(done, total int, bytes int64) {
 			pr.update("importing %s %d/%d paths, %s NAR", bar(int64(done), int64(total), 30), done, total, humanBytes(bytes))
 		},
@@ -83,6 +84,19 @@ func (c *ImportCmd) runCache(g *Globals) error {
 				fmt.Fprintf(g.Stderr, "error: %v\n", f)
 			}
 		}
+	}
+	untrusted := errors.As(err, new(*binarycache.UntrustedError))
+	if sum != nil {
+		for _, f := range sum.Failures {
+			untrusted = untrusted || errors.As(f, new(*binarycache.UntrustedError))
+		}
+	}
+	if untrusted {
+		const hint = "pass --trusted-public-keys with the cache's public key (NAME:BASE64), or --no-check-sigs to import unsigned paths unchecked"
+		if err != nil {
+			return fmt.Errorf("%w; %s", err, hint)
+		}
+		fmt.Fprintf(g.Stderr, "hint: %s\n", hint)
 	}
 	if err != nil {
 		return err
@@ -183,13 +197,15 @@ func cutPrefix(s, p string) (string, bool) {
 
 // HTTPFlags are ServeCmd's flags for the HTTP binary cache.
 type HTTPFlags struct {
-	HTTP            string `name:"http" env:"CASNIX_HTTP" placeholder:"ADDR" help:"Also serve the store as an HTTP binary cache on ADDR (host:port), with /metrics."`
-	HTTPOnly        bool   `name:"http-only" help:"With --http: serve no daemon socket."`
-	SignKey         string `name:"sign-key" type:"path" placeholder:"FILE" help:"With --http: sign narinfos with this Nix secret key file."`
-	HTTPCompression string `name:"http-compression" default:"zstd" enum:"zstd,none" help:"With --http: NAR compression narinfos point at (${enum}); none suits fast local networks."`
-	Priority        int    `name:"priority" default:"40" help:"With --http: the Priority in nix-cache-info (lower is preferred)."`
-	HTTPCache       string `name:"http-cache" type:"path" placeholder:"DIR" help:"With --http: keep compressed NARs once served in DIR, so later downloads are sent from a file (no render, no compression)."`
-	HTTPCacheSize   int64  `name:"http-cache-size" default:"10737418240" placeholder:"BYTES" help:"With --http-cache: evict least recently used NARs beyond this many bytes."`
+	HTTP            string        `name:"http" env:"CASNIX_HTTP" placeholder:"ADDR" help:"Also serve the store as an HTTP binary cache on ADDR (host:port), with /metrics."`
+	HTTPOnly        bool          `name:"http-only" help:"With --http: serve no daemon socket."`
+	SignKey         string        `name:"sign-key" type:"path" placeholder:"FILE" help:"With --http: sign narinfos with this Nix secret key file."`
+	HTTPCompression string        `name:"http-compression" default:"zstd" enum:"zstd,none" help:"With --http: NAR compression narinfos point at (${enum}); none suits fast local networks."`
+	Priority        int           `name:"priority" default:"40" help:"With --http: the Priority in nix-cache-info (lower is preferred)."`
+	HTTPCache       string        `name:"http-cache" type:"path" placeholder:"DIR" help:"With --http: keep compressed NARs once served in DIR, so later downloads are sent from a file (no render, no compression)."`
+	HTTPCacheSize   int64         `name:"http-cache-size" default:"10737418240" placeholder:"BYTES" help:"With --http-cache: evict least recently used NARs beyond this many bytes."`
+	HTTPMaxConns    int           `name:"http-max-connections" env:"CASNIX_HTTP_MAX_CONNECTIONS" default:"128" placeholder:"N" help:"With --http: serve at most N connections at once (each may render and compress a NAR); more wait until one closes. 0: no cap."`
+	HTTPStall       time.Duration `name:"http-stall-timeout" env:"CASNIX_HTTP_STALL_TIMEOUT" default:"1m" help:"With --http: close a connection whose response makes no progress (a client not reading) for this long; a slow but steady download is not cut off."`
 }
 
 // startHTTP starts the HTTP binary cache; the returned function stops it.
@@ -207,8 +223,11 @@ func (c *ServeCmd) startHTTP(g *Globals, st *store.Store) (func(), error) {
 	}
 	h := &binarycache.Server{Store: st, StoreDir: st.StoreDir, Key: key, Priority: c.Priority,
 		Compression: c.HTTPCompression, Logger: g.Logger, CacheDir: c.HTTPCache, CacheBytes: c.HTTPCacheSize}
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 30 * time.Second, IdleTimeout: 2 * time.Minute}
-	g.Logger.Info("serving HTTP binary cache", "addr", ln.Addr().String())
+	lim := binarycache.DefaultHTTPLimits
+	lim.MaxConns, lim.WriteStall = c.HTTPMaxConns, c.HTTPStall
+	srv := binarycache.NewHTTPServer(h, lim)
+	ln = binarycache.LimitListener(ln, lim.MaxConns)
+	g.Logger.Info("serving HTTP binary cache", "addr", ln.Addr().String(), "max_connections", lim.MaxConns)
 	go func() {
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			g.Logger.Error("http", "err", err)

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"strings"
 	"sync"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -15,7 +16,7 @@ import (
 // MountFlags are shared by mount and serve --mount.
 type MountFlags struct {
 	ListRoot   bool `name:"list-root" env:"CASNIX_LIST_ROOT" default:"true" negatable:"" help:"Make the mount root listable (overlayfs and Nix's overlay GC list it); --no-list-root for huge stores only looked up by name."`
-	AllowOther bool `name:"allow-other" env:"CASNIX_ALLOW_OTHER" default:"true" negatable:"" help:"Let other users (sandboxed builders) read the mount; needs root or user_allow_other."`
+	AllowOther bool `name:"allow-other" env:"CASNIX_ALLOW_OTHER" default:"true" negatable:"" help:"Let other users (sandboxed builders) read the mount: as root, or as another user when /etc/fuse.conf has user_allow_other (else only the mounting user can, with a warning)."`
 	FuseDebug  bool `name:"fuse-debug" env:"CASNIX_FUSE_DEBUG" hidden:"" help:"Log every FUSE request."`
 }
 
@@ -36,10 +37,40 @@ func (m *MountFlags) mount(g *Globals, st *store.Store, dir string) (*fuse.Serve
 			runtime.GOMAXPROCS(runtime.GOMAXPROCS(0) + 2)
 		}
 	})
+	allow, why := allowOther(m.AllowOther, os.Geteuid(), fuseConf)
+	if m.AllowOther && !allow {
+		g.Logger.Warn("the mount is readable by its owner only", "reason", why)
+	}
 	return fusefs.Mount(dir, st, fusefs.Options{
-		ListRoot: m.ListRoot, AllowOther: m.AllowOther && os.Geteuid() == 0, Logger: g.Logger, Debug: m.FuseDebug,
+		ListRoot: m.ListRoot, AllowOther: allow, Logger: g.Logger, Debug: m.FuseDebug,
 		Deletions: st.Deletions,
 	})
+}
+
+// fuseConf is where fusermount reads user_allow_other.
+const fuseConf = "/etc/fuse.conf"
+
+// allowOther decides whether to mount with allow_other: root may always;
+// anyone else only when conf (fuse.conf) has the user_allow_other line,
+// without which fusermount refuses the whole mount. why says why not.
+func allowOther(requested bool, euid int, conf string) (bool, string) {
+	switch {
+	case !requested:
+		return false, "--no-allow-other"
+	case euid == 0:
+		return true, ""
+	}
+	data, err := os.ReadFile(conf)
+	if err != nil {
+		return false, fmt.Sprintf("not root, and %v", err)
+	}
+	for line := range strings.SplitSeq(string(data), "\n") {
+		line, _, _ = strings.Cut(line, "#")
+		if strings.TrimSpace(line) == "user_allow_other" {
+			return true, ""
+		}
+	}
+	return false, "not root, and " + conf + " has no user_allow_other line"
 }
 
 var moreProcs sync.Once

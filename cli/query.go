@@ -218,8 +218,10 @@ func (c *LsCmd) Run(g *Globals) error {
 	return nil
 }
 
-// printEntry prints one line in the style of 'nix store ls -l'.
+// printEntry prints one line in the style of 'nix store ls -l', name and
+// target quoted (Quote): they come from store contents.
 func printEntry(w io.Writer, name string, n castore.Node) {
+	name = Quote(name)
 	switch n.Kind {
 	case castore.KindDirectory:
 		fmt.Fprintf(w, "dr-xr-xr-x %20d %s\n", 0, name)
@@ -230,7 +232,7 @@ func printEntry(w io.Writer, name string, n castore.Node) {
 		}
 		fmt.Fprintf(w, "%s %20d %s\n", mode, n.Size, name)
 	case castore.KindSymlink:
-		fmt.Fprintf(w, "lrwxrwxrwx %20d %s -> %s\n", 0, name, n.Target)
+		fmt.Fprintf(w, "lrwxrwxrwx %20d %s -> %s\n", 0, name, Quote(string(n.Target)))
 	}
 }
 
@@ -325,10 +327,10 @@ func (c *VerifyCmd) Run(g *Globals) error {
 		fmt.Fprintf(g.Stdout, "damaged pack: %v\n", d)
 	}
 	for _, d := range rep.Chunks {
-		fmt.Fprintf(g.Stdout, "damaged chunk: %v\n", d)
+		fmt.Fprintf(g.Stdout, "damaged chunk: %s\n", Quote(fmt.Sprint(d)))
 	}
 	for _, d := range rep.Damaged {
-		fmt.Fprintf(g.Stdout, "damaged path: %s: %v\n", st.Full(d.Name), d.Err)
+		fmt.Fprintf(g.Stdout, "damaged path: %s: %s\n", st.Full(d.Name), Quote(d.Err.Error()))
 	}
 	fmt.Fprintf(g.Stderr, "verified the database, %d frames and %d paths in %.1fs: %d database problems, %d damaged pack headers, %d damaged chunks, %d damaged paths\n",
 		rep.Frames, rep.Paths, time.Since(start).Seconds(), len(rep.DB), len(rep.Packs), len(rep.Chunks), len(rep.Damaged))

@@ -60,7 +60,7 @@ func TestCacheImportBadInput(t *testing.T) {
 		mutate  func(dir string)
 		handler func(dir string, next http.Handler) http.Handler
 		want    string // in the error
-		noKeys  bool   // import without --trusted-public-keys
+		noKeys  bool   // import with --no-check-sigs instead of --trusted-public-keys
 		extra   bool   // with --keep-going, name chain1 too: the bad narinfo hides its references
 	}{
 		{name: "nar hash mismatch", mutate: replaceField("NarHash", "sha256:"+strings.Repeat("0", 51)+"1"), want: "NAR hash mismatch", noKeys: true},
@@ -98,7 +98,9 @@ func TestCacheImportBadInput(t *testing.T) {
 	run := func(t *testing.T, url string, keepGoing, noKeys, extra bool, want string) {
 		c := nixtest.NewCasnix(t)
 		args := []string{"import", "--from", url, "--retries", "1"}
-		if !noKeys {
+		if noKeys {
+			args = append(args, "--no-check-sigs")
+		} else {
 			args = append(args, "--trusted-public-keys", pub)
 		}
 		args = append(args, chain[3])

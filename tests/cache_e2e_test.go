@@ -59,14 +59,14 @@ func TestCacheRoundTrip(t *testing.T) {
 
 	c := nixtest.NewCasnix(t)
 	// zstd first: part of the closure; then xz --all fills in the rest.
-	c.Run(t, "import", "--from", "file://"+cacheZ, f.Path(t, "diamond-top"), f.Path(t, "chain4"))
-	r := c.Run(t, "import", "--from", "file://"+cacheA, "--all")
+	c.Run(t, "import", "--from", "file://"+cacheZ, "--no-check-sigs", f.Path(t, "diamond-top"), f.Path(t, "chain4"))
+	r := c.Run(t, "import", "--from", "file://"+cacheA, "--no-check-sigs", "--all")
 	if !strings.Contains(string(r.Stderr), "already present") {
 		t.Errorf("import summary: %s", r.Stderr)
 	}
 	sameInfos(t, c.ValidPaths(t, f.AllPaths(t)), want)
 	// Idempotent: again, nothing to do.
-	r = c.Run(t, "import", "--from", "file://"+cacheA, "--all")
+	r = c.Run(t, "import", "--from", "file://"+cacheA, "--no-check-sigs", "--all")
 	if !strings.Contains(string(r.Stderr), "imported 0 paths") {
 		t.Errorf("second import: %s", r.Stderr)
 	}
@@ -133,10 +133,16 @@ func TestCacheRoundTrip(t *testing.T) {
 	hs := httptest.NewServer(http.FileServer(http.Dir(cacheA)))
 	defer hs.Close()
 	c2 := nixtest.NewCasnix(t)
-	if r := c2.Try("import", "--from", hs.URL, "--all"); r.OK() || !strings.Contains(string(r.Stderr), "cannot be listed") {
+	if r := c2.Try("import", "--from", hs.URL, "--no-check-sigs", "--all"); r.OK() || !strings.Contains(string(r.Stderr), "cannot be listed") {
 		t.Errorf("--all over http: %s", r)
 	}
-	c2.Run(t, "import", "--from", hs.URL, f.Path(t, "diamond-top"), f.Path(t, "uses-fod"))
+	// Signatures are checked unless told otherwise: no key given, none is valid.
+	top := f.Path(t, "diamond-top")
+	if r := c2.Try("import", "--from", hs.URL, top); r.OK() || !strings.Contains(string(r.Stderr), "refused: ") ||
+		!strings.Contains(string(r.Stderr), "--no-check-sigs") || !strings.Contains(string(r.Stderr), nixtest.StoreDir+"/") {
+		t.Errorf("import of an unsigned cache without --no-check-sigs:\n%s", r)
+	}
+	c2.Run(t, "import", "--from", hs.URL, "--no-check-sigs", top, f.Path(t, "uses-fod"))
 	sub := map[string]nixtest.PathInfo{}
 	for _, p := range f.Closure(t, f.Path(t, "diamond-top"), f.Path(t, "uses-fod")) {
 		sub[p] = want[p]

@@ -6,5 +6,6 @@
 //
 // (one package at a time, so that -v output streams as the tests run).
 //
-// With CI=true a missing prerequisite fails the tests instead of skipping them.
+// With CI=true, and by default as root, a missing prerequisite fails the tests instead of
+// skipping them (nixtest.Strict); CI=false makes it a skip.
 package tests

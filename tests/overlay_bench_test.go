@@ -31,7 +31,7 @@ func BenchmarkLocalOverlay(b *testing.B) {
 		corpus = "/var/tmp/casnix-bench/corpora/releases"
 	}
 	if _, err := os.Stat(filepath.Join(corpus, "nix/var/nix/db/db.sqlite")); err != nil {
-		b.Skipf("no corpus store at %s (run bench/build-corpora.sh): %v", corpus, err)
+		nixtest.SkipOrFatal(b, "no corpus store at %s (run bench/build-corpora.sh): %v", corpus, err)
 	}
 	r := nixtest.RequireRoot(b, "sid")
 	bin := nixtest.CasnixBinary(b)

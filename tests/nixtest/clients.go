@@ -30,7 +30,7 @@ type NixClient struct {
 }
 
 // RequireNixClient returns the Nix client of suite ("bookworm" for host Nix, "trixie",
-// "sid" for the Nix of a Root). A missing prerequisite skips the test, or fails it in CI.
+// "sid" for the Nix of a Root). A missing prerequisite skips the test, or fails it when Strict.
 func RequireNixClient(t testing.TB, suite string) *NixClient {
 	t.Helper()
 	if suite == "bookworm" {

@@ -4,7 +4,7 @@
 //
 //   - Host Nix: Debian bookworm's nix-bin (Nix 2.8) on the test machine, installed on demand
 //     by ../nixenv/install-host-nix.sh (RequireHostNix). When it cannot be installed the
-//     calling test is skipped, or fails when the environment variable CI is "true".
+//     calling test is skipped, or fails when Strict (CI=true, or root without CI set).
 //   - Root: a Debian root with a newer real Nix (trixie: 2.26, sid: 2.34), made and cached
 //     by ../nixenv/make-root.sh (RequireRoot); commands run inside it in a mount namespace
 //     of their own with pivot_root, a private /nix, /tmp and /root per test, and host

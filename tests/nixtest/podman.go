@@ -15,7 +15,7 @@ var (
 
 // RequirePodman makes sure podman is installed on the host (rootful: the tests run as
 // root), running nixenv/install-host-podman.sh once per process. When that fails the test
-// is skipped, or fails in CI.
+// is skipped, or fails when Strict.
 func RequirePodman(t testing.TB) {
 	t.Helper()
 	podmanOnce.Do(func() {

@@ -94,7 +94,7 @@ var rootBuilds sync.Map // suite → *rootBuild
 // too) with private /nix, /tmp and /root directories under t.TempDir. The first call for a
 // suite in a process runs nixenv/make-root.sh, which reuses the cached root (instantly) or
 // builds it with debootstrap (a minute or two; the .debs are cached too), then checks that
-// a command runs in it. When that fails the test is skipped, or fails when CI=true.
+// a command runs in it. When that fails the test is skipped, or fails when Strict.
 func RequireRoot(t testing.TB, suite string) *Root {
 	t.Helper()
 	v, _ := rootBuilds.LoadOrStore(suite, &rootBuild{})

@@ -19,7 +19,7 @@ var (
 
 // RequireSSHD makes sure OpenSSH's server (/usr/sbin/sshd) and ssh-keygen are installed on
 // the host, running nixenv/install-host-sshd.sh once per process; the system's ssh service
-// is neither started nor used. When that fails the test is skipped, or fails in CI.
+// is neither started nor used. When that fails the test is skipped, or fails when Strict.
 func RequireSSHD(t testing.TB) {
 	t.Helper()
 	sshdOnce.Do(func() {
