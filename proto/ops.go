@@ -117,6 +117,14 @@ func (c *conn) dispatch(op uint64) (keep bool, err error) {
 		err = c.setOptions()
 	case opCollectGarbage:
 		err = c.collectGarbage()
+	case opHasSubstitutes:
+		// Nix ≤ 2.8 daemons still serve it (clients of daemons older than
+		// 1.12 sent it); the answer is false, as from a daemon without
+		// substituters.
+		if _, err = c.readPath(); err == nil {
+			c.last()
+			c.w.boolean(false)
+		}
 	case opQuerySubstitutablePathInfo:
 		if _, err = c.r.str(maxPath); err == nil {
 			c.last()
