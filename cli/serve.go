@@ -51,13 +51,13 @@ func (c *ServeCmd) Run(g *Globals) error {
 		return err
 	}
 	defer st.Close()
-	trusted, err := trustFunc(c.TrustedUsers)
+	trusted, err := userFunc("trusted-users", c.TrustedUsers)
 	if err != nil {
 		return err
 	}
-	allowed, err := trustFunc(c.AllowedUsers)
+	allowed, err := userFunc("allowed-users", c.AllowedUsers)
 	if err != nil {
-		return fmt.Errorf("allowed-users: %w", err)
+		return err
 	}
 	keys, err := store.ParsePublicKeys(c.TrustedKeys)
 	if err != nil {
@@ -201,8 +201,9 @@ func userEntries(spec []string) []string {
 	return out
 }
 
-// trustFunc builds the trusted-users check: names, @group and *.
-func trustFunc(spec []string) (func(uid, gid uint32) bool, error) {
+// userFunc builds the check of a user list (--trusted-users or
+// --allowed-users, named by flag in errors): names, @group and *.
+func userFunc(flag string, spec []string) (func(uid, gid uint32) bool, error) {
 	uids := map[uint32]bool{}
 	gids := map[uint32]bool{}
 	all := false
@@ -213,14 +214,14 @@ func trustFunc(spec []string) (func(uid, gid uint32) bool, error) {
 		case strings.HasPrefix(e, "@"):
 			g, err := user.LookupGroup(e[1:])
 			if err != nil {
-				return nil, fmt.Errorf("trusted-users: %w", err)
+				return nil, fmt.Errorf("%s: %w", flag, err)
 			}
 			id, _ := strconv.Atoi(g.Gid)
 			gids[uint32(id)] = true
 		default:
 			u, err := user.Lookup(e)
 			if err != nil {
-				return nil, fmt.Errorf("trusted-users: %w", err)
+				return nil, fmt.Errorf("%s: %w", flag, err)
 			}
 			id, _ := strconv.Atoi(u.Uid)
 			uids[uint32(id)] = true

@@ -4,6 +4,7 @@ import (
 	"os"
 	"os/user"
 	"strconv"
+	"strings"
 	"testing"
 )
 
@@ -43,5 +44,22 @@ func TestSocketAccess(t *testing.T) {
 				t.Fatalf("mode %o gid %d err %v; want %o %d", mode, gid, err, tc.mode, tc.gid)
 			}
 		})
+	}
+}
+
+// TestUserFuncErrors checks that a bad entry in a user list is reported
+// under the flag it came from.
+func TestUserFuncErrors(t *testing.T) {
+	for _, flag := range []string{"trusted-users", "allowed-users"} {
+		for _, entry := range []string{"no-such-user-casnix", "@no-such-group-casnix"} {
+			_, err := userFunc(flag, []string{"root", entry})
+			if err == nil {
+				t.Fatalf("%s %s: accepted", flag, entry)
+			}
+			other := map[string]string{"trusted-users": "allowed-users", "allowed-users": "trusted-users"}[flag]
+			if msg := err.Error(); !strings.HasPrefix(msg, flag+": ") || strings.Contains(msg, other) {
+				t.Errorf("%s %s: error %q, want it to name %s only", flag, entry, msg, flag)
+			}
+		}
 	}
 }
