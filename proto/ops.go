@@ -870,14 +870,14 @@ func (p *pullReader) Read(b []byte) (int, error) {
 		p.err = err
 		return 0, err
 	}
-	data, err := p.c.r.bytes(uint64(len(b)))
+	n, err := p.c.r.into(b)
 	if err != nil {
 		p.err = err
 		return 0, err
 	}
-	if len(data) == 0 {
+	if n == 0 {
 		p.err = io.ErrUnexpectedEOF
 		return 0, p.err
 	}
-	return copy(b, data), nil
+	return n, nil
 }
