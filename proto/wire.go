@@ -13,8 +13,8 @@ import (
 const (
 	maxString     = 1 << 20 // a single string (SetOptions values are the longest)
 	maxPath       = 4096
-	maxListLen    = 1 << 24 // items in one list
-	maxFrameChunk = 1 << 26 // one chunk of a framed upload
+	maxListLen    = 1 << 24  // items in one list
+	maxFrameChunk = 1 << 26  // one chunk of a framed upload
 	maxListBytes  = 64 << 20 // memory of one list of strings (paths, signatures)
 	// maxText caps AddTextToStore's text, which is spooled to a file, not
 	// held in memory.
