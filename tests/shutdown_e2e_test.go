@@ -250,3 +250,46 @@ func validOn(sock, p string) bool {
 	ok, err := cl.IsValidPath(p)
 	return err == nil && ok
 }
+
+// TestConnectionLimitMessage checks that a real Nix client refused for
+// --max-connections-per-user prints the reason, and gets in once a slot is free.
+func TestConnectionLimitMessage(t *testing.T) {
+	for _, suite := range shutdownSuites {
+		t.Run(suite, func(t *testing.T) {
+			c := nixtest.RequireNixClient(t, suite)
+			sockDir := t.TempDir()
+			sock := filepath.Join(sockDir, "casnix.sock")
+			c.Bind(sockDir)
+			cas := nixtest.NewCasnix(t)
+			// Nobody is trusted, so root is held to the per-user cap too.
+			d := cas.Serve(t, sock, "--max-connections-per-user", "1", "--trusted-users", "nobody")
+			// The start-up probe's connection may not be counted gone yet.
+			var hold *proto.Client
+			for start := time.Now(); ; time.Sleep(50 * time.Millisecond) {
+				var err error
+				if hold, err = proto.Dial(sock); err == nil {
+					break
+				} else if time.Since(start) > 10*time.Second {
+					t.Fatal(err)
+				}
+			}
+			r := c.Try("nix", "path-info", "--store", d.URL(), "--all")
+			if r.OK() || !strings.Contains(string(r.Stderr), "--max-connections-per-user 1") {
+				t.Errorf("nix path-info with the user's only slot taken: want a failure naming the limit, got:\n%s", r)
+			}
+			hold.Close()
+			deadline := time.Now().Add(10 * time.Second)
+			for {
+				r := c.Try("nix", "path-info", "--store", d.URL(), "--all")
+				if r.OK() {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("nix path-info after the slot was freed:\n%s", r)
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+			checkServeLog(t, d)
+		})
+	}
+}
