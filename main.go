@@ -42,14 +42,28 @@ func run(args []string) int {
 		parser.Errorf("%s", err)
 		return 2
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
 	var level slog.Level
 	_ = level.UnmarshalText([]byte(c.LogLevel))
-	c.Ctx = ctx
 	c.Stdout = os.Stdout
 	c.Stderr = os.Stderr
 	c.Logger = slog.New(logHandler(c.LogFormat, level))
+	// The first SIGINT/SIGTERM cancels Ctx (serve drains gracefully), a
+	// second one closes Abort (serve stops at once).
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	abort := make(chan struct{})
+	go func() {
+		<-sigs
+		cancel()
+		sig := <-sigs
+		c.Logger.Warn("second signal: stopping at once, closing open connections", "signal", sig.String())
+		close(abort)
+	}()
+	c.Ctx = ctx
+	c.Abort = abort
 	if c.CPUProfile != "" {
 		f, err := os.Create(c.CPUProfile)
 		if err != nil {

@@ -31,7 +31,10 @@ type Globals struct {
 	LogLevel   string `name:"log-level" env:"CASNIX_LOG_LEVEL" default:"info" enum:"debug,info,warn,error" help:"Log level (${enum})."`
 	LogFormat  string `name:"log-format" env:"CASNIX_LOG_FORMAT" default:"text" enum:"text,json" help:"Log format on stderr (${enum}); text under journald (JOURNAL_STREAM set) leaves out the time, which the journal adds."`
 
-	Ctx    context.Context `kong:"-"`
+	Ctx context.Context `kong:"-"`
+	// Abort is done at a second SIGINT/SIGTERM: stop at once, without
+	// the graceful drain the first one starts. Nil: never.
+	Abort  <-chan struct{} `kong:"-"`
 	Stdout io.Writer       `kong:"-"`
 	Stderr io.Writer       `kong:"-"`
 	Logger *slog.Logger    `kong:"-"`

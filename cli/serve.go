@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
+	"syscall"
 	"time"
 
 	"github.com/casnix/casnix/proto"
@@ -30,7 +32,9 @@ type ServeCmd struct {
 	Mount            string        `name:"mount" env:"CASNIX_MOUNT" placeholder:"DIR" help:"Also mount the store read-only at DIR (FUSE), in the same process: the whole lower store of a Local Overlay Store."`
 	MountFlags
 	HTTPFlags
-	ShutdownTimeout time.Duration `name:"shutdown-timeout" env:"CASNIX_SHUTDOWN_TIMEOUT" default:"30s" help:"On SIGINT/SIGTERM, how long in-flight operations may take to finish."`
+	ShutdownTimeout time.Duration `name:"shutdown-timeout" env:"CASNIX_SHUTDOWN_TIMEOUT" default:"30s" help:"On SIGINT/SIGTERM, the socket is closed at once and open connections are served until their clients hang up, for at most this long; then their operations are cancelled. A second signal stops at once."`
+	MaxConnections  int           `name:"max-connections" env:"CASNIX_MAX_CONNECTIONS" default:"256" help:"Connections open at once; more are refused with an error in the handshake (0: no limit)."`
+	MaxPerUser      int           `name:"max-connections-per-user" env:"CASNIX_MAX_CONNECTIONS_PER_USER" default:"64" help:"Connections open at once from one uid; trusted users are exempt (0: no limit)."`
 }
 
 // DefaultSocket is the socket path used when none is given.
@@ -51,13 +55,13 @@ func (c *ServeCmd) Run(g *Globals) error {
 		return err
 	}
 	defer st.Close()
-	trusted, err := trustFunc(c.TrustedUsers)
+	trusted, err := userFunc("trusted-users", c.TrustedUsers)
 	if err != nil {
 		return err
 	}
-	allowed, err := trustFunc(c.AllowedUsers)
+	allowed, err := userFunc("allowed-users", c.AllowedUsers)
 	if err != nil {
-		return fmt.Errorf("allowed-users: %w", err)
+		return err
 	}
 	keys, err := store.ParsePublicKeys(c.TrustedKeys)
 	if err != nil {
@@ -67,6 +71,7 @@ func (c *ServeCmd) Run(g *Globals) error {
 		Store: st, StoreDir: st.StoreDir, NixVersion: "casnix-" + Version, Logger: g.Logger,
 		HandshakeTimeout: c.HandshakeTimeout, StallTimeout: c.StallTimeout, Trusted: trusted,
 		Allowed: allowed, RequireSigs: c.RequireSigs, PublicKeys: keys,
+		MaxConnections: c.MaxConnections, MaxConnectionsPerUser: c.MaxPerUser,
 	}
 	if c.HTTP != "" {
 		stop, err := c.startHTTP(g, st)
@@ -86,24 +91,31 @@ func (c *ServeCmd) Run(g *Globals) error {
 		}
 		return nil
 	}
-	ln, path, err := c.listen(st.Dir())
+	ln, err := c.listen(st.Dir())
 	if err != nil {
 		return err
 	}
+	// Closing the listener removes a socket file we created (if it is
+	// still ours); Serve closes it at the first signal.
+	defer ln.Close()
 	if c.Mount != "" {
 		fsrv, err := c.mount(g, st, c.Mount)
 		if err != nil {
-			ln.Close()
-			if path != "" {
-				os.Remove(path)
-			}
 			return err
 		}
 		g.Logger.Info("mounted", "dir", c.Mount)
 		defer unmount(g, fsrv, c.Mount)
 	}
-	if path != "" {
-		defer os.Remove(path)
+	if g.Abort != nil {
+		stop := make(chan struct{})
+		defer close(stop)
+		go func() {
+			select {
+			case <-g.Abort:
+				srv.Abort()
+			case <-stop:
+			}
+		}()
 	}
 	g.Logger.Info("serving", "socket", ln.Addr().String(), "data", st.Dir(), "version", Version)
 	err = srv.Serve(g.Ctx, ln, c.ShutdownTimeout)
@@ -111,18 +123,41 @@ func (c *ServeCmd) Run(g *Globals) error {
 	return err
 }
 
-// listen takes the socket from systemd (LISTEN_FDS) or creates it. It
-// returns the path to remove on exit ("" when systemd owns the socket).
-func (c *ServeCmd) listen(dataDir string) (net.Listener, string, error) {
+// ownedSocket is a listener on a socket file this process created. Close
+// removes the file only while it is still the one we bound: a daemon
+// started on the same path while this one drains has its own, which must
+// stay. The file is removed before the listener is closed, so no other
+// daemon can take a socket that still answers for stale and remove it.
+type ownedSocket struct {
+	*net.UnixListener
+	path     string
+	dev, ino uint64
+	once     sync.Once
+}
+
+func (o *ownedSocket) Close() error {
+	o.once.Do(func() {
+		var st syscall.Stat_t
+		if err := syscall.Lstat(o.path, &st); err == nil && uint64(st.Dev) == o.dev && st.Ino == o.ino {
+			os.Remove(o.path)
+		}
+	})
+	return o.UnixListener.Close()
+}
+
+// listen takes the socket from systemd (LISTEN_FDS) or creates it. A
+// socket from systemd is left in place on exit; one we created is removed
+// when its listener is closed, if it is still ours.
+func (c *ServeCmd) listen(dataDir string) (net.Listener, error) {
 	if pid, _ := strconv.Atoi(os.Getenv("LISTEN_PID")); pid == os.Getpid() {
 		if n, _ := strconv.Atoi(os.Getenv("LISTEN_FDS")); n >= 1 {
 			f := os.NewFile(3, "systemd-socket")
 			ln, err := net.FileListener(f)
 			f.Close()
 			if err != nil {
-				return nil, "", fmt.Errorf("socket activation: %w", err)
+				return nil, fmt.Errorf("socket activation: %w", err)
 			}
-			return ln, "", nil
+			return ln, nil
 		}
 	}
 	path := c.Socket
@@ -130,22 +165,29 @@ func (c *ServeCmd) listen(dataDir string) (net.Listener, string, error) {
 		path = DefaultSocket(dataDir)
 	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, "", fmt.Errorf("create socket dir: %w", err)
+		return nil, fmt.Errorf("create socket dir: %w", err)
 	}
 	if _, err := os.Lstat(path); err == nil {
 		// A socket nobody answers on is left over from a crash.
 		if conn, err := net.Dial("unix", path); err == nil {
 			conn.Close()
-			return nil, "", fmt.Errorf("%s: another daemon is already listening there", path)
+			return nil, fmt.Errorf("%s: another daemon is already listening there", path)
 		}
 		if err := os.Remove(path); err != nil {
-			return nil, "", fmt.Errorf("remove stale socket: %w", err)
+			return nil, fmt.Errorf("remove stale socket: %w", err)
 		}
 	}
-	ln, err := net.Listen("unix", path)
+	ul, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
-		return nil, "", fmt.Errorf("listen: %w", err)
+		return nil, fmt.Errorf("listen: %w", err)
 	}
+	ul.SetUnlinkOnClose(false) // ownedSocket removes it, if still ours
+	var fst syscall.Stat_t
+	if err := syscall.Lstat(path, &fst); err != nil {
+		ul.Close()
+		return nil, fmt.Errorf("listen: %w", err)
+	}
+	ln := &ownedSocket{UnixListener: ul, path: path, dev: uint64(fst.Dev), ino: fst.Ino}
 	// Like nix-daemon's socket: anyone may connect and trust is decided per
 	// connection from the peer's credentials, unless access is narrowed to
 	// a group, which the file mode then enforces too.
@@ -158,10 +200,9 @@ func (c *ServeCmd) listen(dataDir string) (net.Listener, string, error) {
 	}
 	if err != nil {
 		ln.Close()
-		os.Remove(path)
-		return nil, "", fmt.Errorf("socket permissions: %w", err)
+		return nil, fmt.Errorf("socket permissions: %w", err)
 	}
-	return ln, path, nil
+	return ln, nil
 }
 
 // socketAccess is the socket's mode and group (-1: leave it).
@@ -201,8 +242,9 @@ func userEntries(spec []string) []string {
 	return out
 }
 
-// trustFunc builds the trusted-users check: names, @group and *.
-func trustFunc(spec []string) (func(uid, gid uint32) bool, error) {
+// userFunc builds the check of a user list (--trusted-users or
+// --allowed-users, named by flag in errors): names, @group and *.
+func userFunc(flag string, spec []string) (func(uid, gid uint32) bool, error) {
 	uids := map[uint32]bool{}
 	gids := map[uint32]bool{}
 	all := false
@@ -213,14 +255,14 @@ func trustFunc(spec []string) (func(uid, gid uint32) bool, error) {
 		case strings.HasPrefix(e, "@"):
 			g, err := user.LookupGroup(e[1:])
 			if err != nil {
-				return nil, fmt.Errorf("trusted-users: %w", err)
+				return nil, fmt.Errorf("%s: %w", flag, err)
 			}
 			id, _ := strconv.Atoi(g.Gid)
 			gids[uint32(id)] = true
 		default:
 			u, err := user.Lookup(e)
 			if err != nil {
-				return nil, fmt.Errorf("trusted-users: %w", err)
+				return nil, fmt.Errorf("%s: %w", flag, err)
 			}
 			id, _ := strconv.Atoi(u.Uid)
 			uids[uint32(id)] = true

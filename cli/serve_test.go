@@ -1,9 +1,13 @@
 package cli
 
 import (
+	"errors"
+	"net"
 	"os"
 	"os/user"
+	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 )
 
@@ -43,5 +47,64 @@ func TestSocketAccess(t *testing.T) {
 				t.Fatalf("mode %o gid %d err %v; want %o %d", mode, gid, err, tc.mode, tc.gid)
 			}
 		})
+	}
+}
+
+// TestUserFuncErrors checks that a bad entry in a user list is reported
+// under the flag it came from.
+func TestUserFuncErrors(t *testing.T) {
+	for _, flag := range []string{"trusted-users", "allowed-users"} {
+		for _, entry := range []string{"no-such-user-casnix", "@no-such-group-casnix"} {
+			_, err := userFunc(flag, []string{"root", entry})
+			if err == nil {
+				t.Fatalf("%s %s: accepted", flag, entry)
+			}
+			other := map[string]string{"trusted-users": "allowed-users", "allowed-users": "trusted-users"}[flag]
+			if msg := err.Error(); !strings.HasPrefix(msg, flag+": ") || strings.Contains(msg, other) {
+				t.Errorf("%s %s: error %q, want it to name %s only", flag, entry, msg, flag)
+			}
+		}
+	}
+}
+
+// TestSocketHandOver checks the socket file's life across a restart on
+// the same path: a new daemon can listen as soon as the old one closed its
+// listener (which the old one does at once on SIGTERM, while it still
+// drains), and the old one's exit leaves the new one's socket in place.
+func TestSocketHandOver(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "daemon.sock")
+	cmd := &ServeCmd{Socket: path, AllowedUsers: []string{"*"}}
+	old, err := cmd.listen(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cmd.listen(t.TempDir()); err == nil || !strings.Contains(err.Error(), "another daemon") {
+		t.Fatalf("second listen while the first answers: err = %v", err)
+	}
+	old.Close() // the old daemon stops accepting
+	if _, err := os.Lstat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the old daemon left its socket file: %v", err)
+	}
+	next, err := cmd.listen(t.TempDir())
+	if err != nil {
+		t.Fatalf("listen after the old daemon stopped accepting: %v", err)
+	}
+	defer next.Close()
+	old.Close() // again, as the old daemon's exit does
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatalf("the new daemon's socket is gone after the old one exited: %v", err)
+	}
+	c.Close()
+	// A socket replaced behind a running daemon's back is not removed.
+	os.Remove(path)
+	other, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	next.Close()
+	if _, err := os.Lstat(path); err != nil {
+		t.Fatalf("closing removed a socket file it did not create: %v", err)
 	}
 }

@@ -69,8 +69,8 @@ func Copy(w io.Writer, r *bufio.Reader) (int64, error) {
 // parse reads one NAR from r into sink, copying exactly the bytes it
 // consumes to w.
 func parse(r *bufio.Reader, w io.Writer, sink Sink) (int64, castore.Node, error) {
-	in := &ingester{r: teeReader{r: r, w: w}, sink: sink}
-	in.r.n = &in.n
+	in := &ingester{sink: sink}
+	in.r = &teeReader{r: r, w: w, n: &in.n}
 	if err := in.expect(Magic); err != nil {
 		return in.n, castore.Node{}, err
 	}
@@ -79,19 +79,25 @@ func parse(r *bufio.Reader, w io.Writer, sink Sink) (int64, castore.Node, error)
 }
 
 // teeReader passes on (to a hash, or a destination) and counts exactly
-// what the parser consumes.
+// what the parser consumes. It keeps the first error of its own, so a
+// sink that fails while reading file contents can be told apart from
+// input that ended early.
 type teeReader struct {
-	r *bufio.Reader
-	w io.Writer
-	n *int64
+	r   *bufio.Reader
+	w   io.Writer
+	n   *int64
+	err error
 }
 
-func (t teeReader) Read(p []byte) (int, error) {
+func (t *teeReader) Read(p []byte) (int, error) {
 	n, err := t.r.Read(p)
 	if _, werr := t.w.Write(p[:n]); werr != nil && err == nil {
 		err = fmt.Errorf("nar: copy: %w", werr)
 	}
 	*t.n += int64(n)
+	if err != nil && t.err == nil {
+		t.err = err
+	}
 	return n, err
 }
 
@@ -108,7 +114,7 @@ func (discard) PutDirectory(*castore.Directory) (digest.Digest, error) {
 }
 
 type ingester struct {
-	r    teeReader
+	r    *teeReader
 	n    int64
 	sink Sink
 	buf  [8]byte
@@ -245,12 +251,20 @@ func (in *ingester) regular() (castore.Node, error) {
 		return n, in.errorf("file size %d is implausible", size)
 	}
 	start := in.n
+	in.r.err = nil
 	d, err := in.sink.WriteBlob(in.r, int64(size))
 	if err != nil {
-		if got := in.n - start; uint64(got) < size {
-			return n, fmt.Errorf("%w at byte %d: truncated file contents (%d of %d bytes): %w", ErrInvalid, in.n, got, size, err)
+		got := in.n - start
+		// Only input that ended early is the NAR's fault; a sink that
+		// failed (disk, database, a cancelled context) or a broken
+		// connection is not, whatever the sink returned.
+		if rerr := in.r.err; rerr != nil && uint64(got) < size {
+			if errors.Is(rerr, io.EOF) || errors.Is(rerr, io.ErrUnexpectedEOF) {
+				return n, fmt.Errorf("%w at byte %d: truncated file contents (%d of %d bytes): %w", ErrInvalid, in.n, got, size, io.ErrUnexpectedEOF)
+			}
+			return n, fmt.Errorf("nar: reading file contents at byte %d: %w", in.n, rerr)
 		}
-		return n, fmt.Errorf("nar: storing file contents: %w", err)
+		return n, fmt.Errorf("nar: storing file contents (%d of %d bytes read): %w", got, size, err)
 	}
 	if err := in.padding(size, "file contents"); err != nil {
 		return n, err

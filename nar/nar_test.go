@@ -387,3 +387,70 @@ func TestFile(t *testing.T) {
 		}
 	}
 }
+
+// failingSink reads some of a file's contents, then fails as a store
+// whose disk, database or context failed would.
+type failingSink struct {
+	memStore
+	read int64
+	err  error
+}
+
+func (f *failingSink) WriteBlob(r io.Reader, size int64) (digest.Digest, error) {
+	if _, err := io.CopyN(io.Discard, r, min(size, f.read)); err != nil {
+		return digest.Digest{}, err
+	}
+	return digest.Digest{}, f.err
+}
+
+// errReader yields its data, then err.
+type errReader struct {
+	data []byte
+	err  error
+}
+
+func (e *errReader) Read(p []byte) (int, error) {
+	if len(e.data) == 0 {
+		return 0, e.err
+	}
+	n := copy(p, e.data)
+	e.data = e.data[n:]
+	return n, nil
+}
+
+// TestIngestSinkErrors checks that only input that is malformed or ends
+// early is reported as an invalid NAR: a sink or transport failing in the
+// middle of a file is not the NAR's fault.
+func TestIngestSinkErrors(t *testing.T) {
+	contents := strings.Repeat("x", 100000)
+	whole := (&narBuilder{}).toks(Magic, "(", "type", "regular", "contents", contents, ")").Bytes()
+	errDisk := errors.New("disk full")
+	tests := []struct {
+		name    string
+		in      io.Reader
+		sink    Sink
+		invalid bool
+		want    error
+	}{
+		{"sink cancelled mid-file", bytes.NewReader(whole), &failingSink{read: 5000, err: context.Canceled}, false, context.Canceled},
+		{"sink fails after whole file", bytes.NewReader(whole), &failingSink{read: 1 << 20, err: errDisk}, false, errDisk},
+		{"sink fails before reading", bytes.NewReader(whole), &failingSink{err: errDisk}, false, errDisk},
+		{"transport error mid-file", &errReader{data: whole[:5000], err: errDisk}, newMem(), false, errDisk},
+		{"input ends mid-file", bytes.NewReader(whole[:5000]), newMem(), true, io.ErrUnexpectedEOF},
+		{"input ends mid-file, failing sink", bytes.NewReader(whole[:5000]), &failingSink{read: 1 << 20, err: errDisk}, true, io.ErrUnexpectedEOF},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Ingest(tc.in, tc.sink)
+			if err == nil {
+				t.Fatal("no error")
+			}
+			if errors.Is(err, ErrInvalid) != tc.invalid {
+				t.Errorf("errors.Is(%q, ErrInvalid) = %v, want %v", err, !tc.invalid, tc.invalid)
+			}
+			if !errors.Is(err, tc.want) {
+				t.Errorf("error %q does not wrap %v", err, tc.want)
+			}
+		})
+	}
+}

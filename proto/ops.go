@@ -117,6 +117,14 @@ func (c *conn) dispatch(op uint64) (keep bool, err error) {
 		err = c.setOptions()
 	case opCollectGarbage:
 		err = c.collectGarbage()
+	case opHasSubstitutes:
+		// Nix ≤ 2.8 daemons still serve it (clients of daemons older than
+		// 1.12 sent it); the answer is false, as from a daemon without
+		// substituters.
+		if _, err = c.readPath(); err == nil {
+			c.last()
+			c.w.boolean(false)
+		}
 	case opQuerySubstitutablePathInfo:
 		if _, err = c.r.str(maxPath); err == nil {
 			c.last()
@@ -884,14 +892,14 @@ func (p *pullReader) Read(b []byte) (int, error) {
 		p.err = err
 		return 0, err
 	}
-	data, err := p.c.r.bytes(uint64(len(b)))
+	n, err := p.c.r.into(b)
 	if err != nil {
 		p.err = err
 		return 0, err
 	}
-	if len(data) == 0 {
+	if n == 0 {
 		p.err = io.ErrUnexpectedEOF
 		return 0, p.err
 	}
-	return copy(b, data), nil
+	return n, nil
 }

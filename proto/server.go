@@ -64,22 +64,48 @@ type Server struct {
 	// require-sigs and trusted-public-keys settings do.
 	RequireSigs bool
 	PublicKeys  store.PublicKeys
+	// MaxConnections caps the connections open at once, and
+	// MaxConnectionsPerUser those of one uid (trusted users are exempt
+	// from the latter); zero is no limit. A connection over a limit is
+	// refused with an error during its handshake, which Nix prints.
+	MaxConnections        int
+	MaxConnectionsPerUser int
 
-	wg    sync.WaitGroup
-	mu    sync.Mutex
-	conns map[*conn]struct{}
+	wg       sync.WaitGroup
+	mu       sync.Mutex
+	conns    map[*conn]struct{}
+	active   int            // connections admitted and not yet ended
+	perUser  map[uint32]int // of active, by peer uid
+	refusing int            // refusals still in their handshake
+	closing  bool           // the drain is over: open connections are being closed
+	abort    chan struct{}
+	abortMu  sync.Once
 }
 
-// Serve accepts connections on ln until ctx is done, then stops accepting,
-// lets in-flight ops finish until drain expires, and closes what is left.
+// maxRefusing bounds the connections being refused at once: past it a
+// connection over a limit is closed without a handshake, so a flood of
+// connections cannot hold goroutines and descriptors for the handshake
+// timeout each.
+const maxRefusing = 64
+
+// Serve accepts connections on ln until ctx is done. Then it closes ln at
+// once (a restarted daemon can listen, and under socket activation take
+// the next connections), and serves the connections already open, every
+// op they send, as nix-daemon's forked workers do, until their clients
+// hang up, drain passes or Abort is called. Only then are their ops
+// cancelled and the connections closed.
 func (s *Server) Serve(ctx context.Context, ln net.Listener, drain time.Duration) error {
+	s.init()
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
+	// Connections outlive ctx: theirs is cancelled when the drain ends.
+	connCtx, cancelConns := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelConns()
 	for {
 		c, err := ln.Accept()
 		if err != nil {
 			if ctx.Err() != nil {
-				s.shutdown(drain)
+				s.drain(drain, cancelConns)
 				return nil
 			}
 			var ne net.Error
@@ -93,13 +119,41 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener, drain time.Duration
 			}
 			return fmt.Errorf("accept: %w", err)
 		}
-		trusted, allowed := s.peerAccess(c)
+		p := s.peerAccess(c)
+		refusal := p.refusal
+		if refusal == "" {
+			refusal = s.admit(p)
+		}
+		if refusal != "" && !s.startRefusal() {
+			c.Close()
+			continue
+		}
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()
-			s.serveNetConn(ctx, c, trusted, allowed)
+			if refusal != "" {
+				defer s.endRefusal()
+			} else {
+				defer s.release(p)
+			}
+			s.serveNetConn(connCtx, c, p, refusal)
 		}()
 	}
+}
+
+func (s *Server) init() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.abort == nil {
+		s.abort = make(chan struct{})
+	}
+}
+
+// Abort ends a drain at once: the ops of connections still open are
+// cancelled and the connections closed. It is what a second SIGTERM does.
+func (s *Server) Abort() {
+	s.init()
+	s.abortMu.Do(func() { close(s.abort) })
 }
 
 func (s *Server) log() *slog.Logger {
@@ -109,60 +163,144 @@ func (s *Server) log() *slog.Logger {
 	return s.Logger
 }
 
-// shutdown waits for in-flight ops; connections idle between ops are
-// closed at once, busy ones when they finish their op or drain expires.
-func (s *Server) shutdown(drain time.Duration) {
-	s.mu.Lock()
-	for c := range s.conns {
-		c.closing()
-	}
-	s.mu.Unlock()
+// drain waits for the open connections to end, until timeout or Abort;
+// then it cancels their ops and closes them.
+func (s *Server) drain(timeout time.Duration, cancel context.CancelFunc) {
 	done := make(chan struct{})
 	go func() { s.wg.Wait(); close(done) }()
+	s.mu.Lock()
+	n := len(s.conns)
+	s.mu.Unlock()
+	if n > 0 {
+		s.log().Info("stopped accepting; serving open connections until their clients hang up", "connections", n, "timeout", timeout)
+	}
+	var reason string
 	select {
 	case <-done:
-	case <-time.After(drain):
-		s.mu.Lock()
-		for c := range s.conns {
-			c.rw.Close()
-		}
-		s.mu.Unlock()
-		<-done
+		return
+	case <-time.After(timeout):
+		reason = "shutdown timeout passed"
+	case <-s.abort:
+		reason = "stopping at once"
 	}
+	s.mu.Lock()
+	for c := range s.conns {
+		s.log().Warn(reason+": closing a connection still open", "uid", c.uid, "op", c.currentOp())
+	}
+	s.mu.Unlock()
+	cancel()
+	s.mu.Lock()
+	s.closing = true
+	for c := range s.conns {
+		c.rw.Close()
+	}
+	s.mu.Unlock()
+	<-done
+}
+
+// peer is what SO_PEERCRED tells of a connecting process.
+type peer struct {
+	uid     uint32
+	known   bool // credentials read: uid is the peer's
+	trusted bool
+	refusal string // why it may not connect ("" = it may)
 }
 
 // peerAccess decides from the peer's SO_PEERCRED credentials whether it is
 // trusted and whether it may connect at all.
-func (s *Server) peerAccess(c net.Conn) (trusted, allowed bool) {
+func (s *Server) peerAccess(c net.Conn) peer {
 	uc, ok := c.(*net.UnixConn)
 	if !ok {
-		return false, s.Allowed == nil
+		return peer{refusal: s.allowedRefusal(s.Allowed == nil)}
 	}
 	cred, err := peerCred(uc)
 	if err != nil {
 		s.log().Warn("cannot read peer credentials; treating client as untrusted", "err", err)
-		return false, s.Allowed == nil
+		return peer{refusal: s.allowedRefusal(s.Allowed == nil)}
 	}
+	p := peer{uid: cred.Uid, known: true}
 	if s.Trusted != nil {
-		trusted = s.Trusted(cred.Uid, cred.Gid)
+		p.trusted = s.Trusted(cred.Uid, cred.Gid)
 	} else {
-		trusted = cred.Uid == 0
+		p.trusted = cred.Uid == 0
 	}
-	allowed = trusted || s.Allowed == nil || s.Allowed(cred.Uid, cred.Gid)
+	allowed := p.trusted || s.Allowed == nil || s.Allowed(cred.Uid, cred.Gid)
 	if !allowed {
 		s.log().Warn("refusing connection: user not in allowed-users", "uid", cred.Uid, "gid", cred.Gid)
 	}
-	return trusted, allowed
+	p.refusal = s.allowedRefusal(allowed)
+	return p
 }
 
-func (s *Server) serveNetConn(ctx context.Context, nc net.Conn, trusted, allowed bool) {
-	dc := &deadlineConn{Conn: nc}
-	c := s.newConn(ctx, dc, trusted)
-	c.refused = !allowed
+func (s *Server) allowedRefusal(allowed bool) string {
+	if allowed {
+		return ""
+	}
+	return "you are not allowed to connect to this casnix daemon (allowed-users)"
+}
+
+// admit counts a new connection against the limits, or says why it is
+// refused.
+func (s *Server) admit(p peer) string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.MaxConnections > 0 && s.active >= s.MaxConnections {
+		s.log().Warn("refusing connection: too many connections", "uid", p.uid, "max", s.MaxConnections)
+		return fmt.Sprintf("casnix has too many connections (--max-connections %d); try again later", s.MaxConnections)
+	}
+	if p.known && !p.trusted && s.MaxConnectionsPerUser > 0 && s.perUser[p.uid] >= s.MaxConnectionsPerUser {
+		s.log().Warn("refusing connection: too many connections from one user", "uid", p.uid, "max", s.MaxConnectionsPerUser)
+		return fmt.Sprintf("casnix has too many connections from uid %d (--max-connections-per-user %d); try again later", p.uid, s.MaxConnectionsPerUser)
+	}
+	if s.perUser == nil {
+		s.perUser = map[uint32]int{}
+	}
+	s.active++
+	if p.known {
+		s.perUser[p.uid]++
+	}
+	return ""
+}
+
+// release undoes admit.
+func (s *Server) release(p peer) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.active--
+	if p.known {
+		if s.perUser[p.uid]--; s.perUser[p.uid] <= 0 {
+			delete(s.perUser, p.uid)
+		}
+	}
+}
+
+func (s *Server) startRefusal() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.refusing >= maxRefusing {
+		return false
+	}
+	s.refusing++
+	return true
+}
+
+func (s *Server) endRefusal() {
+	s.mu.Lock()
+	s.refusing--
+	s.mu.Unlock()
+}
+
+func (s *Server) serveNetConn(ctx context.Context, nc net.Conn, p peer, refusal string) {
+	dc := &deadlineConn{Conn: nc, write: s.StallTimeout}
+	c := s.newConn(ctx, dc, p.trusted)
+	c.uid = p.uid
+	c.refusal = refusal
 	c.deadline = dc
-	s.track(c, true)
-	defer s.track(c, false)
 	defer nc.Close()
+	if !s.track(c, true) {
+		return
+	}
+	defer s.track(c, false)
 	c.serve()
 }
 
@@ -177,23 +315,32 @@ func (s *Server) ServeStdio(ctx context.Context, in io.Reader, out io.Writer, tr
 	return c.serve()
 }
 
-func (s *Server) track(c *conn, add bool) {
+// track adds or removes an open connection. It refuses to add one once
+// the drain has ended, when connections are being closed.
+func (s *Server) track(c *conn, add bool) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.conns == nil {
 		s.conns = map[*conn]struct{}{}
 	}
-	if add {
-		s.conns[c] = struct{}{}
-	} else {
+	if !add {
 		delete(s.conns, c)
+		return true
 	}
+	if s.closing {
+		return false
+	}
+	s.conns[c] = struct{}{}
+	return true
 }
 
 // deadlineConn sets read deadlines by phase: the handshake and op bodies
-// are bounded, waiting for the next op is not.
+// are bounded, waiting for the next op is not. Every write is bounded, so
+// a client that stops reading (a NarFromPath it does not consume) is
+// dropped instead of holding its goroutine, buffers and temp roots.
 type deadlineConn struct {
 	net.Conn
+	write   time.Duration
 	mu      sync.Mutex
 	timeout time.Duration
 }
@@ -217,6 +364,13 @@ func (d *deadlineConn) Read(p []byte) (int, error) {
 	return d.Conn.Read(p)
 }
 
+func (d *deadlineConn) Write(p []byte) (int, error) {
+	if d.write > 0 {
+		d.Conn.SetWriteDeadline(time.Now().Add(d.write))
+	}
+	return d.Conn.Write(p)
+}
+
 // conn is one client connection.
 type conn struct {
 	s        *Server
@@ -227,13 +381,13 @@ type conn struct {
 	w        wireWriter
 	minor    uint64
 	trusted  bool
+	uid      uint32
 	log      *slog.Logger
+	refusal  string // why the peer may not connect: the handshake ends in this error
 
-	mu       sync.Mutex
-	busy     bool // inside an op
-	stopping bool
-	roots    *store.TempRoots // created by the first temp root
-	refused  bool             // not in allowed-users: the handshake ends in an error
+	mu    sync.Mutex
+	op    uint64           // the op being served, 0 between ops
+	roots *store.TempRoots // created by the first temp root
 }
 
 func (s *Server) newConn(ctx context.Context, rw io.ReadWriteCloser, trusted bool) *conn {
@@ -244,21 +398,20 @@ func (s *Server) newConn(ctx context.Context, rw io.ReadWriteCloser, trusted boo
 	}
 }
 
-// closing asks the connection to end: now if it is idle, else after its op.
-func (c *conn) closing() {
+func (c *conn) setOp(op uint64) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.stopping = true
-	if !c.busy {
-		c.rw.Close()
-	}
+	c.op = op
+	c.mu.Unlock()
 }
 
-func (c *conn) setBusy(b bool) bool {
+// currentOp names the op being served, for logs.
+func (c *conn) currentOp() string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.busy = b
-	return c.stopping
+	if c.op == 0 {
+		return "none (idle)"
+	}
+	return opName(c.op)
 }
 
 func (c *conn) timeout(t time.Duration) {
@@ -278,9 +431,7 @@ func (c *conn) serve() error {
 	}
 	for {
 		c.timeout(0)
-		if c.setBusy(false) {
-			return nil
-		}
+		c.setOp(0)
 		op, err := c.r.u64()
 		if err != nil {
 			if isDisconnect(err) {
@@ -288,10 +439,7 @@ func (c *conn) serve() error {
 			}
 			return err
 		}
-		if c.setBusy(true) {
-			// Shutting down: still answer this op, then close.
-			defer c.rw.Close()
-		}
+		c.setOp(op)
 		c.timeout(c.s.StallTimeout)
 		keep, err := c.dispatch(op)
 		if ferr := c.w.flush(); err == nil {
@@ -371,10 +519,10 @@ func (c *conn) handshake() error {
 			c.w.u64(trustNo)
 		}
 	}
-	if c.refused {
-		c.sendError("you are not allowed to connect to this casnix daemon (allowed-users)")
+	if c.refusal != "" {
+		c.sendError(c.refusal)
 		c.w.flush()
-		return fmt.Errorf("%w: peer not in allowed-users", errRefused)
+		return fmt.Errorf("%w: %s", errRefused, c.refusal)
 	}
 	c.w.u64(stderrLast)
 	return c.w.flush()

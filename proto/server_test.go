@@ -534,3 +534,32 @@ func FuzzSession(f *testing.F) {
 		}
 	})
 }
+
+// TestHasSubstitutes checks op 3, which old daemons still serve: false
+// for any store path (casnix has no substituters), an error for a path
+// outside the store, and the connection goes on either way.
+func TestHasSubstitutes(t *testing.T) {
+	f := newFixture(t)
+	for _, minor := range []uint64{21, 38} {
+		cl := f.connect(t, minor)
+		for _, p := range []string{full(testA), full("33333333333333333333333333333333-missing")} {
+			cl.w.u64(opHasSubstitutes)
+			cl.w.str(p)
+			cl.expectLast()
+			if got := cl.u64(); got != 0 {
+				t.Errorf("1.%d HasSubstitutes(%s) = %d, want 0", minor, p, got)
+			}
+		}
+		cl.w.u64(opHasSubstitutes)
+		cl.w.str("/etc/passwd")
+		if err := cl.result(); err == nil || !strings.Contains(err.Error(), "not in the Nix store") {
+			t.Errorf("1.%d HasSubstitutes(/etc/passwd): err = %v", minor, err)
+		}
+		cl.w.u64(opIsValidPath)
+		cl.w.str(full(testA))
+		cl.expectLast()
+		if cl.u64() != 1 {
+			t.Errorf("1.%d: connection out of step after HasSubstitutes", minor)
+		}
+	}
+}

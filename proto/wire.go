@@ -6,14 +6,19 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 )
 
 // Limits on what a client may make the server allocate or read.
 const (
 	maxString     = 1 << 20 // a single string (SetOptions values are the longest)
 	maxPath       = 4096
-	maxListLen    = 1 << 24 // items in one list
-	maxFrameChunk = 1 << 26 // one chunk of a framed upload
+	maxListLen    = 1 << 24  // items in one list
+	maxFrameChunk = 1 << 26  // one chunk of a framed upload
+	maxListBytes  = 64 << 20 // memory of one list of strings (paths, signatures)
+	// maxText caps AddTextToStore's text, which is spooled to a file, not
+	// held in memory.
+	maxText = 1 << 30
 )
 
 // errProtocol wraps errors in the bytes a client sent; the connection is
@@ -41,27 +46,99 @@ func (w *wireReader) boolean() (bool, error) {
 	return v != 0, err
 }
 
-func (w *wireReader) bytes(max uint64) ([]byte, error) {
+// readStep is how much a string read from a client may grow its buffer
+// before the bytes behind it have arrived: a length announced by the
+// client is never allocated up front.
+const readStep = 64 << 10
+
+// length reads a string's length and checks it against max.
+func (w *wireReader) length(max uint64) (uint64, error) {
 	n, err := w.u64()
+	if err != nil {
+		return 0, err
+	}
+	if n > max {
+		return 0, fmt.Errorf("%w: string of %d bytes exceeds the limit of %d", errProtocol, n, max)
+	}
+	return n, nil
+}
+
+// bytes reads a string of at most max bytes. Its buffer grows by at most
+// readStep beyond the bytes received, so memory follows what the client
+// sends, not what it announces.
+func (w *wireReader) bytes(max uint64) ([]byte, error) {
+	n, err := w.length(max)
 	if err != nil {
 		return nil, err
 	}
-	if n > max {
-		return nil, fmt.Errorf("%w: string of %d bytes exceeds the limit of %d", errProtocol, n, max)
-	}
-	b := make([]byte, n+(8-n%8)%8)
-	if _, err := io.ReadFull(w.r, b); err != nil {
-		if errors.Is(err, io.EOF) {
-			err = io.ErrUnexpectedEOF
+	b := make([]byte, 0, min(n, readStep))
+	for uint64(len(b)) < n {
+		step := int(min(n-uint64(len(b)), readStep))
+		b = slices.Grow(b, step)
+		got, err := io.ReadFull(w.r, b[len(b):len(b)+step])
+		b = b[:len(b)+got]
+		if err != nil {
+			return nil, unexpected(err)
 		}
-		return nil, err
 	}
-	for _, c := range b[n:] {
+	return b, w.padding(n)
+}
+
+// copyTo copies a string of at most max bytes to dst, in bounded steps,
+// and returns its length: how big payloads (AddTextToStore's text) are
+// spooled instead of held in memory.
+func (w *wireReader) copyTo(dst io.Writer, max uint64) (int64, error) {
+	n, err := w.length(max)
+	if err != nil {
+		return 0, err
+	}
+	got, err := io.CopyN(dst, w.r, int64(n))
+	if err != nil {
+		return got, unexpected(err)
+	}
+	return got, w.padding(n)
+}
+
+// into reads a string of at most len(p) bytes into p: the reply to
+// STDERR_READ, read without a buffer of its own.
+func (w *wireReader) into(p []byte) (int, error) {
+	n, err := w.length(uint64(len(p)))
+	if err != nil {
+		return 0, err
+	}
+	if _, err := io.ReadFull(w.r, p[:n]); err != nil {
+		return 0, unexpected(err)
+	}
+	return int(n), w.padding(n)
+}
+
+// skip reads and drops a string of at most max bytes.
+func (w *wireReader) skip(max uint64) error {
+	_, err := w.copyTo(io.Discard, max)
+	return err
+}
+
+// padding reads the zeros that pad a string of n bytes to 8.
+func (w *wireReader) padding(n uint64) error {
+	pad := w.buf[:(8-n%8)%8]
+	if _, err := io.ReadFull(w.r, pad); err != nil {
+		return unexpected(err)
+	}
+	for _, c := range pad {
 		if c != 0 {
-			return nil, fmt.Errorf("%w: non-zero string padding", errProtocol)
+			return fmt.Errorf("%w: non-zero string padding", errProtocol)
 		}
 	}
-	return b[:n], nil
+	return nil
+}
+
+// unexpected makes an end of input in the middle of a value an
+// unexpected one.
+func unexpected(err error) error {
+	if errors.Is(err, io.EOF) {
+		return io.ErrUnexpectedEOF
+	}
+	return err
 }
 
 func (w *wireReader) str(max uint64) (string, error) {
@@ -69,6 +146,13 @@ func (w *wireReader) str(max uint64) (string, error) {
 	return string(b), err
 }
 
+// listOverhead is what one list item costs beyond its bytes (a string
+// header and its share of the slice), counted against maxListBytes.
+const listOverhead = 24
+
+// strings reads a list of strings of at most max bytes each. The count
+// is capped by maxListLen, and the memory of the whole list by
+// maxListBytes, so a list of many long strings cannot add up.
 func (w *wireReader) strings(max uint64) ([]string, error) {
 	n, err := w.u64()
 	if err != nil {
@@ -80,10 +164,15 @@ func (w *wireReader) strings(max uint64) ([]string, error) {
 	// Grow as items arrive: a huge count with no data behind it allocates
 	// nothing.
 	var out []string
+	total := uint64(0)
 	for i := uint64(0); i < n; i++ {
-		s, err := w.str(max)
+		s, err := w.str(min(max, maxListBytes-total))
 		if err != nil {
 			return nil, err
+		}
+		total += uint64(len(s)) + listOverhead
+		if total > maxListBytes {
+			return nil, fmt.Errorf("%w: list of %d items exceeds the limit of %d bytes", errProtocol, n, maxListBytes)
 		}
 		out = append(out, s)
 	}
@@ -100,10 +189,10 @@ func (w *wireReader) skipPairs(maxA, maxB uint64) error {
 		return fmt.Errorf("%w: list of %d pairs exceeds the limit of %d", errProtocol, n, maxListLen)
 	}
 	for i := uint64(0); i < n; i++ {
-		if _, err := w.str(maxA); err != nil {
+		if err := w.skip(maxA); err != nil {
 			return err
 		}
-		if _, err := w.str(maxB); err != nil {
+		if err := w.skip(maxB); err != nil {
 			return err
 		}
 	}

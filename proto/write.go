@@ -2,6 +2,7 @@ package proto
 
 import (
 	"bufio"
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -590,19 +591,78 @@ func (c *conn) addTextToStore() error {
 	if err != nil {
 		return err
 	}
-	text, err := c.r.str(1 << 30)
-	if err != nil {
-		return err
+	// The text comes before the references, which make its path: it is
+	// spooled (in memory only while small), never allocated from the
+	// announced length.
+	text := &spoolBuf{dir: filepath.Join(c.s.Store.Dir(), "tmp")}
+	defer text.Close()
+	if _, err := c.r.copyTo(text, maxText); err != nil {
+		return fmt.Errorf("AddTextToStore text: %w", err)
 	}
 	refs, err := c.readRefs()
 	if err != nil {
 		return err
 	}
-	pi, err := c.addCA(strings.NewReader(text), store.CAText, "sha256", name, refs)
+	tr, err := text.reader()
+	if err != nil {
+		return err
+	}
+	pi, err := c.addCA(tr, store.CAText, "sha256", name, refs)
 	if err != nil {
 		return err
 	}
 	c.last()
 	c.w.str(c.full(pi.Name))
 	return nil
+}
+
+// spoolBuf holds what is written to it in memory up to readStep bytes,
+// then in an unlinked temporary file in dir.
+type spoolBuf struct {
+	dir string
+	mem bytes.Buffer
+	f   *os.File
+}
+
+func (s *spoolBuf) Write(p []byte) (int, error) {
+	if s.f == nil && s.mem.Len()+len(p) <= readStep {
+		return s.mem.Write(p)
+	}
+	if s.f == nil {
+		if err := os.MkdirAll(s.dir, 0o700); err != nil {
+			return 0, fmt.Errorf("spool: %w", err)
+		}
+		f, err := os.CreateTemp(s.dir, "text-*")
+		if err != nil {
+			return 0, fmt.Errorf("spool: %w", err)
+		}
+		os.Remove(f.Name()) // nothing to clean up after a crash
+		s.f = f
+		if _, err := s.mem.WriteTo(f); err != nil {
+			return 0, fmt.Errorf("spool: %w", err)
+		}
+	}
+	n, err := s.f.Write(p)
+	if err != nil {
+		err = fmt.Errorf("spool: %w", err)
+	}
+	return n, err
+}
+
+// reader reads back what was written.
+func (s *spoolBuf) reader() (io.Reader, error) {
+	if s.f == nil {
+		return &s.mem, nil
+	}
+	if _, err := s.f.Seek(0, io.SeekStart); err != nil {
+		return nil, fmt.Errorf("spool: %w", err)
+	}
+	return s.f, nil
+}
+
+func (s *spoolBuf) Close() error {
+	if s.f == nil {
+		return nil
+	}
+	return s.f.Close()
 }
