@@ -139,7 +139,15 @@ if [ -z "$mirror" ] && [ -r /etc/apt/sources.list ]; then
 		/etc/apt/sources.list)
 fi
 [ -n "$mirror" ] || die "no Debian mirror found in /etc/apt (set CASNIX_DEBIAN_MIRROR)"
-command -v debootstrap >/dev/null 2>&1 || die "debootstrap is not installed (apt-get install debootstrap)"
+# A fresh Debian machine has no debootstrap: install it, as install-host-nix.sh installs Nix.
+if ! command -v debootstrap >/dev/null 2>&1; then
+	log "installing debootstrap"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-cache show debootstrap >/dev/null 2>&1 || apt-get -o DPkg::Lock::Timeout=600 update -q >&2
+	apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends debootstrap >&2 ||
+		die "apt-get install debootstrap failed"
+fi
+command -v debootstrap >/dev/null 2>&1 || die "debootstrap is still missing after apt-get install"
 
 if [ -e "$dir" ]; then
 	log "$dir is incomplete or outdated; rebuilding it"

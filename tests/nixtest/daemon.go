@@ -78,23 +78,31 @@ func (d *Daemon) Stop(timeout time.Duration) error {
 }
 
 // RSS returns the daemon's resident set size (VmRSS of /proc/PID/status) in bytes.
-func (d *Daemon) RSS() (int64, error) {
+func (d *Daemon) RSS() (int64, error) { return d.status("VmRSS") }
+
+// VmData returns the daemon's committed private data (VmData of /proc/PID/status) in
+// bytes: unlike RSS it counts allocations whose pages were never touched, so a daemon
+// that allocates what a client merely announces shows it at once.
+func (d *Daemon) VmData() (int64, error) { return d.status("VmData") }
+
+// status reads one "Field: N kB" line of /proc/PID/status, in bytes.
+func (d *Daemon) status(field string) (int64, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", d.Pid()))
 	if err != nil {
 		return 0, err
 	}
 	sc := bufio.NewScanner(bytes.NewReader(b))
 	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), "VmRSS:"); ok {
+		if v, ok := strings.CutPrefix(sc.Text(), field+":"); ok {
 			f := strings.Fields(v) // "1234 kB"
 			if len(f) != 2 || f[1] != "kB" {
-				return 0, fmt.Errorf("VmRSS line %q", sc.Text())
+				return 0, fmt.Errorf("%s line %q", field, sc.Text())
 			}
 			kb, err := strconv.ParseInt(f[0], 10, 64)
 			return kb << 10, err
 		}
 	}
-	return 0, fmt.Errorf("no VmRSS in /proc/%d/status", d.Pid())
+	return 0, fmt.Errorf("no %s in /proc/%d/status", field, d.Pid())
 }
 
 // OpenFDs lists what the daemon's open file descriptors point to (the targets of the
