@@ -22,6 +22,12 @@ type frameCache struct {
 	size int64
 	lru  *list.List // of *frameEntry, front = most recent
 	byID map[int64]*list.Element
+	// aheadBytes is the raw size of listed read-ahead entries no reader
+	// has got yet (decoded or not). Read-ahead stops starting new decodes
+	// while it is above half the cache: past that, many readers' windows
+	// evict each other's frames before they are read, and every such
+	// decode is garbage the heap has to absorb.
+	aheadBytes int64
 }
 
 type frameEntry struct {
@@ -32,6 +38,9 @@ type frameEntry struct {
 	size  int64
 	refs  int  // guarded by frameCache.mu
 	ahead bool // decoded by read-ahead and not read yet (guarded by mu)
+	// aheadLen is what this entry adds to frameCache.aheadBytes while
+	// ahead is set (guarded by mu).
+	aheadLen int64
 	// claimed is set by whoever decodes the entry: its creator, or for
 	// read-ahead's entries, the first of a background decoder and a
 	// reader that needs it.
@@ -64,7 +73,7 @@ func (c *frameCache) getFor(id int64, ahead bool) (*frameEntry, bool) {
 		e.refs++
 		if !ahead {
 			c.lru.MoveToFront(el)
-			e.ahead = false
+			c.unahead(e)
 		}
 		return e, false
 	}
@@ -74,6 +83,36 @@ func (c *frameCache) getFor(id int64, ahead bool) (*frameEntry, bool) {
 	}
 	c.byID[id] = c.lru.PushFront(e)
 	return e, true
+}
+
+// getAhead is getFor for read-ahead of a frame of rawLen bytes; ok is
+// false (and nothing is listed) when read-ahead already has half the cache
+// and the frame is not listed yet.
+func (c *frameCache) getAhead(id, rawLen int64) (e *frameEntry, fill, ok bool) {
+	c.mu.Lock()
+	_, listed := c.byID[id]
+	if !listed && c.aheadBytes+rawLen > c.max/2 {
+		c.mu.Unlock()
+		return nil, false, false
+	}
+	c.mu.Unlock()
+	e, fill = c.getFor(id, true)
+	if fill {
+		c.mu.Lock()
+		if e.ahead && e.aheadLen == 0 {
+			e.aheadLen = rawLen
+			c.aheadBytes += rawLen
+		}
+		c.mu.Unlock()
+	}
+	return e, fill, true
+}
+
+// unahead marks e as got by a reader (c.mu held).
+func (c *frameCache) unahead(e *frameEntry) {
+	e.ahead = false
+	c.aheadBytes -= e.aheadLen
+	e.aheadLen = 0
 }
 
 // release gives back a reference from get; the last one recycles the
@@ -130,6 +169,8 @@ func (c *frameCache) unlist(el *list.Element, e *frameEntry, freed *[]*frameEntr
 	c.lru.Remove(el)
 	delete(c.byID, e.id)
 	c.size -= e.size
+	c.aheadBytes -= e.aheadLen
+	e.aheadLen = 0
 	e.refs--
 	if e.refs == 0 {
 		*freed = append(*freed, e)

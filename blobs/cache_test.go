@@ -228,3 +228,43 @@ func TestReaderClaimsQueuedFrames(t *testing.T) {
 		t.Fatalf("%d frame decodes for %d frames after the queue drained", n, len(frames))
 	}
 }
+
+// TestReadAheadShare: read-ahead lists new frames only while its unread
+// ones take at most half the cache; a reader getting one of them, or its
+// eviction, makes room again.
+func TestReadAheadShare(t *testing.T) {
+	c := newFrameCache(8 << 20)
+	var got []*frameEntry
+	for id := int64(1); id <= 5; id++ {
+		e, fill, ok := c.getAhead(id, 1<<20)
+		if want := id <= 4; ok != want {
+			t.Fatalf("frame %d: read-ahead allowed = %v, want %v (ahead bytes %d)", id, ok, want, c.aheadBytes)
+		}
+		if ok {
+			if !fill {
+				t.Fatalf("frame %d: new entry not to be filled", id)
+			}
+			got = append(got, e)
+		}
+	}
+	// A frame already listed is always handed out.
+	if e, _, ok := c.getAhead(2, 1<<20); !ok {
+		t.Fatal("listed frame refused to read-ahead")
+	} else {
+		c.release(e)
+	}
+	// A reader takes frame 1: it no longer counts as read-ahead's.
+	e, _ := c.get(1)
+	c.release(e)
+	if _, _, ok := c.getAhead(5, 1<<20); !ok {
+		t.Fatalf("read-ahead still refused after a reader took a frame (ahead bytes %d)", c.aheadBytes)
+	}
+	for _, e := range got {
+		e.data = make([]byte, 0, 1<<20)
+		c.done(e)
+		c.release(e)
+	}
+	if c.aheadBytes < 0 {
+		t.Fatalf("ahead bytes went negative: %d", c.aheadBytes)
+	}
+}

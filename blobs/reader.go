@@ -46,7 +46,10 @@ func (s *Store) frame(f db.Frame) (*frameEntry, error) {
 // and kept the readers' goroutines (FUSE requests) from running for
 // milliseconds at a time; the readers are what the decoders are for.
 func (s *Store) prefetch(f db.Frame) {
-	e, fill := s.cache.getFor(f.ID, true)
+	e, fill, ok := s.cache.getAhead(f.ID, f.RawLen)
+	if !ok {
+		return // read-ahead has its share of the cache: the reader decodes it when it gets there
+	}
 	if !fill {
 		s.cache.release(e)
 		return

@@ -38,6 +38,9 @@ type Globals struct {
 	Stdout io.Writer       `kong:"-"`
 	Stderr io.Writer       `kong:"-"`
 	Logger *slog.Logger    `kong:"-"`
+	// FrameCache bounds the decoded-frame cache of the store Open opens
+	// (0: the blobs default); serve derives it from --memory-limit.
+	FrameCache int64 `kong:"-"`
 }
 
 // DefaultDataDir is the data directory used when none is given.
@@ -75,7 +78,7 @@ func (g *Globals) Open() (*store.Store, error) {
 	}
 	st, err := store.Open(g.Ctx, dir, store.Options{
 		StoreDir: g.StoreDir, Logger: g.Logger,
-		Blobs: blobs.Options{Level: zstd.EncoderLevelFromZstd(level), FrameSize: g.FrameSize},
+		Blobs: blobs.Options{Level: zstd.EncoderLevelFromZstd(level), FrameSize: g.FrameSize, CacheBytes: g.FrameCache},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("open data dir %s: %w", dir, err)

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/user"
 	"path/filepath"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -32,6 +33,7 @@ type ServeCmd struct {
 	Mount            string        `name:"mount" env:"CASNIX_MOUNT" placeholder:"DIR" help:"Also mount the store read-only at DIR (FUSE), in the same process: the whole lower store of a Local Overlay Store."`
 	MountFlags
 	HTTPFlags
+	MemoryLimit     string        `name:"memory-limit" env:"CASNIX_MEMORY_LIMIT" default:"128MiB" placeholder:"BYTES" help:"Soft limit on the daemon's Go memory (GOMEMLIMIT, which overrides it): the garbage collector works harder near it, and the decoded-frame cache gets 40% of it. The process maps about 75 MiB more that it never touches (Go runtime tables)."`
 	ShutdownTimeout time.Duration `name:"shutdown-timeout" env:"CASNIX_SHUTDOWN_TIMEOUT" default:"30s" help:"On SIGINT/SIGTERM, the socket is closed at once and open connections are served until their clients hang up, for at most this long; then their operations are cancelled. A second signal stops at once."`
 	MaxConnections  int           `name:"max-connections" env:"CASNIX_MAX_CONNECTIONS" default:"256" help:"Connections open at once; more are refused with an error in the handshake (0: no limit)."`
 	MaxPerUser      int           `name:"max-connections-per-user" env:"CASNIX_MAX_CONNECTIONS_PER_USER" default:"64" help:"Connections open at once from one uid; trusted users are exempt (0: no limit)."`
@@ -49,6 +51,9 @@ func DefaultSocket(dataDir string) string {
 func (c *ServeCmd) Run(g *Globals) error {
 	if g.ZstdLevel == 0 {
 		g.ZstdLevel = ServeWriteLevel
+	}
+	if err := c.applyMemoryLimit(g); err != nil {
+		return err
 	}
 	st, err := g.Open()
 	if err != nil {
@@ -291,4 +296,26 @@ func userFunc(flag string, spec []string) (func(uid, gid uint32) bool, error) {
 		}
 		return false
 	}, nil
+}
+
+// applyMemoryLimit sets the Go soft memory limit and sizes the frame cache
+// from --memory-limit. The daemon is one process shared by every user (and,
+// under an overlay, by every program on the machine): its memory must not
+// follow its load. Per connection it is bounded (protocol buffers, strings
+// grown as they arrive); what is left is the frame cache and the garbage
+// the collector has not yet reclaimed, which the soft limit keeps in check
+// instead of letting the heap double (GOGC=100) under a burst of readers.
+func (c *ServeCmd) applyMemoryLimit(g *Globals) error {
+	limit, err := parseSize(c.MemoryLimit)
+	if err != nil {
+		return fmt.Errorf("--memory-limit: %w", err)
+	}
+	if limit < 32<<20 {
+		return fmt.Errorf("--memory-limit %s: at least 32 MiB", c.MemoryLimit)
+	}
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(limit)
+	}
+	g.FrameCache = limit * 2 / 5
+	return nil
 }

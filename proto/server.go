@@ -80,6 +80,7 @@ type Server struct {
 	closing  bool           // the drain is over: open connections are being closed
 	abort    chan struct{}
 	abortMu  sync.Once
+	refusals logLimiter // refusal warnings, at most one of a kind a second
 }
 
 // maxRefusing bounds the connections being refused at once: past it a
@@ -226,7 +227,7 @@ func (s *Server) peerAccess(c net.Conn) peer {
 	}
 	allowed := p.trusted || s.Allowed == nil || s.Allowed(cred.Uid, cred.Gid)
 	if !allowed {
-		s.log().Warn("refusing connection: user not in allowed-users", "uid", cred.Uid, "gid", cred.Gid)
+		s.refusals.warn(s.log(), "refusing connection: user not in allowed-users", "uid", cred.Uid, "gid", cred.Gid)
 	}
 	p.refusal = s.allowedRefusal(allowed)
 	return p
@@ -245,11 +246,11 @@ func (s *Server) admit(p peer) string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.MaxConnections > 0 && s.active >= s.MaxConnections {
-		s.log().Warn("refusing connection: too many connections", "uid", p.uid, "max", s.MaxConnections)
+		s.refusals.warn(s.log(), "refusing connection: too many connections", "uid", p.uid, "max", s.MaxConnections)
 		return fmt.Sprintf("casnix has too many connections (--max-connections %d); try again later", s.MaxConnections)
 	}
 	if p.known && !p.trusted && s.MaxConnectionsPerUser > 0 && s.perUser[p.uid] >= s.MaxConnectionsPerUser {
-		s.log().Warn("refusing connection: too many connections from one user", "uid", p.uid, "max", s.MaxConnectionsPerUser)
+		s.refusals.warn(s.log(), "refusing connection: too many connections from one user", "uid", p.uid, "max", s.MaxConnectionsPerUser)
 		return fmt.Sprintf("casnix has too many connections from uid %d (--max-connections-per-user %d); try again later", p.uid, s.MaxConnectionsPerUser)
 	}
 	if s.perUser == nil {
@@ -371,6 +372,11 @@ func (d *deadlineConn) Write(p []byte) (int, error) {
 	return d.Conn.Write(p)
 }
 
+// connBufSize is each connection's read and write buffer: every open
+// connection, idle or not, holds two, so they are what hundreds of pooled
+// client connections cost at rest; 32 KiB keeps NarFromPath's writes large.
+const connBufSize = 32 << 10
+
 // conn is one client connection.
 type conn struct {
 	s        *Server
@@ -393,8 +399,8 @@ type conn struct {
 func (s *Server) newConn(ctx context.Context, rw io.ReadWriteCloser, trusted bool) *conn {
 	return &conn{
 		s: s, ctx: ctx, rw: rw, trusted: trusted, log: s.log(),
-		r: wireReader{r: bufio.NewReaderSize(rw, 64<<10)},
-		w: wireWriter{w: bufio.NewWriterSize(rw, 64<<10)},
+		r: wireReader{r: bufio.NewReaderSize(rw, connBufSize)},
+		w: wireWriter{w: bufio.NewWriterSize(rw, connBufSize)},
 	}
 }
 

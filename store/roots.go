@@ -319,7 +319,12 @@ func (s *Store) readPermRoots(clean bool) (map[string]string, error) {
 				// may register (AddIndirectRoot is open to untrusted
 				// clients) must not make every later collection fail,
 				// so, as Nix's findRoots, it is skipped with a warning.
-				s.log.Warn("cannot read potential gc root", "root", path, "link", target, "err", err)
+				if _, seen := s.badRoots.LoadOrStore(path, true); !seen {
+					// Once per link and process: a collection or
+					// FindRoots runs this on every call, and the link
+					// stays until someone removes it.
+					s.log.Warn("cannot read potential gc root", "root", path, "link", target, "err", err)
+				}
 				return nil
 			}
 			if !filepath.IsAbs(t) {

@@ -45,6 +45,8 @@ type Store struct {
 	dirLock  *os.File // DirLockFile, held shared while open
 	// drvHashes caches stored derivations' hashes modulo (drvhash.go).
 	drvHashes drvHashCache
+	// badRoots holds the unreadable root links already warned about.
+	badRoots sync.Map
 }
 
 // DBFile and PackDir are the data directory's layout.

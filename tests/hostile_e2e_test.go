@@ -309,6 +309,9 @@ func TestHostileClients(t *testing.T) {
 	}); len(missing) > 0 {
 		t.Errorf("after the attack and gc, %d kept paths are gone: %q", len(missing), missing)
 	}
+	// The daemon drains open connections on SIGTERM: hang up first.
+	root.Close()
+	root2.Close()
 	if err := d.Stop(30 * time.Second); err != nil {
 		t.Errorf("casnix serve after SIGTERM: %v\n%s", err, clipOutput([]byte(d.Output())))
 	}
