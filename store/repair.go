@@ -1,0 +1,271 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/casnix/casnix/blobs"
+	"github.com/casnix/casnix/db"
+	"github.com/casnix/casnix/digest"
+)
+
+// ErrUnrepairable is returned by Repair for a database whose damage REINDEX
+// does not mend (its table b-trees, not only its indexes, are damaged).
+var ErrUnrepairable = errors.New("database damage that repair cannot mend")
+
+// RepairOptions tune Repair.
+type RepairOptions struct {
+	// DryRun repairs a copy of the database (against the real packs, which
+	// repair only reads) and reports what would change; the data dir is
+	// left as it was.
+	DryRun bool
+}
+
+// RepairReport is what Repair found and did (or, dry, would do).
+type RepairReport struct {
+	DryRun bool
+	// DB is what SQLite's integrity and foreign-key checks reported
+	// before the repair; Reindexed says REINDEX was run (or would be) for
+	// damaged index b-trees.
+	DB        []string
+	Reindexed bool
+	// Index is the chunk index rebuilt from the pack files.
+	Index blobs.IndexRepair
+	// Dropped lists the store paths deleted, each with why: its own damage,
+	// or that it refers to a dropped path. These are the paths to import
+	// or copy again.
+	Dropped []Damaged
+	// Packs lists pack files whose header is damaged: repair reads their
+	// records regardless but does not rewrite the header.
+	Packs []blobs.PackDamage
+}
+
+// Repair makes the store consistent with what its packs really hold, so a
+// later Verify is clean, at the price of the store paths whose data is
+// gone:
+//
+//  1. If SQLite's integrity_check fails, REINDEX rebuilds every index from
+//     its table. Damage REINDEX does not mend is in the tables themselves;
+//     Repair then refuses (ErrUnrepairable) rather than copy what rows it
+//     can read into a fresh database: replacing the database file under the
+//     other processes that have the data dir open is a restore's job (it
+//     takes the data-dir lock exclusively), and silently losing unreadable
+//     table rows (paths, references, signatures) is worse than restoring a
+//     backup (`casnix restore`), which keeps every path.
+//  2. The packs, frames and chunks tables are rebuilt from the pack files'
+//     own bytes (blobs.RepairIndex): rows that point at unreadable data go,
+//     chunks that blobs need and the packs hold intact get rows back.
+//  3. Every path whose tree does not resolve or does not render to its NAR
+//     hash is deleted, with every path that refers to it, transitively, so
+//     the valid set stays closed under references.
+//
+// Repair excludes collections and writers while it works: it holds the GC
+// run lock and the GC lock exclusively (imports hold the latter shared),
+// and readers see either the old rows or the repaired ones. It never writes
+// to a pack file; the bytes of dropped data stay until compaction.
+func (s *Store) Repair(ctx context.Context, o RepairOptions) (*RepairReport, error) {
+	unlockRun, err := s.lockFile(ctx, gcRunLock, unix.LOCK_EX)
+	if err != nil {
+		return nil, err
+	}
+	defer unlockRun()
+	unlock, err := s.ExclusiveGCLock(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	if !o.DryRun {
+		return s.repair(ctx, true)
+	}
+	problems, err := s.db.IntegrityCheck(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("check database: %w", err)
+	}
+	tmp, err := os.MkdirTemp(s.dir, ".repair-dry-run-")
+	if err != nil {
+		return nil, fmt.Errorf("dry run: %w", err)
+	}
+	defer os.RemoveAll(tmp)
+	// VACUUM INTO writes every table afresh, indexes rebuilt: the copy
+	// needs no REINDEX even when the original does, so say so from the
+	// original's check.
+	if err := s.db.SnapshotTo(ctx, filepath.Join(tmp, DBFile)); err != nil {
+		return nil, fmt.Errorf("dry run: copy database: %w", err)
+	}
+	packs, err := filepath.Abs(filepath.Join(s.dir, PackDir))
+	if err != nil {
+		return nil, err
+	}
+	if err := os.Symlink(packs, filepath.Join(tmp, PackDir)); err != nil {
+		return nil, fmt.Errorf("dry run: %w", err)
+	}
+	cp, err := Open(ctx, tmp, Options{StoreDir: s.StoreDir, Logger: s.log})
+	if err != nil {
+		return nil, fmt.Errorf("dry run: open copy: %w", err)
+	}
+	defer cp.Close()
+	rep, err := cp.repair(ctx, false)
+	if err != nil {
+		return nil, err
+	}
+	rep.DryRun = true
+	rep.DB = problems
+	rep.Reindexed = hasIntegrityDamage(problems)
+	return rep, nil
+}
+
+func hasIntegrityDamage(problems []string) bool {
+	for _, p := range problems {
+		if strings.HasPrefix(p, "integrity_check:") {
+			return true
+		}
+	}
+	return false
+}
+
+// repair does Repair's work under its locks; real is false on a dry run's
+// copy (nothing outside the copy's database is touched).
+func (s *Store) repair(ctx context.Context, real bool) (*RepairReport, error) {
+	rep := &RepairReport{}
+	var err error
+	rep.DB, err = s.db.IntegrityCheck(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("check database: %w", err)
+	}
+	if hasIntegrityDamage(rep.DB) {
+		rep.Reindexed = true
+		if err := s.db.Reindex(ctx); err != nil {
+			return nil, fmt.Errorf("%w: %v", ErrUnrepairable, err)
+		}
+		after, err := s.db.IntegrityCheck(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("check database: %w", err)
+		}
+		if hasIntegrityDamage(after) {
+			return nil, fmt.Errorf("%w: after REINDEX: %s; restore a backup (casnix restore)", ErrUnrepairable, strings.Join(after, "; "))
+		}
+	}
+	if rep.Packs, err = s.blobs.VerifyHeaders(ctx); err != nil {
+		return nil, fmt.Errorf("check pack headers: %w", err)
+	}
+	err = s.db.Write(ctx, func(tx *db.Tx) error {
+		ix, err := s.blobs.RepairIndex(ctx, tx)
+		if err != nil {
+			return err
+		}
+		rep.Index = *ix
+		_, err = tx.DeleteDanglingRefs(ctx)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("repair chunk index: %w", err)
+	}
+	// Frames rows went and came: no decoded frame cached under an old id
+	// may serve the renders below.
+	s.blobs.DropCache()
+	damaged, err := s.damagedPaths(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if len(damaged) == 0 {
+		return rep, nil
+	}
+	nodes, edges, err := s.db.PathGraph(ctx)
+	if err != nil {
+		return nil, err
+	}
+	byID := map[int64]string{}
+	ids := map[string]int64{}
+	for _, n := range nodes {
+		byID[n.ID] = n.Name
+		ids[n.Name] = n.ID
+	}
+	referrers := map[string][]string{}
+	for _, e := range edges {
+		from, to := byID[e[0]], byID[e[1]]
+		if from != "" && to != "" && from != to {
+			referrers[to] = append(referrers[to], from)
+		}
+	}
+	why := map[string]error{}
+	var queue []string
+	for name, err := range damaged {
+		why[name] = err
+		queue = append(queue, name)
+	}
+	for len(queue) > 0 {
+		n := queue[0]
+		queue = queue[1:]
+		for _, r := range referrers[n] {
+			if why[r] == nil {
+				why[r] = fmt.Errorf("refers to dropped path %s", s.Full(n))
+				queue = append(queue, r)
+			}
+		}
+	}
+	err = s.db.Write(ctx, func(tx *db.Tx) error {
+		for name := range why {
+			if err := tx.DeleteRefsFrom(ctx, ids[name]); err != nil {
+				return err
+			}
+		}
+		for name := range why {
+			if err := tx.DeletePath(ctx, ids[name]); err != nil {
+				return err
+			}
+		}
+		_, err := tx.DeleteDanglingRefs(ctx)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("drop damaged paths: %w", err)
+	}
+	for name, err := range why {
+		s.infos.drop(name)
+		rep.Dropped = append(rep.Dropped, Damaged{name, err})
+	}
+	sortDamaged(rep.Dropped)
+	if real {
+		if err := s.bumpDeletions(); err != nil {
+			s.log.Warn("mounts may show dropped paths until their entries expire", "err", err)
+		}
+	}
+	return rep, nil
+}
+
+// damagedPaths returns the paths whose rows do not resolve or that do not
+// render to their recorded NAR hash and size.
+func (s *Store) damagedPaths(ctx context.Context) (map[string]error, error) {
+	damaged := map[string]error{}
+	problems, err := s.db.Dangling(ctx, digest.Empty)
+	if err != nil {
+		return nil, fmt.Errorf("check rows: %w", err)
+	}
+	for _, p := range problems {
+		if p.Path != "" && damaged[p.Path] == nil {
+			damaged[p.Path] = fmt.Errorf("%w: %s", blobs.ErrCorrupt, p.What)
+		}
+	}
+	names, err := s.All(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for _, name := range names {
+		if damaged[name] != nil {
+			continue
+		}
+		if err := s.verifyPath(ctx, name); err != nil {
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			damaged[name] = err
+		}
+	}
+	return damaged, nil
+}
