@@ -41,6 +41,8 @@ type RepairReport struct {
 	// or that it refers to a dropped path. These are the paths to import
 	// or copy again.
 	Dropped []Damaged
+	// RefsDropped counts references rows whose referrer is not a path.
+	RefsDropped int64
 	// Packs lists pack files whose header is damaged: repair reads their
 	// records regardless but does not rewrite the header.
 	Packs []blobs.PackDamage
@@ -65,9 +67,12 @@ type RepairReport struct {
 //     hash is deleted, with every path that refers to it, transitively, so
 //     the valid set stays closed under references.
 //
-// Repair excludes collections and writers while it works: it holds the GC
-// run lock and the GC lock exclusively (imports hold the latter shared),
-// and readers see either the old rows or the repaired ones. It never writes
+// Repair needs the data dir to itself: it takes the data-dir lock
+// exclusively (ErrInUse while casnix serve or mount has it open), since
+// those processes cache frames by id, path-info and kernel entries that
+// repair changes. It also holds the GC run lock and the GC lock exclusively
+// (imports hold the latter shared), so no collection or import of this
+// process runs beside it. A dry run needs only the GC locks. It never writes
 // to a pack file; the bytes of dropped data stay until compaction.
 func (s *Store) Repair(ctx context.Context, o RepairOptions) (*RepairReport, error) {
 	unlockRun, err := s.lockFile(ctx, gcRunLock, unix.LOCK_EX)
@@ -81,6 +86,17 @@ func (s *Store) Repair(ctx context.Context, o RepairOptions) (*RepairReport, err
 	}
 	defer unlock()
 	if !o.DryRun {
+		// Other processes cache what repair changes (frames by id, path-info,
+		// a mount's kernel entries), and frame ids lost with damaged rows
+		// cannot be known to be kept from reuse: no other process may have
+		// the data dir open.
+		if err := unix.Flock(int(s.dirLock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+			if err == unix.EWOULDBLOCK {
+				return nil, fmt.Errorf("data dir %s %w by another casnix process: stop casnix serve and mount first", s.dir, ErrInUse)
+			}
+			return nil, fmt.Errorf("lock data dir: %w", err)
+		}
+		defer unix.Flock(int(s.dirLock.Fd()), unix.LOCK_SH)
 		return s.repair(ctx, true)
 	}
 	problems, err := s.db.IntegrityCheck(ctx)
@@ -160,8 +176,7 @@ func (s *Store) repair(ctx context.Context, real bool) (*RepairReport, error) {
 			return err
 		}
 		rep.Index = *ix
-		_, err = tx.DeleteDanglingRefs(ctx)
-		return err
+		return nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("repair chunk index: %w", err)
@@ -172,9 +187,6 @@ func (s *Store) repair(ctx context.Context, real bool) (*RepairReport, error) {
 	damaged, err := s.damagedPaths(ctx)
 	if err != nil {
 		return nil, err
-	}
-	if len(damaged) == 0 {
-		return rep, nil
 	}
 	nodes, edges, err := s.db.PathGraph(ctx)
 	if err != nil {
@@ -220,7 +232,10 @@ func (s *Store) repair(ctx context.Context, real bool) (*RepairReport, error) {
 				return err
 			}
 		}
-		_, err := tx.DeleteDanglingRefs(ctx)
+		// References from rows that are not paths (the paths with
+		// references to rows that are not paths were dropped above).
+		var err error
+		rep.RefsDropped, err = tx.DeleteDanglingRefs(ctx)
 		return err
 	})
 	if err != nil {
@@ -231,7 +246,7 @@ func (s *Store) repair(ctx context.Context, real bool) (*RepairReport, error) {
 		rep.Dropped = append(rep.Dropped, Damaged{name, err})
 	}
 	sortDamaged(rep.Dropped)
-	if real {
+	if real && len(why) > 0 {
 		if err := s.bumpDeletions(); err != nil {
 			s.log.Warn("mounts may show dropped paths until their entries expire", "err", err)
 		}

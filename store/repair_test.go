@@ -1,0 +1,296 @@
+package store
+
+import (
+	"context"
+	"crypto/sha256"
+	"database/sql"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+
+	"github.com/casnix/casnix/blobs"
+)
+
+// repairFixture is a small store: C stands alone and is added first (so
+// the small files every tree has live in its frames), A has a big file of
+// its own, B refers to A and D to B. Every batch gets packs of its own.
+type repairFixture struct {
+	dir  string
+	nars map[string][]byte
+}
+
+func repairOptions() Options {
+	return Options{Blobs: blobs.Options{PackSize: 1, FrameSize: blobs.MaxChunk}}
+}
+
+func newRepairFixture(t *testing.T) *repairFixture {
+	t.Helper()
+	st, err := Open(context.Background(), t.TempDir(), repairOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	fx := &repairFixture{dir: st.Dir(), nars: map[string][]byte{
+		pathC: treeNAR(t, 10), pathA: treeNAR(t, 600<<10), pathB: treeNAR(t, 10), pathD: treeNAR(t, 10),
+	}}
+	for _, p := range []struct {
+		name string
+		refs []string
+	}{{pathC, nil}, {pathA, nil}, {pathB, []string{pathA}}, {pathD, []string{pathB}}} {
+		if err := add(t, st, p.name, fx.nars[p.name], p.refs...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := st.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return fx
+}
+
+func (fx *repairFixture) raw(t *testing.T) *sql.DB {
+	t.Helper()
+	raw, err := sql.Open("sqlite", "file:"+filepath.Join(fx.dir, DBFile)+"?_pragma=foreign_keys(0)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { raw.Close() })
+	return raw
+}
+
+// bigFrame is the frame (pack, offset of the compressed data, its length)
+// holding A's largest chunk.
+func (fx *repairFixture) bigFrame(t *testing.T) (pack, dataOff, clen int64) {
+	t.Helper()
+	raw := fx.raw(t)
+	defer raw.Close()
+	err := raw.QueryRow(`SELECT f.pack, f.data_off, f.clen FROM chunks c JOIN frames f ON f.id = c.frame
+		ORDER BY c.len DESC LIMIT 1`).Scan(&pack, &dataOff, &clen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pack, dataOff, clen
+}
+
+func (fx *repairFixture) packPath(id int64) string {
+	return blobs.PackFile(filepath.Join(fx.dir, PackDir), id)
+}
+
+// damageIndexPage flips the last byte of the first page of index name (the
+// rowid of its last-written entry, on a store this small), so
+// integrity_check finds the index and its table disagree.
+func damageIndexPage(t *testing.T, fx *repairFixture, name string) {
+	t.Helper()
+	raw := fx.raw(t)
+	var root, size int64
+	if err := raw.QueryRow("SELECT rootpage FROM sqlite_master WHERE name = ?", name).Scan(&root); err != nil {
+		t.Fatal(err)
+	}
+	if err := raw.QueryRow("PRAGMA page_size").Scan(&size); err != nil {
+		t.Fatal(err)
+	}
+	raw.Close()
+	flipByte(t, filepath.Join(fx.dir, DBFile), root*size-1, 0x40)
+}
+
+func TestRepair(t *testing.T) {
+	all := []string{pathA, pathB, pathC, pathD}
+	for _, tc := range []struct {
+		name    string
+		damage  func(t *testing.T, fx *repairFixture)
+		dropped []string // the damaged paths and their referrers
+		reindex bool     // REINDEX must run
+	}{
+		{"flipped byte in a frame", func(t *testing.T, fx *repairFixture) {
+			pack, off, clen := fx.bigFrame(t)
+			flipByte(t, fx.packPath(pack), off+clen/2, 0xff)
+		}, []string{pathA, pathB, pathD}, false},
+		{"damaged record header", func(t *testing.T, fx *repairFixture) {
+			pack, off, _ := fx.bigFrame(t)
+			flipByte(t, fx.packPath(pack), off-10, 0x01) // inside the last chunk entry, before the CRC
+		}, []string{pathA, pathB, pathD}, false},
+		{"truncated pack", func(t *testing.T, fx *repairFixture) {
+			pack, off, clen := fx.bigFrame(t)
+			if err := os.Truncate(fx.packPath(pack), off+clen/2); err != nil {
+				t.Fatal(err)
+			}
+		}, []string{pathA, pathB, pathD}, false},
+		{"deleted pack file", func(t *testing.T, fx *repairFixture) {
+			pack, _, _ := fx.bigFrame(t)
+			if err := os.Remove(fx.packPath(pack)); err != nil {
+				t.Fatal(err)
+			}
+		}, []string{pathA, pathB, pathD}, false},
+		{"chunk rows deleted", func(t *testing.T, fx *repairFixture) {
+			mustExec(t, fx.raw(t), "DELETE FROM chunks WHERE digest IN (SELECT digest FROM chunks ORDER BY len DESC LIMIT 3)")
+		}, nil, false},
+		{"frame row deleted", func(t *testing.T, fx *repairFixture) {
+			mustExec(t, fx.raw(t), "DELETE FROM frames WHERE id = (SELECT frame FROM chunks ORDER BY len DESC LIMIT 1)")
+		}, nil, false},
+		{"pack row deleted", func(t *testing.T, fx *repairFixture) {
+			pack, _, _ := fx.bigFrame(t)
+			mustExec(t, fx.raw(t), "DELETE FROM packs WHERE id = ?", pack)
+		}, nil, false},
+		{"damaged index b-tree", func(t *testing.T, fx *repairFixture) {
+			damageIndexPage(t, fx, "frames_pack")
+		}, nil, true},
+		{"root directory row deleted", func(t *testing.T, fx *repairFixture) {
+			mustExec(t, fx.raw(t), "DELETE FROM directories WHERE digest = (SELECT digest FROM paths WHERE name = ?)", pathA)
+		}, []string{pathA, pathB, pathD}, false},
+		{"dangling reference", func(t *testing.T, fx *repairFixture) {
+			mustExec(t, fx.raw(t), "UPDATE refs SET reference = 999 WHERE referrer = (SELECT id FROM paths WHERE name = ?)", pathB)
+		}, []string{pathB, pathD}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			fx := newRepairFixture(t)
+			tc.damage(t, fx)
+			st, err := Open(ctx, fx.dir, repairOptions())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer st.Close()
+			before, err := st.Verify(ctx, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if before.OK() {
+				t.Fatal("verify sees no damage: the test damages nothing")
+			}
+			dry, err := st.Repair(ctx, RepairOptions{DryRun: true})
+			if err != nil {
+				t.Fatalf("dry run: %v", err)
+			}
+			if again, err := st.Verify(ctx, nil); err != nil || again.OK() {
+				t.Fatalf("the dry run changed the store: verify %v, %v", again, err)
+			}
+			rep, err := st.Repair(ctx, RepairOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if rep.Reindexed != tc.reindex {
+				t.Fatalf("reindexed %v, want %v (database problems %q)", rep.Reindexed, tc.reindex, rep.DB)
+			}
+			t.Logf("scan damage: %q", rep.Index.Damage)
+			got := droppedNames(rep)
+			if !slices.Equal(got, tc.dropped) {
+				t.Fatalf("dropped %q, want %q (report %+v)", got, tc.dropped, rep)
+			}
+			if d := droppedNames(dry); !slices.Equal(d, got) {
+				t.Fatalf("dry run would drop %q, repair dropped %q", d, got)
+			}
+			after, err := st.Verify(ctx, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !after.OK() {
+				t.Fatalf("verify after repair: %+v", after)
+			}
+			for _, name := range all {
+				if slices.Contains(got, name) {
+					if ok, err := st.IsValid(ctx, name); err != nil || ok {
+						t.Fatalf("dropped %s is still valid (%v)", name, err)
+					}
+					continue
+				}
+				n := render(t, st, name)
+				pi, err := st.Info(ctx, name)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if sha256.Sum256(n) != pi.NarHash || sha256.Sum256(n) != sha256.Sum256(fx.nars[name]) {
+					t.Fatalf("%s renders wrong after repair", name)
+				}
+			}
+			second, err := st.Repair(ctx, RepairOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if second.Index.Changed() || len(second.Dropped) > 0 || second.Reindexed || len(second.DB) > 0 {
+				t.Fatalf("second repair changed something: %+v", second)
+			}
+		})
+	}
+}
+
+func droppedNames(rep *RepairReport) []string {
+	var out []string
+	for _, d := range rep.Dropped {
+		out = append(out, d.Name)
+	}
+	return out
+}
+
+// indexRows is the chunk index as the packs can give it back: every frame
+// by its place, every chunk by where it is (frame ids are the database's
+// own and are not in the packs).
+func indexRows(t *testing.T, fx *repairFixture) (frames, chunks []string) {
+	t.Helper()
+	raw := fx.raw(t)
+	defer raw.Close()
+	rows, err := raw.Query("SELECT pack, offset, data_off, clen, rawlen FROM frames")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		var v [5]int64
+		if err := rows.Scan(&v[0], &v[1], &v[2], &v[3], &v[4]); err != nil {
+			t.Fatal(err)
+		}
+		frames = append(frames, fmt.Sprint(v))
+	}
+	rows.Close()
+	rows, err = raw.Query("SELECT hex(c.digest), f.pack, f.offset, c.off, c.len FROM chunks c JOIN frames f ON f.id = c.frame")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		var d string
+		var v [4]int64
+		if err := rows.Scan(&d, &v[0], &v[1], &v[2], &v[3]); err != nil {
+			t.Fatal(err)
+		}
+		chunks = append(chunks, d+fmt.Sprint(v))
+	}
+	rows.Close()
+	slices.Sort(frames)
+	slices.Sort(chunks)
+	return frames, chunks
+}
+
+// TestRepairRebuildsIndexFromPacks empties the packs, frames and chunks
+// tables and gets them back identical from the pack files alone (frame ids
+// aside: they are the database's own and not in the packs).
+func TestRepairRebuildsIndexFromPacks(t *testing.T) {
+	ctx := context.Background()
+	fx := newRepairFixture(t)
+	frames, chunks := indexRows(t, fx)
+	if len(frames) < 3 || len(chunks) < 5 {
+		t.Fatalf("fixture too small: %d frames, %d chunks", len(frames), len(chunks))
+	}
+	raw := fx.raw(t)
+	mustExec(t, raw, "DELETE FROM chunks")
+	mustExec(t, raw, "DELETE FROM frames")
+	mustExec(t, raw, "DELETE FROM packs")
+	raw.Close()
+	st, err := Open(ctx, fx.dir, repairOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep, err := st.Repair(ctx, RepairOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Dropped) > 0 || rep.Index.ChunksAdded != len(chunks) || rep.Index.FramesAdded != len(frames) {
+		t.Fatalf("repair: %+v", rep)
+	}
+	v, err := st.Verify(ctx, nil)
+	if err != nil || !v.OK() {
+		t.Fatalf("verify: %+v %v", v, err)
+	}
+	st.Close()
+	frames2, chunks2 := indexRows(t, fx)
+	if !slices.Equal(frames, frames2) || !slices.Equal(chunks, chunks2) {
+		t.Fatalf("rebuilt index differs:\nframes %q\nwant   %q\nchunks %q\nwant   %q", frames2, frames, chunks2, chunks)
+	}
+}
