@@ -43,14 +43,19 @@ type RepairReport struct {
 	Dropped []Damaged
 	// RefsDropped counts references rows whose referrer is not a path.
 	RefsDropped int64
-	// Packs lists pack files whose header is damaged: repair reads their
-	// records regardless but does not rewrite the header.
-	Packs []blobs.PackDamage
+	// Packs lists pack files whose header is damaged. Repair reads their
+	// records regardless; HeadersRewritten lists those whose header it
+	// wrote afresh (would, dry) because intact records of theirs are still
+	// indexed. A pack with none is left alone: nothing refers to it and
+	// compaction removes it once its row is gone.
+	Packs            []blobs.PackDamage
+	HeadersRewritten []int64
 }
 
 // Repair makes the store consistent with what its packs really hold, so a
 // later Verify is clean, at the price of the store paths whose data is
-// gone:
+// gone (a damaged pack header, the format's constant magic and version, is
+// written afresh when the pack's records read back intact):
 //
 //  1. If SQLite's integrity_check fails, REINDEX rebuilds every index from
 //     its table. Damage REINDEX does not mend is in the tables themselves;
@@ -180,6 +185,21 @@ func (s *Store) repair(ctx context.Context, real bool) (*RepairReport, error) {
 	})
 	if err != nil {
 		return nil, fmt.Errorf("repair chunk index: %w", err)
+	}
+	for _, p := range rep.Packs {
+		n, err := s.db.PackChunkCount(ctx, p.Pack)
+		if err != nil {
+			return nil, err
+		}
+		if n == 0 {
+			continue
+		}
+		if real {
+			if err := s.blobs.RewriteHeader(p.Pack); err != nil {
+				return nil, err
+			}
+		}
+		rep.HeadersRewritten = append(rep.HeadersRewritten, p.Pack)
 	}
 	// Frames rows went and came: no decoded frame cached under an old id
 	// may serve the renders below.

@@ -134,6 +134,10 @@ func TestRepair(t *testing.T) {
 		{"damaged index b-tree", func(t *testing.T, fx *repairFixture) {
 			damageIndexPage(t, fx, "frames_pack")
 		}, nil, true},
+		{"pack header", func(t *testing.T, fx *repairFixture) {
+			pack, _, _ := fx.bigFrame(t)
+			flipByte(t, fx.packPath(pack), 3, 0x20)
+		}, nil, false},
 		{"root directory row deleted", func(t *testing.T, fx *repairFixture) {
 			mustExec(t, fx.raw(t), "DELETE FROM directories WHERE digest = (SELECT digest FROM paths WHERE name = ?)", pathA)
 		}, []string{pathA, pathB, pathD}, false},
