@@ -33,7 +33,7 @@ type repairJSON struct {
 	ChunksAdded      int              `json:"chunksAdded"`
 	ChunksDropped    int              `json:"chunksDropped"`
 	BlobsDropped     int              `json:"blobsDropped"`
-	RefsDropped      int64            `json:"refsDropped"`
+	RowsDropped      int64            `json:"rowsDropped"`
 	Dropped          []repairDropJSON `json:"dropped"`
 	// Reimport is the store paths to import or copy again: the dropped
 	// ones.
@@ -58,7 +58,7 @@ func (c *RepairCmd) Run(g *Globals) error {
 		HeadersRewritten: rep.HeadersRewritten, PacksScanned: rep.Index.Packs, PacksAdded: rep.Index.PacksAdded,
 		FramesAdded: rep.Index.FramesAdded, FramesDropped: rep.Index.FramesDropped,
 		ChunksAdded: rep.Index.ChunksAdded, ChunksDropped: rep.Index.ChunksDropped,
-		BlobsDropped: rep.Index.BlobsDropped, RefsDropped: rep.RefsDropped,
+		BlobsDropped: rep.Index.BlobsDropped, RowsDropped: rep.RowsDropped,
 		Dropped: []repairDropJSON{}, Reimport: []string{}, Seconds: time.Since(start).Seconds(),
 	}
 	for _, d := range rep.Dropped {
@@ -96,8 +96,8 @@ func (c *RepairCmd) Run(g *Globals) error {
 		fmt.Fprintf(g.Stderr, "pack %d: header %swritten afresh\n", id, would)
 	}
 	ix := rep.Index
-	fmt.Fprintf(g.Stderr, "chunk index from %d packs: %d frames and %d chunks %sindexed again (%d pack rows), %d frames, %d chunks, %d blobs and %d references %sdropped\n",
-		ix.Packs, ix.FramesAdded, ix.ChunksAdded, would, ix.PacksAdded, ix.FramesDropped, ix.ChunksDropped, ix.BlobsDropped, rep.RefsDropped, would)
+	fmt.Fprintf(g.Stderr, "chunk index from %d packs: %d frames and %d chunks %sindexed again (%d pack rows), %d frames, %d chunks, %d blobs and %d rows of missing paths %sdropped\n",
+		ix.Packs, ix.FramesAdded, ix.ChunksAdded, would, ix.PacksAdded, ix.FramesDropped, ix.ChunksDropped, ix.BlobsDropped, rep.RowsDropped, would)
 	for _, d := range rep.Dropped {
 		fmt.Fprintf(g.Stderr, "%sdropped %s: %v\n", would, st.Full(d.Name), d.Err)
 	}

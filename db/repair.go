@@ -115,13 +115,28 @@ func (q q) EnsurePack(ctx context.Context, id int64) (added bool, err error) {
 	return n > 0, err
 }
 
-// DeleteDanglingRefs removes references whose referrer or reference is
-// not a path.
-func (q q) DeleteDanglingRefs(ctx context.Context) (int64, error) {
-	res, err := q.exec(ctx, `DELETE FROM refs WHERE NOT EXISTS (SELECT 1 FROM paths p WHERE p.id = refs.referrer)
-		OR NOT EXISTS (SELECT 1 FROM paths p WHERE p.id = refs.reference)`)
-	if err != nil {
-		return 0, fmt.Errorf("delete dangling references: %w", err)
+// DeleteDanglingRows removes rows that hang off a path that is not there:
+// references whose referrer or reference is missing, and signatures,
+// derivation outputs and realisations of a missing path. It returns how
+// many went.
+func (q q) DeleteDanglingRows(ctx context.Context) (int64, error) {
+	var total int64
+	for _, del := range []string{
+		`DELETE FROM refs WHERE NOT EXISTS (SELECT 1 FROM paths p WHERE p.id = refs.referrer)
+			OR NOT EXISTS (SELECT 1 FROM paths p WHERE p.id = refs.reference)`,
+		"DELETE FROM sigs WHERE NOT EXISTS (SELECT 1 FROM paths p WHERE p.id = sigs.path)",
+		"DELETE FROM drv_outputs WHERE NOT EXISTS (SELECT 1 FROM paths p WHERE p.id = drv_outputs.drv)",
+		"DELETE FROM realisations WHERE NOT EXISTS (SELECT 1 FROM paths p WHERE p.id = realisations.path)",
+	} {
+		res, err := q.exec(ctx, del)
+		if err != nil {
+			return total, fmt.Errorf("delete dangling rows: %w", err)
+		}
+		n, err := res.RowsAffected()
+		if err != nil {
+			return total, fmt.Errorf("delete dangling rows: %w", err)
+		}
+		total += n
 	}
-	return res.RowsAffected()
+	return total, nil
 }

@@ -19,6 +19,9 @@ import (
 // does not mend (its table b-trees, not only its indexes, are damaged).
 var ErrUnrepairable = errors.New("database damage that repair cannot mend")
 
+// dryRunPrefix begins the names of the database copies dry runs repair.
+const dryRunPrefix = ".repair-dry-run-"
+
 // RepairOptions tune Repair.
 type RepairOptions struct {
 	// DryRun repairs a copy of the database (against the real packs, which
@@ -41,8 +44,9 @@ type RepairReport struct {
 	// or that it refers to a dropped path. These are the paths to import
 	// or copy again.
 	Dropped []Damaged
-	// RefsDropped counts references rows whose referrer is not a path.
-	RefsDropped int64
+	// RowsDropped counts references, signatures, derivation outputs and
+	// realisations dropped because the path they belong to is not there.
+	RowsDropped int64
 	// Packs lists pack files whose header is damaged. Repair reads their
 	// records regardless; HeadersRewritten lists those whose header it
 	// wrote afresh (would, dry) because intact records of theirs are still
@@ -96,6 +100,11 @@ func (s *Store) Repair(ctx context.Context, o RepairOptions) (*RepairReport, err
 		// cannot be known to be kept from reuse: no other process may have
 		// the data dir open.
 		if err := unix.Flock(int(s.dirLock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+			// A failed conversion may have dropped the shared lock
+			// (flock(2)): take it again before going on.
+			if err2 := flockWait(ctx, s.dirLock, unix.LOCK_SH); err2 != nil {
+				return nil, fmt.Errorf("data dir lock lost: %w", err2)
+			}
 			if err == unix.EWOULDBLOCK {
 				return nil, fmt.Errorf("data dir %s %w by another casnix process: stop casnix serve and mount first", s.dir, ErrInUse)
 			}
@@ -108,7 +117,13 @@ func (s *Store) Repair(ctx context.Context, o RepairOptions) (*RepairReport, err
 	if err != nil {
 		return nil, fmt.Errorf("check database: %w", err)
 	}
-	tmp, err := os.MkdirTemp(s.dir, ".repair-dry-run-")
+	// A dry run killed before it cleaned up left its copy: no other
+	// repair runs now (the GC locks), so any copy is stale.
+	stale, _ := filepath.Glob(filepath.Join(s.dir, dryRunPrefix+"*"))
+	for _, d := range stale {
+		os.RemoveAll(d)
+	}
+	tmp, err := os.MkdirTemp(s.dir, dryRunPrefix)
 	if err != nil {
 		return nil, fmt.Errorf("dry run: %w", err)
 	}
@@ -252,10 +267,10 @@ func (s *Store) repair(ctx context.Context, real bool) (*RepairReport, error) {
 				return err
 			}
 		}
-		// References from rows that are not paths (the paths with
+		// Rows hanging off rows that are not paths (the paths with
 		// references to rows that are not paths were dropped above).
 		var err error
-		rep.RefsDropped, err = tx.DeleteDanglingRefs(ctx)
+		rep.RowsDropped, err = tx.DeleteDanglingRows(ctx)
 		return err
 	})
 	if err != nil {

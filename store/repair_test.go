@@ -141,6 +141,9 @@ func TestRepair(t *testing.T) {
 		{"root directory row deleted", func(t *testing.T, fx *repairFixture) {
 			mustExec(t, fx.raw(t), "DELETE FROM directories WHERE digest = (SELECT digest FROM paths WHERE name = ?)", pathA)
 		}, []string{pathA, pathB, pathD}, false},
+		{"signature of a missing path", func(t *testing.T, fx *repairFixture) {
+			mustExec(t, fx.raw(t), "INSERT INTO sigs(path, sig) VALUES (999, 'cache.example.org-1:AAAA')")
+		}, nil, false},
 		{"dangling reference", func(t *testing.T, fx *repairFixture) {
 			mustExec(t, fx.raw(t), "UPDATE refs SET reference = 999 WHERE referrer = (SELECT id FROM paths WHERE name = ?)", pathB)
 		}, []string{pathB, pathD}, false},
@@ -210,7 +213,7 @@ func TestRepair(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if second.Index.Changed() || len(second.Dropped) > 0 || second.Reindexed || len(second.DB) > 0 {
+			if second.Index.Changed() || len(second.Dropped) > 0 || second.RowsDropped > 0 || second.Reindexed || len(second.DB) > 0 {
 				t.Fatalf("second repair changed something: %+v", second)
 			}
 		})
