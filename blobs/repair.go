@@ -50,10 +50,11 @@ type chunkSite struct {
 // packScan is every intact frame of every pack file, and where each intact
 // chunk is first found (packs in id order, frames in file order).
 type packScan struct {
-	frames map[frameKey]*scannedFrame
-	chunks map[digest.Digest]chunkSite
-	damage []string
-	packs  int
+	frames  map[frameKey]*scannedFrame
+	chunks  map[digest.Digest]chunkSite
+	damage  []string
+	packs   int
+	maxFile int64 // largest pack file id
 }
 
 // scanPacks reads every pack file's records from its bytes alone. A record
@@ -71,6 +72,9 @@ func (s *Store) scanPacks(ctx context.Context) (*packScan, error) {
 	}
 	slices.Sort(ids)
 	sc := &packScan{frames: map[frameKey]*scannedFrame{}, chunks: map[digest.Digest]chunkSite{}}
+	if len(ids) > 0 {
+		sc.maxFile = ids[len(ids)-1]
+	}
 	for _, id := range ids {
 		if err := s.scanPack(ctx, id, files[id], sc); err != nil {
 			return nil, err
@@ -188,7 +192,8 @@ func nextRecord(f *os.File, from, size int64) (int64, error) {
 //   - blobs whose chunks are still missing go, so the index has no row that
 //     does not resolve (the paths using them are dropped by the caller).
 //
-// Chunks no blob needs get no new rows: they are dead data (a collected
+// Pack ids up to the largest pack file's are recorded as used. Chunks no
+// blob needs get no new rows: they are dead data (a collected
 // path's, or a crashed writer's tail) that compaction will remove. Pack
 // files are fsynced before rows naming them are committed.
 func (s *Store) RepairIndex(ctx context.Context, tx *db.Tx) (*IndexRepair, error) {
@@ -197,6 +202,9 @@ func (s *Store) RepairIndex(ctx context.Context, tx *db.Tx) (*IndexRepair, error
 		return nil, err
 	}
 	rep := &IndexRepair{Packs: sc.packs, Frames: len(sc.frames), Chunks: len(sc.chunks), Damage: sc.damage}
+	if err := tx.RaisePackFloor(ctx, sc.maxFile); err != nil {
+		return nil, err
+	}
 	frames, err := tx.AllFrames(ctx)
 	if err != nil {
 		return nil, err

@@ -140,3 +140,13 @@ func (q q) DeleteDanglingRows(ctx context.Context) (int64, error) {
 	}
 	return total, nil
 }
+
+// RaisePackFloor records pack ids up to id as used, so a pack file with no
+// row (its row lost, or an orphan awaiting compaction) never has its id
+// handed to a new pack, whose file would then already exist.
+func (q q) RaisePackFloor(ctx context.Context, id int64) error {
+	if _, err := q.exec(ctx, "UPDATE id_floor SET top = MAX(top, ?) WHERE tbl = 'packs'", id); err != nil {
+		return fmt.Errorf("raise packs id floor: %w", err)
+	}
+	return nil
+}

@@ -301,3 +301,37 @@ func TestRepairRebuildsIndexFromPacks(t *testing.T) {
 		t.Fatalf("rebuilt index differs:\nframes %q\nwant   %q\nchunks %q\nwant   %q", frames2, frames, chunks2, chunks)
 	}
 }
+
+// TestRepairKeepsPackIDs: a pack file whose row is gone (here: a stray copy
+// numbered just above every pack row) keeps its id from new packs, so an
+// import after repair does not collide with the file.
+func TestRepairKeepsPackIDs(t *testing.T) {
+	ctx := context.Background()
+	fx := newRepairFixture(t)
+	raw := fx.raw(t)
+	var top int64
+	if err := raw.QueryRow("SELECT MAX(id) FROM packs").Scan(&top); err != nil {
+		t.Fatal(err)
+	}
+	raw.Close()
+	b, err := os.ReadFile(fx.packPath(top))
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.MkdirAll(filepath.Dir(fx.packPath(top+1)), 0o755)
+	if err := os.WriteFile(fx.packPath(top+1), b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	st, err := Open(ctx, fx.dir, repairOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	if _, err := st.Repair(ctx, RepairOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	const e = "44444444444444444444444444444444-e"
+	if err := add(t, st, e, treeNAR(t, 10)); err != nil {
+		t.Fatalf("import after repair: %v", err)
+	}
+}
