@@ -4,11 +4,14 @@ import (
 	"context"
 	"crypto/sha256"
 	"database/sql"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
 	"testing"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/casnix/casnix/blobs"
 )
@@ -333,5 +336,36 @@ func TestRepairKeepsPackIDs(t *testing.T) {
 	const e = "44444444444444444444444444444444-e"
 	if err := add(t, st, e, treeNAR(t, 10)); err != nil {
 		t.Fatalf("import after repair: %v", err)
+	}
+}
+
+// TestRepairNeedsDataDirAlone: repair refuses while another store has the
+// data dir open (a dry run does not), keeps its own shared hold on the data
+// dir after refusing, and runs once the other is closed.
+func TestRepairNeedsDataDirAlone(t *testing.T) {
+	ctx := context.Background()
+	fx := newRepairFixture(t)
+	st, err := Open(ctx, fx.dir, repairOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	other, err := Open(ctx, fx.dir, repairOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Repair(ctx, RepairOptions{}); !errors.Is(err, ErrInUse) {
+		t.Fatalf("repair beside another open store: %v, want ErrInUse", err)
+	}
+	if _, err := st.Repair(ctx, RepairOptions{DryRun: true}); err != nil {
+		t.Fatalf("dry run beside another open store: %v", err)
+	}
+	other.Close()
+	if f, err := lockDir(fx.dir, unix.LOCK_EX); err == nil {
+		f.Close()
+		t.Fatal("the refused repair let go of its store's data-dir lock")
+	}
+	if _, err := st.Repair(ctx, RepairOptions{}); err != nil {
+		t.Fatal(err)
 	}
 }
