@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -38,6 +39,9 @@ type RepairReport struct {
 	// damaged index b-trees.
 	DB        []string
 	Reindexed bool
+	// Rebuilt says REINDEX was not enough and the database was replaced by
+	// a copy of all its rows (VACUUM INTO).
+	Rebuilt bool
 	// Index is the chunk index rebuilt from the pack files.
 	Index blobs.IndexRepair
 	// Dropped lists the store paths deleted, each with why: its own damage,
@@ -62,13 +66,16 @@ type RepairReport struct {
 // written afresh when the pack's records read back intact):
 //
 //  1. If SQLite's integrity_check fails, REINDEX rebuilds every index from
-//     its table. Damage REINDEX does not mend is in the tables themselves;
-//     Repair then refuses (ErrUnrepairable) rather than copy what rows it
-//     can read into a fresh database: replacing the database file under the
-//     other processes that have the data dir open is a restore's job (it
-//     takes the data-dir lock exclusively), and silently losing unreadable
-//     table rows (paths, references, signatures) is worse than restoring a
-//     backup (`casnix restore`), which keeps every path.
+//     its table. If damage remains (outside the indexes: the free-page
+//     list, a page two b-trees claim), the database is copied with VACUUM
+//     INTO, which writes every row of every table into a fresh file; if
+//     that copy reads every row and checks clean it replaces the database
+//     (nothing is lost: it holds every row). If a table's rows cannot all be
+//     read, Repair refuses (ErrUnrepairable) rather than keep what it can
+//     read: a lost paths row would vanish unnamed, and a lost refs row would
+//     leave a path valid without its references, silently breaking the
+//     closure invariant Nix relies on. Restoring a backup (`casnix restore`)
+//     is the way out then.
 //  2. The packs, frames and chunks tables are rebuilt from the pack files'
 //     own bytes (blobs.RepairIndex): rows that point at unreadable data go,
 //     chunks that blobs need and the packs hold intact get rows back.
@@ -132,6 +139,10 @@ func (s *Store) Repair(ctx context.Context, o RepairOptions) (*RepairReport, err
 	// needs no REINDEX even when the original does, so say so from the
 	// original's check.
 	if err := s.db.SnapshotTo(ctx, filepath.Join(tmp, DBFile)); err != nil {
+		if hasIntegrityDamage(problems) {
+			// What a real repair would find once REINDEX did not help.
+			return nil, fmt.Errorf("%w: rows cannot all be read (%v); restore a backup (casnix restore)", ErrUnrepairable, err)
+		}
 		return nil, fmt.Errorf("dry run: copy database: %w", err)
 	}
 	packs, err := filepath.Abs(filepath.Join(s.dir, PackDir))
@@ -177,14 +188,20 @@ func (s *Store) repair(ctx context.Context, real bool) (*RepairReport, error) {
 	if hasIntegrityDamage(rep.DB) {
 		rep.Reindexed = true
 		if err := s.db.Reindex(ctx); err != nil {
-			return nil, fmt.Errorf("%w: %v", ErrUnrepairable, err)
+			s.log.Warn("reindex failed", "err", err)
 		}
 		after, err := s.db.IntegrityCheck(ctx)
 		if err != nil {
 			return nil, fmt.Errorf("check database: %w", err)
 		}
 		if hasIntegrityDamage(after) {
-			return nil, fmt.Errorf("%w: after REINDEX: %s; restore a backup (casnix restore)", ErrUnrepairable, strings.Join(after, "; "))
+			if !real {
+				return nil, fmt.Errorf("%w: %s", ErrUnrepairable, strings.Join(after, "; "))
+			}
+			if err := s.rebuildDatabase(ctx); err != nil {
+				return nil, err
+			}
+			rep.Rebuilt = true
 		}
 	}
 	if rep.Packs, err = s.blobs.VerifyHeaders(ctx); err != nil {
@@ -318,4 +335,65 @@ func (s *Store) damagedPaths(ctx context.Context) (map[string]error, error) {
 		}
 	}
 	return damaged, nil
+}
+
+// rebuildFile is where rebuildDatabase writes its copy.
+const rebuildFile = DBFile + ".rebuild"
+
+// rebuildDatabase replaces the database by a VACUUM INTO copy of it, if the
+// copy reads every row and checks clean. It needs the data dir to itself
+// (Repair holds the data-dir lock exclusively) and s to itself: the
+// database and blob store are closed and reopened under it.
+func (s *Store) rebuildDatabase(ctx context.Context) error {
+	path := filepath.Join(s.dir, DBFile)
+	tmp := filepath.Join(s.dir, rebuildFile)
+	os.Remove(tmp)
+	if err := s.db.SnapshotTo(ctx, tmp); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("%w: rows cannot all be read (%v); restore a backup (casnix restore)", ErrUnrepairable, err)
+	}
+	cp, err := db.Open(ctx, tmp)
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("%w: open copy: %v", ErrUnrepairable, err)
+	}
+	problems, err := cp.IntegrityCheck(ctx)
+	cp.Close()
+	if err == nil && len(problems) > 0 {
+		err = errors.New(strings.Join(problems, "; "))
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("%w: copy of the database: %v", ErrUnrepairable, err)
+	}
+	if err := syncFile(tmp); err != nil {
+		return err
+	}
+	// Closing checkpoints the WAL into the old file; what is left of it
+	// must not be applied to the new one.
+	if err := errors.Join(s.blobs.Close(), s.db.Close()); err != nil {
+		return fmt.Errorf("close database: %w", err)
+	}
+	for _, ext := range []string{"-wal", "-shm"} {
+		if err := os.Remove(path + ext); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("replace database: %w", err)
+		}
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("replace database: %w", err)
+	}
+	if err := syncPath(s.dir); err != nil {
+		return err
+	}
+	d, err := db.Open(ctx, path)
+	if err != nil {
+		return fmt.Errorf("reopen database: %w", err)
+	}
+	b, err := blobs.Open(filepath.Join(s.dir, PackDir), d, s.blobOpts)
+	if err != nil {
+		d.Close()
+		return fmt.Errorf("reopen packs: %w", err)
+	}
+	s.db, s.blobs = d, b
+	return nil
 }

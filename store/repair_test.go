@@ -103,53 +103,59 @@ func TestRepair(t *testing.T) {
 		damage  func(t *testing.T, fx *repairFixture)
 		dropped []string // the damaged paths and their referrers
 		reindex bool     // REINDEX must run
+		rebuild bool     // and not be enough: the database is copied
 	}{
 		{"flipped byte in a frame", func(t *testing.T, fx *repairFixture) {
 			pack, off, clen := fx.bigFrame(t)
 			flipByte(t, fx.packPath(pack), off+clen/2, 0xff)
-		}, []string{pathA, pathB, pathD}, false},
+		}, []string{pathA, pathB, pathD}, false, false},
 		{"damaged record header", func(t *testing.T, fx *repairFixture) {
 			pack, off, _ := fx.bigFrame(t)
 			flipByte(t, fx.packPath(pack), off-10, 0x01) // inside the last chunk entry, before the CRC
-		}, []string{pathA, pathB, pathD}, false},
+		}, []string{pathA, pathB, pathD}, false, false},
 		{"truncated pack", func(t *testing.T, fx *repairFixture) {
 			pack, off, clen := fx.bigFrame(t)
 			if err := os.Truncate(fx.packPath(pack), off+clen/2); err != nil {
 				t.Fatal(err)
 			}
-		}, []string{pathA, pathB, pathD}, false},
+		}, []string{pathA, pathB, pathD}, false, false},
 		{"deleted pack file", func(t *testing.T, fx *repairFixture) {
 			pack, _, _ := fx.bigFrame(t)
 			if err := os.Remove(fx.packPath(pack)); err != nil {
 				t.Fatal(err)
 			}
-		}, []string{pathA, pathB, pathD}, false},
+		}, []string{pathA, pathB, pathD}, false, false},
 		{"chunk rows deleted", func(t *testing.T, fx *repairFixture) {
 			mustExec(t, fx.raw(t), "DELETE FROM chunks WHERE digest IN (SELECT digest FROM chunks ORDER BY len DESC LIMIT 3)")
-		}, nil, false},
+		}, nil, false, false},
 		{"frame row deleted", func(t *testing.T, fx *repairFixture) {
 			mustExec(t, fx.raw(t), "DELETE FROM frames WHERE id = (SELECT frame FROM chunks ORDER BY len DESC LIMIT 1)")
-		}, nil, false},
+		}, nil, false, false},
 		{"pack row deleted", func(t *testing.T, fx *repairFixture) {
 			pack, _, _ := fx.bigFrame(t)
 			mustExec(t, fx.raw(t), "DELETE FROM packs WHERE id = ?", pack)
-		}, nil, false},
+		}, nil, false, false},
 		{"damaged index b-tree", func(t *testing.T, fx *repairFixture) {
 			damageIndexPage(t, fx, "frames_pack")
-		}, nil, true},
+		}, nil, true, false},
+		{"damaged free-page count", func(t *testing.T, fx *repairFixture) {
+			// The header's count of free pages: no index covers it, so
+			// REINDEX leaves it wrong; a copy of every row mends it.
+			flipByte(t, filepath.Join(fx.dir, DBFile), 39, 0x03)
+		}, nil, true, true},
 		{"pack header", func(t *testing.T, fx *repairFixture) {
 			pack, _, _ := fx.bigFrame(t)
 			flipByte(t, fx.packPath(pack), 3, 0x20)
-		}, nil, false},
+		}, nil, false, false},
 		{"root directory row deleted", func(t *testing.T, fx *repairFixture) {
 			mustExec(t, fx.raw(t), "DELETE FROM directories WHERE digest = (SELECT digest FROM paths WHERE name = ?)", pathA)
-		}, []string{pathA, pathB, pathD}, false},
+		}, []string{pathA, pathB, pathD}, false, false},
 		{"signature of a missing path", func(t *testing.T, fx *repairFixture) {
 			mustExec(t, fx.raw(t), "INSERT INTO sigs(path, sig) VALUES (999, 'cache.example.org-1:AAAA')")
-		}, nil, false},
+		}, nil, false, false},
 		{"dangling reference", func(t *testing.T, fx *repairFixture) {
 			mustExec(t, fx.raw(t), "UPDATE refs SET reference = 999 WHERE referrer = (SELECT id FROM paths WHERE name = ?)", pathB)
-		}, []string{pathB, pathD}, false},
+		}, []string{pathB, pathD}, false, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := context.Background()
@@ -178,8 +184,8 @@ func TestRepair(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if rep.Reindexed != tc.reindex {
-				t.Fatalf("reindexed %v, want %v (database problems %q)", rep.Reindexed, tc.reindex, rep.DB)
+			if rep.Reindexed != tc.reindex || rep.Rebuilt != tc.rebuild {
+				t.Fatalf("reindexed %v rebuilt %v, want %v %v (database problems %q)", rep.Reindexed, rep.Rebuilt, tc.reindex, tc.rebuild, rep.DB)
 			}
 			t.Logf("scan damage: %q", rep.Index.Damage)
 			got := droppedNames(rep)
@@ -216,7 +222,7 @@ func TestRepair(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if second.Index.Changed() || len(second.Dropped) > 0 || second.RowsDropped > 0 || second.Reindexed || len(second.DB) > 0 {
+			if second.Index.Changed() || len(second.Dropped) > 0 || second.RowsDropped > 0 || second.Reindexed || second.Rebuilt || len(second.DB) > 0 {
 				t.Fatalf("second repair changed something: %+v", second)
 			}
 		})
@@ -367,5 +373,46 @@ func TestRepairNeedsDataDirAlone(t *testing.T) {
 	}
 	if _, err := st.Repair(ctx, RepairOptions{}); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestRepairRefusesDamagedTable: a paths table page that cannot be read is
+// not mended by REINDEX nor copyable row by row, so repair refuses with
+// ErrUnrepairable and leaves the database file as it was.
+func TestRepairRefusesDamagedTable(t *testing.T) {
+	ctx := context.Background()
+	fx := newRepairFixture(t)
+	raw := fx.raw(t)
+	var root, size int64
+	if err := raw.QueryRow("SELECT rootpage FROM sqlite_master WHERE name = 'paths'").Scan(&root); err != nil {
+		t.Fatal(err)
+	}
+	if err := raw.QueryRow("PRAGMA page_size").Scan(&size); err != nil {
+		t.Fatal(err)
+	}
+	raw.Close()
+	file := filepath.Join(fx.dir, DBFile)
+	flipByte(t, file, (root-1)*size, 0xff) // the page's b-tree type
+	before, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := Open(ctx, fx.dir, repairOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	for _, dry := range []bool{true, false} {
+		if _, err := st.Repair(ctx, RepairOptions{DryRun: dry}); !errors.Is(err, ErrUnrepairable) {
+			t.Fatalf("repair (dry run %v) of a damaged table: %v, want ErrUnrepairable", dry, err)
+		}
+	}
+	st.Close()
+	after, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(before, after) {
+		t.Fatal("the refused repair changed the database file")
 	}
 }
