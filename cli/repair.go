@@ -24,6 +24,7 @@ type repairJSON struct {
 	DryRun           bool             `json:"dryRun"`
 	Database         []string         `json:"database"`
 	Reindexed        bool             `json:"reindexed"`
+	Rebuilt          bool             `json:"rebuilt"`
 	PackDamage       []string         `json:"packDamage"`
 	HeadersRewritten []int64          `json:"headersRewritten"`
 	PacksScanned     int              `json:"packsScanned"`
@@ -54,7 +55,7 @@ func (c *RepairCmd) Run(g *Globals) error {
 		return err
 	}
 	out := repairJSON{
-		DryRun: rep.DryRun, Database: rep.DB, Reindexed: rep.Reindexed, PackDamage: rep.Index.Damage,
+		DryRun: rep.DryRun, Database: rep.DB, Reindexed: rep.Reindexed, Rebuilt: rep.Rebuilt, PackDamage: rep.Index.Damage,
 		HeadersRewritten: rep.HeadersRewritten, PacksScanned: rep.Index.Packs, PacksAdded: rep.Index.PacksAdded,
 		FramesAdded: rep.Index.FramesAdded, FramesDropped: rep.Index.FramesDropped,
 		ChunksAdded: rep.Index.ChunksAdded, ChunksDropped: rep.Index.ChunksDropped,
@@ -88,6 +89,9 @@ func (c *RepairCmd) Run(g *Globals) error {
 	}
 	if rep.Reindexed {
 		fmt.Fprintf(g.Stderr, "database indexes %srebuilt (REINDEX)\n", would)
+	}
+	if rep.Rebuilt {
+		fmt.Fprintln(g.Stderr, "database replaced by a copy of all its rows (VACUUM INTO)")
 	}
 	for _, d := range rep.Index.Damage {
 		fmt.Fprintf(g.Stderr, "unreadable: %s\n", d)
