@@ -196,6 +196,11 @@ func nextRecord(f *os.File, from, size int64) (int64, error) {
 // blob needs get no new rows: they are dead data (a collected
 // path's, or a crashed writer's tail) that compaction will remove. Pack
 // files are fsynced before rows naming them are committed.
+//
+// Memory grows with the store: the scan keeps every intact chunk's digest
+// and place, and the index rows are listed whole (a few hundred bytes a
+// chunk). The scan runs inside tx, so the caller must hold off writers
+// (Store.Repair has the data dir to itself).
 func (s *Store) RepairIndex(ctx context.Context, tx *db.Tx) (*IndexRepair, error) {
 	sc, err := s.scanPacks(ctx)
 	if err != nil {
@@ -217,13 +222,12 @@ func (s *Store) RepairIndex(ctx context.Context, tx *db.Tx) (*IndexRepair, error
 	kept := map[int64]*scannedFrame{}
 	frameID := map[frameKey]int64{}
 	for _, f := range frames {
-		sf := sc.frames[frameKey{f.Pack, f.Offset}]
-		if sf != nil && sf.f.DataOff == f.DataOff && sf.f.CLen == f.CLen && sf.f.RawLen == f.RawLen {
-			if _, dup := frameID[frameKey{f.Pack, f.Offset}]; !dup {
-				kept[f.ID] = sf
-				frameID[frameKey{f.Pack, f.Offset}] = f.ID
-				continue
-			}
+		key := frameKey{f.Pack, f.Offset}
+		sf := sc.frames[key]
+		_, dup := frameID[key] // a second row for one record goes
+		if sf != nil && !dup && sf.f.DataOff == f.DataOff && sf.f.CLen == f.CLen && sf.f.RawLen == f.RawLen {
+			kept[f.ID] = sf
+			frameID[key] = f.ID
 		}
 	}
 	have := map[digest.Digest]bool{}
