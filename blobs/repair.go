@@ -61,7 +61,7 @@ type packScan struct {
 // whose header fails its CRC is skipped by searching for the next record
 // header that passes its own; a record past the end of the file (a torn
 // tail) ends the pack.
-func (s *Store) scanPacks(ctx context.Context) (*packScan, error) {
+func (s *Store) scanPacks(ctx context.Context, progress func(done, total int64)) (*packScan, error) {
 	files, err := s.packFiles()
 	if err != nil {
 		return nil, err
@@ -80,6 +80,9 @@ func (s *Store) scanPacks(ctx context.Context) (*packScan, error) {
 			return nil, err
 		}
 		sc.packs++
+		if progress != nil {
+			progress(int64(sc.packs), int64(len(ids)))
+		}
 	}
 	return sc, nil
 }
@@ -180,7 +183,8 @@ func nextRecord(f *os.File, from, size int64) (int64, error) {
 	return size, nil
 }
 
-// RepairIndex makes the packs, frames and chunks tables match what the pack
+// RepairIndex (progress, if set, is called after each pack file scanned)
+// makes the packs, frames and chunks tables match what the pack
 // files really hold, in tx:
 //   - a chunks row stays only if its frame row matches an intact record at
 //     the same place and that record lists the chunk, at the row's offset
@@ -201,8 +205,8 @@ func nextRecord(f *os.File, from, size int64) (int64, error) {
 // and place, and the index rows are listed whole (a few hundred bytes a
 // chunk). The scan runs inside tx, so the caller must hold off writers
 // (Store.Repair has the data dir to itself).
-func (s *Store) RepairIndex(ctx context.Context, tx *db.Tx) (*IndexRepair, error) {
-	sc, err := s.scanPacks(ctx)
+func (s *Store) RepairIndex(ctx context.Context, tx *db.Tx, progress func(done, total int64)) (*IndexRepair, error) {
+	sc, err := s.scanPacks(ctx, progress)
 	if err != nil {
 		return nil, err
 	}

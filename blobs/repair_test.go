@@ -61,7 +61,7 @@ func TestScanPackSkipsDamage(t *testing.T) {
 			if err := os.WriteFile(path, file, 0o644); err != nil {
 				t.Fatal(err)
 			}
-			sc, err := s.scanPacks(context.Background())
+			sc, err := s.scanPacks(context.Background(), nil)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -50,7 +50,11 @@ func (c *RepairCmd) Run(g *Globals) error {
 	}
 	defer st.Close()
 	start := time.Now()
-	rep, err := st.Repair(g.Ctx, store.RepairOptions{DryRun: c.DryRun})
+	pr := newProgress(g.Stderr)
+	rep, err := st.Repair(g.Ctx, store.RepairOptions{DryRun: c.DryRun, Progress: func(stage string, done, total int64) {
+		pr.update("repair: %s %s %d/%d", stage, bar(done, total, 30), done, total)
+	}})
+	pr.done()
 	if err != nil {
 		return err
 	}

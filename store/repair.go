@@ -29,6 +29,9 @@ type RepairOptions struct {
 	// repair only reads) and reports what would change; the data dir is
 	// left as it was.
 	DryRun bool
+	// Progress, if set, is called as stages advance ("packs" scanned,
+	// "paths" checked).
+	Progress func(stage string, done, total int64)
 }
 
 // RepairReport is what Repair found and did (or, dry, would do).
@@ -118,7 +121,7 @@ func (s *Store) Repair(ctx context.Context, o RepairOptions) (*RepairReport, err
 			return nil, fmt.Errorf("lock data dir: %w", err)
 		}
 		defer unix.Flock(int(s.dirLock.Fd()), unix.LOCK_SH)
-		return s.repair(ctx, true)
+		return s.repair(ctx, true, o.Progress)
 	}
 	problems, err := s.db.IntegrityCheck(ctx)
 	if err != nil {
@@ -157,7 +160,7 @@ func (s *Store) Repair(ctx context.Context, o RepairOptions) (*RepairReport, err
 		return nil, fmt.Errorf("dry run: open copy: %w", err)
 	}
 	defer cp.Close()
-	rep, err := cp.repair(ctx, false)
+	rep, err := cp.repair(ctx, false, o.Progress)
 	if err != nil {
 		return nil, err
 	}
@@ -178,7 +181,7 @@ func hasIntegrityDamage(problems []string) bool {
 
 // repair does Repair's work under its locks; real is false on a dry run's
 // copy (nothing outside the copy's database is touched).
-func (s *Store) repair(ctx context.Context, real bool) (*RepairReport, error) {
+func (s *Store) repair(ctx context.Context, real bool, progress func(string, int64, int64)) (*RepairReport, error) {
 	rep := &RepairReport{}
 	var err error
 	rep.DB, err = s.db.IntegrityCheck(ctx)
@@ -208,7 +211,11 @@ func (s *Store) repair(ctx context.Context, real bool) (*RepairReport, error) {
 		return nil, fmt.Errorf("check pack headers: %w", err)
 	}
 	err = s.db.Write(ctx, func(tx *db.Tx) error {
-		ix, err := s.blobs.RepairIndex(ctx, tx)
+		ix, err := s.blobs.RepairIndex(ctx, tx, func(done, total int64) {
+			if progress != nil {
+				progress("packs", done, total)
+			}
+		})
 		if err != nil {
 			return err
 		}
@@ -236,7 +243,7 @@ func (s *Store) repair(ctx context.Context, real bool) (*RepairReport, error) {
 	// Frames rows went and came: no decoded frame cached under an old id
 	// may serve the renders below.
 	s.blobs.DropCache()
-	damaged, err := s.damagedPaths(ctx)
+	damaged, err := s.damagedPaths(ctx, progress)
 	if err != nil {
 		return nil, err
 	}
@@ -308,7 +315,7 @@ func (s *Store) repair(ctx context.Context, real bool) (*RepairReport, error) {
 
 // damagedPaths returns the paths whose rows do not resolve or that do not
 // render to their recorded NAR hash and size.
-func (s *Store) damagedPaths(ctx context.Context) (map[string]error, error) {
+func (s *Store) damagedPaths(ctx context.Context, progress func(string, int64, int64)) (map[string]error, error) {
 	damaged := map[string]error{}
 	problems, err := s.db.Dangling(ctx, digest.Empty)
 	if err != nil {
@@ -323,7 +330,10 @@ func (s *Store) damagedPaths(ctx context.Context) (map[string]error, error) {
 	if err != nil {
 		return nil, err
 	}
-	for _, name := range names {
+	for i, name := range names {
+		if progress != nil {
+			progress("paths", int64(i+1), int64(len(names)))
+		}
 		if damaged[name] != nil {
 			continue
 		}
