@@ -423,7 +423,8 @@ func TestRepairRefusesDamagedTable(t *testing.T) {
 
 // TestRepairAfterFlippedBytes flips random bytes (seeded; CASNIX_REPAIR_FLIPS
 // for more) across casnix.db and the packs of a repair fixture, one flip
-// per copy, and repairs each: repair either refuses a database whose
+// per copy, and repairs each: repair (and its dry run before it, which
+// must name the same paths) either refuses a database whose
 // tables it cannot read (ErrUnrepairable) or leaves a store that verifies
 // clean, whose remaining paths render to their NARs, whose dropped set is
 // closed under referrers, and that a second repair leaves alone.
@@ -494,7 +495,11 @@ func repairFlipped(ctx context.Context, dir string, nars map[string][]byte, refe
 		return "cannot open", nil // nothing runs on it: neither verify nor repair
 	}
 	defer st.Close()
+	dry, dryErr := st.Repair(ctx, RepairOptions{DryRun: true})
 	rep, err := st.Repair(ctx, RepairOptions{})
+	if errors.Is(err, ErrUnrepairable) != errors.Is(dryErr, ErrUnrepairable) {
+		return "error", fmt.Errorf("dry run: %v; repair: %v", dryErr, err)
+	}
 	if errors.Is(err, ErrUnrepairable) {
 		v, verr := st.Verify(ctx, nil)
 		if verr == nil && v.OK() {
@@ -502,8 +507,11 @@ func repairFlipped(ctx context.Context, dir string, nars map[string][]byte, refe
 		}
 		return "refused", nil
 	}
-	if err != nil {
-		return "error", fmt.Errorf("repair: %w", err)
+	if err != nil || dryErr != nil {
+		return "error", fmt.Errorf("repair: %v (dry run: %v)", err, dryErr)
+	}
+	if d, r := droppedNames(dry), droppedNames(rep); !slices.Equal(d, r) {
+		return "error", fmt.Errorf("dry run would drop %q, repair dropped %q", d, r)
 	}
 	v, err := st.Verify(ctx, nil)
 	if err != nil || !v.OK() {
