@@ -359,10 +359,9 @@ func (s *Store) addChunk(ctx context.Context, tx *db.Tx, c digest.Digest, site c
 }
 
 // RewriteHeader writes pack id's 16-byte header afresh and fsyncs it. The
-// header holds nothing but the format's magic and version, so a pack whose
-// records read back intact (each checked by its CRC, its zstd checksum and
-// its chunks' digests) is a version-1 pack whatever its damaged header
-// says.
+// header holds nothing but the format's magic and version, and the caller
+// knows the pack is of this version (its records carry their own checks:
+// CRC, zstd checksum, chunk digests).
 func (s *Store) RewriteHeader(id int64) error {
 	f, err := os.OpenFile(s.PackPath(id), os.O_WRONLY, 0)
 	if err != nil {

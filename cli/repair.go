@@ -60,11 +60,14 @@ func (c *RepairCmd) Run(g *Globals) error {
 	}
 	out := repairJSON{
 		DryRun: rep.DryRun, Database: rep.DB, Reindexed: rep.Reindexed, Rebuilt: rep.Rebuilt, PackDamage: rep.Index.Damage,
-		HeadersRewritten: rep.HeadersRewritten, PacksScanned: rep.Index.Packs, PacksAdded: rep.Index.PacksAdded,
+		PacksScanned: rep.Index.Packs, PacksAdded: rep.Index.PacksAdded,
 		FramesAdded: rep.Index.FramesAdded, FramesDropped: rep.Index.FramesDropped,
 		ChunksAdded: rep.Index.ChunksAdded, ChunksDropped: rep.Index.ChunksDropped,
 		BlobsDropped: rep.Index.BlobsDropped, RowsDropped: rep.RowsDropped,
 		Dropped: []repairDropJSON{}, Reimport: []string{}, Seconds: time.Since(start).Seconds(),
+	}
+	for _, p := range rep.Packs {
+		out.HeadersRewritten = append(out.HeadersRewritten, p.Pack)
 	}
 	for _, d := range rep.Dropped {
 		out.Dropped = append(out.Dropped, repairDropJSON{st.Full(d.Name), d.Err.Error()})
@@ -100,8 +103,8 @@ func (c *RepairCmd) Run(g *Globals) error {
 	for _, d := range rep.Index.Damage {
 		fmt.Fprintf(g.Stderr, "unreadable: %s\n", d)
 	}
-	for _, id := range rep.HeadersRewritten {
-		fmt.Fprintf(g.Stderr, "pack %d: header %swritten afresh\n", id, would)
+	for _, p := range rep.Packs {
+		fmt.Fprintf(g.Stderr, "%v: header %swritten afresh\n", p, would)
 	}
 	ix := rep.Index
 	fmt.Fprintf(g.Stderr, "chunk index from %d packs: %d frames and %d chunks %sindexed again (%d pack rows), %d frames, %d chunks, %d blobs and %d rows of missing paths %sdropped\n",

@@ -16,8 +16,8 @@ import (
 	"github.com/casnix/casnix/digest"
 )
 
-// ErrUnrepairable is returned by Repair for a database whose damage REINDEX
-// does not mend (its table b-trees, not only its indexes, are damaged).
+// ErrUnrepairable is returned by Repair for a database whose tables'
+// rows cannot all be read, which neither REINDEX nor a copy mends.
 var ErrUnrepairable = errors.New("database damage that repair cannot mend")
 
 // dryRunPrefix begins the names of the database copies dry runs repair.
@@ -54,19 +54,17 @@ type RepairReport struct {
 	// RowsDropped counts references, signatures, derivation outputs and
 	// realisations dropped because the path they belong to is not there.
 	RowsDropped int64
-	// Packs lists pack files whose header is damaged. Repair reads their
-	// records regardless; HeadersRewritten lists those whose header it
-	// wrote afresh (would, dry) because intact records of theirs are still
-	// indexed. A pack with none is left alone: nothing refers to it and
-	// compaction removes it once its row is gone.
-	Packs            []blobs.PackDamage
-	HeadersRewritten []int64
+	// Packs lists pack files whose header was damaged: each is written
+	// afresh (see Repair).
+	Packs []blobs.PackDamage
 }
 
 // Repair makes the store consistent with what its packs really hold, so a
 // later Verify is clean, at the price of the store paths whose data is
-// gone (a damaged pack header, the format's constant magic and version, is
-// written afresh when the pack's records read back intact):
+// gone (a damaged pack header, which holds only the format's magic and
+// version, is written afresh: every pack of a database this casnix opens
+// is of the version it writes, since a newer casnix's database is refused
+// at Open, and the records carry their own checks):
 //
 //  1. If SQLite's integrity_check fails, REINDEX rebuilds every index from
 //     its table. If damage remains (outside the indexes: the free-page
@@ -225,20 +223,12 @@ func (s *Store) repair(ctx context.Context, real bool, progress func(string, int
 	if err != nil {
 		return nil, fmt.Errorf("repair chunk index: %w", err)
 	}
-	for _, p := range rep.Packs {
-		n, err := s.db.PackChunkCount(ctx, p.Pack)
-		if err != nil {
-			return nil, err
-		}
-		if n == 0 {
-			continue
-		}
-		if real {
+	if real {
+		for _, p := range rep.Packs {
 			if err := s.blobs.RewriteHeader(p.Pack); err != nil {
 				return nil, err
 			}
 		}
-		rep.HeadersRewritten = append(rep.HeadersRewritten, p.Pack)
 	}
 	// Frames rows went and came: no decoded frame cached under an old id
 	// may serve the renders below.

@@ -142,6 +142,11 @@ func TestRepair(t *testing.T) {
 		{"damaged index b-tree", func(t *testing.T, fx *repairFixture) {
 			damageIndexPage(t, fx, "frames_pack")
 		}, nil, true, false},
+		{"pack header and frame", func(t *testing.T, fx *repairFixture) {
+			pack, off, clen := fx.bigFrame(t)
+			flipByte(t, fx.packPath(pack), 0, 0x20)
+			flipByte(t, fx.packPath(pack), off+clen/2, 0xff)
+		}, []string{pathA, pathB, pathD}, false, false},
 		{"damaged free-page count", func(t *testing.T, fx *repairFixture) {
 			// The header's count of free pages: no index covers it, so
 			// REINDEX leaves it wrong; a copy of every row mends it.
@@ -548,7 +553,7 @@ func repairFlipped(ctx context.Context, dir string, nars map[string][]byte, refe
 	switch {
 	case len(rep.Dropped) > 0:
 		return "paths dropped", nil
-	case rep.Index.Changed() || rep.RowsDropped > 0 || rep.Reindexed || rep.Rebuilt || len(rep.HeadersRewritten) > 0:
+	case rep.Index.Changed() || rep.RowsDropped > 0 || rep.Reindexed || rep.Rebuilt || len(rep.Packs) > 0:
 		return "mended", nil
 	}
 	return "nothing to do", nil
