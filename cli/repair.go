@@ -39,7 +39,9 @@ type repairJSON struct {
 	// Reimport is the store paths to import or copy again: the dropped
 	// ones.
 	Reimport []string `json:"reimport"`
-	Seconds  float64  `json:"seconds"`
+	// Remaining is damage repair could not mend (empty on success).
+	Remaining []string `json:"remaining"`
+	Seconds   float64  `json:"seconds"`
 }
 
 // Run repairs.
@@ -64,7 +66,7 @@ func (c *RepairCmd) Run(g *Globals) error {
 		FramesAdded: rep.Index.FramesAdded, FramesDropped: rep.Index.FramesDropped,
 		ChunksAdded: rep.Index.ChunksAdded, ChunksDropped: rep.Index.ChunksDropped,
 		BlobsDropped: rep.Index.BlobsDropped, RowsDropped: rep.RowsDropped,
-		Dropped: []repairDropJSON{}, Reimport: []string{}, Seconds: time.Since(start).Seconds(),
+		Dropped: []repairDropJSON{}, Reimport: []string{}, Remaining: append([]string{}, rep.Remaining...), Seconds: time.Since(start).Seconds(),
 	}
 	for _, p := range rep.Packs {
 		out.HeadersRewritten = append(out.HeadersRewritten, p.Pack)
@@ -85,7 +87,10 @@ func (c *RepairCmd) Run(g *Globals) error {
 		}
 		enc := json.NewEncoder(g.Stdout)
 		enc.SetIndent("", "  ")
-		return enc.Encode(out)
+		if err := enc.Encode(out); err != nil {
+			return err
+		}
+		return remainingErr(rep)
 	}
 	would := ""
 	if rep.DryRun {
@@ -112,13 +117,24 @@ func (c *RepairCmd) Run(g *Globals) error {
 	for _, d := range rep.Dropped {
 		fmt.Fprintf(g.Stderr, "%sdropped %s: %v\n", would, st.Full(d.Name), d.Err)
 	}
+	for _, r := range rep.Remaining {
+		fmt.Fprintf(g.Stderr, "still damaged: %s\n", r)
+	}
 	if len(rep.Dropped) == 0 {
 		fmt.Fprintf(g.Stderr, "no store path %sdropped (%.1fs)\n", would, out.Seconds)
-		return nil
+		return remainingErr(rep)
 	}
 	fmt.Fprintf(g.Stderr, "%d store paths %sdropped (%.1fs); import or copy them again:\n", len(rep.Dropped), would, out.Seconds)
 	for _, p := range out.Reimport {
 		fmt.Fprintln(g.Stdout, p)
+	}
+	return remainingErr(rep)
+}
+
+// remainingErr makes the exit status say whether repair left damage.
+func remainingErr(rep *store.RepairReport) error {
+	if len(rep.Remaining) > 0 {
+		return fmt.Errorf("repair left %d problems in the database", len(rep.Remaining))
 	}
 	return nil
 }

@@ -54,6 +54,9 @@ type RepairReport struct {
 	// RowsDropped counts references, signatures, derivation outputs and
 	// realisations dropped because the path they belong to is not there.
 	RowsDropped int64
+	// Remaining is what the database checks still report afterwards
+	// (nothing, unless repair fell short).
+	Remaining []string
 	// Packs lists pack files whose header was damaged: each is written
 	// afresh (see Repair).
 	Packs []blobs.PackDamage
@@ -299,6 +302,16 @@ func (s *Store) repair(ctx context.Context, real bool, progress func(string, int
 		if err := s.bumpDeletions(); err != nil {
 			s.log.Warn("mounts may show dropped paths until their entries expire", "err", err)
 		}
+	}
+	// What the database checks still find is repair's own failure: say
+	// so rather than leave it to the next verify.
+	rest, err := s.CheckDatabase(ctx)
+	if err != nil {
+		return nil, err
+	}
+	rep.Remaining = rest.DB
+	for _, d := range rest.Damaged {
+		rep.Remaining = append(rep.Remaining, s.Full(d.Name)+": "+d.Err.Error())
 	}
 	return rep, nil
 }

@@ -197,6 +197,9 @@ func TestRepair(t *testing.T) {
 				t.Fatalf("reindexed %v rebuilt %v, want %v %v (database problems %q)", rep.Reindexed, rep.Rebuilt, tc.reindex, tc.rebuild, rep.DB)
 			}
 			t.Logf("scan damage: %q", rep.Index.Damage)
+			if len(rep.Remaining) > 0 {
+				t.Fatalf("repair reports damage left: %q", rep.Remaining)
+			}
 			got := droppedNames(rep)
 			if !slices.Equal(got, tc.dropped) {
 				t.Fatalf("dropped %q, want %q (report %+v)", got, tc.dropped, rep)
