@@ -106,6 +106,7 @@ type CLI struct {
 	Cat      CatCmd      `cmd:"" help:"Print a file inside a store path."`
 	Dump     DumpCmd     `cmd:"" help:"Write the NAR of a store path to stdout."`
 	Verify   VerifyCmd   `cmd:"" help:"Re-hash every chunk and re-render every NAR; exit non-zero naming damaged paths."`
+	Repair   RepairCmd   `cmd:"" help:"Rebuild the chunk index from the packs, mend damaged database indexes and drop the paths whose data is gone (what verify reports), printing them to import again."`
 	GC       GCCmd       `cmd:"" name:"gc" help:"Delete paths no root reaches (gcroots/, temp roots, --keep) and give their space back."`
 	Version  VersionCmd  `cmd:"" help:"Print the version."`
 	Backup   BackupCmd   `cmd:"" help:"Copy a consistent, verified snapshot of the data dir (safe while serve and imports run)."`

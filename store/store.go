@@ -40,6 +40,7 @@ type Store struct {
 	dir      string
 	db       *db.DB
 	blobs    *blobs.Store
+	blobOpts blobs.Options // to reopen blobs when repair replaces the database
 	log      *slog.Logger
 	infos    infoCache
 	dirLock  *os.File // DirLockFile, held shared while open
@@ -81,7 +82,7 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 		lock.Close()
 		return nil, err
 	}
-	return &Store{StoreDir: opts.StoreDir, dir: dir, db: d, blobs: b, log: opts.Logger, dirLock: lock}, nil
+	return &Store{StoreDir: opts.StoreDir, dir: dir, db: d, blobs: b, blobOpts: opts.Blobs, log: opts.Logger, dirLock: lock}, nil
 }
 
 // Close closes the store.
