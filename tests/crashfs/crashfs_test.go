@@ -325,41 +325,19 @@ func TestCutAtFsync(t *testing.T) {
 	}
 }
 
-// TestMmapShared checks MAP_SHARED writes reach read(2) and survive an fsync and a cut,
-// as SQLite's -shm needs (the file itself need not survive, but mmap must work).
+// TestMmapShared checks MAP_SHARED writes reach a second mapping and read(2), and
+// survive an fsync and a cut, as SQLite's -shm needs (its content need not survive a cut,
+// but mmap must work). The mapping is made by a helper process: see helperEnv.
 func TestMmapShared(t *testing.T) {
 	needFUSE(t)
 	backing := t.TempDir()
 	f := mount(t, backing, Options{Seed: 5})
-	mnt := f.Mountpoint()
-	p := filepath.Join(mnt, "shm")
-	fd, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE, 0o644)
-	must(t, err)
-	must(t, fd.Truncate(2*pageSize))
-	m, err := unix.Mmap(int(fd.Fd()), 0, 2*pageSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
-	must(t, err)
-	copy(m[pageSize:], "through mmap")
-	// A second descriptor and mapping see the bytes at once (one page cache).
-	fd2, err := os.Open(p)
-	must(t, err)
-	m2, err := unix.Mmap(int(fd2.Fd()), 0, 2*pageSize, unix.PROT_READ, unix.MAP_SHARED)
-	must(t, err)
-	if string(m2[pageSize:pageSize+12]) != "through mmap" {
-		t.Errorf("second mapping sees %q", m2[pageSize:pageSize+12])
+	cmd, out := startHelper(t, "mmap", "CRASHFS_DIR="+f.Mountpoint())
+	for out.Scan() {
 	}
-	must(t, unix.Msync(m, unix.MS_SYNC))
-	must(t, fd.Sync())
-	fsyncDir(t, mnt)
-	buf := make([]byte, 12)
-	_, err = fd2.ReadAt(buf, pageSize)
-	must(t, err)
-	if string(buf) != "through mmap" {
-		t.Errorf("read(2) sees %q", buf)
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("mmap client: %v", err)
 	}
-	must(t, unix.Munmap(m))
-	must(t, unix.Munmap(m2))
-	fd.Close()
-	fd2.Close()
 	if _, err := f.PowerCut(); err != nil {
 		t.Fatal(err)
 	}
