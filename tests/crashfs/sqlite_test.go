@@ -4,8 +4,8 @@ import (
 	"database/sql"
 	"fmt"
 	"math/rand"
-	"strconv"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
