@@ -37,8 +37,9 @@
 //
 // PowerCut (or the Nth fsync when Options.CutAtFsync is N, or writing "cut" to the
 // control file Options.ControlName at the mount's root from any process) atomically marks
-// the file system dead: every later operation fails with EIO, and the mount is lazily
-// detached (and its FUSE connection aborted where /sys/fs/fuse/connections is mounted).
+// the file system dead: every later operation fails with EIO (ENOTCONN where the FUSE
+// connection can be aborted through /sys/fs/fuse/connections); the mount stays until
+// Unmount.
 // Then the final state is resolved:
 //
 //   - each pending directory change (or pair, for a rename) is independently kept or lost
@@ -145,10 +146,10 @@ type FS struct {
 	dead    bool
 	stats   Stats
 
-	cutOnce sync.Once
-	done    chan struct{}
-	cutErr  error
-	report  CutReport
+	unmountOnce sync.Once
+	done        chan struct{}
+	cutErr      error
+	report      CutReport
 }
 
 // inode is one file, directory or symlink with its current and durable state.
@@ -339,7 +340,8 @@ func (f *FS) PowerCut() (CutReport, error) {
 }
 
 // Close ends the mount as a clean shutdown would after sync(2): every change is made
-// durable first, then the backing directory is written as for a cut.
+// durable first, then the backing directory is written as for a cut and the mount is
+// detached.
 func (f *FS) Close() error {
 	f.mu.Lock()
 	if !f.dead {
@@ -349,33 +351,39 @@ func (f *FS) Close() error {
 	}
 	f.cutLocked()
 	f.mu.Unlock()
-	_, err := f.Report()
-	return err
+	return f.Unmount()
 }
 
-// cutLocked marks the file system dead and resolves the state (f.mu held), then detaches
-// the mount and writes the backing directory in the background: it may run inside a FUSE
-// request, which must return before the kernel can finish with the mount.
+// cutLocked marks the file system dead and resolves the state (f.mu held), then aborts
+// the FUSE connection and writes the backing directory in the background: it may run
+// inside a FUSE request, which must return first. The mount stays in place, refusing
+// every operation (EIO, or ENOTCONN once aborted), so that nothing can write to the bare
+// mountpoint directory below it; Unmount removes it.
 func (f *FS) cutLocked() {
 	if f.dead {
 		return
 	}
 	f.dead = true
 	f.resolveLocked()
-	go f.cutOnce.Do(func() {
-		err := unix.Unmount(f.mnt, unix.MNT_DETACH)
-		if err != nil {
-			err = fmt.Errorf("crashfs: detach %s: %w", f.mnt, err)
-		}
+	go func() {
 		if f.connAbort != "" {
 			_ = os.WriteFile(f.connAbort, []byte("1"), 0)
 		}
-		if werr := f.writeBacking(); werr != nil {
-			err = werr
-		}
-		f.cutErr = err
+		f.cutErr = f.writeBacking()
 		close(f.done)
+	}()
+}
+
+// Unmount cuts the power if that has not happened yet, waits for the backing directory
+// to be written, and lazily detaches the mount. It may be called more than once.
+func (f *FS) Unmount() error {
+	_, err := f.PowerCut()
+	f.unmountOnce.Do(func() {
+		if uerr := unix.Unmount(f.mnt, unix.MNT_DETACH); uerr != nil && err == nil {
+			err = fmt.Errorf("crashfs: detach %s: %w", f.mnt, uerr)
+		}
 	})
+	return err
 }
 
 // resolveLocked decides the fate of every pending change, in inode order so that a seed

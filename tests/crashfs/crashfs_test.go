@@ -24,7 +24,7 @@ func needFUSE(t *testing.T) {
 }
 
 // mount mounts a crashfs over backing at a fresh mountpoint; the test cleanup cuts the
-// power if the test did not.
+// power if the test did not, and unmounts.
 func mount(t *testing.T, backing string, opts Options) *FS {
 	t.Helper()
 	mnt := t.TempDir()
@@ -33,8 +33,8 @@ func mount(t *testing.T, backing string, opts Options) *FS {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		if _, err := f.PowerCut(); err != nil {
-			t.Errorf("cleanup cut: %v", err)
+		if err := f.Unmount(); err != nil {
+			t.Errorf("cleanup: %v", err)
 		}
 	})
 	return f
