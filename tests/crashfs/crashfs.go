@@ -72,6 +72,12 @@
 //     across directories and persist a fsynced new file's name with its data); it is meant
 //     to find code that relies on more than POSIX promises, not to mimic one file system.
 //   - mtime/atime are kept in memory and written back as they were at the cut.
+//   - A process must not touch MAP_SHARED pages of a file on a mount that it serves
+//     itself: the faulting thread blocks in the kernel where the Go runtime cannot stop it,
+//     and a stop-the-world then stops the goroutines that would answer the fault. Run
+//     SQLite (whose -shm is mmapped) and other clients in another process, as the tests do.
+//   - The kernel keeps flock and fcntl locks, page cache and attributes across the cut
+//     for descriptors still open; after the cut every operation fails, so this is unseen.
 package crashfs
 
 import (
