@@ -241,6 +241,48 @@ func TestModel(t *testing.T) {
 			},
 			want: []string{"vanished", "kept"},
 		},
+		{
+			name: "unlink without dir fsync may be undone",
+			setup: func(t *testing.T, mnt string) {
+				writeFile(t, filepath.Join(mnt, "f"), old, true)
+				fsyncDir(t, mnt)
+				must(t, os.Remove(filepath.Join(mnt, "f")))
+			},
+			classify: func(b string) (string, error) {
+				got, err := os.ReadFile(filepath.Join(b, "f"))
+				switch {
+				case errors.Is(err, os.ErrNotExist):
+					return "gone", nil
+				case err == nil && bytes.Equal(got, old):
+					return "back", nil
+				}
+				return "", errors.New("unlinked file back with wrong data")
+			},
+			want: []string{"gone", "back"},
+		},
+		{
+			name: "fsynced hard link and symlink survive",
+			setup: func(t *testing.T, mnt string) {
+				writeFile(t, filepath.Join(mnt, "f"), newer, true)
+				must(t, os.Link(filepath.Join(mnt, "f"), filepath.Join(mnt, "g")))
+				must(t, os.Symlink("f", filepath.Join(mnt, "s")))
+				fsyncDir(t, mnt)
+			},
+			classify: func(b string) (string, error) {
+				fi, err1 := os.Stat(filepath.Join(b, "f"))
+				gi, err2 := os.Stat(filepath.Join(b, "g"))
+				target, err3 := os.Readlink(filepath.Join(b, "s"))
+				got, err4 := os.ReadFile(filepath.Join(b, "g"))
+				if err := errors.Join(err1, err2, err3, err4); err != nil {
+					return "", err
+				}
+				if !os.SameFile(fi, gi) || target != "f" || !bytes.Equal(got, newer) {
+					return "", errors.New("hard link or symlink not preserved")
+				}
+				return "kept", nil
+			},
+			want: []string{"kept"},
+		},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
