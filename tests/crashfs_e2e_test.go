@@ -1,0 +1,132 @@
+package tests
+
+import (
+	"bytes"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"testing"
+
+	"github.com/casnix/casnix/nar"
+	"github.com/casnix/casnix/tests/crashfs"
+	"github.com/casnix/casnix/tests/nixtest"
+)
+
+// powerCutImports is how many `casnix import --nar` runs each TestPowerCutImport round
+// makes, and powerCuts how many rounds (cut points) it tries.
+const (
+	powerCutImports = 6
+	powerCuts       = 12
+)
+
+// TestPowerCutImport runs `casnix import --nar` of a few generated paths, one process
+// after another, with the data dir on a crashfs mount, and cuts the power at the Nth
+// fsync for N spread over a clean run's fsyncs. After each cut, on the backing dir (the
+// state a crash leaves under the strictest POSIX durability): every import that exited 0
+// before the cut is a valid path, `casnix verify` is clean, and casnix imports again with
+// no manual step.
+func TestPowerCutImport(t *testing.T) {
+	if os.Geteuid() != 0 {
+		nixtest.SkipOrFatal(t, "TestPowerCutImport needs root to mount FUSE")
+	}
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		nixtest.SkipOrFatal(t, "TestPowerCutImport needs /dev/fuse: %v", err)
+	}
+	bin := nixtest.CasnixBinary(t)
+	work := t.TempDir()
+	rng := rand.New(rand.NewChaCha8([32]byte{'c', 'u', 't'}))
+	type item struct{ narFile, path string }
+	var items []item
+	for i := range powerCutImports + 1 {
+		name := fmt.Sprintf("%031dc-cut-%d", i, i)
+		tree := filepath.Join(work, name)
+		writeRandomTree(t, rng, tree, 256<<10)
+		var buf bytes.Buffer
+		if _, err := nar.DumpPath(&buf, tree); err != nil {
+			t.Fatal(err)
+		}
+		narFile := tree + ".nar"
+		if err := os.WriteFile(narFile, buf.Bytes(), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		items = append(items, item{narFile, "/nix/store/" + name})
+	}
+	last := items[powerCutImports] // imported after the cut, on the backing dir
+	items = items[:powerCutImports]
+
+	// run imports items on a fresh crashfs mount that cuts at the cutAt-th fsync (0: never,
+	// then the power is cut after the last import) and returns the paths whose import
+	// exited 0, the backing dir, and the fsyncs counted.
+	run := func(round int, cutAt int64) ([]string, string, int64) {
+		backing := filepath.Join(work, fmt.Sprintf("backing-%d", round))
+		mnt := filepath.Join(work, fmt.Sprintf("mnt-%d", round))
+		for _, d := range []string{backing, mnt} {
+			if err := os.Mkdir(d, 0o755); err != nil {
+				t.Fatal(err)
+			}
+		}
+		cfs, err := crashfs.Mount(backing, mnt, crashfs.Options{Seed: int64(round), CutAtFsync: cutAt})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cfs.Unmount() })
+		var ok []string
+		for _, it := range items {
+			cmd := exec.Command(bin, "--data-dir", mnt, "import", "--nar", it.narFile, "--path", it.path)
+			out, err := cmd.CombinedOutput()
+			if err != nil {
+				if cutAt == 0 {
+					t.Fatalf("import %s without a cut: %v\n%s", it.path, err, out)
+				}
+				break
+			}
+			ok = append(ok, it.path)
+		}
+		fsyncs := cfs.Stats().Fsyncs
+		report, err := cfs.PowerCut()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := cfs.Unmount(); err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("round %d (cut at fsync %d of %d): %d imports exited 0; cut %+v", round, cutAt, fsyncs, len(ok), report)
+		return ok, backing, fsyncs
+	}
+
+	check := func(round int, ok []string, backing string) {
+		got := casnixPaths(t, bin, backing)
+		for _, p := range ok {
+			if !slices.Contains(got, p) {
+				t.Errorf("round %d: %s imported (exit 0) before the cut but not valid after it; valid: %q", round, p, got)
+			}
+		}
+		for _, p := range got {
+			runCasnix(t, bin, backing, "path-info", p)
+		}
+		if out, err := exec.Command(bin, "--data-dir", backing, "verify").CombinedOutput(); err != nil {
+			t.Errorf("round %d: casnix verify after the cut: %v\n%s", round, err, out)
+		}
+		runCasnix(t, bin, backing, "import", "--nar", last.narFile, "--path", last.path)
+		if got := casnixPaths(t, bin, backing); !slices.Contains(got, last.path) {
+			t.Errorf("round %d: import after the cut did not make %s valid", round, last.path)
+		}
+	}
+
+	ok, backing, total := run(0, 0)
+	if len(ok) != len(items) {
+		t.Fatalf("clean run imported %d of %d", len(ok), len(items))
+	}
+	check(0, ok, backing)
+	if total < powerCuts {
+		t.Fatalf("a clean run makes only %d fsyncs", total)
+	}
+	for i := 1; i <= powerCuts; i++ {
+		cutAt := 1 + (total-1)*int64(i-1)/int64(powerCuts-1) // first and last fsync included
+		ok, backing, _ := run(i, cutAt)
+		check(i, ok, backing)
+	}
+}
