@@ -106,6 +106,11 @@ func Open(dir string, d *db.DB, opts Options) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("create pack dir: %w", err)
 	}
+	// packs/ is an entry of the data dir: made durable before any pack
+	// below it is (newPack syncs packs/ for a new NN/).
+	if err := syncDir(filepath.Dir(dir)); err != nil {
+		return nil, err
+	}
 	// The window only needs to cover one frame; zstd's default (8 MiB)
 	// would cost 16 MiB of history per encoder for nothing.
 	window := 1 << 20

@@ -67,6 +67,11 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("create data dir: %w", err)
 	}
+	// A new data dir is an entry of its parent: sync that, or a power cut
+	// could take the whole store with it after its first commit.
+	if err := syncParent(dir); err != nil {
+		return nil, err
+	}
 	lock, err := openDirLock(ctx, dir)
 	if err != nil {
 		return nil, err
@@ -410,4 +415,17 @@ func (s *Store) Root(ctx context.Context, name string) (castore.Node, error) {
 		return castore.Node{}, err
 	}
 	return rootOf(row)
+}
+
+// syncParent fsyncs the directory holding dir.
+func syncParent(dir string) error {
+	p, err := os.Open(filepath.Dir(filepath.Clean(dir)))
+	if err != nil {
+		return fmt.Errorf("open parent of %s: %w", dir, err)
+	}
+	defer p.Close()
+	if err := p.Sync(); err != nil {
+		return fmt.Errorf("sync parent of %s: %w", dir, err)
+	}
+	return nil
 }
