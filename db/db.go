@@ -10,6 +10,7 @@ package db
 import (
 	"context"
 	"database/sql"
+	"database/sql/driver"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -19,6 +20,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 
 	_ "modernc.org/sqlite" // registers the "sqlite" driver
 
@@ -190,23 +192,65 @@ type Tx struct {
 }
 
 // Write runs fn in one write transaction and commits it if fn returns nil.
+//
+// A failed commit (SQLITE_FULL or SQLITE_IOERR: the disk filled up or the
+// WAL could not be written) may leave SQLite's transaction open on the
+// connection, and SQLite's own automatic rollback is not guaranteed after
+// such errors; the one writer connection is therefore rolled back and
+// discarded, so the next Write starts on a fresh connection that sees only
+// committed data. Errors that mean "no space" also wrap syscall.ENOSPC, so
+// callers and users see "no space left on device" rather than SQLite's
+// "database or disk is full".
 func (d *DB) Write(ctx context.Context, fn func(*Tx) error) error {
-	tx, err := d.w.BeginTx(ctx, nil)
+	conn, err := d.w.Conn(ctx)
 	if err != nil {
-		return fmt.Errorf("begin: %w", err)
+		return fmt.Errorf("begin: %w", noSpace(err))
+	}
+	defer conn.Close()
+	tx, err := conn.BeginTx(ctx, nil)
+	if err != nil {
+		discard(conn)
+		return fmt.Errorf("begin: %w", noSpace(err))
 	}
 	// Statements are prepared on the transaction itself: the writer pool has
 	// one connection, which the transaction holds.
 	stmts := newStmtCache(tx.PrepareContext)
 	defer stmts.close()
 	if err := fn(&Tx{tx: tx, q: q{c: tx, stmts: stmts}}); err != nil {
-		tx.Rollback()
-		return err
+		if rerr := tx.Rollback(); rerr != nil {
+			discard(conn)
+		}
+		return noSpace(err)
 	}
 	if err := tx.Commit(); err != nil {
-		return fmt.Errorf("commit: %w", err)
+		discard(conn)
+		return fmt.Errorf("commit: %w", noSpace(err))
 	}
 	return nil
+}
+
+// discard rolls back whatever transaction SQLite may still hold open on
+// conn and has the pool close it instead of reusing it.
+func discard(conn *sql.Conn) {
+	conn.Raw(func(dc any) error {
+		if e, ok := dc.(driver.ExecerContext); ok {
+			e.ExecContext(context.Background(), "ROLLBACK", nil) // "no transaction is active" is fine
+		}
+		return driver.ErrBadConn
+	})
+}
+
+// sqliteFull is SQLite's primary result code SQLITE_FULL.
+const sqliteFull = 13
+
+// noSpace makes an SQLITE_FULL error also wrap syscall.ENOSPC: SQLite says
+// "database or disk is full", which names neither the cause nor the fix.
+func noSpace(err error) error {
+	var se interface{ Code() int }
+	if err == nil || errors.Is(err, syscall.ENOSPC) || !errors.As(err, &se) || se.Code()&0xff != sqliteFull {
+		return err
+	}
+	return fmt.Errorf("%w (%w)", err, syscall.ENOSPC)
 }
 
 // Snapshot runs fn in one read transaction on the reader pool: every query
