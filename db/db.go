@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"io/fs"
 	"net/url"
+	"path/filepath"
 	"runtime"
 	"sort"
 	"strconv"
@@ -71,7 +72,7 @@ func Open(ctx context.Context, path string) (*DB, error) {
 	w.SetConnMaxLifetime(0)
 	if err := migrate(ctx, w); err != nil {
 		w.Close()
-		return nil, fmt.Errorf("database %s: %w", path, err)
+		return nil, fmt.Errorf("database %s: %w", path, noSpaceAt(filepath.Dir(path), err))
 	}
 	r, err := sql.Open("sqlite", dsn(path, true))
 	if err != nil {
@@ -240,8 +241,28 @@ func discard(conn *sql.Conn) {
 	})
 }
 
-// sqliteFull is SQLite's primary result code SQLITE_FULL.
-const sqliteFull = 13
+// SQLite's primary result codes SQLITE_IOERR and SQLITE_FULL.
+const (
+	sqliteIOErr = 10
+	sqliteFull  = 13
+)
+
+// noSpaceAt is noSpace, and also names ENOSPC for an SQLITE_IOERR when the
+// file system of dir has no space left. Opening a WAL database maps its
+// -shm file, which SQLite grows by writing to it; on a full disk that fails
+// as a bare "disk I/O error" (SQLITE_IOERR_SHMSIZE), SQLite keeping errno
+// to itself, though the cure is to free space.
+func noSpaceAt(dir string, err error) error {
+	var se interface{ Code() int }
+	if err == nil || errors.Is(err, syscall.ENOSPC) || !errors.As(err, &se) || se.Code()&0xff != sqliteIOErr {
+		return noSpace(err)
+	}
+	var st syscall.Statfs_t
+	if syscall.Statfs(dir, &st) != nil || st.Bavail > 0 {
+		return err
+	}
+	return fmt.Errorf("%w (file system full: %w)", err, syscall.ENOSPC)
+}
 
 // noSpace makes an SQLITE_FULL error also wrap syscall.ENOSPC: SQLite says
 // "database or disk is full", which names neither the cause nor the fix.
