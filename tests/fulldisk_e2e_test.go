@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/casnix/casnix/nar"
+	"github.com/casnix/casnix/proto"
 	"github.com/casnix/casnix/tests/nixtest"
 )
 
@@ -322,4 +323,142 @@ func writeFileT(t *testing.T, path string, b []byte) {
 	if err := os.WriteFile(path, b, 0o644); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestFullDiskServe runs `casnix serve` with its data dir on a small loop-mounted ext4
+// and pushes into it with a real `nix copy --to unix://…` (host Nix) more than the disk
+// holds: the copy fails and Nix shows the daemon's "no space left on device"; the daemon
+// stays up and serves reads (path-info and `nix store verify` of what was there before,
+// NARs through the daemon); what was valid before stays valid. Once the filler is deleted
+// the same copy completes, and `casnix verify` is clean.
+func TestFullDiskServe(t *testing.T) {
+	nixtest.RequireHostNix(t)
+	bin := nixtest.CasnixBinary(t)
+	mnt := mountSmallExt4(t, 64<<20)
+	filler := filepath.Join(mnt, "filler")
+
+	// The source: a Nix store of random files (content-addressed, nix-store --add).
+	src := nixtest.NewStore(t)
+	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 11))
+	work := t.TempDir()
+	add := func(name string, size int) string {
+		file := filepath.Join(work, name)
+		raw := make([]byte, size)
+		for i := range raw {
+			raw[i] = byte(rng.Uint32())
+		}
+		writeFileT(t, file, raw)
+		return src.Add(t, file)
+	}
+	before := []string{add("before-1", 512<<10), add("before-2", 1<<20)}
+	// Space left by the filler at each level, from more than a copy needs down to none,
+	// so the disk fills in turn while packs are written, synced, and SQLite commits.
+	lefts := []int64{16 << 20, 6 << 20, 5 << 20, 4 << 20, 3 << 20, 1 << 20, 256 << 10, 64 << 10, 16 << 10, 0}
+	sets := make([][]string, len(lefts))
+	for lvl := range lefts {
+		for i := range 4 {
+			sets[lvl] = append(sets[lvl], add(fmt.Sprintf("lvl%d-%d", lvl, i), 768<<10+rng.IntN(768<<10)))
+		}
+	}
+	from := "local?root=" + src.Root
+
+	cas := &nixtest.Casnix{Bin: bin, DataDir: filepath.Join(mnt, "casnix")}
+	d := cas.Serve(t, filepath.Join(t.TempDir(), "casnix.sock"))
+	nix := func(args ...string) *nixtest.Result {
+		return (&nixtest.Cmd{Name: "nix", Args: args, Env: nixtest.NixEnv(t), Timeout: 5 * time.Minute}).Try()
+	}
+	copyArgs := func(paths []string) []string {
+		return append([]string{"copy", "--no-check-sigs", "--from", from, "--to", d.URL()}, paths...)
+	}
+	if r := nix(copyArgs(before)...); !r.OK() {
+		t.Fatalf("copy before filling the disk:\n%s", r)
+	}
+	// readsWork checks, through the daemon, that the paths are valid (nix path-info) and
+	// that their NARs, rendered by casnix (NarFromPath: a unix:// Nix client would read
+	// its own /nix/store instead), are the source's.
+	readsWork := func(when string, paths []string) {
+		t.Helper()
+		if r := nix(append([]string{"path-info", "--store", d.URL()}, paths...)...); !r.OK() {
+			t.Fatalf("%s: nix path-info through the daemon:\n%s", when, r)
+		}
+		cl, err := proto.Dial(d.Socket)
+		if err != nil {
+			t.Fatalf("%s: dial the daemon: %v", when, err)
+		}
+		defer cl.Close()
+		for _, p := range paths {
+			w := nixtest.NewDigestWriter()
+			if _, err := cl.NarFromPath(p, w); err != nil {
+				t.Fatalf("%s: NarFromPath %s: %v", when, p, err)
+			}
+			if got, want := w.Digest(), src.Dump(t, p); got != want {
+				t.Fatalf("%s: NarFromPath %s: %s, source %s", when, p, got, want)
+			}
+		}
+	}
+	readsWork("before filling", before)
+
+	valid := slices.Clone(before)
+	failures := 0
+	var summary []string
+	start := time.Now()
+	for lvl, left := range lefts {
+		var st unix.Statfs_t
+		if err := unix.Statfs(mnt, &st); err != nil {
+			t.Fatal(err)
+		}
+		avail := int64(st.Bavail) * st.Bsize
+		makeFiller(t, filler, max(avail-left, 0))
+		r := nix(copyArgs(sets[lvl])...)
+		if d.Exited() {
+			t.Fatalf("level %d: the daemon exited:\n%s", lvl, d.Output())
+		}
+		if r.OK() {
+			summary = append(summary, fmt.Sprintf("%dK:ok", left>>10))
+		} else {
+			msg := nixtest.StripNixNoise(r.Stderr)
+			if !saysNoSpace(msg) {
+				t.Fatalf("level %d (%d bytes left): nix copy failed without saying no space left:\n%s\ndaemon:\n%s", lvl, left, r, d.Output())
+			}
+			failures++
+			if failures == 1 {
+				t.Logf("level %d: nix copy into a full disk says:\n%s", lvl, lastLines(msg, 2))
+			}
+			// The daemon serves reads, all that was valid is, and paths the copy
+			// committed before the disk filled are whole.
+			var committed []string
+			for _, p := range sets[lvl] {
+				if nix("path-info", "--store", d.URL(), p).OK() {
+					committed = append(committed, p)
+				}
+			}
+			readsWork(fmt.Sprintf("level %d, disk full", lvl), append(slices.Clone(valid), committed...))
+			summary = append(summary, fmt.Sprintf("%dK:ENOSPC(%d/%d committed)", left>>10, len(committed), len(sets[lvl])))
+			if err := os.Remove(filler); err != nil {
+				t.Fatal(err)
+			}
+			if r := nix(copyArgs(sets[lvl])...); !r.OK() {
+				t.Fatalf("level %d: the same copy after freeing the space:\n%s\ndaemon:\n%s", lvl, r, d.Output())
+			}
+		}
+		os.Remove(filler)
+		valid = append(valid, sets[lvl]...)
+		readsWork(fmt.Sprintf("level %d, after the copy", lvl), valid)
+	}
+	t.Logf("%d levels in %s: %s", len(lefts), time.Since(start).Round(time.Millisecond), strings.Join(summary, " "))
+	if failures == 0 {
+		t.Errorf("no copy ran out of space: the filler did not fill the disk")
+	}
+	if err := d.Stop(30 * time.Second); err != nil {
+		t.Errorf("daemon stop: %v\n%s", err, d.Output())
+	}
+	if r := cas.Try("verify"); !r.OK() {
+		t.Fatalf("casnix verify at the end:\n%s", r)
+	}
+}
+
+// lastLines is the last n lines of s.
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	return strings.Join(lines[max(0, len(lines)-n):], "\n")
 }
