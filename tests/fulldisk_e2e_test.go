@@ -183,7 +183,7 @@ func TestFullDisk(t *testing.T) {
 			case saysNoSpace(out):
 				total.noSpace++
 				failed = append(failed, im)
-				res = append(res, "ENOSPC")
+				res = append(res, "ENOSPC:"+noSpacePhase(out))
 			default:
 				t.Fatalf("level %d (%d bytes left): import of %s failed without saying no space: %v\n%s", lvl, left, im.path, err, out)
 			}
@@ -240,6 +240,19 @@ func TestFullDisk(t *testing.T) {
 	if total.noSpace == 0 {
 		t.Errorf("no import ran out of space: the filler did not fill the disk")
 	}
+}
+
+// noSpacePhase names where an import ran out of space, from its error message.
+func noSpacePhase(out string) string {
+	for _, p := range []struct{ say, phase string }{
+		{"sync pack", "fsync"}, {"write pack", "pack"}, {"allocate pack", "newpack"},
+		{"create pack", "newpack"}, {"database or disk is full", "sqlite"}, {"disk I/O error", "open"},
+	} {
+		if strings.Contains(out, p.say) {
+			return p.phase
+		}
+	}
+	return "other"
 }
 
 // mountSmallExt4 makes an ext4 image of size bytes, loop-mounts it under the test's
