@@ -347,7 +347,7 @@ func writeFileT(t *testing.T, path string, b []byte) {
 func TestFullDiskServe(t *testing.T) {
 	nixtest.RequireHostNix(t)
 	bin := nixtest.CasnixBinary(t)
-	mnt := mountSmallExt4(t, 64<<20)
+	mnt := mountSmallExt4(t, 128<<20)
 	filler := filepath.Join(mnt, "filler")
 
 	// The source: a Nix store of random files (content-addressed, nix-store --add).
@@ -366,11 +366,20 @@ func TestFullDiskServe(t *testing.T) {
 	before := []string{add("before-1", 512<<10), add("before-2", 1<<20)}
 	// Space left by the filler at each level, from more than a copy needs down to none,
 	// so the disk fills in turn while packs are written, synced, and SQLite commits.
-	lefts := []int64{16 << 20, 6 << 20, 5 << 20, 4 << 20, 3 << 20, 1 << 20, 256 << 10, 64 << 10, 16 << 10, 0}
+	// A negative entry -d leaves d bytes more than the level's files (random, so their
+	// packed size is about theirs): room for the packs but maybe not for the commit.
+	lefts := []int64{16 << 20, 6 << 20, 5 << 20, 4 << 20, -512 << 10, -128 << 10, -32 << 10, -8 << 10,
+		3 << 20, 1 << 20, 256 << 10, 64 << 10, 16 << 10, 0}
 	sets := make([][]string, len(lefts))
 	for lvl := range lefts {
+		var bytes int64
 		for i := range 4 {
-			sets[lvl] = append(sets[lvl], add(fmt.Sprintf("lvl%d-%d", lvl, i), 768<<10+rng.IntN(768<<10)))
+			n := 768<<10 + rng.IntN(768<<10)
+			bytes += int64(n)
+			sets[lvl] = append(sets[lvl], add(fmt.Sprintf("lvl%d-%d", lvl, i), n))
+		}
+		if lefts[lvl] < 0 {
+			lefts[lvl] = bytes - lefts[lvl]
 		}
 	}
 	from := "local?root=" + src.Root
@@ -413,6 +422,7 @@ func TestFullDiskServe(t *testing.T) {
 
 	valid := slices.Clone(before)
 	failures := 0
+	seen := map[string]bool{} // phases whose message was logged
 	var summary []string
 	start := time.Now()
 	for lvl, left := range lefts {
@@ -434,8 +444,9 @@ func TestFullDiskServe(t *testing.T) {
 				t.Fatalf("level %d (%d bytes left): nix copy failed without saying no space left:\n%s\ndaemon:\n%s", lvl, left, r, d.Output())
 			}
 			failures++
-			if failures == 1 {
-				t.Logf("level %d: nix copy into a full disk says:\n%s", lvl, lastLines(msg, 2))
+			if phase := noSpacePhase(msg); !seen[phase] {
+				seen[phase] = true
+				t.Logf("level %d: nix copy into a full disk (%s) says:\n%s", lvl, phase, lastLines(msg, 1))
 			}
 			// The daemon serves reads, all that was valid is, and paths the copy
 			// committed before the disk filled are whole.
@@ -446,7 +457,7 @@ func TestFullDiskServe(t *testing.T) {
 				}
 			}
 			readsWork(fmt.Sprintf("level %d, disk full", lvl), append(slices.Clone(valid), committed...))
-			summary = append(summary, fmt.Sprintf("%dK:ENOSPC(%d/%d committed)", left>>10, len(committed), len(sets[lvl])))
+			summary = append(summary, fmt.Sprintf("%dK:ENOSPC:%s(%d/%d committed)", left>>10, noSpacePhase(msg), len(committed), len(sets[lvl])))
 			if err := os.Remove(filler); err != nil {
 				t.Fatal(err)
 			}
