@@ -247,6 +247,7 @@ func noSpacePhase(out string) string {
 	for _, p := range []struct{ say, phase string }{
 		{"sync pack", "fsync"}, {"write pack", "pack"}, {"allocate pack", "newpack"},
 		{"create pack", "newpack"}, {"database or disk is full", "sqlite"}, {"disk I/O error", "open"},
+		{"temp root", "temproot"},
 	} {
 		if strings.Contains(out, p.say) {
 			return p.phase
