@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -92,6 +93,10 @@ type Store struct {
 	rmu     sync.RWMutex
 	readers map[int64]*os.File
 
+	// faults, when set (by tests), sees every write to and sync of a pack
+	// file, to inject the errors of a full or failing disk.
+	faults packFaults
+
 	cache *frameCache
 	// decodeSlots bounds background frame decodes (a semaphore of
 	// Options.Decoders slots).
@@ -165,6 +170,30 @@ func (s *Store) PackPath(id int64) string { return PackFile(s.dir, id) }
 // PackFile is where pack id lives under the pack directory dir.
 func PackFile(dir string, id int64) string {
 	return filepath.Join(dir, fmt.Sprintf("%02x", id%256), fmt.Sprintf("%08x.pack", id))
+}
+
+// packFaults lets tests inject write and sync errors into pack files.
+type packFaults interface {
+	// Writer wraps the writes to pack id (headers and frames).
+	Writer(id int64, w io.Writer) io.Writer
+	// Sync is called instead of syncing pack id's file f.
+	Sync(id int64, f *os.File) error
+}
+
+// packWriter is where the bytes for p go.
+func (s *Store) packWriter(p *packFile) io.Writer {
+	if s.faults != nil {
+		return s.faults.Writer(p.id, p.f)
+	}
+	return p.f
+}
+
+// syncPack makes p's data durable (fdatasync).
+func (s *Store) syncPack(p *packFile) error {
+	if s.faults != nil {
+		return s.faults.Sync(p.id, p.f)
+	}
+	return fdatasync(p.f)
 }
 
 // packFile is a pack open for appending by this process.
@@ -259,6 +288,13 @@ func (s *Store) trimTail(ctx context.Context, p *packFile) error {
 	if err != nil {
 		return fmt.Errorf("stat pack %d: %w", p.id, err)
 	}
+	if st.Size() < pack.HeaderSize && end == pack.HeaderSize {
+		// No frame committed, and the header never made it to disk: its
+		// write failed (ENOSPC) or the process died before its fsync. The
+		// pack is still empty, so it is given its header again rather than
+		// called corrupt, which would refuse every import from then on.
+		return s.rewriteHeader(p)
+	}
 	if st.Size() < end {
 		return fmt.Errorf("%w: pack %d is %d bytes but the index has frames up to %d", ErrCorrupt, p.id, st.Size(), end)
 	}
@@ -271,6 +307,22 @@ func (s *Store) trimTail(ctx context.Context, p *packFile) error {
 		}
 	}
 	p.size = end
+	return nil
+}
+
+// rewriteHeader makes p, which holds no committed frame, a pack of just its
+// header again, durably.
+func (s *Store) rewriteHeader(p *packFile) error {
+	if err := p.f.Truncate(0); err != nil {
+		return fmt.Errorf("truncate pack %d: %w", p.id, err)
+	}
+	if _, err := p.f.WriteAt(pack.Header(), 0); err != nil {
+		return fmt.Errorf("write pack %d header: %w", p.id, err)
+	}
+	if err := p.f.Sync(); err != nil {
+		return fmt.Errorf("sync pack %d: %w", p.id, err)
+	}
+	p.size = pack.HeaderSize
 	return nil
 }
 
@@ -306,13 +358,14 @@ func (s *Store) newPack(ctx context.Context) (*packFile, error) {
 		f.Close()
 		return nil, fmt.Errorf("lock new pack %d: %w", id, err)
 	}
-	if _, err := f.Write(pack.Header()); err != nil {
+	p := &packFile{id: id, f: f}
+	if _, err := s.packWriter(p).Write(pack.Header()); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("write pack %d header: %w", id, err)
 	}
 	// The header and the directory entry must be durable before any frame
 	// in this pack is committed to the index.
-	if err := f.Sync(); err != nil {
+	if err := s.syncPack(p); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("sync pack %d: %w", id, err)
 	}
@@ -335,6 +388,21 @@ var syncDir = func(dir string) error {
 		return fmt.Errorf("sync dir %s: %w", dir, err)
 	}
 	return nil
+}
+
+// poison closes packs a Writer saw a write or sync error on, instead of
+// handing them to the next Writer: after a failed fsync the kernel may have
+// dropped dirty pages and will not report that again on this descriptor,
+// so nothing more is trusted through it. The packs may be opened afresh
+// later (reuseExisting, which trims what the failed Writer left), so the
+// scan for them is allowed again.
+func (s *Store) poison(ps ...*packFile) {
+	for _, p := range ps {
+		p.f.Close() // drops the flock
+	}
+	s.mu.Lock()
+	s.scanned = false
+	s.mu.Unlock()
 }
 
 // release returns packs to the free list, or closes those that are full.

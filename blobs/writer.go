@@ -50,6 +50,9 @@ type Writer struct {
 
 	err     error
 	flushed bool
+	// ioErr: a write to or sync of a pack failed, so Done poisons the
+	// packs instead of releasing them.
+	ioErr bool
 
 	// Stats for the caller.
 	NewChunks, NewChunkBytes, DupChunks, DupChunkBytes int64
@@ -133,9 +136,9 @@ func (w *Writer) appendFrame(j *frameJob) error {
 			return fmt.Errorf("seek pack %d: %w", p.id, err)
 		}
 		if w.bw == nil {
-			w.bw = bufio.NewWriterSize(p.f, 1<<20)
+			w.bw = bufio.NewWriterSize(w.s.packWriter(p), 1<<20)
 		} else {
-			w.bw.Reset(p.f)
+			w.bw.Reset(w.s.packWriter(p))
 		}
 	}
 	hdr := pack.RecordHeader(j.entries, len(j.out))
@@ -309,13 +312,17 @@ func (w *Writer) Flush() error {
 	}
 	if w.appErr != nil {
 		w.err = w.appErr
+		w.ioErr = true
 		return w.err
 	}
 	for _, p := range w.touched {
-		if err := fdatasync(p.f); err != nil {
+		if err := w.s.syncPack(p); err != nil {
 			// A failed fsync may have dropped dirty pages: this pack's
-			// tail cannot be trusted, so it is never committed.
+			// tail cannot be trusted, so it is never committed, and the
+			// fsync is not retried (a second one can succeed with the data
+			// gone).
 			w.err = fmt.Errorf("sync pack %d: %w", p.id, err)
+			w.ioErr = true
 			return w.err
 		}
 	}
@@ -360,7 +367,11 @@ func (w *Writer) Done() {
 		w.err = errors.Join(w.err, errors.New("abandoned"))
 		w.Flush()
 	}
-	w.s.release(w.touched...)
+	if w.ioErr {
+		w.s.poison(w.touched...)
+	} else {
+		w.s.release(w.touched...)
+	}
 	w.touched = nil
 }
 

@@ -10,15 +10,18 @@ package db
 import (
 	"context"
 	"database/sql"
+	"database/sql/driver"
 	"errors"
 	"fmt"
 	"io/fs"
 	"net/url"
+	"path/filepath"
 	"runtime"
 	"sort"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 
 	_ "modernc.org/sqlite" // registers the "sqlite" driver
 
@@ -69,7 +72,7 @@ func Open(ctx context.Context, path string) (*DB, error) {
 	w.SetConnMaxLifetime(0)
 	if err := migrate(ctx, w); err != nil {
 		w.Close()
-		return nil, fmt.Errorf("database %s: %w", path, err)
+		return nil, fmt.Errorf("database %s: %w", path, noSpaceAt(filepath.Dir(path), err))
 	}
 	r, err := sql.Open("sqlite", dsn(path, true))
 	if err != nil {
@@ -190,23 +193,85 @@ type Tx struct {
 }
 
 // Write runs fn in one write transaction and commits it if fn returns nil.
+//
+// A failed commit (SQLITE_FULL or SQLITE_IOERR: the disk filled up or the
+// WAL could not be written) may leave SQLite's transaction open on the
+// connection, and SQLite's own automatic rollback is not guaranteed after
+// such errors; the one writer connection is therefore rolled back and
+// discarded, so the next Write starts on a fresh connection that sees only
+// committed data. Errors that mean "no space" also wrap syscall.ENOSPC, so
+// callers and users see "no space left on device" rather than SQLite's
+// "database or disk is full".
 func (d *DB) Write(ctx context.Context, fn func(*Tx) error) error {
-	tx, err := d.w.BeginTx(ctx, nil)
+	conn, err := d.w.Conn(ctx)
 	if err != nil {
-		return fmt.Errorf("begin: %w", err)
+		return fmt.Errorf("begin: %w", noSpace(err))
+	}
+	defer conn.Close()
+	tx, err := conn.BeginTx(ctx, nil)
+	if err != nil {
+		discard(conn)
+		return fmt.Errorf("begin: %w", noSpace(err))
 	}
 	// Statements are prepared on the transaction itself: the writer pool has
 	// one connection, which the transaction holds.
 	stmts := newStmtCache(tx.PrepareContext)
 	defer stmts.close()
 	if err := fn(&Tx{tx: tx, q: q{c: tx, stmts: stmts}}); err != nil {
-		tx.Rollback()
-		return err
+		if rerr := tx.Rollback(); rerr != nil {
+			discard(conn)
+		}
+		return noSpace(err)
 	}
 	if err := tx.Commit(); err != nil {
-		return fmt.Errorf("commit: %w", err)
+		discard(conn)
+		return fmt.Errorf("commit: %w", noSpace(err))
 	}
 	return nil
+}
+
+// discard rolls back whatever transaction SQLite may still hold open on
+// conn and has the pool close it instead of reusing it.
+func discard(conn *sql.Conn) {
+	conn.Raw(func(dc any) error {
+		if e, ok := dc.(driver.ExecerContext); ok {
+			e.ExecContext(context.Background(), "ROLLBACK", nil) // "no transaction is active" is fine
+		}
+		return driver.ErrBadConn
+	})
+}
+
+// SQLite's primary result codes SQLITE_IOERR and SQLITE_FULL.
+const (
+	sqliteIOErr = 10
+	sqliteFull  = 13
+)
+
+// noSpaceAt is noSpace, and also names ENOSPC for an SQLITE_IOERR when the
+// file system of dir has no space left. Opening a WAL database maps its
+// -shm file, which SQLite grows by writing to it; on a full disk that fails
+// as a bare "disk I/O error" (SQLITE_IOERR_SHMSIZE), SQLite keeping errno
+// to itself, though the cure is to free space.
+func noSpaceAt(dir string, err error) error {
+	var se interface{ Code() int }
+	if err == nil || errors.Is(err, syscall.ENOSPC) || !errors.As(err, &se) || se.Code()&0xff != sqliteIOErr {
+		return noSpace(err)
+	}
+	var st syscall.Statfs_t
+	if syscall.Statfs(dir, &st) != nil || st.Bavail > 0 {
+		return err
+	}
+	return fmt.Errorf("%w (file system full: %w)", err, syscall.ENOSPC)
+}
+
+// noSpace makes an SQLITE_FULL error also wrap syscall.ENOSPC: SQLite says
+// "database or disk is full", which names neither the cause nor the fix.
+func noSpace(err error) error {
+	var se interface{ Code() int }
+	if err == nil || errors.Is(err, syscall.ENOSPC) || !errors.As(err, &se) || se.Code()&0xff != sqliteFull {
+		return err
+	}
+	return fmt.Errorf("%w (%w)", err, syscall.ENOSPC)
 }
 
 // Snapshot runs fn in one read transaction on the reader pool: every query

@@ -4,8 +4,10 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"fmt"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -107,5 +109,48 @@ func TestIntegrityCheckNamesPath(t *testing.T) {
 	}
 	if got := d.namePathRow(ctx, "row 1 missing from index refs_reference"); got != "" {
 		t.Fatalf("namePathRow of another table's index = %q", got)
+	}
+}
+
+// TestWriteFull fills the database up to SQLite's max_page_count, which fails
+// like a full disk does (SQLITE_FULL): the error must say "no space left on
+// device" and wrap ENOSPC, nothing of the failed transaction may be visible,
+// and the next Write must work.
+func TestWriteFull(t *testing.T) {
+	ctx := context.Background()
+	d, err := Open(ctx, filepath.Join(t.TempDir(), "x.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if err := d.Write(ctx, func(tx *Tx) error {
+		_, err := tx.tx.ExecContext(ctx, "CREATE TABLE junk(b BLOB)")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	var pages int
+	if err := d.w.QueryRowContext(ctx, "PRAGMA page_count").Scan(&pages); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.w.ExecContext(ctx, fmt.Sprintf("PRAGMA max_page_count = %d", pages+8)); err != nil {
+		t.Fatal(err)
+	}
+	err = d.Write(ctx, func(tx *Tx) error {
+		_, err := tx.tx.ExecContext(ctx, "INSERT INTO junk VALUES (randomblob(1000000))")
+		return err
+	})
+	if !errors.Is(err, syscall.ENOSPC) || !strings.Contains(err.Error(), "no space left on device") {
+		t.Fatalf("insert past max_page_count: %v, want an error wrapping ENOSPC", err)
+	}
+	if err := d.Write(ctx, func(tx *Tx) error {
+		_, err := tx.tx.ExecContext(ctx, "INSERT INTO junk VALUES (x'01')")
+		return err
+	}); err != nil {
+		t.Fatalf("write after a full one: %v", err)
+	}
+	var n int
+	if err := d.r.QueryRowContext(ctx, "SELECT count(*) FROM junk").Scan(&n); err != nil || n != 1 {
+		t.Fatalf("junk has %d rows (%v), want the 1 committed after the failure", n, err)
 	}
 }

@@ -365,6 +365,24 @@ func (c *conn) addMultipleToStore() error {
 	return nil
 }
 
+// spoolTemp creates the temporary file an upload is spooled to; tests swap
+// it for /dev/full.
+var spoolTemp = os.CreateTemp
+
+// stickyWriter passes writes on until one fails, then keeps that error and
+// swallows the rest, so the stream being copied is still read to its end.
+type stickyWriter struct {
+	w   io.Writer
+	err error
+}
+
+func (s *stickyWriter) Write(p []byte) (int, error) {
+	if s.err == nil {
+		_, s.err = s.w.Write(p)
+	}
+	return len(p), nil
+}
+
 // spool copies an op's data to a temporary file in the data directory,
 // hashing it on the way, so a content-addressed path's name (which
 // depends on the hash) is known before it is ingested.
@@ -377,7 +395,7 @@ func (c *conn) spool(r io.Reader, algo string) (*os.File, int64, []byte, error) 
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, 0, nil, fmt.Errorf("spool: %w", err)
 	}
-	f, err := os.CreateTemp(dir, "add-*")
+	f, err := spoolTemp(dir, "add-*")
 	if err != nil {
 		return nil, 0, nil, fmt.Errorf("spool: %w", err)
 	}
@@ -525,17 +543,24 @@ func (c *conn) addToStoreOld() error {
 		method, algo = store.CANAR, "sha256"
 	}
 	// The NAR is parsed to find its end whatever happens next.
-	tmp, err := os.CreateTemp(filepath.Join(c.s.Store.Dir()), ".addold-*")
+	tmp, err := spoolTemp(filepath.Join(c.s.Store.Dir()), ".addold-*")
 	if err != nil {
 		return fmt.Errorf("spool: %w", err)
 	}
 	os.Remove(tmp.Name())
 	defer tmp.Close()
-	if _, err := nar.Copy(tmp, c.r.r); err != nil {
+	// A spool file that cannot be written (a full disk) must not stop the
+	// NAR from being read to its end: the connection would be out of step,
+	// and the client would see it closed instead of the reason.
+	sw := &stickyWriter{w: tmp}
+	if _, err := nar.Copy(sw, c.r.r); err != nil {
 		if errors.Is(err, nar.ErrInvalid) {
 			return fmt.Errorf("%w: AddToStore: %v", errProtocol, err)
 		}
 		return err
+	}
+	if sw.err != nil {
+		return c.storeErr(fmt.Errorf("cannot add '%s': spool: %w", name, sw.err))
 	}
 	if recursive > 1 {
 		return errorf("unsupported FileIngestionMethod with value of %d", recursive)

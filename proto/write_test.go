@@ -7,6 +7,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -730,6 +731,53 @@ func TestForgedDerivationOutputs(t *testing.T) {
 	cl.expectLast()
 	if got := cl.strs(); slices.Contains(got, drv) {
 		t.Fatalf("forged %s is a valid deriver of %s: %v", drv, testA, got)
+	}
+	cl.inStep()
+}
+
+// TestAddToStoreOldFullDisk: when the spool file of an old-protocol AddToStore cannot be
+// written (ENOSPC, from /dev/full), the client is told "no space left on device" and the
+// connection stays in step, the NAR read to its end, instead of being dropped.
+func TestAddToStoreOldFullDisk(t *testing.T) {
+	f := newFixture(t)
+	// The spool file is unlinked once open, so it is opened through a symlink of its
+	// own: removing that leaves /dev/full alone.
+	links := t.TempDir()
+	var n atomic.Int64
+	spoolTemp = func(string, string) (*os.File, error) {
+		link := filepath.Join(links, fmt.Sprint(n.Add(1)))
+		if err := os.Symlink("/dev/full", link); err != nil {
+			return nil, err
+		}
+		return os.OpenFile(link, os.O_RDWR, 0)
+	}
+	defer func() { spoolTemp = os.CreateTemp }()
+	file := filepath.Join(t.TempDir(), "f")
+	os.WriteFile(file, bytes.Repeat([]byte("full disk\n"), 100000), 0o644)
+	cl := f.connect(t, 24)
+	cl.w.u64(opAddToStore)
+	cl.w.str("f")
+	cl.w.u64(1)
+	cl.w.u64(0)
+	cl.w.str("sha256")
+	cl.w.w.Write(dumpNAR(t, file))
+	err := cl.result()
+	if err == nil || !strings.Contains(err.Error(), "no space left on device") {
+		t.Fatalf("AddToStore with a full spool disk: %v, want an error saying no space left on device", err)
+	}
+	cl.inStep()
+
+	// The same with a framed upload (protocol 1.25 and later).
+	cl = f.connect(t, 38)
+	cl.w.u64(opAddToStore)
+	cl.w.str("f")
+	cl.w.str("fixed:r:sha256")
+	cl.w.strings(nil)
+	cl.w.u64(0)
+	cl.framed(dumpNAR(t, file))
+	err = cl.result()
+	if err == nil || !strings.Contains(err.Error(), "no space left on device") {
+		t.Fatalf("framed AddToStore with a full spool disk: %v, want an error saying no space left on device", err)
 	}
 	cl.inStep()
 }
