@@ -7,9 +7,10 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/casnix/casnix/lockfile"
 )
 
 // HoldLockFile, in the pack directory, keeps pack files from being removed.
@@ -27,38 +28,7 @@ const HoldLockFile = "hold.lock"
 // finish first is not needed: a file already unlinked has no row in any
 // later snapshot).
 func (s *Store) HoldPacks(ctx context.Context) (func(), error) {
-	return flockWait(ctx, filepath.Join(s.dir, HoldLockFile), unix.LOCK_SH)
-}
-
-// flockWait takes a flock on path in mode, polling so ctx can cancel the
-// wait. The returned func releases it.
-func flockWait(ctx context.Context, path string, mode int) (func(), error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
-	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", path, err)
-	}
-	delay := time.Millisecond
-	for {
-		err := unix.Flock(int(f.Fd()), mode|unix.LOCK_NB)
-		if err == nil {
-			return func() { f.Close() }, nil
-		}
-		if err != unix.EWOULDBLOCK && err != unix.EINTR {
-			f.Close()
-			return nil, fmt.Errorf("lock %s: %w", path, err)
-		}
-		if ctx == nil {
-			f.Close()
-			return nil, nil // non-blocking attempt: busy
-		}
-		select {
-		case <-ctx.Done():
-			f.Close()
-			return nil, fmt.Errorf("wait for %s: %w", path, ctx.Err())
-		case <-time.After(delay):
-		}
-		delay = min(delay*2, 50*time.Millisecond)
-	}
+	return lockfile.Open(ctx, filepath.Join(s.dir, HoldLockFile), unix.LOCK_SH)
 }
 
 // removal is a pack file a compaction dropped from the index.
@@ -80,12 +50,12 @@ func (s *Store) removePacks(ctx context.Context, rs []removal, wait bool, st *Co
 	if wait {
 		lctx = ctx
 	}
-	unlock, err := flockWait(lctx, filepath.Join(s.dir, HoldLockFile), unix.LOCK_EX)
+	unlock, err := lockfile.Open(lctx, filepath.Join(s.dir, HoldLockFile), unix.LOCK_EX)
+	if errors.Is(err, lockfile.ErrBusy) {
+		return rs, nil // a backup holds the packs: later
+	}
 	if err != nil {
 		return rs, err
-	}
-	if unlock == nil {
-		return rs, nil // a backup holds the packs: later
 	}
 	defer unlock()
 	for i, r := range rs {

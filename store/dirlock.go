@@ -8,9 +8,10 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/casnix/casnix/lockfile"
 )
 
 // DirLockFile is the data directory's lock: every process that opens the
@@ -83,7 +84,7 @@ func openDirLock(ctx context.Context, dir string) (*os.File, error) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, restoreJournal)); err == nil {
 		// Only other openers finishing the same restore can hold it now.
-		if err := flockWait(ctx, f, unix.LOCK_EX); err != nil {
+		if err := lockfile.Wait(ctx, f, unix.LOCK_EX); err != nil {
 			f.Close()
 			return nil, err
 		}
@@ -101,26 +102,6 @@ func openDirLock(ctx context.Context, dir string) (*os.File, error) {
 		return nil, err
 	}
 	return f, nil
-}
-
-// flockWait converts the flock on f to mode, polling until ctx is done.
-func flockWait(ctx context.Context, f *os.File, mode int) error {
-	delay := time.Millisecond
-	for {
-		err := unix.Flock(int(f.Fd()), mode|unix.LOCK_NB)
-		if err == nil {
-			return nil
-		}
-		if err != unix.EWOULDBLOCK && err != unix.EINTR {
-			return fmt.Errorf("lock %s: %w", f.Name(), err)
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("wait for %s: %w", f.Name(), ctx.Err())
-		case <-time.After(delay):
-		}
-		delay = min(delay*2, 50*time.Millisecond)
-	}
 }
 
 // removeStages removes restore staging directories no journal names: what

@@ -2,12 +2,11 @@ package store
 
 import (
 	"context"
-	"fmt"
-	"os"
 	"path/filepath"
-	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/casnix/casnix/lockfile"
 )
 
 // GCLockFile is the data directory's garbage-collection lock. Everything
@@ -26,29 +25,7 @@ func (s *Store) lockGC(ctx context.Context, mode int) (func(), error) {
 
 // lockFile takes a flock on the data directory's file name.
 func (s *Store) lockFile(ctx context.Context, name string, mode int) (func(), error) {
-	f, err := os.OpenFile(filepath.Join(s.dir, name), os.O_RDWR|os.O_CREATE, 0o644)
-	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", name, err)
-	}
-	// flock has no timeout: poll non-blocking so ctx can cancel the wait.
-	delay := time.Millisecond
-	for {
-		err := unix.Flock(int(f.Fd()), mode|unix.LOCK_NB)
-		if err == nil {
-			return func() { f.Close() }, nil
-		}
-		if err != unix.EWOULDBLOCK && err != unix.EINTR {
-			f.Close()
-			return nil, fmt.Errorf("lock %s: %w", name, err)
-		}
-		select {
-		case <-ctx.Done():
-			f.Close()
-			return nil, fmt.Errorf("wait for %s: %w", name, ctx.Err())
-		case <-time.After(delay):
-		}
-		delay = min(delay*2, 50*time.Millisecond)
-	}
+	return lockfile.Open(ctx, filepath.Join(s.dir, name), mode)
 }
 
 // SharedGCLock keeps garbage collection from sweeping until the returned

@@ -14,6 +14,7 @@ import (
 	"github.com/casnix/casnix/blobs"
 	"github.com/casnix/casnix/db"
 	"github.com/casnix/casnix/digest"
+	"github.com/casnix/casnix/lockfile"
 )
 
 // ErrUnrepairable is returned by Repair for a database whose tables'
@@ -113,7 +114,7 @@ func (s *Store) Repair(ctx context.Context, o RepairOptions) (*RepairReport, err
 		if err := unix.Flock(int(s.dirLock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
 			// A failed conversion may have dropped the shared lock
 			// (flock(2)): take it again before going on.
-			if err2 := flockWait(ctx, s.dirLock, unix.LOCK_SH); err2 != nil {
+			if err2 := lockfile.Wait(ctx, s.dirLock, unix.LOCK_SH); err2 != nil {
 				return nil, fmt.Errorf("data dir lock lost: %w", err2)
 			}
 			if err == unix.EWOULDBLOCK {
