@@ -120,9 +120,10 @@ func TestTortureNegativeControl(t *testing.T) {
 	tt := newTorture(t, "negative", []tPhase{tImport, tDaemon})
 	tt.env = append(tt.env, blobs.UnsafeNoPackFsyncEnv+"=lose-acknowledged-data")
 	tt.lenient = true
-	tt.run(8)
+	const rounds = 12
+	tt.run(rounds)
 	if tt.st.losses == 0 {
-		t.Fatalf("with pack fsync off, %d rounds lost no acknowledged path: the harness cannot see a lost write", 8)
+		t.Fatalf("with pack fsync off, %d rounds lost no acknowledged path: the harness cannot see a lost write", rounds)
 	}
 	t.Logf("negative control caught %d lost paths (%d invalid states, %d manual restarts) as it should:\n%s",
 		tt.st.losses, tt.st.invalid, tt.st.manual, strings.Join(tt.st.failed, "\n"))
@@ -558,6 +559,19 @@ func (tt *torture) verify(dir string) error {
 	return nil
 }
 
+// dumpHash renders p with casnix dump and returns its NAR's hash.
+func (tt *torture) dumpHash(dir, p string) (string, error) {
+	cmd := exec.Command(tt.bin, "--data-dir", dir, "dump", p)
+	cmd.Env = tt.env
+	h := sha256.New()
+	var stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = h, &stderr
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("casnix dump: %v: %s", err, bytes.TrimSpace(stderr.Bytes()))
+	}
+	return "sha256:" + nixtest.NixBase32Encode(h.Sum(nil)), nil
+}
+
 // missing lists the paths of want that valid lacks or holds with another narHash.
 func missing(want map[string]string, valid map[string]pathInfoJSONT) []string {
 	var out []string
@@ -602,9 +616,10 @@ func (tt *torture) check(r int, ph tPhase, data string, res roundResult) {
 		tt.st.losses += len(ackedNow) + len(tt.expected)
 		tt.fail(r, ph, "restart: %v", err)
 	} else {
-		if err := tt.verify(data); err != nil {
+		verr := tt.verify(data)
+		if verr != nil {
 			tt.st.invalid++
-			tt.fail(r, ph, "%v", err)
+			tt.fail(r, ph, "%v", verr)
 		}
 		for p, pi := range valid {
 			for _, ref := range pi.References {
@@ -627,7 +642,22 @@ func (tt *torture) check(r int, ph tPhase, data string, res roundResult) {
 		tt.st.carried += len(want)
 		maps.Copy(want, ackedNow)
 		tt.st.acked += len(ackedNow)
-		if m := missing(want, valid); len(m) > 0 {
+		m := missing(want, valid)
+		// Valid is not enough: the path must render to its narHash. verify checked
+		// every path; this round's acknowledged ones, and all of them once verify
+		// failed, are rendered one by one to name the lost ones.
+		for _, p := range slices.Sorted(maps.Keys(want)) {
+			if _, ok := valid[p]; !ok || valid[p].NarHash != want[p] {
+				continue
+			}
+			if _, now := ackedNow[p]; !now && verr == nil {
+				continue
+			}
+			if got, err := tt.dumpHash(data, p); err != nil || got != want[p] {
+				m = append(m, fmt.Sprintf("%s (does not render: %s %v)", p, got, err))
+			}
+		}
+		if len(m) > 0 {
 			tt.st.losses += len(m)
 			tt.fail(r, ph, "%d acknowledged or durable paths lost: %s", len(m), strings.Join(m, ", "))
 		}
