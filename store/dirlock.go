@@ -203,6 +203,15 @@ func rollForward(dir, stage string, step func(string)) error {
 		}
 		step("database moved in")
 	}
+	// Each move above is a rename between st and dir, durable only once
+	// both directories are synced: with dir alone, a power cut after the
+	// journal is gone may undo a move whose source entry in st was not
+	// synced, and the restore would be lost with no journal to redo it.
+	if exists(st) {
+		if err := syncPath(st); err != nil {
+			return err
+		}
+	}
 	if err := syncPath(dir); err != nil {
 		return err
 	}

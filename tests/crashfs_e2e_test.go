@@ -130,3 +130,79 @@ func TestPowerCutImport(t *testing.T) {
 		check(i, ok, backing)
 	}
 }
+
+// TestPowerCutAfterRestore cuts the power right after `casnix restore --force` exited 0
+// into a data dir on crashfs, under several seeds: the restored paths must all be valid
+// and render (verify), whatever the cut made of the renames that moved the staged copy
+// in. Found by TestTorture: a rename between the staging dir and the data dir is durable
+// only once both directories are synced, and the staging dir was not.
+func TestPowerCutAfterRestore(t *testing.T) {
+	if os.Geteuid() != 0 {
+		nixtest.SkipOrFatal(t, "TestPowerCutAfterRestore needs root to mount FUSE")
+	}
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		nixtest.SkipOrFatal(t, "TestPowerCutAfterRestore needs /dev/fuse: %v", err)
+	}
+	bin := nixtest.CasnixBinary(t)
+	work := t.TempDir()
+	rng := rand.New(rand.NewChaCha8([32]byte{'r', 'c', 'u', 't'}))
+	// importTo imports n new paths into dir and returns them.
+	next := 0
+	importTo := func(dir string, n int) []string {
+		var paths []string
+		for range n {
+			next++
+			name := fmt.Sprintf("%031dr-rcut-%d", next, next)
+			tree := filepath.Join(work, name)
+			writeRandomTree(t, rng, tree, 32<<10)
+			var buf bytes.Buffer
+			if _, err := nar.DumpPath(&buf, tree); err != nil {
+				t.Fatal(err)
+			}
+			narFile := tree + ".nar"
+			if err := os.WriteFile(narFile, buf.Bytes(), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			runCasnix(t, bin, dir, "import", "--nar", narFile, "--path", "/nix/store/"+name)
+			paths = append(paths, "/nix/store/"+name)
+		}
+		slices.Sort(paths)
+		return paths
+	}
+	src := filepath.Join(work, "src")
+	want := importTo(src, 3)
+	backup := filepath.Join(work, "backup")
+	runCasnix(t, bin, src, "backup", backup)
+	const seeds = 12
+	for seed := range int64(seeds) {
+		backing := filepath.Join(work, fmt.Sprintf("backing-%d", seed))
+		mnt := filepath.Join(work, fmt.Sprintf("mnt-%d", seed))
+		importTo(filepath.Join(backing, "data"), 2) // old contents, durable
+		if err := os.Mkdir(mnt, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		cfs, err := crashfs.Mount(backing, mnt, crashfs.Options{Seed: seed})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cfs.Unmount() })
+		out, err := exec.Command(bin, "--data-dir", filepath.Join(mnt, "data"), "restore", "--force", backup).CombinedOutput()
+		if err != nil {
+			t.Fatalf("seed %d: restore: %v\n%s", seed, err, out)
+		}
+		if _, err := cfs.PowerCut(); err != nil {
+			t.Fatal(err)
+		}
+		if err := cfs.Unmount(); err != nil {
+			t.Fatal(err)
+		}
+		data := filepath.Join(backing, "data")
+		if out, err := exec.Command(bin, "--data-dir", data, "verify").CombinedOutput(); err != nil {
+			t.Errorf("seed %d: verify after a cut after restore exited 0: %v\n%s", seed, err, out)
+			continue
+		}
+		if got := casnixPaths(t, bin, data); !slices.Equal(got, want) {
+			t.Errorf("seed %d: after a cut after restore exited 0 the data dir holds %q, want %q", seed, got, want)
+		}
+	}
+}
