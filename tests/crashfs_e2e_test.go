@@ -131,17 +131,20 @@ func TestPowerCutImport(t *testing.T) {
 	}
 }
 
-// TestPowerCutAfterRestore cuts the power right after `casnix restore --force` exited 0
-// into a data dir on crashfs, under several seeds: the restored paths must all be valid
-// and render (verify), whatever the cut made of the renames that moved the staged copy
-// in. Found by TestTorture: a rename between the staging dir and the data dir is durable
-// only once both directories are synced, and the staging dir was not.
-func TestPowerCutAfterRestore(t *testing.T) {
+// TestPowerCutRestore runs `casnix restore --force` into a data dir on crashfs and cuts
+// the power at each of its fsyncs in turn, and right after it exited 0, two seeds each:
+// the next open must find the old paths or the restored ones, whole and verified, and
+// the restored ones if restore exited 0. Found by TestTorture: moving the staged copy in
+// renames entries between the staging dir and the data dir, and such a rename is durable
+// only once both directories are synced; the data dir (where the restored entries land)
+// must be synced before the staging dir, or a cut between the two can drop the staged
+// entries with their new names not durable yet.
+func TestPowerCutRestore(t *testing.T) {
 	if os.Geteuid() != 0 {
-		nixtest.SkipOrFatal(t, "TestPowerCutAfterRestore needs root to mount FUSE")
+		nixtest.SkipOrFatal(t, "TestPowerCutRestore needs root to mount FUSE")
 	}
 	if _, err := os.Stat("/dev/fuse"); err != nil {
-		nixtest.SkipOrFatal(t, "TestPowerCutAfterRestore needs /dev/fuse: %v", err)
+		nixtest.SkipOrFatal(t, "TestPowerCutRestore needs /dev/fuse: %v", err)
 	}
 	bin := nixtest.CasnixBinary(t)
 	work := t.TempDir()
@@ -166,30 +169,43 @@ func TestPowerCutAfterRestore(t *testing.T) {
 			runCasnix(t, bin, dir, "import", "--nar", narFile, "--path", "/nix/store/"+name)
 			paths = append(paths, "/nix/store/"+name)
 		}
-		slices.Sort(paths)
 		return paths
 	}
 	src := filepath.Join(work, "src")
-	want := importTo(src, 3)
+	newPaths := importTo(src, 3)
+	slices.Sort(newPaths)
 	backup := filepath.Join(work, "backup")
 	runCasnix(t, bin, src, "backup", backup)
-	const seeds = 12
-	for seed := range int64(seeds) {
-		backing := filepath.Join(work, fmt.Sprintf("backing-%d", seed))
-		mnt := filepath.Join(work, fmt.Sprintf("mnt-%d", seed))
-		importTo(filepath.Join(backing, "data"), 2) // old contents, durable
+	old := filepath.Join(work, "old")
+	oldPaths := importTo(old, 2)
+	slices.Sort(oldPaths)
+
+	round := 0
+	// run restores into a copy of old on crashfs cut at the cutAt-th fsync (0: after
+	// restore exits) and checks the state the cut left; it returns the fsyncs counted.
+	run := func(cutAt, seed int64) int64 {
+		round++
+		backing := filepath.Join(work, fmt.Sprintf("backing-%d", round))
+		mnt := filepath.Join(work, fmt.Sprintf("mnt-%d", round))
+		if err := os.MkdirAll(backing, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(copyDataDir(t, old), filepath.Join(backing, "data")); err != nil {
+			t.Fatal(err)
+		}
 		if err := os.Mkdir(mnt, 0o755); err != nil {
 			t.Fatal(err)
 		}
-		cfs, err := crashfs.Mount(backing, mnt, crashfs.Options{Seed: seed})
+		cfs, err := crashfs.Mount(backing, mnt, crashfs.Options{Seed: seed, CutAtFsync: cutAt})
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { cfs.Unmount() })
-		out, err := exec.Command(bin, "--data-dir", filepath.Join(mnt, "data"), "restore", "--force", backup).CombinedOutput()
-		if err != nil {
-			t.Fatalf("seed %d: restore: %v\n%s", seed, err, out)
+		out, rerr := exec.Command(bin, "--data-dir", filepath.Join(mnt, "data"), "restore", "--force", backup).CombinedOutput()
+		if rerr != nil && cutAt == 0 {
+			t.Fatalf("restore with no cut: %v\n%s", rerr, out)
 		}
+		fsyncs := cfs.Stats().Fsyncs
 		if _, err := cfs.PowerCut(); err != nil {
 			t.Fatal(err)
 		}
@@ -198,11 +214,26 @@ func TestPowerCutAfterRestore(t *testing.T) {
 		}
 		data := filepath.Join(backing, "data")
 		if out, err := exec.Command(bin, "--data-dir", data, "verify").CombinedOutput(); err != nil {
-			t.Errorf("seed %d: verify after a cut after restore exited 0: %v\n%s", seed, err, out)
-			continue
+			t.Errorf("cut at fsync %d (seed %d): verify: %v\n%s", cutAt, seed, err, out)
+			return fsyncs
 		}
-		if got := casnixPaths(t, bin, data); !slices.Equal(got, want) {
-			t.Errorf("seed %d: after a cut after restore exited 0 the data dir holds %q, want %q", seed, got, want)
+		got := casnixPaths(t, bin, data)
+		switch {
+		case rerr == nil && !slices.Equal(got, newPaths):
+			t.Errorf("cut at fsync %d (seed %d), after restore exited 0: the data dir holds %q, want %q", cutAt, seed, got, newPaths)
+		case !slices.Equal(got, newPaths) && !slices.Equal(got, oldPaths):
+			t.Errorf("cut at fsync %d (seed %d): the data dir holds %q, want the old %q or the restored %q", cutAt, seed, got, oldPaths, newPaths)
+		}
+		return fsyncs
+	}
+	total := run(0, 0)
+	for _, seed := range []int64{1, 2, 3, 4} {
+		run(0, seed)
+	}
+	for n := range total {
+		for _, seed := range []int64{1, 2} {
+			run(n+1, seed)
 		}
 	}
+	t.Logf("restore made %d fsyncs; %d cuts checked", total, round)
 }
