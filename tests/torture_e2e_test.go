@@ -320,14 +320,15 @@ func (tt *torture) round(r int) {
 	}
 
 	// Where to cut: calibration (the first round of each phase) cuts after the phase;
-	// then one round in four at a random time, the others at an fsync within the range
-	// the phase has made so far.
+	// then one round in eight too (everything acknowledged, e.g. a whole backup or
+	// restore, must hold), one in four at a random time, the others at an fsync within
+	// the range the phase has made so far.
 	var cutAt int64
 	var cutAfter time.Duration
 	mode := "after"
-	switch {
-	case tt.calFsyncs[ph] == 0:
-	case tt.rng.IntN(4) == 0:
+	switch n := tt.rng.IntN(8); {
+	case tt.calFsyncs[ph] == 0 || n == 0:
+	case n <= 2:
 		mode = "time"
 		cutAfter = time.Duration(tt.rng.Int64N(int64(tt.calDur[ph]) + 1))
 	default:
