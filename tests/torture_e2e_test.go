@@ -58,6 +58,7 @@ type tortureStats struct {
 	losses              int          // acknowledged (or earlier durable) paths missing or wrong
 	invalid             int          // verify failures or valid sets not closed under references
 	manual              int          // restarts that did not open the data dir by themselves
+	phaseErrors         int          // casnix commands that failed with no cut inside the phase
 	failed              []string     // "round N (phase, seed S): what"
 }
 
@@ -239,7 +240,7 @@ func (tt *torture) run(rounds int) {
 	}
 	fmt.Fprintf(&b, "  cuts: %d at an fsync, %d at a random time (the rest after the phase)\n", st.fsyncCuts, st.timeCuts)
 	fmt.Fprintf(&b, "  acknowledged paths checked: %d (plus %d earlier durable paths re-checked, %d backups verified)\n", st.acked, st.carried, st.backups)
-	fmt.Fprintf(&b, "  losses: %d, invalid states: %d, restarts needing a manual step: %d", st.losses, st.invalid, st.manual)
+	fmt.Fprintf(&b, "  losses: %d, invalid states: %d, restarts needing a manual step: %d, commands failing with no cut: %d", st.losses, st.invalid, st.manual, st.phaseErrors)
 	tt.t.Log(b.String())
 }
 
@@ -476,6 +477,7 @@ func (tt *torture) round(r int) {
 			if p.cmd.ProcessState.Success() || p.cmd.Args[3] == "serve" {
 				continue
 			}
+			tt.st.phaseErrors++
 			t.Errorf("round %d: casnix %q failed with no cut inside the phase:\n%s", r, p.cmd.Args[1:], p.out.String())
 		}
 	}
