@@ -441,7 +441,11 @@ func (c *compactor) finish() error {
 	c.pending = left
 	errs = append(errs, err)
 	for d := range c.dirs {
-		errs = append(errs, syncDir(d))
+		// A dropped pack row may never have had its file or its packs/NN/
+		// (a crash right after its id was committed): no entry to sync.
+		if err := syncDir(d); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, err)
+		}
 	}
 	c.s.release(c.outs...)
 	c.outs = nil

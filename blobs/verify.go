@@ -113,7 +113,8 @@ func (d PackDamage) Error() string { return fmt.Sprintf("pack %d: %v", d.Pack, d
 // VerifyHeaders checks the 16-byte header of every indexed pack file. A
 // pack row without its file is left to the frame check (a crash between
 // allocating a pack id and creating its file leaves such a row, harmless
-// while no frame names it).
+// while no frame names it), and so is a file shorter than its header that
+// no frame names (a crash before the new header was durable).
 func (s *Store) VerifyHeaders(ctx context.Context) ([]PackDamage, error) {
 	ids, err := s.db.Packs(ctx)
 	if err != nil {
@@ -136,6 +137,18 @@ func (s *Store) VerifyHeaders(ctx context.Context) ([]PackDamage, error) {
 		h := make([]byte, len(want))
 		_, err = io.ReadFull(f, h)
 		f.Close()
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			// Shorter than its header: a crash after the file was created but
+			// before its header was durable. Harmless while no frame names
+			// the pack (the next writer to take it rewrites the header).
+			end, eerr := s.db.PackEnd(ctx, id)
+			if eerr != nil {
+				return nil, eerr
+			}
+			if end == 0 {
+				continue
+			}
+		}
 		switch {
 		case err != nil:
 			out = append(out, PackDamage{id, fmt.Errorf("%w: read header: %v", ErrCorrupt, err)})

@@ -184,8 +184,21 @@ func rollForward(dir, stage string, step func(string)) error {
 		}
 		step("database moved in")
 	}
+	// Each move above is a rename between st and dir, durable only once
+	// both directories are synced (POSIX: fsync of one directory makes only
+	// its own entries durable), and both must be before the journal goes.
+	// dir, where the restored entries land, is synced first: a cut between
+	// the two syncs can then at worst leave an entry under both names,
+	// which the journal still present finishes; st first could make the
+	// removal from st durable while the new name in dir is not, and the
+	// restored data would be lost.
 	if err := syncPath(dir); err != nil {
 		return err
+	}
+	if exists(st) {
+		if err := syncPath(st); err != nil {
+			return err
+		}
 	}
 	if err := os.Remove(filepath.Join(dir, restoreJournal)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("remove restore journal: %w", err)

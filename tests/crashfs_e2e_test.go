@@ -130,3 +130,110 @@ func TestPowerCutImport(t *testing.T) {
 		check(i, ok, backing)
 	}
 }
+
+// TestPowerCutRestore runs `casnix restore --force` into a data dir on crashfs and cuts
+// the power at each of its fsyncs in turn, and right after it exited 0, two seeds each:
+// the next open must find the old paths or the restored ones, whole and verified, and
+// the restored ones if restore exited 0. Found by TestTorture: moving the staged copy in
+// renames entries between the staging dir and the data dir, and such a rename is durable
+// only once both directories are synced; the data dir (where the restored entries land)
+// must be synced before the staging dir, or a cut between the two can drop the staged
+// entries with their new names not durable yet.
+func TestPowerCutRestore(t *testing.T) {
+	if os.Geteuid() != 0 {
+		nixtest.SkipOrFatal(t, "TestPowerCutRestore needs root to mount FUSE")
+	}
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		nixtest.SkipOrFatal(t, "TestPowerCutRestore needs /dev/fuse: %v", err)
+	}
+	bin := nixtest.CasnixBinary(t)
+	work := t.TempDir()
+	rng := rand.New(rand.NewChaCha8([32]byte{'r', 'c', 'u', 't'}))
+	// importTo imports n new paths into dir and returns them.
+	next := 0
+	importTo := func(dir string, n int) []string {
+		var paths []string
+		for range n {
+			next++
+			name := fmt.Sprintf("%031dr-rcut-%d", next, next)
+			tree := filepath.Join(work, name)
+			writeRandomTree(t, rng, tree, 32<<10)
+			var buf bytes.Buffer
+			if _, err := nar.DumpPath(&buf, tree); err != nil {
+				t.Fatal(err)
+			}
+			narFile := tree + ".nar"
+			if err := os.WriteFile(narFile, buf.Bytes(), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			runCasnix(t, bin, dir, "import", "--nar", narFile, "--path", "/nix/store/"+name)
+			paths = append(paths, "/nix/store/"+name)
+		}
+		return paths
+	}
+	src := filepath.Join(work, "src")
+	newPaths := importTo(src, 3)
+	slices.Sort(newPaths)
+	backup := filepath.Join(work, "backup")
+	runCasnix(t, bin, src, "backup", backup)
+	old := filepath.Join(work, "old")
+	oldPaths := importTo(old, 2)
+	slices.Sort(oldPaths)
+
+	round := 0
+	// run restores into a copy of old on crashfs cut at the cutAt-th fsync (0: after
+	// restore exits) and checks the state the cut left; it returns the fsyncs counted.
+	run := func(cutAt, seed int64) int64 {
+		round++
+		backing := filepath.Join(work, fmt.Sprintf("backing-%d", round))
+		mnt := filepath.Join(work, fmt.Sprintf("mnt-%d", round))
+		if err := os.MkdirAll(backing, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(copyDataDir(t, old), filepath.Join(backing, "data")); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Mkdir(mnt, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		cfs, err := crashfs.Mount(backing, mnt, crashfs.Options{Seed: seed, CutAtFsync: cutAt})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cfs.Unmount() })
+		out, rerr := exec.Command(bin, "--data-dir", filepath.Join(mnt, "data"), "restore", "--force", backup).CombinedOutput()
+		if rerr != nil && cutAt == 0 {
+			t.Fatalf("restore with no cut: %v\n%s", rerr, out)
+		}
+		fsyncs := cfs.Stats().Fsyncs
+		if _, err := cfs.PowerCut(); err != nil {
+			t.Fatal(err)
+		}
+		if err := cfs.Unmount(); err != nil {
+			t.Fatal(err)
+		}
+		data := filepath.Join(backing, "data")
+		if out, err := exec.Command(bin, "--data-dir", data, "verify").CombinedOutput(); err != nil {
+			t.Errorf("cut at fsync %d (seed %d): verify: %v\n%s", cutAt, seed, err, out)
+			return fsyncs
+		}
+		got := casnixPaths(t, bin, data)
+		switch {
+		case rerr == nil && !slices.Equal(got, newPaths):
+			t.Errorf("cut at fsync %d (seed %d), after restore exited 0: the data dir holds %q, want %q", cutAt, seed, got, newPaths)
+		case !slices.Equal(got, newPaths) && !slices.Equal(got, oldPaths):
+			t.Errorf("cut at fsync %d (seed %d): the data dir holds %q, want the old %q or the restored %q", cutAt, seed, got, oldPaths, newPaths)
+		}
+		return fsyncs
+	}
+	total := run(0, 0)
+	for _, seed := range []int64{1, 2, 3, 4} {
+		run(0, seed)
+	}
+	for n := range total {
+		for _, seed := range []int64{1, 2} {
+			run(n+1, seed)
+		}
+	}
+	t.Logf("restore made %d fsyncs; %d cuts checked", total, round)
+}
