@@ -108,17 +108,13 @@ type Store struct {
 // Open opens the blob store whose packs live under dir (created if needed).
 func Open(dir string, d *db.DB, opts Options) (*Store, error) {
 	opts.defaults()
-	_, statErr := os.Stat(dir)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("create pack dir: %w", err)
 	}
-	// A new packs/ is an entry of the data dir: made durable before any
-	// pack below it is (newPack syncs packs/ for a new NN/). Only when new:
-	// one-shot commands open the store every time.
-	if errors.Is(statErr, fs.ErrNotExist) {
-		if err := syncDir(filepath.Dir(dir)); err != nil {
-			return nil, err
-		}
+	// packs/ is an entry of the data dir: made durable before any pack
+	// below it is (newPack syncs packs/ for a new NN/).
+	if err := syncDir(filepath.Dir(dir)); err != nil {
+		return nil, err
 	}
 	// The window only needs to cover one frame; zstd's default (8 MiB)
 	// would cost 16 MiB of history per encoder for nothing.

@@ -78,6 +78,11 @@ func (s *Store) Backup(ctx context.Context, dst string, opts CopyOptions) (rep *
 	if err := os.MkdirAll(dst, 0o755); err != nil {
 		return nil, fmt.Errorf("create backup dir: %w", err)
 	}
+	// The backup's own entry in its parent must be durable before the
+	// backup is acknowledged (TestTorture caught a cut that lost it).
+	if err := syncPath(filepath.Dir(filepath.Clean(dst))); err != nil {
+		return nil, err
+	}
 	rep, err = s.backupLocked(ctx, dst)
 	if err != nil {
 		return nil, err

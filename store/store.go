@@ -1,7 +1,6 @@
 package store
 
 import (
-	"io/fs"
 	"sync"
 
 	"context"
@@ -65,18 +64,13 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	_, statErr := os.Stat(dir)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("create data dir: %w", err)
 	}
 	// A new data dir is an entry of its parent: sync that, or a power cut
-	// could take the whole store with it after its first commit. Only when
-	// it is new: a directory fsync costs milliseconds, and one-shot
-	// commands (dump, cat, path-info) open the store every time.
-	if errors.Is(statErr, fs.ErrNotExist) {
-		if err := syncParent(dir); err != nil {
-			return nil, err
-		}
+	// could take the whole store with it after its first commit.
+	if err := syncParent(dir); err != nil {
+		return nil, err
 	}
 	lock, err := openDirLock(ctx, dir)
 	if err != nil {
