@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -202,6 +203,11 @@ func TestServer(t *testing.T) {
 	for _, s := range []string{`casnix_http_requests_total{route="nar",status="200"} 3`, `route="narinfo",status="404"} 1`, "casnix_store_paths 2"} {
 		if !strings.Contains(m, s) {
 			t.Errorf("metrics lack %q:\n%s", s, m)
+		}
+	}
+	for _, re := range []string{`(?m)^go_goroutines [1-9][0-9]*$`, `(?m)^process_open_fds [1-9][0-9]*$`} {
+		if !regexp.MustCompile(re).MatchString(m) {
+			t.Errorf("metrics lack %s:\n%s", re, m)
 		}
 	}
 }

@@ -8,6 +8,8 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"os"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -460,6 +462,13 @@ func (s *Server) serveMetrics(ctx context.Context, w http.ResponseWriter) {
 	fmt.Fprintf(&b, "# HELP casnix_http_errors_total Requests that failed on the server side.\n# TYPE casnix_http_errors_total counter\ncasnix_http_errors_total %d\n", m.errors.Load())
 	fmt.Fprintf(&b, "# HELP casnix_store_paths Valid store paths.\n# TYPE casnix_store_paths gauge\ncasnix_store_paths %d\n", paths)
 	fmt.Fprintf(&b, "# HELP casnix_store_nar_bytes Logical NAR bytes of the valid paths.\n# TYPE casnix_store_nar_bytes gauge\ncasnix_store_nar_bytes %d\n", narBytes)
+	// Process gauges, so a soak or an operator can see leaks from outside:
+	// goroutines and open descriptors must come back to a baseline when the
+	// load stops.
+	fmt.Fprintf(&b, "# HELP go_goroutines Goroutines in the casnix process.\n# TYPE go_goroutines gauge\ngo_goroutines %d\n", runtime.NumGoroutine())
+	if fds, err := os.ReadDir("/proc/self/fd"); err == nil {
+		fmt.Fprintf(&b, "# HELP process_open_fds Open file descriptors.\n# TYPE process_open_fds gauge\nprocess_open_fds %d\n", len(fds)-1) // less ReadDir's own
+	}
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4")
 	io.WriteString(w, b.String())
 }
