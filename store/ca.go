@@ -101,15 +101,27 @@ func ParseCA(s string) (CA, error) {
 func parseHash(algo, s string) ([]byte, error) {
 	h, _ := NewCAHash(algo)
 	n := h.Size()
+	var b []byte
+	var err error
 	switch len(s) {
 	case 2 * n:
-		return hex.DecodeString(s)
+		b, err = hex.DecodeString(s)
 	case nixbase32.EncodedLen(n):
-		return nixbase32.DecodeString(s)
+		b, err = nixbase32.DecodeString(s)
 	case base64.StdEncoding.EncodedLen(n):
-		return base64.StdEncoding.DecodeString(s)
+		b, err = base64.StdEncoding.DecodeString(s)
+	default:
+		return nil, fmt.Errorf("hash %q has the wrong length for %s", s, algo)
 	}
-	return nil, fmt.Errorf("hash %q has the wrong length for %s", s, algo)
+	if err != nil {
+		return nil, fmt.Errorf("hash %q: %w", s, err)
+	}
+	// The encoded length alone does not fix the decoded one: 44 base64
+	// characters without padding are 33 bytes, not sha256's 32.
+	if len(b) != n {
+		return nil, fmt.Errorf("hash %q decodes to %d bytes, %s has %d", s, len(b), algo, n)
+	}
+	return b, nil
 }
 
 // String renders the content address the way Nix stores it.

@@ -2,6 +2,7 @@ package store
 
 import (
 	"crypto/sha256"
+	"strings"
 	"testing"
 )
 
@@ -39,7 +40,7 @@ func TestCAPath(t *testing.T) {
 		}
 	}
 	for _, bad := range []string{"", "fixed:sha256", "fixed:sha256:abc", "fixed:git:sha1:iwjz551fyw0cxcjgf4l6c879zabd6wpm",
-		"text:sha1:iwjz551fyw0cxcjgf4l6c879zabd6wpm", "fixed:blake3:00", "other:sha256:00xyyr3fi8l6hb839bv3f7yb86yjv7xi1cgh1xnhipym4asvb4aq"} {
+		"text:sha1:iwjz551fyw0cxcjgf4l6c879zabd6wpm", "fixed:blake3:00", "fixed:sha256:" + strings.Repeat("0", 44), "other:sha256:00xyyr3fi8l6hb839bv3f7yb86yjv7xi1cgh1xnhipym4asvb4aq"} {
 		if _, err := ParseCA(bad); err == nil {
 			t.Errorf("ParseCA(%q) accepted", bad)
 		}
