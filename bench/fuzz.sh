@@ -8,7 +8,8 @@
 #   bench/fuzz.sh                          # all six parsers, 30 CPU-minutes each
 #   FUZZ_CPU_SEC=20 FUZZ_CHUNK=10s bench/fuzz.sh nar   # one package, a short run
 #
-# A crasher makes the chunk fail: the script stops and prints it. Go has written the input
+# A crasher makes the chunk fail: the script prints it, goes on with the next target and
+# exits 1 at the end. Go has written the input
 # to <pkg>/testdata/fuzz/<Fuzz...>/; fix the parser and commit that file as a seed (plain
 # `go test` then replays it in CI). Figures go to bench/fuzz.log (appended).
 set -euo pipefail
@@ -41,6 +42,7 @@ module=$(go list -m)
 gocache=$(go env GOCACHE)
 bin=$(mktemp -d)
 trap 'rm -rf "$bin"' EXIT
+crashed=0
 
 for t in "${TARGETS[@]}"; do
 	pkg=${t%%:*} fn=${t#*:}
@@ -62,8 +64,9 @@ for t in "${TARGETS[@]}"; do
 		runs=$((runs + 1))
 		if ((rc != 0)); then
 			cat "$out"
-			echo "$(date -u +%FT%TZ) $pkg $fn CRASHER after ${used}s CPU: see $pkg/testdata/fuzz/$fn/" | tee -a "$LOG"
-			exit 1
+			echo "$(date -u +%FT%TZ) $(git rev-parse --short HEAD) $pkg $fn: CRASHER after ${used}s CPU: see $pkg/testdata/fuzz/$fn/" | tee -a "$LOG"
+			crashed=1
+			continue 2
 		fi
 		rm -f "$out" "$out.cpu"
 	done
@@ -71,3 +74,4 @@ for t in "${TARGETS[@]}"; do
 	line="$(date -u +%FT%TZ) $(git rev-parse --short HEAD) $pkg $fn: ${used}s CPU ($((used / 60)) CPU-min) in ${wall}s wall, $runs chunks, $execs execs, 0 crashers"
 	echo "$line" | tee -a "$LOG"
 done
+exit "$crashed"
