@@ -205,13 +205,13 @@ type Tx struct {
 func (d *DB) Write(ctx context.Context, fn func(*Tx) error) error {
 	conn, err := d.w.Conn(ctx)
 	if err != nil {
-		return fmt.Errorf("begin: %w", noSpace(err))
+		return fmt.Errorf("begin: %w", d.noSpace(err))
 	}
 	defer conn.Close()
 	tx, err := conn.BeginTx(ctx, nil)
 	if err != nil {
 		discard(conn)
-		return fmt.Errorf("begin: %w", noSpace(err))
+		return fmt.Errorf("begin: %w", d.noSpace(err))
 	}
 	// Statements are prepared on the transaction itself: the writer pool has
 	// one connection, which the transaction holds.
@@ -221,11 +221,11 @@ func (d *DB) Write(ctx context.Context, fn func(*Tx) error) error {
 		if rerr := tx.Rollback(); rerr != nil {
 			discard(conn)
 		}
-		return noSpace(err)
+		return d.noSpace(err)
 	}
 	if err := tx.Commit(); err != nil {
 		discard(conn)
-		return fmt.Errorf("commit: %w", noSpace(err))
+		return fmt.Errorf("commit: %w", d.noSpace(err))
 	}
 	return nil
 }
@@ -241,24 +241,35 @@ func discard(conn *sql.Conn) {
 	})
 }
 
+// fullSlack is how little space left still counts as a full file system
+// (see noSpaceAt).
+const fullSlack = 1 << 20
+
 // SQLite's primary result codes SQLITE_IOERR and SQLITE_FULL.
 const (
 	sqliteIOErr = 10
 	sqliteFull  = 13
 )
 
+// noSpace is noSpaceAt for the database's directory.
+func (d *DB) noSpace(err error) error { return noSpaceAt(filepath.Dir(d.path), err) }
+
 // noSpaceAt is noSpace, and also names ENOSPC for an SQLITE_IOERR when the
 // file system of dir has no space left. Opening a WAL database maps its
 // -shm file, which SQLite grows by writing to it; on a full disk that fails
 // as a bare "disk I/O error" (SQLITE_IOERR_SHMSIZE), SQLite keeping errno
-// to itself, though the cure is to free space.
+// to itself, though the cure is to free space. A commit that faults on a
+// page of the mapped -shm the full file system cannot back fails the same
+// way (SQLITE_IOERR_IN_PAGE). "Full" allows for less than fullSlack left:
+// ext4 refuses writes while it still reports a little space (its reserved
+// clusters), and a write may need more blocks than are left.
 func noSpaceAt(dir string, err error) error {
 	var se interface{ Code() int }
 	if err == nil || errors.Is(err, syscall.ENOSPC) || !errors.As(err, &se) || se.Code()&0xff != sqliteIOErr {
 		return noSpace(err)
 	}
 	var st syscall.Statfs_t
-	if syscall.Statfs(dir, &st) != nil || st.Bavail > 0 {
+	if syscall.Statfs(dir, &st) != nil || st.Bavail*uint64(st.Bsize) >= fullSlack {
 		return err
 	}
 	return fmt.Errorf("%w (file system full: %w)", err, syscall.ENOSPC)
