@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/casnix/casnix/loglimit"
 	"io"
 	"log/slog"
 	"net"
@@ -80,7 +81,7 @@ type Server struct {
 	closing  bool           // the drain is over: open connections are being closed
 	abort    chan struct{}
 	abortMu  sync.Once
-	refusals logLimiter // refusal warnings, at most one of a kind a second
+	refusals loglimit.Limiter // refusal warnings, at most one of a kind a second
 }
 
 // maxRefusing bounds the connections being refused at once: past it a
@@ -227,7 +228,7 @@ func (s *Server) peerAccess(c net.Conn) peer {
 	}
 	allowed := p.trusted || s.Allowed == nil || s.Allowed(cred.Uid, cred.Gid)
 	if !allowed {
-		s.refusals.warn(s.log(), "refusing connection: user not in allowed-users", "uid", cred.Uid, "gid", cred.Gid)
+		s.refusals.Warn(s.log(), "refusing connection: user not in allowed-users", "uid", cred.Uid, "gid", cred.Gid)
 	}
 	p.refusal = s.allowedRefusal(allowed)
 	return p
@@ -246,11 +247,11 @@ func (s *Server) admit(p peer) string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.MaxConnections > 0 && s.active >= s.MaxConnections {
-		s.refusals.warn(s.log(), "refusing connection: too many connections", "uid", p.uid, "max", s.MaxConnections)
+		s.refusals.Warn(s.log(), "refusing connection: too many connections", "uid", p.uid, "max", s.MaxConnections)
 		return fmt.Sprintf("casnix has too many connections (--max-connections %d); try again later", s.MaxConnections)
 	}
 	if p.known && !p.trusted && s.MaxConnectionsPerUser > 0 && s.perUser[p.uid] >= s.MaxConnectionsPerUser {
-		s.refusals.warn(s.log(), "refusing connection: too many connections from one user", "uid", p.uid, "max", s.MaxConnectionsPerUser)
+		s.refusals.Warn(s.log(), "refusing connection: too many connections from one user", "uid", p.uid, "max", s.MaxConnectionsPerUser)
 		return fmt.Sprintf("casnix has too many connections from uid %d (--max-connections-per-user %d); try again later", p.uid, s.MaxConnectionsPerUser)
 	}
 	if s.perUser == nil {

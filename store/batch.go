@@ -207,7 +207,7 @@ func (b *Batch) add(r io.Reader, info PathInfo) (*PathInfo, error) {
 			// A path may be named .drv without being one.
 			b.s.log.Debug("derivation outputs not recorded", "path", full, "err", err)
 		case err != nil:
-			b.s.log.Warn("derivation outputs not recorded", "path", full, "err", err)
+			b.s.drvWarnings.Warn(b.s.log, "derivation outputs not recorded", "path", full, "err", err)
 		}
 		if self != "" {
 			b.drvHashes[info.Name] = self

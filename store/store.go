@@ -1,6 +1,7 @@
 package store
 
 import (
+	"github.com/casnix/casnix/loglimit"
 	"sync"
 
 	"context"
@@ -48,6 +49,9 @@ type Store struct {
 	drvHashes drvHashCache
 	// badRoots holds the unreadable root links already warned about.
 	badRoots sync.Map
+	// drvWarnings limits warnings about forged derivations: any client may
+	// upload them as fast as it likes.
+	drvWarnings loglimit.Limiter
 }
 
 // DBFile and PackDir are the data directory's layout.

@@ -109,7 +109,15 @@ func checkServeLog(t *testing.T, d *nixtest.Daemon) {
 	out := d.Output()
 	for _, bad := range []string{"panic:", "fatal error:", "level=ERROR", "DATA RACE"} {
 		if strings.Contains(out, bad) {
-			t.Errorf("casnix serve logged %q:\n%s", bad, clipOutput([]byte(out)))
+			// The lines themselves first: a long log is clipped, and
+			// what matters may be in the part cut.
+			var hits []string
+			for _, l := range strings.Split(out, "\n") {
+				if strings.Contains(l, bad) && len(hits) < 20 {
+					hits = append(hits, l)
+				}
+			}
+			t.Errorf("casnix serve logged %q:\n%s\nwhole log:\n%s", bad, strings.Join(hits, "\n"), clipOutput([]byte(out)))
 			return
 		}
 	}
