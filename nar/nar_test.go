@@ -9,7 +9,9 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -318,9 +320,24 @@ func checkGoNix(t testing.TB, b []byte) {
 	if err := treeHeaders(m, res.Root, "/", &got); err != nil {
 		t.Fatal(err)
 	}
-	if fmt.Sprint(got) != fmt.Sprint(want) {
+	if fmt.Sprint(got) != fmt.Sprint(want) && !tokenNamed(got) {
 		t.Fatalf("listing differs from go-nix:\n got %v\nwant %v", got, want)
 	}
+}
+
+// tokenNamed reports whether an entry is named like a NAR token. Nix's
+// parseDump reads an entry's name as plain data (any name but "", ".", ".."
+// and ones with '/' or NUL), so a file may be called ")"; go-nix's reader
+// loses the entries after one (fuzzing found it), so it is no oracle there.
+// TestTokenNames checks casnix on such names without it.
+func tokenNamed(hs []header) bool {
+	for _, h := range hs {
+		switch path.Base(h.path) {
+		case "(", ")", "entry", "name", "node", "type", "contents", "target", "executable":
+			return true
+		}
+	}
+	return false
 }
 
 // FuzzIngest feeds arbitrary bytes to Ingest. Whatever it accepts must
@@ -452,5 +469,36 @@ func TestIngestSinkErrors(t *testing.T) {
 				t.Errorf("error %q does not wrap %v", err, tc.want)
 			}
 		})
+	}
+}
+
+// TestTokenNames: entries named like NAR tokens are ordinary names to Nix
+// (archive.cc reads a name as data), so casnix must keep every one of them
+// and render the archive back byte for byte.
+func TestTokenNames(t *testing.T) {
+	names := []string{"(", ")", "0", "contents", "entry", "executable", "name", "node", "target", "type"}
+	b := dirNAR(names...)
+	m := newMem()
+	res, err := Ingest(bytes.NewReader(b), m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	if _, err := Render(context.Background(), &out, res.Root, m); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(out.Bytes(), b) {
+		t.Error("archive with token-like names does not re-render identically")
+	}
+	var got []header
+	if err := treeHeaders(m, res.Root, "/", &got); err != nil {
+		t.Fatal(err)
+	}
+	var paths []string
+	for _, h := range got[1:] {
+		paths = append(paths, path.Base(h.path))
+	}
+	if !slices.Equal(paths, names) {
+		t.Errorf("entries %q, want %q", paths, names)
 	}
 }
