@@ -46,7 +46,7 @@ crashed=0
 
 for t in "${TARGETS[@]}"; do
 	pkg=${t%%:*} fn=${t#*:}
-	go test -c -o "$bin/$fn.test" "./$pkg"
+	go test -c -fuzz "^$fn\$" -o "$bin/$fn.test" "./$pkg" # -fuzz: with coverage guidance
 	used=0 runs=0 execs=0
 	start=$(date +%s)
 	while ((used < CPU_SEC)); do
@@ -57,7 +57,7 @@ for t in "${TARGETS[@]}"; do
 			-test.fuzzcachedir "$gocache/fuzz/$module/$pkg") >"$out" 2>&1
 		rc=$?
 		set -e
-		read -r u s <"$out.cpu" || true
+		read -r u s < <(tail -n 1 "$out.cpu") || true # the last line: time may say the exit status first
 		used=$(awk -v a="$used" -v u="${u:-0}" -v s="${s:-0}" 'BEGIN{printf "%d", a+u+s}')
 		n=$(grep -o 'execs: [0-9]*' "$out" | tail -1 | awk '{print $2}')
 		execs=$((execs + ${n:-0}))
