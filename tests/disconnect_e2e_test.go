@@ -1001,7 +1001,7 @@ func TestClientDisconnects(t *testing.T) {
 		}
 		if !l.within(base) {
 			fds, _ := d.OpenFDs()
-			t.Fatalf("trials %v: %v after the close, the daemon has %+v, %+v before the trials: a connection leaks; fds opened since: %q",
+			t.Fatalf("trials %v: %v after the close, the daemon has %+v, %+v before the trials: the daemon leaks; fds opened since: %q",
 				batch, disconnectSettle, l, base, fdDiff(fds0, fds))
 		}
 		if err := waitTempRoots(cas.DataDir); err != nil {
