@@ -86,13 +86,14 @@ func (s *Store) Compact(ctx context.Context, minDead float64) (CompactStats, err
 }
 
 // closeFree closes the packs this process holds for its next writers, so
-// they can be compacted too; the next writer looks for a pack to reuse
-// again.
+// they can be compacted too; the next writers reopen those that are still
+// there (acquire), and then look for a pack to reuse again.
 func (s *Store) closeFree() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, p := range s.free {
 		p.f.Close()
+		s.reopen = append(s.reopen, p.id)
 	}
 	s.free = nil
 	s.scanned = false

@@ -88,6 +88,7 @@ type Store struct {
 
 	mu      sync.Mutex
 	free    []*packFile // packs this process holds (flocked) and no Writer uses
+	reopen  []int64     // packs a compaction took from free: the next writers reopen them
 	scanned bool        // existing packs were considered for reuse
 
 	rmu     sync.RWMutex
@@ -206,33 +207,58 @@ type packFile struct {
 	size int64
 }
 
-// acquire hands out a pack for a Writer: one from the free list, an existing
-// pack with room that no other process holds, or a new one. Before a pack is
-// appended to, anything past its last committed frame is cut off.
+// acquire hands out a pack for a Writer: one from the free list, one a
+// compaction took from the free list, an existing pack with room that no
+// other process holds, or a new one. Before a pack is appended to, anything
+// past its last committed frame is cut off.
 func (s *Store) acquire(ctx context.Context) (*packFile, error) {
 	s.mu.Lock()
 	var p *packFile
 	if n := len(s.free); n > 0 {
 		p, s.free = s.free[n-1], s.free[:n-1]
 	}
-	scan := !s.scanned && p == nil
-	s.scanned = true
 	s.mu.Unlock()
-
-	if p == nil && scan {
-		var err error
-		if p, err = s.reuseExisting(ctx); err != nil {
+	if p != nil {
+		if err := s.trimTail(ctx, p); err != nil {
+			p.f.Close()
 			return nil, err
 		}
+		return p, nil
 	}
-	if p == nil {
-		return s.newPack(ctx)
+	// Every writer that finds the free list empty takes the next pack a
+	// compaction closed, not only the first: otherwise each collection
+	// followed by concurrent writers would leave packs no one writes to
+	// again, and a long-running daemon would gather small packs (and a
+	// descriptor on each) without bound.
+	for {
+		s.mu.Lock()
+		n := len(s.reopen)
+		if n == 0 {
+			s.mu.Unlock()
+			break
+		}
+		id := s.reopen[n-1]
+		s.reopen = s.reopen[:n-1]
+		s.mu.Unlock()
+		p, err := s.tryReuse(ctx, id)
+		if err != nil {
+			return nil, err
+		}
+		if p != nil {
+			return p, nil
+		}
 	}
-	if err := s.trimTail(ctx, p); err != nil {
-		p.f.Close()
-		return nil, err
+	s.mu.Lock()
+	scan := !s.scanned
+	s.scanned = true
+	s.mu.Unlock()
+	if scan {
+		p, err := s.reuseExisting(ctx)
+		if err != nil || p != nil {
+			return p, err
+		}
 	}
-	return p, nil
+	return s.newPack(ctx)
 }
 
 // reuseExisting tries the newest packs on disk, so a restarted process keeps
@@ -243,38 +269,48 @@ func (s *Store) reuseExisting(ctx context.Context) (*packFile, error) {
 		return nil, err
 	}
 	for i := len(ids) - 1; i >= 0 && i >= len(ids)-4; i-- {
-		f, err := os.OpenFile(s.PackPath(ids[i]), os.O_RDWR, 0)
-		if errors.Is(err, fs.ErrNotExist) {
-			continue // allocated, crashed before the file was made
+		p, err := s.tryReuse(ctx, ids[i])
+		if err != nil || p != nil {
+			return p, err
 		}
-		if err != nil {
-			return nil, fmt.Errorf("open pack %d: %w", ids[i], err)
-		}
-		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-			f.Close()
-			continue // another process writes it
-		}
-		if compactedAway(f) {
-			f.Close()
-			continue
-		}
-		st, err := f.Stat()
-		if err != nil {
-			f.Close()
-			return nil, fmt.Errorf("stat pack %d: %w", ids[i], err)
-		}
-		if st.Size() >= s.opts.PackSize {
-			f.Close()
-			continue
-		}
-		p := &packFile{id: ids[i], f: f, size: st.Size()}
-		if err := s.trimTail(ctx, p); err != nil {
-			f.Close()
-			return nil, err
-		}
-		return p, nil
 	}
 	return nil, nil
+}
+
+// tryReuse opens pack id for appending, trimmed to its committed frames. It
+// returns nil without an error when the pack cannot take frames: gone (never
+// created, or compacted away), held by another writer, or full.
+func (s *Store) tryReuse(ctx context.Context, id int64) (*packFile, error) {
+	f, err := os.OpenFile(s.PackPath(id), os.O_RDWR, 0)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil // allocated, crashed before the file was made; or compacted
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open pack %d: %w", id, err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		return nil, nil // another writer has it
+	}
+	if compactedAway(f) {
+		f.Close()
+		return nil, nil
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("stat pack %d: %w", id, err)
+	}
+	if st.Size() >= s.opts.PackSize {
+		f.Close()
+		return nil, nil
+	}
+	p := &packFile{id: id, f: f, size: st.Size()}
+	if err := s.trimTail(ctx, p); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return p, nil
 }
 
 // trimTail truncates p to the end of its last committed frame (or just its

@@ -210,7 +210,7 @@ func (rc *rawConn) readStrs() ([]string, error) {
 }
 
 // result flushes the request and reads the stderr channel up to LAST (nil) or ERROR
-// (*errRawRemote); log lines and activities are skipped.
+// (*errRawRemote); log lines, activities and data pulls (STDERR_READ) are skipped.
 func (rc *rawConn) result() error {
 	if err := rc.flush(); err != nil {
 		return err
@@ -225,6 +225,12 @@ func (rc *rawConn) result() error {
 			return nil
 		case rawStderrNext:
 			if _, err := rc.readStr(); err != nil {
+				return err
+			}
+		case rawStderrRead:
+			// A pull of upload data (protocol < 1.23): a caller that uses this
+			// form has sent the answers ahead.
+			if _, err := rc.readU64(); err != nil {
 				return err
 			}
 		case rawStderrError:
