@@ -102,6 +102,7 @@ func (c *conn) addPermRoot() error {
 }
 
 func (c *conn) findRoots() error {
+	defer c.watchHangup()()
 	roots, err := c.s.Store.Roots(c.ctx)
 	if err != nil {
 		return c.storeErr(err)
@@ -176,6 +177,7 @@ func (c *conn) collectGarbage() error {
 	case (o.Action == store.GCDeleteDead || o.Action == store.GCDeleteSpecific) && !c.trusted:
 		return errorf("you are not privileged to delete paths: only --trusted-users may collect garbage")
 	}
+	defer c.watchHangup()()
 	res, err := c.s.Store.GC(c.ctx, o)
 	if err != nil {
 		if errors.Is(err, store.ErrAlive) {

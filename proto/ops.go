@@ -251,6 +251,10 @@ func (c *conn) storeErr(err error) error {
 		return errorf("%v", err)
 	}
 	if c.ctx.Err() != nil {
+		if c.hungUp() {
+			// Nobody to answer: the connection ends (serve logs it).
+			return fmt.Errorf("%w: %v", errHungUp, err)
+		}
 		return errorf("casnix is shutting down")
 	}
 	c.log.Error("store error", "err", err)
@@ -296,6 +300,7 @@ func (c *conn) queryValidPaths() error {
 	if err != nil {
 		return err
 	}
+	defer c.watchHangup()()
 	var valid []string
 	for _, n := range names {
 		ok, err := c.s.Store.IsValid(c.ctx, n)
@@ -366,6 +371,7 @@ func (c *conn) queryDeriver() error {
 }
 
 func (c *conn) queryAllValidPaths() error {
+	defer c.watchHangup()()
 	all, err := c.s.Store.All(c.ctx)
 	if err != nil {
 		return c.storeErr(err)
@@ -548,7 +554,8 @@ func (c *conn) registerDrvOutput() error {
 // renders every path (without, the database is still read through), so it
 // is bounded: one at a time per data directory (an untrusted client finding
 // one running is refused rather than queued; a trusted one waits), and it
-// stops when the connection's context ends (the client hung up).
+// stops, waiting or running, when the client hangs up (watchHangup) or
+// the daemon's drain ends.
 func (c *conn) verifyStore() error {
 	checkContents, err := c.r.boolean()
 	if err != nil {
@@ -564,6 +571,8 @@ func (c *conn) verifyStore() error {
 	if repair {
 		return errorf("casnix cannot repair paths: it keeps one copy of each chunk (restore from a backup)")
 	}
+	// Also while a trusted client waits for the lock.
+	defer c.watchHangup()()
 	unlock, err := c.s.Store.LockVerify(c.ctx, c.trusted)
 	if errors.Is(err, store.ErrVerifyBusy) {
 		return errorf("%v; try again later", err)
@@ -732,6 +741,7 @@ func (c *conn) queryMissing() error {
 	if err != nil {
 		return err
 	}
+	defer c.watchHangup()()
 	var unknown []string
 	for _, dp := range dps {
 		m, err := c.missing(dp)
@@ -770,6 +780,7 @@ func (c *conn) buildPaths(withResults bool) error {
 	if mode == 1 && !c.trusted {
 		return errorf("repairing is not allowed because you are not in 'trusted-users'")
 	}
+	defer c.watchHangup()()
 	var failures []string
 	results := make([]string, len(dps)) // error message per path, "" = valid
 	for i, dp := range dps {

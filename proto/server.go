@@ -453,7 +453,10 @@ func (c *conn) serve() error {
 			err = ferr
 		}
 		if err != nil {
-			if !isDisconnect(err) {
+			switch {
+			case errors.Is(err, errHungUp):
+				c.log.Info("client hung up; op stopped", "op", opName(op), "err", err)
+			case !isDisconnect(err):
 				c.log.Info("closing connection", "op", opName(op), "err", err)
 			}
 			return err
