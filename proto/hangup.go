@@ -55,6 +55,9 @@ func (c *conn) watchHangup() (stop func()) {
 	if err != nil {
 		return restore
 	}
+	// The deadline the op's arguments set (the stall timeout) would end
+	// the watch long before the op.
+	c.deadline.Conn.SetReadDeadline(time.Time{})
 	done := make(chan struct{})
 	go func() {
 		defer close(done)

@@ -80,6 +80,14 @@ func waitFor(within time.Duration, cond func() bool) bool {
 	}
 }
 
+// splitRequest sends what the client wrote so far and pauses, so the
+// server reads the op's arguments in a read of their own, which sets the
+// stall timeout's read deadline, as a request split over packets does.
+func splitRequest(cl *client) {
+	cl.flush()
+	time.Sleep(50 * time.Millisecond)
+}
+
 // TestHangupStopsOp: an op that works without reading from its client
 // (VerifyStore, CollectGarbage) stops when the client hangs up, and
 // releases its lock at once, even if the client sent a byte more first; a
@@ -91,11 +99,13 @@ func waitFor(within time.Duration, cond func() bool) bool {
 func TestHangupStopsOp(t *testing.T) {
 	verify := func(cl *client) {
 		cl.w.u64(opVerifyStore)
+		splitRequest(cl)
 		cl.w.boolean(true) // checkContents
 		cl.w.boolean(false)
 	}
 	deleteDead := func(cl *client) {
 		cl.w.u64(opCollectGarbage)
+		splitRequest(cl)
 		cl.w.u64(uint64(store.GCDeleteDead))
 		cl.w.strings(nil)
 		for i := 0; i < 5; i++ { // ignoreLiveness, maxFreed, 3 obsolete
@@ -123,6 +133,8 @@ func TestHangupStopsOp(t *testing.T) {
 	}{
 		{"close", func(cl *client) { cl.c.Close() }, true},
 		{"byte then close", func(cl *client) { cl.c.Write([]byte{0}); cl.c.Close() }, true},
+		// The read deadline the op's arguments set must not end the watch.
+		{"close past the stall timeout", func(cl *client) { time.Sleep(stallTimeout + 500*time.Millisecond); cl.c.Close() }, true},
 		{"half-close", func(cl *client) { cl.c.(*net.UnixConn).CloseWrite() }, false},
 	}
 	for _, op := range ops {

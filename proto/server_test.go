@@ -25,6 +25,9 @@ const (
 	testB = "11111111111111111111111111111111-b"
 )
 
+// stallTimeout is the fixture server's StallTimeout.
+const stallTimeout = time.Second
+
 // fixture is a real store (SQLite and packs in a temp dir) behind a real
 // Unix socket.
 type fixture struct {
@@ -70,7 +73,7 @@ func newFixture(t testing.TB, opts ...func(*Server)) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := &Server{Store: st, StoreDir: "/nix/store", NixVersion: "test", HandshakeTimeout: 500 * time.Millisecond, StallTimeout: time.Second}
+	srv := &Server{Store: st, StoreDir: "/nix/store", NixVersion: "test", HandshakeTimeout: 500 * time.Millisecond, StallTimeout: stallTimeout}
 	for _, o := range opts {
 		o(srv)
 	}
