@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/nix-community/go-nix/pkg/narinfo/signature"
+	"golang.org/x/sys/unix"
 
 	"github.com/casnix/casnix/proto"
 	"github.com/casnix/casnix/store"
@@ -89,7 +90,9 @@ type hostileReport struct {
 // completed and its paths are valid with the source's path-info; no reader saw a wrong
 // answer or an error; the daemon's committed memory (VmData) stayed under 256 MiB; the
 // forged derivations changed no answer about the paths they claim; the realisation is
-// unchanged; `casnix gc` and `casnix verify` work and are clean; the daemon stops cleanly.
+// unchanged; no hung-up VerifyStore is left running and one whose client hangs up frees
+// verify.lock at once; `casnix gc` and `casnix verify` work and are clean; the daemon
+// stops cleanly.
 func TestHostileClients(t *testing.T) {
 	nixtest.RequireHostNix(t)
 	sf := newServedFixture(t)
@@ -291,6 +294,8 @@ func TestHostileClients(t *testing.T) {
 	} else if r, err := store.ParseRealisation(rs[0]); err != nil || r.OutPath != filepath.Base(target) {
 		t.Errorf("QueryRealisation %s after the attack: %s (%v), want out path %s", rid, rs[0], err, target)
 	}
+
+	checkVerifyHangup(t, socket, sf.Cas.DataDir)
 
 	// casnix gc works beside the daemon (whatever roots the attacker made), and keeps
 	// what it is told to; verify is clean.
@@ -738,4 +743,82 @@ var hostileAttacks = []hostileAttack{
 			return nil
 		})
 	}},
+}
+
+// checkVerifyHangup: the attackers' VerifyStores, hung up at once, are not left running
+// once the attack ends, and a VerifyStore whose client hangs up stops and frees
+// verify.lock at once. That one is held inside the lock by gc.run, which this process
+// takes as a collection would, so a daemon that did not notice the hang-up would keep
+// verify.lock (and refuse every untrusted verify) until gc.run is released.
+func checkVerifyHangup(t *testing.T, socket, dataDir string) {
+	t.Helper()
+	verifyLock := filepath.Join(dataDir, "verify.lock")
+	free := func() bool { return !flockHeld(t, verifyLock) }
+	if !waitUntil(10*time.Second, free) {
+		t.Errorf("verify.lock still held 10 s after the attack ended: a hung-up VerifyStore is still running")
+		return
+	}
+	run, err := os.OpenFile(filepath.Join(dataDir, "gc.run"), os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer run.Close()
+	if err := unix.Flock(int(run.Fd()), unix.LOCK_EX); err != nil {
+		t.Fatalf("lock gc.run: %v", err)
+	}
+	rc, err := rawDial(socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	rc.u64(rawOpVerifyStore)
+	rc.boolean(true) // checkContents
+	rc.boolean(false)
+	if err := rc.flush(); err != nil {
+		t.Fatal(err)
+	}
+	if !waitUntil(10*time.Second, func() bool { return !free() }) {
+		t.Fatalf("VerifyStore never took verify.lock")
+	}
+	rc.Close()
+	if !waitUntil(3*time.Second, free) {
+		t.Errorf("verify.lock still held 3 s after its client hung up")
+	}
+}
+
+// waitUntil polls cond until it holds or within passes.
+func waitUntil(within time.Duration, cond func() bool) bool {
+	for end := time.Now().Add(within); ; time.Sleep(10 * time.Millisecond) {
+		if cond() {
+			return true
+		}
+		if time.Now().After(end) {
+			return false
+		}
+	}
+}
+
+// flockHeld reports whether some process holds a flock on path, from /proc/locks, so
+// the test sees a lock the daemon holds without taking it.
+func flockHeld(t *testing.T, path string) bool {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return false
+		}
+		t.Fatal(err)
+	}
+	id := fmt.Sprintf("%02x:%02x:%d", unix.Major(st.Dev), unix.Minor(st.Dev), st.Ino)
+	locks, err := os.ReadFile("/proc/locks")
+	if err != nil {
+		t.Fatalf("reading /proc/locks: %v", err)
+	}
+	for line := range strings.Lines(string(locks)) {
+		// "1: FLOCK  ADVISORY  WRITE 1234 00:2d:5678 0 EOF"; a waiter has "->" after the number.
+		if f := strings.Fields(line); len(f) >= 6 && f[1] == "FLOCK" && f[5] == id {
+			return true
+		}
+	}
+	return false
 }
