@@ -50,7 +50,7 @@ func (e *Exporter) Export(ctx context.Context, names []string) (*ExportResult, e
 	if _, ok := extensions[e.Compression]; !ok || e.Compression == "bzip2" {
 		return nil, fmt.Errorf("compression %q: use zstd, xz or none", e.Compression)
 	}
-	if err := os.MkdirAll(filepath.Join(e.Dir, "nar"), 0o755); err != nil {
+	if err := mkdirDurable(e.Dir); err != nil {
 		return nil, fmt.Errorf("create cache: %w", err)
 	}
 	if err := e.writeCacheInfo(); err != nil {
@@ -296,6 +296,28 @@ func (c *committer) run() {
 func (c *committer) close() error {
 	close(c.ch)
 	return <-c.done
+}
+
+// mkdirDurable creates dir/nar and whatever parents it lacks, and fsyncs the parent of
+// every directory it created and dir's parent every time: the committer syncs only the
+// entries inside dir, and a name not synced into its parent may vanish in a power cut with
+// everything under it (an earlier run that created dir may have stopped before syncing it,
+// so that dir existing proves nothing).
+func mkdirDurable(dir string) error {
+	dir = filepath.Clean(dir)
+	parents := []string{filepath.Dir(dir)}
+	for d := dir; ; d = filepath.Dir(d) {
+		if _, err := os.Stat(d); err == nil || filepath.Dir(d) == d {
+			break
+		}
+		if up := filepath.Dir(d); up != parents[0] {
+			parents = append(parents, up)
+		}
+	}
+	if err := os.MkdirAll(filepath.Join(dir, "nar"), 0o755); err != nil {
+		return err
+	}
+	return syncFiles(parents)
 }
 
 func (e *Exporter) writeCacheInfo() error {
