@@ -35,7 +35,7 @@ import (
 // tortureRounds); CASNIX_TORTURE_ROUNDS=1000 is the long run.
 const (
 	tortureRoundsEnv = "CASNIX_TORTURE_ROUNDS"
-	tortureRounds    = 30
+	tortureRounds    = 24
 )
 
 // tPhase is one kind of load a torture round puts on casnix before the cut.
@@ -88,6 +88,9 @@ type torture struct {
 	exportLog             string                   // outside the data dir: one line per path acknowledged by export
 	valid                 map[string]pathInfoJSONT // path-infos of expected (references for export)
 	fix                   *nixtest.Fixture         // source of nixcopy's closures (nil without nixcopy)
+	fixRoots              []string                 // closures of the source store that nixcopy copies along
+	copyPool              []nixCopySet             // built, not yet copied
+	copyBatches           int
 	phases                []tPhase
 	lenient               bool // negative control: count failures instead of failing
 	st                    tortureStats
@@ -111,8 +114,8 @@ type torture struct {
 //     the NAR of the narinfo's (and the acknowledged) NarHash.
 //   - I4: casnix opens the data dir with no manual step.
 //
-// nixcopy rounds copy closures built in a real Nix store (the fixture's, with fixture
-// paths among their references) with host Nix's `nix copy --to unix://…` into casnix
+// nixcopy rounds copy closures built in a real Nix store (fresh ones of random data, and
+// small ones in the shapes of nixtest's fixture that the fresh ones refer to) with host Nix's `nix copy --to unix://…` into casnix
 // serve; a closure is acknowledged when nix copy exits 0, and after the cut must be valid
 // with the source's narHash and references.
 func TestTorture(t *testing.T) {
@@ -124,7 +127,7 @@ func TestTorture(t *testing.T) {
 		}
 		rounds = n
 	}
-	tt := newTorture(t, "torture", []tPhase{tImport, tDaemon, tNixCopy, tBackup, tGC, tRestore, tExport,
+	tt := newTorture(t, "torture", []tPhase{tImport, tDaemon, tBackup, tGC, tNixCopy, tRestore, tExport,
 		tImport, tDaemon, tNixCopy, tGC, tExport})
 	tt.run(rounds)
 	st := tt.st
@@ -188,7 +191,7 @@ func newTorture(t *testing.T, name string, phases []tPhase) *torture {
 	}
 	if slices.Contains(phases, tNixCopy) {
 		nixtest.RequireHostNix(t)
-		tt.fix = nixtest.PopulateFixture(t)
+		tt.populateCopySource()
 	}
 	for _, d := range []string{tt.backing, tt.mnt} {
 		if err := os.Mkdir(d, 0o755); err != nil {
@@ -262,12 +265,21 @@ func (tt *torture) writeRoots() {
 }
 
 func (tt *torture) run(rounds int) {
+	// A long run stops early, with its summary, when the test's deadline (go test
+	// -timeout) is near: a round takes seconds, its check at most a few minutes.
+	deadline, hasDeadline := tt.t.Deadline()
+	ran := 0
 	for r := range rounds {
+		if hasDeadline && time.Until(deadline) < 3*time.Minute {
+			tt.t.Logf("torture: stopping after %d of %d rounds: the test's deadline is near", r, rounds)
+			break
+		}
 		tt.round(r)
+		ran++
 	}
 	st := &tt.st
 	var b strings.Builder
-	fmt.Fprintf(&b, "torture summary (%s, seed %d): %d rounds\n", tt.seedName, tt.seed, rounds)
+	fmt.Fprintf(&b, "torture summary (%s, seed %d): %d rounds\n", tt.seedName, tt.seed, ran)
 	for p := range tPhases {
 		if st.rounds[p] > 0 {
 			fmt.Fprintf(&b, "  %-8s %4d rounds, %4d cut inside the phase\n", tPhaseNames[p], st.rounds[p], st.cuts[p])
@@ -365,9 +377,15 @@ func (tt *torture) round(r int) {
 		tt.writeRoots()
 	}
 	var copies []nixCopySet
+	prepStart := time.Now()
 	switch ph {
 	case tNixCopy:
-		copies = tt.buildCopies(r)
+		// Closures are built in batches (one evaluation each), outside the mount.
+		k := 1 + tt.rng.IntN(2)
+		if len(tt.copyPool) < k {
+			tt.copyPool = append(tt.copyPool, tt.buildCopies(tCopyBatch)...)
+		}
+		copies, tt.copyPool = tt.copyPool[:k], tt.copyPool[k:]
 	case tExport:
 		// Now and then (and before it grows big: crashfs holds it all in memory) the
 		// cache dir starts afresh, so export also creates it under a cut.
@@ -380,6 +398,7 @@ func (tt *torture) round(r int) {
 			}
 		}
 	}
+	prep := time.Since(prepStart)
 	// Only the last acknowledged backup is kept; a new backup needs an absent dir.
 	ents, err := os.ReadDir(tt.backing)
 	if err != nil {
@@ -539,23 +558,29 @@ func (tt *torture) round(r int) {
 			}
 		}
 	case tExport:
-		roots := tt.someExpected(1 + tt.rng.IntN(3))
-		if len(roots) == 0 {
-			break
-		}
+		// Two exports, so that a cut in the second finds the first's acknowledged.
 		cache := filepath.Join(tt.mnt, tCacheDir)
-		if start(append([]string{"export", "--to", "file://" + cache}, roots...)...).wait(2*time.Minute) != nil {
-			break
-		}
-		for _, p := range closureOf(roots, tt.valid) {
-			// Acknowledged once its narinfo is there (seen through the mount: an
-			// error other than "not there" means the power is already off).
-			_, err := os.Stat(filepath.Join(cache, narinfoName(p)))
-			switch {
-			case err == nil:
-				logAck(tt.exportLog, fmt.Sprintf("%s\t%s\n", p, tt.valid[p].NarHash))
-			case errors.Is(err, os.ErrNotExist):
-				tt.fail(r, ph, "casnix export %s exited 0 with no narinfo for %s", roots, p)
+	exports:
+		for range 2 {
+			roots := tt.someExpected(1 + tt.rng.IntN(3))
+			if len(roots) == 0 {
+				break
+			}
+			if start(append([]string{"export", "--to", "file://" + cache}, roots...)...).wait(2*time.Minute) != nil {
+				break
+			}
+			for _, p := range closureOf(roots, tt.valid) {
+				// Acknowledged once its narinfo is there (seen through the mount: an
+				// error other than "not there" means the power is already off).
+				_, err := os.Stat(filepath.Join(cache, narinfoName(p)))
+				switch {
+				case err == nil:
+					logAck(tt.exportLog, fmt.Sprintf("%s\t%s\n", p, tt.valid[p].NarHash))
+				case errors.Is(err, os.ErrNotExist):
+					tt.fail(r, ph, "casnix export %s exited 0 with no narinfo for %s", roots, p)
+				default:
+					break exports
+				}
 			}
 		}
 	}
@@ -593,7 +618,7 @@ func (tt *torture) round(r int) {
 	if err := cfs.Unmount(); err != nil {
 		t.Fatalf("round %d: unmount: %v", r, err)
 	}
-	t.Logf("round %d %s: cut %s (fsync %d of %d, %v), inside=%v, %d acknowledged; %+v", r, tPhaseNames[ph], mode, cutAt, fsyncs, dur.Round(time.Millisecond), inside, acked, report)
+	t.Logf("round %d %s: cut %s (fsync %d of %d, %v after %v preparing), inside=%v, %d acknowledged; %+v", r, tPhaseNames[ph], mode, cutAt, fsyncs, dur.Round(time.Millisecond), prep.Round(time.Millisecond), inside, acked, report)
 	if !inside {
 		// With no cut inside the phase, every process must have succeeded (serve was
 		// killed by the harness, after the cut).
@@ -611,9 +636,50 @@ func (tt *torture) round(r int) {
 // tCacheDir is export's binary cache dir, at the root of the mount (as the backups are).
 const tCacheDir = "cache"
 
-// tCopyFixture lists the fixture closures nixcopy rounds copy along with fresh ones:
-// chains, a diamond, a self reference, a symlink into another path.
-var tCopyFixture = []string{"chain4", "diamond-top", "self-ref", "symlink", "weird-name"}
+// tCopyFixture builds the closures nixcopy rounds copy along with fresh ones, in the
+// shapes of nixtest's fixture (a chain, a diamond, a self reference, a symlink into
+// another path, an odd name, a multi-output derivation, a content-addressed path) but
+// only those: the whole fixture would double the short run's time.
+const tCopyFixture = `[
+  (let c1 = mk "chain-1" "echo one > $out";
+       c2 = mk "chain-2" "mkdir $out; echo ${c1} > $out/dep";
+   in mk "chain-3" "echo ${c2} > $out")
+  (let base = mk "diamond-base" "mkdir $out; echo base > $out/base";
+       left = mk "diamond-left" "mkdir $out; ln -s ${base}/base $out/base-link";
+       right = mk "diamond-right" "mkdir $out; echo ${base} > $out/ref";
+   in mk "diamond-top" "mkdir $out; echo ${left} ${right} > $out/refs")
+  (mk "self-ref" "mkdir $out; echo $out > $out/self; ln -s $out/self $out/self-link")
+  (mk "symlink" "ln -s ${mk "target" "echo target > $out"} $out")
+  (mk "name+with=special?chars_.-" "echo weird > $out")
+  (derivation {
+    name = "multi"; system = builtins.currentSystem; builder = busybox;
+    outputs = [ "out" "dev" ];
+    args = [ "sh" "-euc" "mkdir $out $dev; echo $dev > $out/dev; echo dev > $dev/x" ];
+  })
+  (mk "uses-ca" "echo ${busybox} > $out")
+]`
+
+// populateCopySource makes the real Nix store nixcopy rounds copy from: the builder (a
+// static busybox added as a content-addressed path) and tCopyFixture built in it.
+func (tt *torture) populateCopySource() {
+	start := time.Now()
+	bb := filepath.Join(tt.work, "bb", "bin", "busybox")
+	if err := os.MkdirAll(filepath.Dir(bb), 0o755); err != nil {
+		tt.t.Fatal(err)
+	}
+	raw, err := os.ReadFile("/bin/busybox")
+	if err != nil {
+		nixtest.SkipOrFatal(tt.t, "nixcopy needs a static /bin/busybox as its builder: %v", err)
+	}
+	if err := os.WriteFile(bb, raw, 0o755); err != nil {
+		tt.t.Fatal(err)
+	}
+	s := nixtest.NewStore(tt.t)
+	tt.fix = &nixtest.Fixture{Store: s, Outputs: map[string]string{"busybox-src": s.Add(tt.t, filepath.Join(tt.work, "bb"))}}
+	tt.fixRoots = tt.fix.BuildExpr(tt.t, fmt.Sprintf("let mk = name: script: derivation { inherit name; system = builtins.currentSystem; builder = busybox; args = [ \"sh\" \"-euc\" script ]; }; in %s",
+		tCopyFixture))
+	tt.t.Logf("nixcopy source store %s: %d closures built in %v", s.Root, len(tt.fixRoots), time.Since(start).Round(time.Millisecond))
+}
 
 // nixCopySet is one `nix copy` of a nixcopy round: the roots it names, and their
 // closure with the source store's path-infos (narHash normalized).
@@ -622,28 +688,41 @@ type nixCopySet struct {
 	closure map[string]nixtest.PathInfo
 }
 
-// buildCopies builds this round's fresh closures in the fixture store (outside the
-// mount), each a chain top -> mid -> leaf of random data with mid also referring to a
-// fixture path, and pairs each with a fixture closure: one nix copy each.
-func (tt *torture) buildCopies(r int) []nixCopySet {
-	n := 1 + tt.rng.IntN(2)
+// tCopyBatch is how many closures buildCopies builds at once: one nix-build's
+// evaluation costs more than the builds, and a short run needs about this many.
+const tCopyBatch = 10
+
+// buildCopies builds n fresh closures of random data in the fixture store (with fixture
+// paths among their references), and pairs each with a fixture closure: one nix copy
+// each.
+func (tt *torture) buildCopies(n int) []nixCopySet {
+	tt.copyBatches++
+	// One multi-output derivation per closure (one build, three paths): out -> lib ->
+	// data, lib also referring to a fixture path.
 	var expr strings.Builder
-	expr.WriteString("let mk = name: script: derivation { inherit name; system = builtins.currentSystem; builder = busybox; args = [ \"sh\" \"-euc\" script ]; }; in [\n")
+	expr.WriteString("[\n")
 	var fixRoots []string
 	for j := range n {
-		fix := tt.fix.Path(tt.t, tCopyFixture[tt.rng.IntN(len(tCopyFixture))])
-		fixRoots = append(fixRoots, tt.fix.Path(tt.t, tCopyFixture[tt.rng.IntN(len(tCopyFixture))]))
-		name := fmt.Sprintf("tort-copy-%d-%d", r, j)
-		fmt.Fprintf(&expr, `(let
-  leaf = mk "%[1]s-leaf" "mkdir $out; head -c %[2]d /dev/urandom > $out/data";
-  mid = mk "%[1]s-mid" "mkdir $out; echo ${leaf} ${builtins.storePath %[3]q} > $out/refs; head -c %[4]d /dev/urandom > $out/data";
-in mk "%[1]s" "mkdir $out; echo ${mid} > $out/mid; head -c %[5]d /dev/urandom > $out/data")
-`, name, 4<<10+tt.rng.IntN(96<<10), fix, 4<<10+tt.rng.IntN(96<<10), 4<<10+tt.rng.IntN(64<<10))
+		fix := tt.fixRoots[tt.rng.IntN(len(tt.fixRoots))]
+		fixRoots = append(fixRoots, tt.fixRoots[tt.rng.IntN(len(tt.fixRoots))])
+		fmt.Fprintf(&expr, `(derivation {
+  name = "tort-copy-%d-%d";
+  system = builtins.currentSystem;
+  builder = busybox;
+  outputs = [ "out" "lib" "data" ];
+  args = [ "sh" "-euc" "mkdir $out $lib $data; head -c %d /dev/urandom > $data/blob; echo $data ${builtins.storePath %q} > $lib/refs; head -c %d /dev/urandom > $lib/blob; echo $lib > $out/lib; head -c %d /dev/urandom > $out/blob" ];
+})
+`, tt.copyBatches, j, 4<<10+tt.rng.IntN(96<<10), fix, 4<<10+tt.rng.IntN(96<<10), 4<<10+tt.rng.IntN(64<<10))
 	}
 	expr.WriteString("]")
-	tops := tt.fix.BuildExpr(tt.t, expr.String())
+	var tops []string
+	for _, p := range tt.fix.BuildExpr(tt.t, expr.String()) {
+		if !strings.HasSuffix(p, "-lib") && !strings.HasSuffix(p, "-data") {
+			tops = append(tops, p)
+		}
+	}
 	if len(tops) != n {
-		tt.t.Fatalf("nixcopy: built %q, want %d paths", tops, n)
+		tt.t.Fatalf("nixcopy: built %q, want %d out paths", tops, n)
 	}
 	all := tt.fix.PathInfos(tt.t)
 	for p, pi := range all {
@@ -723,7 +802,12 @@ func (tt *torture) checkExports() []string {
 	}
 	cache := filepath.Join(tt.backing, tCacheDir)
 	var bad []string
+	seen := map[string]bool{} // a path exported again is logged again
 	for line := range strings.Lines(string(b)) {
+		if seen[line] {
+			continue
+		}
+		seen[line] = true
 		p, h, _ := strings.Cut(strings.TrimSuffix(line, "\n"), "\t")
 		tt.st.exports++
 		if err := checkExported(cache, p, h); err != nil {
