@@ -429,16 +429,42 @@ func (e *Exporter) exportOne(ctx context.Context, pi *store.PathInfo) (_ int64, 
 	in.FileHash = file.h.Sum(nil)
 	in.FileSize = file.n
 	in.URL = "nar/" + store.NixBase32(in.FileHash) + ".nar" + extensions[e.Compression]
-	if err := os.Rename(tmp.Name(), filepath.Join(e.Dir, in.URL)); err != nil {
+	narFile, err := placeNAR(tmp, filepath.Join(e.Dir, in.URL), in.FileHash)
+	if err != nil {
 		return 0, nil, nil, fmt.Errorf("export %s: %w", full, err)
 	}
 	if e.Key != nil {
 		in.Sigs = addSig(in.Sigs, e.Key, e.StoreDir, pi)
 		if in.Sigs == nil {
+			narFile.Close()
 			return 0, nil, nil, fmt.Errorf("export %s: signing failed", full)
 		}
 	}
-	return file.n, tmp, in.Format(e.StoreDir), nil
+	return file.n, narFile, in.Format(e.StoreDir), nil
+}
+
+// placeNAR moves the written temp file to target, its name by content, and returns the
+// open file the committer syncs before a narinfo may point at target. A file already
+// there with the bytes its name promises (another path with the same NAR, exported
+// earlier) is kept and the temp file dropped: renaming over it would swap a file an
+// earlier export made durable and acknowledged for one whose data is not synced yet, and
+// a power cut in between would leave that export's narinfo pointing at lost bytes. A
+// file there with other bytes (a crash's leftover) is replaced.
+func placeNAR(tmp *os.File, target string, fileHash []byte) (*os.File, error) {
+	if old, err := os.Open(target); err == nil {
+		h := sha256.New()
+		_, err := io.Copy(h, old)
+		if err == nil && string(h.Sum(nil)) == string(fileHash) {
+			tmp.Close()
+			os.Remove(tmp.Name())
+			return old, nil
+		}
+		old.Close()
+	}
+	if err := os.Rename(tmp.Name(), target); err != nil {
+		return nil, err
+	}
+	return tmp, nil
 }
 
 // addSig returns sigs with the key's signature of pi (replacing an older

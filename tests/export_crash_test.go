@@ -2,6 +2,7 @@ package tests
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
@@ -105,4 +106,83 @@ func TestPowerCutAfterExport(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestPowerCutExportSameNAR exports a path, then another path with the same NAR (so the
+// same content-addressed NAR file name) in a second run on a crashfs mount that cuts the
+// power at each fsync of the second run: the first export, acknowledged, must keep its
+// narinfo and a NAR file that matches it whatever the second run did before the cut.
+// (binarycache's TestExportKeepsSameNARFile checks the mechanism deterministically.)
+func TestPowerCutExportSameNAR(t *testing.T) {
+	if os.Geteuid() != 0 {
+		nixtest.SkipOrFatal(t, "TestPowerCutExportSameNAR needs root to mount FUSE")
+	}
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		nixtest.SkipOrFatal(t, "TestPowerCutExportSameNAR needs /dev/fuse: %v", err)
+	}
+	bin := nixtest.CasnixBinary(t)
+	work := t.TempDir()
+	data := filepath.Join(work, "data") // outside crashfs: only the exports are cut
+	tree := filepath.Join(work, "tree")
+	writeRandomTree(t, rand.New(rand.NewChaCha8([32]byte{'s', 'a', 'm', 'e'})), tree, 256<<10)
+	var buf bytes.Buffer
+	if _, err := nar.DumpPath(&buf, tree); err != nil {
+		t.Fatal(err)
+	}
+	narFile := tree + ".nar"
+	if err := os.WriteFile(narFile, buf.Bytes(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	first, second := "/nix/store/00000000000000000000000000000001-same-a", "/nix/store/00000000000000000000000000000002-same-b"
+	for _, p := range []string{first, second} {
+		runCasnix(t, bin, data, "import", "--nar", narFile, "--path", p)
+	}
+	sum := sha256.Sum256(buf.Bytes())
+	narHash := "sha256:" + nixtest.NixBase32Encode(sum[:])
+
+	// run exports first into a cache on a fresh backing dir (durable: outside crashfs),
+	// then second into it through a crashfs mount cutting at the cutAt-th fsync (0:
+	// never), and returns the backing dir and the fsyncs the second export made.
+	const seeds = 12
+	run := func(cutAt, seed int64) (string, int64) {
+		backing, mnt := filepath.Join(t.TempDir(), "backing"), filepath.Join(t.TempDir(), "mnt")
+		if err := os.Mkdir(mnt, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		runCasnix(t, bin, data, "export", "--to", "file://"+filepath.Join(backing, "cache"), first)
+		cfs, err := crashfs.Mount(backing, mnt, crashfs.Options{Seed: seed, CutAtFsync: cutAt})
+		if err != nil {
+			t.Fatal(err)
+		}
+		out, err := exec.Command(bin, "--data-dir", data, "export", "--to", "file://"+filepath.Join(mnt, "cache"), second).CombinedOutput()
+		if err != nil && cutAt == 0 {
+			cfs.Unmount()
+			t.Fatalf("export with no cut: %v\n%s", err, out)
+		}
+		n := cfs.Stats().Fsyncs
+		if _, err := cfs.PowerCut(); err != nil {
+			t.Fatal(err)
+		}
+		if err := cfs.Unmount(); err != nil {
+			t.Fatal(err)
+		}
+		return backing, n
+	}
+	backing, n := run(0, 0)
+	for _, p := range []string{first, second} {
+		if err := checkExported(filepath.Join(backing, "cache"), p, narHash); err != nil {
+			t.Fatalf("no cut: %v", err)
+		}
+	}
+	lost := 0
+	for cut := int64(1); cut <= n; cut++ {
+		for seed := range int64(seeds) {
+			backing, _ := run(cut, seed)
+			if err := checkExported(filepath.Join(backing, "cache"), first, narHash); err != nil {
+				lost++
+				t.Errorf("cut at fsync %d of the second export's %d (seed %d): the first, acknowledged export: %v", cut, n, seed, err)
+			}
+		}
+	}
+	t.Logf("cuts at the %d fsyncs of the second export, %d seeds each: the first export lost %d times", n, seeds, lost)
 }
