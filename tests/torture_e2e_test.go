@@ -47,7 +47,7 @@ const (
 	tBackup                // casnix backup to a dir on the same crashfs mount
 	tGC                    // casnix gc --min-dead 0.01 after some roots are removed
 	tRestore               // casnix restore --force from the last acknowledged backup
-	tNixCopy               // casnix serve + real `nix copy --to unix://` of fixture closures
+	tNixCopy               // casnix serve + real `nix copy --to unix://` of closures from a Nix store
 	tExport                // casnix export of valid closures to a binary cache dir on the mount
 	tPhases
 )
@@ -115,9 +115,11 @@ type torture struct {
 //   - I4: casnix opens the data dir with no manual step.
 //
 // nixcopy rounds copy closures built in a real Nix store (fresh ones of random data, and
-// small ones in the shapes of nixtest's fixture that the fresh ones refer to) with host Nix's `nix copy --to unix://…` into casnix
-// serve; a closure is acknowledged when nix copy exits 0, and after the cut must be valid
-// with the source's narHash and references.
+// small ones in the shapes of nixtest's fixture that the fresh ones refer to) with host
+// Nix's `nix copy --to unix://…` into casnix serve; a closure is acknowledged when nix
+// copy exits 0, and after the cut must be valid with the source's narHash and references.
+// A short run (CI) cuts inside every phase it repeats; a long one stops at the test's
+// deadline with its summary.
 func TestTorture(t *testing.T) {
 	rounds := tortureRounds
 	if s := os.Getenv(tortureRoundsEnv); s != "" {
