@@ -50,7 +50,7 @@ func (e *Exporter) Export(ctx context.Context, names []string) (*ExportResult, e
 	if _, ok := extensions[e.Compression]; !ok || e.Compression == "bzip2" {
 		return nil, fmt.Errorf("compression %q: use zstd, xz or none", e.Compression)
 	}
-	if err := os.MkdirAll(filepath.Join(e.Dir, "nar"), 0o755); err != nil {
+	if err := mkdirDurable(e.Dir); err != nil {
 		return nil, fmt.Errorf("create cache: %w", err)
 	}
 	if err := e.writeCacheInfo(); err != nil {
@@ -298,6 +298,28 @@ func (c *committer) close() error {
 	return <-c.done
 }
 
+// mkdirDurable creates dir/nar and whatever parents it lacks, and fsyncs the parent of
+// every directory it created and dir's parent every time: the committer syncs only the
+// entries inside dir, and a name not synced into its parent may vanish in a power cut with
+// everything under it (an earlier run that created dir may have stopped before syncing it,
+// so that dir existing proves nothing).
+func mkdirDurable(dir string) error {
+	dir = filepath.Clean(dir)
+	parents := []string{filepath.Dir(dir)}
+	for d := dir; ; d = filepath.Dir(d) {
+		if _, err := os.Stat(d); err == nil || filepath.Dir(d) == d {
+			break
+		}
+		if up := filepath.Dir(d); up != parents[0] {
+			parents = append(parents, up)
+		}
+	}
+	if err := os.MkdirAll(filepath.Join(dir, "nar"), 0o755); err != nil {
+		return err
+	}
+	return syncFiles(parents)
+}
+
 func (e *Exporter) writeCacheInfo() error {
 	p := filepath.Join(e.Dir, "nix-cache-info")
 	if data, err := os.ReadFile(p); err == nil {
@@ -407,16 +429,42 @@ func (e *Exporter) exportOne(ctx context.Context, pi *store.PathInfo) (_ int64, 
 	in.FileHash = file.h.Sum(nil)
 	in.FileSize = file.n
 	in.URL = "nar/" + store.NixBase32(in.FileHash) + ".nar" + extensions[e.Compression]
-	if err := os.Rename(tmp.Name(), filepath.Join(e.Dir, in.URL)); err != nil {
+	narFile, err := placeNAR(tmp, filepath.Join(e.Dir, in.URL), in.FileHash)
+	if err != nil {
 		return 0, nil, nil, fmt.Errorf("export %s: %w", full, err)
 	}
 	if e.Key != nil {
 		in.Sigs = addSig(in.Sigs, e.Key, e.StoreDir, pi)
 		if in.Sigs == nil {
+			narFile.Close()
 			return 0, nil, nil, fmt.Errorf("export %s: signing failed", full)
 		}
 	}
-	return file.n, tmp, in.Format(e.StoreDir), nil
+	return file.n, narFile, in.Format(e.StoreDir), nil
+}
+
+// placeNAR moves the written temp file to target, its name by content, and returns the
+// open file the committer syncs before a narinfo may point at target. A file already
+// there with the bytes its name promises (another path with the same NAR, exported
+// earlier) is kept and the temp file dropped: renaming over it would swap a file an
+// earlier export made durable and acknowledged for one whose data is not synced yet, and
+// a power cut in between would leave that export's narinfo pointing at lost bytes. A
+// file there with other bytes (a crash's leftover) is replaced.
+func placeNAR(tmp *os.File, target string, fileHash []byte) (*os.File, error) {
+	if old, err := os.Open(target); err == nil {
+		h := sha256.New()
+		_, err := io.Copy(h, old)
+		if err == nil && string(h.Sum(nil)) == string(fileHash) {
+			tmp.Close()
+			os.Remove(tmp.Name())
+			return old, nil
+		}
+		old.Close()
+	}
+	if err := os.Rename(tmp.Name(), target); err != nil {
+		return nil, err
+	}
+	return tmp, nil
 }
 
 // addSig returns sigs with the key's signature of pi (replacing an older
