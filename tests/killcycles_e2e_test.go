@@ -405,12 +405,43 @@ func referrerClosure(valid map[string]*proto.PathInfo, p string) []string {
 	return slices.Sorted(maps.Keys(seen))
 }
 
+// deleteThrough deletes paths with a real `nix-store --delete` through the daemon on sock
+// and fails the test if that fails, except when casnix refuses because a path is alive:
+// then nothing was deleted, and it logs the roots and reports false. Roots outside the
+// test can keep a path: runtime roots count every process on this machine that names it
+// (in its environment, say), and other tests build fixtures with the same paths.
+func deleteThrough(t *testing.T, host *nixtest.NixClient, sock string, del []string) bool {
+	t.Helper()
+	r := host.Try(append([]string{"nix-store", "--store", "unix://" + sock, "--delete"}, del...)...)
+	switch {
+	case r.OK():
+		return true
+	case strings.Contains(string(r.Stderr), "since it is still alive"):
+		roots := host.Try(append([]string{"nix-store", "--store", "unix://" + sock, "--query", "--roots"}, del...)...)
+		t.Logf("deletion refused, a path is alive; its roots:\n%s", roots.Stdout)
+		return false
+	}
+	t.Fatalf("nix-store --delete with no kill pending:\n%s", r)
+	return false
+}
+
+// copyAcknowledged reports whether a `nix copy --to unix://` had the daemon's
+// acknowledgement: it exited 0 and printed no "error (ignored)". Nix 2.8 can exit 0 when
+// the daemon dies in the middle of AddMultipleToStore: it printed "copying path" for the
+// first of three paths, "error (ignored): error: writing to file: Broken pipe", and
+// exited 0 with nothing valid (TestKillDuringCopy, seed 1796452735501683312, cycle 12);
+// the daemon cannot have acknowledged paths the client never sent. A real acknowledgement
+// ends the stream before the daemon's reply, so it leaves no ignored write error.
+func copyAcknowledged(r *nixtest.Result) bool {
+	return r.OK() && !strings.Contains(string(r.Stderr), "error (ignored)")
+}
+
 // killCopyStats is TestKillDuringCopy's summary.
 type killCopyStats struct {
-	cycles, midCopy, midUpload, afterCopy, acked, partly, deletions, aliveRefusals int
-	ackedChecked, losses, invalid, manual, verifies                                int
-	clientCycles                                                                   map[string]int
-	tCopy, tRestart, tCheck                                                        time.Duration // copying until the kill, restarting, checking
+	cycles, midCopy, midUpload, afterCopy, acked, partly, deletions, aliveRefusals, swallowed int
+	ackedChecked, losses, invalid, manual, verifies                                           int
+	clientCycles                                                                              map[string]int
+	tCopy, tRestart, tCheck                                                                   time.Duration // copying until the kill, restarting, checking
 }
 
 // uploadMark is how many bytes the daemon must have read since a copy began for a kill to
@@ -515,20 +546,11 @@ func TestKillDuringCopy(t *testing.T) {
 		if len(valid) > 0 && rng.IntN(3) == 0 {
 			candidates := slices.Sorted(maps.Keys(valid))
 			del := referrerClosure(valid, candidates[rng.IntN(len(candidates))])
-			r := host.Try(append([]string{"nix-store", "--store", "unix://" + sock, "--delete"}, del...)...)
-			switch {
-			case r.OK():
+			if deleteThrough(t, host, sock, del) {
 				log.add(t, ackEvent{Cycle: cycle, Deleted: del})
 				st.deletions++
-			case strings.Contains(string(r.Stderr), "since it is still alive"):
-				// A root outside the test keeps it: runtime roots count every process
-				// that uses the path under any casnix FUSE mount on this machine, and
-				// other tests mount fixtures with the same paths. Nothing was deleted.
-				roots := host.Try(append([]string{"nix-store", "--store", "unix://" + sock, "--query", "--roots"}, del...)...)
-				t.Logf("cycle %d: deletion refused, a path is alive; its roots:\n%s", cycle, roots.Stdout)
+			} else {
 				st.aliveRefusals++
-			default:
-				t.Fatalf("cycle %d: nix-store --delete with no kill pending:\n%s\ndaemon:\n%s", cycle, r, sp.log.String())
 			}
 		}
 
@@ -597,7 +619,12 @@ func TestKillDuringCopy(t *testing.T) {
 		if res == nil {
 			res = <-copyDone
 		}
-		if res.OK() {
+		acked := copyAcknowledged(res)
+		if res.OK() && !acked {
+			st.swallowed++
+			t.Logf("cycle %d: nix copy exited 0 after an error it ignored: not an acknowledgement:\n%s", cycle, res)
+		}
+		if acked {
 			// It had every reply before the kill, even when it exited after it.
 			st.afterCopy++
 		} else {
@@ -608,11 +635,11 @@ func TestKillDuringCopy(t *testing.T) {
 		}
 		if !uploadStart.IsZero() {
 			ct.firstData = (3*ct.firstData + uploadStart.Sub(copyStart)) / 4
-			if res.OK() {
+			if acked {
 				ct.upload = (3*ct.upload + max(copyStart.Add(res.Duration).Sub(uploadStart), 10*time.Millisecond)) / 4
 			}
 		}
-		if res.OK() {
+		if acked {
 			st.acked++
 			copied := map[string]string{}
 			for _, p := range closure {
@@ -654,7 +681,7 @@ func TestKillDuringCopy(t *testing.T) {
 			st.invalid++
 		}
 		for _, m := range append(sc.losses, sc.invalid...) {
-			t.Errorf("cycle %d (%s, kill %s into the copy, copy ok %v): %s", cycle, cl.c.Suite, killedAt.Round(time.Millisecond), res.OK(), m)
+			t.Errorf("cycle %d (%s, kill %s into the copy, copy ok %v): %s", cycle, cl.c.Suite, killedAt.Round(time.Millisecond), acked, m)
 		}
 		if t.Failed() {
 			t.Logf("nix copy:\n%s\ndaemon after the restart:\n%s", res, sp.log.String())
@@ -663,11 +690,11 @@ func TestKillDuringCopy(t *testing.T) {
 		valid = sc.valid
 		if testing.Verbose() && (cycle < 20 || cycle%50 == 0) {
 			t.Logf("cycle %d (%s): %d roots, closure %d paths (%d present), kill after %s (uploads expected after %s, for %s), copy ok %v; %d valid, %d owed",
-				cycle, cl.c.Suite, len(roots), len(closure), present, killedAt.Round(time.Millisecond), ct.firstData.Round(time.Millisecond), ct.upload.Round(time.Millisecond), res.OK(), len(valid), len(owed))
+				cycle, cl.c.Suite, len(roots), len(closure), present, killedAt.Round(time.Millisecond), ct.firstData.Round(time.Millisecond), ct.upload.Round(time.Millisecond), acked, len(valid), len(owed))
 		}
 	}
-	t.Logf("kill-cycles summary: %d cycles (%s), kills mid-copy %d (%d of them after the daemon had read %d KiB of it), after the copy's last reply %d; copies acknowledged %d (%d of closures partly present), deletions %d (%d refused: alive); acknowledged paths checked %d; losses %d, invalid states %d, manual restarts %d; full verifies %d; wall time %s (copying until the kill %s, restarts %s, checks %s); data dir %s",
-		st.cycles, fmtCounts(st.clientCycles), st.midCopy, st.midUpload, uploadMark>>10, st.afterCopy, st.acked, st.partly, st.deletions, st.aliveRefusals, st.ackedChecked,
+	t.Logf("kill-cycles summary: %d cycles (%s), kills mid-copy %d (%d of them after the daemon had read %d KiB of it), after the copy's last reply %d; nix copy exit 0 with an ignored error (not acknowledged) %d; copies acknowledged %d (%d of closures partly present), deletions %d (%d refused: alive); acknowledged paths checked %d; losses %d, invalid states %d, manual restarts %d; full verifies %d; wall time %s (copying until the kill %s, restarts %s, checks %s); data dir %s",
+		st.cycles, fmtCounts(st.clientCycles), st.midCopy, st.midUpload, uploadMark>>10, st.afterCopy, st.swallowed, st.acked, st.partly, st.deletions, st.aliveRefusals, st.ackedChecked,
 		st.losses, st.invalid, st.manual, st.verifies, time.Since(start).Round(time.Second),
 		st.tCopy.Round(time.Second), st.tRestart.Round(time.Second), st.tCheck.Round(time.Second), dirSize(t, cas.DataDir))
 	if t.Failed() {
@@ -688,9 +715,16 @@ func killCheckSelfTest(t *testing.T, cas *nixtest.Casnix, sock string, sp *serve
 	if len(sc.losses)+len(sc.invalid) > 0 || len(owed) == 0 {
 		t.Fatalf("self-test: the store before any damage: %d owed, %q %q", len(owed), sc.losses, sc.invalid)
 	}
-	victim := slices.Sorted(maps.Keys(owed))[0]
-	del := referrerClosure(sc.valid, victim)
-	host.Run(t, append([]string{"nix-store", "--store", "unix://" + sock, "--delete"}, del...)...)
+	var victim string
+	for _, p := range slices.Sorted(maps.Keys(owed)) {
+		if deleteThrough(t, host, sock, referrerClosure(sc.valid, p)) {
+			victim = p
+			break
+		}
+	}
+	if victim == "" {
+		t.Fatalf("self-test: no owed path could be deleted")
+	}
 	sc = checkServed(cas, sock, ks.want, owed, nil, false)
 	if !slices.ContainsFunc(sc.losses, func(s string) bool { return strings.HasPrefix(s, victim+":") }) {
 		t.Errorf("self-test: %s deleted unlogged, and the check reports losses %q", victim, sc.losses)
@@ -787,7 +821,9 @@ func TestKillDuringRecovery(t *testing.T) {
 				break
 			}
 			del := referrerClosure(valid, slices.Sorted(maps.Keys(valid))[rng.IntN(len(valid))])
-			host.Run(t, append([]string{"nix-store", "--store", "unix://" + sock, "--delete"}, del...)...)
+			if !deleteThrough(t, host, sock, del) {
+				continue
+			}
 			for _, p := range del {
 				delete(owed, p)
 				delete(valid, p)
@@ -847,7 +883,7 @@ func TestKillDuringRecovery(t *testing.T) {
 		}
 		st.acked += len(acked) - present
 		mu.Unlock()
-		if res.OK() {
+		if copyAcknowledged(res) {
 			// Acknowledged too (it may have finished first on a small store).
 			for _, p := range ks.closure(ks.roots) {
 				owed[p] = ks.want[p].NarHash
