@@ -476,11 +476,13 @@ func readBytes(pid int) int64 {
 // and Nix 2.34 in turns), and SIGKILL serve at a random moment: before the copy sends
 // anything, while it uploads or commits, or just after it finished. Then serve restarts
 // on the same data dir and socket and every cycle checks, against a log kept outside the
-// data dir: every closure whose copy exited 0 (and that no acknowledged deletion removed
-// since) is valid with its narHash, and this cycle's acknowledged paths stream to it; the
-// valid set is the source's paths with their path-info, closed under references; `casnix
-// verify` is clean; the restart came up with no manual step. At the end the harness shows
-// that its checks see a loss and a damaged pack.
+// data dir: every closure whose copy was acknowledged (copyAcknowledged) and that no
+// acknowledged deletion removed since is valid with its narHash; what of this cycle's
+// closure is valid, and a few older owed paths, stream (NarFromPath) to their narHash; the
+// valid set is the source's paths with their path-info, closed under references; the
+// restart came up with no manual step; every verifyEvery cycles and in the last, `casnix
+// verify` is clean. At the end the harness shows that its checks see a loss and a damaged
+// pack.
 func TestKillDuringCopy(t *testing.T) {
 	cycles := envCount(t, killCyclesEnv, killCyclesDefault)
 	nixtest.RequireHostNix(t)
@@ -509,8 +511,8 @@ func TestKillDuringCopy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Calibration: one copy of a big closure into a scratch data dir sets the first
-	// estimate of a copy's duration; completed copies refine it.
+	// For scale in the log, and to see real nix copy work against casnix before any
+	// kill: a copy of every root into a scratch data dir.
 	{
 		scratch := nixtest.NewCasnix(t)
 		ssock := filepath.Join(sockDir, "scratch.sock")
