@@ -60,22 +60,9 @@ func TestRestoreCrash(t *testing.T) {
 
 	// One restore with its steps logged: how many there are and where the journal is.
 	trace := copyDataDir(t, oldDir)
-	out := runCasnix(t, bin, trace, "--log-level", "debug", "restore", "--force", backup)
-	stepRE := regexp.MustCompile(`restore step.* n=(\d+) step="?([^"\n]*)"?`)
-	var names []string
-	journal := 0
-	for _, m := range stepRE.FindAllStringSubmatch(out, -1) {
-		n, _ := strconv.Atoi(m[1])
-		if n != len(names)+1 {
-			t.Fatalf("step %d logged after %d steps:\n%s", n, len(names), out)
-		}
-		names = append(names, m[2])
-		if m[2] == "journal written" {
-			journal = n
-		}
-	}
-	if journal == 0 || len(names) < restoreKills {
-		t.Fatalf("restore logged %d steps (journal at %d), want at least %d:\n%s", len(names), journal, restoreKills, out)
+	names, journal := restoreSteps(t, bin, trace, backup)
+	if len(names) < restoreKills {
+		t.Fatalf("restore logged %d steps, want at least %d: %q", len(names), restoreKills, names)
 	}
 	if got := casnixPaths(t, bin, trace); !slices.Equal(got, newPaths) {
 		t.Fatalf("traced restore holds %q", got)
@@ -126,6 +113,29 @@ func TestRestoreCrash(t *testing.T) {
 			}
 		})
 	}
+}
+
+// restoreSteps runs `casnix restore --force backup` on dir with its steps logged and
+// returns their names in order (step n is names[n-1], the n of CASNIX_TEST_RESTORE_KILL_AT)
+// and the number of the step that wrote the journal (the commit point).
+func restoreSteps(t *testing.T, bin, dir, backup string) (names []string, journal int) {
+	t.Helper()
+	out := runCasnix(t, bin, dir, "--log-level", "debug", "restore", "--force", backup)
+	stepRE := regexp.MustCompile(`restore step.* n=(\d+) step="?([^"\n]*)"?`)
+	for _, m := range stepRE.FindAllStringSubmatch(out, -1) {
+		n, _ := strconv.Atoi(m[1])
+		if n != len(names)+1 {
+			t.Fatalf("step %d logged after %d steps:\n%s", n, len(names), out)
+		}
+		names = append(names, m[2])
+		if m[2] == "journal written" {
+			journal = n
+		}
+	}
+	if journal == 0 {
+		t.Fatalf("restore logged %d steps and none wrote the journal:\n%s", len(names), out)
+	}
+	return names, journal
 }
 
 // runCasnix runs casnix on a data dir and returns its combined output, failing the test
