@@ -205,7 +205,7 @@ func TestServer(t *testing.T) {
 			t.Errorf("metrics lack %q:\n%s", s, m)
 		}
 	}
-	for _, re := range []string{`(?m)^go_goroutines [1-9][0-9]*$`, `(?m)^process_open_fds [1-9][0-9]*$`} {
+	for _, re := range []string{`(?m)^go_goroutines [1-9][0-9]*$`, `(?m)^process_open_fds [1-9][0-9]*$`, `(?m)^go_gc_heap_live_bytes [1-9][0-9]*$`} {
 		if !regexp.MustCompile(re).MatchString(m) {
 			t.Errorf("metrics lack %s:\n%s", re, m)
 		}

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"runtime"
+	rtmetrics "runtime/metrics"
 	"slices"
 	"strconv"
 	"strings"
@@ -468,6 +469,13 @@ func (s *Server) serveMetrics(ctx context.Context, w http.ResponseWriter) {
 	fmt.Fprintf(&b, "# HELP go_goroutines Goroutines in the casnix process.\n# TYPE go_goroutines gauge\ngo_goroutines %d\n", runtime.NumGoroutine())
 	if fds, err := os.ReadDir("/proc/self/fd"); err == nil {
 		fmt.Fprintf(&b, "# HELP process_open_fds Open file descriptors.\n# TYPE process_open_fds gauge\nprocess_open_fds %d\n", len(fds)-1) // less ReadDir's own
+	}
+	// The heap the last collection found live: RSS also counts the
+	// collector's headroom (up to GOMEMLIMIT) and, under -race, shadow
+	// memory, so this is the gauge a leak of Go objects shows in first.
+	live := []rtmetrics.Sample{{Name: "/gc/heap/live:bytes"}}
+	if rtmetrics.Read(live); live[0].Value.Kind() == rtmetrics.KindUint64 {
+		fmt.Fprintf(&b, "# HELP go_gc_heap_live_bytes Heap bytes marked live by the last garbage collection.\n# TYPE go_gc_heap_live_bytes gauge\ngo_gc_heap_live_bytes %d\n", live[0].Value.Uint64())
 	}
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4")
 	io.WriteString(w, b.String())

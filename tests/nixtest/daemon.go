@@ -80,6 +80,14 @@ func (d *Daemon) Stop(timeout time.Duration) error {
 // RSS returns the daemon's resident set size (VmRSS of /proc/PID/status) in bytes.
 func (d *Daemon) RSS() (int64, error) { return d.status("VmRSS") }
 
+// RssAnon and RssFile return the anonymous and the file-backed parts of the daemon's
+// RSS (/proc/PID/status) in bytes: a leak grows the first, while pages of mmapped files
+// (casnix's SQLite database) count in the second and are the kernel's to reclaim.
+func (d *Daemon) RssAnon() (int64, error) { return d.status("RssAnon") }
+
+// RssFile: see RssAnon.
+func (d *Daemon) RssFile() (int64, error) { return d.status("RssFile") }
+
 // VmData returns the daemon's committed private data (VmData of /proc/PID/status) in
 // bytes: unlike RSS it counts allocations whose pages were never touched, so a daemon
 // that allocates what a client merely announces shows it at once.

@@ -127,12 +127,71 @@ func CasnixBinary(t testing.TB) string {
 	return binPath
 }
 
+var (
+	raceOnce sync.Once
+	racePath string
+	raceErr  error
+)
+
+// CasnixRaceBinary returns the path of a casnix binary built with the race detector
+// (`go build -race`, which needs cgo and a C compiler), once per test process, or
+// $CASNIX_RACE_BIN when set. A race it detects makes the process print "WARNING: DATA
+// RACE" and exit with status 66, so a test using it sees races in any casnix process it
+// runs. The build takes minutes on a small machine the first time (the standard library
+// is compiled again with -race), seconds once Go's build cache has it.
+func CasnixRaceBinary(t testing.TB) string {
+	t.Helper()
+	raceOnce.Do(func() {
+		if p := os.Getenv("CASNIX_RACE_BIN"); p != "" {
+			racePath, raceErr = filepath.Abs(p)
+			return
+		}
+		if _, err := exec.LookPath("gcc"); err != nil {
+			raceNoCC = fmt.Errorf("go build -race needs a C compiler: %w", err)
+			return
+		}
+		dir, err := os.MkdirTemp("", "casnix-race-bin-")
+		if err != nil {
+			raceErr = err
+			return
+		}
+		raceDir = dir
+		out := filepath.Join(dir, "casnix")
+		r := (&Cmd{
+			Name:    "go",
+			Args:    []string{"build", "-race", "-o", out, "."},
+			Env:     []string{"CGO_ENABLED=1"},
+			Dir:     ModuleRoot(),
+			Timeout: 20 * time.Minute,
+		}).Try()
+		if !r.OK() {
+			raceErr = fmt.Errorf("building casnix with -race:\n%s", r)
+			return
+		}
+		racePath = out
+	})
+	if raceNoCC != nil {
+		SkipOrFatal(t, "%v", raceNoCC)
+	}
+	if raceErr != nil {
+		t.Fatalf("casnix race binary: %v", raceErr)
+	}
+	return racePath
+}
+
+var (
+	raceDir  string
+	raceNoCC error // the missing prerequisite, when there is no C compiler
+)
+
 // Main runs the tests and removes what the harness left outside the tests' own temporary
 // directories. Use it as `func TestMain(m *testing.M) { os.Exit(nixtest.Main(m)) }`.
 func Main(m *testing.M) int {
 	code := m.Run()
-	if buildDir != "" {
-		os.RemoveAll(buildDir)
+	for _, d := range []string{buildDir, raceDir} {
+		if d != "" {
+			os.RemoveAll(d)
+		}
 	}
 	if nixConfDir != "" {
 		os.RemoveAll(nixConfDir)
