@@ -2,9 +2,9 @@ package store
 
 import (
 	"context"
-	"crypto/sha256"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -334,24 +334,9 @@ func (s *Store) pathsUsing(ctx context.Context, names []string, chunks, blobSet 
 	return out, nil
 }
 
-// verifyPath re-renders a path and compares it with its path-info.
+// verifyPath re-renders a path, which NarRender checks against its
+// path-info's NAR hash and size.
 func (s *Store) verifyPath(ctx context.Context, name string) error {
-	pi, err := s.Info(ctx, name)
-	if err != nil {
-		return err
-	}
-	h := sha256.New()
-	n, err := s.NarRender(ctx, name, h)
-	if err != nil {
-		return err
-	}
-	if n != pi.NarSize {
-		return fmt.Errorf("%w: renders %d bytes, path-info says %d", ErrSizeMismatch, n, pi.NarSize)
-	}
-	var got [32]byte
-	h.Sum(got[:0])
-	if got != pi.NarHash {
-		return fmt.Errorf("%w: renders sha256:%s, path-info says sha256:%s", ErrHashMismatch, NixBase32(got[:]), NixBase32(pi.NarHash[:]))
-	}
-	return nil
+	_, err := s.NarRender(ctx, name, io.Discard)
+	return err
 }
