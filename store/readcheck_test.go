@@ -111,3 +111,56 @@ func TestReadsNeverReturnWrongBytes(t *testing.T) {
 		})
 	}
 }
+
+// TestVerifyNamesPathsOnDamagedDatabase: database damage that a scan trips
+// over, or that stops the trace from damaged chunks to paths, must not
+// stop verify from naming the damaged paths (promise I5). Before, a chunk
+// row whose offset had turned into a blob (a flipped type byte in its
+// record header, which integrity_check accepts) failed verify's frame scan,
+// and a damaged directory failed the trace, and either way verify named no
+// path at all.
+func TestVerifyNamesPathsOnDamagedDatabase(t *testing.T) {
+	bigChunk := `(SELECT digest FROM chunks ORDER BY len DESC LIMIT 1)`
+	for _, tc := range []struct {
+		name string
+		sql  []string
+		want []string
+	}{
+		{"chunk offset of the wrong type", []string{`UPDATE chunks SET off = X'00F85A' WHERE digest = ` + bigChunk}, []string{pathA}},
+		{"frame row of the wrong type", []string{`UPDATE frames SET clen = 'x' WHERE id = (SELECT frame FROM chunks WHERE digest = ` + bigChunk + `)`}, []string{pathA}},
+		{"damaged directory and missing frame", []string{
+			`UPDATE directories SET data = data || X'00' WHERE digest = (SELECT digest FROM paths WHERE name = '` + pathC + `')`,
+			`UPDATE chunks SET frame = 999999 WHERE digest = ` + bigChunk,
+		}, []string{pathA, pathC}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			fx := newRepairFixture(t)
+			raw := fx.raw(t)
+			for _, q := range tc.sql {
+				if res, err := raw.Exec(q); err != nil {
+					t.Fatal(err)
+				} else if n, _ := res.RowsAffected(); n != 1 {
+					t.Fatalf("%s changed %d rows, want 1", q, n)
+				}
+			}
+			raw.Close()
+			st, err := Open(ctx, fx.dir, repairOptions())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer st.Close()
+			rep, err := st.Verify(ctx, nil)
+			if err != nil {
+				t.Fatalf("verify: %v", err)
+			}
+			var got []string
+			for _, d := range rep.Damaged {
+				got = append(got, d.Name)
+			}
+			if !reflect.DeepEqual(got, tc.want) {
+				t.Errorf("verify names %q, want %q (report %+v)", got, tc.want, rep)
+			}
+		})
+	}
+}
