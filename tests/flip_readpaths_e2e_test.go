@@ -82,7 +82,24 @@ func TestFlippedBytesReadPaths(t *testing.T) {
 	}
 	work := filepath.Join(t.TempDir(), "w")
 	start := time.Now()
-	for done := 0; done < trials; {
+	// CASNIX_FLIP_UNTIL (RFC 3339) stops starting runs after that time, so
+	// a long run that must end by then still reports how many trials ran.
+	var until time.Time
+	if u := os.Getenv("CASNIX_FLIP_UNTIL"); u != "" {
+		var err error
+		if until, err = time.Parse(time.RFC3339, u); err != nil {
+			t.Fatalf("CASNIX_FLIP_UNTIL: %v", err)
+		}
+	}
+	done := 0
+	for done < trials {
+		if !until.IsZero() && time.Now().After(until) {
+			t.Logf("CASNIX_FLIP_UNTIL passed: stopping after %d of %d trials", done, trials)
+			break
+		}
+		if sum.runs > 0 && sum.runs%25 == 0 {
+			t.Logf("after %d trials (%.0fs): %s", done, time.Since(start).Seconds(), sum.String(done, int(seed)))
+		}
 		os.RemoveAll(work)
 		if err := fliptest.CopyDir(c.DataDir, work); err != nil {
 			t.Fatal(err)
@@ -122,11 +139,8 @@ func TestFlippedBytesReadPaths(t *testing.T) {
 		sum.runs++
 		done += len(flips)
 	}
-	t.Logf("%d trials in %.1fs", trials, time.Since(start).Seconds())
-	t.Log(sum.String(trials, int(seed)))
-	for _, e := range sum.errs {
-		t.Error(e)
-	}
+	t.Logf("%d trials in %.1fs", done, time.Since(start).Seconds())
+	t.Log(sum.String(done, int(seed)))
 }
 
 // flipStore is the store the trials damage: each path's NAR and the file
@@ -450,7 +464,7 @@ func tableRows(dbFile string) (map[string]map[string]string, error) {
 			}
 			var b strings.Builder
 			for i, v := range vals[1:] {
-				fmt.Fprintf(&b, "%s=%x;", cols[i+1], fmt.Sprint(v))
+				fmt.Fprintf(&b, "%s=%s:%x;", cols[i+1], valueKind(v), fmt.Sprint(v))
 			}
 			out[tbl][fmt.Sprint(vals[0])] = b.String()
 		}
@@ -461,6 +475,20 @@ func tableRows(dbFile string) (map[string]map[string]string, error) {
 		}
 	}
 	return out, nil
+}
+
+// valueKind is the SQLite storage class of a scanned value, text and blob
+// together (both scan into strings and byte slices alike).
+func valueKind(v any) string {
+	switch v.(type) {
+	case nil:
+		return "null"
+	case int64:
+		return "int"
+	case float64:
+		return "real"
+	}
+	return "bytes"
 }
 
 // integrityOK runs SQLite's own integrity and foreign-key checks.
@@ -526,7 +554,7 @@ func (ix *flipIndex) expectDamage(work string, flips []fliptest.Flip) (damaged m
 			}
 			switch tbl {
 			case "packs":
-				if changedOnly(row, rows[tbl][key], "created") {
+				if changedOnly(row, rows[tbl][key], false, "created") {
 					continue
 				}
 				addUsers("pack:" + key)
@@ -540,7 +568,7 @@ func (ix *flipIndex) expectDamage(work string, flips []fliptest.Flip) (damaged m
 				addUsers(map[string]string{"chunks": "chunk:", "blobs": "blob:", "directories": "dir:"}[tbl] + digest.Digest(b).String())
 			case "paths":
 				id, _ := strconv.ParseInt(key, 10, 64)
-				if changedOnly(row, rows[tbl][key], pathMetaColumns...) {
+				if changedOnly(row, rows[tbl][key], true, pathMetaColumns...) {
 					meta = true
 					continue
 				}
@@ -572,8 +600,10 @@ func (ix *flipIndex) packDamage(f fliptest.Flip) map[string]bool {
 }
 
 // changedOnly reports whether rows a and b (tableRows format) differ only
-// in the columns given (b missing counts as a change of everything).
-func changedOnly(a, b string, cols ...string) bool {
+// in the columns given (b missing counts as a change of everything); with
+// typed, a column whose value turned from or into an integer counts as
+// damage (the row no longer scans), not as a change of that column.
+func changedOnly(a, b string, typed bool, cols ...string) bool {
 	if b == "" {
 		return false
 	}
@@ -585,8 +615,13 @@ func changedOnly(a, b string, cols ...string) bool {
 		if fa[i] == fb[i] {
 			continue
 		}
-		name, _, _ := strings.Cut(fa[i], "=")
-		if !slices.Contains(cols, name) {
+		name, va, _ := strings.Cut(fa[i], "=")
+		_, vb, _ := strings.Cut(fb[i], "=")
+		ka, _, _ := strings.Cut(va, ":")
+		kb, _, _ := strings.Cut(vb, ":")
+		if !slices.Contains(cols, name) || (typed && ka != kb && (ka == "int" || kb == "int")) {
+			// A value that changed type from or to an integer no longer
+			// scans: that is damage, not a changed field.
 			return false
 		}
 	}
@@ -609,7 +644,6 @@ type flipSummary struct {
 	verifyRefused                         int
 	reads                                 map[string]*readCounts
 	phases                                map[string]time.Duration
-	errs                                  []string
 }
 
 // phase adds the time since start to the phase's total.
@@ -648,7 +682,7 @@ func (s *flipSummary) String(trials int, seed int) string {
 func runFlipTrial(t *testing.T, c *nixtest.Casnix, fs *flipStore, ix *flipIndex, work string, i int, flips []fliptest.Flip, sum *flipSummary) {
 	where := fmt.Sprintf("run %d: %v", i, flips)
 	fail := func(format string, args ...any) {
-		sum.errs = append(sum.errs, where+": "+fmt.Sprintf(format, args...))
+		t.Errorf("%s: %s", where, fmt.Sprintf(format, args...))
 	}
 	if flips[0].File == "casnix.db" {
 		sum.dbTrials += len(flips)
@@ -762,10 +796,10 @@ func runFlipTrial(t *testing.T, c *nixtest.Casnix, fs *flipStore, ix *flipIndex,
 		}
 		sum.phase("serve reads", t1)
 		t2 := time.Now()
-		defer sum.phase("serve stop", t2)
 		if err := srv.stop(); err != nil {
 			fail("casnix serve: %v", err)
 		}
+		sum.phase("serve stop", t2)
 	}
 
 	// export --all. When that fails, the paths whose closure is undamaged
@@ -785,21 +819,28 @@ func runFlipTrial(t *testing.T, c *nixtest.Casnix, fs *flipStore, ix *flipIndex,
 		return wc.Try(args...).OK()
 	}
 	allOK := export()
+	// A path --all did not write: export it alone (an undamaged one must
+	// export; a damaged one may fail, or be gone from the valid set).
 	var retry []string
 	for _, p := range fs.names {
-		if err, _ := exportedNAR(cache, p, nil); err != nil && !allOK && closureUndamaged(p) {
+		if err, _ := exportedNAR(cache, p, nil); err != nil && (allOK || closureUndamaged(p)) {
 			retry = append(retry, p)
 		}
 	}
-	if len(retry) > 0 && !export(retry...) {
+	retryOK := map[string]bool{}
+	if len(retry) > 0 && !allOK && export(retry...) {
 		for _, p := range retry {
-			export(p)
+			retryOK[p] = true
+		}
+	} else {
+		for _, p := range retry {
+			retryOK[p] = export(p)
 		}
 	}
 	for _, p := range fs.names {
 		err, wrong := exportedNAR(cache, p, fs.nars[p])
-		if err != nil && allOK {
-			wrong = "export --all succeeded without writing it: " + err.Error()
+		if err != nil && retryOK[p] {
+			wrong = "export of the path succeeded without writing it: " + err.Error()
 		}
 		record("export", p, err, wrong, closureUndamaged(p))
 	}
@@ -888,19 +929,27 @@ func startFlipServe(c *nixtest.Casnix, dir string) (*flipServe, error) {
 	}
 }
 
+// stop stops serve with SIGTERM. No client connection is open by then, so
+// it must exit at once, not after its 30 s shutdown timeout.
 func (s *flipServe) stop() error {
+	start := time.Now()
 	s.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case err := <-s.exited:
 		if err != nil {
 			return fmt.Errorf("%v: %s", err, s.log.String())
 		}
+		if d := time.Since(start); d > 10*time.Second {
+			return fmt.Errorf("took %v to stop with no client connected: %s", d, s.log.String())
+		}
 		return nil
-	case <-time.After(30 * time.Second):
+	case <-time.After(45 * time.Second):
+		s.cmd.Process.Signal(syscall.SIGQUIT) // goroutine dump into the log
+		time.Sleep(time.Second)
 		s.cmd.Process.Kill()
 		<-s.exited
 		exec.Command("fusermount", "-u", "-z", s.mnt).Run()
-		return errors.New("did not stop on SIGTERM")
+		return fmt.Errorf("did not stop within 45s of SIGTERM: %s", s.log.String())
 	}
 }
 
@@ -945,9 +994,12 @@ func httpRead(base, p string, want []byte) (err error, wrong string) {
 	return nil, diffBytes(got, want)
 }
 
+// httpClient keeps no idle connections, so a serve asked to stop has no
+// client connection left open.
+var httpClient = &http.Client{Timeout: time.Minute, Transport: &http.Transport{DisableKeepAlives: true}}
+
 func httpGet(url string) ([]byte, error) {
-	cl := http.Client{Timeout: time.Minute}
-	resp, err := cl.Get(url)
+	resp, err := httpClient.Get(url)
 	if err != nil {
 		return nil, err
 	}
