@@ -641,6 +641,7 @@ type flipSummary struct {
 	missed, falsePos                      int
 	dbLevel, dbLevelReported, metaOnly    int
 	runs                                  int
+	slowestStop                           time.Duration
 	verifyRefused                         int
 	reads                                 map[string]*readCounts
 	phases                                map[string]time.Duration
@@ -660,7 +661,7 @@ func (s *flipSummary) String(trials int, seed int) string {
 		"%d runs damaged %d paths: verify named %d, missed %d, false positives %d; "+
 		"%d database runs SQLite's check fails on (verify reported %d); %d runs changed only unchecksummed path-info; verify refused to run %d times\n",
 		seed, trials, s.dbTrials, s.packTrials, s.runs, s.damagedTrials, s.damagedPaths, s.detected, s.missed, s.falsePos, s.dbLevel, s.dbLevelReported, s.metaOnly, s.verifyRefused)
-	fmt.Fprintf(&b, "  time per phase:")
+	fmt.Fprintf(&b, "  slowest serve stop %.1fs; time per phase:", s.slowestStop.Seconds())
 	for _, k := range slices.Sorted(func(yield func(string) bool) {
 		for k := range s.phases {
 			if !yield(k) {
@@ -799,6 +800,7 @@ func runFlipTrial(t *testing.T, c *nixtest.Casnix, fs *flipStore, ix *flipIndex,
 		if err := srv.stop(); err != nil {
 			fail("casnix serve: %v", err)
 		}
+		sum.slowestStop = max(sum.slowestStop, srv.took)
 		sum.phase("serve stop", t2)
 	}
 
@@ -881,6 +883,7 @@ type flipServe struct {
 	mnt, url string
 	log      bytes.Buffer
 	exited   chan error
+	took     time.Duration // to stop
 }
 
 // startFlipServe starts `casnix serve` with a socket, a mount and an HTTP
@@ -929,8 +932,10 @@ func startFlipServe(c *nixtest.Casnix, dir string) (*flipServe, error) {
 	}
 }
 
-// stop stops serve with SIGTERM. No client connection is open by then, so
-// it must exit at once, not after its 30 s shutdown timeout.
+// stop stops serve with SIGTERM and fails if it has not exited after 45 s.
+// How long it took is kept: no client connection is open by then, but
+// unmounting alone takes seconds on a loaded machine (go-fuse waits for the
+// kernel), up to 20 s at a load average of 60.
 func (s *flipServe) stop() error {
 	start := time.Now()
 	s.cmd.Process.Signal(syscall.SIGTERM)
@@ -939,9 +944,7 @@ func (s *flipServe) stop() error {
 		if err != nil {
 			return fmt.Errorf("%v: %s", err, s.log.String())
 		}
-		if d := time.Since(start); d > 10*time.Second {
-			return fmt.Errorf("took %v to stop with no client connected: %s", d, s.log.String())
-		}
+		s.took = time.Since(start)
 		return nil
 	case <-time.After(45 * time.Second):
 		s.cmd.Process.Signal(syscall.SIGQUIT) // goroutine dump into the log
