@@ -4,6 +4,8 @@ import (
 	"container/list"
 	"sync"
 	"sync/atomic"
+
+	"github.com/casnix/casnix/digest"
 )
 
 // frameCache holds decoded frames, bounded by bytes, least recently used
@@ -45,6 +47,35 @@ type frameEntry struct {
 	// read-ahead's entries, the first of a background decoder and a
 	// reader that needs it.
 	claimed atomic.Bool
+	// checked lists the chunks of data already hashed against their
+	// digests, so each is hashed once per decode, not once per read.
+	checkMu sync.Mutex
+	checked map[chunkSpan]digest.Digest
+}
+
+// chunkSpan is where a chunk lies in its decoded frame.
+type chunkSpan struct{ off, len int64 }
+
+// check reports whether data[off:off+n] hashes to d, hashing it only the
+// first time this entry is asked about that span and digest.
+func (e *frameEntry) check(off, n int64, d digest.Digest) bool {
+	sp := chunkSpan{off, n}
+	e.checkMu.Lock()
+	got, ok := e.checked[sp]
+	e.checkMu.Unlock()
+	if ok {
+		return got == d
+	}
+	if digest.Sum(e.data[off:off+n]) != d {
+		return false
+	}
+	e.checkMu.Lock()
+	if e.checked == nil {
+		e.checked = map[chunkSpan]digest.Digest{}
+	}
+	e.checked[sp] = d
+	e.checkMu.Unlock()
+	return true
 }
 
 // claim reports whether the caller won the right to decode e.

@@ -193,7 +193,8 @@ func (br *BlobReader) locate(i int) (*db.ChunkLoc, error) {
 	return c.loc, nil
 }
 
-// chunkData returns chunk i's bytes, a view into the frame cache entry e:
+// chunkData returns chunk i's bytes, checked against its digest (once per
+// decode of its frame), a view into the frame cache entry e:
 // do not modify them, and call br.s.cache.release(e) when done with them
 // (the buffer is reused after).
 func (br *BlobReader) chunkData(i int) (data []byte, e *frameEntry, err error) {
@@ -210,6 +211,14 @@ func (br *BlobReader) chunkData(i int) (data []byte, e *frameEntry, err error) {
 	}
 	if err != nil {
 		return nil, nil, err
+	}
+	// The index row that placed the chunk is not checksummed: one that
+	// points a byte off, or at another frame, must fail the read rather
+	// than return other bytes.
+	if d := br.chunks[i].digest; !e.check(loc.Off, loc.Len, d) {
+		br.s.cache.release(e)
+		return nil, nil, fmt.Errorf("%w: chunk %s: the bytes the index points at (pack %d, frame at %d, offset %d) hash differently",
+			ErrCorrupt, d, loc.Frame.Pack, loc.Frame.Offset, loc.Off)
 	}
 	return e.data[loc.Off : loc.Off+loc.Len], e, nil
 }

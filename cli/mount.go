@@ -6,6 +6,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 
@@ -104,11 +105,28 @@ func (c *MountCmd) Run(g *Globals) error {
 	}
 }
 
+// unmountWait bounds how long unmount waits, after the unmount itself, for
+// the kernel to end the FUSE connection. It ends only once no mount of the
+// file system is left anywhere, and a mount namespace created while it was
+// mounted (a Nix build sandbox, unshare -m) keeps a copy until that
+// namespace goes away: waiting for that held `serve` and `mount` up to the
+// end of someone else's build. Past the wait, the process exits, which
+// closes /dev/fuse and leaves such copies disconnected.
+const unmountWait = 5 * time.Second
+
 func unmount(g *Globals, srv *fuse.Server, dir string) error {
-	if err := srv.Unmount(); err != nil {
-		// Busy (a process has it open): detach so it goes away when freed.
-		g.Logger.Warn("unmount failed; detaching", "dir", dir, "err", err)
-		return fusefs.Detach(dir)
+	done := make(chan error, 1)
+	go func() { done <- srv.Unmount() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			// Busy (a process has it open): detach so it goes away when freed.
+			g.Logger.Warn("unmount failed; detaching", "dir", dir, "err", err)
+			return fusefs.Detach(dir)
+		}
+		return nil
+	case <-time.After(unmountWait):
+		g.Logger.Warn("the file system is still mounted elsewhere (another mount namespace, such as a build sandbox, holds a copy of the mount); not waiting for it", "dir", dir)
+		return nil
 	}
-	return nil
 }

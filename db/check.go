@@ -112,8 +112,11 @@ func (d *DB) namePathRow(ctx context.Context, msg string) string {
 // missing, frames whose pack is missing. An error means the scan could not
 // run (the caller reports it as database damage).
 func (q q) Dangling(ctx context.Context, emptyDir digest.Digest) ([]Problem, error) {
-	var out []Problem
-	err := eachRow(ctx, q, `SELECT IFNULL(p.name, ''), r.referrer, r.reference FROM refs r LEFT JOIN paths p ON p.id = r.referrer
+	out, err := q.malformed(ctx)
+	if err != nil {
+		return out, err
+	}
+	err = eachRow(ctx, q, `SELECT IFNULL(p.name, ''), r.referrer, r.reference FROM refs r LEFT JOIN paths p ON p.id = r.referrer
 		WHERE p.id IS NULL OR NOT EXISTS (SELECT 1 FROM paths x WHERE x.id = r.reference)`, func(r *sql.Rows) error {
 		var name string
 		var from, to int64
@@ -141,7 +144,7 @@ func (q q) Dangling(ctx context.Context, emptyDir digest.Digest) ([]Problem, err
 	if err != nil {
 		return out, fmt.Errorf("check path roots: %w", err)
 	}
-	err = eachRow(ctx, q, "SELECT digest, size, chunks FROM blobs", func(r *sql.Rows) error {
+	err = eachRow(ctx, q, "SELECT digest, size, chunks FROM blobs WHERE NOT ("+malformedBlob+")", func(r *sql.Rows) error {
 		var b, chunks []byte
 		var size int64
 		if err := r.Scan(&b, &size, &chunks); err != nil {
@@ -190,7 +193,7 @@ func (q q) Dangling(ctx context.Context, emptyDir digest.Digest) ([]Problem, err
 	if err != nil {
 		return out, fmt.Errorf("check blobs: %w", err)
 	}
-	err = eachRow(ctx, q, `SELECT digest, frame FROM chunks c WHERE NOT EXISTS (SELECT 1 FROM frames f WHERE f.id = c.frame)`, func(r *sql.Rows) error {
+	err = eachRow(ctx, q, `SELECT digest, frame FROM chunks c WHERE NOT (`+malformedChunk+`) AND NOT EXISTS (SELECT 1 FROM frames f WHERE f.id = c.frame)`, func(r *sql.Rows) error {
 		var b []byte
 		var frame int64
 		if err := r.Scan(&b, &frame); err != nil {
@@ -206,7 +209,7 @@ func (q q) Dangling(ctx context.Context, emptyDir digest.Digest) ([]Problem, err
 	if err != nil {
 		return out, fmt.Errorf("check chunks: %w", err)
 	}
-	err = eachRow(ctx, q, `SELECT id, pack FROM frames f WHERE NOT EXISTS (SELECT 1 FROM packs p WHERE p.id = f.pack)`, func(r *sql.Rows) error {
+	err = eachRow(ctx, q, `SELECT id, pack FROM frames f WHERE NOT (`+malformedFrame+`) AND NOT EXISTS (SELECT 1 FROM packs p WHERE p.id = f.pack)`, func(r *sql.Rows) error {
 		var id, pack int64
 		if err := r.Scan(&id, &pack); err != nil {
 			return err
@@ -216,6 +219,82 @@ func (q q) Dangling(ctx context.Context, emptyDir digest.Digest) ([]Problem, err
 	})
 	if err != nil {
 		return out, fmt.Errorf("check frames: %w", err)
+	}
+	return out, nil
+}
+
+// Rows whose values have the wrong type. SQLite keeps whatever type a
+// record's header says, so a flipped bit there turns an integer into text
+// or a blob without integrity_check noticing; scans then fail on the row.
+// These conditions find such rows (c, f, b: chunks, frames, blobs).
+const (
+	malformedChunk = `typeof(c.digest) != 'blob' OR length(c.digest) != 32 OR typeof(c.frame) != 'integer' OR
+		typeof(c.off) != 'integer' OR typeof(c.len) != 'integer'`
+	malformedFrame = `typeof(f.id) != 'integer' OR typeof(f.pack) != 'integer' OR typeof(f.offset) != 'integer' OR
+		typeof(f.data_off) != 'integer' OR typeof(f.clen) != 'integer' OR typeof(f.rawlen) != 'integer'`
+	malformedBlob = `typeof(digest) != 'blob' OR length(digest) != 32 OR typeof(size) != 'integer' OR
+		(chunks IS NOT NULL AND typeof(chunks) != 'blob')`
+	malformedPath = `typeof(kind) != 'integer' OR typeof(size) != 'integer' OR typeof(executable) != 'integer' OR
+		(digest IS NOT NULL AND (typeof(digest) != 'blob' OR length(digest) != 32)) OR
+		(target IS NOT NULL AND typeof(target) != 'blob') OR
+		typeof(nar_hash) != 'blob' OR length(nar_hash) != 32 OR typeof(nar_size) != 'integer' OR
+		typeof(registered) != 'integer' OR typeof(ultimate) != 'integer'`
+)
+
+// malformed reports rows whose values have the wrong type, against what
+// they damage: a path row against its path, a chunk row (or every chunk of
+// a frame row) against the chunk, a blob row against the blob; a chunk or
+// blob row whose digest itself is malformed names nothing (its users find
+// it missing).
+func (q q) malformed(ctx context.Context) ([]Problem, error) {
+	var out []Problem
+	digestOf := func(b []byte) *digest.Digest {
+		d, err := digest.FromBytes(b)
+		if err != nil {
+			return nil
+		}
+		return &d
+	}
+	err := eachRow(ctx, q, `SELECT CAST(name AS TEXT) FROM paths WHERE `+malformedPath, func(r *sql.Rows) error {
+		var name string
+		if err := r.Scan(&name); err != nil {
+			return err
+		}
+		out = append(out, Problem{Path: name, What: "path row holds a value of the wrong type"})
+		return nil
+	})
+	if err != nil {
+		return out, fmt.Errorf("check path rows: %w", err)
+	}
+	err = eachRow(ctx, q, `SELECT CAST(c.digest AS BLOB), 'chunk row holds a value of the wrong type' FROM chunks c WHERE `+malformedChunk+`
+		UNION ALL SELECT CAST(c.digest AS BLOB), 'its frame row holds a value of the wrong type'
+		FROM frames f JOIN chunks c ON c.frame = f.id WHERE `+malformedFrame, func(r *sql.Rows) error {
+		var b []byte
+		var what string
+		if err := r.Scan(&b, &what); err != nil {
+			return err
+		}
+		p := Problem{Chunk: digestOf(b), What: fmt.Sprintf("chunk %x: %s", b, what)}
+		if p.Chunk != nil {
+			p.What = "chunk " + p.Chunk.String() + ": " + what
+		}
+		out = append(out, p)
+		return nil
+	})
+	if err != nil {
+		return out, fmt.Errorf("check chunk rows: %w", err)
+	}
+	err = eachRow(ctx, q, `SELECT CAST(digest AS BLOB) FROM blobs WHERE `+malformedBlob, func(r *sql.Rows) error {
+		var b []byte
+		if err := r.Scan(&b); err != nil {
+			return err
+		}
+		p := Problem{Blob: digestOf(b), What: fmt.Sprintf("blob %x: row holds a value of the wrong type", b)}
+		out = append(out, p)
+		return nil
+	})
+	if err != nil {
+		return out, fmt.Errorf("check blob rows: %w", err)
 	}
 	return out, nil
 }

@@ -207,13 +207,13 @@ func (q q) PathNamesAfter(ctx context.Context, after string, limit int) ([]strin
 	return q.strings(ctx, "SELECT name FROM paths WHERE name > ? ORDER BY name LIMIT ?", after, limit)
 }
 
-// PathRoot returns just the root node columns of a valid path (one
-// indexed lookup, no references or signatures): what a file-system lookup
-// needs.
+// PathRoot returns just the root node columns of a valid path and its NAR
+// hash (one indexed lookup, no references or signatures): what a
+// file-system lookup needs.
 func (q q) PathRoot(ctx context.Context, name string) (*PathRow, error) {
 	p := &PathRow{Name: name}
-	err := q.row(ctx, "SELECT id, kind, digest, size, executable, target FROM paths WHERE name = ?", name).
-		Scan(&p.ID, &p.Kind, &p.Digest, &p.Size, &p.Executable, &p.Target)
+	err := q.row(ctx, "SELECT id, kind, digest, size, executable, target, nar_hash FROM paths WHERE name = ?", name).
+		Scan(&p.ID, &p.Kind, &p.Digest, &p.Size, &p.Executable, &p.Target, &p.NarHash)
 	if err != nil {
 		return nil, notFound(err, "path "+name)
 	}

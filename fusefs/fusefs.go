@@ -481,6 +481,12 @@ func (f *fileNode) reader() (*blobs.BlobReader, error) {
 		if err != nil {
 			return nil, err
 		}
+		// A root file's size comes from its path row, which has no
+		// checksum: reads bounded by a wrong size would return a
+		// truncated file.
+		if br.Size() != int64(f.node.Size) {
+			return nil, fmt.Errorf("%w: blob %s has %d bytes, the tree says %d", blobs.ErrCorrupt, f.node.Digest, br.Size(), f.node.Size)
+		}
 		f.br = br
 	}
 	return f.br, nil

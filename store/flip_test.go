@@ -9,11 +9,11 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"testing"
 
 	"github.com/casnix/casnix/nar"
+	"github.com/casnix/casnix/tests/fliptest"
 )
 
 // TestVerifyNamesFlippedBytes flips one byte at a time, at random positions
@@ -26,22 +26,8 @@ import (
 // CASNIX_FLIPS sets the number of flips (default 200), CASNIX_FLIP_SEED the
 // seed.
 func TestVerifyNamesFlippedBytes(t *testing.T) {
-	flips := 200
-	if s := os.Getenv("CASNIX_FLIPS"); s != "" {
-		n, err := strconv.Atoi(s)
-		if err != nil {
-			t.Fatalf("CASNIX_FLIPS: %v", err)
-		}
-		flips = n
-	}
-	seed := uint64(1)
-	if s := os.Getenv("CASNIX_FLIP_SEED"); s != "" {
-		n, err := strconv.ParseUint(s, 10, 64)
-		if err != nil {
-			t.Fatalf("CASNIX_FLIP_SEED: %v", err)
-		}
-		seed = n
-	}
+	flips := fliptest.EnvInt(t, "CASNIX_FLIPS", 200)
+	seed := uint64(fliptest.EnvInt(t, "CASNIX_FLIP_SEED", 1))
 	rng := rand.New(rand.NewPCG(seed, 0))
 	ctx := context.Background()
 
@@ -107,24 +93,16 @@ func TestVerifyNamesFlippedBytes(t *testing.T) {
 	}
 	st.Close()
 	// Where to flip: casnix.db and every pack, half the flips each.
-	dbFile := filepath.Join(base, DBFile)
 	packs, _ := filepath.Glob(filepath.Join(base, PackDir, "*", "*.pack"))
 	if len(packs) == 0 {
 		t.Fatal("no packs")
 	}
-	size := func(p string) int64 {
-		fi, err := os.Stat(p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return fi.Size()
-	}
-	var packTotal int64
+	files := []string{DBFile}
 	for _, p := range packs {
-		packTotal += size(p)
+		files = append(files, strings.TrimPrefix(p, base+"/"))
 	}
-	dbSize := size(dbFile)
-	t.Logf("store: %d paths, casnix.db %d bytes, %d packs %d bytes", len(names), dbSize, len(packs), packTotal)
+	targets := fliptest.NewTargets(t, base, files)
+	t.Logf("store: %d paths, casnix.db %d bytes, %d packs %d bytes", len(names), targets.Sizes[0], len(packs), targets.Total-targets.Sizes[0])
 
 	counts := map[string]int{}
 	var misses []string
@@ -134,24 +112,15 @@ func TestVerifyNamesFlippedBytes(t *testing.T) {
 		if _, err := copyTree(base, work); err != nil {
 			t.Fatal(err)
 		}
-		var file string
-		var off int64
+		f := targets.PickExcept(rng, 0)
 		if rng.IntN(2) == 0 {
-			file, off = DBFile, rng.Int64N(dbSize)
-		} else {
-			o := rng.Int64N(packTotal)
-			for _, p := range packs {
-				if n := size(p); o < n {
-					file, off = strings.TrimPrefix(p, base+"/"), o
-					break
-				} else {
-					o -= n
-				}
-			}
+			f = targets.PickIn(rng, 0)
 		}
-		x := byte(1 + rng.IntN(255))
-		flipByte(t, filepath.Join(work, file), off, x)
-		where := fmt.Sprintf("flip %d: %s byte %d ^ %#x", i, file, off, x)
+		f.Mask = byte(1 + rng.IntN(255))
+		if err := f.Apply(work); err != nil {
+			t.Fatal(err)
+		}
+		where := fmt.Sprintf("flip %d: %s", i, f)
 		outcome, miss := judgeFlip(ctx, work, names, nars, meta)
 		counts[outcome]++
 		if miss != "" {
@@ -265,17 +234,7 @@ func truth(ctx context.Context, dir string, names []string, nars map[string][]by
 
 func flipByte(t *testing.T, path string, off int64, x byte) {
 	t.Helper()
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	b := []byte{0}
-	if _, err := f.ReadAt(b, off); err != nil {
-		t.Fatal(err)
-	}
-	b[0] ^= x
-	if _, err := f.WriteAt(b, off); err != nil {
+	if err := fliptest.XorByte(path, off, x); err != nil {
 		t.Fatal(err)
 	}
 }

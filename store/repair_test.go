@@ -11,13 +11,13 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/casnix/casnix/blobs"
+	"github.com/casnix/casnix/tests/fliptest"
 )
 
 // repairFixture is a small store: C stands alone and is added first (so
@@ -437,31 +437,17 @@ func TestRepairRefusesDamagedTable(t *testing.T) {
 // clean, whose remaining paths render to their NARs, whose dropped set is
 // closed under referrers, and that a second repair leaves alone.
 func TestRepairAfterFlippedBytes(t *testing.T) {
-	flips := 40
-	if s := os.Getenv("CASNIX_REPAIR_FLIPS"); s != "" {
-		n, err := strconv.Atoi(s)
-		if err != nil {
-			t.Fatalf("CASNIX_REPAIR_FLIPS: %v", err)
-		}
-		flips = n
-	}
+	flips := fliptest.EnvInt(t, "CASNIX_REPAIR_FLIPS", 40)
 	ctx := context.Background()
 	rng := rand.New(rand.NewPCG(2, 0))
 	fx := newRepairFixture(t)
 	referrers := map[string][]string{pathA: {pathB}, pathB: {pathD}}
-	var files []string
-	var sizes []int64
-	var total int64
+	files := []string{DBFile}
 	packs, _ := filepath.Glob(filepath.Join(fx.dir, PackDir, "*", "*.pack"))
-	for _, p := range append([]string{filepath.Join(fx.dir, DBFile)}, packs...) {
-		fi, err := os.Stat(p)
-		if err != nil {
-			t.Fatal(err)
-		}
+	for _, p := range packs {
 		files = append(files, strings.TrimPrefix(p, fx.dir+"/"))
-		sizes = append(sizes, fi.Size())
-		total += fi.Size()
 	}
+	targets := fliptest.NewTargets(t, fx.dir, files)
 	outcomes := map[string]int{}
 	work := filepath.Join(t.TempDir(), "w")
 	for i := 0; i < flips; i++ {
@@ -470,23 +456,15 @@ func TestRepairAfterFlippedBytes(t *testing.T) {
 			t.Fatal(err)
 		}
 		// Half the flips in the database, half across the packs.
-		var file string
-		var off int64
+		f := targets.PickExcept(rng, 0)
 		if rng.IntN(2) == 0 {
-			file, off = files[0], rng.Int64N(sizes[0])
-		} else {
-			o := rng.Int64N(total - sizes[0])
-			for j := 1; j < len(files); j++ {
-				if o < sizes[j] {
-					file, off = files[j], o
-					break
-				}
-				o -= sizes[j]
-			}
+			f = targets.PickIn(rng, 0)
 		}
-		x := byte(1 + rng.IntN(255))
-		where := fmt.Sprintf("flip %d: %s byte %d ^ %#x", i, file, off, x)
-		flipByte(t, filepath.Join(work, file), off, x)
+		f.Mask = byte(1 + rng.IntN(255))
+		where := fmt.Sprintf("flip %d: %s", i, f)
+		if err := f.Apply(work); err != nil {
+			t.Fatal(err)
+		}
 		outcome, err := repairFlipped(ctx, work, fx.nars, referrers)
 		if err != nil {
 			t.Errorf("%s: %v", where, err)

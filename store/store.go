@@ -4,10 +4,12 @@ import (
 	"github.com/casnix/casnix/loglimit"
 	"sync"
 
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"hash"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -326,17 +328,86 @@ func (s *Store) OpenBlob(ctx context.Context, d digest.Digest) (*blobs.BlobReade
 	return s.blobs.Open(ctx, d)
 }
 
-// NarRender writes the NAR of a valid path to w.
+// NarRender writes the NAR of a valid path to w, and checks it against
+// the path-info's NAR hash and size on the way: the tree's rows (a root
+// node's executable bit or symlink target, say) have no checksum of their
+// own. The last bytes of the NAR are held back until the check passes, so
+// a NAR that fails it reaches w truncated, with the error: a reader never
+// gets a whole NAR with other bytes than the path's.
 func (s *Store) NarRender(ctx context.Context, name string, w interface{ Write([]byte) (int, error) }) (int64, error) {
 	pi, err := s.Info(ctx, name)
 	if err != nil {
 		return 0, err
 	}
-	n, err := nar.Render(ctx, w, pi.Root, source{s})
-	if err != nil {
-		return n, fmt.Errorf("render %s: %w", s.Full(name), err)
+	cw := &checkedWriter{w: w, h: sha256.New()}
+	if _, err := nar.Render(ctx, cw, pi.Root, source{s}); err != nil {
+		return cw.n, fmt.Errorf("render %s: %w", s.Full(name), err)
 	}
-	return n, nil
+	if err := cw.finish(pi.NarHash, pi.NarSize); err != nil {
+		return cw.n, fmt.Errorf("render %s: %w", s.Full(name), err)
+	}
+	return cw.n, nil
+}
+
+// narHeld is how many bytes of a NAR checkedWriter holds back: the closing
+// ")" token (length, byte, padding), without which no NAR parses.
+const narHeld = 16
+
+// checkedWriter passes a NAR on to w but the last narHeld bytes, hashing
+// it; finish writes those only if the hash and size are the ones given.
+type checkedWriter struct {
+	w    interface{ Write([]byte) (int, error) }
+	h    hash.Hash
+	held []byte
+	n    int64 // bytes written to w
+	size int64 // bytes received
+}
+
+func (c *checkedWriter) Write(p []byte) (int, error) {
+	c.h.Write(p)
+	c.size += int64(len(p))
+	if len(p) >= narHeld {
+		// What was held and p but its last narHeld bytes go out.
+		if err := c.write(c.held); err != nil {
+			return 0, err
+		}
+		if err := c.write(p[:len(p)-narHeld]); err != nil {
+			return 0, err
+		}
+		c.held = append(c.held[:0], p[len(p)-narHeld:]...)
+		return len(p), nil
+	}
+	c.held = append(c.held, p...)
+	if extra := len(c.held) - narHeld; extra > 0 {
+		if err := c.write(c.held[:extra]); err != nil {
+			return 0, err
+		}
+		c.held = append(c.held[:0], c.held[extra:]...)
+	}
+	return len(p), nil
+}
+
+func (c *checkedWriter) write(b []byte) error {
+	if len(b) == 0 {
+		return nil
+	}
+	n, err := c.w.Write(b)
+	c.n += int64(n)
+	return err
+}
+
+// finish checks what was written against hash and size, and only then
+// passes on the bytes held back.
+func (c *checkedWriter) finish(want [32]byte, size int64) error {
+	if c.size != size {
+		return fmt.Errorf("%w: renders %d bytes, path-info says %d", ErrSizeMismatch, c.size, size)
+	}
+	var got [32]byte
+	c.h.Sum(got[:0])
+	if got != want {
+		return fmt.Errorf("%w: renders sha256:%s, path-info says sha256:%s", ErrHashMismatch, NixBase32(got[:]), NixBase32(want[:]))
+	}
+	return c.write(c.held)
 }
 
 // Lookup resolves a path inside a store path ("" for its root).
@@ -418,7 +489,21 @@ func (s *Store) Root(ctx context.Context, name string) (castore.Node, error) {
 	if err != nil {
 		return castore.Node{}, err
 	}
-	return rootOf(row)
+	n, err := rootOf(row)
+	if err != nil || n.Kind != castore.KindSymlink {
+		return n, err
+	}
+	// A symlink's target is in the path row, which has no checksum but
+	// the NAR hash; its NAR is a few bytes, so check it here rather than
+	// hand out another target.
+	h := sha256.New()
+	if _, err := nar.Render(ctx, h, n, source{s}); err != nil {
+		return castore.Node{}, fmt.Errorf("path %s: %w", s.Full(name), err)
+	}
+	if !bytes.Equal(h.Sum(nil), row.NarHash) {
+		return castore.Node{}, fmt.Errorf("path %s: %w: its symlink's NAR does not hash to its NAR hash", s.Full(name), blobs.ErrCorrupt)
+	}
+	return n, nil
 }
 
 // syncParent fsyncs the directory holding dir.

@@ -2,9 +2,9 @@ package store
 
 import (
 	"context"
-	"crypto/sha256"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -93,10 +93,32 @@ func (s *Store) Verify(ctx context.Context, progress func(stage string, done, to
 	rep := &VerifyReport{}
 	// failed reports a stage that could not run: database damage if the
 	// database check found some, else an error.
-	failed := func(err error) (*VerifyReport, error) {
+	var damaged map[string]error
+	// named moves the damaged paths found so far into the report.
+	named := func() {
+		rep.Damaged = rep.Damaged[:0]
+		for name, err := range damaged {
+			rep.Damaged = append(rep.Damaged, Damaged{name, err})
+		}
+		sortDamaged(rep.Damaged)
+	}
+	// noted reports a stage that could not run on a damaged database
+	// (a value of the wrong type that a scan trips over, say) and says
+	// whether verify can go on: later stages still name the paths they
+	// can.
+	noted := func(err error) bool {
 		if ctx.Err() == nil && len(rep.DB) > 0 {
 			rep.DB = append(rep.DB, err.Error())
-			sortDamaged(rep.Damaged)
+			return true
+		}
+		return false
+	}
+	// failed reports a stage that could not run and verify cannot go on
+	// without: database damage if the database check found some, else an
+	// error.
+	failed := func(err error) (*VerifyReport, error) {
+		if noted(err) {
+			named()
 			return rep, nil
 		}
 		return nil, err
@@ -121,8 +143,8 @@ func (s *Store) Verify(ctx context.Context, progress func(stage string, done, to
 			progress("chunks", done, total)
 		}
 	})
-	if err != nil {
-		return failed(fmt.Errorf("verify chunks: %w", err))
+	if err != nil && !noted(fmt.Errorf("verify chunks: %w", err)) {
+		return nil, err
 	}
 	for _, c := range rep.Chunks {
 		badChunks[c.Chunk] = true
@@ -172,8 +194,8 @@ func (s *Store) Verify(ctx context.Context, progress func(stage string, done, to
 	// it: name them.
 	if len(badChunks) > 0 || len(badBlobs) > 0 {
 		users, err := s.pathsUsing(ctx, names, badChunks, badBlobs)
-		if err != nil {
-			return failed(fmt.Errorf("trace damaged chunks to paths: %w", err))
+		if err != nil && !noted(fmt.Errorf("trace damaged chunks to paths: %w", err)) {
+			return nil, err
 		}
 		for name, what := range users {
 			if damaged[name] == nil {
@@ -181,10 +203,7 @@ func (s *Store) Verify(ctx context.Context, progress func(stage string, done, to
 			}
 		}
 	}
-	for name, err := range damaged {
-		rep.Damaged = append(rep.Damaged, Damaged{name, err})
-	}
-	sortDamaged(rep.Damaged)
+	named()
 	return rep, nil
 }
 
@@ -283,9 +302,15 @@ func (s *Store) pathsUsing(ctx context.Context, names []string, chunks, blobSet 
 			return "", err
 		}
 		what := ""
-		dd, err := s.Directory(ctx, d)
-		if err != nil {
-			what = err.Error()
+		var err error
+		dd, derr := s.Directory(ctx, d)
+		if derr != nil {
+			// A damaged directory damages its users; it is no reason to
+			// stop tracing the others.
+			if ctx.Err() != nil {
+				return "", ctx.Err()
+			}
+			what = derr.Error()
 		} else {
 			for _, f := range dd.Files {
 				if what, err = blob(f.Digest); err != nil || what != "" {
@@ -334,24 +359,9 @@ func (s *Store) pathsUsing(ctx context.Context, names []string, chunks, blobSet 
 	return out, nil
 }
 
-// verifyPath re-renders a path and compares it with its path-info.
+// verifyPath re-renders a path, which NarRender checks against its
+// path-info's NAR hash and size.
 func (s *Store) verifyPath(ctx context.Context, name string) error {
-	pi, err := s.Info(ctx, name)
-	if err != nil {
-		return err
-	}
-	h := sha256.New()
-	n, err := s.NarRender(ctx, name, h)
-	if err != nil {
-		return err
-	}
-	if n != pi.NarSize {
-		return fmt.Errorf("%w: renders %d bytes, path-info says %d", ErrSizeMismatch, n, pi.NarSize)
-	}
-	var got [32]byte
-	h.Sum(got[:0])
-	if got != pi.NarHash {
-		return fmt.Errorf("%w: renders sha256:%s, path-info says sha256:%s", ErrHashMismatch, NixBase32(got[:]), NixBase32(pi.NarHash[:]))
-	}
-	return nil
+	_, err := s.NarRender(ctx, name, io.Discard)
+	return err
 }
