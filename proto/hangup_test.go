@@ -1,10 +1,8 @@
 package proto
 
 import (
-	"bufio"
 	"bytes"
 	"context"
-	"fmt"
 	"log/slog"
 	"net"
 	"os"
@@ -39,33 +37,30 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-// flockHeld reports whether some open file holds a flock on path, from
-// /proc/locks, so a test can see a lock the daemon holds without taking it
-// (which would make the daemon's own attempt fail).
+// flockHeld reports whether anyone holds a flock on path, by trying to take
+// it without waiting (and letting it go at once). /proc/locks is no oracle:
+// it is read in pieces while other tests' locks come and go, and a line
+// can be skipped.
 func flockHeld(t *testing.T, path string) bool {
 	t.Helper()
-	var st unix.Stat_t
-	if err := unix.Stat(path, &st); err != nil {
+	f, err := os.Open(path)
+	if err != nil {
 		if os.IsNotExist(err) {
 			return false
 		}
 		t.Fatal(err)
 	}
-	id := fmt.Sprintf("%02x:%02x:%d", unix.Major(st.Dev), unix.Minor(st.Dev), st.Ino)
-	locks, err := os.ReadFile("/proc/locks")
-	if err != nil {
-		t.Fatalf("reading /proc/locks: %v", err)
+	defer f.Close()
+	switch err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err {
+	case nil:
+		unix.Flock(int(f.Fd()), unix.LOCK_UN)
+		return false
+	case unix.EWOULDBLOCK:
+		return true
+	default:
+		t.Fatalf("flock %s: %v", path, err)
+		return false
 	}
-	sc := bufio.NewScanner(bytes.NewReader(locks))
-	for sc.Scan() {
-		// "1: FLOCK  ADVISORY  WRITE 1234 00:2d:5678 0 EOF"; a waiter's
-		// line has "->" after the number.
-		f := strings.Fields(sc.Text())
-		if len(f) >= 6 && f[1] == "FLOCK" && f[5] == id {
-			return true
-		}
-	}
-	return false
 }
 
 // waitFor polls cond until it holds or within passes.
