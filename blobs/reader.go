@@ -121,6 +121,31 @@ func (s *Store) Open(ctx context.Context, d digest.Digest) (*BlobReader, error) 
 	if err != nil {
 		return nil, err
 	}
+	return s.newReader(ctx, d, b, loc)
+}
+
+// OpenMany opens up to db.ChunkBatch blobs with one index query (see
+// db.BlobsAndLocs): readers[i] reads ds[i], or errs[i] says why not (a
+// blob not stored is ErrNotFound). err is an index failure, for all.
+func (s *Store) OpenMany(ctx context.Context, ds []digest.Digest) (readers []*BlobReader, errs []error, err error) {
+	found, err := s.db.BlobsAndLocs(ctx, ds)
+	if err != nil {
+		return nil, nil, err
+	}
+	readers, errs = make([]*BlobReader, len(ds)), make([]error, len(ds))
+	for i, d := range ds {
+		bl, ok := found[d]
+		if !ok {
+			errs[i] = fmt.Errorf("blob %s: %w", d, ErrNotFound)
+			continue
+		}
+		readers[i], errs[i] = s.newReader(ctx, d, bl.Blob, bl.Loc)
+	}
+	return readers, errs, nil
+}
+
+// newReader checks a blob's index row and returns a reader for it.
+func (s *Store) newReader(ctx context.Context, d digest.Digest, b db.Blob, loc *db.ChunkLoc) (*BlobReader, error) {
 	br := &BlobReader{s: s, ctx: ctx, size: b.Size}
 	switch {
 	case b.Chunks == nil && b.Size > 0:

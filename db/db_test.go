@@ -9,6 +9,8 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"github.com/casnix/casnix/digest"
 )
 
 func TestMigrateAndRefuseNewer(t *testing.T) {
@@ -152,5 +154,89 @@ func TestWriteFull(t *testing.T) {
 	var n int
 	if err := d.r.QueryRowContext(ctx, "SELECT count(*) FROM junk").Scan(&n); err != nil || n != 1 {
 		t.Fatalf("junk has %d rows (%v), want the 1 committed after the failure", n, err)
+	}
+}
+
+// TestBlobsAndLocs: the batch lookup answers what BlobAndLoc answers for
+// each digest (single-chunk blobs with their location, chunked blobs
+// without, missing blobs absent), for lists shorter than, equal to and
+// (refused) longer than a batch.
+func TestBlobsAndLocs(t *testing.T) {
+	ctx := context.Background()
+	d, err := Open(ctx, filepath.Join(t.TempDir(), "x.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	var stored []digest.Digest
+	err = d.Write(ctx, func(tx *Tx) error {
+		pack, err := tx.InsertPack(ctx)
+		if err != nil {
+			return err
+		}
+		frame, err := tx.InsertFrame(ctx, Frame{Pack: pack, Offset: 0, DataOff: 16, CLen: 100, RawLen: 4096})
+		if err != nil {
+			return err
+		}
+		for i := range ChunkBatch {
+			dg := digest.Sum([]byte(fmt.Sprint("blob", i)))
+			stored = append(stored, dg)
+			b := Blob{Size: int64(10 + i)}
+			if i%3 == 0 { // chunked: a list of (digest, length)
+				b.Chunks = make([]byte, digest.Size+4)
+			} else if err := tx.InsertChunk(ctx, dg, frame, int64(i*10), int64(10+i)); err != nil {
+				return err
+			}
+			if err := tx.InsertBlob(ctx, dg, b); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	missing := digest.Sum([]byte("missing"))
+	tests := []struct {
+		name string
+		ds   []digest.Digest
+	}{
+		{"one", stored[:1]},
+		{"some and a missing one", append([]digest.Digest{missing}, stored[1:5]...)},
+		{"a full batch", stored},
+		{"only missing", []digest.Digest{missing}},
+		{"none", nil},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := d.BlobsAndLocs(ctx, tc.ds)
+			if err != nil {
+				t.Fatal(err)
+			}
+			n := 0
+			for _, dg := range tc.ds {
+				b, loc, err := d.BlobAndLoc(ctx, dg)
+				bl, ok := got[dg]
+				if errors.Is(err, ErrNotFound) {
+					if ok {
+						t.Errorf("%s: missing blob in the batch answer", dg)
+					}
+					continue
+				}
+				n++
+				if err != nil || !ok {
+					t.Fatalf("%s: %v, in batch %v", dg, err, ok)
+				}
+				if bl.Size != b.Size || string(bl.Chunks) != string(b.Chunks) || (loc == nil) != (bl.Loc == nil) || (loc != nil && *loc != *bl.Loc) {
+					t.Errorf("%s: batch %+v %+v, single %+v %+v", dg, bl.Blob, bl.Loc, b, loc)
+				}
+			}
+			if len(got) != n {
+				t.Errorf("batch answered %d blobs, want %d", len(got), n)
+			}
+		})
+	}
+	if _, err := d.BlobsAndLocs(ctx, append(stored, missing)); err == nil {
+		t.Error("a list longer than a batch was accepted")
 	}
 }

@@ -260,6 +260,71 @@ func (q q) BlobAndLoc(ctx context.Context, d digest.Digest) (Blob, *ChunkLoc, er
 	}, nil
 }
 
+// BlobLoc is a blob and, when it is one chunk, that chunk's location.
+type BlobLoc struct {
+	Blob
+	Loc *ChunkLoc
+}
+
+var blobsQuery = func() string {
+	q := `SELECT b.digest, b.size, b.chunks, f.id, f.pack, f.offset, f.data_off, f.clen, f.rawlen, c.off, c.len
+		FROM blobs b LEFT JOIN chunks c ON b.chunks IS NULL AND c.digest = b.digest
+		LEFT JOIN frames f ON f.id = c.frame WHERE b.digest IN (?`
+	for i := 1; i < ChunkBatch; i++ {
+		q += ",?"
+	}
+	return q + ")"
+}()
+
+// BlobsAndLocs is BlobAndLoc for up to ChunkBatch blobs in one query:
+// rendering a directory of small files costs one round trip per
+// ChunkBatch files, not one per file, so a NAR holds a reader from the
+// pool for a few queries instead of thousands. Missing blobs are absent
+// from the result.
+func (q q) BlobsAndLocs(ctx context.Context, ds []digest.Digest) (map[digest.Digest]BlobLoc, error) {
+	if len(ds) == 0 {
+		return nil, nil
+	}
+	if len(ds) > ChunkBatch {
+		return nil, fmt.Errorf("blobs: %d digests, at most %d per call", len(ds), ChunkBatch)
+	}
+	args := make([]any, ChunkBatch)
+	for i := range args {
+		d := ds[min(i, len(ds)-1)]
+		args[i] = d[:]
+	}
+	rows, err := q.query(ctx, blobsQuery, args...)
+	if err != nil {
+		return nil, fmt.Errorf("blobs: %w", err)
+	}
+	defer rows.Close()
+	out := make(map[digest.Digest]BlobLoc, len(ds))
+	for rows.Next() {
+		var dg []byte
+		var b Blob
+		var id, pack, offset, dataOff, clen, rawlen, off, ln sql.NullInt64
+		if err := rows.Scan(&dg, &b.Size, &b.Chunks, &id, &pack, &offset, &dataOff, &clen, &rawlen, &off, &ln); err != nil {
+			return nil, fmt.Errorf("blobs: %w", err)
+		}
+		d, err := digest.FromBytes(dg)
+		if err != nil {
+			return nil, fmt.Errorf("blobs: %w", err)
+		}
+		bl := BlobLoc{Blob: b}
+		if id.Valid {
+			bl.Loc = &ChunkLoc{
+				Frame: Frame{ID: id.Int64, Pack: pack.Int64, Offset: offset.Int64, DataOff: dataOff.Int64, CLen: clen.Int64, RawLen: rawlen.Int64},
+				Off:   off.Int64, Len: ln.Int64,
+			}
+		}
+		out[d] = bl
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("blobs: %w", err)
+	}
+	return out, nil
+}
+
 // InsertDirectory records an encoded Directory unless present.
 func (q q) InsertDirectory(ctx context.Context, d digest.Digest, data []byte) error {
 	_, err := q.exec(ctx, "INSERT OR IGNORE INTO directories(digest, data) VALUES (?,?)", d[:], data)

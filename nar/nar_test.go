@@ -502,3 +502,85 @@ func TestTokenNames(t *testing.T) {
 		t.Errorf("entries %q, want %q", paths, names)
 	}
 }
+
+// batchMem is a memStore that opens blobs in batches, counting its calls.
+type batchMem struct {
+	*memStore
+	single  int   // OpenBlob calls
+	batches []int // sizes of OpenBlobs calls
+}
+
+func (m *batchMem) OpenBlob(ctx context.Context, d digest.Digest) (Blob, error) {
+	m.single++
+	return m.memStore.OpenBlob(ctx, d)
+}
+
+func (m *batchMem) OpenBlobs(ctx context.Context, ds []digest.Digest) ([]Blob, []error, error) {
+	m.batches = append(m.batches, len(ds))
+	bs, errs := make([]Blob, len(ds)), make([]error, len(ds))
+	for i, d := range ds {
+		bs[i], errs[i] = m.memStore.OpenBlob(ctx, d)
+	}
+	return bs, errs, nil
+}
+
+// TestRenderBatches: with a BatchSource, Render opens a directory's files
+// BlobBatch at a time, a run of them ending at a subdirectory, renders the
+// same NAR as one file at a time, and names the file whose blob is missing.
+func TestRenderBatches(t *testing.T) {
+	root := filepath.Join(t.TempDir(), "tree")
+	write := func(name, data string) {
+		t.Helper()
+		p := filepath.Join(root, name)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(data), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Entries sort by name: a run of 40 files, a directory, an empty file,
+	// a symlink and 30 files.
+	for i := range 40 {
+		write(fmt.Sprintf("a%03d", i), fmt.Sprint("file a", i))
+	}
+	write("b/inner1", "inner one")
+	write("b/inner2", "inner two")
+	write("c-empty", "")
+	if err := os.Symlink("a000", filepath.Join(root, "c-link")); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 30 {
+		write(fmt.Sprintf("d%03d", i), fmt.Sprint("file d", i))
+	}
+	var buf bytes.Buffer
+	if _, err := DumpPath(&buf, root); err != nil {
+		t.Fatal(err)
+	}
+	m := newMem()
+	res, err := Ingest(bytes.NewReader(buf.Bytes()), m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bm := &batchMem{memStore: m}
+	var out bytes.Buffer
+	if _, err := Render(context.Background(), &out, res.Root, bm); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(out.Bytes(), buf.Bytes()) {
+		t.Fatal("batched render differs from the dumped NAR")
+	}
+	// a000-a031, a032-a039 (the run ends at directory b), b's two files,
+	// then c-empty, c-link and d000-d029 in one run.
+	if want := []int{32, 8, 2, 30}; !slices.Equal(bm.batches, want) || bm.single != 0 {
+		t.Errorf("batches %v and %d single opens, want %v and none", bm.batches, bm.single, want)
+	}
+
+	// A blob missing from the middle of a batch: the error names its file.
+	delete(m.blobs, digest.Sum([]byte("file d7")))
+	out.Reset()
+	_, err = Render(context.Background(), &out, res.Root, &batchMem{memStore: m})
+	if err == nil || !strings.Contains(err.Error(), "/d007") {
+		t.Fatalf("missing blob: %v", err)
+	}
+}

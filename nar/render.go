@@ -25,6 +25,20 @@ type Source interface {
 	OpenBlob(ctx context.Context, d digest.Digest) (Blob, error)
 }
 
+// BatchSource is a Source that opens several blobs with one lookup. Render
+// uses it for the files of a directory, BlobBatch at a time: a tree of
+// thousands of small files then costs a lookup per BlobBatch files, not
+// one per file, and a NAR holds the index's readers that much less.
+type BatchSource interface {
+	Source
+	// OpenBlobs opens ds: blobs[i] reads ds[i] unless errs[i] says why
+	// not; err fails them all.
+	OpenBlobs(ctx context.Context, ds []digest.Digest) (blobs []Blob, errs []error, err error)
+}
+
+// BlobBatch is how many files Render opens per OpenBlobs call.
+const BlobBatch = 32
+
 // Render writes the NAR of the tree rooted at root to w and returns the
 // number of bytes written.
 func Render(ctx context.Context, w io.Writer, root castore.Node, src Source) (int64, error) {
@@ -56,6 +70,65 @@ type renderer struct {
 	w   *bufio.Writer
 	src Source
 	num [8]byte
+
+	// The next file's blob, opened with its directory's batch.
+	pre    Blob
+	preErr error
+	hasPre bool
+}
+
+// openedBlobs are the blobs of a run of a directory's file entries, opened
+// together. A run ends at a subdirectory, so no level of the tree holds
+// open blobs while a level below renders: at most BlobBatch are open.
+type openedBlobs struct {
+	at    map[int]int // entry index → index in blobs
+	blobs []Blob
+	errs  []error
+}
+
+// open opens, unless already open, entry i's blob and those of the file
+// entries after it up to the next subdirectory, BlobBatch at most.
+func (o *openedBlobs) open(r *renderer, ents []castore.NamedNode, i int) error {
+	if _, ok := o.at[i]; ok {
+		return nil
+	}
+	bs, ok := r.src.(BatchSource)
+	if !ok {
+		return nil // contents opens it
+	}
+	o.at = map[int]int{}
+	var ds []digest.Digest
+	for j := i; j < len(ents) && len(ds) < BlobBatch; j++ {
+		n := ents[j].Node
+		if n.Kind == castore.KindDirectory {
+			break
+		}
+		if n.Kind == castore.KindFile && n.Size > 0 {
+			o.at[j] = len(ds)
+			ds = append(ds, n.Digest)
+		}
+	}
+	blobs, errs, err := bs.OpenBlobs(r.ctx, ds)
+	if err != nil {
+		return fmt.Errorf("open %d blobs: %w", len(ds), err)
+	}
+	if len(blobs) != len(ds) || len(errs) != len(ds) {
+		return fmt.Errorf("open %d blobs: %d answers", len(ds), len(blobs))
+	}
+	o.blobs, o.errs = blobs, errs
+	return nil
+}
+
+// take hands over entry i's opened blob.
+func (o *openedBlobs) take(i int) (Blob, bool, error) {
+	k, ok := o.at[i]
+	if !ok {
+		return nil, false, nil
+	}
+	delete(o.at, i)
+	b, err := o.blobs[k], o.errs[k]
+	o.blobs[k] = nil
+	return b, true, err
 }
 
 var zeros [8]byte
@@ -103,13 +176,22 @@ func (r *renderer) node(n castore.Node, path string) error {
 		if err != nil {
 			return fmt.Errorf("nar: %s: directory %s: %w", path, n.Digest, err)
 		}
-		for _, e := range dir.Entries() {
+		ents := dir.Entries()
+		var opened openedBlobs
+		for i, e := range ents {
 			r.tok("entry")
 			r.tok("(")
 			r.tok("name")
 			r.str(e.Name)
 			r.tok("node")
-			if err := r.node(e.Node, strings.TrimSuffix(path, "/")+"/"+string(e.Name)); err != nil {
+			sub := strings.TrimSuffix(path, "/") + "/" + string(e.Name)
+			if e.Node.Kind == castore.KindFile && e.Node.Size > 0 {
+				if err := opened.open(r, ents, i); err != nil {
+					return fmt.Errorf("nar: %s: %w", sub, err)
+				}
+				r.pre, r.hasPre, r.preErr = opened.take(i)
+			}
+			if err := r.node(e.Node, sub); err != nil {
 				return err
 			}
 			r.tok(")")
@@ -124,7 +206,11 @@ func (r *renderer) node(n castore.Node, path string) error {
 func (r *renderer) contents(n castore.Node) error {
 	r.u64(n.Size)
 	if n.Size > 0 {
-		b, err := r.src.OpenBlob(r.ctx, n.Digest)
+		b, err := r.pre, r.preErr
+		if !r.hasPre {
+			b, err = r.src.OpenBlob(r.ctx, n.Digest)
+		}
+		r.pre, r.preErr, r.hasPre = nil, nil, false
 		if err != nil {
 			return fmt.Errorf("blob %s: %w", n.Digest, err)
 		}

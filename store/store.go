@@ -295,6 +295,25 @@ func (src source) OpenBlob(ctx context.Context, d digest.Digest) (nar.Blob, erro
 	return src.s.blobs.Open(ctx, d)
 }
 
+// A batch of blobs is one index query.
+var _ [db.ChunkBatch - nar.BlobBatch]struct{}
+
+// OpenBlobs makes source a nar.BatchSource: a directory's files are looked
+// up nar.BlobBatch per query.
+func (src source) OpenBlobs(ctx context.Context, ds []digest.Digest) ([]nar.Blob, []error, error) {
+	rs, errs, err := src.s.blobs.OpenMany(ctx, ds)
+	if err != nil {
+		return nil, nil, err
+	}
+	out := make([]nar.Blob, len(rs))
+	for i, r := range rs {
+		if r != nil { // a nil *BlobReader must not become a non-nil nar.Blob
+			out[i] = r
+		}
+	}
+	return out, errs, nil
+}
+
 // Directory loads and decodes a directory.
 func (s *Store) Directory(ctx context.Context, d digest.Digest) (*castore.Directory, error) {
 	return readDirectory(ctx, s.db, d)
