@@ -6,6 +6,7 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/base64"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -14,6 +15,7 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/casnix/casnix/nar"
 	"github.com/casnix/casnix/store"
@@ -209,5 +211,54 @@ func TestServer(t *testing.T) {
 		if !regexp.MustCompile(re).MatchString(m) {
 			t.Errorf("metrics lack %s:\n%s", re, m)
 		}
+	}
+}
+
+// TestMetricsScanHoldsNoRequest: while /metrics scans the store totals
+// (held here by taking the scan's lock), other requests, which count
+// themselves in the metrics, still complete. Under one lock, a scan slowed
+// by SQLite readers busy elsewhere stalled every request behind it.
+func TestMetricsScanHoldsNoRequest(t *testing.T) {
+	st := openStore(t)
+	addTree(t, st, pathA)
+	srv := &Server{Store: st, StoreDir: "/nix/store"}
+	hs := httptest.NewServer(srv)
+	defer hs.Close()
+	get := func(path string) error {
+		resp, err := http.Get(hs.URL + path)
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		io.Copy(io.Discard, resp.Body)
+		if resp.StatusCode != 200 {
+			return fmt.Errorf("%s: %s", path, resp.Status)
+		}
+		return nil
+	}
+	srv.metrics.statsMu.Lock()
+	scrape := make(chan error, 1)
+	go func() { scrape <- get("/metrics") }()
+	time.Sleep(100 * time.Millisecond) // the scrape is waiting on the scan
+	for i := range 3 {
+		done := make(chan error, 1)
+		go func() { done <- get("/" + store.HashPart(pathA) + ".narinfo") }()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("request %d waited for the metrics scan", i)
+		}
+	}
+	select {
+	case err := <-scrape:
+		t.Fatalf("/metrics answered during its scan: %v", err)
+	default:
+	}
+	srv.metrics.statsMu.Unlock()
+	if err := <-scrape; err != nil {
+		t.Fatal(err)
 	}
 }

@@ -20,6 +20,7 @@ import (
 
 	"github.com/klauspost/compress/zstd"
 
+	"github.com/casnix/casnix/db"
 	"github.com/casnix/casnix/store"
 )
 
@@ -59,9 +60,28 @@ type metrics struct {
 	bytes    atomic.Int64
 	errors   atomic.Int64
 
+	// statsMu guards the store totals, apart from mu: the scan takes as
+	// long as SQLite needs under load, and every request counts itself
+	// under mu; under one lock a slow scan stalled every request.
+	statsMu  sync.Mutex
 	statsAt  time.Time
 	paths    int64
 	narBytes int64
+}
+
+// storeTotals returns the store's path count and NAR bytes, scanning
+// SQLite at most every 10 s.
+func (m *metrics) storeTotals(ctx context.Context, st interface {
+	Stats(context.Context) (db.Stats, error)
+}) (paths, narBytes int64) {
+	m.statsMu.Lock()
+	defer m.statsMu.Unlock()
+	if time.Since(m.statsAt) > 10*time.Second {
+		if s, err := st.Stats(ctx); err == nil {
+			m.paths, m.narBytes, m.statsAt = s.Paths, s.NarBytes, time.Now()
+		}
+	}
+	return m.paths, m.narBytes
 }
 
 func (m *metrics) count(route string, status int) {
@@ -440,13 +460,8 @@ func parseRange(h string, size int64) (int64, int64, bool) {
 
 func (s *Server) serveMetrics(ctx context.Context, w http.ResponseWriter) {
 	m := &s.metrics
+	paths, narBytes := m.storeTotals(ctx, s.Store)
 	m.mu.Lock()
-	if time.Since(m.statsAt) > 10*time.Second {
-		// Store totals scan SQLite: at most every 10 s.
-		if st, err := s.Store.Stats(ctx); err == nil {
-			m.paths, m.narBytes, m.statsAt = st.Paths, st.NarBytes, time.Now()
-		}
-	}
 	keys := make([][2]string, 0, len(m.requests))
 	for k := range m.requests {
 		keys = append(keys, k)
@@ -457,7 +472,6 @@ func (s *Server) serveMetrics(ctx context.Context, w http.ResponseWriter) {
 	for _, k := range keys {
 		fmt.Fprintf(&b, "casnix_http_requests_total{route=%q,status=%q} %d\n", k[0], k[1], m.requests[k])
 	}
-	paths, narBytes := m.paths, m.narBytes
 	m.mu.Unlock()
 	fmt.Fprintf(&b, "# HELP casnix_http_sent_bytes_total Response body bytes sent.\n# TYPE casnix_http_sent_bytes_total counter\ncasnix_http_sent_bytes_total %d\n", m.bytes.Load())
 	fmt.Fprintf(&b, "# HELP casnix_http_errors_total Requests that failed on the server side.\n# TYPE casnix_http_errors_total counter\ncasnix_http_errors_total %d\n", m.errors.Load())
