@@ -1,6 +1,7 @@
 package tests
 
 import (
+	"bytes"
 	"fmt"
 	"maps"
 	"math/rand/v2"
@@ -13,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/casnix/casnix/nar"
 	"github.com/casnix/casnix/tests/nixtest"
 )
 
@@ -236,6 +238,22 @@ func TestBackupUnderLoad(t *testing.T) {
 			t.Errorf("restore of a %s left %d entries in the target, e.g. %s", tc.name, len(left), left[0].Name())
 		}
 	}
+}
+
+// randomNARFile writes a random tree of n bytes at dir (writeRandomTree) and its NAR
+// at dir+".nar", and returns the NAR file's path: the input of `casnix import --nar`.
+func randomNARFile(t *testing.T, rng *rand.Rand, dir string, n int) string {
+	t.Helper()
+	writeRandomTree(t, rng, dir, n)
+	var buf bytes.Buffer
+	if _, err := nar.DumpPath(&buf, dir); err != nil {
+		t.Fatal(err)
+	}
+	narFile := dir + ".nar"
+	if err := os.WriteFile(narFile, buf.Bytes(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return narFile
 }
 
 // writeRandomTree writes dir with two files holding n bytes together: half random, half

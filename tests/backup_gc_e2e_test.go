@@ -11,7 +11,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/casnix/casnix/nar"
 	"github.com/casnix/casnix/tests/nixtest"
 )
 
@@ -27,15 +26,7 @@ func TestBackupBesideGC(t *testing.T) {
 	rng := rand.New(rand.NewChaCha8([32]byte{'b', 'k', 'g', 'c'}))
 	importPath := func(name string) string {
 		tree := filepath.Join(work, name)
-		writeRandomTree(t, rng, tree, 512<<10)
-		var buf bytes.Buffer
-		if _, err := nar.DumpPath(&buf, tree); err != nil {
-			t.Fatal(err)
-		}
-		narFile := tree + ".nar"
-		if err := os.WriteFile(narFile, buf.Bytes(), 0o644); err != nil {
-			t.Fatal(err)
-		}
+		narFile := randomNARFile(t, rng, tree, 512<<10)
 		p := "/nix/store/" + name
 		runCasnix(t, bin, data, "import", "--nar", narFile, "--path", p)
 		return p

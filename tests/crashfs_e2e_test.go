@@ -1,7 +1,6 @@
 package tests
 
 import (
-	"bytes"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -10,7 +9,6 @@ import (
 	"slices"
 	"testing"
 
-	"github.com/casnix/casnix/nar"
 	"github.com/casnix/casnix/tests/crashfs"
 	"github.com/casnix/casnix/tests/nixtest"
 )
@@ -43,15 +41,7 @@ func TestPowerCutImport(t *testing.T) {
 	for i := range powerCutImports + 1 {
 		name := fmt.Sprintf("%031dc-cut-%d", i, i)
 		tree := filepath.Join(work, name)
-		writeRandomTree(t, rng, tree, 256<<10)
-		var buf bytes.Buffer
-		if _, err := nar.DumpPath(&buf, tree); err != nil {
-			t.Fatal(err)
-		}
-		narFile := tree + ".nar"
-		if err := os.WriteFile(narFile, buf.Bytes(), 0o644); err != nil {
-			t.Fatal(err)
-		}
+		narFile := randomNARFile(t, rng, tree, 256<<10)
 		items = append(items, item{narFile, "/nix/store/" + name})
 	}
 	last := items[powerCutImports] // imported after the cut, on the backing dir
@@ -157,15 +147,7 @@ func TestPowerCutRestore(t *testing.T) {
 			next++
 			name := fmt.Sprintf("%031dr-rcut-%d", next, next)
 			tree := filepath.Join(work, name)
-			writeRandomTree(t, rng, tree, 32<<10)
-			var buf bytes.Buffer
-			if _, err := nar.DumpPath(&buf, tree); err != nil {
-				t.Fatal(err)
-			}
-			narFile := tree + ".nar"
-			if err := os.WriteFile(narFile, buf.Bytes(), 0o644); err != nil {
-				t.Fatal(err)
-			}
+			narFile := randomNARFile(t, rng, tree, 32<<10)
 			runCasnix(t, bin, dir, "import", "--nar", narFile, "--path", "/nix/store/"+name)
 			paths = append(paths, "/nix/store/"+name)
 		}

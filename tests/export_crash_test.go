@@ -37,15 +37,7 @@ func TestPowerCutAfterExport(t *testing.T) {
 	for i := range 3 {
 		name := fmt.Sprintf("%031dx-exp-%d", i, i)
 		tree := filepath.Join(work, name)
-		writeRandomTree(t, rng, tree, 64<<10)
-		var buf bytes.Buffer
-		if _, err := nar.DumpPath(&buf, tree); err != nil {
-			t.Fatal(err)
-		}
-		narFile := tree + ".nar"
-		if err := os.WriteFile(narFile, buf.Bytes(), 0o644); err != nil {
-			t.Fatal(err)
-		}
+		narFile := randomNARFile(t, rng, tree, 64<<10)
 		p := "/nix/store/" + name
 		args := []string{"import", "--nar", narFile, "--path", p}
 		if i > 0 {

@@ -1,7 +1,6 @@
 package tests
 
 import (
-	"bytes"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -13,7 +12,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/casnix/casnix/nar"
 	"github.com/casnix/casnix/tests/nixtest"
 )
 
@@ -37,15 +35,7 @@ func TestRestoreCrash(t *testing.T) {
 		var paths []string
 		for i := range n {
 			tree := filepath.Join(work, fmt.Sprintf("%s-tree-%d", tag, i))
-			writeRandomTree(t, rng, tree, 256<<10)
-			var buf bytes.Buffer
-			if _, err := nar.DumpPath(&buf, tree); err != nil {
-				t.Fatal(err)
-			}
-			narFile := tree + ".nar"
-			if err := os.WriteFile(narFile, buf.Bytes(), 0o644); err != nil {
-				t.Fatal(err)
-			}
+			narFile := randomNARFile(t, rng, tree, 256<<10)
 			p := fmt.Sprintf("/nix/store/%031d%d-%s-%d", i, len(tag), tag, i)
 			runCasnix(t, bin, dir, "import", "--nar", narFile, "--path", p)
 			paths = append(paths, p)
