@@ -57,6 +57,9 @@ const rewriteBelow = 0.5
 // but never deleted: chunk deletion is the collector's sweep.
 func (s *Store) Compact(ctx context.Context, minDead float64) (CompactStats, error) {
 	var st CompactStats
+	if s.opts.ReadOnly {
+		return st, fmt.Errorf("compact: %w", db.ErrReadOnly)
+	}
 	s.closeFree()
 	c := &compactor{s: s, ctx: ctx, st: &st, dirs: map[string]bool{}}
 	defer c.finish()

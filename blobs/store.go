@@ -51,6 +51,9 @@ type Options struct {
 	// number of CPUs). More would only take CPUs from the readers that
 	// wait for them.
 	Decoders int
+	// ReadOnly opens an existing pack directory for reading only: it is
+	// neither created nor synced (no pack below it will be written).
+	ReadOnly bool
 }
 
 func (o *Options) defaults() {
@@ -109,13 +112,15 @@ type Store struct {
 // Open opens the blob store whose packs live under dir (created if needed).
 func Open(dir string, d *db.DB, opts Options) (*Store, error) {
 	opts.defaults()
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, fmt.Errorf("create pack dir: %w", err)
-	}
-	// packs/ is an entry of the data dir: made durable before any pack
-	// below it is (newPack syncs packs/ for a new NN/).
-	if err := syncDir(filepath.Dir(dir)); err != nil {
-		return nil, err
+	if !opts.ReadOnly {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return nil, fmt.Errorf("create pack dir: %w", err)
+		}
+		// packs/ is an entry of the data dir: made durable before any pack
+		// below it is (newPack syncs packs/ for a new NN/).
+		if err := syncDir(filepath.Dir(dir)); err != nil {
+			return nil, err
+		}
 	}
 	// The window only needs to cover one frame; zstd's default (8 MiB)
 	// would cost 16 MiB of history per encoder for nothing.
@@ -212,6 +217,9 @@ type packFile struct {
 // other process holds, or a new one. Before a pack is appended to, anything
 // past its last committed frame is cut off.
 func (s *Store) acquire(ctx context.Context) (*packFile, error) {
+	if s.opts.ReadOnly {
+		return nil, fmt.Errorf("take a pack for writing: %w", db.ErrReadOnly)
+	}
 	s.mu.Lock()
 	var p *packFile
 	if n := len(s.free); n > 0 {

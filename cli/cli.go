@@ -67,7 +67,14 @@ const (
 )
 
 // Open opens the store for a command; callers defer Close.
-func (g *Globals) Open() (*store.Store, error) {
+func (g *Globals) Open() (*store.Store, error) { return g.open(false) }
+
+// OpenRead opens the store for a one-shot command that only reads (dump,
+// cat, ls, path-info): store.Options.ReadOnly, so start-up neither syncs,
+// migrates nor opens a writer (bench/startup.sh measures it).
+func (g *Globals) OpenRead() (*store.Store, error) { return g.open(true) }
+
+func (g *Globals) open(readOnly bool) (*store.Store, error) {
 	dir := g.DataDir
 	if dir == "" {
 		dir = DefaultDataDir()
@@ -77,7 +84,7 @@ func (g *Globals) Open() (*store.Store, error) {
 		level = DefaultZstdLevel
 	}
 	st, err := store.Open(g.Ctx, dir, store.Options{
-		StoreDir: g.StoreDir, Logger: g.Logger,
+		StoreDir: g.StoreDir, Logger: g.Logger, ReadOnly: readOnly,
 		Blobs: blobs.Options{Level: zstd.EncoderLevelFromZstd(level), FrameSize: g.FrameSize, CacheBytes: g.FrameCache},
 	})
 	if err != nil {

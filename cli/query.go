@@ -126,7 +126,7 @@ type invalidJSON struct {
 
 // Run prints path-info.
 func (c *PathInfoCmd) Run(g *Globals) error {
-	st, err := g.Open()
+	st, err := g.OpenRead()
 	if err != nil {
 		return err
 	}
@@ -243,7 +243,7 @@ func lookupSub(g *Globals, p string) (*store.Store, castore.Node, error) {
 	if err != nil {
 		return nil, castore.Node{}, err
 	}
-	st, err := g.Open()
+	st, err := g.OpenRead()
 	if err != nil {
 		return nil, castore.Node{}, err
 	}
@@ -288,7 +288,7 @@ type DumpCmd struct {
 
 // Run writes the NAR.
 func (c *DumpCmd) Run(g *Globals) error {
-	st, err := g.Open()
+	st, err := g.OpenRead()
 	if err != nil {
 		return err
 	}

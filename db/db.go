@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"io/fs"
 	"net/url"
+	"os"
 	"path/filepath"
 	"runtime"
 	"sort"
@@ -23,7 +24,7 @@ import (
 	"sync"
 	"syscall"
 
-	_ "modernc.org/sqlite" // registers the "sqlite" driver
+	"modernc.org/sqlite" // registers the "sqlite" driver; FileControl
 
 	"github.com/casnix/casnix/migrations"
 )
@@ -34,9 +35,16 @@ var ErrNotFound = errors.New("not found")
 // ErrSchemaTooNew means the data dir was written by a newer casnix.
 var ErrSchemaTooNew = errors.New("database schema is newer than this casnix")
 
+// ErrNeedsMigration is returned by OpenReader for a database whose schema
+// is older than this binary's: only Open, which migrates, can open it.
+var ErrNeedsMigration = errors.New("database schema needs migrating")
+
+// ErrReadOnly is returned by writes to a database OpenReader opened.
+var ErrReadOnly = errors.New("database is open read-only")
+
 // DB is an open casnix database.
 type DB struct {
-	w    *sql.DB
+	w    *sql.DB // nil when opened by OpenReader
 	r    *sql.DB
 	path string
 	q    // read queries on the reader pool
@@ -85,9 +93,105 @@ func Open(ctx context.Context, path string) (*DB, error) {
 	return &DB{w: w, r: r, path: path, q: q{c: r, stmts: newStmtCache(r.PrepareContext)}}, nil
 }
 
+// OpenReader opens the existing database at path for reading only, the
+// cheap start of one-shot commands (dump, cat, ls, path-info): no writer
+// connection and no migration. database/sql opens reader connections as
+// queries need them, so a command that queries one at a time opens one.
+// A schema older than this binary's is ErrNeedsMigration (the caller opens
+// with Open instead, which migrates), a newer one ErrSchemaTooNew; a
+// missing file is an error wrapping fs.ErrNotExist (mode=rw never creates).
+//
+// Its connections keep the WAL and -shm files when they close
+// (SQLITE_FCNTL_PERSIST_WAL), with journal_size_limit 0 so the WAL is
+// truncated to nothing, not left at the size a writer grew it to: without
+// that, every one-shot read would create both files and, closing last,
+// delete them again, two creates and two unlinks in the data dir per call.
+// The last closer still checkpoints the WAL into the database as before.
+func OpenReader(ctx context.Context, path string) (*DB, error) {
+	if _, err := os.Stat(path); err != nil {
+		return nil, fmt.Errorf("open database: %w", err)
+	}
+	drv, err := sqliteDriver()
+	if err != nil {
+		return nil, err
+	}
+	name := dsn(path, true) + "&" + url.Values{"_pragma": {"journal_size_limit(0)"}, "mode": {"rw"}}.Encode()
+	r := sql.OpenDB(persistWAL{drv: drv, dsn: name})
+	n := max(4, 2*runtime.GOMAXPROCS(0))
+	r.SetMaxOpenConns(n)
+	r.SetMaxIdleConns(n)
+	if err := checkSchema(ctx, r); err != nil {
+		r.Close()
+		return nil, fmt.Errorf("database %s: %w", path, err)
+	}
+	return &DB{r: r, path: path, q: q{c: r, stmts: newStmtCache(r.PrepareContext)}}, nil
+}
+
+// checkSchema fails unless the database's schema version is the latest.
+func checkSchema(ctx context.Context, c *sql.DB) error {
+	latest, err := LatestVersion()
+	if err != nil {
+		return err
+	}
+	var cur int
+	if err := c.QueryRowContext(ctx, "PRAGMA user_version").Scan(&cur); err != nil {
+		return fmt.Errorf("read schema version: %w", err)
+	}
+	switch {
+	case cur > latest:
+		return fmt.Errorf("%w: schema version %d, this binary knows up to %d; upgrade casnix", ErrSchemaTooNew, cur, latest)
+	case cur < latest:
+		return fmt.Errorf("%w: schema version %d, this binary's is %d", ErrNeedsMigration, cur, latest)
+	}
+	return nil
+}
+
+// sqliteDriver is the registered "sqlite" driver (getting it opens nothing).
+func sqliteDriver() (driver.Driver, error) {
+	c, err := sql.Open("sqlite", "")
+	if err != nil {
+		return nil, fmt.Errorf("sqlite driver: %w", err)
+	}
+	defer c.Close()
+	return c.Driver(), nil
+}
+
+// persistWAL is a connector whose connections set SQLITE_FCNTL_PERSIST_WAL
+// (see OpenReader).
+type persistWAL struct {
+	drv driver.Driver
+	dsn string
+}
+
+func (c persistWAL) Connect(context.Context) (driver.Conn, error) {
+	conn, err := c.drv.Open(c.dsn)
+	if err != nil {
+		return nil, err
+	}
+	fc, ok := conn.(sqlite.FileControl)
+	if !ok {
+		conn.Close()
+		return nil, fmt.Errorf("sqlite connection %T has no file control", conn)
+	}
+	if _, err := fc.FileControlPersistWAL("main", 1); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("persist WAL: %w", err)
+	}
+	return conn, nil
+}
+
+func (c persistWAL) Driver() driver.Driver { return c.drv }
+
+// ReadOnly reports whether the database was opened by OpenReader.
+func (d *DB) ReadOnly() bool { return d.w == nil }
+
 // Close closes all connections.
 func (d *DB) Close() error {
-	return errors.Join(d.q.stmts.close(), d.r.Close(), d.w.Close())
+	err := errors.Join(d.q.stmts.close(), d.r.Close())
+	if d.w != nil {
+		err = errors.Join(err, d.w.Close())
+	}
+	return err
 }
 
 // File is the database file's path.
@@ -203,6 +307,9 @@ type Tx struct {
 // callers and users see "no space left on device" rather than SQLite's
 // "database or disk is full".
 func (d *DB) Write(ctx context.Context, fn func(*Tx) error) error {
+	if d.w == nil {
+		return ErrReadOnly
+	}
 	conn, err := d.w.Conn(ctx)
 	if err != nil {
 		return fmt.Errorf("begin: %w", d.noSpace(err))

@@ -16,6 +16,9 @@ import (
 // repair for damaged index b-trees, which integrity_check reports as rows
 // missing from an index or index entries without a row.
 func (d *DB) Reindex(ctx context.Context) error {
+	if d.w == nil {
+		return ErrReadOnly
+	}
 	if _, err := d.w.ExecContext(ctx, "REINDEX"); err != nil {
 		return fmt.Errorf("reindex: %w", err)
 	}

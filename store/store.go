@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"hash"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -35,6 +36,8 @@ type Options struct {
 	StoreDir string
 	Blobs    blobs.Options
 	Logger   *slog.Logger
+	// ReadOnly opens an existing data dir for reading only (see Open).
+	ReadOnly bool
 }
 
 // Store is an open casnix data directory.
@@ -63,12 +66,28 @@ const (
 )
 
 // Open opens (creating if needed) the data directory dir.
+//
+// With opts.ReadOnly, an existing data dir whose schema is current opens
+// for reading only, the cheap start of one-shot reads (dump, cat, ls,
+// path-info): no directory is created or synced, no migration runs, there
+// is no writer connection, and writes fail with db.ErrReadOnly. A data dir
+// without a database, or with an older schema, is opened as without
+// ReadOnly instead: created, or migrated, as any command after an upgrade
+// did before, rather than refused; a newer schema is refused either way.
 func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 	if opts.StoreDir == "" {
 		opts.StoreDir = DefaultStoreDir
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.ReadOnly {
+		st, err := openReadOnly(ctx, dir, opts)
+		if !errors.Is(err, errNeedsWriter) {
+			return st, err
+		}
+		opts.ReadOnly = false
+		opts.Blobs.ReadOnly = false
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("create data dir: %w", err)
@@ -94,6 +113,49 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 		return nil, err
 	}
 	return &Store{StoreDir: opts.StoreDir, dir: dir, db: d, blobs: b, blobOpts: opts.Blobs, log: opts.Logger, dirLock: lock}, nil
+}
+
+// errNeedsWriter means openReadOnly cannot open the data dir: it has no
+// database yet, or one that needs migrating.
+var errNeedsWriter = errors.New("data dir needs a writable open")
+
+// openReadOnly is Open with opts.ReadOnly for a data dir that has a
+// database with the current schema; errNeedsWriter otherwise.
+//
+// It syncs nothing: a reader acknowledges nothing, so it has no durability
+// to ensure. Whoever made the data dir synced its entries before their
+// first commit (Open syncs the data dir's parent before it creates the
+// database, and the data dir once packs/ is made), and a reader runs only
+// where a database already exists. The data-dir lock is still taken
+// shared, as by every opener: a restore must not swap the files under a
+// reader, and an interrupted restore is finished first (openDirLock).
+func openReadOnly(ctx context.Context, dir string, opts Options) (*Store, error) {
+	file := filepath.Join(dir, DBFile)
+	if _, err := os.Stat(file); errors.Is(err, fs.ErrNotExist) {
+		return nil, errNeedsWriter
+	}
+	lock, err := openDirLock(ctx, dir)
+	if err != nil {
+		return nil, err
+	}
+	d, err := db.OpenReader(ctx, file)
+	if errors.Is(err, db.ErrNeedsMigration) || errors.Is(err, fs.ErrNotExist) {
+		lock.Close()
+		return nil, errNeedsWriter
+	}
+	if err != nil {
+		lock.Close()
+		return nil, err
+	}
+	bopts := opts.Blobs
+	bopts.ReadOnly = true
+	b, err := blobs.Open(filepath.Join(dir, PackDir), d, bopts)
+	if err != nil {
+		d.Close()
+		lock.Close()
+		return nil, err
+	}
+	return &Store{StoreDir: opts.StoreDir, dir: dir, db: d, blobs: b, blobOpts: bopts, log: opts.Logger, dirLock: lock}, nil
 }
 
 // Close closes the store.
