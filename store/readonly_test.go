@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -232,6 +233,7 @@ func BenchmarkOpenDump(b *testing.B) {
 			name = "read-only"
 		}
 		b.Run(name, func(b *testing.B) {
+			cpu0 := cpuTime(b)
 			for b.Loop() {
 				st, err := Open(ctx, dir, Options{ReadOnly: ro})
 				if err != nil {
@@ -244,6 +246,16 @@ func BenchmarkOpenDump(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
+			b.ReportMetric(float64(cpuTime(b)-cpu0)/float64(b.N)/1e6, "cpu-ms/op")
 		})
 	}
+}
+
+// cpuTime is the user + system time this process has used.
+func cpuTime(b *testing.B) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
