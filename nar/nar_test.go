@@ -584,3 +584,168 @@ func TestRenderBatches(t *testing.T) {
 		t.Fatalf("missing blob: %v", err)
 	}
 }
+
+// aheadMem is a batchMem whose blobs record, in one log, the Prefetch
+// calls Render makes and the moment each blob starts being read.
+type aheadMem struct {
+	*memStore
+	names   map[digest.Digest]string
+	log     []aheadEvent
+	opened  int // blobs opened and not yet read
+	maxOpen int
+}
+
+type aheadEvent struct {
+	name string
+	n    int64 // Prefetch(n); -1: the read starts
+}
+
+type aheadBlob struct {
+	*bytes.Reader
+	m    *aheadMem
+	name string
+	read bool
+}
+
+func (b *aheadBlob) Size() int64 { return b.Reader.Size() }
+
+func (b *aheadBlob) Prefetch(n int64) { b.m.log = append(b.m.log, aheadEvent{b.name, n}) }
+
+func (b *aheadBlob) start() {
+	if !b.read {
+		b.read = true
+		b.m.opened--
+		b.m.log = append(b.m.log, aheadEvent{b.name, -1})
+	}
+}
+
+func (b *aheadBlob) Read(p []byte) (int, error) { b.start(); return b.Reader.Read(p) }
+
+func (b *aheadBlob) WriteTo(w io.Writer) (int64, error) { b.start(); return b.Reader.WriteTo(w) }
+
+func (m *aheadMem) OpenBlob(ctx context.Context, d digest.Digest) (Blob, error) {
+	return nil, errors.New("OpenBlob called on a BatchSource")
+}
+
+func (m *aheadMem) OpenBlobs(ctx context.Context, ds []digest.Digest) ([]Blob, []error, error) {
+	bs, errs := make([]Blob, len(ds)), make([]error, len(ds))
+	for i, d := range ds {
+		m.opened++
+		m.maxOpen = max(m.maxOpen, m.opened)
+		bs[i] = &aheadBlob{Reader: bytes.NewReader(m.blobs[d]), m: m, name: m.names[d]}
+	}
+	return bs, errs, nil
+}
+
+// TestRenderReadAhead: Render has the files after the one it writes
+// decoding, across batches, within ReadAheadBytes of the start of the file
+// it writes, never past a subdirectory, with at most two batches open, and
+// still renders the same NAR.
+func TestRenderReadAhead(t *testing.T) {
+	const fileSize = 1 << 20
+	root := filepath.Join(t.TempDir(), "tree")
+	sizes := map[string]int64{}
+	write := func(name string, size int) {
+		t.Helper()
+		p := filepath.Join(root, name)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		data := make([]byte, size)
+		copy(data, name) // distinct contents, so no two files share a blob
+		if err := os.WriteFile(p, data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		sizes[name] = int64(size)
+	}
+	// A run of 40 files (more than a batch, more than the window), a
+	// directory, then 5 files.
+	for i := range 40 {
+		write(fmt.Sprintf("a%03d", i), fileSize)
+	}
+	write("b/x", fileSize)
+	write("b/y", 100)
+	for i := range 5 {
+		write(fmt.Sprintf("c%03d", i), fileSize/2)
+	}
+	var buf bytes.Buffer
+	if _, err := DumpPath(&buf, root); err != nil {
+		t.Fatal(err)
+	}
+	m := newMem()
+	res, err := Ingest(bytes.NewReader(buf.Bytes()), m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	am := &aheadMem{memStore: m, names: map[digest.Digest]string{}}
+	order := []string{} // files in NAR order
+	for name := range sizes {
+		order = append(order, name)
+	}
+	slices.Sort(order)
+	for _, name := range order {
+		data, err := os.ReadFile(filepath.Join(root, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		am.names[digest.Sum(data)] = name
+	}
+	var out bytes.Buffer
+	if _, err := Render(context.Background(), &out, res.Root, am); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(out.Bytes(), buf.Bytes()) {
+		t.Fatal("render with read-ahead differs from the dumped NAR")
+	}
+	if am.maxOpen > 2*BlobBatch {
+		t.Errorf("%d blobs open at once, want at most %d", am.maxOpen, 2*BlobBatch)
+	}
+	// start[name] is where a file starts in its directory's run of files.
+	start := map[string]int64{}
+	var off int64
+	prevDir := ""
+	for _, name := range order {
+		if dir := filepath.Dir(name); dir != prevDir {
+			off, prevDir = 0, dir
+		}
+		if name == "c000" {
+			off = 0 // b/ ends the run of a files
+		}
+		start[name] = off
+		off += sizes[name]
+	}
+	// Prefetches logged before file k's read are k's window.
+	var next []string // files still to be read, in order
+	next = append(next, order...)
+	prefetched := map[string]bool{}
+	for _, ev := range am.log {
+		if ev.n < 0 {
+			if ev.name != next[0] {
+				t.Fatalf("read %s, want %s", ev.name, next[0])
+			}
+			next = next[1:]
+			continue
+		}
+		k := next[0]
+		prefetched[ev.name] = true
+		if filepath.Dir(ev.name) != filepath.Dir(k) || (ev.name >= "c" && k < "c") {
+			t.Errorf("%s prefetched while %s renders: past a subdirectory", ev.name, k)
+			continue
+		}
+		if ev.name <= k {
+			t.Errorf("%s prefetched while %s renders: not ahead", ev.name, k)
+		}
+		if end := start[ev.name] + ev.n - start[k]; end > ReadAheadBytes {
+			t.Errorf("Prefetch(%d) of %s while %s renders reaches %d bytes past its start, budget %d",
+				ev.n, ev.name, k, end, ReadAheadBytes)
+		}
+	}
+	// Every file but the first of each run was decoding before it was
+	// reached, across the batch boundary at a032 too.
+	for _, name := range order {
+		first := name == "a000" || name == "b/x" || name == "c000"
+		if prefetched[name] == first {
+			t.Errorf("%s prefetched: %v, want %v", name, prefetched[name], !first)
+		}
+	}
+}

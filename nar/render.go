@@ -77,13 +77,31 @@ type renderer struct {
 	hasPre bool
 }
 
+// Prefetcher is a Blob that can start decoding its first n bytes in the
+// background. Render has the files after the one it writes decoding, up to
+// ReadAheadBytes past the start of that one: a path of many small files
+// then keeps the other cores decoding while one renders, as a big file does
+// with its own read-ahead, instead of decoding frame after frame on the
+// rendering goroutine as each file is reached.
+type Prefetcher interface {
+	Prefetch(n int64)
+}
+
+// ReadAheadBytes is how far past the start of the file it writes Render
+// has the following files of its directory decoding.
+const ReadAheadBytes = 16 << 20
+
 // openedBlobs are the blobs of a run of a directory's file entries, opened
-// together. A run ends at a subdirectory, so no level of the tree holds
-// open blobs while a level below renders: at most BlobBatch are open.
+// BlobBatch at a time, the next batch as read-ahead reaches it. A run ends
+// at a subdirectory, so no level of the tree holds open blobs while a level
+// below renders: at most 2*BlobBatch are open.
 type openedBlobs struct {
-	at    map[int]int // entry index → index in blobs
-	blobs []Blob
-	errs  []error
+	at map[int]openedBlob // entry index → its blob, not taken yet
+}
+
+type openedBlob struct {
+	b   Blob
+	err error
 }
 
 // open opens, unless already open, entry i's blob and those of the file
@@ -96,7 +114,7 @@ func (o *openedBlobs) open(r *renderer, ents []castore.NamedNode, i int) error {
 	if !ok {
 		return nil // contents opens it
 	}
-	o.at = map[int]int{}
+	var idx []int
 	var ds []digest.Digest
 	for j := i; j < len(ents) && len(ds) < BlobBatch; j++ {
 		n := ents[j].Node
@@ -104,7 +122,7 @@ func (o *openedBlobs) open(r *renderer, ents []castore.NamedNode, i int) error {
 			break
 		}
 		if n.Kind == castore.KindFile && n.Size > 0 {
-			o.at[j] = len(ds)
+			idx = append(idx, j)
 			ds = append(ds, n.Digest)
 		}
 	}
@@ -115,20 +133,57 @@ func (o *openedBlobs) open(r *renderer, ents []castore.NamedNode, i int) error {
 	if len(blobs) != len(ds) || len(errs) != len(ds) {
 		return fmt.Errorf("open %d blobs: %d answers", len(ds), len(blobs))
 	}
-	o.blobs, o.errs = blobs, errs
+	if o.at == nil {
+		o.at = make(map[int]openedBlob, 2*BlobBatch)
+	}
+	for k, j := range idx {
+		o.at[j] = openedBlob{blobs[k], errs[k]}
+	}
 	return nil
+}
+
+// readAhead has the files after entry i (which is about to render) start
+// decoding, up to ReadAheadBytes past i's start and BlobBatch files on,
+// opening the next batch when the window reaches it. The file itself reads
+// ahead within its blob as it is written. Calls as the render moves on
+// extend the window; a blob only starts what it has not started yet, so no
+// frame is decoded twice. A failure to open is left for the render to meet
+// when it gets there.
+func (o *openedBlobs) readAhead(r *renderer, ents []castore.NamedNode, i int) {
+	if ob, ok := o.at[i]; !ok || ob.err != nil {
+		return
+	} else if _, ok := ob.b.(Prefetcher); !ok {
+		return // nothing to gain by opening early
+	}
+	budget := ReadAheadBytes - int64(ents[i].Node.Size)
+	for j := i + 1; budget > 0 && j < len(ents) && j <= i+BlobBatch; j++ {
+		n := ents[j].Node
+		if n.Kind == castore.KindDirectory {
+			return
+		}
+		if n.Kind != castore.KindFile || n.Size == 0 {
+			continue
+		}
+		if o.open(r, ents, j) != nil {
+			return
+		}
+		if ob := o.at[j]; ob.err == nil {
+			if p, ok := ob.b.(Prefetcher); ok {
+				p.Prefetch(min(budget, int64(n.Size)))
+			}
+		}
+		budget -= int64(n.Size)
+	}
 }
 
 // take hands over entry i's opened blob.
 func (o *openedBlobs) take(i int) (Blob, bool, error) {
-	k, ok := o.at[i]
+	ob, ok := o.at[i]
 	if !ok {
 		return nil, false, nil
 	}
 	delete(o.at, i)
-	b, err := o.blobs[k], o.errs[k]
-	o.blobs[k] = nil
-	return b, true, err
+	return ob.b, true, ob.err
 }
 
 var zeros [8]byte
@@ -189,6 +244,7 @@ func (r *renderer) node(n castore.Node, path string) error {
 				if err := opened.open(r, ents, i); err != nil {
 					return fmt.Errorf("nar: %s: %w", sub, err)
 				}
+				opened.readAhead(r, ents, i)
 				r.pre, r.hasPre, r.preErr = opened.take(i)
 			}
 			if err := r.node(e.Node, sub); err != nil {
