@@ -13,6 +13,9 @@ import (
 // FrameDecodes is how many frames the process has decoded so far.
 func FrameDecodes() int64 { return frameDecodes.Load() }
 
+// BackgroundDecodes is how many of those read-ahead's decoders did.
+func BackgroundDecodes() int64 { return backgroundDecodes.Load() }
+
 // DropCache empties the decoded-frame cache (repair, after replacing
 // packs; tests, to make reads go to the packs). Readers holding entries
 // keep them until they release them; decodes in flight finish unlisted.
