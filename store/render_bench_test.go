@@ -45,11 +45,12 @@ func textFile(n int, seed int64) []byte {
 	return b.Bytes()[:n]
 }
 
-// manyFilesNAR returns the NAR of a tree of files text-like files with
+// manyFilesNAR returns the NAR of a tree of that many text-like files
+// (seed picks their contents) with
 // sizes spread log-uniformly over [minSize, maxSize], a dozen or so per
 // directory, in a few levels of directories: the shape of a typical store
 // path (lib/, share/doc/..., bin/), not one big file.
-func manyFilesNAR(t testing.TB, files, minSize, maxSize int) []byte {
+func manyFilesNAR(t testing.TB, files, minSize, maxSize int, seed int64) []byte {
 	t.Helper()
 	root := filepath.Join(t.TempDir(), "p")
 	r := rand.New(rand.NewSource(int64(files)))
@@ -59,7 +60,7 @@ func manyFilesNAR(t testing.TB, files, minSize, maxSize int) []byte {
 			t.Fatal(err)
 		}
 		size := int(float64(minSize) * math.Exp(r.Float64()*math.Log(float64(maxSize)/float64(minSize))))
-		if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("f%04d", i)), textFile(size, int64(i)), 0o644); err != nil {
+		if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("f%04d", i)), textFile(size, seed+int64(i)), 0o644); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -141,7 +142,7 @@ func BenchmarkNarRenderManyFiles(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer st.Close()
-	n := manyFilesNAR(b, 300, 1<<10, 2<<20)
+	n := manyFilesNAR(b, 300, 1<<10, 2<<20, 0)
 	if err := add(b, st, pathA, n); err != nil {
 		b.Fatal(err)
 	}
@@ -211,7 +212,7 @@ func TestRenderManyFilesDecodesEachFrameOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer st.Close()
-	n := manyFilesNAR(t, 120, 1<<10, 512<<10)
+	n := manyFilesNAR(t, 120, 1<<10, 512<<10, 0)
 	if err := add(t, st, pathA, n); err != nil {
 		t.Fatal(err)
 	}
@@ -228,5 +229,52 @@ func TestRenderManyFilesDecodesEachFrameOnce(t *testing.T) {
 		if got := blobs.FrameDecodes() - before; got != int64(len(frames)) {
 			t.Fatalf("round %d: %d frame decodes for %d frames", round, got, len(frames))
 		}
+	}
+}
+
+// TestConcurrentRendersDecodeEachFrameOnce: renders of several paths at
+// once, in a cache the size serve gives it by default (40% of 128 MiB) and
+// half the size of the paths, each with its 16 MiB of read-ahead, do not
+// evict each other's frames before they are read: every frame is decoded
+// once.
+func TestConcurrentRendersDecodeEachFrameOnce(t *testing.T) {
+	st, err := Open(context.Background(), t.TempDir(), Options{Blobs: blobs.Options{FrameSize: blobs.MaxChunk, CacheBytes: 128 << 20 * 4 / 10}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	// About 100 MB in all, twice the cache.
+	names := []string{pathA, pathB, pathC, "33333333333333333333333333333333-d"}
+	nars := make([][]byte, len(names))
+	frames := map[int64]bool{}
+	for i, name := range names {
+		nars[i] = manyFilesNAR(t, 160, 1<<10, 1<<20, int64(1000*i))
+		if err := add(t, st, name, nars[i]); err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range pathFrames(t, st, name) {
+			frames[f.ID] = true
+		}
+	}
+	st.blobs.DropCache()
+	before := blobs.FrameDecodes()
+	errs := make(chan error, len(names))
+	for i, name := range names {
+		go func() {
+			var out bytes.Buffer
+			_, err := st.NarRender(context.Background(), name, &out)
+			if err == nil && !bytes.Equal(out.Bytes(), nars[i]) {
+				err = fmt.Errorf("%s: render differs from the NAR ingested", name)
+			}
+			errs <- err
+		}()
+	}
+	for range names {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := blobs.FrameDecodes() - before; got != int64(len(frames)) {
+		t.Fatalf("%d frame decodes for %d frames", got, len(frames))
 	}
 }
