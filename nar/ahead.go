@@ -149,6 +149,9 @@ func (w *walker) open() error {
 	for len(w.files) < w.opened+BlobBatch && w.more() {
 	}
 	end := min(len(w.files), w.opened+BlobBatch)
+	if end == w.opened {
+		return nil // the walk stopped short (maxAhead directories): nothing to open yet
+	}
 	ds := make([]digest.Digest, 0, end-w.opened)
 	for _, f := range w.files[w.opened:end] {
 		ds = append(ds, f.node.Digest)
@@ -180,8 +183,10 @@ func (w *walker) readAhead(cur walkFile) {
 	}
 	budget := ReadAheadBytes - int64(cur.node.Size)
 	for j := 0; budget > 0 && j < BlobBatch; j++ {
-		if j == len(w.files) && !w.more() {
-			return
+		for j == len(w.files) { // the walk may pass directories without files first
+			if !w.more() {
+				return
+			}
 		}
 		if j == w.opened && w.open() != nil {
 			return

@@ -659,7 +659,14 @@ func (m *aheadMem) OpenBlobs(ctx context.Context, ds []digest.Digest) ([]Blob, [
 // start of the file it writes, with at most two batches open, and still
 // renders the same NAR.
 func TestRenderReadAhead(t *testing.T) {
-	const fileSize = 1 << 20
+	// Files of 1 MiB: the window ends at 16 of them. Files of 100 bytes:
+	// it ends BlobBatch files on, just before a directory.
+	for _, fileSize := range []int{1 << 20, 100} {
+		t.Run(fmt.Sprint(fileSize), func(t *testing.T) { testRenderReadAhead(t, fileSize) })
+	}
+}
+
+func testRenderReadAhead(t *testing.T, fileSize int) {
 	root := filepath.Join(t.TempDir(), "tree")
 	sizes := map[string]int64{}
 	write := func(name string, size int) {
@@ -675,9 +682,9 @@ func TestRenderReadAhead(t *testing.T) {
 		}
 		sizes[name] = int64(size)
 	}
-	// A run of 40 files (more than a batch, more than the window), a
-	// directory, then 5 files.
-	for i := range 40 {
+	// A batch of files, a directory (the first node past the first
+	// batch), then 5 files.
+	for i := range BlobBatch {
 		write(fmt.Sprintf("a%03d", i), fileSize)
 	}
 	write("b/x", fileSize)
@@ -747,11 +754,58 @@ func TestRenderReadAhead(t *testing.T) {
 		}
 	}
 	// Every file but the first was decoding before it was reached, across
-	// the batch boundary at a032 and into and out of b/ too.
+	// the batch boundary at b/x and into and out of b/ too.
 	for _, name := range order {
 		first := name == "a000"
 		if prefetched[name] == first {
 			t.Errorf("%s prefetched: %v, want %v", name, prefetched[name], !first)
 		}
+	}
+}
+
+// TestRenderReadAheadPastDirectories: read-ahead walks through more
+// directories without files than it may hold ahead (maxAhead) to reach the
+// next file, and the render still gives the same NAR.
+func TestRenderReadAheadPastDirectories(t *testing.T) {
+	root := filepath.Join(t.TempDir(), "tree")
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// A batch of files, so that the read-ahead of the first one reaches
+	// past the batch into the directories.
+	names := []string{"z"}
+	for i := range BlobBatch {
+		names = append(names, fmt.Sprintf("a%02d", i))
+	}
+	for _, name := range names {
+		if err := os.WriteFile(filepath.Join(root, name), []byte("file "+name), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range maxAhead + 10 {
+		dir := filepath.Join(root, fmt.Sprintf("d%03d", i))
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink("../z", filepath.Join(dir, "l")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var buf bytes.Buffer
+	if _, err := DumpPath(&buf, root); err != nil {
+		t.Fatal(err)
+	}
+	m := newMem()
+	res, err := Ingest(bytes.NewReader(buf.Bytes()), m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	am := &aheadMem{memStore: m, names: map[digest.Digest]string{}}
+	var out bytes.Buffer
+	if _, err := Render(context.Background(), &out, res.Root, am); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(out.Bytes(), buf.Bytes()) {
+		t.Fatal("render differs from the dumped NAR")
 	}
 }
