@@ -268,3 +268,86 @@ func TestReadAheadShare(t *testing.T) {
 		t.Fatalf("ahead bytes went negative: %d", c.aheadBytes)
 	}
 }
+
+// TestPrefetch: Prefetch(n) lists for decoding the frames of a blob's
+// first n bytes (readAheadBytes at most) and no others, a read from the
+// start then continues the window and decodes each frame once, and
+// DropCache gives read-ahead its share back.
+func TestPrefetch(t *testing.T) {
+	s, d := openBlobs(t, Options{FrameSize: MaxChunk, Level: zstd.SpeedFastest})
+	data := benchText(40<<20, 2)
+	dg := writeBlobs(t, s, d, data)[0]
+	ctx := context.Background()
+	frames, err := s.BlobFrames(ctx, dg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// rawUpTo is the raw size of the frames holding the blob's first n bytes.
+	rawUpTo := func(n int64) int64 {
+		br, err := s.Open(ctx, dg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		seen := map[int64]bool{}
+		var sum int64
+		for i := 0; i < len(br.chunks) && br.chunks[i].off < n; i++ {
+			loc, err := br.locate(i)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !seen[loc.ID] {
+				seen[loc.ID] = true
+				sum += loc.RawLen
+			}
+		}
+		return sum
+	}
+	aheadBytes := func() int64 {
+		s.cache.mu.Lock()
+		defer s.cache.mu.Unlock()
+		return s.cache.aheadBytes
+	}
+	for _, tc := range []struct{ n, want int64 }{
+		{3 << 20, rawUpTo(3 << 20)},
+		{64 << 20, rawUpTo(readAheadBytes)}, // capped at the window
+	} {
+		s.DropCache()
+		if got := aheadBytes(); got != 0 {
+			t.Fatalf("after DropCache, read-ahead holds %d bytes", got)
+		}
+		br, err := s.Open(ctx, dg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		br.Prefetch(tc.n)
+		br.Prefetch(tc.n) // nothing new
+		if got := aheadBytes(); got != tc.want {
+			t.Errorf("Prefetch(%d) listed %d bytes of frames, want %d", tc.n, got, tc.want)
+		}
+		// Let the decodes finish, so none is counted below.
+		s.cache.mu.Lock()
+		var listed []*frameEntry
+		for el := s.cache.lru.Front(); el != nil; el = el.Next() {
+			listed = append(listed, el.Value.(*frameEntry))
+		}
+		s.cache.mu.Unlock()
+		for _, e := range listed {
+			<-e.ready
+		}
+	}
+
+	s.DropCache()
+	before := frameDecodes.Load()
+	br, err := s.Open(ctx, dg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	br.Prefetch(3 << 20)
+	var out bytes.Buffer
+	if _, err := br.WriteTo(&out); err != nil || !bytes.Equal(out.Bytes(), data) {
+		t.Fatalf("read after Prefetch differs (%v)", err)
+	}
+	if got := frameDecodes.Load() - before; got != int64(len(frames)) {
+		t.Errorf("%d frame decodes for %d frames", got, len(frames))
+	}
+}

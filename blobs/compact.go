@@ -3,7 +3,6 @@ package blobs
 import (
 	"bufio"
 	"bytes"
-	"container/list"
 	"context"
 	"errors"
 	"fmt"
@@ -560,15 +559,4 @@ func (s *Store) stopReaderSweeper() {
 		<-s.sweeperDone
 		s.stopSweep = nil
 	}
-}
-
-// DropCache empties the decoded-frame cache (tests use it to make reads
-// go to the packs).
-func (s *Store) DropCache() {
-	c := s.cache
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.lru.Init()
-	c.byID = map[int64]*list.Element{}
-	c.size = 0
 }

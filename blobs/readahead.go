@@ -20,11 +20,22 @@ type aheadState struct {
 // readAheadBytes after offset off that are not started yet. Sequential
 // readers (Read, WriteTo, FUSE through ReadAt) call it as they go; a jump
 // elsewhere restarts the window there.
-func (br *BlobReader) ReadAhead(off int64) {
-	if off < 0 || off >= br.size || len(br.chunks) == 0 {
+func (br *BlobReader) ReadAhead(off int64) { br.readAhead(off, readAheadBytes) }
+
+// Prefetch starts decoding, in the background, the frames holding the
+// blob's first n bytes (readAheadBytes at most), for a caller that reads it
+// from the start soon: a NAR render reaching past the file it writes into
+// the next ones, so that a path of many small files keeps the decoders busy
+// as a big file does. A later ReadAhead from the start continues after
+// them, and a frame already started is not decoded again.
+func (br *BlobReader) Prefetch(n int64) { br.readAhead(0, min(n, readAheadBytes)) }
+
+// readAhead starts decoding the frames of [off, off+n) not started yet.
+func (br *BlobReader) readAhead(off, n int64) {
+	if off < 0 || off >= br.size || n <= 0 || len(br.chunks) == 0 {
 		return
 	}
-	end := min(off+readAheadBytes, br.size)
+	end := min(off+n, br.size)
 	a := &br.ahead
 	a.mu.Lock()
 	from := a.end

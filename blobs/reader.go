@@ -61,6 +61,7 @@ func (s *Store) prefetch(f db.Frame) {
 		if !e.claim() {
 			return // a reader decodes it
 		}
+		backgroundDecodes.Add(1)
 		e.data, e.err = s.decodeFrame(f)
 		s.cache.done(e)
 	}()
@@ -69,6 +70,11 @@ func (s *Store) prefetch(f db.Frame) {
 // frameDecodes counts frame decodes, for tests and benchmarks that check
 // read-ahead decodes each frame once.
 var frameDecodes atomic.Int64
+
+// backgroundDecodes counts the frame decodes read-ahead's decoders did (the
+// rest, readers did themselves), for benchmarks that show how much of the
+// decoding left the reading goroutine.
+var backgroundDecodes atomic.Int64
 
 func (s *Store) decodeFrame(f db.Frame) ([]byte, error) {
 	frameDecodes.Add(1)

@@ -524,9 +524,9 @@ func (m *batchMem) OpenBlobs(ctx context.Context, ds []digest.Digest) ([]Blob, [
 	return bs, errs, nil
 }
 
-// TestRenderBatches: with a BatchSource, Render opens a directory's files
-// BlobBatch at a time, a run of them ending at a subdirectory, renders the
-// same NAR as one file at a time, and names the file whose blob is missing.
+// TestRenderBatches: with a BatchSource, Render opens the tree's files
+// BlobBatch at a time, renders the same NAR as one file at a time, and
+// names the file whose blob is missing.
 func TestRenderBatches(t *testing.T) {
 	root := filepath.Join(t.TempDir(), "tree")
 	write := func(name, data string) {
@@ -570,9 +570,9 @@ func TestRenderBatches(t *testing.T) {
 	if !bytes.Equal(out.Bytes(), buf.Bytes()) {
 		t.Fatal("batched render differs from the dumped NAR")
 	}
-	// a000-a031, a032-a039 (the run ends at directory b), b's two files,
-	// then c-empty, c-link and d000-d029 in one run.
-	if want := []int{32, 8, 2, 30}; !slices.Equal(bm.batches, want) || bm.single != 0 {
+	// 72 files with contents (c-empty has none), 32 per lookup whichever
+	// directory they are in.
+	if want := []int{32, 32, 8}; !slices.Equal(bm.batches, want) || bm.single != 0 {
 		t.Errorf("batches %v and %d single opens, want %v and none", bm.batches, bm.single, want)
 	}
 
@@ -582,5 +582,230 @@ func TestRenderBatches(t *testing.T) {
 	_, err = Render(context.Background(), &out, res.Root, &batchMem{memStore: m})
 	if err == nil || !strings.Contains(err.Error(), "/d007") {
 		t.Fatalf("missing blob: %v", err)
+	}
+
+	// A directory missing: loaded ahead of the render, its error still
+	// names it.
+	for d, enc := range m.dirs {
+		dir, err := castore.Decode(enc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ents := dir.Entries(); len(ents) == 2 && string(ents[0].Name) == "inner1" {
+			delete(m.dirs, d)
+		}
+	}
+	out.Reset()
+	_, err = Render(context.Background(), &out, res.Root, &batchMem{memStore: m})
+	if err == nil || !strings.Contains(err.Error(), "/b: directory") {
+		t.Fatalf("missing directory: %v", err)
+	}
+}
+
+// aheadMem is a batchMem whose blobs record, in one log, the Prefetch
+// calls Render makes and the moment each blob starts being read.
+type aheadMem struct {
+	*memStore
+	names   map[digest.Digest]string
+	log     []aheadEvent
+	opened  int // blobs opened and not yet read
+	maxOpen int
+}
+
+type aheadEvent struct {
+	name string
+	n    int64 // Prefetch(n); -1: the read starts
+}
+
+type aheadBlob struct {
+	*bytes.Reader
+	m    *aheadMem
+	name string
+	read bool
+}
+
+func (b *aheadBlob) Size() int64 { return b.Reader.Size() }
+
+func (b *aheadBlob) Prefetch(n int64) { b.m.log = append(b.m.log, aheadEvent{b.name, n}) }
+
+func (b *aheadBlob) start() {
+	if !b.read {
+		b.read = true
+		b.m.opened--
+		b.m.log = append(b.m.log, aheadEvent{b.name, -1})
+	}
+}
+
+func (b *aheadBlob) Read(p []byte) (int, error) { b.start(); return b.Reader.Read(p) }
+
+func (b *aheadBlob) WriteTo(w io.Writer) (int64, error) { b.start(); return b.Reader.WriteTo(w) }
+
+func (m *aheadMem) OpenBlob(ctx context.Context, d digest.Digest) (Blob, error) {
+	return nil, errors.New("OpenBlob called on a BatchSource")
+}
+
+func (m *aheadMem) OpenBlobs(ctx context.Context, ds []digest.Digest) ([]Blob, []error, error) {
+	bs, errs := make([]Blob, len(ds)), make([]error, len(ds))
+	for i, d := range ds {
+		m.opened++
+		m.maxOpen = max(m.maxOpen, m.opened)
+		bs[i] = &aheadBlob{Reader: bytes.NewReader(m.blobs[d]), m: m, name: m.names[d]}
+	}
+	return bs, errs, nil
+}
+
+// TestRenderReadAhead: Render has the files after the one it writes
+// decoding, across batches and directories, within ReadAheadBytes of the
+// start of the file it writes, with at most two batches open, and still
+// renders the same NAR.
+func TestRenderReadAhead(t *testing.T) {
+	// Files of 1 MiB: the window ends at 16 of them. Files of 100 bytes:
+	// it ends BlobBatch files on, just before a directory.
+	for _, fileSize := range []int{1 << 20, 100} {
+		t.Run(fmt.Sprint(fileSize), func(t *testing.T) { testRenderReadAhead(t, fileSize) })
+	}
+}
+
+func testRenderReadAhead(t *testing.T, fileSize int) {
+	root := filepath.Join(t.TempDir(), "tree")
+	sizes := map[string]int64{}
+	write := func(name string, size int) {
+		t.Helper()
+		p := filepath.Join(root, name)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		data := make([]byte, size)
+		copy(data, name) // distinct contents, so no two files share a blob
+		if err := os.WriteFile(p, data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		sizes[name] = int64(size)
+	}
+	// A batch of files, a directory (the first node past the first
+	// batch), then 5 files.
+	for i := range BlobBatch {
+		write(fmt.Sprintf("a%03d", i), fileSize)
+	}
+	write("b/x", fileSize)
+	write("b/y", 100)
+	for i := range 5 {
+		write(fmt.Sprintf("c%03d", i), fileSize/2)
+	}
+	var buf bytes.Buffer
+	if _, err := DumpPath(&buf, root); err != nil {
+		t.Fatal(err)
+	}
+	m := newMem()
+	res, err := Ingest(bytes.NewReader(buf.Bytes()), m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	am := &aheadMem{memStore: m, names: map[digest.Digest]string{}}
+	order := []string{} // files in NAR order
+	for name := range sizes {
+		order = append(order, name)
+	}
+	slices.Sort(order)
+	for _, name := range order {
+		data, err := os.ReadFile(filepath.Join(root, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		am.names[digest.Sum(data)] = name
+	}
+	var out bytes.Buffer
+	if _, err := Render(context.Background(), &out, res.Root, am); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(out.Bytes(), buf.Bytes()) {
+		t.Fatal("render with read-ahead differs from the dumped NAR")
+	}
+	if am.maxOpen > 2*BlobBatch {
+		t.Errorf("%d blobs open at once, want at most %d", am.maxOpen, 2*BlobBatch)
+	}
+	// start[name] is where a file's contents start among all the files'
+	// contents, in NAR order.
+	start := map[string]int64{}
+	var off int64
+	for _, name := range order {
+		start[name] = off
+		off += sizes[name]
+	}
+	// Prefetches logged before file k's read are k's window.
+	next := slices.Clone(order) // files still to be read, in order
+	prefetched := map[string]bool{}
+	for _, ev := range am.log {
+		if ev.n < 0 {
+			if ev.name != next[0] {
+				t.Fatalf("read %s, want %s", ev.name, next[0])
+			}
+			next = next[1:]
+			continue
+		}
+		k := next[0]
+		prefetched[ev.name] = true
+		if ev.name <= k {
+			t.Errorf("%s prefetched while %s renders: not ahead", ev.name, k)
+		}
+		if end := start[ev.name] + ev.n - start[k]; end > ReadAheadBytes {
+			t.Errorf("Prefetch(%d) of %s while %s renders reaches %d bytes past its start, budget %d",
+				ev.n, ev.name, k, end, ReadAheadBytes)
+		}
+	}
+	// Every file but the first was decoding before it was reached, across
+	// the batch boundary at b/x and into and out of b/ too.
+	for _, name := range order {
+		first := name == "a000"
+		if prefetched[name] == first {
+			t.Errorf("%s prefetched: %v, want %v", name, prefetched[name], !first)
+		}
+	}
+}
+
+// TestRenderReadAheadPastDirectories: read-ahead walks through more
+// directories without files than it may hold ahead (maxAhead) to reach the
+// next file, and the render still gives the same NAR.
+func TestRenderReadAheadPastDirectories(t *testing.T) {
+	root := filepath.Join(t.TempDir(), "tree")
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// A batch of files, so that the read-ahead of the first one reaches
+	// past the batch into the directories.
+	names := []string{"z"}
+	for i := range BlobBatch {
+		names = append(names, fmt.Sprintf("a%02d", i))
+	}
+	for _, name := range names {
+		if err := os.WriteFile(filepath.Join(root, name), []byte("file "+name), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range maxAhead + 10 {
+		dir := filepath.Join(root, fmt.Sprintf("d%03d", i))
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink("../z", filepath.Join(dir, "l")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var buf bytes.Buffer
+	if _, err := DumpPath(&buf, root); err != nil {
+		t.Fatal(err)
+	}
+	m := newMem()
+	res, err := Ingest(bytes.NewReader(buf.Bytes()), m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	am := &aheadMem{memStore: m, names: map[digest.Digest]string{}}
+	var out bytes.Buffer
+	if _, err := Render(context.Background(), &out, res.Root, am); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(out.Bytes(), buf.Bytes()) {
+		t.Fatal("render differs from the dumped NAR")
 	}
 }

@@ -26,9 +26,11 @@ type Source interface {
 }
 
 // BatchSource is a Source that opens several blobs with one lookup. Render
-// uses it for the files of a directory, BlobBatch at a time: a tree of
-// thousands of small files then costs a lookup per BlobBatch files, not
-// one per file, and a NAR holds the index's readers that much less.
+// uses it for the files of the tree in NAR order, BlobBatch at a time
+// whichever directories they are in: a tree of thousands of small files
+// then costs a lookup per BlobBatch files, not one per file, and a NAR
+// holds the index's readers that much less. Render also walks ahead with
+// it, to have the next files decoding (see Prefetcher).
 type BatchSource interface {
 	Source
 	// OpenBlobs opens ds: blobs[i] reads ds[i] unless errs[i] says why
@@ -44,6 +46,9 @@ const BlobBatch = 32
 func Render(ctx context.Context, w io.Writer, root castore.Node, src Source) (int64, error) {
 	cw := &countWriter{w: w}
 	r := &renderer{ctx: ctx, w: bufio.NewWriterSize(cw, 256<<10), src: src}
+	if bs, ok := src.(BatchSource); ok {
+		r.walk = newWalker(ctx, bs, root)
+	}
 	r.str([]byte(Magic))
 	if err := r.node(root, "/"); err != nil {
 		return cw.n, err
@@ -71,64 +76,9 @@ type renderer struct {
 	src Source
 	num [8]byte
 
-	// The next file's blob, opened with its directory's batch.
-	pre    Blob
-	preErr error
-	hasPre bool
-}
-
-// openedBlobs are the blobs of a run of a directory's file entries, opened
-// together. A run ends at a subdirectory, so no level of the tree holds
-// open blobs while a level below renders: at most BlobBatch are open.
-type openedBlobs struct {
-	at    map[int]int // entry index → index in blobs
-	blobs []Blob
-	errs  []error
-}
-
-// open opens, unless already open, entry i's blob and those of the file
-// entries after it up to the next subdirectory, BlobBatch at most.
-func (o *openedBlobs) open(r *renderer, ents []castore.NamedNode, i int) error {
-	if _, ok := o.at[i]; ok {
-		return nil
-	}
-	bs, ok := r.src.(BatchSource)
-	if !ok {
-		return nil // contents opens it
-	}
-	o.at = map[int]int{}
-	var ds []digest.Digest
-	for j := i; j < len(ents) && len(ds) < BlobBatch; j++ {
-		n := ents[j].Node
-		if n.Kind == castore.KindDirectory {
-			break
-		}
-		if n.Kind == castore.KindFile && n.Size > 0 {
-			o.at[j] = len(ds)
-			ds = append(ds, n.Digest)
-		}
-	}
-	blobs, errs, err := bs.OpenBlobs(r.ctx, ds)
-	if err != nil {
-		return fmt.Errorf("open %d blobs: %w", len(ds), err)
-	}
-	if len(blobs) != len(ds) || len(errs) != len(ds) {
-		return fmt.Errorf("open %d blobs: %d answers", len(ds), len(blobs))
-	}
-	o.blobs, o.errs = blobs, errs
-	return nil
-}
-
-// take hands over entry i's opened blob.
-func (o *openedBlobs) take(i int) (Blob, bool, error) {
-	k, ok := o.at[i]
-	if !ok {
-		return nil, false, nil
-	}
-	delete(o.at, i)
-	b, err := o.blobs[k], o.errs[k]
-	o.blobs[k] = nil
-	return b, true, err
+	// walk loads directories and opens blobs ahead of the render, for a
+	// BatchSource.
+	walk *walker
 }
 
 var zeros [8]byte
@@ -172,25 +122,23 @@ func (r *renderer) node(n castore.Node, path string) error {
 		r.str(n.Target)
 	case castore.KindDirectory:
 		r.tok("directory")
-		dir, err := r.src.Directory(r.ctx, n.Digest)
+		var dir *castore.Directory
+		var err error
+		if r.walk != nil {
+			dir, err = r.walk.directory(n.Digest)
+		} else {
+			dir, err = r.src.Directory(r.ctx, n.Digest)
+		}
 		if err != nil {
 			return fmt.Errorf("nar: %s: directory %s: %w", path, n.Digest, err)
 		}
-		ents := dir.Entries()
-		var opened openedBlobs
-		for i, e := range ents {
+		for _, e := range dir.Entries() {
 			r.tok("entry")
 			r.tok("(")
 			r.tok("name")
 			r.str(e.Name)
 			r.tok("node")
 			sub := strings.TrimSuffix(path, "/") + "/" + string(e.Name)
-			if e.Node.Kind == castore.KindFile && e.Node.Size > 0 {
-				if err := opened.open(r, ents, i); err != nil {
-					return fmt.Errorf("nar: %s: %w", sub, err)
-				}
-				r.pre, r.hasPre, r.preErr = opened.take(i)
-			}
 			if err := r.node(e.Node, sub); err != nil {
 				return err
 			}
@@ -206,11 +154,13 @@ func (r *renderer) node(n castore.Node, path string) error {
 func (r *renderer) contents(n castore.Node) error {
 	r.u64(n.Size)
 	if n.Size > 0 {
-		b, err := r.pre, r.preErr
-		if !r.hasPre {
+		var b Blob
+		var err error
+		if r.walk != nil {
+			b, err = r.walk.blob(n)
+		} else {
 			b, err = r.src.OpenBlob(r.ctx, n.Digest)
 		}
-		r.pre, r.preErr, r.hasPre = nil, nil, false
 		if err != nil {
 			return fmt.Errorf("blob %s: %w", n.Digest, err)
 		}
