@@ -51,6 +51,10 @@ func TestReadsNeverReturnWrongBytes(t *testing.T) {
 				(SELECT 1 FROM frames f WHERE f.id != c.frame AND f.rawlen >= c.off + c.len) ORDER BY c.len LIMIT 1)`},
 		{"root file's executable bit", `UPDATE paths SET executable = 1 - executable WHERE name = '` + fileRoot + `'`},
 		{"root symlink's target", `UPDATE paths SET target = CAST('/nix/store/elsewhere' AS BLOB) WHERE name = '` + linkRoot + `'`},
+		// A flipped kind: FUSE showed a root of no type (TestFlippedBytesReadPaths, seed 8).
+		{"root symlink's kind unknown", `UPDATE paths SET kind = 7 WHERE name = '` + linkRoot + `'`},
+		{"root symlink turned file", `UPDATE paths SET kind = 2 WHERE name = '` + linkRoot + `'`},
+		{"root symlink turned directory", `UPDATE paths SET kind = 1 WHERE name = '` + linkRoot + `'`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := context.Background()
@@ -102,7 +106,7 @@ func TestReadsNeverReturnWrongBytes(t *testing.T) {
 			for name, want := range roots {
 				got, err := st.Root(ctx, name)
 				if err == nil && !reflect.DeepEqual(got, want) && want.Kind == castore.KindSymlink {
-					t.Errorf("%s: root symlink -> %q, was %q, without an error", name, got.Target, want.Target)
+					t.Errorf("%s: root symlink -> %s %q, was %s %q, without an error", name, got.Kind, got.Target, want.Kind, want.Target)
 				}
 			}
 			if failed == 0 {

@@ -219,6 +219,13 @@ func rootOf(p *db.PathRow) (castore.Node, error) {
 		}
 		n.Digest = d
 	}
+	// The row's columns have no checksum of their own: a damaged kind
+	// turned a symlink into a node of no type, or into a file or a
+	// directory with a symlink's target, which FUSE showed without an
+	// error. A node castore would not encode is damage.
+	if err := n.Validate(); err != nil {
+		return castore.Node{}, fmt.Errorf("path %s: %w: root node: %v", p.Name, blobs.ErrCorrupt, err)
+	}
 	return n, nil
 }
 
