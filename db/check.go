@@ -35,12 +35,16 @@ func (p Problem) String() string {
 	return p.What
 }
 
-// IntegrityCheck runs PRAGMA integrity_check and PRAGMA foreign_key_check
-// and returns what they report (nil when the database is sound). An error is
+// IntegrityCheck compares the schema with the one the migrations make, runs
+// PRAGMA integrity_check and PRAGMA foreign_key_check, and returns what
+// they report (nil when the database is sound). An error is
 // returned only when the checks could not run; a database too damaged to
 // run them is reported as a problem.
 func (d *DB) IntegrityCheck(ctx context.Context) ([]string, error) {
-	var out []string
+	out, err := d.schemaProblems(ctx)
+	if err != nil {
+		return nil, err
+	}
 	rows, err := d.r.QueryContext(ctx, "PRAGMA integrity_check(100)")
 	if err != nil {
 		return []string{fmt.Sprintf("integrity_check: %v", err)}, nil

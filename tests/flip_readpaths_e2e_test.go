@@ -45,8 +45,8 @@ import (
 //     whose chunks belong to blobs, which belong to paths; a database byte
 //     changes rows (found by diffing every table with the pristine copy),
 //     attributed the same way. When SQLite's own integrity check fails on
-//     the damaged copy no row diff is trusted: verify must then report
-//     database damage, and no exact set is required.
+//     the damaged copy, or its schema text changed, no row diff is trusted:
+//     verify must then report database damage, and no exact set is required.
 //   - every read path (daemon NarFromPath over the socket, every file and
 //     symlink through the FUSE mount, the HTTP cache's NAR, `casnix
 //     export`) gives the right bytes or an error, never other bytes; and a
@@ -302,6 +302,7 @@ type flipIndex struct {
 	pathID     map[int64]string
 	pathDirs   map[string][]digest.Digest // directories of each path's tree
 	rows       map[string]map[string]string
+	schema     string // sqlite_schema, as schemaText reads it
 	// users: for each frame, blob, chunk, directory and pack, the paths
 	// using it, keyed "frame:ID", "blob:HEX", "chunk:HEX", "dir:HEX", "pack:ID".
 	users map[string]map[string]bool
@@ -434,7 +435,25 @@ func loadFlipIndex(t *testing.T, dbFile string, fs *flipStore) *flipIndex {
 	var err2 error
 	ix.rows, err2 = tableRows(dbFile)
 	must(t, err2)
+	ix.schema, err2 = schemaText(dbFile)
+	must(t, err2)
 	return ix
+}
+
+// schemaText is the database's schema (every object's type, name, table and
+// SQL text), which no checksum covers: a flip in it can rename a column,
+// leaving a database SQLite's integrity check passes and every query naming
+// the column fails, damage to the whole database rather than to rows.
+func schemaText(dbFile string) (string, error) {
+	db, err := sql.Open("sqlite", "file:"+dbFile+"?mode=ro&immutable=1")
+	if err != nil {
+		return "", err
+	}
+	defer db.Close()
+	var s sql.NullString
+	err = db.QueryRow(`SELECT group_concat(type || ' ' || name || ' ' || tbl_name || ' ' || IFNULL(sql, ''), char(10))
+		FROM (SELECT * FROM sqlite_schema ORDER BY name)`).Scan(&s)
+	return s.String, err
 }
 
 // tableRows reads every row of the flipTables, keyed by table and key.
@@ -517,7 +536,7 @@ var pathMetaColumns = []string{"deriver", "registered", "ultimate", "ca"}
 
 // expectDamage says which paths a flip damages, from the pristine index and
 // the damaged copy. dbLevel is set when SQLite's integrity check fails on
-// the copy: then no exact set is known. meta is set when only fields no
+// the copy, or its schema changed: then no exact set is known. meta is set when only fields no
 // checksum covers changed.
 func (ix *flipIndex) expectDamage(work string, flips []fliptest.Flip) (damaged map[string]bool, dbLevel, meta bool) {
 	damaged = map[string]bool{}
@@ -541,6 +560,9 @@ func (ix *flipIndex) expectDamage(work string, flips []fliptest.Flip) (damaged m
 	}
 	dbFile := filepath.Join(work, "casnix.db")
 	if !integrityOK(dbFile) {
+		return nil, true, false
+	}
+	if schema, err := schemaText(dbFile); err != nil || schema != ix.schema {
 		return nil, true, false
 	}
 	rows, err := tableRows(dbFile)
@@ -713,7 +735,7 @@ func runFlipTrial(t *testing.T, c *nixtest.Casnix, fs *flipStore, ix *flipIndex,
 		if reported {
 			sum.dbLevelReported++
 		} else {
-			fail("SQLite's integrity check fails, verify reports nothing")
+			fail("database-level damage (SQLite's integrity check fails, or the schema changed), verify reports nothing")
 		}
 	default:
 		if len(want) > 0 {
