@@ -503,6 +503,22 @@ func TestTokenNames(t *testing.T) {
 	}
 }
 
+// ingestTree dumps the tree at root and ingests its NAR into a new
+// memStore: the NAR, the store and the ingest's result.
+func ingestTree(t *testing.T, root string) (*bytes.Buffer, *memStore, *Result) {
+	t.Helper()
+	var buf bytes.Buffer
+	if _, err := DumpPath(&buf, root); err != nil {
+		t.Fatal(err)
+	}
+	m := newMem()
+	res, err := Ingest(bytes.NewReader(buf.Bytes()), m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &buf, m, res
+}
+
 // batchMem is a memStore that opens blobs in batches, counting its calls.
 type batchMem struct {
 	*memStore
@@ -553,15 +569,7 @@ func TestRenderBatches(t *testing.T) {
 	for i := range 30 {
 		write(fmt.Sprintf("d%03d", i), fmt.Sprint("file d", i))
 	}
-	var buf bytes.Buffer
-	if _, err := DumpPath(&buf, root); err != nil {
-		t.Fatal(err)
-	}
-	m := newMem()
-	res, err := Ingest(bytes.NewReader(buf.Bytes()), m)
-	if err != nil {
-		t.Fatal(err)
-	}
+	buf, m, res := ingestTree(t, root)
 	bm := &batchMem{memStore: m}
 	var out bytes.Buffer
 	if _, err := Render(context.Background(), &out, res.Root, bm); err != nil {
@@ -579,7 +587,7 @@ func TestRenderBatches(t *testing.T) {
 	// A blob missing from the middle of a batch: the error names its file.
 	delete(m.blobs, digest.Sum([]byte("file d7")))
 	out.Reset()
-	_, err = Render(context.Background(), &out, res.Root, &batchMem{memStore: m})
+	_, err := Render(context.Background(), &out, res.Root, &batchMem{memStore: m})
 	if err == nil || !strings.Contains(err.Error(), "/d007") {
 		t.Fatalf("missing blob: %v", err)
 	}
@@ -692,15 +700,7 @@ func testRenderReadAhead(t *testing.T, fileSize int) {
 	for i := range 5 {
 		write(fmt.Sprintf("c%03d", i), fileSize/2)
 	}
-	var buf bytes.Buffer
-	if _, err := DumpPath(&buf, root); err != nil {
-		t.Fatal(err)
-	}
-	m := newMem()
-	res, err := Ingest(bytes.NewReader(buf.Bytes()), m)
-	if err != nil {
-		t.Fatal(err)
-	}
+	buf, m, res := ingestTree(t, root)
 	am := &aheadMem{memStore: m, names: map[digest.Digest]string{}}
 	order := []string{} // files in NAR order
 	for name := range sizes {
@@ -791,15 +791,7 @@ func TestRenderReadAheadPastDirectories(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	var buf bytes.Buffer
-	if _, err := DumpPath(&buf, root); err != nil {
-		t.Fatal(err)
-	}
-	m := newMem()
-	res, err := Ingest(bytes.NewReader(buf.Bytes()), m)
-	if err != nil {
-		t.Fatal(err)
-	}
+	buf, m, res := ingestTree(t, root)
 	am := &aheadMem{memStore: m, names: map[digest.Digest]string{}}
 	var out bytes.Buffer
 	if _, err := Render(context.Background(), &out, res.Root, am); err != nil {
