@@ -243,21 +243,38 @@ func (q q) InsertBlob(ctx context.Context, d digest.Digest, b Blob) error {
 // trip instead of two.
 func (q q) BlobAndLoc(ctx context.Context, d digest.Digest) (Blob, *ChunkLoc, error) {
 	var b Blob
-	var id, pack, offset, dataOff, clen, rawlen, off, ln sql.NullInt64
-	err := q.row(ctx, `SELECT b.size, b.chunks, f.id, f.pack, f.offset, f.data_off, f.clen, f.rawlen, c.off, c.len
-		FROM blobs b LEFT JOIN chunks c ON b.chunks IS NULL AND c.digest = b.digest
-		LEFT JOIN frames f ON f.id = c.frame WHERE b.digest = ?`, d[:]).
-		Scan(&b.Size, &b.Chunks, &id, &pack, &offset, &dataOff, &clen, &rawlen, &off, &ln)
+	var l locScan
+	err := q.row(ctx, `SELECT b.size, b.chunks, `+blobLocFrom+` WHERE b.digest = ?`, d[:]).
+		Scan(append([]any{&b.Size, &b.Chunks}, l.dest()...)...)
 	if err != nil {
 		return b, nil, notFound(err, "blob "+d.String())
 	}
-	if !id.Valid {
-		return b, nil, nil
+	return b, l.loc(), nil
+}
+
+// blobLocFrom is the columns of a single-chunk blob's chunk location and
+// the joins that find them (NULL for a chunked blob), after the blob's
+// own columns: what BlobAndLoc and BlobsAndLocs select, scanned by locScan.
+const blobLocFrom = `f.id, f.pack, f.offset, f.data_off, f.clen, f.rawlen, c.off, c.len
+		FROM blobs b LEFT JOIN chunks c ON b.chunks IS NULL AND c.digest = b.digest
+		LEFT JOIN frames f ON f.id = c.frame`
+
+// locScan receives blobLocFrom's columns.
+type locScan struct{ id, pack, offset, dataOff, clen, rawlen, off, ln sql.NullInt64 }
+
+func (l *locScan) dest() []any {
+	return []any{&l.id, &l.pack, &l.offset, &l.dataOff, &l.clen, &l.rawlen, &l.off, &l.ln}
+}
+
+// loc is the scanned location, nil for a chunked blob.
+func (l *locScan) loc() *ChunkLoc {
+	if !l.id.Valid {
+		return nil
 	}
-	return b, &ChunkLoc{
-		Frame: Frame{ID: id.Int64, Pack: pack.Int64, Offset: offset.Int64, DataOff: dataOff.Int64, CLen: clen.Int64, RawLen: rawlen.Int64},
-		Off:   off.Int64, Len: ln.Int64,
-	}, nil
+	return &ChunkLoc{
+		Frame: Frame{ID: l.id.Int64, Pack: l.pack.Int64, Offset: l.offset.Int64, DataOff: l.dataOff.Int64, CLen: l.clen.Int64, RawLen: l.rawlen.Int64},
+		Off:   l.off.Int64, Len: l.ln.Int64,
+	}
 }
 
 // BlobLoc is a blob and, when it is one chunk, that chunk's location.
@@ -267,9 +284,7 @@ type BlobLoc struct {
 }
 
 var blobsQuery = func() string {
-	q := `SELECT b.digest, b.size, b.chunks, f.id, f.pack, f.offset, f.data_off, f.clen, f.rawlen, c.off, c.len
-		FROM blobs b LEFT JOIN chunks c ON b.chunks IS NULL AND c.digest = b.digest
-		LEFT JOIN frames f ON f.id = c.frame WHERE b.digest IN (?`
+	q := `SELECT b.digest, b.size, b.chunks, ` + blobLocFrom + ` WHERE b.digest IN (?`
 	for i := 1; i < ChunkBatch; i++ {
 		q += ",?"
 	}
@@ -302,22 +317,15 @@ func (q q) BlobsAndLocs(ctx context.Context, ds []digest.Digest) (map[digest.Dig
 	for rows.Next() {
 		var dg []byte
 		var b Blob
-		var id, pack, offset, dataOff, clen, rawlen, off, ln sql.NullInt64
-		if err := rows.Scan(&dg, &b.Size, &b.Chunks, &id, &pack, &offset, &dataOff, &clen, &rawlen, &off, &ln); err != nil {
+		var l locScan
+		if err := rows.Scan(append([]any{&dg, &b.Size, &b.Chunks}, l.dest()...)...); err != nil {
 			return nil, fmt.Errorf("blobs: %w", err)
 		}
 		d, err := digest.FromBytes(dg)
 		if err != nil {
 			return nil, fmt.Errorf("blobs: %w", err)
 		}
-		bl := BlobLoc{Blob: b}
-		if id.Valid {
-			bl.Loc = &ChunkLoc{
-				Frame: Frame{ID: id.Int64, Pack: pack.Int64, Offset: offset.Int64, DataOff: dataOff.Int64, CLen: clen.Int64, RawLen: rawlen.Int64},
-				Off:   off.Int64, Len: ln.Int64,
-			}
-		}
-		out[d] = bl
+		out[d] = BlobLoc{Blob: b, Loc: l.loc()}
 	}
 	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("blobs: %w", err)
