@@ -292,7 +292,7 @@ func (c *compactor) copyFrame(f *os.File, fr db.Frame, chunks []db.ChunkInFrame)
 		if err != nil {
 			return moved{}, err
 		}
-		nf := db.Frame{Pack: o.id, Offset: o.size, DataOff: o.size + fr.DataOff - fr.Offset, CLen: fr.CLen, RawLen: fr.RawLen}
+		nf := db.Frame{Pack: o.id, Offset: o.size, DataOff: o.size + fr.DataOff - fr.Offset, CLen: fr.CLen, RawLen: fr.RawLen, Packed: fr.Packed}
 		if _, err := c.bw.Write(rec); err != nil {
 			return moved{}, fmt.Errorf("write pack %d: %w", o.id, err)
 		}

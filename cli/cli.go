@@ -25,7 +25,7 @@ var Version = "dev"
 type Globals struct {
 	DataDir    string `name:"data-dir" short:"d" env:"CASNIX_DIR" placeholder:"DIR" help:"Data directory (default: /var/lib/casnix as root, else $XDG_DATA_HOME/casnix)."`
 	StoreDir   string `name:"store-dir" env:"CASNIX_STORE_DIR" default:"/nix/store" help:"Nix store directory the stored paths belong to."`
-	ZstdLevel  int    `name:"zstd-level" env:"CASNIX_ZSTD_LEVEL" placeholder:"N" help:"zstd level for new data: 1 fastest, 3 default, 7 better, 11 best (default: 7 for import, 1 for serve, where clients wait for their writes). 7 stores about 7% smaller than 3 but ingests about half as fast (bench/RESULTS.md)."`
+	ZstdLevel  int    `name:"zstd-level" env:"CASNIX_ZSTD_LEVEL" placeholder:"N" help:"zstd level for new data: 1 fastest (default), 3 default, 7 better, 11 best. Writes are fast by default; casnix repack rewrites them into the space-optimal form later."`
 	FrameSize  int    `name:"frame-size" env:"CASNIX_FRAME_SIZE" default:"4194304" help:"Bytes of new chunks compressed together in one zstd frame (256 KiB to 16 MiB): larger compresses better, smaller reads small files faster."`
 	CPUProfile string `name:"cpu-profile" hidden:"" type:"path" help:"Write a Go CPU profile to this file."`
 	LogLevel   string `name:"log-level" env:"CASNIX_LOG_LEVEL" default:"info" enum:"debug,info,warn,error" help:"Log level (${enum})."`
@@ -57,12 +57,12 @@ func DefaultDataDir() string {
 	return "casnix-data"
 }
 
-// DefaultZstdLevel is the compression level of commands that write in
-// bulk (import); ServeWriteLevel that of `casnix serve`, whose clients wait
-// for each write: at level 1 `nix copy --to` keeps pace with nix-daemon
-// (bench/RESULTS.md, "Write").
+// DefaultZstdLevel is the compression level of commands that write
+// (import), ServeWriteLevel that of `casnix serve`: both write fast, so
+// ingest keeps up with the disk and the client, and leave the space-optimal
+// form to `casnix repack` (bench/RESULTS.md, "Core store").
 const (
-	DefaultZstdLevel = 7
+	DefaultZstdLevel = 1
 	ServeWriteLevel  = 1
 )
 
@@ -115,6 +115,7 @@ type CLI struct {
 	Verify   VerifyCmd   `cmd:"" help:"Re-hash every chunk and re-render every NAR; exit non-zero naming damaged paths."`
 	Repair   RepairCmd   `cmd:"" help:"Rebuild the chunk index from the packs, mend damaged database indexes and drop the paths whose data is gone (what verify reports), printing them to import again."`
 	GC       GCCmd       `cmd:"" name:"gc" help:"Delete paths no root reaches (gcroots/, temp roots, --keep) and give their space back."`
+	Repack   RepackCmd   `cmd:"" help:"Rewrite what imports and uploads stored fast into the space-optimal form (high zstd level, large frames, a package's versions together), then remove the old packs."`
 	Version  VersionCmd  `cmd:"" help:"Print the version."`
 	Backup   BackupCmd   `cmd:"" help:"Copy a consistent, verified snapshot of the data dir (safe while serve and imports run)."`
 	Restore  RestoreCmd  `cmd:"" help:"Restore a backup into the data dir and verify it."`

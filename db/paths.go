@@ -219,3 +219,31 @@ func (q q) PathRoot(ctx context.Context, name string) (*PathRow, error) {
 	}
 	return p, nil
 }
+
+// PathRootsByName lists up to limit valid paths' root nodes in the order of
+// their names without the hash part (so the versions of one package come
+// together), after the path named after ("": from the start). Repack reads
+// the store in this order, a page at a time, so no read transaction stays
+// open across its commits.
+func (q q) PathRootsByName(ctx context.Context, after string, limit int) ([]PathRow, error) {
+	var out []PathRow
+	// The name's hash part is 32 characters and a dash: substr from 34 is
+	// the package name and version.
+	rows, err := q.query(ctx, `SELECT id, name, kind, digest, size, executable, target, nar_hash FROM paths
+		WHERE (substr(name, 34), name) > (substr(?, 34), ?) ORDER BY substr(name, 34), name LIMIT ?`, after, after, limit)
+	if err != nil {
+		return nil, fmt.Errorf("paths by name: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var p PathRow
+		if err := rows.Scan(&p.ID, &p.Name, &p.Kind, &p.Digest, &p.Size, &p.Executable, &p.Target, &p.NarHash); err != nil {
+			return nil, fmt.Errorf("paths by name: %w", err)
+		}
+		out = append(out, p)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("paths by name: %w", err)
+	}
+	return out, nil
+}

@@ -65,13 +65,16 @@ type Frame struct {
 	DataOff int64
 	CLen    int64
 	RawLen  int64
+	// Packed is set on frames written by repack (the space-optimal form),
+	// which repack leaves alone.
+	Packed bool
 }
 
 // InsertFrame records a frame and returns its id.
 func (q q) InsertFrame(ctx context.Context, f Frame) (int64, error) {
 	res, err := q.exec(ctx,
-		"INSERT INTO frames(id, pack, offset, data_off, clen, rawlen) VALUES ("+nextID("frames")+",?,?,?,?,?)",
-		f.Pack, f.Offset, f.DataOff, f.CLen, f.RawLen)
+		"INSERT INTO frames(id, pack, offset, data_off, clen, rawlen, packed) VALUES ("+nextID("frames")+",?,?,?,?,?,?)",
+		f.Pack, f.Offset, f.DataOff, f.CLen, f.RawLen, f.Packed)
 	if err != nil {
 		return 0, fmt.Errorf("insert frame: %w", err)
 	}
@@ -102,7 +105,7 @@ type ChunkLoc struct {
 const ChunkBatch = 32
 
 var chunksQuery = func() string {
-	q := `SELECT c.digest, f.id, f.pack, f.offset, f.data_off, f.clen, f.rawlen, c.off, c.len
+	q := `SELECT c.digest, f.id, f.pack, f.offset, f.data_off, f.clen, f.rawlen, f.packed, c.off, c.len
 		FROM chunks c JOIN frames f ON f.id = c.frame WHERE c.digest IN (?`
 	for i := 1; i < ChunkBatch; i++ {
 		q += ",?"
@@ -130,7 +133,7 @@ func (q q) Chunks(ctx context.Context, ds []digest.Digest) (map[digest.Digest]Ch
 	for rows.Next() {
 		var c ChunkLoc
 		var dg []byte
-		if err := rows.Scan(&dg, &c.ID, &c.Pack, &c.Offset, &c.DataOff, &c.CLen, &c.RawLen, &c.Off, &c.Len); err != nil {
+		if err := rows.Scan(&dg, &c.ID, &c.Pack, &c.Offset, &c.DataOff, &c.CLen, &c.RawLen, &c.Packed, &c.Off, &c.Len); err != nil {
 			return nil, fmt.Errorf("chunks: %w", err)
 		}
 		d, err := digest.FromBytes(dg)
@@ -170,7 +173,7 @@ func (q q) EachFrame(ctx context.Context, fn func(Frame, []ChunkInFrame) error) 
 }
 
 func (q q) eachFrame(ctx context.Context, where string, args []any, fn func(Frame, []ChunkInFrame) error) error {
-	rows, err := q.query(ctx, `SELECT f.id, f.pack, f.offset, f.data_off, f.clen, f.rawlen, c.digest, c.off, c.len
+	rows, err := q.query(ctx, `SELECT f.id, f.pack, f.offset, f.data_off, f.clen, f.rawlen, f.packed, c.digest, c.off, c.len
 		FROM frames f LEFT JOIN chunks c ON c.frame = f.id `+where+` ORDER BY f.pack, f.offset, c.off`, args...)
 	if err != nil {
 		return fmt.Errorf("list frames: %w", err)
@@ -183,7 +186,7 @@ func (q q) eachFrame(ctx context.Context, where string, args []any, fn func(Fram
 		var f Frame
 		var dg []byte
 		var off, ln sql.NullInt64
-		if err := rows.Scan(&f.ID, &f.Pack, &f.Offset, &f.DataOff, &f.CLen, &f.RawLen, &dg, &off, &ln); err != nil {
+		if err := rows.Scan(&f.ID, &f.Pack, &f.Offset, &f.DataOff, &f.CLen, &f.RawLen, &f.Packed, &dg, &off, &ln); err != nil {
 			return fmt.Errorf("list frames: %w", err)
 		}
 		if have && f.ID != cur.ID {

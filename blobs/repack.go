@@ -1,0 +1,391 @@
+package blobs
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"runtime"
+
+	"github.com/klauspost/compress/zstd"
+
+	"github.com/casnix/casnix/blobs/pack"
+	"github.com/casnix/casnix/db"
+	"github.com/casnix/casnix/digest"
+)
+
+// Repack defaults, chosen on the releases corpus (bench/core.sh; see
+// bench/RESULTS.md): klauspost's best level in 16 MiB frames with the
+// chunks of one package's versions next to each other stores it in about
+// 0.76 x the sum of its per-NAR zstd -3 sizes, where ingest's fastest level
+// in 4 MiB frames takes about 1.0 x and the former default ("better", 4
+// MiB, ingest order) 0.89 x.
+const (
+	RepackLevel     = zstd.SpeedBestCompression
+	RepackFrameSize = 16 << 20
+	// repackRoundBytes is how many raw bytes of chunks a repack moves per
+	// commit: what a crash can make it redo, and what its new packs hold
+	// before their frames are indexed.
+	repackRoundBytes = 256 << 20
+)
+
+// RepackOptions tune a Repacker. Zero values take the defaults.
+type RepackOptions struct {
+	Level     zstd.EncoderLevel
+	FrameSize int
+	// RoundBytes is the raw bytes moved per commit (tests make it small).
+	RoundBytes int64
+	// Workers is the number of frames compressed at once (default: the
+	// CPUs).
+	Workers int
+}
+
+// RepackStats says what a repack did.
+type RepackStats struct {
+	ChunksMoved   int
+	BytesMoved    int64 // raw bytes of the moved chunks
+	FramesWritten int
+	Rounds        int   // commits
+	Written       int64 // compressed bytes of the frames written (with record headers)
+}
+
+// Repacker rewrites the chunks of frames ingest wrote (not yet packed)
+// into new frames of the space-optimal form, in the order its caller
+// names blobs: similar data given in a row compresses together. Chunks
+// already in packed frames, and chunks named before, are left where they
+// are. Every RoundBytes it makes its new packs durable and then, in one
+// transaction, records the new frames (packed) and points the chunks at
+// them; the old frames keep their bytes until a compaction drops the packs
+// they emptied (Store.Compact). A crash loses at most the round in
+// progress, whose bytes are an uncommitted pack tail like any writer's.
+//
+// The caller must keep chunks from being deleted meanwhile (the store
+// holds the GC run lock): writers only ever add chunks, so nothing else
+// moves one.
+type Repacker struct {
+	s    *Store
+	ctx  context.Context
+	opts RepackOptions
+	enc  *zstd.Encoder
+
+	// the frame being filled
+	raw     []byte
+	entries []pack.Entry
+	// chunks placed in this round and not yet committed (the index still
+	// says they are in their old frames)
+	seen map[digest.Digest]bool
+	// frames compressing, in order
+	inflight []chan repackFrame
+	// frames written this round
+	done     []moved
+	roundRaw int64
+
+	out  *packFile
+	bw   *bufio.Writer
+	outs []*packFile
+
+	st  RepackStats
+	err error
+}
+
+type repackFrame struct {
+	raw     []byte
+	comp    []byte
+	entries []pack.Entry
+}
+
+// NewRepacker starts a repack. Call Add with blobs in the order they
+// should be laid out, then Finish.
+func (s *Store) NewRepacker(ctx context.Context, o RepackOptions) (*Repacker, error) {
+	if s.opts.ReadOnly {
+		return nil, fmt.Errorf("repack: %w", db.ErrReadOnly)
+	}
+	if o.Level == 0 {
+		o.Level = RepackLevel
+	}
+	if o.FrameSize < MaxChunk || o.FrameSize > pack.MaxFrameBytes {
+		o.FrameSize = RepackFrameSize
+	}
+	if o.RoundBytes <= 0 {
+		o.RoundBytes = repackRoundBytes
+	}
+	if o.Workers <= 0 {
+		o.Workers = runtime.GOMAXPROCS(0)
+	}
+	window := 1 << 20
+	for window < o.FrameSize {
+		window <<= 1
+	}
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(o.Level), zstd.WithEncoderCRC(true),
+		zstd.WithEncoderConcurrency(o.Workers), zstd.WithZeroFrames(true), zstd.WithWindowSize(window))
+	if err != nil {
+		return nil, fmt.Errorf("repack: zstd encoder: %w", err)
+	}
+	return &Repacker{s: s, ctx: ctx, opts: o, enc: enc, seen: map[digest.Digest]bool{}}, nil
+}
+
+// Add lays out the chunks of blobs (in order) that are still in frames
+// ingest wrote. Blobs missing from the index are skipped: the caller
+// walks trees that a concurrent import may be adding.
+func (r *Repacker) Add(blobs []digest.Digest) error {
+	if r.err != nil {
+		return r.err
+	}
+	r.err = r.add(blobs)
+	return r.err
+}
+
+func (r *Repacker) add(blobs []digest.Digest) error {
+	var want []digest.Digest
+	for len(blobs) > 0 {
+		n := min(len(blobs), db.ChunkBatch)
+		found, err := r.s.db.BlobsAndLocs(r.ctx, blobs[:n])
+		if err != nil {
+			return fmt.Errorf("repack: %w", err)
+		}
+		for _, d := range blobs[:n] {
+			bl, ok := found[d]
+			if !ok {
+				continue
+			}
+			switch {
+			case bl.Blob.Chunks == nil:
+				if bl.Blob.Size > 0 {
+					want = append(want, d)
+				}
+			case len(bl.Blob.Chunks)%(digest.Size+4) != 0:
+				return fmt.Errorf("repack: %w: blob %s: chunk list of %d bytes", ErrCorrupt, d, len(bl.Blob.Chunks))
+			default:
+				for c := bl.Blob.Chunks; len(c) > 0; c = c[digest.Size+4:] {
+					cd, err := digest.FromBytes(c[:digest.Size])
+					if err != nil {
+						return fmt.Errorf("repack: blob %s: %w", d, err)
+					}
+					want = append(want, cd)
+				}
+			}
+		}
+		blobs = blobs[n:]
+	}
+	for len(want) > 0 {
+		n := min(len(want), db.ChunkBatch)
+		batch := want[:n]
+		want = want[n:]
+		locs, err := r.s.db.Chunks(r.ctx, batch)
+		if err != nil {
+			return fmt.Errorf("repack: %w", err)
+		}
+		// Start decoding this batch's old frames on the other cores.
+		for _, d := range batch {
+			if l, ok := locs[d]; ok && !l.Packed && !r.seen[d] {
+				r.s.prefetch(l.Frame)
+			}
+		}
+		for _, d := range batch {
+			l, ok := locs[d]
+			if !ok || l.Packed || r.seen[d] {
+				continue
+			}
+			if err := r.chunk(d, l); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// chunk appends one chunk, read from its old frame and checked against its
+// digest, to the frame being filled.
+func (r *Repacker) chunk(d digest.Digest, l db.ChunkLoc) error {
+	e, err := r.s.frame(l.Frame)
+	if err != nil {
+		return fmt.Errorf("repack: chunk %s: %w", d, err)
+	}
+	if l.Off < 0 || l.Len <= 0 || l.Off+l.Len > int64(len(e.data)) || !e.check(l.Off, l.Len, d) {
+		r.s.cache.release(e)
+		return fmt.Errorf("repack: %w: chunk %s: the bytes the index points at (pack %d, frame at %d, offset %d) hash differently",
+			ErrCorrupt, d, l.Pack, l.Frame.Offset, l.Off)
+	}
+	if len(r.raw)+int(l.Len) > r.opts.FrameSize || len(r.entries) >= pack.MaxChunks {
+		if err := r.closeFrame(); err != nil {
+			r.s.cache.release(e)
+			return err
+		}
+	}
+	if r.raw == nil {
+		r.raw = getFrameBuf(int64(r.opts.FrameSize))[:0]
+	}
+	r.raw = append(r.raw, e.data[l.Off:l.Off+l.Len]...)
+	r.s.cache.release(e)
+	r.entries = append(r.entries, pack.Entry{Digest: d, Len: uint32(l.Len)})
+	r.seen[d] = true
+	r.roundRaw += l.Len
+	return nil
+}
+
+// closeFrame hands the frame being filled to a compressor, and commits the
+// round once it holds RoundBytes.
+func (r *Repacker) closeFrame() error {
+	if len(r.entries) == 0 {
+		return nil
+	}
+	fr := repackFrame{raw: r.raw, entries: r.entries}
+	r.raw, r.entries = nil, nil
+	ch := make(chan repackFrame, 1)
+	r.inflight = append(r.inflight, ch)
+	go func() {
+		fr.comp = r.enc.EncodeAll(fr.raw, nil)
+		ch <- fr
+	}()
+	// Keep at most Workers frames compressing: each holds a frame of raw
+	// bytes and its output.
+	for len(r.inflight) > r.opts.Workers {
+		if err := r.writeNext(); err != nil {
+			return err
+		}
+	}
+	if r.roundRaw >= r.opts.RoundBytes {
+		return r.commit()
+	}
+	return nil
+}
+
+// writeNext appends the oldest compressing frame to the output pack.
+func (r *Repacker) writeNext() error {
+	fr := <-r.inflight[0]
+	r.inflight = r.inflight[1:]
+	defer putFrameBuf(fr.raw)
+	if r.out == nil || r.out.size >= r.s.opts.PackSize {
+		if err := r.newOut(); err != nil {
+			return err
+		}
+	}
+	o := r.out
+	hdr := pack.RecordHeader(fr.entries, len(fr.comp))
+	nf := db.Frame{Pack: o.id, Offset: o.size, DataOff: o.size + int64(len(hdr)),
+		CLen: int64(len(fr.comp)), RawLen: int64(len(fr.raw)), Packed: true}
+	if _, err := r.bw.Write(hdr); err != nil {
+		return fmt.Errorf("repack: write pack %d: %w", o.id, err)
+	}
+	if _, err := r.bw.Write(fr.comp); err != nil {
+		return fmt.Errorf("repack: write pack %d: %w", o.id, err)
+	}
+	o.size += int64(len(hdr) + len(fr.comp))
+	m := moved{frame: nf, chunks: make([]db.ChunkInFrame, len(fr.entries))}
+	var off int64
+	for i, e := range fr.entries {
+		m.chunks[i] = db.ChunkInFrame{Digest: e.Digest, Off: off, Len: int64(e.Len)}
+		off += int64(e.Len)
+	}
+	r.done = append(r.done, m)
+	r.st.FramesWritten++
+	r.st.Written += int64(len(hdr) + len(fr.comp))
+	return nil
+}
+
+// newOut starts a new output pack (created, with its header, durable).
+func (r *Repacker) newOut() error {
+	if r.out != nil {
+		if err := r.bw.Flush(); err != nil {
+			return fmt.Errorf("repack: write pack %d: %w", r.out.id, err)
+		}
+	}
+	p, err := r.s.newPack(r.ctx)
+	if err != nil {
+		return err
+	}
+	r.out = p
+	r.outs = append(r.outs, p)
+	if _, err := p.f.Seek(p.size, 0); err != nil {
+		return fmt.Errorf("repack: seek pack %d: %w", p.id, err)
+	}
+	if r.bw == nil {
+		r.bw = bufio.NewWriterSize(r.s.packWriter(p), 1<<20)
+	} else {
+		r.bw.Reset(r.s.packWriter(p))
+	}
+	return nil
+}
+
+// commit makes the round's frames durable, then records them and moves
+// their chunks in one transaction.
+func (r *Repacker) commit() error {
+	for len(r.inflight) > 0 {
+		if err := r.writeNext(); err != nil {
+			return err
+		}
+	}
+	if len(r.done) == 0 {
+		return nil
+	}
+	if err := r.bw.Flush(); err != nil {
+		return fmt.Errorf("repack: write pack %d: %w", r.out.id, err)
+	}
+	for _, o := range r.outs {
+		if err := r.s.syncPack(o); err != nil {
+			return fmt.Errorf("repack: sync pack %d: %w", o.id, err)
+		}
+	}
+	err := r.s.db.Write(r.ctx, func(tx *db.Tx) error {
+		for _, m := range r.done {
+			id, err := tx.InsertFrame(r.ctx, m.frame)
+			if err != nil {
+				return err
+			}
+			for _, c := range m.chunks {
+				if err := tx.MoveChunk(r.ctx, c.Digest, id, c.Off); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("repack: %w", err)
+	}
+	for _, m := range r.done {
+		r.st.ChunksMoved += len(m.chunks)
+		for _, c := range m.chunks {
+			r.st.BytesMoved += c.Len
+		}
+	}
+	r.st.Rounds++
+	r.done = r.done[:0]
+	r.roundRaw = 0
+	clear(r.seen)
+	return nil
+}
+
+// Finish commits what is left and hands the new packs to this process's
+// next writers (a failed repack closes them instead: their uncommitted
+// tails are cut off when they are next taken). It does not remove the old
+// packs: Compact does, once nothing points into them.
+func (r *Repacker) Finish() (RepackStats, error) {
+	err := r.err
+	if err == nil {
+		err = r.closeFrame()
+	}
+	if err == nil {
+		err = r.commit()
+	}
+	for len(r.inflight) > 0 {
+		fr := <-r.inflight[0]
+		r.inflight = r.inflight[1:]
+		putFrameBuf(fr.raw)
+	}
+	if r.raw != nil {
+		putFrameBuf(r.raw)
+		r.raw = nil
+	}
+	r.enc.Close()
+	if err != nil {
+		r.s.poison(r.outs...)
+		r.outs = nil
+		r.err = err
+		return r.st, err
+	}
+	r.s.release(r.outs...)
+	r.outs = nil
+	r.err = errors.New("repack: finished")
+	return r.st, nil
+}

@@ -1,0 +1,72 @@
+package cli
+
+import (
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"github.com/klauspost/compress/zstd"
+
+	"github.com/casnix/casnix/blobs"
+	"github.com/casnix/casnix/store"
+)
+
+// RepackCmd rewrites what ingest stored fast into the space-optimal form.
+type RepackCmd struct {
+	Level     int     `name:"level" default:"11" placeholder:"N" help:"zstd level of the rewritten frames (1 fastest, 3 default, 7 better, 11 best)."`
+	FrameSize int     `name:"frame-size" default:"16777216" placeholder:"BYTES" help:"Raw bytes per rewritten frame (256 KiB to 64 MiB): larger compresses better, smaller reads small files faster."`
+	MinDead   float64 `name:"min-dead" default:"0.25" help:"Afterwards, rewrite a pack once this share of its bytes is dead (as gc does)."`
+	JSON      bool    `name:"json" help:"Print the result as JSON."`
+}
+
+type repackJSON struct {
+	Paths         int     `json:"paths"`
+	ChunksMoved   int     `json:"chunksMoved"`
+	BytesMoved    int64   `json:"bytesMoved"`
+	FramesWritten int     `json:"framesWritten"`
+	Rounds        int     `json:"rounds"`
+	PacksRemoved  int     `json:"packsRemoved"`
+	PacksWritten  int     `json:"packsWritten"`
+	BytesBefore   int64   `json:"bytesBefore"`
+	BytesAfter    int64   `json:"bytesAfter"`
+	Seconds       float64 `json:"seconds"`
+}
+
+// Run repacks.
+func (c *RepackCmd) Run(g *Globals) error {
+	if c.MinDead <= 0 {
+		return fmt.Errorf("--min-dead must be above 0")
+	}
+	st, err := g.Open()
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	before, err := dirBytes(st.Dir())
+	if err != nil {
+		return err
+	}
+	start := time.Now()
+	res, err := st.Repack(g.Ctx, store.RepackOptions{MinDead: c.MinDead,
+		Blobs: blobs.RepackOptions{Level: zstd.EncoderLevelFromZstd(c.Level), FrameSize: c.FrameSize}})
+	if err != nil {
+		return err
+	}
+	el := time.Since(start)
+	after, err := dirBytes(st.Dir())
+	if err != nil {
+		return err
+	}
+	if c.JSON {
+		enc := json.NewEncoder(g.Stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(repackJSON{Paths: res.Paths, ChunksMoved: res.Repack.ChunksMoved, BytesMoved: res.Repack.BytesMoved,
+			FramesWritten: res.Repack.FramesWritten, Rounds: res.Repack.Rounds,
+			PacksRemoved: res.Compact.PacksRemoved, PacksWritten: res.Compact.PacksWritten,
+			BytesBefore: before, BytesAfter: after, Seconds: el.Seconds()})
+	}
+	fmt.Fprintf(g.Stderr, "repacked %d chunks (%s raw) of %d paths into %d frames in %.1fs; packs %s -> %s on disk (%d removed)\n",
+		res.Repack.ChunksMoved, humanBytes(res.Repack.BytesMoved), res.Paths, res.Repack.FramesWritten, el.Seconds(),
+		humanBytes(before), humanBytes(after), res.Compact.PacksRemoved)
+	return nil
+}

@@ -1,0 +1,151 @@
+package store
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/casnix/casnix/blobs"
+	"github.com/casnix/casnix/castore"
+	"github.com/casnix/casnix/digest"
+)
+
+// RepackOptions tune Repack.
+type RepackOptions struct {
+	Blobs blobs.RepackOptions
+	// MinDead is the share of dead bytes at which the compaction after the
+	// rewrite drops or rewrites a pack (0: DefaultMinDead).
+	MinDead float64
+}
+
+// RepackResult says what Repack did.
+type RepackResult struct {
+	Paths    int // walked
+	Repack   blobs.RepackStats
+	Compact  blobs.CompactStats
+	Duration time.Duration
+}
+
+// repackPage is how many paths Repack reads per query: it pages through
+// the store so that no read transaction spans its commits (which would keep
+// SQLite from checkpointing the WAL).
+const repackPage = 256
+
+// repackBlobBatch is how many blobs the walk hands the repacker at once.
+const repackBlobBatch = 256
+
+// Repack rewrites the chunks ingest stored in its fast form into the
+// space-optimal one (blobs.Repacker), laid out in the order of the paths'
+// names without their hash parts, so the versions of a package sit next to
+// each other, and each path's files in NAR order, so a path still reads
+// from a few neighbouring frames. Then a compaction removes the packs it
+// emptied. It holds the GC run lock (collections, verify and repair wait;
+// so no chunk is deleted under it); imports and reads go on, and what they
+// add meanwhile is left for the next repack.
+func (s *Store) Repack(ctx context.Context, o RepackOptions) (*RepackResult, error) {
+	start := time.Now()
+	unlockRun, err := s.lockFile(ctx, gcRunLock, unix.LOCK_EX)
+	if err != nil {
+		return nil, err
+	}
+	defer unlockRun()
+	rp, err := s.blobs.NewRepacker(ctx, o.Blobs)
+	if err != nil {
+		return nil, err
+	}
+	res := &RepackResult{}
+	walkErr := s.repackWalk(ctx, rp, res)
+	res.Repack, err = rp.Finish()
+	if walkErr != nil {
+		return res, walkErr
+	}
+	if err != nil {
+		return res, err
+	}
+	minDead := o.MinDead
+	if minDead == 0 {
+		minDead = DefaultMinDead
+	}
+	res.Compact, err = s.blobs.Compact(ctx, minDead)
+	res.Duration = time.Since(start)
+	if err != nil {
+		return res, fmt.Errorf("repack: compact packs: %w", err)
+	}
+	return res, nil
+}
+
+// repackWalk hands the repacker every valid path's file blobs, path by
+// path in name order, each path's files in NAR order.
+func (s *Store) repackWalk(ctx context.Context, rp *blobs.Repacker, res *RepackResult) error {
+	var batch []digest.Digest
+	add := func(d digest.Digest) error {
+		batch = append(batch, d)
+		if len(batch) < repackBlobBatch {
+			return nil
+		}
+		err := rp.Add(batch)
+		batch = batch[:0]
+		return err
+	}
+	after := ""
+	for {
+		rows, err := s.db.PathRootsByName(ctx, after, repackPage)
+		if err != nil {
+			return fmt.Errorf("repack: %w", err)
+		}
+		for i := range rows {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			n, err := rootOf(&rows[i])
+			if err != nil {
+				return fmt.Errorf("repack: %w", err)
+			}
+			switch n.Kind {
+			case castore.KindFile:
+				err = add(n.Digest)
+			case castore.KindDirectory:
+				err = s.repackTree(ctx, n.Digest, add)
+			}
+			if err != nil {
+				return fmt.Errorf("repack: path %s: %w", rows[i].Name, err)
+			}
+			res.Paths++
+		}
+		if len(rows) < repackPage {
+			break
+		}
+		after = rows[len(rows)-1].Name
+	}
+	if len(batch) > 0 {
+		return rp.Add(batch)
+	}
+	return nil
+}
+
+// repackTree calls add for the files of directory d in NAR order (entries
+// by name, a subdirectory's files where its name falls).
+func (s *Store) repackTree(ctx context.Context, d digest.Digest, add func(digest.Digest) error) error {
+	dir, err := s.Directory(ctx, d)
+	if err != nil {
+		return err
+	}
+	fi, di := 0, 0
+	for fi < len(dir.Files) || di < len(dir.Directories) {
+		if di == len(dir.Directories) || (fi < len(dir.Files) && bytes.Compare(dir.Files[fi].Name, dir.Directories[di].Name) < 0) {
+			if err := add(dir.Files[fi].Digest); err != nil {
+				return err
+			}
+			fi++
+			continue
+		}
+		if err := s.repackTree(ctx, dir.Directories[di].Digest, add); err != nil {
+			return err
+		}
+		di++
+	}
+	return nil
+}
