@@ -14,7 +14,7 @@ import (
 // RepackCmd rewrites what ingest stored fast into the space-optimal form.
 type RepackCmd struct {
 	Level     int     `name:"level" default:"11" placeholder:"N" help:"zstd level of the rewritten frames (1 fastest, 3 default, 7 better, 11 best)."`
-	FrameSize int     `name:"frame-size" default:"16777216" placeholder:"BYTES" help:"Raw bytes per rewritten frame (256 KiB to 64 MiB): larger compresses better, smaller reads small files faster."`
+	FrameSize int     `name:"frame-bytes" default:"16777216" placeholder:"BYTES" help:"Raw bytes per rewritten frame (256 KiB to 64 MiB): larger compresses better, smaller reads small files faster."`
 	MinDead   float64 `name:"min-dead" default:"0.25" help:"Afterwards, rewrite a pack once this share of its bytes is dead (as gc does)."`
 	JSON      bool    `name:"json" help:"Print the result as JSON."`
 }
