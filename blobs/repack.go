@@ -234,7 +234,7 @@ func (r *Repacker) closeFrame() error {
 	ch := make(chan repackFrame, 1)
 	r.inflight = append(r.inflight, ch)
 	go func() {
-		fr.comp = r.enc.EncodeAll(fr.raw, nil)
+		fr.comp = r.enc.EncodeAll(fr.raw, getBuf(len(fr.raw)+len(fr.raw)/64+64))
 		ch <- fr
 	}()
 	// Keep at most Workers frames compressing: each holds a frame of raw
@@ -255,6 +255,7 @@ func (r *Repacker) writeNext() error {
 	fr := <-r.inflight[0]
 	r.inflight = r.inflight[1:]
 	defer putFrameBuf(fr.raw)
+	defer putBuf(fr.comp)
 	if r.out == nil || r.out.size >= r.s.opts.PackSize {
 		if err := r.newOut(); err != nil {
 			return err
@@ -372,6 +373,7 @@ func (r *Repacker) Finish() (RepackStats, error) {
 		fr := <-r.inflight[0]
 		r.inflight = r.inflight[1:]
 		putFrameBuf(fr.raw)
+		putBuf(fr.comp)
 	}
 	if r.raw != nil {
 		putFrameBuf(r.raw)

@@ -3,6 +3,8 @@ package cli
 import (
 	"encoding/json"
 	"fmt"
+	"os"
+	"runtime/debug"
 	"time"
 
 	"github.com/klauspost/compress/zstd"
@@ -13,11 +15,15 @@ import (
 
 // RepackCmd rewrites what ingest stored fast into the space-optimal form.
 type RepackCmd struct {
-	Level     int     `name:"level" default:"11" placeholder:"N" help:"zstd level of the rewritten frames (1 fastest, 3 default, 7 better, 11 best)."`
-	FrameSize int     `name:"frame-bytes" default:"16777216" placeholder:"BYTES" help:"Raw bytes per rewritten frame (256 KiB to 64 MiB): larger compresses better, smaller reads small files faster."`
-	MinDead   float64 `name:"min-dead" default:"0.25" help:"Afterwards, rewrite a pack once this share of its bytes is dead (as gc does)."`
-	JSON      bool    `name:"json" help:"Print the result as JSON."`
+	Level       int     `name:"level" default:"11" placeholder:"N" help:"zstd level of the rewritten frames (1 fastest, 3 default, 7 better, 11 best)."`
+	FrameSize   int     `name:"frame-bytes" default:"16777216" placeholder:"BYTES" help:"Raw bytes per rewritten frame (256 KiB to 64 MiB): larger compresses better, smaller reads small files faster."`
+	MinDead     float64 `name:"min-dead" default:"0.25" help:"Afterwards, rewrite a pack once this share of its bytes is dead (as gc does)."`
+	MemoryLimit string  `name:"memory-limit" env:"CASNIX_MEMORY_LIMIT" default:"256MiB" placeholder:"BYTES" help:"Soft limit on the Go memory (GOMEMLIMIT overrides it); the encoders of the best levels need about 50 MiB each."`
+	JSON        bool    `name:"json" help:"Print the result as JSON."`
 }
+
+// repackFrameCache is the decoded-frame cache of a repack.
+const repackFrameCache = 32 << 20
 
 type repackJSON struct {
 	Paths         int     `json:"paths"`
@@ -37,6 +43,16 @@ func (c *RepackCmd) Run(g *Globals) error {
 	if c.MinDead <= 0 {
 		return fmt.Errorf("--min-dead must be above 0")
 	}
+	limit, err := parseSize(c.MemoryLimit)
+	if err != nil {
+		return fmt.Errorf("--memory-limit: %w", err)
+	}
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(limit)
+	}
+	// The old frames are read in the order they were written: a few of
+	// them cached are enough.
+	g.FrameCache = repackFrameCache
 	st, err := g.Open()
 	if err != nil {
 		return err

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -238,5 +239,51 @@ func TestBlobsAndLocs(t *testing.T) {
 	}
 	if _, err := d.BlobsAndLocs(ctx, append(stored, missing)); err == nil {
 		t.Error("a list longer than a batch was accepted")
+	}
+}
+
+// TestPathRootsByName pages through paths in the order of their names
+// without the hash part, whatever the page size: the versions of a package
+// come together, ties broken by the whole name.
+func TestPathRootsByName(t *testing.T) {
+	ctx := context.Background()
+	d, err := Open(ctx, filepath.Join(t.TempDir(), "x.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	h := func(c byte) string { return strings.Repeat(string(c), 32) }
+	names := []string{h('z') + "-foo-1.0", h('0') + "-foo-1.1", h('m') + "-bar-2", h('a') + "-foo-1.0", h('b') + "-zed"}
+	want := []string{h('m') + "-bar-2", h('a') + "-foo-1.0", h('z') + "-foo-1.0", h('0') + "-foo-1.1", h('b') + "-zed"}
+	err = d.Write(ctx, func(tx *Tx) error {
+		for _, n := range names {
+			if _, err := tx.InsertPath(ctx, &PathRow{Name: n, Kind: 1, NarHash: make([]byte, 32)}); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, page := range []int{1, 2, 3, 10} {
+		var got []string
+		after := ""
+		for {
+			rows, err := d.PathRootsByName(ctx, after, page)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, r := range rows {
+				got = append(got, r.Name)
+			}
+			if len(rows) < page {
+				break
+			}
+			after = rows[len(rows)-1].Name
+		}
+		if !slices.Equal(got, want) {
+			t.Errorf("page %d: %q, want %q", page, got, want)
+		}
 	}
 }
