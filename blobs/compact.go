@@ -55,12 +55,18 @@ const rewriteBelow = 0.5
 // collector serialises runs). Chunk rows may be added meanwhile by writers,
 // but never deleted: chunk deletion is the collector's sweep.
 func (s *Store) Compact(ctx context.Context, minDead float64) (CompactStats, error) {
+	return s.CompactSteps(ctx, minDead, nil)
+}
+
+// CompactSteps is Compact calling step (if not nil) after each step a
+// crash could follow: an old pack dropped from the index, its file removed.
+func (s *Store) CompactSteps(ctx context.Context, minDead float64, step func(string)) (CompactStats, error) {
 	var st CompactStats
 	if s.opts.ReadOnly {
 		return st, fmt.Errorf("compact: %w", db.ErrReadOnly)
 	}
 	s.closeFree()
-	c := &compactor{s: s, ctx: ctx, st: &st, dirs: map[string]bool{}}
+	c := &compactor{s: s, ctx: ctx, st: &st, dirs: map[string]bool{}, step: step}
 	defer c.finish()
 	orphans, err := s.orphanPacks(ctx)
 	if err != nil {
@@ -182,6 +188,7 @@ type compactor struct {
 	// removed as soon as it lets go, at the latest in finish.
 	pending []removal
 	done    bool
+	step    func(string)
 }
 
 // remove unlinks dropped pack files now, or once no backup holds them.
@@ -417,6 +424,9 @@ func (c *compactor) drop(id int64, frames []moved, usage int64) error {
 	})
 	if err != nil {
 		return fmt.Errorf("compact pack %d: %w", id, err)
+	}
+	if c.step != nil {
+		c.step("old pack dropped")
 	}
 	// Not synced per pack: a file that comes back after a crash has no row
 	// and is removed by the next Compact.

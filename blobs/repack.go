@@ -38,6 +38,10 @@ type RepackOptions struct {
 	// Workers is the number of frames compressed at once (default: the
 	// CPUs).
 	Workers int
+	// Step, if set, is called after each step a crash could follow
+	// (a frame written, packs synced, a round committed): the crash tests
+	// kill the process there.
+	Step func(name string)
 }
 
 // RepackStats says what a repack did.
@@ -279,6 +283,7 @@ func (r *Repacker) writeNext() error {
 		off += int64(e.Len)
 	}
 	r.done = append(r.done, m)
+	r.step("frame written")
 	r.st.FramesWritten++
 	r.st.Written += int64(len(hdr) + len(fr.comp))
 	return nil
@@ -327,6 +332,7 @@ func (r *Repacker) commit() error {
 			return fmt.Errorf("repack: sync pack %d: %w", o.id, err)
 		}
 	}
+	r.step("packs synced")
 	err := r.s.db.Write(r.ctx, func(tx *db.Tx) error {
 		for _, m := range r.done {
 			id, err := tx.InsertFrame(r.ctx, m.frame)
@@ -351,10 +357,17 @@ func (r *Repacker) commit() error {
 		}
 	}
 	r.st.Rounds++
+	r.step("round committed")
 	r.done = r.done[:0]
 	r.roundRaw = 0
 	clear(r.seen)
 	return nil
+}
+
+func (r *Repacker) step(name string) {
+	if r.opts.Step != nil {
+		r.opts.Step(name)
+	}
 }
 
 // Finish commits what is left and hands the new packs to this process's

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"os"
 	"runtime/debug"
+	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/klauspost/compress/zstd"
@@ -20,6 +22,10 @@ type RepackCmd struct {
 	MinDead     float64 `name:"min-dead" default:"0.25" help:"Afterwards, rewrite a pack once this share of its bytes is dead (as gc does)."`
 	MemoryLimit string  `name:"memory-limit" env:"CASNIX_MEMORY_LIMIT" default:"256MiB" placeholder:"BYTES" help:"Soft limit on the Go memory (GOMEMLIMIT overrides it); the encoders of the best levels need about 50 MiB each."`
 	JSON        bool    `name:"json" help:"Print the result as JSON."`
+	// KillAt and RoundBytes are for the crash test (tests/repack_crash_test.go):
+	// it stops a repack of a small store at chosen points of every phase.
+	KillAt     int   `name:"test-kill-at" hidden:"" env:"CASNIX_TEST_REPACK_KILL_AT" help:"Testing only: SIGKILL this process after step N."`
+	RoundBytes int64 `name:"test-round-bytes" hidden:"" help:"Testing only: raw bytes moved per commit."`
 }
 
 // repackFrameCache is the decoded-frame cache of a repack.
@@ -62,9 +68,18 @@ func (c *RepackCmd) Run(g *Globals) error {
 	if err != nil {
 		return err
 	}
+	var steps atomic.Int64
+	step := func(name string) {
+		n := steps.Add(1)
+		g.Logger.Debug("repack step", "n", n, "step", name)
+		if c.KillAt > 0 && n == int64(c.KillAt) {
+			syscall.Kill(os.Getpid(), syscall.SIGKILL)
+			select {} // the signal is on its way
+		}
+	}
 	start := time.Now()
-	res, err := st.Repack(g.Ctx, store.RepackOptions{MinDead: c.MinDead,
-		Blobs: blobs.RepackOptions{Level: zstd.EncoderLevelFromZstd(c.Level), FrameSize: c.FrameSize}})
+	res, err := st.Repack(g.Ctx, store.RepackOptions{MinDead: c.MinDead, Step: step,
+		Blobs: blobs.RepackOptions{Level: zstd.EncoderLevelFromZstd(c.Level), FrameSize: c.FrameSize, RoundBytes: c.RoundBytes}})
 	if err != nil {
 		return err
 	}

@@ -19,6 +19,9 @@ type RepackOptions struct {
 	// MinDead is the share of dead bytes at which the compaction after the
 	// rewrite drops or rewrites a pack (0: DefaultMinDead).
 	MinDead float64
+	// Step, if set, is called after each step a crash could follow (in
+	// the rewrite and in the compaction after it).
+	Step func(name string)
 }
 
 // RepackResult says what Repack did.
@@ -52,6 +55,7 @@ func (s *Store) Repack(ctx context.Context, o RepackOptions) (*RepackResult, err
 		return nil, err
 	}
 	defer unlockRun()
+	o.Blobs.Step = o.Step
 	rp, err := s.blobs.NewRepacker(ctx, o.Blobs)
 	if err != nil {
 		return nil, err
@@ -69,7 +73,7 @@ func (s *Store) Repack(ctx context.Context, o RepackOptions) (*RepackResult, err
 	if minDead == 0 {
 		minDead = DefaultMinDead
 	}
-	res.Compact, err = s.blobs.Compact(ctx, minDead)
+	res.Compact, err = s.blobs.CompactSteps(ctx, minDead, o.Step)
 	res.Duration = time.Since(start)
 	if err != nil {
 		return res, fmt.Errorf("repack: compact packs: %w", err)
