@@ -54,7 +54,9 @@ func (s *Store) prefetch(f db.Frame) {
 		s.cache.release(e)
 		return
 	}
+	s.background.Add(1)
 	go func() {
+		defer s.background.Done()
 		defer s.cache.release(e)
 		s.decodeSlots <- struct{}{}
 		defer func() { <-s.decodeSlots }()

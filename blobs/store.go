@@ -105,6 +105,9 @@ type Store struct {
 	// decodeSlots bounds background frame decodes (a semaphore of
 	// Options.Decoders slots).
 	decodeSlots chan struct{}
+	// background counts read-ahead's decode goroutines: Close waits for
+	// them before it closes the decoder they use.
+	background sync.WaitGroup
 
 	readerSweepState
 }
@@ -165,6 +168,7 @@ func (s *Store) Close() error {
 		delete(s.readers, id)
 	}
 	s.rmu.Unlock()
+	s.background.Wait()
 	s.enc.Close()
 	s.dec.Close()
 	return errors.Join(errs...)
