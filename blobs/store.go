@@ -24,14 +24,13 @@ var (
 	ErrCorrupt  = errors.New("corrupt data")
 )
 
-// Defaults, chosen by bench/core.sh on the releases corpus (see
-// bench/RESULTS.md): klauspost's "better" level with 4 MiB frames is the
-// first setting that stores a set of Debian releases in under 0.9 x the sum
-// of their per-NAR zstd -3 sizes, and with both cores compressing it still
-// ingests faster than zstd -3 on one. 1 MiB frames at the default level
-// came to 0.95 x; 4 MiB at the default level to 0.92 x.
+// Defaults for ingest: write fast, pack tight later. Level 1 in 4 MiB
+// frames stores a set of Debian releases in about 1.0 x the sum of their
+// per-NAR zstd -3 sizes and keeps the compressors off the ingest's critical
+// path; `casnix repack` (Repacker) rewrites the frames into the
+// space-optimal form afterwards (bench/RESULTS.md, "Core store").
 const (
-	DefaultLevel     = zstd.SpeedBetterCompression
+	DefaultLevel     = zstd.SpeedFastest
 	DefaultFrameSize = 4 << 20
 )
 
