@@ -38,6 +38,12 @@ type RepackOptions struct {
 	// Workers is the number of frames compressed at once (default: the
 	// CPUs).
 	Workers int
+	// Hold, if set, is called before chunks are looked up and returns the
+	// func that lets go: the caller's way of keeping a collection from
+	// deleting them until the round that moves them has committed. It is
+	// let go and taken again after every commit, so a waiting collection
+	// gets in between rounds.
+	Hold func() (release func(), err error)
 	// Step, if set, is called after each step a crash could follow
 	// (a frame written, packs synced, a round committed): the crash tests
 	// kill the process there.
@@ -46,8 +52,11 @@ type RepackOptions struct {
 
 // RepackStats says what a repack did.
 type RepackStats struct {
-	ChunksMoved   int
-	BytesMoved    int64 // raw bytes of the moved chunks
+	ChunksMoved int
+	BytesMoved  int64 // raw bytes of the moved chunks
+	// Gone counts chunks deleted or moved away by a collection between
+	// the rounds of a repack: their copies are left as dead bytes.
+	Gone          int
 	FramesWritten int
 	Rounds        int   // commits
 	Written       int64 // compressed bytes of the frames written (with record headers)
@@ -87,6 +96,8 @@ type Repacker struct {
 	out  *packFile
 	bw   *bufio.Writer
 	outs []*packFile
+
+	held func() // Hold's release, while held
 
 	st  RepackStats
 	err error
@@ -172,6 +183,9 @@ func (r *Repacker) add(blobs []digest.Digest) error {
 		blobs = blobs[n:]
 	}
 	for len(want) > 0 {
+		if err := r.hold(); err != nil {
+			return err
+		}
 		n := min(len(want), db.ChunkBatch)
 		batch := want[:n]
 		want = want[n:]
@@ -202,6 +216,12 @@ func (r *Repacker) add(blobs []digest.Digest) error {
 // digest, to the frame being filled.
 func (r *Repacker) chunk(d digest.Digest, l db.ChunkLoc) error {
 	e, err := r.s.frame(l.Frame)
+	if err != nil && vanished(err) {
+		// A collection between rounds compacted its pack away: the chunk
+		// is in a frame of the collection's now, left for the next repack.
+		r.st.Gone++
+		return nil
+	}
 	if err != nil {
 		return fmt.Errorf("repack: chunk %s: %w", d, err)
 	}
@@ -340,7 +360,14 @@ func (r *Repacker) commit() error {
 				return err
 			}
 			for _, c := range m.chunks {
-				if err := tx.MoveChunk(r.ctx, c.Digest, id, c.Off); err != nil {
+				err := tx.MoveChunk(r.ctx, c.Digest, id, c.Off)
+				if errors.Is(err, db.ErrNotFound) {
+					// Swept by a collection between rounds (looked up
+					// under an earlier hold): its copy is dead bytes.
+					r.st.Gone++
+					continue
+				}
+				if err != nil {
 					return err
 				}
 			}
@@ -361,7 +388,32 @@ func (r *Repacker) commit() error {
 	r.done = r.done[:0]
 	r.roundRaw = 0
 	clear(r.seen)
+	// Let a waiting collection in; the chunks still to be placed are
+	// looked up again under the next hold only if their batch is new, so
+	// those of the current batch may be gone by then (counted in Gone).
+	r.release()
 	return nil
+}
+
+// hold takes the caller's hold unless it is held.
+func (r *Repacker) hold() error {
+	if r.held != nil || r.opts.Hold == nil {
+		return nil
+	}
+	rel, err := r.opts.Hold()
+	if err != nil {
+		return fmt.Errorf("repack: %w", err)
+	}
+	r.held = rel
+	return nil
+}
+
+// release lets go of the caller's hold if it is held.
+func (r *Repacker) release() {
+	if r.held != nil {
+		r.held()
+		r.held = nil
+	}
 }
 
 func (r *Repacker) step(name string) {
@@ -393,6 +445,7 @@ func (r *Repacker) Finish() (RepackStats, error) {
 		r.raw = nil
 	}
 	r.enc.Close()
+	r.release()
 	if err != nil {
 		r.s.poison(r.outs...)
 		r.outs = nil

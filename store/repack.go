@@ -3,6 +3,7 @@ package store
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -10,6 +11,7 @@ import (
 
 	"github.com/casnix/casnix/blobs"
 	"github.com/casnix/casnix/castore"
+	"github.com/casnix/casnix/db"
 	"github.com/casnix/casnix/digest"
 )
 
@@ -40,22 +42,29 @@ const repackPage = 256
 // repackBlobBatch is how many blobs the walk hands the repacker at once.
 const repackBlobBatch = 256
 
+// repackLock serialises repacks on a data directory (two would copy the
+// same chunks twice).
+const repackLock = "repack.lock"
+
 // Repack rewrites the chunks ingest stored in its fast form into the
 // space-optimal one (blobs.Repacker), laid out in the order of the paths'
 // names without their hash parts, so the versions of a package sit next to
 // each other, and each path's files in NAR order, so a path still reads
 // from a few neighbouring frames. Then a compaction removes the packs it
-// emptied. It holds the GC run lock (collections, verify and repair wait;
-// so no chunk is deleted under it); imports and reads go on, and what they
-// add meanwhile is left for the next repack.
+// emptied. Each round of the rewrite holds the GC lock shared, as an import
+// does (no sweep deletes a chunk it is moving; a waiting collection gets in
+// between rounds); the compaction holds the GC run lock, as a collection's
+// does. Imports and reads go on, and what they add is left for the next
+// repack.
 func (s *Store) Repack(ctx context.Context, o RepackOptions) (*RepackResult, error) {
 	start := time.Now()
-	unlockRun, err := s.lockFile(ctx, gcRunLock, unix.LOCK_EX)
+	unlockRepack, err := s.lockFile(ctx, repackLock, unix.LOCK_EX)
 	if err != nil {
 		return nil, err
 	}
-	defer unlockRun()
+	defer unlockRepack()
 	o.Blobs.Step = o.Step
+	o.Blobs.Hold = func() (func(), error) { return s.SharedGCLock(ctx) }
 	rp, err := s.blobs.NewRepacker(ctx, o.Blobs)
 	if err != nil {
 		return nil, err
@@ -73,6 +82,11 @@ func (s *Store) Repack(ctx context.Context, o RepackOptions) (*RepackResult, err
 	if minDead == 0 {
 		minDead = DefaultMinDead
 	}
+	unlockRun, err := s.lockFile(ctx, gcRunLock, unix.LOCK_EX)
+	if err != nil {
+		return res, err
+	}
+	defer unlockRun()
 	res.Compact, err = s.blobs.CompactSteps(ctx, minDead, o.Step)
 	res.Duration = time.Since(start)
 	if err != nil {
@@ -113,6 +127,12 @@ func (s *Store) repackWalk(ctx context.Context, rp *blobs.Repacker, res *RepackR
 				err = add(n.Digest)
 			case castore.KindDirectory:
 				err = s.repackTree(ctx, n.Digest, add)
+			}
+			if errors.Is(err, db.ErrNotFound) {
+				// A collection deleted the path since the page was read.
+				if ok, verr := s.IsValid(ctx, rows[i].Name); verr == nil && !ok {
+					continue
+				}
 			}
 			if err != nil {
 				return fmt.Errorf("repack: path %s: %w", rows[i].Name, err)
