@@ -12,6 +12,7 @@ import (
 	"github.com/casnix/casnix/blobs/pack"
 	"github.com/casnix/casnix/db"
 	"github.com/casnix/casnix/digest"
+	"github.com/casnix/casnix/sched"
 )
 
 // Repack defaults, chosen on the releases corpus (bench/core.sh; see
@@ -38,6 +39,13 @@ type RepackOptions struct {
 	// Workers is the number of frames compressed at once (default: the
 	// CPUs).
 	Workers int
+	// Idle runs the rewrite as background work that must not slow anyone
+	// down: its compressors at idle CPU priority (sched.Idle; the caller
+	// runs Add from an idle goroutine too), old frames decoded privately
+	// instead of through the shared frame cache and read-ahead's decoders,
+	// and commits on an ordinary thread (a starved idle thread must not
+	// sit on SQLite's write lock).
+	Idle bool
 	// Hold, if set, is called before chunks are looked up and returns the
 	// func that lets go: the caller's way of keeping a collection from
 	// deleting them until the round that moves them has committed. It is
@@ -97,7 +105,12 @@ type Repacker struct {
 	bw   *bufio.Writer
 	outs []*packFile
 
-	held func() // Hold's release, while held
+	held    func() // Hold's release, while held
+	goneNow int    // chunks of the round being recorded that were swept
+
+	// the old frame last decoded (Idle: outside the shared cache)
+	oldID   int64
+	oldData []byte
 
 	st  RepackStats
 	err error
@@ -195,7 +208,7 @@ func (r *Repacker) add(blobs []digest.Digest) error {
 		}
 		// Start decoding this batch's old frames on the other cores.
 		for _, d := range batch {
-			if l, ok := locs[d]; ok && !l.Packed && !r.seen[d] {
+			if l, ok := locs[d]; ok && !l.Packed && !r.seen[d] && !r.opts.Idle {
 				r.s.prefetch(l.Frame)
 			}
 		}
@@ -215,7 +228,7 @@ func (r *Repacker) add(blobs []digest.Digest) error {
 // chunk appends one chunk, read from its old frame and checked against its
 // digest, to the frame being filled.
 func (r *Repacker) chunk(d digest.Digest, l db.ChunkLoc) error {
-	e, err := r.s.frame(l.Frame)
+	data, release, err := r.oldFrame(l.Frame)
 	if err != nil && vanished(err) {
 		// A collection between rounds compacted its pack away: the chunk
 		// is in a frame of the collection's now, left for the next repack.
@@ -225,26 +238,50 @@ func (r *Repacker) chunk(d digest.Digest, l db.ChunkLoc) error {
 	if err != nil {
 		return fmt.Errorf("repack: chunk %s: %w", d, err)
 	}
-	if l.Off < 0 || l.Len <= 0 || l.Off+l.Len > int64(len(e.data)) || !e.check(l.Off, l.Len, d) {
-		r.s.cache.release(e)
+	defer release()
+	if l.Off < 0 || l.Len <= 0 || l.Off+l.Len > int64(len(data)) || digest.Sum(data[l.Off:l.Off+l.Len]) != d {
 		return fmt.Errorf("repack: %w: chunk %s: the bytes the index points at (pack %d, frame at %d, offset %d) hash differently",
 			ErrCorrupt, d, l.Pack, l.Frame.Offset, l.Off)
 	}
 	if len(r.raw)+int(l.Len) > r.opts.FrameSize || len(r.entries) >= pack.MaxChunks {
 		if err := r.closeFrame(); err != nil {
-			r.s.cache.release(e)
 			return err
 		}
 	}
 	if r.raw == nil {
 		r.raw = getFrameBuf(int64(r.opts.FrameSize))[:0]
 	}
-	r.raw = append(r.raw, e.data[l.Off:l.Off+l.Len]...)
-	r.s.cache.release(e)
+	r.raw = append(r.raw, data[l.Off:l.Off+l.Len]...)
 	r.entries = append(r.entries, pack.Entry{Digest: d, Len: uint32(l.Len)})
 	r.seen[d] = true
 	r.roundRaw += l.Len
 	return nil
+}
+
+// oldFrame returns the decoded data of an old frame and the func to call
+// when done with it: from the shared cache, or when Idle, its own copy of
+// the last frame it decoded (chunks come in the order ingest wrote them,
+// so one is enough).
+func (r *Repacker) oldFrame(f db.Frame) ([]byte, func(), error) {
+	if !r.opts.Idle {
+		e, err := r.s.frame(f)
+		if err != nil {
+			return nil, nil, err
+		}
+		return e.data, func() { r.s.cache.release(e) }, nil
+	}
+	if r.oldData == nil || r.oldID != f.ID {
+		if r.oldData != nil {
+			putFrameBuf(r.oldData)
+			r.oldData = nil
+		}
+		data, err := r.s.decodeFrame(f)
+		if err != nil {
+			return nil, nil, err
+		}
+		r.oldID, r.oldData = f.ID, data
+	}
+	return r.oldData, func() {}, nil
 }
 
 // closeFrame hands the frame being filled to a compressor, and commits the
@@ -258,6 +295,9 @@ func (r *Repacker) closeFrame() error {
 	ch := make(chan repackFrame, 1)
 	r.inflight = append(r.inflight, ch)
 	go func() {
+		if r.opts.Idle {
+			sched.Idle()
+		}
 		fr.comp = r.enc.EncodeAll(fr.raw, getBuf(len(fr.raw)+len(fr.raw)/64+64))
 		ch <- fr
 	}()
@@ -353,27 +393,7 @@ func (r *Repacker) commit() error {
 		}
 	}
 	r.step("packs synced")
-	err := r.s.db.Write(r.ctx, func(tx *db.Tx) error {
-		for _, m := range r.done {
-			id, err := tx.InsertFrame(r.ctx, m.frame)
-			if err != nil {
-				return err
-			}
-			for _, c := range m.chunks {
-				err := tx.MoveChunk(r.ctx, c.Digest, id, c.Off)
-				if errors.Is(err, db.ErrNotFound) {
-					// Swept by a collection between rounds (looked up
-					// under an earlier hold): its copy is dead bytes.
-					r.st.Gone++
-					continue
-				}
-				if err != nil {
-					return err
-				}
-			}
-		}
-		return nil
-	})
+	err := r.onOrdinaryThread(func() error { return r.record() })
 	if err != nil {
 		return fmt.Errorf("repack: %w", err)
 	}
@@ -383,6 +403,9 @@ func (r *Repacker) commit() error {
 			r.st.BytesMoved += c.Len
 		}
 	}
+	r.st.ChunksMoved -= r.goneNow
+	r.st.Gone += r.goneNow
+	r.goneNow = 0
 	r.st.Rounds++
 	r.step("round committed")
 	r.done = r.done[:0]
@@ -393,6 +416,45 @@ func (r *Repacker) commit() error {
 	// those of the current batch may be gone by then (counted in Gone).
 	r.release()
 	return nil
+}
+
+// onOrdinaryThread runs fn on a goroutine of its own when Idle (the
+// caller's thread is at idle priority), else on the caller's.
+func (r *Repacker) onOrdinaryThread(fn func() error) error {
+	if !r.opts.Idle {
+		return fn()
+	}
+	ch := make(chan error, 1)
+	go func() { ch <- fn() }()
+	return <-ch
+}
+
+// record records the round's frames (packed) and points their chunks at
+// them, in one transaction.
+func (r *Repacker) record() error {
+	r.goneNow = 0
+	return r.s.db.Write(r.ctx, func(tx *db.Tx) error {
+		r.goneNow = 0
+		for _, m := range r.done {
+			id, err := tx.InsertFrame(r.ctx, m.frame)
+			if err != nil {
+				return err
+			}
+			for _, c := range m.chunks {
+				err := tx.MoveChunk(r.ctx, c.Digest, id, c.Off)
+				if errors.Is(err, db.ErrNotFound) {
+					// Swept by a collection between rounds (looked up
+					// under an earlier hold): its copy is dead bytes.
+					r.goneNow++
+					continue
+				}
+				if err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	})
 }
 
 // hold takes the caller's hold unless it is held.
@@ -443,6 +505,10 @@ func (r *Repacker) Finish() (RepackStats, error) {
 	if r.raw != nil {
 		putFrameBuf(r.raw)
 		r.raw = nil
+	}
+	if r.oldData != nil {
+		putFrameBuf(r.oldData)
+		r.oldData = nil
 	}
 	r.enc.Close()
 	r.release()

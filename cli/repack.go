@@ -12,6 +12,7 @@ import (
 	"github.com/klauspost/compress/zstd"
 
 	"github.com/casnix/casnix/blobs"
+	"github.com/casnix/casnix/sched"
 	"github.com/casnix/casnix/store"
 )
 
@@ -21,6 +22,7 @@ type RepackCmd struct {
 	FrameSize   int     `name:"frame-bytes" default:"16777216" placeholder:"BYTES" help:"Raw bytes per rewritten frame (256 KiB to 64 MiB): larger compresses better, smaller reads small files faster."`
 	MinDead     float64 `name:"min-dead" default:"0.25" help:"Afterwards, rewrite a pack once this share of its bytes is dead (as gc does)."`
 	MemoryLimit string  `name:"memory-limit" env:"CASNIX_MEMORY_LIMIT" default:"256MiB" placeholder:"BYTES" help:"Soft limit on the Go memory (GOMEMLIMIT overrides it); the encoders of the best levels need about 50 MiB each."`
+	Idle        bool    `name:"idle" help:"Run as background work: one compressor, at idle CPU priority (only cycles nobody else wants), old frames decoded outside the shared cache; for cron on a busy machine."`
 	JSON        bool    `name:"json" help:"Print the result as JSON."`
 	// KillAt and RoundBytes are for the crash test (tests/repack_crash_test.go):
 	// it stops a repack of a small store at chosen points of every phase.
@@ -77,9 +79,14 @@ func (c *RepackCmd) Run(g *Globals) error {
 			select {} // the signal is on its way
 		}
 	}
+	o := store.RepackOptions{MinDead: c.MinDead, Step: step,
+		Blobs: blobs.RepackOptions{Level: zstd.EncoderLevelFromZstd(c.Level), FrameSize: c.FrameSize, RoundBytes: c.RoundBytes}}
+	if c.Idle {
+		sched.Idle()
+		o.Blobs.Idle, o.Blobs.Workers = true, 1
+	}
 	start := time.Now()
-	res, err := st.Repack(g.Ctx, store.RepackOptions{MinDead: c.MinDead, Step: step,
-		Blobs: blobs.RepackOptions{Level: zstd.EncoderLevelFromZstd(c.Level), FrameSize: c.FrameSize, RoundBytes: c.RoundBytes}})
+	res, err := st.Repack(g.Ctx, o)
 	if err != nil {
 		return err
 	}

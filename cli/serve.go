@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -36,6 +37,8 @@ type ServeCmd struct {
 	MemoryLimit     string        `name:"memory-limit" env:"CASNIX_MEMORY_LIMIT" default:"128MiB" placeholder:"BYTES" help:"Soft limit on the daemon's Go memory (GOMEMLIMIT, which overrides it): the garbage collector works harder near it, and the decoded-frame cache gets 40% of it. The process maps about 75 MiB more that it never touches (Go runtime tables)."`
 	ShutdownTimeout time.Duration `name:"shutdown-timeout" env:"CASNIX_SHUTDOWN_TIMEOUT" default:"30s" help:"On SIGINT/SIGTERM, the socket is closed at once and open connections are served until their clients hang up, for at most this long; then their operations are cancelled. A second signal stops at once."`
 	MaxConnections  int           `name:"max-connections" env:"CASNIX_MAX_CONNECTIONS" default:"256" help:"Connections open at once; more are refused with an error in the handshake (0: no limit)."`
+	RepackQuiet     time.Duration `name:"repack-quiet" env:"CASNIX_REPACK_QUIET" default:"5m" help:"Repack in the background (idle CPU priority, one core at most) once no write has committed for this long and --repack-min of new data waits (0: never; casnix repack does it by hand)."`
+	RepackMin       string        `name:"repack-min" env:"CASNIX_REPACK_MIN" default:"64MiB" placeholder:"BYTES" help:"New data (raw) that must wait before a background repack starts."`
 	MaxPerUser      int           `name:"max-connections-per-user" env:"CASNIX_MAX_CONNECTIONS_PER_USER" default:"64" help:"Connections open at once from one uid; trusted users are exempt (0: no limit)."`
 }
 
@@ -99,6 +102,20 @@ func (c *ServeCmd) Run(g *Globals) error {
 	ln, err := c.listen(st.Dir())
 	if err != nil {
 		return err
+	}
+	if c.RepackQuiet > 0 {
+		minBytes, err := parseSize(c.RepackMin)
+		if err != nil {
+			return fmt.Errorf("--repack-min: %w", err)
+		}
+		ctx, cancel := context.WithCancel(g.Ctx)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			st.RepackInBackground(ctx, store.BackgroundRepack{Quiet: c.RepackQuiet, MinBytes: minBytes})
+		}()
+		// Before st.Close (deferred earlier, so run later).
+		defer func() { cancel(); <-done }()
 	}
 	// Closing the listener removes a socket file we created (if it is
 	// still ours); Serve closes it at the first signal.

@@ -292,3 +292,13 @@ func (q q) DropPack(ctx context.Context, id int64) error {
 	}
 	return nil
 }
+
+// UnpackedBytes is the raw size of the frames ingest wrote that no repack
+// has rewritten yet (with their dead chunks: what a repack may find to do).
+func (q q) UnpackedBytes(ctx context.Context) (int64, error) {
+	var n int64
+	if err := q.row(ctx, "SELECT IFNULL(SUM(rawlen), 0) FROM frames WHERE packed = 0").Scan(&n); err != nil {
+		return 0, fmt.Errorf("unpacked bytes: %w", err)
+	}
+	return n, nil
+}

@@ -307,6 +307,7 @@ func (b *Batch) Commit() (added []string, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("commit: %w", err)
 	}
+	b.s.lastCommit.Store(time.Now().UnixNano())
 	b.s.drvHashes.put(b.drvHashes)
 	return added, nil
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/klauspost/compress/zstd"
 
@@ -183,5 +184,71 @@ func TestRepackBesideGCAndImports(t *testing.T) {
 	}
 	if n := countRows(t, st, "SELECT COUNT(*) FROM chunks c JOIN frames f ON f.id = c.frame WHERE f.packed = 0"); n != 0 {
 		t.Errorf("%d chunks left in unpacked frames after the second repack", n)
+	}
+}
+
+// TestRepackInBackground: the daemon's background repack waits for a quiet
+// spell, then rewrites what came in (at idle priority), and again after
+// new writes; it stops with its context.
+func TestRepackInBackground(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	st, err := Open(ctx, t.TempDir(), Options{Blobs: blobs.Options{PackSize: 2 << 20, Level: zstd.SpeedFastest, FrameSize: 1 << 20}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	nars := map[string][]byte{}
+	addOne := func(i int) {
+		n := fmt.Sprintf("%032d-pkg-%d", i, i)
+		nars[n] = manyFilesNAR(t, 30, 100, 50000, int64(i))
+		if err := add(t, st, n, nars[n]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	unpacked := func() int {
+		return countRows(t, st, "SELECT COUNT(*) FROM chunks c JOIN frames f ON f.id = c.frame WHERE f.packed = 0")
+	}
+	waitPacked := func() {
+		t.Helper()
+		for start := time.Now(); unpacked() != 0; time.Sleep(20 * time.Millisecond) {
+			if time.Since(start) > 30*time.Second {
+				t.Fatalf("%d chunks still unpacked after 30 s", unpacked())
+			}
+		}
+	}
+	for i := range 4 {
+		addOne(i)
+	}
+	// Not quiet long enough: nothing moves.
+	quietCtx, stopQuiet := context.WithCancel(ctx)
+	ended := make(chan struct{})
+	go func() { st.RepackInBackground(quietCtx, BackgroundRepack{Quiet: time.Hour, Check: 10 * time.Millisecond}); close(ended) }()
+	time.Sleep(200 * time.Millisecond)
+	stopQuiet()
+	<-ended
+	if unpacked() == 0 {
+		t.Fatal("a repack ran before the store was quiet")
+	}
+
+	done := make(chan struct{})
+	go func() {
+		st.RepackInBackground(ctx, BackgroundRepack{Quiet: 100 * time.Millisecond, MinBytes: 1, Check: 10 * time.Millisecond})
+		close(done)
+	}()
+	waitPacked()
+	addOne(4)
+	waitPacked()
+	cancel()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("background repack did not stop with its context")
+	}
+	mustVerify(t, st)
+	for n, want := range nars {
+		if got := render(t, st, n); !bytes.Equal(got, want) {
+			t.Errorf("%s renders differently", n)
+		}
 	}
 }

@@ -3,6 +3,7 @@ package store
 import (
 	"github.com/casnix/casnix/loglimit"
 	"sync"
+	"sync/atomic"
 
 	"bytes"
 	"context"
@@ -57,6 +58,9 @@ type Store struct {
 	// drvWarnings limits warnings about forged derivations: any client may
 	// upload them as fast as it likes.
 	drvWarnings loglimit.Limiter
+	// lastCommit is when a batch last committed (unix nanoseconds; the
+	// open time before any): the background repack waits for a quiet spell.
+	lastCommit atomic.Int64
 }
 
 // DBFile and PackDir are the data directory's layout.
@@ -112,7 +116,9 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 		lock.Close()
 		return nil, err
 	}
-	return &Store{StoreDir: opts.StoreDir, dir: dir, db: d, blobs: b, blobOpts: opts.Blobs, log: opts.Logger, dirLock: lock}, nil
+	st := &Store{StoreDir: opts.StoreDir, dir: dir, db: d, blobs: b, blobOpts: opts.Blobs, log: opts.Logger, dirLock: lock}
+	st.lastCommit.Store(time.Now().UnixNano())
+	return st, nil
 }
 
 // errNeedsWriter means openReadOnly cannot open the data dir: it has no

@@ -1,0 +1,93 @@
+package store
+
+import (
+	"context"
+	"time"
+
+	"github.com/casnix/casnix/blobs"
+	"github.com/casnix/casnix/sched"
+)
+
+// BackgroundRepack says when a daemon repacks on its own.
+type BackgroundRepack struct {
+	// Quiet is how long no batch may have committed before a repack
+	// starts (writes come in bursts: a nix copy is over before its data
+	// is rewritten).
+	Quiet time.Duration
+	// MinBytes is how much ingest-written data (raw) must have come in
+	// since the last repack.
+	MinBytes int64
+	// Check is how often the conditions are looked at (default Quiet/4,
+	// at most a minute).
+	Check time.Duration
+}
+
+// backgroundRound is a background repack's commit size: small, so that a
+// collection waiting for the shared GC lock gets in soon.
+const backgroundRound = 32 << 20
+
+// RepackInBackground repacks whenever the store has been quiet for
+// b.Quiet and at least b.MinBytes of new data wait, until ctx is done. The
+// repack is idle work: one compressor, every thread of it at idle CPU
+// priority (sched.Idle) except its short commits, old frames decoded
+// outside the shared frame cache. It returns when ctx is done (a repack in
+// progress stops at its next chunk; what it committed stays).
+func (s *Store) RepackInBackground(ctx context.Context, b BackgroundRepack) {
+	if b.Check <= 0 {
+		b.Check = min(max(b.Quiet/4, 10*time.Millisecond), time.Minute)
+	}
+	residual := int64(0)
+	t := time.NewTicker(b.Check)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if time.Since(time.Unix(0, s.lastCommit.Load())) < b.Quiet {
+			continue
+		}
+		n, err := s.db.UnpackedBytes(ctx)
+		if err != nil {
+			if ctx.Err() == nil {
+				s.log.Warn("background repack: cannot tell what waits", "err", err)
+			}
+			continue
+		}
+		if n < residual+b.MinBytes {
+			continue
+		}
+		s.log.Info("background repack", "unpacked", n)
+		res, err := s.repackIdle(ctx)
+		if err != nil {
+			if ctx.Err() == nil {
+				s.log.Warn("background repack failed", "err", err)
+			}
+			continue
+		}
+		s.log.Info("background repack done", "chunks", res.Repack.ChunksMoved, "bytes", res.Repack.BytesMoved,
+			"packsRemoved", res.Compact.PacksRemoved, "freed", res.Compact.Freed(), "seconds", res.Duration.Seconds())
+		// Frames that keep unreachable chunks (garbage for the next
+		// collection) stay unpacked: count only what comes after them.
+		if residual, err = s.db.UnpackedBytes(ctx); err != nil {
+			residual = n
+		}
+	}
+}
+
+// repackIdle runs one repack on a goroutine at idle priority.
+func (s *Store) repackIdle(ctx context.Context) (*RepackResult, error) {
+	type out struct {
+		res *RepackResult
+		err error
+	}
+	ch := make(chan out, 1)
+	go func() {
+		sched.Idle() // this goroutine's thread ends with it
+		res, err := s.Repack(ctx, RepackOptions{Blobs: blobs.RepackOptions{Idle: true, Workers: 1, RoundBytes: backgroundRound}})
+		ch <- out{res, err}
+	}()
+	o := <-ch
+	return o.res, o.err
+}
