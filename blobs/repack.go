@@ -24,6 +24,13 @@ import (
 const (
 	RepackLevel     = zstd.SpeedBestCompression
 	RepackFrameSize = 16 << 20
+	// RepackGroupMin is the least a frame holds before EndGroup closes
+	// it: a frame then holds one group (a package's versions) or, for
+	// small packages, a few, instead of 16 MiB of whatever comes next.
+	// On the releases corpus, closing frames at package boundaries cost
+	// 0.8% of the space and cut the bytes decoded to read one path from
+	// 17 MiB to 5 MiB on average (bench/RESULTS.md).
+	RepackGroupMin = 256 << 10
 	// repackRoundBytes is how many raw bytes of chunks a repack moves per
 	// commit: what a crash can make it redo, and what its new packs hold
 	// before their frames are indexed.
@@ -282,6 +289,19 @@ func (r *Repacker) oldFrame(f db.Frame) ([]byte, func(), error) {
 		r.oldID, r.oldData = f.ID, data
 	}
 	return r.oldData, func() {}, nil
+}
+
+// EndGroup ends a group of similar data (the caller's: the versions of one
+// package): the frame being filled is closed if it holds RepackGroupMin,
+// so that reading one group does not decode the next one too.
+func (r *Repacker) EndGroup() error {
+	if r.err != nil {
+		return r.err
+	}
+	if len(r.raw) >= RepackGroupMin {
+		r.err = r.closeFrame()
+	}
+	return r.err
 }
 
 // closeFrame hands the frame being filled to a compressor, and commits the

@@ -244,7 +244,7 @@ func TestBlobsAndLocs(t *testing.T) {
 
 // TestPathRootsByName pages through paths in the order of their names
 // without the hash part, whatever the page size: the versions of a package
-// come together, ties broken by the whole name.
+// come together, ties broken by the whole name, derivations last.
 func TestPathRootsByName(t *testing.T) {
 	ctx := context.Background()
 	d, err := Open(ctx, filepath.Join(t.TempDir(), "x.db"))
@@ -253,8 +253,10 @@ func TestPathRootsByName(t *testing.T) {
 	}
 	defer d.Close()
 	h := func(c byte) string { return strings.Repeat(string(c), 32) }
-	names := []string{h('z') + "-foo-1.0", h('0') + "-foo-1.1", h('m') + "-bar-2", h('a') + "-foo-1.0", h('b') + "-zed"}
-	want := []string{h('m') + "-bar-2", h('a') + "-foo-1.0", h('z') + "-foo-1.0", h('0') + "-foo-1.1", h('b') + "-zed"}
+	names := []string{h('z') + "-foo-1.0", h('0') + "-foo-1.1", h('m') + "-bar-2", h('a') + "-foo-1.0", h('b') + "-zed",
+		h('c') + "-foo-1.0.drv", h('d') + "-bar-2.drv"}
+	want := []string{h('m') + "-bar-2", h('a') + "-foo-1.0", h('z') + "-foo-1.0", h('0') + "-foo-1.1", h('b') + "-zed",
+		h('d') + "-bar-2.drv", h('c') + "-foo-1.0.drv"}
 	err = d.Write(ctx, func(tx *Tx) error {
 		for _, n := range names {
 			if _, err := tx.InsertPath(ctx, &PathRow{Name: n, Kind: 1, NarHash: make([]byte, 32)}); err != nil {

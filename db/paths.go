@@ -221,16 +221,20 @@ func (q q) PathRoot(ctx context.Context, name string) (*PathRow, error) {
 }
 
 // PathRootsByName lists up to limit valid paths' root nodes in the order of
-// their names without the hash part (so the versions of one package come
-// together), after the path named after ("": from the start). Repack reads
-// the store in this order, a page at a time, so no read transaction stays
-// open across its commits.
+// their names without the hash part (so the versions of a package come
+// together), derivations (".drv") after every other path, after the path
+// named after ("": from the start). Repack reads the store in this order, a
+// page at a time, so no read transaction stays open across its commits.
+// Derivations go last because they are small text files that compress well
+// with each other and are read on their own (a derivation next to the
+// package it builds would make reading it decode the package).
 func (q q) PathRootsByName(ctx context.Context, after string, limit int) ([]PathRow, error) {
 	var out []PathRow
 	// The name's hash part is 32 characters and a dash: substr from 34 is
 	// the package name and version.
 	rows, err := q.query(ctx, `SELECT id, name, kind, digest, size, executable, target, nar_hash FROM paths
-		WHERE (substr(name, 34), name) > (substr(?, 34), ?) ORDER BY substr(name, 34), name LIMIT ?`, after, after, limit)
+		WHERE (substr(name, -4) = '.drv', substr(name, 34), name) > (substr(?, -4) = '.drv', substr(?, 34), ?)
+		ORDER BY substr(name, -4) = '.drv', substr(name, 34), name LIMIT ?`, after, after, after, limit)
 	if err != nil {
 		return nil, fmt.Errorf("paths by name: %w", err)
 	}

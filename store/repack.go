@@ -108,6 +108,7 @@ func (s *Store) repackWalk(ctx context.Context, rp *blobs.Repacker, res *RepackR
 		batch = batch[:0]
 		return err
 	}
+	group := ""
 	after := ""
 	for {
 		rows, err := s.db.PathRootsByName(ctx, after, repackPage)
@@ -121,6 +122,20 @@ func (s *Store) repackWalk(ctx context.Context, rp *blobs.Repacker, res *RepackR
 			n, err := rootOf(&rows[i])
 			if err != nil {
 				return fmt.Errorf("repack: %w", err)
+			}
+			if g := packageOf(rows[i].Name); g != group {
+				// A new package: its data starts a frame of its own once
+				// the last one holds enough.
+				if len(batch) > 0 {
+					if err := rp.Add(batch); err != nil {
+						return err
+					}
+					batch = batch[:0]
+				}
+				if err := rp.EndGroup(); err != nil {
+					return err
+				}
+				group = g
 			}
 			switch n.Kind {
 			case castore.KindFile:
@@ -172,4 +187,21 @@ func (s *Store) repackTree(ctx context.Context, d digest.Digest, add func(digest
 		di++
 	}
 	return nil
+}
+
+// packageOf is a store path name's package: the name without its hash
+// part and from the first dash followed by a digit on (its version), as
+// Nix's parseDrvName splits names. "<hash>-gcc-12.2.0-lib" and
+// "<hash>-gcc-13.1.0.drv" are both "gcc".
+func packageOf(name string) string {
+	// The hash part is 32 characters and a dash.
+	if len(name) > 33 {
+		name = name[33:]
+	}
+	for i := 0; i+1 < len(name); i++ {
+		if name[i] == '-' && name[i+1] >= '0' && name[i+1] <= '9' {
+			return name[:i]
+		}
+	}
+	return name
 }

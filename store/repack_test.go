@@ -252,3 +252,20 @@ func TestRepackInBackground(t *testing.T) {
 		}
 	}
 }
+
+func TestPackageOf(t *testing.T) {
+	h := "00000000000000000000000000000000-"
+	for _, tc := range []struct{ name, want string }{
+		{h + "gcc-12.2.0-lib", "gcc"},
+		{h + "gcc-13.1.0.drv", "gcc"},
+		{h + "libfido2-1-1.17.0-2.drv", "libfido2"},
+		{h + "hello", "hello"},
+		{h + "python3.11-numpy-1.26", "python3.11-numpy"},
+		{h + "x-", "x-"},
+		{"short", "short"},
+	} {
+		if got := packageOf(tc.name); got != tc.want {
+			t.Errorf("packageOf(%q) = %q, want %q", tc.name, got, tc.want)
+		}
+	}
+}
