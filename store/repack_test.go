@@ -223,7 +223,10 @@ func TestRepackInBackground(t *testing.T) {
 	// Not quiet long enough: nothing moves.
 	quietCtx, stopQuiet := context.WithCancel(ctx)
 	ended := make(chan struct{})
-	go func() { st.RepackInBackground(quietCtx, BackgroundRepack{Quiet: time.Hour, Check: 10 * time.Millisecond}); close(ended) }()
+	go func() {
+		st.RepackInBackground(quietCtx, BackgroundRepack{Quiet: time.Hour, Check: 10 * time.Millisecond})
+		close(ended)
+	}()
 	time.Sleep(200 * time.Millisecond)
 	stopQuiet()
 	<-ended
