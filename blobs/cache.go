@@ -78,6 +78,17 @@ func (e *frameEntry) check(off, n int64, d digest.Digest) bool {
 	return true
 }
 
+// markChecked records that data[off:off+n] hashes to d (hashed by whoever
+// decoded the entry).
+func (e *frameEntry) markChecked(off, n int64, d digest.Digest) {
+	e.checkMu.Lock()
+	if e.checked == nil {
+		e.checked = map[chunkSpan]digest.Digest{}
+	}
+	e.checked[chunkSpan{off, n}] = d
+	e.checkMu.Unlock()
+}
+
 // claim reports whether the caller won the right to decode e.
 func (e *frameEntry) claim() bool { return e.claimed.CompareAndSwap(false, true) }
 
