@@ -12,7 +12,6 @@ import (
 	"github.com/casnix/casnix/blobs/pack"
 	"github.com/casnix/casnix/db"
 	"github.com/casnix/casnix/digest"
-	"github.com/casnix/casnix/sched"
 )
 
 // Repack defaults, chosen on the releases corpus (bench/core.sh; see
@@ -47,12 +46,15 @@ type RepackOptions struct {
 	// CPUs).
 	Workers int
 	// Idle runs the rewrite as background work that must not slow anyone
-	// down: its compressors at idle CPU priority (sched.Idle; the caller
-	// runs Add from an idle goroutine too), old frames decoded privately
-	// instead of through the shared frame cache and read-ahead's decoders,
-	// and commits on an ordinary thread (a starved idle thread must not
-	// sit on SQLite's write lock).
+	// down: old frames decoded privately instead of through the shared
+	// frame cache and read-ahead's decoders, and commits on an ordinary
+	// thread (a starved idle-priority thread must not sit on SQLite's
+	// write lock).
 	Idle bool
+	// Priority, if set, is called at the start of each compressor
+	// goroutine: sched.Idle for background work (the caller runs Add from
+	// such a goroutine too).
+	Priority func()
 	// Hold, if set, is called before chunks are looked up and returns the
 	// func that lets go: the caller's way of keeping a collection from
 	// deleting them until the round that moves them has committed. It is
@@ -315,8 +317,8 @@ func (r *Repacker) closeFrame() error {
 	ch := make(chan repackFrame, 1)
 	r.inflight = append(r.inflight, ch)
 	go func() {
-		if r.opts.Idle {
-			sched.Idle()
+		if r.opts.Priority != nil {
+			r.opts.Priority()
 		}
 		fr.comp = r.enc.EncodeAll(fr.raw, getBuf(len(fr.raw)+len(fr.raw)/64+64))
 		ch <- fr

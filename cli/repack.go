@@ -83,7 +83,7 @@ func (c *RepackCmd) Run(g *Globals) error {
 		Blobs: blobs.RepackOptions{Level: zstd.EncoderLevelFromZstd(c.Level), FrameSize: c.FrameSize, RoundBytes: c.RoundBytes}}
 	if c.Idle {
 		sched.Idle()
-		o.Blobs.Idle, o.Blobs.Workers = true, 1
+		o.Blobs.Idle, o.Blobs.Workers, o.Blobs.Priority = true, 1, func() { sched.Idle() }
 	}
 	start := time.Now()
 	res, err := st.Repack(g.Ctx, o)

@@ -20,6 +20,10 @@ type BackgroundRepack struct {
 	// Check is how often the conditions are looked at (default Quiet/4,
 	// at most a minute).
 	Check time.Duration
+	// Priority is called on each of the repack's goroutines before it
+	// works (nil: sched.Idle). Tests pass a no-op: an idle-class thread
+	// waits for as long as the machine is busy, which a test cannot.
+	Priority func()
 }
 
 // backgroundRound is a background repack's commit size: small, so that a
@@ -59,7 +63,7 @@ func (s *Store) RepackInBackground(ctx context.Context, b BackgroundRepack) {
 			continue
 		}
 		s.log.Info("background repack", "unpacked", n)
-		res, err := s.repackIdle(ctx)
+		res, err := s.repackIdle(ctx, b.Priority)
 		if err != nil {
 			if ctx.Err() == nil {
 				s.log.Warn("background repack failed", "err", err)
@@ -76,16 +80,20 @@ func (s *Store) RepackInBackground(ctx context.Context, b BackgroundRepack) {
 	}
 }
 
-// repackIdle runs one repack on a goroutine at idle priority.
-func (s *Store) repackIdle(ctx context.Context) (*RepackResult, error) {
+// repackIdle runs one repack on a goroutine at idle priority (or the
+// given one).
+func (s *Store) repackIdle(ctx context.Context, priority func()) (*RepackResult, error) {
+	if priority == nil {
+		priority = func() { sched.Idle() }
+	}
 	type out struct {
 		res *RepackResult
 		err error
 	}
 	ch := make(chan out, 1)
 	go func() {
-		sched.Idle() // this goroutine's thread ends with it
-		res, err := s.Repack(ctx, RepackOptions{Blobs: blobs.RepackOptions{Idle: true, Workers: 1, RoundBytes: backgroundRound}})
+		priority() // sched.Idle: this goroutine's thread ends with it
+		res, err := s.Repack(ctx, RepackOptions{Blobs: blobs.RepackOptions{Idle: true, Priority: priority, Workers: 1, RoundBytes: backgroundRound}})
 		ch <- out{res, err}
 	}()
 	o := <-ch

@@ -188,8 +188,10 @@ func TestRepackBesideGCAndImports(t *testing.T) {
 }
 
 // TestRepackInBackground: the daemon's background repack waits for a quiet
-// spell, then rewrites what came in (at idle priority), and again after
-// new writes; it stops with its context.
+// spell, then rewrites what came in, and again after new writes; it stops
+// with its context. It runs at ordinary priority here: at idle priority it
+// waits for as long as the machine is busy (CI runs packages in parallel),
+// and sched.TestIdle covers the priority.
 func TestRepackInBackground(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -224,7 +226,7 @@ func TestRepackInBackground(t *testing.T) {
 	quietCtx, stopQuiet := context.WithCancel(ctx)
 	ended := make(chan struct{})
 	go func() {
-		st.RepackInBackground(quietCtx, BackgroundRepack{Quiet: time.Hour, Check: 10 * time.Millisecond})
+		st.RepackInBackground(quietCtx, BackgroundRepack{Quiet: time.Hour, Check: 10 * time.Millisecond, Priority: func() {}})
 		close(ended)
 	}()
 	time.Sleep(200 * time.Millisecond)
@@ -236,7 +238,7 @@ func TestRepackInBackground(t *testing.T) {
 
 	done := make(chan struct{})
 	go func() {
-		st.RepackInBackground(ctx, BackgroundRepack{Quiet: 100 * time.Millisecond, MinBytes: 1, Check: 10 * time.Millisecond})
+		st.RepackInBackground(ctx, BackgroundRepack{Quiet: 100 * time.Millisecond, MinBytes: 1, Check: 10 * time.Millisecond, Priority: func() {}})
 		close(done)
 	}()
 	waitPacked()
