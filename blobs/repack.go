@@ -89,9 +89,9 @@ type RepackStats struct {
 // they emptied (Store.Compact). A crash loses at most the round in
 // progress, whose bytes are an uncommitted pack tail like any writer's.
 //
-// The caller must keep chunks from being deleted meanwhile (the store
-// holds the GC run lock): writers only ever add chunks, so nothing else
-// moves one.
+// Writers only ever add chunks; what deletes or moves them is a
+// collection, which Hold keeps out while a round looks chunks up and moves
+// them (chunks it swept or moved between rounds are skipped, see Gone).
 type Repacker struct {
 	s    *Store
 	ctx  context.Context
@@ -114,8 +114,7 @@ type Repacker struct {
 	bw   *bufio.Writer
 	outs []*packFile
 
-	held    func() // Hold's release, while held
-	goneNow int    // chunks of the round being recorded that were swept
+	held func() // Hold's release, while held
 
 	// the old frame last decoded (Idle: outside the shared cache)
 	oldID   int64
@@ -149,14 +148,9 @@ func (s *Store) NewRepacker(ctx context.Context, o RepackOptions) (*Repacker, er
 	if o.Workers <= 0 {
 		o.Workers = runtime.GOMAXPROCS(0)
 	}
-	window := 1 << 20
-	for window < o.FrameSize {
-		window <<= 1
-	}
-	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(o.Level), zstd.WithEncoderCRC(true),
-		zstd.WithEncoderConcurrency(o.Workers), zstd.WithZeroFrames(true), zstd.WithWindowSize(window))
+	enc, err := newEncoder(o.Level, o.FrameSize, o.Workers)
 	if err != nil {
-		return nil, fmt.Errorf("repack: zstd encoder: %w", err)
+		return nil, fmt.Errorf("repack: %w", err)
 	}
 	return &Repacker{s: s, ctx: ctx, opts: o, enc: enc, seen: map[digest.Digest]bool{}}, nil
 }
@@ -185,21 +179,13 @@ func (r *Repacker) add(blobs []digest.Digest) error {
 			if !ok {
 				continue
 			}
-			switch {
-			case bl.Blob.Chunks == nil:
-				if bl.Blob.Size > 0 {
-					want = append(want, d)
-				}
-			case len(bl.Blob.Chunks)%(digest.Size+4) != 0:
-				return fmt.Errorf("repack: %w: blob %s: chunk list of %d bytes", ErrCorrupt, d, len(bl.Blob.Chunks))
-			default:
-				for c := bl.Blob.Chunks; len(c) > 0; c = c[digest.Size+4:] {
-					cd, err := digest.FromBytes(c[:digest.Size])
-					if err != nil {
-						return fmt.Errorf("repack: blob %s: %w", d, err)
-					}
-					want = append(want, cd)
-				}
+			// newReader checks the row's chunk list as every read does.
+			br, err := r.s.newReader(r.ctx, d, bl.Blob, nil)
+			if err != nil {
+				return fmt.Errorf("repack: %w", err)
+			}
+			for _, c := range br.chunks {
+				want = append(want, c.digest)
 			}
 		}
 		blobs = blobs[n:]
@@ -415,7 +401,11 @@ func (r *Repacker) commit() error {
 		}
 	}
 	r.step("packs synced")
-	err := r.onOrdinaryThread(func() error { return r.record() })
+	var gone int
+	err := r.onOrdinaryThread(func() (err error) {
+		gone, err = r.record()
+		return err
+	})
 	if err != nil {
 		return fmt.Errorf("repack: %w", err)
 	}
@@ -425,9 +415,8 @@ func (r *Repacker) commit() error {
 			r.st.BytesMoved += c.Len
 		}
 	}
-	r.st.ChunksMoved -= r.goneNow
-	r.st.Gone += r.goneNow
-	r.goneNow = 0
+	r.st.ChunksMoved -= gone
+	r.st.Gone += gone
 	r.st.Rounds++
 	r.step("round committed")
 	r.done = r.done[:0]
@@ -452,11 +441,10 @@ func (r *Repacker) onOrdinaryThread(fn func() error) error {
 }
 
 // record records the round's frames (packed) and points their chunks at
-// them, in one transaction.
-func (r *Repacker) record() error {
-	r.goneNow = 0
-	return r.s.db.Write(r.ctx, func(tx *db.Tx) error {
-		r.goneNow = 0
+// them, in one transaction, and returns how many of the chunks a
+// collection had swept meanwhile.
+func (r *Repacker) record() (gone int, err error) {
+	err = r.s.db.Write(r.ctx, func(tx *db.Tx) error {
 		for _, m := range r.done {
 			id, err := tx.InsertFrame(r.ctx, m.frame)
 			if err != nil {
@@ -467,7 +455,7 @@ func (r *Repacker) record() error {
 				if errors.Is(err, db.ErrNotFound) {
 					// Swept by a collection between rounds (looked up
 					// under an earlier hold): its copy is dead bytes.
-					r.goneNow++
+					gone++
 					continue
 				}
 				if err != nil {
@@ -477,6 +465,7 @@ func (r *Repacker) record() error {
 		}
 		return nil
 	})
+	return gone, err
 }
 
 // hold takes the caller's hold unless it is held.

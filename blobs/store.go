@@ -124,16 +124,9 @@ func Open(dir string, d *db.DB, opts Options) (*Store, error) {
 			return nil, err
 		}
 	}
-	// The window only needs to cover one frame; zstd's default (8 MiB)
-	// would cost 16 MiB of history per encoder for nothing.
-	window := 1 << 20
-	for window < opts.FrameSize {
-		window <<= 1
-	}
-	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(opts.Level), zstd.WithEncoderCRC(true),
-		zstd.WithEncoderConcurrency(opts.Workers), zstd.WithZeroFrames(true), zstd.WithWindowSize(window))
+	enc, err := newEncoder(opts.Level, opts.FrameSize, opts.Workers)
 	if err != nil {
-		return nil, fmt.Errorf("zstd encoder: %w", err)
+		return nil, err
 	}
 	dec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(0),
 		zstd.WithDecoderMaxMemory(pack.MaxFrameBytes), zstd.IgnoreChecksum(false))
@@ -179,6 +172,23 @@ func (s *Store) PackPath(id int64) string { return PackFile(s.dir, id) }
 // PackFile is where pack id lives under the pack directory dir.
 func PackFile(dir string, id int64) string {
 	return filepath.Join(dir, fmt.Sprintf("%02x", id%256), fmt.Sprintf("%08x.pack", id))
+}
+
+// newEncoder makes the zstd encoder of frames of up to frameSize raw bytes
+// (ingest's and repack's), workers of them compressing at once.
+func newEncoder(level zstd.EncoderLevel, frameSize, workers int) (*zstd.Encoder, error) {
+	// The window only needs to cover one frame; zstd's default (8 MiB)
+	// would cost 16 MiB of history per encoder for nothing.
+	window := 1 << 20
+	for window < frameSize {
+		window <<= 1
+	}
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(level), zstd.WithEncoderCRC(true),
+		zstd.WithEncoderConcurrency(workers), zstd.WithZeroFrames(true), zstd.WithWindowSize(window))
+	if err != nil {
+		return nil, fmt.Errorf("zstd encoder: %w", err)
+	}
+	return enc, nil
 }
 
 // packFaults lets tests inject write and sync errors into pack files.

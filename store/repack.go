@@ -99,14 +99,20 @@ func (s *Store) Repack(ctx context.Context, o RepackOptions) (*RepackResult, err
 // path in name order, each path's files in NAR order.
 func (s *Store) repackWalk(ctx context.Context, rp *blobs.Repacker, res *RepackResult) error {
 	var batch []digest.Digest
-	add := func(d digest.Digest) error {
-		batch = append(batch, d)
-		if len(batch) < repackBlobBatch {
+	flush := func() error {
+		if len(batch) == 0 {
 			return nil
 		}
 		err := rp.Add(batch)
 		batch = batch[:0]
 		return err
+	}
+	add := func(d digest.Digest) error {
+		batch = append(batch, d)
+		if len(batch) < repackBlobBatch {
+			return nil
+		}
+		return flush()
 	}
 	group := ""
 	after := ""
@@ -126,11 +132,8 @@ func (s *Store) repackWalk(ctx context.Context, rp *blobs.Repacker, res *RepackR
 			if g := packageOf(rows[i].Name); g != group {
 				// A new package: its data starts a frame of its own once
 				// the last one holds enough.
-				if len(batch) > 0 {
-					if err := rp.Add(batch); err != nil {
-						return err
-					}
-					batch = batch[:0]
+				if err := flush(); err != nil {
+					return err
 				}
 				if err := rp.EndGroup(); err != nil {
 					return err
@@ -159,10 +162,7 @@ func (s *Store) repackWalk(ctx context.Context, rp *blobs.Repacker, res *RepackR
 		}
 		after = rows[len(rows)-1].Name
 	}
-	if len(batch) > 0 {
-		return rp.Add(batch)
-	}
-	return nil
+	return flush()
 }
 
 // repackTree calls add for the files of directory d in NAR order (entries
