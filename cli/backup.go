@@ -48,21 +48,28 @@ func (c *RestoreCmd) Run(g *Globals) error {
 	if dst == "" {
 		dst = DefaultDataDir()
 	}
-	var steps atomic.Int64
-	step := func(name string) {
-		n := steps.Add(1)
-		g.Logger.Debug("restore step", "n", n, "step", name)
-		if c.KillAt > 0 && n == int64(c.KillAt) {
-			syscall.Kill(os.Getpid(), syscall.SIGKILL)
-			select {} // the signal is on its way
-		}
-	}
-	rep, err := store.Restore(g.Ctx, c.Src, dst, store.CopyOptions{Quick: c.Quick, Force: c.Force, Step: step})
+	rep, err := store.Restore(g.Ctx, c.Src, dst, store.CopyOptions{Quick: c.Quick, Force: c.Force, Step: countSteps(g, "restore", c.KillAt)})
 	if err != nil {
 		return err
 	}
 	printCopy(g.Stdout, "restored", c.Src, dst, rep)
 	return nil
+}
+
+// countSteps returns the Step hook of a command the crash tests stop at
+// chosen points (restore, repack): it logs each step, numbered, at debug
+// level as "WHAT step", and SIGKILLs the process after step killAt (0:
+// never).
+func countSteps(g *Globals, what string, killAt int) func(string) {
+	var steps atomic.Int64
+	return func(name string) {
+		n := steps.Add(1)
+		g.Logger.Debug(what+" step", "n", n, "step", name)
+		if killAt > 0 && n == int64(killAt) {
+			syscall.Kill(os.Getpid(), syscall.SIGKILL)
+			select {} // the signal is on its way
+		}
+	}
 }
 
 func printCopy(w io.Writer, what, from, to string, rep *store.CopyReport) {

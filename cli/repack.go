@@ -5,8 +5,6 @@ import (
 	"fmt"
 	"os"
 	"runtime/debug"
-	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/klauspost/compress/zstd"
@@ -70,16 +68,7 @@ func (c *RepackCmd) Run(g *Globals) error {
 	if err != nil {
 		return err
 	}
-	var steps atomic.Int64
-	step := func(name string) {
-		n := steps.Add(1)
-		g.Logger.Debug("repack step", "n", n, "step", name)
-		if c.KillAt > 0 && n == int64(c.KillAt) {
-			syscall.Kill(os.Getpid(), syscall.SIGKILL)
-			select {} // the signal is on its way
-		}
-	}
-	o := store.RepackOptions{MinDead: c.MinDead, Step: step,
+	o := store.RepackOptions{MinDead: c.MinDead, Step: countSteps(g, "repack", c.KillAt),
 		Blobs: blobs.RepackOptions{Level: zstd.EncoderLevelFromZstd(c.Level), FrameSize: c.FrameSize, RoundBytes: c.RoundBytes}}
 	if c.Idle {
 		sched.Idle()
