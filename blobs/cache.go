@@ -219,35 +219,67 @@ func (c *frameCache) unlist(el *list.Element, e *frameEntry, freed *[]*frameEntr
 	}
 }
 
-// Decoded-frame buffers, pooled by capacity in steps of frameBufStep: a
-// store's big frames all come close to its frame size, so they share a
-// class or two. Small frames (of small files) are not pooled.
+// Decoded-frame buffers are recycled through a free list of their own, not
+// a sync.Pool: a pool is emptied by every other garbage collection, and
+// under serve's memory limit the collector runs every few frames, so each
+// decode allocated (and the kernel zeroed) a fresh frame of up to 16 MiB:
+// a fifth of NarFromPath's CPU over a repacked store (bench/narfrom.sh).
+// The list keeps at most frameBufKeep bytes; a buffer is reused for a frame
+// it fits without wasting more than a quarter of itself. Capacities are
+// rounded up to frameBufStep so frames of nearby sizes share buffers.
 const (
 	frameBufStep = 256 << 10
-	frameBufMax  = 16 << 20
+	frameBufKeep = 48 << 20
 )
 
-var frameBufs [frameBufMax/frameBufStep + 1]sync.Pool
+var frameBufs struct {
+	mu    sync.Mutex
+	free  [][]byte
+	bytes int64
+}
 
 // getFrameBuf returns an empty buffer with room for n bytes.
 func getFrameBuf(n int64) []byte {
-	class := (n + frameBufStep - 1) / frameBufStep
-	if n < frameBufStep || n > frameBufMax {
+	if n < frameBufStep {
 		return make([]byte, 0, n)
 	}
-	if b, ok := frameBufs[class].Get().(*[]byte); ok {
-		return (*b)[:0]
+	frameBufs.mu.Lock()
+	best := -1
+	for i, b := range frameBufs.free {
+		c := int64(cap(b))
+		if c >= n && c-c/4 <= n && (best < 0 || c < int64(cap(frameBufs.free[best]))) {
+			best = i
+		}
 	}
-	return make([]byte, 0, class*frameBufStep)
+	if best >= 0 {
+		b := frameBufs.free[best]
+		last := len(frameBufs.free) - 1
+		frameBufs.free[best] = frameBufs.free[last]
+		frameBufs.free[last] = nil
+		frameBufs.free = frameBufs.free[:last]
+		frameBufs.bytes -= int64(cap(b))
+		frameBufs.mu.Unlock()
+		return b[:0]
+	}
+	frameBufs.mu.Unlock()
+	return make([]byte, 0, (n+frameBufStep-1)/frameBufStep*frameBufStep)
 }
 
 // putFrameBuf hands a buffer from getFrameBuf back; nobody may use it
-// afterwards.
+// afterwards. When the list is full, the oldest buffers make room (a
+// store's current frame sizes are the likeliest to come again).
 func putFrameBuf(b []byte) {
 	c := int64(cap(b))
-	if c < frameBufStep || c > frameBufMax || c%frameBufStep != 0 {
+	if c < frameBufStep || c%frameBufStep != 0 || c > frameBufKeep {
 		return
 	}
-	b = b[:0]
-	frameBufs[c/frameBufStep].Put(&b)
+	frameBufs.mu.Lock()
+	defer frameBufs.mu.Unlock()
+	for frameBufs.bytes+c > frameBufKeep && len(frameBufs.free) > 0 {
+		frameBufs.bytes -= int64(cap(frameBufs.free[0]))
+		frameBufs.free[0] = nil
+		frameBufs.free = frameBufs.free[1:]
+	}
+	frameBufs.free = append(frameBufs.free, b[:0])
+	frameBufs.bytes += c
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"io"
 	"math/rand"
+	"runtime"
 	"sync"
 	"testing"
 	"time"
@@ -349,5 +350,52 @@ func TestPrefetch(t *testing.T) {
 	}
 	if got := frameDecodes.Load() - before; got != int64(len(frames)) {
 		t.Errorf("%d frame decodes for %d frames", got, len(frames))
+	}
+}
+
+// TestFrameBufsSurviveGC: a freed frame buffer is handed out again after
+// garbage collections (a sync.Pool would have dropped it), only for frames
+// it fits without wasting more than a quarter of itself, and the free list
+// stays within frameBufKeep.
+func TestFrameBufsSurviveGC(t *testing.T) {
+	frameBufs.mu.Lock()
+	frameBufs.free, frameBufs.bytes = nil, 0
+	frameBufs.mu.Unlock()
+
+	b := getFrameBuf(3<<20 + 1)
+	if cap(b) != 3<<20+frameBufStep {
+		t.Fatalf("cap %d, want %d (rounded up to the step)", cap(b), 3<<20+frameBufStep)
+	}
+	p := &b[:1][0]
+	putFrameBuf(b)
+	runtime.GC()
+	runtime.GC()
+	for _, tc := range []struct {
+		n     int64
+		reuse bool
+	}{
+		{2 << 20, false},  // would waste more than a quarter
+		{16 << 20, false}, // does not fit
+		{3 << 20, true},
+	} {
+		got := getFrameBuf(tc.n)
+		if reused := &got[:1][0] == p; reused != tc.reuse {
+			t.Errorf("getFrameBuf(%d): reused %v, want %v", tc.n, reused, tc.reuse)
+		}
+		if cap(got) < int(tc.n) || len(got) != 0 {
+			t.Errorf("getFrameBuf(%d): len %d cap %d", tc.n, len(got), cap(got))
+		}
+		if !tc.reuse {
+			continue
+		}
+		putFrameBuf(got)
+	}
+	for range 2 * frameBufKeep / (4 << 20) {
+		putFrameBuf(make([]byte, 0, 4<<20))
+	}
+	frameBufs.mu.Lock()
+	defer frameBufs.mu.Unlock()
+	if frameBufs.bytes > frameBufKeep {
+		t.Errorf("free list holds %d bytes, limit %d", frameBufs.bytes, frameBufKeep)
 	}
 }

@@ -108,3 +108,27 @@ func TestSocketHandOver(t *testing.T) {
 		t.Fatalf("closing removed a socket file it did not create: %v", err)
 	}
 }
+
+func TestMemoryLimit(t *testing.T) {
+	for _, tc := range []struct {
+		flag    string
+		machine int64
+		want    int64
+		bad     bool
+	}{
+		{"auto", 24 << 30, 24 << 30 / 16, false},
+		{"AUTO", 1 << 30, autoMemoryMin, false}, // a small machine still gets the minimum
+		{"auto", 0, autoMemoryMin, false},       // memory unknown
+		{"auto", 1 << 40, autoMemoryMax, false},
+		{"256MiB", 24 << 30, 256 << 20, false},
+		{"lots", 24 << 30, 0, true},
+	} {
+		got, err := memoryLimit(tc.flag, tc.machine)
+		if (err != nil) != tc.bad || got != tc.want {
+			t.Errorf("memoryLimit(%q, %d) = %d, %v; want %d (error %v)", tc.flag, tc.machine, got, err, tc.want, tc.bad)
+		}
+	}
+	if m := machineMemory(); m <= 0 {
+		t.Errorf("machineMemory() = %d, want the memory of this machine", m)
+	}
+}

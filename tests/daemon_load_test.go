@@ -56,7 +56,7 @@ func TestServeLoad(t *testing.T) {
 	sf := newServedFixture(t)
 	exp := newLoadExpect(t, sf)
 	socket := filepath.Join(t.TempDir(), "casnix.sock")
-	d := sf.Cas.Serve(t, socket, "--handshake-timeout", loadHandshake.String())
+	d := sf.Cas.Serve(t, socket, "--memory-limit", "128MiB", "--handshake-timeout", loadHandshake.String())
 	// A first client: the daemon serves, and the baseline of its descriptors.
 	if cl, err := proto.Dial(socket); err != nil {
 		t.Fatalf("proto.Dial: %v", err)

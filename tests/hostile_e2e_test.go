@@ -30,10 +30,13 @@ import (
 
 // Parameters of TestHostileClients.
 const (
-	hostileConns        = 64               // attacking connections (goroutines) of the untrusted user
-	hostileReaders      = 16               // honest readers (root), every answer checked
-	hostileStall        = 5 * time.Second  // casnix serve --stall-timeout and --handshake-timeout
-	hostileVmDataLimit  = 256 << 20        // the daemon's committed memory (VmData) must stay below this
+	hostileConns       = 64              // attacking connections (goroutines) of the untrusted user
+	hostileReaders     = 16              // honest readers (root), every answer checked
+	hostileStall       = 5 * time.Second // casnix serve --stall-timeout and --handshake-timeout
+	hostileVmDataLimit = 256 << 20       // the daemon's committed memory (VmData) must stay below this
+	// hostileMemoryLimit is the daemon's --memory-limit: its default (auto) grows with the
+	// machine, and the test checks that a daemon held to 128 MiB stays within it.
+	hostileMemoryLimit  = "128MiB"
 	hostileFloodSize    = 100              // connections one flooding attacker opens at once
 	hostileCloseSlack   = 20 * time.Second // how long past the stall timeout a stalled connection may stay open
 	hostileUID          = 65534
@@ -122,7 +125,7 @@ func TestHostileClients(t *testing.T) {
 		}
 	}
 	socket := filepath.Join(sockDir, "casnix.sock")
-	d := sf.Cas.Serve(t, socket, "--stall-timeout", hostileStall.String(), "--handshake-timeout", hostileStall.String(),
+	d := sf.Cas.Serve(t, socket, "--memory-limit", hostileMemoryLimit, "--stall-timeout", hostileStall.String(), "--handshake-timeout", hostileStall.String(),
 		"--trusted-public-keys", sf.PublicKeys[0])
 
 	// A realisation registered by root, and an incompatible one, validly signed, for the

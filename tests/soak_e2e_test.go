@@ -44,6 +44,8 @@ const (
 	// which then holds the peak of 64 concurrent clients; 25% + 64 MiB covers the noise
 	// of GC timing and of which clients happen to overlap, while a leak of a few KiB per
 	// operation (thousands of operations a minute) crosses it within the 30-minute run.
+	// (The daemon runs with --memory-limit 128MiB, which these figures assume; its default
+	// grows with the machine's memory.)
 	soakRSSMult, soakRSSAdd = 1.25, 64 << 20
 	// RSS is judged that way from 10-minute runs on: a shorter run is all warm-up (the Go
 	// heap grows to the steady state the collector keeps under GOMEMLIMIT, 128 MiB, and
@@ -185,7 +187,7 @@ func TestSoak(t *testing.T) {
 	mnt := filepath.Join(dir, "mnt")
 	t.Cleanup(func() { exec.Command("umount", "-l", mnt).Run() }) // after the daemon's stop, should it leave the mount
 	addr := soakFreePort(t)
-	d := cas.Serve(t, socket, "--http", addr, "--mount", mnt)
+	d := cas.Serve(t, socket, "--memory-limit", "128MiB", "--http", addr, "--mount", mnt)
 	base := "http://" + addr
 	hc := &http.Client{Timeout: soakHTTPTimeout}
 	soakWaitReady(t, d, hc, base, filepath.Join(mnt, filepath.Base(fixture[0])))

@@ -5,6 +5,7 @@
 //	protobench qpi   -socket S -paths FILE [-clients N] [-duration D]
 //	protobench nar   -socket S -path P [-check]
 //	protobench infos -socket S -paths FILE
+//	protobench nars  -socket S -paths FILE [-check]
 //
 // qpi opens N connections (handshake and SetOptions are not timed), then
 // each connection sends QueryPathInfo requests one at a time, looping over
@@ -17,6 +18,12 @@
 // "bytes=B seconds=S mbps=X" (MB = 10^6 bytes). With -check the NAR is also
 // hashed (which slows the client down, so do not time it) and compared with
 // the daemon's QueryPathInfo NAR hash and size.
+//
+// nars streams the NAR of every path in FILE, in the file's order, one
+// after another on one connection (as `nix copy --from ssh-ng://` fetches a
+// closure), into io.Discard, and prints "paths=N bytes=B seconds=S
+// mbps=X pps=Y". With -check every NAR is hashed and compared with
+// QueryPathInfo (not for timing).
 //
 // infos prints one tab-separated line per path with what QueryPathInfo
 // returned (no registration time), sorted by path, for comparing two daemons.
@@ -52,6 +59,8 @@ func main() {
 		err = nar(os.Args[2:])
 	case "infos":
 		err = infos(os.Args[2:])
+	case "nars":
+		err = nars(os.Args[2:])
 	default:
 		usage()
 	}
@@ -62,7 +71,7 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: protobench qpi|nar|infos -socket PATH [flags] (see -h of each)")
+	fmt.Fprintln(os.Stderr, "usage: protobench qpi|nar|nars|infos -socket PATH [flags] (see -h of each)")
 	os.Exit(2)
 }
 
@@ -234,4 +243,57 @@ func infos(args []string) error {
 			p, pi.NarHash, pi.NarSize, strings.Join(refs, ","), pi.Deriver, pi.CA, pi.Ultimate, strings.Join(sigs, ","))
 	}
 	return out.Flush()
+}
+
+func nars(args []string) error {
+	fs := flag.NewFlagSet("nars", flag.ExitOnError)
+	socket := fs.String("socket", "", "daemon socket")
+	pathsFile := fs.String("paths", "", "file of full store paths, one per line, in the order to fetch them")
+	check := fs.Bool("check", false, "hash every NAR and compare it with QueryPathInfo (not for timing)")
+	fs.Parse(args)
+	if *socket == "" || *pathsFile == "" {
+		return errors.New("need -socket and -paths")
+	}
+	paths, err := readPaths(*pathsFile)
+	if err != nil {
+		return err
+	}
+	cl, err := proto.Dial(*socket)
+	if err != nil {
+		return err
+	}
+	defer cl.Close()
+	var total int64
+	t0 := time.Now()
+	for _, p := range paths {
+		if !*check {
+			n, err := cl.NarFromPath(p, io.Discard)
+			if err != nil {
+				return fmt.Errorf("%s: %w", p, err)
+			}
+			total += n
+			continue
+		}
+		h := sha256.New()
+		n, err := cl.NarFromPath(p, h)
+		if err != nil {
+			return fmt.Errorf("%s: %w", p, err)
+		}
+		total += n
+		pi, err := cl.QueryPathInfo(p)
+		if err != nil {
+			return err
+		}
+		if pi == nil {
+			return fmt.Errorf("%s: not valid", p)
+		}
+		got := hex.EncodeToString(h.Sum(nil))
+		if want := strings.TrimPrefix(pi.NarHash, "sha256:"); got != want || uint64(n) != pi.NarSize {
+			return fmt.Errorf("%s: NAR sha256 %s, %d bytes; daemon says %s, %d bytes", p, got, n, pi.NarHash, pi.NarSize)
+		}
+	}
+	elapsed := time.Since(t0).Seconds()
+	fmt.Printf("paths=%d bytes=%d seconds=%.3f mbps=%.1f pps=%.1f\n", len(paths), total, elapsed,
+		float64(total)/elapsed/1e6, float64(len(paths))/elapsed)
+	return nil
 }
