@@ -17,6 +17,7 @@ import (
 
 	"github.com/casnix/casnix/proto"
 	"github.com/casnix/casnix/store"
+	"github.com/casnix/casnix/subst"
 )
 
 // ServeCmd runs the daemon.
@@ -26,7 +27,8 @@ type ServeCmd struct {
 	TrustedUsers     []string      `name:"trusted-users" env:"CASNIX_TRUSTED_USERS" default:"root" help:"Users (names, @group, or *) whose connections are trusted: they may add unsigned paths (with --no-check-sigs), add signatures and delete paths."`
 	AllowedUsers     []string      `name:"allowed-users" env:"CASNIX_ALLOWED_USERS" default:"*" help:"Users (names, @group, or *) who may connect at all; trusted users always may. With a single @group, the socket is made 0660 and owned by that group."`
 	RequireSigs      bool          `name:"require-sigs" env:"CASNIX_REQUIRE_SIGS" default:"true" negatable:"" help:"Paths added over the daemon must be content-addressed or signed by a --trusted-public-keys key, unless a trusted client passes --no-check-sigs (Nix's require-sigs)."`
-	TrustedKeys      []string      `name:"trusted-public-keys" env:"CASNIX_TRUSTED_PUBLIC_KEYS" placeholder:"NAME:KEY" help:"Public keys (Nix format) whose signatures make an added path acceptable."`
+	TrustedKeys      []string      `name:"trusted-public-keys" env:"CASNIX_TRUSTED_PUBLIC_KEYS" placeholder:"NAME:KEY" help:"Public keys (Nix format) whose signatures make an added or substituted path acceptable."`
+	Substituters     []string      `name:"substituters" env:"CASNIX_SUBSTITUTERS" placeholder:"URL" help:"Binary caches (file://, http://, https://; ?priority=N) to fetch missing paths from on demand, lowest priority number first, as nix-daemon's substituters. Paths need a signature by a --trusted-public-keys key unless content-addressed (or --no-require-sigs)."`
 	SocketMode       string        `name:"socket-mode" env:"CASNIX_SOCKET_MODE" placeholder:"MODE" help:"Permission bits of the socket (default 0666, or 0660 when --allowed-users is a single @group)."`
 	SocketGroup      string        `name:"socket-group" env:"CASNIX_SOCKET_GROUP" placeholder:"GROUP" help:"Group owning the socket (default: the single @group of --allowed-users, if any)."`
 	HandshakeTimeout time.Duration `name:"handshake-timeout" env:"CASNIX_HANDSHAKE_TIMEOUT" default:"30s" help:"Close connections that do not finish the handshake in time."`
@@ -80,6 +82,20 @@ func (c *ServeCmd) Run(g *Globals) error {
 		HandshakeTimeout: c.HandshakeTimeout, StallTimeout: c.StallTimeout, Trusted: trusted,
 		Allowed: allowed, RequireSigs: c.RequireSigs, PublicKeys: keys,
 		MaxConnections: c.MaxConnections, MaxConnectionsPerUser: c.MaxPerUser,
+	}
+	if len(c.Substituters) > 0 {
+		// Opening contacts no upstream: one that is down cannot stop the
+		// daemon from starting.
+		var urls []string
+		for _, u := range c.Substituters {
+			urls = append(urls, strings.Fields(u)...) // Nix separates them by spaces
+		}
+		sub, err := subst.New(st, urls, subst.Options{StoreDir: st.StoreDir, Keys: keys})
+		if err != nil {
+			return err
+		}
+		defer sub.Close()
+		srv.Subst = sub
 	}
 	if c.HTTP != "" {
 		stop, err := c.startHTTP(g, st)
