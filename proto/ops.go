@@ -407,28 +407,9 @@ func (c *conn) setOptions() error {
 		}
 	}
 	if c.minor >= 12 { // setting overrides
-		n, err := c.r.u64()
-		if err != nil {
+		// Settings of a client: none changes what casnix does.
+		if err := c.r.skipPairs(maxString, maxString); err != nil {
 			return err
-		}
-		if n > maxListLen {
-			return fmt.Errorf("%w: list of %d pairs exceeds the limit of %d", errProtocol, n, maxListLen)
-		}
-		for range n {
-			name, err := c.r.str(maxString)
-			if err != nil {
-				return err
-			}
-			value, err := c.r.str(maxString)
-			if err != nil {
-				return err
-			}
-			// As nix-daemon, only a trusted client may turn signature
-			// checks off (require-sigs is not one of the settings an
-			// untrusted client may change).
-			if name == "require-sigs" && c.trusted {
-				c.noRequireSigs = value == "false"
-			}
 		}
 	}
 	c.last()

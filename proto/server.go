@@ -395,9 +395,8 @@ type conn struct {
 	uid      uint32
 	log      *slog.Logger
 	refusal  string // why the peer may not connect: the handshake ends in this error
-	// useSubstitutes and noRequireSigs are the client's options (SetOptions).
+	// useSubstitutes is the client's option (SetOptions).
 	useSubstitutes bool
-	noRequireSigs  bool
 
 	mu    sync.Mutex
 	op    uint64           // the op being served, 0 between ops

@@ -14,9 +14,12 @@ import (
 // answers of a daemon without substituters) and fetched on demand when a
 // client asks for them to be made valid (EnsurePath, BuildPaths,
 // QueryValidPaths with substitute). A connection substitutes only while
-// its client's useSubstitutes option is on, and checks signatures unless
-// the server does not require them or a trusted client turned
-// require-sigs off: an untrusted client cannot.
+// its client's useSubstitutes option is on. Signatures are checked unless
+// the server does not require them (serve --no-require-sigs) or the
+// upstream is marked ?trusted=1, whoever the client: nix-daemon opens its
+// store, whose require-sigs the substitution goal reads, before a client
+// sends its options, so no client turns the check off for substitution
+// (a trusted one copies with --no-check-sigs instead).
 
 // substituting reports whether this connection's ops may use upstreams.
 func (c *conn) substituting() bool {
@@ -24,9 +27,7 @@ func (c *conn) substituting() bool {
 }
 
 // checkSigs reports whether substituted paths need a trusted signature.
-func (c *conn) checkSigs() bool {
-	return c.s.RequireSigs && !(c.trusted && c.noRequireSigs)
-}
+func (c *conn) checkSigs() bool { return c.s.RequireSigs }
 
 // warn sends the client a line it prints (STDERR_NEXT).
 func (c *conn) warn(msg string) {

@@ -443,10 +443,18 @@ func TestSignatures(t *testing.T) {
 					t.Fatalf("%s substituted", n)
 				}
 			}
-			if _, err := s.Substitute(context.Background(), []string{pathC}, false); err != nil {
-				t.Fatalf("without checks: %v", err)
+			// A substituter marked trusted needs no signatures.
+			tr := newSubst(t, dst, []string{"file://" + dir + "?trusted=1"}, Options{Keys: f.pub})
+			if _, err := tr.Substitute(context.Background(), []string{pathC}, true); err != nil {
+				t.Fatalf("trusted upstream: %v", err)
 			}
 			checkClosure(t, f, dst)
+			dst2 := openStore(t)
+			s2 := newSubst(t, dst2, []string{"file://" + dir}, Options{Keys: f.pub})
+			if _, err := s2.Substitute(context.Background(), []string{pathC}, false); err != nil {
+				t.Fatalf("without checks: %v", err)
+			}
+			checkClosure(t, f, dst2)
 		})
 	}
 }
