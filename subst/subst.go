@@ -128,6 +128,7 @@ type Substituter struct {
 
 	base   context.Context // fetches outlive the request that started them
 	cancel context.CancelFunc
+	fetchs sync.WaitGroup // fetches in flight, which Close waits for
 
 	cacheMu sync.Mutex
 	cache   map[cacheKey]cacheEntry
@@ -184,8 +185,19 @@ func New(st *store.Store, urls []string, opts Options) (*Substituter, error) {
 	return s, nil
 }
 
-// Close stops fetches in flight.
-func (s *Substituter) Close() { s.cancel() }
+// flightLen counts the fetches in flight (tests).
+func (s *Substituter) flightLen() int {
+	s.flightMu.Lock()
+	defer s.flightMu.Unlock()
+	return len(s.flight)
+}
+
+// Close stops the fetches in flight and waits for them to end, so the
+// store can be closed after it.
+func (s *Substituter) Close() {
+	s.cancel()
+	s.fetchs.Wait()
+}
 
 // Len is the number of upstreams.
 func (s *Substituter) Len() int { return len(s.ups) }
@@ -566,7 +578,9 @@ func (s *Substituter) fetchOnce(ctx context.Context, f *Found) error {
 	if !ok {
 		c = &call{done: make(chan struct{})}
 		s.flight[name] = c
+		s.fetchs.Add(1)
 		go func() {
+			defer s.fetchs.Done()
 			c.err = s.fetch(s.base, f)
 			s.flightMu.Lock()
 			delete(s.flight, name)
@@ -583,11 +597,43 @@ func (s *Substituter) fetchOnce(ctx context.Context, f *Found) error {
 	}
 }
 
+// fetch substitutes f's path from its upstream and, when that fails, from
+// the next upstreams (in priority order) whose narinfo describes the same
+// path: the same NAR hash, size, references and content address, so the
+// signatures already checked hold for it too, as Nix's substitution goal
+// tries the next substituter.
 func (s *Substituter) fetch(ctx context.Context, f *Found) error {
 	in, up := f.Info, f.Upstream
 	if ok, err := s.st.IsValid(ctx, in.Name); err != nil || ok {
 		return err
 	}
+	err := s.fetchFrom(ctx, in, up)
+	if err == nil || ctx.Err() != nil {
+		return err
+	}
+	errs := []error{err}
+	for _, i := range s.ordered(ctx) {
+		alt := s.ups[i]
+		if alt == up {
+			continue
+		}
+		ain, aerr := s.narinfo(ctx, i, store.HashPart(in.Name))
+		if aerr != nil || ain == nil || ain.Name != in.Name || ain.NarHash != in.NarHash || ain.NarSize != in.NarSize ||
+			ain.CA != in.CA || !slices.Equal(ain.References, in.References) {
+			continue
+		}
+		same := *ain
+		same.Sigs = slices.Compact(slices.Sorted(slices.Values(append(slices.Clone(in.Sigs), ain.Sigs...))))
+		err := s.fetchFrom(ctx, &same, alt)
+		if err == nil || ctx.Err() != nil {
+			return err
+		}
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+func (s *Substituter) fetchFrom(ctx context.Context, in *binarycache.Info, up *Upstream) error {
 	err := s.retry(ctx, up, func() error { return binarycache.FetchNAR(ctx, s.st, up.src, in) })
 	if err != nil {
 		return fmt.Errorf("substituting %s/%s from %s: %w", s.opts.StoreDir, in.Name, up.URL, err)

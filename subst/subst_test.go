@@ -357,6 +357,26 @@ func TestFlaky(t *testing.T) {
 			}
 		})
 	}
+	t.Run("NAR failover", func(t *testing.T) {
+		bad := serve(t, dir)
+		bad.hook = func(w http.ResponseWriter, r *http.Request, n int) bool {
+			if !strings.HasPrefix(r.URL.Path, "/nar/") {
+				return false
+			}
+			http.Error(w, "down", http.StatusServiceUnavailable)
+			return true
+		}
+		good := serve(t, dir)
+		dst := openStore(t)
+		s := newSubst(t, dst, []string{bad.URL + "?priority=1", good.URL + "?priority=2"}, Options{Keys: f.pub, Retries: 1})
+		if _, err := s.Substitute(context.Background(), []string{pathC}, true); err != nil {
+			t.Fatal(err)
+		}
+		checkClosure(t, f, dst)
+		if st := s.Stats(); st[0].NarsFetched != 0 || st[1].NarsFetched != 3 || st[0].Errors != 6 {
+			t.Fatalf("stats %+v", st)
+		}
+	})
 	t.Run("failover", func(t *testing.T) {
 		bad := serve(t, dir)
 		bad.hook = func(w http.ResponseWriter, r *http.Request, n int) bool {
@@ -576,5 +596,46 @@ func TestPlanSizes(t *testing.T) {
 	if len(p.Fetch) != 2 || len(p.Present) != 1 || !errors.Is(p.Missing[pathX], ErrNoSubstitute) ||
 		ns != pb.NarSize+pc.NarSize || dl <= 0 {
 		t.Fatalf("plan %+v, sizes %d %d", p, dl, ns)
+	}
+}
+
+// TestCloseWaits: Close cancels a fetch in flight and returns only once it
+// ended, with nothing of the path left, so the store can be closed next.
+func TestCloseWaits(t *testing.T) {
+	f := newFixture(t)
+	srv := serve(t, f.cache(t, f.key))
+	release := make(chan struct{})
+	defer close(release)
+	started := make(chan struct{}, 8)
+	srv.hook = func(w http.ResponseWriter, r *http.Request, n int) bool {
+		if !strings.HasPrefix(r.URL.Path, "/nar/") {
+			return false
+		}
+		w.Header().Set("Content-Length", "1000000")
+		w.Write(make([]byte, 100))
+		w.(http.Flusher).Flush()
+		started <- struct{}{}
+		select { // a stalled body
+		case <-release:
+		case <-r.Context().Done():
+		}
+		return true
+	}
+	dst := openStore(t)
+	s, err := New(dst, []string{srv.URL}, Options{StoreDir: "/nix/store", Keys: f.pub})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error)
+	go func() { _, err := s.Substitute(ctx, []string{pathC}, true); done <- err }()
+	<-started
+	cancel() // the caller gives up; the fetch goes on for others
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("caller: %v", err)
+	}
+	s.Close()
+	if s.flightLen() != 0 || valid(t, dst, pathA) {
+		t.Fatal("fetch still in flight or path valid after Close")
 	}
 }
