@@ -21,7 +21,8 @@ import (
 // substitutes through them for real Nix clients. nix-store -r fetches a closure, path-info
 // and nix-store -q --size then answer from it with the source store's metadata, QueryMissing
 // (nix-store -r --dry-run) announces what would be fetched, and a path signed only by a key
-// casnix does not trust is refused, naming the path. Every command runs against a real
+// casnix does not trust is refused, naming the path; realising a derivation casnix holds
+// substitutes its outputs. Every command runs against a real
 // nix-daemon 2.8 with the same upstreams too, and must exit and print the same.
 func TestServeSubstituters(t *testing.T) {
 	start := time.Now()
@@ -31,7 +32,13 @@ func TestServeSubstituters(t *testing.T) {
 	tmp := t.TempDir()
 	good, bad := filepath.Join(tmp, "good"), filepath.Join(tmp, "bad")
 	top, dry, refused := f.Path(t, "diamond-top"), f.Path(t, "chain2"), f.Path(t, "chain4")
-	f.Nix(t, "copy", "--to", "file://"+good+"?compression=xz&secret-key="+key, top, dry)
+	drv := f.Drvs["multi"]
+	var outs []string
+	for _, o := range []string{"multi.out", "multi.dev", "multi.doc"} {
+		outs = append(outs, f.Path(t, o))
+	}
+	slices.Sort(outs)
+	f.Nix(t, append([]string{"copy", "--to", "file://" + good + "?compression=xz&secret-key=" + key, top, dry}, outs...)...)
 	f.Nix(t, "copy", "--to", "file://"+bad+"?compression=zstd&secret-key="+stranger, refused)
 	goodSrv := httptest.NewServer(http.FileServer(http.Dir(good)))
 	defer goodSrv.Close()
@@ -129,6 +136,22 @@ func TestServeSubstituters(t *testing.T) {
 	if r := same("nix-store", "--store", "{store}", "-q", "--size", refused); r.OK() {
 		t.Errorf("%s is valid after the refusal", refused)
 	}
+	// A derivation casnix holds (uploaded) whose outputs an upstream has: realising it
+	// substitutes the outputs, as nix-daemon does instead of building.
+	for _, dm := range []*nixtest.Daemon{d, nixd} {
+		c.Run(t, "nix", "copy", "--no-check-sigs", "--derivation", "--from", "local?root="+f.Root, "--to", dm.URL(), drv)
+	}
+	// The client reads the .drv file from its store directory: the fixture's (real=).
+	drvStore := "{store}?real=" + f.RealPath(nixtest.StoreDir)
+	r = same("nix-store", "--store", drvStore, "-r", "--dry-run", drv)
+	if !r.OK() || !strings.Contains(string(r.Stderr), "will be fetched") || !strings.Contains(string(r.Stderr), outs[0]) {
+		t.Errorf("nix-store -r --dry-run %s:\n%s", drv, r)
+	}
+	r = same("nix-store", "--store", drvStore, "-r", drv)
+	if got := nixtest.SortedLines(r.Stdout); !r.OK() || !slices.Equal(got, outs) {
+		t.Errorf("nix-store -r %s: %q, want %q\n%s", drv, got, outs, r)
+	}
+
 	if d.Exited() {
 		t.Fatalf("casnix serve exited:\n%s", d.Output())
 	}
@@ -142,7 +165,10 @@ func TestServeSubstituters(t *testing.T) {
 		names = append(names, p)
 	}
 	slices.Sort(names)
-	if !slices.Equal(names, closure) {
-		t.Errorf("casnix holds %v, want %v", names, closure)
+	wantValid := slices.Concat(closure, f.Closure(t, drv), f.Closure(t, outs...))
+	slices.Sort(wantValid)
+	wantValid = slices.Compact(wantValid)
+	if !slices.Equal(names, wantValid) {
+		t.Errorf("casnix holds %v, want %v", names, wantValid)
 	}
 }
