@@ -44,6 +44,17 @@ type ServeCmd struct {
 	MaxPerUser      int           `name:"max-connections-per-user" env:"CASNIX_MAX_CONNECTIONS_PER_USER" default:"64" help:"Connections open at once from one uid; trusted users are exempt (0: no limit)."`
 }
 
+// substituterURLs splits the --substituters values: each flag (or
+// CASNIX_SUBSTITUTERS, split at commas) may hold several URLs separated by
+// spaces, as Nix's substituters setting does.
+func substituterURLs(vals []string) []string {
+	var urls []string
+	for _, v := range vals {
+		urls = append(urls, strings.Fields(v)...)
+	}
+	return urls
+}
+
 // DefaultSocket is the socket path used when none is given.
 func DefaultSocket(dataDir string) string {
 	if os.Geteuid() == 0 {
@@ -86,11 +97,7 @@ func (c *ServeCmd) Run(g *Globals) error {
 	if len(c.Substituters) > 0 {
 		// Opening contacts no upstream: one that is down cannot stop the
 		// daemon from starting.
-		var urls []string
-		for _, u := range c.Substituters {
-			urls = append(urls, strings.Fields(u)...) // Nix separates them by spaces
-		}
-		sub, err := subst.New(st, urls, subst.Options{StoreDir: st.StoreDir, Keys: keys})
+		sub, err := subst.New(st, substituterURLs(c.Substituters), subst.Options{StoreDir: st.StoreDir, Keys: keys})
 		if err != nil {
 			return err
 		}
