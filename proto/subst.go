@@ -41,7 +41,25 @@ func (c *conn) substitute(names []string) error {
 	if !c.substituting() || len(names) == 0 {
 		return nil
 	}
-	done, err := c.s.Subst.Substitute(c.ctx, names, c.checkSigs())
+	p, err := c.s.Subst.Resolve(c.ctx, names, c.checkSigs())
+	if err != nil {
+		return err
+	}
+	// As Nix's substitution goal, root what is asked for and what is about
+	// to be fetched for this connection first: a collection between a
+	// fetch and the client's use (or the referrer's commit) must not
+	// delete it.
+	roots := slices.Clone(names)
+	for n := range p.Fetch {
+		roots = append(roots, n)
+	}
+	slices.Sort(roots)
+	for _, n := range slices.Compact(roots) {
+		if err := c.addTemp(n); err != nil {
+			return err
+		}
+	}
+	done, err := c.s.Subst.Fetch(c.ctx, p)
 	if len(done) > 0 {
 		c.log.Info("substituted", "paths", len(done))
 	}

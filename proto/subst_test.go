@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/casnix/casnix/binarycache"
 	"github.com/casnix/casnix/store"
@@ -312,5 +313,46 @@ func TestSubstituteSignatures(t *testing.T) {
 	cl.u64()
 	if !f.valid(t, upA, upB, upC) {
 		t.Fatal("not substituted without require-sigs")
+	}
+}
+
+// TestSubstitutedPathsRooted: what a connection substituted is a temp root
+// of it until it closes: a collection meanwhile keeps the closure.
+func TestSubstitutedPathsRooted(t *testing.T) {
+	dir, pub := upstreamCache(t, true)
+	f := newFixture(t, withSubst(t, dir, pub, false))
+	// A root for the fixture's own paths, so the collection has some.
+	keep := f.connect(t, 38)
+	for _, n := range []string{testA, testB} {
+		keep.w.u64(opAddTempRoot)
+		keep.w.str(full(n))
+		keep.expectLast()
+		keep.u64()
+	}
+	cl := f.connect(t, 38)
+	cl.setOptions(true)
+	cl.w.u64(opEnsurePath)
+	cl.w.str(full(upC))
+	cl.expectLast()
+	cl.u64()
+	gc := func() {
+		t.Helper()
+		if _, err := f.st.GC(context.Background(), store.GCOptions{Action: store.GCDeleteDead}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	gc()
+	if !f.valid(t, upA, upB, upC) {
+		t.Fatal("a collection deleted paths the connection substituted")
+	}
+	cl.c.Close()
+	// The roots go with the connection (closed by the server shortly after).
+	deadline := time.Now().Add(5 * time.Second)
+	for f.valid(t, upC) && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+		gc()
+	}
+	if f.valid(t, upC) {
+		t.Fatal("substituted paths still rooted after the connection closed")
 	}
 }
