@@ -42,7 +42,11 @@ type Options struct {
 	// Backoff is how long an upstream whose nix-cache-info failed is
 	// skipped before it is tried again (default 1m).
 	Backoff time.Duration
-	Jobs    int // NARs fetched at once per substitution (default 4)
+	// InfoTimeout bounds the first request to an upstream, its
+	// nix-cache-info (default 10s): one that accepts connections and
+	// never answers holds lookups up only this long, once per backoff.
+	InfoTimeout time.Duration
+	Jobs        int // NARs fetched at once per substitution (default 4)
 	// Now is the clock (tests).
 	Now func() time.Time
 }
@@ -73,6 +77,9 @@ func (o *Options) defaults() {
 	}
 	if o.Jobs <= 0 {
 		o.Jobs = 4
+	}
+	if o.InfoTimeout == 0 {
+		o.InfoTimeout = 10 * time.Second
 	}
 	if o.Now == nil {
 		o.Now = time.Now
@@ -237,6 +244,8 @@ func (s *Substituter) usable(ctx context.Context, up *Upstream) bool {
 	// One attempt: a cache that is down is skipped at once, and asked
 	// again after the backoff.
 	err := func() error {
+		ctx, cancel := context.WithTimeout(ctx, s.opts.InfoTimeout)
+		defer cancel()
 		ci, err := binarycache.ReadCacheInfo(ctx, up.src)
 		if err != nil {
 			return err

@@ -439,6 +439,30 @@ func TestDownUpstream(t *testing.T) {
 	}
 }
 
+// TestHungUpstream: an upstream that accepts connections and never
+// answers is given up after InfoTimeout, and the next one serves.
+func TestHungUpstream(t *testing.T) {
+	f := newFixture(t)
+	hung := serve(t, t.TempDir())
+	hung.hook = func(w http.ResponseWriter, r *http.Request, n int) bool {
+		<-r.Context().Done()
+		return true
+	}
+	good := serve(t, f.cache(t, f.key))
+	dst := openStore(t)
+	s := newSubst(t, dst, []string{hung.URL + "?priority=1", good.URL},
+		Options{Keys: f.pub, InfoTimeout: 200 * time.Millisecond, Timeout: time.Hour})
+	// Without InfoTimeout the lookup would wait for the hung upstream past this.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := s.Substitute(ctx, []string{pathC}, true); err != nil {
+		t.Fatal(err)
+	}
+	if st := s.Stats(); st[0].Up || st[0].CacheInfoErrors != 1 || st[1].NarsFetched != 3 {
+		t.Fatalf("stats %+v", st)
+	}
+}
+
 // TestSignatures: unsigned paths and paths signed by an unknown key are
 // refused (with the path and upstream named, nothing stored) unless checks
 // are off.
