@@ -97,7 +97,7 @@ func (c *ServeCmd) Run(g *Globals) error {
 	if len(c.Substituters) > 0 {
 		// Opening contacts no upstream: one that is down cannot stop the
 		// daemon from starting.
-		sub, err := subst.New(st, substituterURLs(c.Substituters), subst.Options{StoreDir: st.StoreDir, Keys: keys})
+		sub, err := subst.New(st, substituterURLs(c.Substituters), subst.Options{StoreDir: st.StoreDir, Keys: keys, Logger: g.Logger})
 		if err != nil {
 			return err
 		}

@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/url"
 	"slices"
 	"strconv"
@@ -49,6 +50,8 @@ type Options struct {
 	Jobs        int // NARs fetched at once per substitution (default 4)
 	// Now is the clock (tests).
 	Now func() time.Time
+	// Logger, when set, hears of upstreams being skipped and back.
+	Logger *slog.Logger
 }
 
 func (o *Options) defaults() {
@@ -121,6 +124,7 @@ type Stats struct {
 	Requests        int64 // requests made (narinfos and NARs)
 	LatencyTotal    time.Duration
 	CacheInfoErrors int64
+	DownError       string // why the upstream is skipped, while it is
 }
 
 type counters struct {
@@ -217,6 +221,8 @@ func (s *Substituter) Stats() []Stats {
 		st := Stats{URL: up.URL, Priority: -1, Up: up.ready}
 		if up.ready {
 			st.Priority = up.prio
+		} else if up.downErr != nil {
+			st.DownError = up.downErr.Error()
 		}
 		up.mu.Unlock()
 		c := &up.stats
@@ -264,11 +270,17 @@ func (s *Substituter) usable(ctx context.Context, up *Upstream) bool {
 			up.stats.infoErrors.Add(1)
 			up.downErr = err
 			up.retryAt = s.opts.Now().Add(s.opts.Backoff)
+			if s.opts.Logger != nil {
+				s.opts.Logger.Warn("substituter skipped", "url", up.URL, "for", s.opts.Backoff, "err", err)
+			}
 		}
 		return false
 	}
 	if up.urlPrio >= 0 {
 		up.prio = up.urlPrio
+	}
+	if up.downErr != nil && s.opts.Logger != nil {
+		s.opts.Logger.Info("substituter back", "url", up.URL)
 	}
 	up.ready, up.downErr = true, nil
 	return true
@@ -439,8 +451,8 @@ type Plan struct {
 	Missing map[string]error  // neither valid nor substitutable, with why
 }
 
-// DownloadSize sums the compressed sizes (NarSize when not given) of what
-// the plan fetches, and NarSize their NAR sizes.
+// Sizes sums the compressed sizes (NarSize when not given) of what the
+// plan fetches, and their NAR sizes.
 func (p *Plan) Sizes() (download, narSize int64) {
 	for _, f := range p.Fetch {
 		if f.Info.FileSize != 0 {

@@ -425,7 +425,7 @@ func TestDownUpstream(t *testing.T) {
 		t.Fatal(err)
 	}
 	st := s.Stats()
-	if st[0].Up || st[0].CacheInfoErrors != 1 || st[1].NarsFetched != 3 {
+	if st[0].Up || st[0].CacheInfoErrors != 1 || !strings.Contains(st[0].DownError, "nix-cache-info") || st[1].NarsFetched != 3 {
 		t.Fatalf("stats %+v", st)
 	}
 	s.Query(context.Background(), pathX)
