@@ -93,17 +93,13 @@ func (c *conn) querySubstitutablePaths() error {
 		return err
 	}
 	defer c.watchHangup()()
+	infos, err := c.substitutableInfos(names)
+	if err != nil {
+		return err
+	}
 	var res []string
-	if c.s.Subst != nil {
-		for _, n := range names {
-			f, err := c.s.Subst.Query(c.ctx, n)
-			if c.ctx.Err() != nil {
-				return c.storeErr(err)
-			}
-			if f != nil {
-				res = append(res, n)
-			}
-		}
+	for n := range infos {
+		res = append(res, n)
 	}
 	slices.Sort(res)
 	res = slices.Compact(res)
@@ -115,18 +111,12 @@ func (c *conn) querySubstitutablePaths() error {
 // substitutableInfos looks each path up; paths no upstream has are left
 // out, as Nix's querySubstitutablePathInfos leaves them out.
 func (c *conn) substitutableInfos(names []string) (map[string]*subst.Found, error) {
-	res := map[string]*subst.Found{}
 	if c.s.Subst == nil {
-		return res, nil
+		return map[string]*subst.Found{}, nil
 	}
-	for _, n := range names {
-		f, err := c.s.Subst.Query(c.ctx, n)
-		if c.ctx.Err() != nil {
-			return nil, c.storeErr(err)
-		}
-		if f != nil {
-			res[n] = f
-		}
+	res, err := c.s.Subst.QueryMany(c.ctx, names)
+	if err != nil {
+		return nil, c.storeErr(err)
 	}
 	return res, nil
 }

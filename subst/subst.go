@@ -407,6 +407,37 @@ func (s *Substituter) Query(ctx context.Context, name string) (*Found, error) {
 	return s.find(ctx, name, false)
 }
 
+// QueryMany is Query of many paths, 16 lookups at once: it returns the
+// paths some upstream has. Paths whose lookups failed are left out, as
+// Nix's querySubstitutablePathInfos leaves them out; only the context
+// ending is an error.
+func (s *Substituter) QueryMany(ctx context.Context, names []string) (map[string]*Found, error) {
+	res := make(map[string]*Found)
+	var mu sync.Mutex
+	work := make(chan string)
+	var wg sync.WaitGroup
+	for range min(16, len(names)) {
+		wg.Go(func() {
+			for n := range work {
+				if f, _ := s.find(ctx, n, false); f != nil {
+					mu.Lock()
+					res[n] = f
+					mu.Unlock()
+				}
+			}
+		})
+	}
+	for _, n := range names {
+		if ctx.Err() != nil {
+			break
+		}
+		work <- n
+	}
+	close(work)
+	wg.Wait()
+	return res, ctx.Err()
+}
+
 // find is Query that, with checkSigs, passes over narinfos without a
 // valid signature by a trusted key (unless content-addressed), as Nix's
 // substitution goal tries the next substituter.
@@ -487,19 +518,23 @@ func (s *Substituter) Resolve(ctx context.Context, names []string, checkSigs boo
 			}
 		}
 		answers := make([]answer, len(todo))
-		sem := make(chan struct{}, 8)
+		work := make(chan int)
 		var wg sync.WaitGroup
-		for i, n := range todo {
+		for range min(16, len(todo)) {
 			wg.Go(func() {
-				sem <- struct{}{}
-				defer func() { <-sem }()
-				a := &answers[i]
-				if a.valid, a.err = s.st.IsValid(ctx, n); a.err != nil || a.valid {
-					return
+				for i := range work {
+					a := &answers[i]
+					if a.valid, a.err = s.st.IsValid(ctx, todo[i]); a.err != nil || a.valid {
+						continue
+					}
+					a.f, a.err = s.find(ctx, todo[i], checkSigs)
 				}
-				a.f, a.err = s.find(ctx, n, checkSigs)
 			})
 		}
+		for i := range todo {
+			work <- i
+		}
+		close(work)
 		wg.Wait()
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
