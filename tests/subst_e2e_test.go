@@ -23,7 +23,8 @@ import (
 // (nix-store -r --dry-run) announces what would be fetched, and a path signed only by a key
 // casnix does not trust is refused, naming the path; realising a derivation casnix holds
 // substitutes its outputs. Every command runs against a real
-// nix-daemon 2.8 with the same upstreams too, and must exit and print the same.
+// nix-daemon of the client's Nix (2.8, 2.26, 2.34) with the same upstreams too, and must
+// exit and print the same.
 func TestServeSubstituters(t *testing.T) {
 	start := time.Now()
 	f := nixtest.PopulateFixture(t)
@@ -52,21 +53,33 @@ func TestServeSubstituters(t *testing.T) {
 	ln.Close()
 	want := f.PathInfos(t)
 
+	t.Logf("fixture and caches ready in %s", time.Since(start).Round(time.Millisecond))
+	for _, suite := range nixtest.ClientSuites {
+		t.Run(suite, func(t *testing.T) {
+			testSubstituters(t, suite, f, want, pub, down, goodSrv.URL, badSrv.URL, top, dry, refused, drv, outs)
+		})
+	}
+}
+
+// testSubstituters is TestServeSubstituters with the Nix client of suite, against a new
+// casnix and a new nix-daemon of that Nix.
+func testSubstituters(t *testing.T, suite string, f *nixtest.Fixture, want map[string]nixtest.PathInfo,
+	pub, down, goodURL, badURL, top, dry, refused, drv string, outs []string) {
 	cas := nixtest.NewCasnix(t)
 	sockDir := t.TempDir()
 	d := cas.Serve(t, filepath.Join(sockDir, "casnix.sock"),
-		"--substituters", down+"?priority=1", "--substituters", goodSrv.URL+"?priority=10", "--substituters", badSrv.URL,
+		"--substituters", down+"?priority=1", "--substituters", goodURL+"?priority=10", "--substituters", badURL,
 		"--trusted-public-keys", pub)
-	c := nixtest.RequireNixClient(t, "bookworm")
-	c.Bind(sockDir)
+	c := nixtest.RequireNixClient(t, suite)
+	c.Bind(sockDir, f.Root)
 	// The reference: a real nix-daemon of the same Nix over an empty store, with the same
 	// two upstreams (not the closed port: Nix would spend its retries on it). The client
 	// has them too, since a trusted client's settings override the daemon's (casnix takes
 	// only its own).
-	c.Env = []string{"NIX_CONFIG=substituters = " + goodSrv.URL + "?priority=10 " + badSrv.URL +
+	c.Env = []string{"NIX_CONFIG=substituters = " + goodURL + "?priority=10 " + badURL +
 		"\ntrusted-public-keys = " + pub + "\nrequire-sigs = true"}
-	nixd := nixtest.StartNixDaemon(t, c, filepath.Join(sockDir, "nixd.sock"), nixtest.NewStore(t).Root)
-	t.Logf("fixture, caches and daemons ready in %s", time.Since(start).Round(time.Millisecond))
+	nixd := nixtest.StartNixDaemon(t, c, filepath.Join(sockDir, "nixd.sock"), filepath.Join(c.TempDir(t), "root"))
+	t.Logf("Nix %s: daemons ready", c.Version(t))
 
 	// same runs a client command against casnix and nix-daemon ("{store}" is the store
 	// URL) and requires the same exit status and stdout; it returns casnix's result.
