@@ -6,13 +6,13 @@ import (
 	"github.com/casnix/casnix/store"
 )
 
-// caVerified reports whether in's content address, name and references
+// CAVerified reports whether in's content address, name and references
 // make its store path (Nix's makeFixedOutputPathFromCA). Such a path needs
 // no signature, as Nix takes content-addressed paths from untrusted caches:
 // its contents are checked against the address when it is ingested
 // (store.Batch.Add verifies every content address), so a cache cannot pass
 // other contents off under that name.
-func caVerified(storeDir string, in *Info) bool {
+func CAVerified(storeDir string, in *Info) bool {
 	if in.CA == "" {
 		return false
 	}

@@ -9,12 +9,12 @@ import (
 // ErrDependency marks a path skipped because one it refers to failed.
 var ErrDependency = fmt.Errorf("a reference failed")
 
-// runDAG calls fn for every node, at most jobs at a time, each only after
+// RunDAG calls fn for every node, at most jobs at a time, each only after
 // fn returned for all its deps (deps outside nodes are ignored). With
 // keepGoing a failure fails only the nodes that depend on it; without, the
 // first failure cancels the rest and is returned. The map holds every
 // node's error (nil for success).
-func runDAG(ctx context.Context, nodes []string, deps func(string) []string, jobs int, keepGoing bool,
+func RunDAG(ctx context.Context, nodes []string, deps func(string) []string, jobs int, keepGoing bool,
 	fn func(context.Context, string) error) (map[string]error, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()

@@ -24,7 +24,7 @@ func TestRunDAG(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			var mu sync.Mutex
 			var order []string
-			res, err := runDAG(context.Background(), nodes, func(n string) []string { return deps[n] }, 3, tc.keepGoing,
+			res, err := RunDAG(context.Background(), nodes, func(n string) []string { return deps[n] }, 3, tc.keepGoing,
 				func(_ context.Context, n string) error {
 					mu.Lock()
 					defer mu.Unlock()
@@ -54,7 +54,7 @@ func TestRunDAG(t *testing.T) {
 		})
 	}
 	// A cycle cannot be ordered: reported, not a hang.
-	_, err := runDAG(context.Background(), []string{"x", "y"}, func(n string) []string {
+	_, err := RunDAG(context.Background(), []string{"x", "y"}, func(n string) []string {
 		return map[string][]string{"x": {"y"}, "y": {"x"}}[n]
 	}, 2, true, func(context.Context, string) error { return nil })
 	if err == nil {

@@ -81,7 +81,7 @@ func (e *Exporter) Export(ctx context.Context, names []string) (*ExportResult, e
 		jobs = runtime.GOMAXPROCS(0)
 	}
 	cm := newCommitter(e.Dir)
-	_, err = runDAG(ctx, todo, func(n string) []string { return infos[n].References }, jobs, false,
+	_, err = RunDAG(ctx, todo, func(n string) []string { return infos[n].References }, jobs, false,
 		func(ctx context.Context, n string) error {
 			fsize, narFile, ni, err := e.exportOne(ctx, infos[n])
 			if err != nil {

@@ -66,7 +66,7 @@ func (im *Importer) Import(ctx context.Context, names, hashes []string) (*Import
 		narBytes atomic.Int64
 		total    = len(todo)
 	)
-	results, runErr := runDAG(ctx, todo, func(n string) []string { return infos[n].References }, im.Jobs, im.KeepGoing,
+	results, runErr := RunDAG(ctx, todo, func(n string) []string { return infos[n].References }, im.Jobs, im.KeepGoing,
 		func(ctx context.Context, n string) error {
 			err := im.fetchOne(ctx, infos[n])
 			if err != nil && !strings.Contains(err.Error(), n) {
@@ -233,7 +233,7 @@ func (im *Importer) lookup(ctx context.Context, t target) (*Info, bool, error) {
 	}
 	if !im.NoCheckSigs {
 		pi := in.PathInfo()
-		if im.Keys.Verify(im.StoreDir, &pi) == 0 && !caVerified(im.StoreDir, in) {
+		if im.Keys.Verify(im.StoreDir, &pi) == 0 && !CAVerified(im.StoreDir, in) {
 			return in, false, &UntrustedError{Sigs: len(in.Sigs), Keys: len(im.Keys)}
 		}
 	}
@@ -277,7 +277,7 @@ func (im *Importer) retry(ctx context.Context, f func() error) error {
 
 // fetchOne downloads, checks and commits one path.
 func (im *Importer) fetchOne(ctx context.Context, in *Info) error {
-	return im.retry(ctx, func() error { return im.fetchAttempt(ctx, in) })
+	return im.retry(ctx, func() error { return FetchNAR(ctx, im.Store, im.Src, in) })
 }
 
 // hashCounter hashes and counts what is read through it.
@@ -346,8 +346,13 @@ func (c *cappedReader) Read(p []byte) (int, error) {
 // a NAR of narSize bytes (it could be endless padding or skippable frames).
 func maxFileSize(narSize int64) int64 { return narSize + narSize/4 + 1<<20 }
 
-func (im *Importer) fetchAttempt(ctx context.Context, in *Info) error {
-	rc, err := im.Src.Open(ctx, in.URL)
+// FetchNAR downloads in's NAR from src, once, and commits it to st if the
+// NAR and the file it came in are what the narinfo says (NarHash, NarSize,
+// FileHash, FileSize; references and content address are checked by the
+// store's batch): nothing of a failed attempt stays in the store. The
+// caller checks signatures and retries transient errors.
+func FetchNAR(ctx context.Context, st *store.Store, src Source, in *Info) error {
+	rc, err := src.Open(ctx, in.URL)
 	if err != nil {
 		return err
 	}
@@ -368,14 +373,14 @@ func (im *Importer) fetchAttempt(ctx context.Context, in *Info) error {
 	narCapped := &cappedReader{r: narR, left: in.NarSize,
 		err: fmt.Errorf("%s: NAR %w (NarSize %d)", in.URL, ErrTooLong, in.NarSize)}
 	br := bufio.NewReaderSize(narCapped, 256<<10)
-	err = im.ingest(ctx, in, file, br)
+	err = ingest(ctx, st, in, file, br)
 	return fileCapped.check(narCapped.check(err))
 }
 
 // ingest reads the NAR from br into a batch of its own and commits it if
 // the NAR, and the file it came in, are what the narinfo says.
-func (im *Importer) ingest(ctx context.Context, in *Info, file *hashCounter, br *bufio.Reader) error {
-	b := im.Store.NewBatch(ctx)
+func ingest(ctx context.Context, st *store.Store, in *Info, file *hashCounter, br *bufio.Reader) error {
+	b := st.NewBatch(ctx)
 	pi, err := b.Add(br, in.PathInfo())
 	if err != nil {
 		b.Abort()

@@ -125,14 +125,14 @@ func TestCAVerified(t *testing.T) {
 		t.Fatal(err)
 	}
 	in.References = nil
-	if !caVerified("/nix/store", in) {
+	if !CAVerified("/nix/store", in) {
 		t.Error("a genuine fixed:r:sha256 path was not verified")
 	}
 	// A flat content address (nix-store --add-fixed sha256, made by Nix 2.8) proves its
 	// name too; its contents are checked at ingest.
 	flat := *in
 	flat.Name, flat.CA = "1p9q0bz6f22dyxh4lw8xs08p4201vyq4-f", "fixed:sha256:00xyyr3fi8l6hb839bv3f7yb86yjv7xi1cgh1xnhipym4asvb4aq"
-	if !caVerified("/nix/store", &flat) {
+	if !CAVerified("/nix/store", &flat) {
 		t.Error("a genuine flat fixed:sha256 path was not verified")
 	}
 	for name, change := range map[string]func(*Info){
@@ -145,7 +145,7 @@ func TestCAVerified(t *testing.T) {
 	} {
 		c := *in
 		change(&c)
-		if caVerified("/nix/store", &c) {
+		if CAVerified("/nix/store", &c) {
 			t.Errorf("%s: verified", name)
 		}
 	}

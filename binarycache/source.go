@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -187,23 +188,54 @@ func decompress(r io.Reader, compression string) (io.Reader, func(), error) {
 	return nil, nil, fmt.Errorf("unsupported compression %q", compression)
 }
 
-// readCacheInfo reads nix-cache-info and checks its StoreDir.
-func readCacheInfo(ctx context.Context, src Source, storeDir string) error {
+// CacheInfoFile is what a cache's nix-cache-info says.
+type CacheInfoFile struct {
+	StoreDir      string // "" when not given
+	Priority      int    // 0 when not given
+	WantMassQuery bool
+}
+
+// ReadCacheInfo reads and parses a cache's nix-cache-info.
+func ReadCacheInfo(ctx context.Context, src Source) (*CacheInfoFile, error) {
 	rc, err := src.Open(ctx, "nix-cache-info")
 	if err != nil {
-		return fmt.Errorf("%s is not a binary cache: %w", src, err)
+		return nil, fmt.Errorf("%s is not a binary cache: %w", src, err)
 	}
 	defer rc.Close()
 	data, err := io.ReadAll(io.LimitReader(rc, 64<<10))
 	if err != nil {
-		return fmt.Errorf("%s/nix-cache-info: %w", src, err)
+		return nil, fmt.Errorf("%s/nix-cache-info: %w", src, err)
 	}
+	ci := &CacheInfoFile{}
 	for line := range strings.SplitSeq(string(data), "\n") {
-		if v, ok := strings.CutPrefix(line, "StoreDir:"); ok {
-			if v = strings.TrimSpace(v); v != storeDir {
-				return fmt.Errorf("%s holds paths of the store directory %s, not %s", src, v, storeDir)
-			}
+		k, v, ok := strings.Cut(line, ":")
+		if !ok {
+			continue
 		}
+		v = strings.TrimSpace(v)
+		switch k {
+		case "StoreDir":
+			ci.StoreDir = v
+		case "Priority":
+			// Nix ignores what does not parse; so does casnix.
+			if p, err := strconv.Atoi(v); err == nil {
+				ci.Priority = p
+			}
+		case "WantMassQuery":
+			ci.WantMassQuery = v == "1"
+		}
+	}
+	return ci, nil
+}
+
+// readCacheInfo reads nix-cache-info and checks its StoreDir.
+func readCacheInfo(ctx context.Context, src Source, storeDir string) error {
+	ci, err := ReadCacheInfo(ctx, src)
+	if err != nil {
+		return err
+	}
+	if ci.StoreDir != "" && ci.StoreDir != storeDir {
+		return fmt.Errorf("%s holds paths of the store directory %s, not %s", src, ci.StoreDir, storeDir)
 	}
 	return nil
 }

@@ -29,3 +29,15 @@ func TestConfigFlagsHaveEnv(t *testing.T) {
 		}
 	}
 }
+
+func TestSubstituterURLs(t *testing.T) {
+	for _, tc := range []struct{ in, want []string }{
+		{[]string{"https://a"}, []string{"https://a"}},
+		{[]string{"https://a file:///b?priority=1", " http://c "}, []string{"https://a", "file:///b?priority=1", "http://c"}},
+		{nil, nil},
+	} {
+		if got := substituterURLs(tc.in); !reflect.DeepEqual(got, tc.want) {
+			t.Errorf("%q: %q, want %q", tc.in, got, tc.want)
+		}
+	}
+}

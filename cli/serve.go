@@ -17,6 +17,7 @@ import (
 
 	"github.com/casnix/casnix/proto"
 	"github.com/casnix/casnix/store"
+	"github.com/casnix/casnix/subst"
 )
 
 // ServeCmd runs the daemon.
@@ -26,7 +27,8 @@ type ServeCmd struct {
 	TrustedUsers     []string      `name:"trusted-users" env:"CASNIX_TRUSTED_USERS" default:"root" help:"Users (names, @group, or *) whose connections are trusted: they may add unsigned paths (with --no-check-sigs), add signatures and delete paths."`
 	AllowedUsers     []string      `name:"allowed-users" env:"CASNIX_ALLOWED_USERS" default:"*" help:"Users (names, @group, or *) who may connect at all; trusted users always may. With a single @group, the socket is made 0660 and owned by that group."`
 	RequireSigs      bool          `name:"require-sigs" env:"CASNIX_REQUIRE_SIGS" default:"true" negatable:"" help:"Paths added over the daemon must be content-addressed or signed by a --trusted-public-keys key, unless a trusted client passes --no-check-sigs (Nix's require-sigs)."`
-	TrustedKeys      []string      `name:"trusted-public-keys" env:"CASNIX_TRUSTED_PUBLIC_KEYS" placeholder:"NAME:KEY" help:"Public keys (Nix format) whose signatures make an added path acceptable."`
+	TrustedKeys      []string      `name:"trusted-public-keys" env:"CASNIX_TRUSTED_PUBLIC_KEYS" placeholder:"NAME:KEY" help:"Public keys (Nix format) whose signatures make an added or substituted path acceptable."`
+	Substituters     []string      `name:"substituters" env:"CASNIX_SUBSTITUTERS" placeholder:"URL" help:"Binary caches (file://, http://, https://; ?priority=N) to fetch missing paths from on demand, lowest priority number first, as nix-daemon's substituters. Paths need a signature by a --trusted-public-keys key unless content-addressed (or --no-require-sigs)."`
 	SocketMode       string        `name:"socket-mode" env:"CASNIX_SOCKET_MODE" placeholder:"MODE" help:"Permission bits of the socket (default 0666, or 0660 when --allowed-users is a single @group)."`
 	SocketGroup      string        `name:"socket-group" env:"CASNIX_SOCKET_GROUP" placeholder:"GROUP" help:"Group owning the socket (default: the single @group of --allowed-users, if any)."`
 	HandshakeTimeout time.Duration `name:"handshake-timeout" env:"CASNIX_HANDSHAKE_TIMEOUT" default:"30s" help:"Close connections that do not finish the handshake in time."`
@@ -40,6 +42,17 @@ type ServeCmd struct {
 	RepackQuiet     time.Duration `name:"repack-quiet" env:"CASNIX_REPACK_QUIET" default:"5m" help:"Repack in the background (idle CPU priority, one core at most) once no write has committed for this long and --repack-min of new data waits (0: never; casnix repack does it by hand)."`
 	RepackMin       string        `name:"repack-min" env:"CASNIX_REPACK_MIN" default:"64MiB" placeholder:"BYTES" help:"New data (raw) that must wait before a background repack starts."`
 	MaxPerUser      int           `name:"max-connections-per-user" env:"CASNIX_MAX_CONNECTIONS_PER_USER" default:"64" help:"Connections open at once from one uid; trusted users are exempt (0: no limit)."`
+}
+
+// substituterURLs splits the --substituters values: each flag (or
+// CASNIX_SUBSTITUTERS, split at commas) may hold several URLs separated by
+// spaces, as Nix's substituters setting does.
+func substituterURLs(vals []string) []string {
+	var urls []string
+	for _, v := range vals {
+		urls = append(urls, strings.Fields(v)...)
+	}
+	return urls
 }
 
 // DefaultSocket is the socket path used when none is given.
@@ -80,6 +93,16 @@ func (c *ServeCmd) Run(g *Globals) error {
 		HandshakeTimeout: c.HandshakeTimeout, StallTimeout: c.StallTimeout, Trusted: trusted,
 		Allowed: allowed, RequireSigs: c.RequireSigs, PublicKeys: keys,
 		MaxConnections: c.MaxConnections, MaxConnectionsPerUser: c.MaxPerUser,
+	}
+	if len(c.Substituters) > 0 {
+		// Opening contacts no upstream: one that is down cannot stop the
+		// daemon from starting.
+		sub, err := subst.New(st, substituterURLs(c.Substituters), subst.Options{StoreDir: st.StoreDir, Keys: keys, Logger: g.Logger})
+		if err != nil {
+			return err
+		}
+		defer sub.Close()
+		srv.Subst = sub
 	}
 	if c.HTTP != "" {
 		stop, err := c.startHTTP(g, st)

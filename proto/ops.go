@@ -118,18 +118,9 @@ func (c *conn) dispatch(op uint64) (keep bool, err error) {
 	case opCollectGarbage:
 		err = c.collectGarbage()
 	case opHasSubstitutes:
-		// Nix ≤ 2.8 daemons still serve it (clients of daemons older than
-		// 1.12 sent it); the answer is false, as from a daemon without
-		// substituters.
-		if _, err = c.readPath(); err == nil {
-			c.last()
-			c.w.boolean(false)
-		}
+		err = c.hasSubstitutes()
 	case opQuerySubstitutablePathInfo:
-		if _, err = c.r.str(maxPath); err == nil {
-			c.last()
-			c.w.boolean(false) // casnix has no substituters
-		}
+		err = c.querySubstitutablePathInfo()
 	case opQueryDerivationOutputs:
 		err = c.queryDerivationOutputs(false)
 	case opQueryDerivationOutputNames:
@@ -145,10 +136,7 @@ func (c *conn) dispatch(op uint64) (keep bool, err error) {
 	case opQueryValidPaths:
 		err = c.queryValidPaths()
 	case opQuerySubstitutablePaths:
-		if _, err = c.r.strings(maxPath); err == nil {
-			c.last()
-			c.w.strings(nil)
-		}
+		err = c.querySubstitutablePaths()
 	case opVerifyStore:
 		err = c.verifyStore()
 	case opAddSignatures:
@@ -292,15 +280,23 @@ func (c *conn) pathSetQuery(q func(context.Context, string) ([]string, error)) e
 
 func (c *conn) queryValidPaths() error {
 	names, err := c.readPaths()
+	substitute := false
 	if c.minor >= 27 {
-		if _, rerr := c.r.boolean(); rerr != nil { // substitute: casnix has no substituters
+		s, rerr := c.r.boolean()
+		if rerr != nil {
 			return rerr
 		}
+		substitute = s
 	}
 	if err != nil {
 		return err
 	}
 	defer c.watchHangup()()
+	if substitute {
+		if err := c.substituteMissing(names); err != nil {
+			return err
+		}
+	}
 	var valid []string
 	for _, n := range names {
 		ok, err := c.s.Store.IsValid(c.ctx, n)
@@ -397,30 +393,22 @@ func (c *conn) queryPathFromHashPart() error {
 	return nil
 }
 
-func (c *conn) querySubstitutablePathInfos() error {
-	if c.minor < 22 {
-		if _, err := c.r.strings(maxPath); err != nil {
-			return err
-		}
-	} else if err := c.r.skipPairs(maxPath, maxString); err != nil { // (path, content address)
-		return err
-	}
-	c.last()
-	c.w.u64(0)
-	return nil
-}
-
 func (c *conn) setOptions() error {
 	// keepFailed keepGoing tryFallback verbosity maxBuildJobs maxSilentTime
-	// useBuildHook verboseBuild logType printBuildTrace buildCores
-	// useSubstitutes: all about building, which casnix does not do.
+	// useBuildHook verboseBuild logType printBuildTrace buildCores: all
+	// about building, which casnix does not do; then useSubstitutes.
 	for i := 0; i < 12; i++ {
-		if _, err := c.r.u64(); err != nil {
+		v, err := c.r.u64()
+		if err != nil {
 			return err
 		}
+		if i == 11 {
+			c.useSubstitutes = v != 0
+		}
 	}
-	if c.minor >= 12 {
-		if err := c.r.skipPairs(maxString, maxString); err != nil { // setting overrides
+	if c.minor >= 12 { // setting overrides
+		// Settings of a client: none changes what casnix does.
+		if err := c.r.skipPairs(maxString, maxString); err != nil {
 			return err
 		}
 	}
@@ -429,8 +417,27 @@ func (c *conn) setOptions() error {
 }
 
 func (c *conn) ensurePath() error {
-	if _, err := c.readValidPath(", and casnix cannot substitute or build it"); err != nil {
+	name, err := c.readPath()
+	if err != nil {
 		return err
+	}
+	ok, err := c.s.Store.IsValid(c.ctx, name)
+	if err != nil {
+		return c.storeErr(err)
+	}
+	if !ok {
+		if !c.substituting() {
+			return errorf("path '%s' is not valid, and casnix cannot substitute or build it", c.full(name))
+		}
+		stop := c.watchHangup()
+		err := c.substitute([]string{name})
+		stop()
+		if err != nil {
+			if c.ctx.Err() != nil {
+				return c.storeErr(err)
+			}
+			return errorf("path '%s' does not exist and cannot be substituted:\n%s", c.full(name), substErrText(err))
+		}
 	}
 	c.last()
 	c.w.u64(1)
@@ -742,22 +749,20 @@ func (c *conn) queryMissing() error {
 		return err
 	}
 	defer c.watchHangup()()
-	var unknown []string
-	for _, dp := range dps {
-		m, err := c.missing(dp)
-		if err != nil {
-			return c.storeErr(err)
-		}
-		unknown = append(unknown, m...)
+	will, unknown, download, narSize, err := c.missingPlan(dps)
+	if err != nil {
+		return err
 	}
+	slices.Sort(will)
+	will = slices.Compact(will)
 	slices.Sort(unknown)
 	unknown = slices.Compact(unknown)
 	c.last()
 	c.w.strings(nil) // willBuild
-	c.w.strings(nil) // willSubstitute
+	c.w.strings(c.fullAll(will))
 	c.w.strings(c.fullAll(unknown))
-	c.w.u64(0) // downloadSize
-	c.w.u64(0) // narSize
+	c.w.u64(uint64(download))
+	c.w.u64(uint64(narSize))
 	return nil
 }
 
@@ -781,6 +786,9 @@ func (c *conn) buildPaths(withResults bool) error {
 		return errorf("repairing is not allowed because you are not in 'trusted-users'")
 	}
 	defer c.watchHangup()()
+	if err := c.substituteFor(dps); err != nil {
+		return err
+	}
 	var failures []string
 	results := make([]string, len(dps)) // error message per path, "" = valid
 	for i, dp := range dps {
@@ -789,8 +797,12 @@ func (c *conn) buildPaths(withResults bool) error {
 			return c.storeErr(err)
 		}
 		if len(m) > 0 {
-			results[i] = fmt.Sprintf("cannot build '%s': %s is not in the store and casnix does not build or substitute",
-				dp.raw, strings.Join(c.fullAll(m), ", "))
+			why := "casnix does not build or substitute"
+			if c.substituting() {
+				why = "no substituter supplied it, and casnix does not build"
+			}
+			results[i] = fmt.Sprintf("cannot build '%s': %s is not in the store and %s",
+				dp.raw, strings.Join(c.fullAll(m), ", "), why)
 			failures = append(failures, results[i])
 		}
 	}

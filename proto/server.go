@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/casnix/casnix/store"
+	"github.com/casnix/casnix/subst"
 )
 
 // Protocol constants (worker-protocol.hh).
@@ -71,6 +72,9 @@ type Server struct {
 	// refused with an error during its handshake, which Nix prints.
 	MaxConnections        int
 	MaxConnectionsPerUser int
+	// Subst, when set, supplies paths the store lacks from upstream
+	// binary caches (nix-daemon's substituters).
+	Subst *subst.Substituter
 
 	wg       sync.WaitGroup
 	mu       sync.Mutex
@@ -391,6 +395,8 @@ type conn struct {
 	uid      uint32
 	log      *slog.Logger
 	refusal  string // why the peer may not connect: the handshake ends in this error
+	// useSubstitutes is the client's option (SetOptions).
+	useSubstitutes bool
 
 	mu    sync.Mutex
 	op    uint64           // the op being served, 0 between ops
@@ -399,7 +405,7 @@ type conn struct {
 
 func (s *Server) newConn(ctx context.Context, rw io.ReadWriteCloser, trusted bool) *conn {
 	return &conn{
-		s: s, ctx: ctx, rw: rw, trusted: trusted, log: s.log(),
+		s: s, ctx: ctx, rw: rw, trusted: trusted, log: s.log(), useSubstitutes: true,
 		r: wireReader{r: bufio.NewReaderSize(rw, connBufSize)},
 		w: wireWriter{w: bufio.NewWriterSize(rw, connBufSize)},
 	}

@@ -539,7 +539,7 @@ func FuzzSession(f *testing.F) {
 }
 
 // TestHasSubstitutes checks op 3, which old daemons still serve: false
-// for any store path (casnix has no substituters), an error for a path
+// for any store path (this server has no substituters), an error for a path
 // outside the store, and the connection goes on either way.
 func TestHasSubstitutes(t *testing.T) {
 	f := newFixture(t)

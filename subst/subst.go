@@ -1,0 +1,750 @@
+// Package subst makes casnix a substituting store: it looks store paths
+// up in upstream Nix binary caches (file://, http://, https://) in
+// priority order, caches the narinfos it saw (and the misses) for a while,
+// and fetches missing closures on demand, references first, with their
+// signatures checked against trusted keys, as nix-daemon substitutes.
+//
+// Opening a Substituter contacts no upstream: each one's nix-cache-info is
+// read on first use, and an upstream that fails it is skipped for a
+// backoff period, so a cache that is down never keeps casnix from serving.
+package subst
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/url"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/casnix/casnix/binarycache"
+	"github.com/casnix/casnix/store"
+)
+
+// Options tune a Substituter; zero values take the defaults.
+type Options struct {
+	StoreDir string           // the store directory upstreams must hold paths of
+	Keys     store.PublicKeys // trusted public keys (Nix's trusted-public-keys)
+	// PositiveTTL and NegativeTTL are how long a narinfo, or its absence,
+	// is believed (Nix's narinfo-cache-positive-ttl, 30 days, and
+	// narinfo-cache-negative-ttl, 1 hour).
+	PositiveTTL, NegativeTTL time.Duration
+	MaxCached                int           // narinfo cache entries (default 65536)
+	Retries                  int           // extra attempts after a transient error (default 3; -1: none)
+	RetryDelay               time.Duration // first retry's delay, doubling (default 250ms)
+	// Timeout bounds an upstream that sends nothing: no answer, or a body
+	// that stops flowing, for this long fails the attempt (default 1m).
+	Timeout time.Duration
+	// Backoff is how long an upstream whose nix-cache-info failed is
+	// skipped before it is tried again (default 1m).
+	Backoff time.Duration
+	// InfoTimeout bounds the first request to an upstream, its
+	// nix-cache-info (default 10s): one that accepts connections and
+	// never answers holds lookups up only this long, once per backoff.
+	InfoTimeout time.Duration
+	Jobs        int // NARs fetched at once per substitution (default 4)
+	// Now is the clock (tests).
+	Now func() time.Time
+	// Logger, when set, hears of upstreams being skipped and back.
+	Logger *slog.Logger
+}
+
+func (o *Options) defaults() {
+	if o.PositiveTTL == 0 {
+		o.PositiveTTL = 30 * 24 * time.Hour
+	}
+	if o.NegativeTTL == 0 {
+		o.NegativeTTL = time.Hour
+	}
+	if o.MaxCached <= 0 {
+		o.MaxCached = 1 << 16
+	}
+	if o.Retries == 0 {
+		o.Retries = 3
+	} else if o.Retries < 0 {
+		o.Retries = 0
+	}
+	if o.RetryDelay == 0 {
+		o.RetryDelay = 250 * time.Millisecond
+	}
+	if o.Timeout == 0 {
+		o.Timeout = time.Minute
+	}
+	if o.Backoff == 0 {
+		o.Backoff = time.Minute
+	}
+	if o.Jobs <= 0 {
+		o.Jobs = 4
+	}
+	if o.InfoTimeout == 0 {
+		o.InfoTimeout = 10 * time.Second
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+}
+
+// DefaultPriority is an upstream's priority when neither its URL nor its
+// nix-cache-info gives one (Nix's default).
+const DefaultPriority = 50
+
+// Upstream is one binary cache substituted from.
+type Upstream struct {
+	URL     string
+	src     binarycache.Source
+	urlPrio int // from ?priority=, or -1
+	// trusted (?trusted=1) takes paths without checking signatures, as
+	// Nix's trusted store setting does for a substituter.
+	trusted bool
+
+	mu      sync.Mutex
+	ready   bool      // nix-cache-info read and fine
+	prio    int       // effective priority once ready
+	downErr error     // why the last nix-cache-info read failed
+	retryAt time.Time // when a failed upstream may be tried again
+
+	stats counters
+}
+
+// Stats are an upstream's counters since start.
+type Stats struct {
+	URL             string
+	Priority        int // -1 until known
+	Up              bool
+	NarinfoHits     int64 // narinfos found (fetched, not cached)
+	NarinfoMisses   int64 // narinfos the upstream does not have
+	NarsFetched     int64
+	NarBytes        int64 // uncompressed NAR bytes fetched
+	Errors          int64 // failed requests (after which a retry or failover may follow)
+	Requests        int64 // requests made (narinfos and NARs)
+	LatencyTotal    time.Duration
+	CacheInfoErrors int64
+	DownError       string // why the upstream is skipped, while it is
+}
+
+type counters struct {
+	hits, misses, nars, bytes, errors, requests, latency, infoErrors atomic.Int64
+}
+
+// Substituter substitutes from a list of upstreams into a store.
+type Substituter struct {
+	st   *store.Store
+	opts Options
+	ups  []*Upstream
+
+	base   context.Context // fetches outlive the request that started them
+	cancel context.CancelFunc
+	fetchs sync.WaitGroup // fetches in flight, which Close waits for
+
+	cacheMu sync.Mutex
+	cache   map[cacheKey]cacheEntry
+
+	flightMu sync.Mutex
+	flight   map[string]*call
+}
+
+type cacheKey struct {
+	up   int
+	hash string
+}
+
+type cacheEntry struct {
+	in      *binarycache.Info // nil: the upstream does not have it
+	expires time.Time
+}
+
+type call struct {
+	done chan struct{}
+	err  error
+}
+
+// New opens upstreams from their URLs, contacting none of them.
+func New(st *store.Store, urls []string, opts Options) (*Substituter, error) {
+	opts.defaults()
+	if opts.StoreDir == "" && st != nil {
+		opts.StoreDir = st.StoreDir
+	}
+	s := &Substituter{st: st, opts: opts, cache: map[cacheKey]cacheEntry{}, flight: map[string]*call{}}
+	s.base, s.cancel = context.WithCancel(context.Background())
+	for _, raw := range urls {
+		u, err := url.Parse(raw)
+		if err != nil {
+			return nil, fmt.Errorf("substituter %q: %w", raw, err)
+		}
+		up := &Upstream{URL: raw, urlPrio: -1}
+		q := u.Query()
+		if p := q.Get("priority"); p != "" {
+			n, err := strconv.Atoi(p)
+			if err != nil || n < 0 {
+				return nil, fmt.Errorf("substituter %q: priority %q is not a number", raw, p)
+			}
+			up.urlPrio = n
+		}
+		up.trusted = q.Get("trusted") == "1" || q.Get("trusted") == "true"
+		src, err := binarycache.OpenSource(raw)
+		if err != nil {
+			return nil, fmt.Errorf("substituter: %w", err)
+		}
+		up.src = &timeoutSource{Source: src, timeout: opts.Timeout}
+		s.ups = append(s.ups, up)
+	}
+	return s, nil
+}
+
+// flightLen counts the fetches in flight (tests).
+func (s *Substituter) flightLen() int {
+	s.flightMu.Lock()
+	defer s.flightMu.Unlock()
+	return len(s.flight)
+}
+
+// Close stops the fetches in flight and waits for them to end, so the
+// store can be closed after it.
+func (s *Substituter) Close() {
+	s.cancel()
+	s.fetchs.Wait()
+}
+
+// Len is the number of upstreams.
+func (s *Substituter) Len() int { return len(s.ups) }
+
+// Stats returns every upstream's counters, in the order given.
+func (s *Substituter) Stats() []Stats {
+	out := make([]Stats, 0, len(s.ups))
+	for _, up := range s.ups {
+		up.mu.Lock()
+		st := Stats{URL: up.URL, Priority: -1, Up: up.ready}
+		if up.ready {
+			st.Priority = up.prio
+		} else if up.downErr != nil {
+			st.DownError = up.downErr.Error()
+		}
+		up.mu.Unlock()
+		c := &up.stats
+		st.NarinfoHits, st.NarinfoMisses = c.hits.Load(), c.misses.Load()
+		st.NarsFetched, st.NarBytes = c.nars.Load(), c.bytes.Load()
+		st.Errors, st.Requests = c.errors.Load(), c.requests.Load()
+		st.LatencyTotal = time.Duration(c.latency.Load())
+		st.CacheInfoErrors = c.infoErrors.Load()
+		out = append(out, st)
+	}
+	return out
+}
+
+// usable reads up's nix-cache-info if it was not read yet (or failed and
+// its backoff ran out), and reports whether up can be asked.
+func (s *Substituter) usable(ctx context.Context, up *Upstream) bool {
+	up.mu.Lock()
+	defer up.mu.Unlock()
+	if up.ready {
+		return true
+	}
+	if s.opts.Now().Before(up.retryAt) {
+		return false
+	}
+	// One attempt: a cache that is down is skipped at once, and asked
+	// again after the backoff.
+	err := func() error {
+		ctx, cancel := context.WithTimeout(ctx, s.opts.InfoTimeout)
+		defer cancel()
+		ci, err := binarycache.ReadCacheInfo(ctx, up.src)
+		if err != nil {
+			return err
+		}
+		if ci.StoreDir != "" && ci.StoreDir != s.opts.StoreDir {
+			return fmt.Errorf("%s holds paths of the store directory %s, not %s", up.URL, ci.StoreDir, s.opts.StoreDir)
+		}
+		up.prio = DefaultPriority
+		if ci.Priority != 0 {
+			up.prio = ci.Priority
+		}
+		return nil
+	}()
+	if err != nil {
+		if ctx.Err() == nil {
+			up.stats.infoErrors.Add(1)
+			up.downErr = err
+			up.retryAt = s.opts.Now().Add(s.opts.Backoff)
+			if s.opts.Logger != nil {
+				s.opts.Logger.Warn("substituter skipped", "url", up.URL, "for", s.opts.Backoff, "err", err)
+			}
+		}
+		return false
+	}
+	if up.urlPrio >= 0 {
+		up.prio = up.urlPrio
+	}
+	if up.downErr != nil && s.opts.Logger != nil {
+		s.opts.Logger.Info("substituter back", "url", up.URL)
+	}
+	up.ready, up.downErr = true, nil
+	return true
+}
+
+// ordered returns the usable upstreams (with their indexes), lowest
+// priority number first, ties in the order given.
+func (s *Substituter) ordered(ctx context.Context) []int {
+	var idx []int
+	for i, up := range s.ups {
+		if s.usable(ctx, up) {
+			idx = append(idx, i)
+		}
+	}
+	slices.SortStableFunc(idx, func(a, b int) int { return s.ups[a].prio - s.ups[b].prio })
+	return idx
+}
+
+// retry runs f until it succeeds, fails for good or runs out of attempts,
+// counting requests and errors against up.
+func (s *Substituter) retry(ctx context.Context, up *Upstream, f func() error) error {
+	var err error
+	for attempt := 0; ; attempt++ {
+		t0 := time.Now()
+		err = f()
+		up.stats.requests.Add(1)
+		up.stats.latency.Add(int64(time.Since(t0)))
+		if err != nil && !errors.Is(err, binarycache.ErrNotFound) {
+			up.stats.errors.Add(1)
+		}
+		if err == nil || !transient(err) || attempt >= s.opts.Retries || ctx.Err() != nil {
+			return err
+		}
+		select {
+		case <-time.After(s.opts.RetryDelay << attempt):
+		case <-ctx.Done():
+			return err
+		}
+	}
+}
+
+func transient(err error) bool {
+	var te *binarycache.TransientError
+	return errors.As(err, &te)
+}
+
+// narinfo returns upstream i's narinfo of the path with the given hash
+// part, nil if it has none; from the cache while it is fresh. Transient
+// errors (after retries) are returned and not cached.
+func (s *Substituter) narinfo(ctx context.Context, i int, hash string) (*binarycache.Info, error) {
+	k := cacheKey{i, hash}
+	now := s.opts.Now()
+	s.cacheMu.Lock()
+	e, ok := s.cache[k]
+	s.cacheMu.Unlock()
+	if ok && now.Before(e.expires) {
+		return e.in, nil
+	}
+	up := s.ups[i]
+	var in *binarycache.Info
+	err := s.retry(ctx, up, func() error {
+		rc, err := up.src.Open(ctx, hash+".narinfo")
+		if err != nil {
+			return err
+		}
+		defer rc.Close()
+		in, err = binarycache.ParseNarinfo(rc, s.opts.StoreDir)
+		return err
+	})
+	switch {
+	case errors.Is(err, binarycache.ErrNotFound):
+		up.stats.misses.Add(1)
+		s.put(k, cacheEntry{expires: now.Add(s.opts.NegativeTTL)})
+		return nil, nil
+	case err != nil:
+		return nil, fmt.Errorf("%s: %w", up.URL, err)
+	}
+	if store.HashPart(in.Name) != hash {
+		return nil, fmt.Errorf("%s: %w: %s.narinfo describes %s/%s", up.URL, binarycache.ErrBadNarinfo, hash, s.opts.StoreDir, in.Name)
+	}
+	up.stats.hits.Add(1)
+	s.put(k, cacheEntry{in: in, expires: now.Add(s.opts.PositiveTTL)})
+	return in, nil
+}
+
+// put caches e, first making room: expired entries go, and if none had,
+// arbitrary ones (the map's order), so the cache stays bounded.
+func (s *Substituter) put(k cacheKey, e cacheEntry) {
+	s.cacheMu.Lock()
+	defer s.cacheMu.Unlock()
+	if _, ok := s.cache[k]; !ok && len(s.cache) >= s.opts.MaxCached {
+		now := s.opts.Now()
+		for ck, ce := range s.cache {
+			if !now.Before(ce.expires) {
+				delete(s.cache, ck)
+			}
+		}
+		for ck := range s.cache {
+			if len(s.cache) < s.opts.MaxCached {
+				break
+			}
+			delete(s.cache, ck)
+		}
+	}
+	s.cache[k] = e
+}
+
+// Found is a path an upstream can substitute.
+type Found struct {
+	Info     *binarycache.Info
+	Upstream *Upstream
+}
+
+// ErrNoSubstitute means no upstream has the path (or none that may be
+// used: see the error's text).
+var ErrNoSubstitute = errors.New("no substituter has it")
+
+// Query looks name (a store path basename) up across the upstreams in
+// priority order and returns the first narinfo found, signature or not,
+// as Nix's querySubstitutablePathInfos does. It returns nil, nil when no
+// upstream has it; an error only when some upstream could not answer and
+// none had it.
+func (s *Substituter) Query(ctx context.Context, name string) (*Found, error) {
+	return s.find(ctx, name, false)
+}
+
+// QueryMany is Query of many paths, 16 lookups at once: it returns the
+// paths some upstream has. Paths whose lookups failed are left out, as
+// Nix's querySubstitutablePathInfos leaves them out; only the context
+// ending is an error.
+func (s *Substituter) QueryMany(ctx context.Context, names []string) (map[string]*Found, error) {
+	res := make(map[string]*Found)
+	var mu sync.Mutex
+	work := make(chan string)
+	var wg sync.WaitGroup
+	for range min(16, len(names)) {
+		wg.Go(func() {
+			for n := range work {
+				if f, _ := s.find(ctx, n, false); f != nil {
+					mu.Lock()
+					res[n] = f
+					mu.Unlock()
+				}
+			}
+		})
+	}
+	for _, n := range names {
+		if ctx.Err() != nil {
+			break
+		}
+		work <- n
+	}
+	close(work)
+	wg.Wait()
+	return res, ctx.Err()
+}
+
+// find is Query that, with checkSigs, passes over narinfos without a
+// valid signature by a trusted key (unless content-addressed), as Nix's
+// substitution goal tries the next substituter.
+func (s *Substituter) find(ctx context.Context, name string, checkSigs bool) (*Found, error) {
+	hash := store.HashPart(name)
+	var errs []error
+	for _, i := range s.ordered(ctx) {
+		in, err := s.narinfo(ctx, i, hash)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if in == nil {
+			continue
+		}
+		if in.Name != name {
+			errs = append(errs, fmt.Errorf("%s: %w: %s.narinfo describes %s/%s", s.ups[i].URL, binarycache.ErrBadNarinfo, hash, s.opts.StoreDir, in.Name))
+			continue
+		}
+		if checkSigs && !s.ups[i].trusted {
+			pi := in.PathInfo()
+			if s.opts.Keys.Verify(s.opts.StoreDir, &pi) == 0 && !binarycache.CAVerified(s.opts.StoreDir, in) {
+				errs = append(errs, fmt.Errorf("%s: %w", s.ups[i].URL, &binarycache.UntrustedError{Sigs: len(in.Sigs), Keys: len(s.opts.Keys)}))
+				continue
+			}
+		}
+		return &Found{Info: in, Upstream: s.ups[i]}, nil
+	}
+	if ctx.Err() != nil {
+		return nil, ctx.Err()
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	return nil, nil
+}
+
+// Plan is what substituting a set of paths takes.
+type Plan struct {
+	Present []string          // valid already
+	Fetch   map[string]*Found // to substitute, by name
+	Missing map[string]error  // neither valid nor substitutable, with why
+}
+
+// Sizes sums the compressed sizes (NarSize when not given) of what the
+// plan fetches, and their NAR sizes.
+func (p *Plan) Sizes() (download, narSize int64) {
+	for _, f := range p.Fetch {
+		if f.Info.FileSize != 0 {
+			download += f.Info.FileSize
+		} else {
+			download += f.Info.NarSize
+		}
+		narSize += f.Info.NarSize
+	}
+	return download, narSize
+}
+
+// Resolve walks the closures of names through the store and the
+// upstreams' narinfos, breadth first, a level's lookups in parallel.
+// A path that an accepted substitute refers to and that cannot be had
+// makes its referrers missing too.
+func (s *Substituter) Resolve(ctx context.Context, names []string, checkSigs bool) (*Plan, error) {
+	p := &Plan{Fetch: map[string]*Found{}, Missing: map[string]error{}}
+	seen := map[string]bool{}
+	level := slices.Clone(names)
+	for len(level) > 0 {
+		type answer struct {
+			valid bool
+			f     *Found
+			err   error
+		}
+		var todo []string
+		for _, n := range level {
+			if !seen[n] {
+				seen[n] = true
+				todo = append(todo, n)
+			}
+		}
+		answers := make([]answer, len(todo))
+		work := make(chan int)
+		var wg sync.WaitGroup
+		for range min(16, len(todo)) {
+			wg.Go(func() {
+				for i := range work {
+					a := &answers[i]
+					if a.valid, a.err = s.st.IsValid(ctx, todo[i]); a.err != nil || a.valid {
+						continue
+					}
+					a.f, a.err = s.find(ctx, todo[i], checkSigs)
+				}
+			})
+		}
+		for i := range todo {
+			work <- i
+		}
+		close(work)
+		wg.Wait()
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		level = nil
+		for i, n := range todo {
+			a := answers[i]
+			switch {
+			case a.valid:
+				p.Present = append(p.Present, n)
+			case a.err != nil:
+				p.Missing[n] = fmt.Errorf("%s/%s: %w", s.opts.StoreDir, n, a.err)
+			case a.f == nil:
+				p.Missing[n] = fmt.Errorf("%s/%s: %w", s.opts.StoreDir, n, ErrNoSubstitute)
+			default:
+				p.Fetch[n] = a.f
+				for _, r := range a.f.Info.References {
+					if r != n {
+						level = append(level, r)
+					}
+				}
+			}
+		}
+	}
+	for changed := true; changed; {
+		changed = false
+		for n, f := range p.Fetch {
+			for _, r := range f.Info.References {
+				if err, bad := p.Missing[r]; bad && r != n {
+					p.Missing[n] = fmt.Errorf("%s/%s: %w: %v", s.opts.StoreDir, n, binarycache.ErrDependency, err)
+					delete(p.Fetch, n)
+					changed = true
+					break
+				}
+			}
+		}
+	}
+	slices.Sort(p.Present)
+	return p, nil
+}
+
+// Substitute makes the closures of names valid, fetching what the store
+// lacks; with checkSigs, only paths signed by a trusted key (or whose
+// content address makes their store path) are taken. It returns the
+// names substituted; the error lists every path that could not be had.
+func (s *Substituter) Substitute(ctx context.Context, names []string, checkSigs bool) ([]string, error) {
+	p, err := s.Resolve(ctx, names, checkSigs)
+	if err != nil {
+		return nil, err
+	}
+	return s.Fetch(ctx, p)
+}
+
+// Fetch substitutes what p says to fetch, references first, Jobs at once.
+func (s *Substituter) Fetch(ctx context.Context, p *Plan) ([]string, error) {
+	var errs []error
+	for _, n := range sortedKeys(p.Missing) {
+		errs = append(errs, p.Missing[n])
+	}
+	todo := sortedKeys(p.Fetch)
+	results, runErr := binarycache.RunDAG(ctx, todo, func(n string) []string { return p.Fetch[n].Info.References },
+		s.opts.Jobs, true, func(ctx context.Context, n string) error { return s.fetchOnce(ctx, p.Fetch[n]) })
+	var done []string
+	for _, n := range todo {
+		err, ok := results[n]
+		switch {
+		case ok && err == nil:
+			done = append(done, n)
+		case ok && errors.Is(err, binarycache.ErrDependency):
+			errs = append(errs, fmt.Errorf("%s/%s: %w", s.opts.StoreDir, n, err))
+		case ok:
+			errs = append(errs, err)
+		}
+	}
+	if runErr != nil {
+		errs = append(errs, runErr)
+	}
+	return done, errors.Join(errs...)
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	ks := make([]string, 0, len(m))
+	for k := range m {
+		ks = append(ks, k)
+	}
+	slices.Sort(ks)
+	return ks
+}
+
+// fetchOnce substitutes one path; concurrent calls for the same path share
+// one fetch, which runs on the Substituter's context so that a caller
+// giving up does not fail the others.
+func (s *Substituter) fetchOnce(ctx context.Context, f *Found) error {
+	name := f.Info.Name
+	s.flightMu.Lock()
+	c, ok := s.flight[name]
+	if !ok {
+		c = &call{done: make(chan struct{})}
+		s.flight[name] = c
+		s.fetchs.Add(1)
+		go func() {
+			defer s.fetchs.Done()
+			c.err = s.fetch(s.base, f)
+			s.flightMu.Lock()
+			delete(s.flight, name)
+			s.flightMu.Unlock()
+			close(c.done)
+		}()
+	}
+	s.flightMu.Unlock()
+	select {
+	case <-c.done:
+		return c.err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// fetch substitutes f's path from its upstream and, when that fails, from
+// the next upstreams (in priority order) whose narinfo describes the same
+// path: the same NAR hash, size, references and content address, so the
+// signatures already checked hold for it too, as Nix's substitution goal
+// tries the next substituter.
+func (s *Substituter) fetch(ctx context.Context, f *Found) error {
+	in, up := f.Info, f.Upstream
+	if ok, err := s.st.IsValid(ctx, in.Name); err != nil || ok {
+		return err
+	}
+	err := s.fetchFrom(ctx, in, up)
+	if err == nil || ctx.Err() != nil {
+		return err
+	}
+	errs := []error{err}
+	for _, i := range s.ordered(ctx) {
+		alt := s.ups[i]
+		if alt == up {
+			continue
+		}
+		ain, aerr := s.narinfo(ctx, i, store.HashPart(in.Name))
+		if aerr != nil || ain == nil || ain.Name != in.Name || ain.NarHash != in.NarHash || ain.NarSize != in.NarSize ||
+			ain.CA != in.CA || !slices.Equal(ain.References, in.References) {
+			continue
+		}
+		same := *ain
+		same.Sigs = slices.Compact(slices.Sorted(slices.Values(append(slices.Clone(in.Sigs), ain.Sigs...))))
+		err := s.fetchFrom(ctx, &same, alt)
+		if err == nil || ctx.Err() != nil {
+			return err
+		}
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+func (s *Substituter) fetchFrom(ctx context.Context, in *binarycache.Info, up *Upstream) error {
+	err := s.retry(ctx, up, func() error { return binarycache.FetchNAR(ctx, s.st, up.src, in) })
+	if err != nil {
+		return fmt.Errorf("substituting %s/%s from %s: %w", s.opts.StoreDir, in.Name, up.URL, err)
+	}
+	up.stats.nars.Add(1)
+	up.stats.bytes.Add(in.NarSize)
+	return nil
+}
+
+// timeoutSource fails an attempt whose upstream sends nothing for the
+// timeout: no response, or a body that stopped flowing. Such a stall is
+// transient (retried, then the next upstream).
+type timeoutSource struct {
+	binarycache.Source
+	timeout time.Duration
+}
+
+func (t *timeoutSource) Open(ctx context.Context, rel string) (io.ReadCloser, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	var fired atomic.Bool
+	timer := time.AfterFunc(t.timeout, func() { fired.Store(true); cancel() })
+	rc, err := t.Source.Open(ctx, rel)
+	if err != nil {
+		timer.Stop()
+		cancel()
+		if fired.Load() {
+			return nil, &binarycache.TransientError{Err: fmt.Errorf("%s/%s: no answer in %v: %w", t.Source, rel, t.timeout, err)}
+		}
+		return nil, err
+	}
+	return &stallBody{rc: rc, timer: timer, timeout: t.timeout, fired: &fired, cancel: cancel, what: fmt.Sprintf("%s/%s", t.Source, rel)}, nil
+}
+
+type stallBody struct {
+	rc      io.ReadCloser
+	timer   *time.Timer
+	timeout time.Duration
+	fired   *atomic.Bool
+	cancel  context.CancelFunc
+	what    string
+}
+
+func (b *stallBody) Read(p []byte) (int, error) {
+	n, err := b.rc.Read(p)
+	if n > 0 {
+		b.timer.Reset(b.timeout)
+	}
+	if err != nil && err != io.EOF && b.fired.Load() {
+		err = &binarycache.TransientError{Err: fmt.Errorf("%s: stalled for %v: %w", b.what, b.timeout, err)}
+	}
+	return n, err
+}
+
+func (b *stallBody) Close() error {
+	b.timer.Stop()
+	b.cancel()
+	return b.rc.Close()
+}
