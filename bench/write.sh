@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Write-path benchmark: `nix copy --to unix://…` of a whole bench corpus (a real Nix store built
 # by build-corpora.sh) into `casnix serve` against the same copy into a real nix-daemon (Debian's
-# Nix 2.8) with an empty local store. Same client (Nix 2.8), same source, fresh destination each
-# run, alternating order; wall time and bytes on disk afterwards (du of the data dir vs of the
+# Nix 2.8) with an empty local store, and into Nix 2.34's nix-daemon (Debian sid, inside
+# tests/nixenv's sid root, when present). Same client (Nix 2.8), same source, fresh destination
+# each run, alternating order; wall time and bytes on disk afterwards (du of the data dir vs of the
 # destination store root). Prints a markdown table and merges it into bench/RESULTS.md ("Write").
 #
 #   bench/write.sh                         # CORPUS=releases, RUNS=3
@@ -20,6 +21,9 @@ BENCH_DIR=${BENCH_DIR:-/var/tmp/casnix-bench}
 RUNS=${RUNS:-3}
 CORPUS=${CORPUS:-releases}
 REPACK=${REPACK:-1}
+SID_ROOT=${SID_ROOT:-/var/cache/casnix-tests/roots/sid}
+NIX234=0
+[[ -x $SID_ROOT/usr/bin/nix-daemon ]] && NIX234=1
 BACKLOG=${BACKLOG:-generations}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=bench/lib.sh
@@ -72,6 +76,19 @@ run_one() {
   fi
   if [[ $who == casnix* ]]; then
     "$CASNIX" --data-dir "$dest" serve --socket "$sock" >"$W/$who.log" 2>&1 &
+  elif [[ $who == nix-daemon-2.34 ]]; then
+    # Inside the sid root: its /nix is the destination, its /tmp holds the socket.
+    mkdir -p "$dest/nix" "$W/sid-sock"
+    sock=$W/sid-sock/nix234.sock
+    rm -f "$sock"
+    unshare -m --propagation private bash -c '
+      set -e; b=$1
+      mount --bind "$b" "$b"
+      mount --rbind /dev "$b/dev"; mount -t proc proc "$b/proc"
+      mount --bind "$2" "$b/nix"; mount --bind "$3" "$b/tmp"
+      exec chroot "$b" env NIX_DAEMON_SOCKET_PATH=/tmp/nix234.sock nix-daemon --option build-users-group "" \
+        --option substituters "" --option experimental-features nix-command' \
+      write "$SID_ROOT" "$dest/nix" "$W/sid-sock" >"$W/$who.log" 2>&1 &
   else
     NIX_DAEMON_SOCKET_PATH=$sock nix-daemon --store "local?root=$dest" "${nixo[@]}" >"$W/$who.log" 2>&1 &
   fi
@@ -109,6 +126,9 @@ if ((REPACK)); then
 fi
 for ((r = 0; r < RUNS; r++)); do
   if ((r % 2)); then order="nix-daemon casnix"; else order="casnix nix-daemon"; fi
+  if ((NIX234)); then
+    if ((r % 2)); then order="nix-daemon-2.34 $order"; else order="$order nix-daemon-2.34"; fi
+  fi
   if ((REPACK)); then
     if ((r % 2)); then order="$order casnix-repacking casnix-backlog"; else order="$order casnix-backlog casnix-repacking"; fi
   fi
@@ -138,6 +158,13 @@ met=no
   echo "| figure | nix-daemon (local store) | casnix serve | casnix / nix-daemon | target | met |"
   echo "|---|---|---|---|---|---|"
   echo "| nix copy --to wall time (incl. final sync) | ${tn} s | ${tc} s | $ratio | ≤ 1.0 | $met |"
+  if ((NIX234)); then
+    t4=$(med nix-daemon-2.34 2)
+    r4=$(echo "scale=2; $tc / $t4" | bc)
+    m4=no
+    (($(echo "$r4 <= 1.0" | bc))) && m4=yes
+    echo "| nix copy --to wall time (incl. final sync), anchor Nix 2.34's nix-daemon (sid root) | ${t4} s | ${tc} s | $r4 | ≤ 1.0 | $m4 |"
+  fi
   echo "| bytes on disk afterwards | $((bn / 1048576)) MiB | $((bc_ / 1048576)) MiB | $(echo "scale=3; $bc_ / $bn" | bc) | | |"
   if ((REPACK)); then
     tb=$(med casnix-backlog 2)
