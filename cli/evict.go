@@ -13,11 +13,15 @@ import (
 )
 
 // evictor flushes access times and keeps the store under --max-size
-// (store.Evict) every interval, until ctx ends.
+// (store.Evict) every interval, until ctx ends. An eviction is a
+// collection (a full mark under the exclusive GC lock), so while the store
+// stays over the budget with nothing it may evict, checks back off (doubling,
+// up to maxEvictBackoff) instead of marking every interval.
 func evictor(ctx context.Context, st *store.Store, o store.EvictOptions, every time.Duration, log *slog.Logger) {
-	t := time.NewTicker(every)
+	wait := every
+	t := time.NewTimer(wait)
 	defer t.Stop()
-	stuck := false // warned that nothing more can be evicted
+	stuck := false // over the budget with nothing to evict at the last check
 	for {
 		select {
 		case <-ctx.Done():
@@ -27,29 +31,36 @@ func evictor(ctx context.Context, st *store.Store, o store.EvictOptions, every t
 		if _, err := st.FlushAccess(ctx); err != nil {
 			log.Warn("access times", "err", err)
 		}
-		if o.MaxSize <= 0 {
-			continue
-		}
-		res, err := st.Evict(ctx, o)
-		if err != nil {
-			if ctx.Err() == nil {
-				log.Error("evict", "err", err)
+		next := every
+		if o.MaxSize > 0 {
+			res, err := st.Evict(ctx, o)
+			switch {
+			case err != nil:
+				if ctx.Err() == nil {
+					log.Error("evict", "err", err)
+				}
+			default:
+				if len(res.Paths) > 0 {
+					log.Info("evicted substituted paths", "paths", len(res.Paths), "before", res.Before, "after", res.After, "budget", o.MaxSize)
+				}
+				over := res.After > o.MaxSize && len(res.Paths) == 0
+				if over && !stuck {
+					log.Warn("over --max-size and nothing more to evict now (roots, --pin closures, paths clients hold or added)", "size", res.After, "budget", o.MaxSize)
+				}
+				if over && stuck {
+					next = min(2*wait, max(maxEvictBackoff, every))
+				}
+				stuck = over
 			}
-			continue
 		}
-		if len(res.Paths) > 0 {
-			log.Info("evicted substituted paths", "paths", len(res.Paths), "before", res.Before, "after", res.After, "budget", o.MaxSize)
-		}
-		// Over the budget with nothing evictable (roots, pins, clients'
-		// temp roots, uploads): said once until that changes, not every
-		// interval.
-		over := res.After > o.MaxSize
-		if over && !stuck {
-			log.Warn("over --max-size and nothing more to evict now (roots, --pin closures, paths clients hold or added)", "size", res.After, "budget", o.MaxSize)
-		}
-		stuck = over
+		wait = next
+		t.Reset(wait)
 	}
 }
+
+// maxEvictBackoff bounds the interval between checks of a store stuck
+// over --max-size.
+const maxEvictBackoff = 5 * time.Minute
 
 // pinNames turns --pin values (store paths or basenames) into basenames.
 func pinNames(storeDir string, pins []string) ([]string, error) {
