@@ -69,9 +69,13 @@ func TestEvictLRU(t *testing.T) {
 		// evictOrder: what must go first, in order; the evicted set must
 		// be a prefix of it.
 		evictOrder []string
+		// tiny: a budget below what must stay: every evictable path goes,
+		// nothing else.
+		tiny bool
 	}{
-		{"no reads", nil, []string{evApp, evLib, evA(1), evA(2), evA(3), evA(4), evA(5), evA(6)}},
-		{"reads", []string{evA(1), evA(2), evApp}, []string{evA(3), evA(4), evA(5), evA(6), evA(1), evA(2), evApp, evLib}},
+		{"no reads", nil, []string{evApp, evLib, evA(1), evA(2), evA(3), evA(4), evA(5), evA(6)}, false},
+		{"reads", []string{evA(1), evA(2), evApp}, []string{evA(3), evA(4), evA(5), evA(6), evA(1), evA(2), evApp, evLib}, false},
+		{"tiny budget", nil, []string{evApp, evLib, evA(1), evA(2), evA(3), evA(4), evA(5), evA(6)}, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dst := openStore(t)
@@ -106,6 +110,9 @@ func TestEvictLRU(t *testing.T) {
 			}
 			per := used / int64(len(order)+1)
 			maxSize := used - per // over by about one path: evicts to 90%
+			if tc.tiny {
+				maxSize = 1
+			}
 
 			// Readers render every path throughout the eviction, through a
 			// store of their own on the same data dir (another process,
@@ -151,7 +158,10 @@ func TestEvictLRU(t *testing.T) {
 				t.Fatal(err)
 			}
 			t.Logf("used %d, budget %d: evicted %v in %d rounds, %d → %d bytes", used, maxSize, res.Paths, res.Rounds, res.Before, res.After)
-			if len(res.Paths) == 0 || res.After > maxSize {
+			if tc.tiny && len(res.Paths) != len(tc.evictOrder) {
+				t.Fatalf("evicted %v, want every evictable path %v", res.Paths, tc.evictOrder)
+			}
+			if len(res.Paths) == 0 || (!tc.tiny && res.After > maxSize) {
 				t.Fatalf("evicted %v, %d bytes left, budget %d", res.Paths, res.After, maxSize)
 			}
 			if len(res.Paths) > len(tc.evictOrder) {
