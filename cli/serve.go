@@ -117,6 +117,7 @@ func (c *ServeCmd) Run(g *Globals) error {
 		return err
 	}
 	if c.EvictInterval > 0 && (maxSize > 0 || srv.Subst != nil) {
+		st.EnableAccessTimes()
 		ctx, cancel := context.WithCancel(g.Ctx)
 		done := make(chan struct{})
 		go func() {

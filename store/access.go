@@ -25,7 +25,13 @@ type accessLog struct {
 	m  map[string]int64 // basename → last access, unix milliseconds
 	// flushes counts the write transactions FlushAccess made (tests).
 	flushes atomic.Int64
+	// on: only a store that evicts (the daemon with --max-size or
+	// substituters) notes accesses; others would fill the map for nothing.
+	on atomic.Bool
 }
+
+// EnableAccessTimes makes reads note access times (Touch) from now on.
+func (s *Store) EnableAccessTimes() { s.access.on.Store(true) }
 
 // maxPendingAccesses bounds the map between flushes; accesses to further
 // paths are dropped (they look older to eviction, nothing worse).
@@ -34,6 +40,9 @@ const maxPendingAccesses = 1 << 17
 // Touch notes that path name was read now. It is cheap (a map write) and
 // writes nothing: FlushAccess does.
 func (s *Store) Touch(name string) {
+	if !s.access.on.Load() {
+		return
+	}
 	now := time.Now().UnixMilli()
 	a := &s.access
 	a.mu.Lock()

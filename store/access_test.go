@@ -31,6 +31,14 @@ func TestAccessFlush(t *testing.T) {
 	if len(before) != 1 || before[subd] == 0 {
 		t.Fatalf("substituted %v, want only %s", before, subd)
 	}
+	// Off until enabled: reads note nothing.
+	if _, err := st.Info(ctx, subd); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := st.FlushAccess(ctx); err != nil || n != 0 {
+		t.Fatalf("flush before EnableAccessTimes wrote %d (%v)", n, err)
+	}
+	st.EnableAccessTimes()
 	time.Sleep(5 * time.Millisecond)
 	for _, tc := range []struct {
 		name string

@@ -445,12 +445,27 @@ func (s *Store) NarRender(ctx context.Context, name string, w interface{ Write([
 	}
 	cw := &checkedWriter{w: w, h: sha256.New()}
 	if _, err := nar.Render(ctx, cw, pi.Root, source{s}); err != nil {
-		return cw.n, fmt.Errorf("render %s: %w", s.Full(name), err)
+		return cw.n, s.renderError(ctx, name, err)
 	}
 	if err := cw.finish(pi.NarHash, pi.NarSize); err != nil {
-		return cw.n, fmt.Errorf("render %s: %w", s.Full(name), err)
+		return cw.n, s.renderError(ctx, name, err)
 	}
 	return cw.n, nil
+}
+
+// renderError words a failed render. A collection (or an eviction) may
+// delete the path while it is read, here or in another process whose
+// path-info this one still caches: its directories and chunks then vanish
+// mid-render, which reads like damage ("directory … not found"). If the
+// path is no longer valid, say that instead.
+func (s *Store) renderError(ctx context.Context, name string, err error) error {
+	if ctx.Err() == nil {
+		if ok, verr := s.db.HasPath(ctx, name); verr == nil && !ok {
+			s.infos.drop(name)
+			return fmt.Errorf("path '%s' %w (deleted while it was read: %v)", s.Full(name), ErrNotValid, err)
+		}
+	}
+	return fmt.Errorf("render %s: %w", s.Full(name), err)
 }
 
 // narHeld is how many bytes of a NAR checkedWriter holds back: the closing
