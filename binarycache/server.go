@@ -43,6 +43,10 @@ type Server struct {
 	CacheDir   string
 	CacheBytes int64
 
+	// Metrics, when set, writes further metrics (Prometheus text) at the
+	// end of /metrics: the daemon's substituters and evictions.
+	Metrics func(io.Writer)
+
 	encoders  sync.Pool
 	cacheOnce sync.Once
 	cache     *narCache
@@ -490,6 +494,9 @@ func (s *Server) serveMetrics(ctx context.Context, w http.ResponseWriter) {
 	live := []rtmetrics.Sample{{Name: "/gc/heap/live:bytes"}}
 	if rtmetrics.Read(live); live[0].Value.Kind() == rtmetrics.KindUint64 {
 		fmt.Fprintf(&b, "# HELP go_gc_heap_live_bytes Heap bytes marked live by the last garbage collection.\n# TYPE go_gc_heap_live_bytes gauge\ngo_gc_heap_live_bytes %d\n", live[0].Value.Uint64())
+	}
+	if s.Metrics != nil {
+		s.Metrics(&b)
 	}
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4")
 	io.WriteString(w, b.String())

@@ -570,3 +570,25 @@ func (s *Store) stopReaderSweeper() {
 		s.stopSweep = nil
 	}
 }
+
+// DiskUsage is the allocated bytes (what du counts) of the pack files on
+// disk: the space the store's data takes, dead bytes a compaction has not
+// dropped yet included.
+func (s *Store) DiskUsage() (int64, error) {
+	files, err := s.packFiles()
+	if err != nil {
+		return 0, err
+	}
+	var n int64
+	for _, p := range files {
+		fi, err := os.Stat(p)
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				continue // compacted away meanwhile
+			}
+			return 0, fmt.Errorf("pack size: %w", err)
+		}
+		n += diskUsage(fi)
+	}
+	return n, nil
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"runtime"
@@ -209,7 +210,7 @@ type HTTPFlags struct {
 }
 
 // startHTTP starts the HTTP binary cache; the returned function stops it.
-func (c *ServeCmd) startHTTP(g *Globals, st *store.Store) (func(), error) {
+func (c *ServeCmd) startHTTP(g *Globals, st *store.Store, metrics func(io.Writer)) (func(), error) {
 	var key *store.SecretKey
 	if c.SignKey != "" {
 		var err error
@@ -222,7 +223,7 @@ func (c *ServeCmd) startHTTP(g *Globals, st *store.Store) (func(), error) {
 		return nil, fmt.Errorf("--http: %w", err)
 	}
 	h := &binarycache.Server{Store: st, StoreDir: st.StoreDir, Key: key, Priority: c.Priority,
-		Compression: c.HTTPCompression, Logger: g.Logger, CacheDir: c.HTTPCache, CacheBytes: c.HTTPCacheSize}
+		Compression: c.HTTPCompression, Logger: g.Logger, CacheDir: c.HTTPCache, CacheBytes: c.HTTPCacheSize, Metrics: metrics}
 	lim := binarycache.DefaultHTTPLimits
 	lim.MaxConns, lim.WriteStall = c.HTTPMaxConns, c.HTTPStall
 	srv := binarycache.NewHTTPServer(h, lim)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/user"
@@ -41,6 +42,9 @@ type ServeCmd struct {
 	MaxConnections  int           `name:"max-connections" env:"CASNIX_MAX_CONNECTIONS" default:"256" help:"Connections open at once; more are refused with an error in the handshake (0: no limit)."`
 	RepackQuiet     time.Duration `name:"repack-quiet" env:"CASNIX_REPACK_QUIET" default:"5m" help:"Repack in the background (idle CPU priority, one core at most) once no write has committed for this long and --repack-min of new data waits (0: never; casnix repack does it by hand)."`
 	RepackMin       string        `name:"repack-min" env:"CASNIX_REPACK_MIN" default:"64MiB" placeholder:"BYTES" help:"New data (raw) that must wait before a background repack starts."`
+	MaxSize         string        `name:"max-size" env:"CASNIX_MAX_SIZE" default:"0" placeholder:"BYTES" help:"Space budget for substituted paths: when the pack files take more disk than this, the least recently used substituted paths are deleted (as casnix gc, roots and temp roots respected) until they take 90% of it. Paths clients added or imported, gcroots and --pin closures are never evicted. 0: no budget."`
+	Pin             []string      `name:"pin" env:"CASNIX_PIN" placeholder:"PATH" help:"Store paths whose closures --max-size never evicts."`
+	EvictInterval   time.Duration `name:"evict-interval" env:"CASNIX_EVICT_INTERVAL" default:"10s" hidden:"" help:"How often access times are saved and --max-size is checked."`
 	MaxPerUser      int           `name:"max-connections-per-user" env:"CASNIX_MAX_CONNECTIONS_PER_USER" default:"64" help:"Connections open at once from one uid; trusted users are exempt (0: no limit)."`
 }
 
@@ -104,8 +108,27 @@ func (c *ServeCmd) Run(g *Globals) error {
 		defer sub.Close()
 		srv.Subst = sub
 	}
+	maxSize, err := parseSize(c.MaxSize)
+	if err != nil {
+		return fmt.Errorf("--max-size: %w", err)
+	}
+	pins, err := pinNames(st.StoreDir, c.Pin)
+	if err != nil {
+		return err
+	}
+	if c.EvictInterval > 0 && (maxSize > 0 || srv.Subst != nil) {
+		st.EnableAccessTimes()
+		ctx, cancel := context.WithCancel(g.Ctx)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			evictor(ctx, st, store.EvictOptions{MaxSize: maxSize, Pin: pins, RuntimeRoots: true}, c.EvictInterval, g.Logger)
+		}()
+		// Before st.Close (deferred earlier, so run later).
+		defer func() { cancel(); <-done }()
+	}
 	if c.HTTP != "" {
-		stop, err := c.startHTTP(g, st)
+		stop, err := c.startHTTP(g, st, func(w io.Writer) { substMetrics(w, srv.Subst, st, maxSize) })
 		if err != nil {
 			return err
 		}

@@ -275,6 +275,7 @@ func (b *Batch) Commit() (added []string, err error) {
 	if err := b.w.Flush(); err != nil {
 		return nil, fmt.Errorf("write packs: %w", err)
 	}
+	substituted := isSubstituted(b.ctx)
 	err = b.s.db.Write(b.ctx, func(tx *db.Tx) error {
 		added = added[:0]
 		if err := b.w.Commit(b.ctx, tx); err != nil {
@@ -293,12 +294,18 @@ func (b *Batch) Commit() (added []string, err error) {
 			if have {
 				continue
 			}
-			if _, err := tx.InsertPath(b.ctx, toRow(pi)); err != nil {
+			id, err := tx.InsertPath(b.ctx, toRow(pi))
+			if err != nil {
 				if errors.Is(err, db.ErrNotFound) {
 					// A reference vanished (deleted by GC) since Add checked it.
 					return fmt.Errorf("%s: %w: %v", b.s.Full(pi.Name), ErrMissingRef, err)
 				}
 				return err
+			}
+			if substituted {
+				if err := tx.MarkSubstituted(b.ctx, id, time.Now().UnixMilli()); err != nil {
+					return err
+				}
 			}
 			added = append(added, pi.Name)
 		}

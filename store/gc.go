@@ -1,6 +1,7 @@
 package store
 
 import (
+	"container/heap"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -65,6 +66,12 @@ type GCOptions struct {
 	// deleted paths reach it (0: no limit). Referrers are deleted before
 	// what they refer to.
 	MaxFreed int64
+	// Evictable, when not nil, restricts GCDeleteDead to the dead paths it
+	// names, and with MaxFreed deletes the least recently used first (the
+	// values are last accesses; a path becomes a candidate once every
+	// referrer is deleted, so an old path a recently used one needs
+	// stays). `serve --max-size` evicts substituted paths with it.
+	Evictable map[string]int64
 	// Keep are extra roots for this run (basenames, must be valid).
 	Keep []string
 	// RuntimeRoots makes the store paths running processes use roots too
@@ -346,14 +353,18 @@ func (s *Store) mark(ctx context.Context, ix index, o GCOptions, res *GCResult, 
 			return nil, err
 		}
 	default:
-		for i := range g.nodes {
+		for i, n := range g.nodes {
 			del[i] = !live[i]
+			if o.Evictable != nil {
+				_, ok := o.Evictable[n.Name]
+				del[i] = del[i] && ok
+			}
 		}
 	}
 
 	m := newMarker(ix, ctx)
 	if o.Action == GCDeleteDead && o.MaxFreed > 0 {
-		if err := m.limit(g, del, o.MaxFreed); err != nil {
+		if err := m.limit(g, del, o.MaxFreed, o.Evictable); err != nil {
 			return nil, err
 		}
 	}
@@ -546,7 +557,10 @@ func (m *marker) tree(n db.PathNode, newBlob func(digest.Digest) error) error {
 // limit narrows del to the paths whose deletion frees about maxFreed
 // bytes: referrers before what they refer to, so what is deleted never
 // leaves a dangling reference. What stays is marked by the caller.
-func (m *marker) limit(g *pathGraph, del []bool, maxFreed int64) error {
+//
+// With atimes, the ready path least recently accessed goes first (ties by
+// name, so a run is reproducible); without, the order is Kahn's.
+func (m *marker) limit(g *pathGraph, del []bool, maxFreed int64, atimes map[string]int64) error {
 	// First mark what stays anyway, so a dead path's estimate counts only
 	// content nothing live shares.
 	for i, n := range g.nodes {
@@ -577,11 +591,14 @@ func (m *marker) limit(g *pathGraph, del []bool, maxFreed int64) error {
 			ready = append(ready, i)
 		}
 	}
+	q := &readyQueue{g: g, atimes: atimes, fifo: atimes == nil}
+	for _, i := range ready {
+		heap.Push(q, i)
+	}
 	chosen := make([]bool, len(g.nodes))
 	var freed float64
-	for len(ready) > 0 && freed < float64(maxFreed) {
-		i := ready[0]
-		ready = ready[1:]
+	for q.Len() > 0 && freed < float64(maxFreed) {
+		i := heap.Pop(q).(int)
 		chosen[i] = true
 		err := m.tree(g.nodes[i], func(d digest.Digest) error {
 			b, _, err := m.ix.BlobAndLoc(m.ctx, d)
@@ -597,7 +614,7 @@ func (m *marker) limit(g *pathGraph, del []bool, maxFreed int64) error {
 		for _, j := range g.refs[i] {
 			if del[j] {
 				if pending[j]--; pending[j] == 0 {
-					ready = append(ready, j)
+					heap.Push(q, j)
 				}
 			}
 		}
@@ -607,6 +624,44 @@ func (m *marker) limit(g *pathGraph, del []bool, maxFreed int64) error {
 	// start over with the same decision.
 	m.marks = map[uint64]struct{}{}
 	return nil
+}
+
+// readyQueue orders the paths limit may delete next: by access time (then
+// name) for an eviction, in arrival order otherwise.
+type readyQueue struct {
+	g      *pathGraph
+	atimes map[string]int64
+	fifo   bool
+	items  []int
+	seq    []int // arrival order, for fifo
+	n      int
+}
+
+func (q *readyQueue) Len() int { return len(q.items) }
+func (q *readyQueue) Less(a, b int) bool {
+	if q.fifo {
+		return q.seq[a] < q.seq[b]
+	}
+	na, nb := q.g.nodes[q.items[a]].Name, q.g.nodes[q.items[b]].Name
+	if ta, tb := q.atimes[na], q.atimes[nb]; ta != tb {
+		return ta < tb
+	}
+	return na < nb
+}
+func (q *readyQueue) Swap(a, b int) {
+	q.items[a], q.items[b] = q.items[b], q.items[a]
+	q.seq[a], q.seq[b] = q.seq[b], q.seq[a]
+}
+func (q *readyQueue) Push(x any) {
+	q.items = append(q.items, x.(int))
+	q.seq = append(q.seq, q.n)
+	q.n++
+}
+func (q *readyQueue) Pop() any {
+	i := q.items[len(q.items)-1]
+	q.items = q.items[:len(q.items)-1]
+	q.seq = q.seq[:len(q.seq)-1]
+	return i
 }
 
 // sweep is what the index holds that nothing kept uses.

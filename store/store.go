@@ -61,6 +61,10 @@ type Store struct {
 	// lastCommit is when a batch last committed (unix nanoseconds; the
 	// open time before any): the background repack waits for a quiet spell.
 	lastCommit atomic.Int64
+	// access holds access times not yet written (access.go).
+	access accessLog
+	// evicts counts evictions (evict.go).
+	evicts evictCounters
 }
 
 // DBFile and PackDir are the data directory's layout.
@@ -166,6 +170,11 @@ func openReadOnly(ctx context.Context, dir string, opts Options) (*Store, error)
 
 // Close closes the store.
 func (s *Store) Close() error {
+	// Access times noted since the last flush; losing them would only make
+	// those paths look older to an eviction, so a failure is not fatal.
+	if _, err := s.FlushAccess(context.Background()); err != nil {
+		s.log.Warn("access times not saved", "err", err)
+	}
 	err := errors.Join(s.blobs.Close(), s.db.Close())
 	// The data-dir lock last: a restore may replace the files once it goes.
 	return errors.Join(err, s.dirLock.Close())
@@ -238,6 +247,7 @@ func rootOf(p *db.PathRow) (castore.Node, error) {
 // Info returns the path-info of a valid path. The result is shared: do
 // not modify it.
 func (s *Store) Info(ctx context.Context, name string) (*PathInfo, error) {
+	s.Touch(name)
 	if pi := s.infos.get(name); pi != nil {
 		return pi, nil
 	}
@@ -435,12 +445,27 @@ func (s *Store) NarRender(ctx context.Context, name string, w interface{ Write([
 	}
 	cw := &checkedWriter{w: w, h: sha256.New()}
 	if _, err := nar.Render(ctx, cw, pi.Root, source{s}); err != nil {
-		return cw.n, fmt.Errorf("render %s: %w", s.Full(name), err)
+		return cw.n, s.renderError(ctx, name, err)
 	}
 	if err := cw.finish(pi.NarHash, pi.NarSize); err != nil {
-		return cw.n, fmt.Errorf("render %s: %w", s.Full(name), err)
+		return cw.n, s.renderError(ctx, name, err)
 	}
 	return cw.n, nil
+}
+
+// renderError words a failed render. A collection (or an eviction) may
+// delete the path while it is read, here or in another process whose
+// path-info this one still caches: its directories and chunks then vanish
+// mid-render, which reads like damage ("directory … not found"). If the
+// path is no longer valid, say that instead.
+func (s *Store) renderError(ctx context.Context, name string, err error) error {
+	if ctx.Err() == nil {
+		if ok, verr := s.db.HasPath(ctx, name); verr == nil && !ok {
+			s.infos.drop(name)
+			return fmt.Errorf("path '%s' %w (deleted while it was read: %v)", s.Full(name), ErrNotValid, err)
+		}
+	}
+	return fmt.Errorf("render %s: %w", s.Full(name), err)
 }
 
 // narHeld is how many bytes of a NAR checkedWriter holds back: the closing
@@ -583,6 +608,7 @@ func (s *Store) Root(ctx context.Context, name string) (castore.Node, error) {
 	if err != nil {
 		return castore.Node{}, err
 	}
+	s.Touch(name)
 	n, err := rootOf(row)
 	if err != nil || n.Kind != castore.KindSymlink {
 		return n, err

@@ -690,7 +690,7 @@ func (s *Substituter) fetch(ctx context.Context, f *Found) error {
 }
 
 func (s *Substituter) fetchFrom(ctx context.Context, in *binarycache.Info, up *Upstream) error {
-	err := s.retry(ctx, up, func() error { return binarycache.FetchNAR(ctx, s.st, up.src, in) })
+	err := s.retry(ctx, up, func() error { return binarycache.FetchNAR(store.WithSubstituted(ctx), s.st, up.src, in) })
 	if err != nil {
 		return fmt.Errorf("substituting %s/%s from %s: %w", s.opts.StoreDir, in.Name, up.URL, err)
 	}
