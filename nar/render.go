@@ -56,6 +56,11 @@ type FramedBlob interface {
 	WriteFramesTo(w FrameWriter) (int64, error)
 }
 
+// framedMin is the smallest file whose stored frames Render hands to a
+// FrameWriter: a smaller one saves little compression, and each file so
+// handled costs a flush of Render's buffer (small writes downstream).
+const framedMin = 128 << 10
+
 // BlobBatch is how many files Render opens per OpenBlobs call.
 const BlobBatch = 32
 
@@ -195,7 +200,7 @@ func (r *renderer) contents(n castore.Node) error {
 			return fmt.Errorf("blob %s has %d bytes, tree says %d", n.Digest, b.Size(), n.Size)
 		}
 		var got int64
-		if fb, ok := b.(FramedBlob); ok && r.cw.fw != nil {
+		if fb, ok := b.(FramedBlob); ok && r.cw.fw != nil && n.Size >= framedMin {
 			// The contents go past the buffer, whole frames as stored:
 			// what is buffered goes first.
 			if err := r.w.Flush(); err != nil {
