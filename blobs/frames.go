@@ -39,10 +39,11 @@ type FrameWriter = interface {
 // caller (store.NarRender) covers it. The stored bytes are then read from
 // the pack again and must have the CRC-32C of the bytes that were decoded;
 // otherwise the read fails with ErrCorrupt, nothing is written, and no
-// stored bytes go out that were not the ones checked. (A change that kept
-// the CRC would also have to pass the frame's own XXH64 content checksum,
-// which the client's zstd decoder checks, and the client's NarHash check.)
-// This costs a decode per frame, as a plain read does, but no compression.
+// stored bytes go out that were not the ones checked. (A corruption that
+// happened to keep the CRC-32C would still have to pass the frame's own
+// XXH64 content checksum, which the client's zstd decoder checks, and the
+// client's NarHash check.) This costs a decode per frame, as a plain read
+// does, but no compression.
 func (br *BlobReader) WriteFramesTo(w FrameWriter) (int64, error) {
 	var total int64
 	for br.pos < br.size {
