@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
 # Binary cache benchmarks: `casnix export` against `nix copy --to file://…?compression=zstd`
-# (Nix 2.8, from the real Nix store holding the same paths), and NAR downloads from
+# (Nix 2.34 from the sid root, and Nix 2.8 on the host, from the real Nix store holding the
+# same paths), and NAR downloads from
 # `casnix serve --http` against a static file server serving the cache nix copy wrote.
 # Median of $RUNS, each figure next to its anchor from the same run; prints a markdown table
 # and writes it between the bench/cache.sh markers of bench/RESULTS.md.
 #
 #   bench/cache.sh            # needs bench/build-corpora.sh's corpus (CORPUS=releases)
 #   RUNS=1 bench/cache.sh     # a quick run
+#   CASNIX=/path/to/casnix bench/cache.sh   # measure that binary instead of building this tree's
 #
 # Figures:
 #   export    wall time of `casnix export --to file://D --all --compression zstd` (level 3,
 #             fsyncs every file) vs `nix copy --store ROOT --to file://D?compression=zstd --all`
-#             (zstd's default level 3), both from warm page caches into an empty directory.
+#             (zstd's default level 3), both from warm page caches into an empty directory;
+#             Nix 2.34 runs in the sid root (SID_ROOT) on its own copy of the corpus. Each with
+#             its CPU seconds (user+sys) per GB of NAR.
 #   http N    MB/s of NAR (10^6 bytes) for cachebench get with N clients fetching every path
 #             (narinfo, NAR file, zstd decompression, SHA-256 check against NarHash, like a
 #             Nix substitution) from: the static file server (cachebench serve, sendfile)
 #             over nix copy's cache; casnix serve --http --http-cache DIR cold (cache emptied:
 #             NARs rendered and zstd-compressed on the fly, level 1, and cached) and warm (the
 #             same downloads again, sent from the cache files); casnix serve --http
-#             --http-compression none (rendered, uncompressed, no cache).
+#             --http-compression none (rendered, uncompressed, no cache). Each with the
+#             server's CPU seconds (user+sys, from /proc) per GB of NAR.
 set -Eeuo pipefail
 
 BENCH_DIR=${BENCH_DIR:-/var/tmp/casnix-bench}
@@ -31,6 +36,7 @@ REPO=$(cd "$HERE/.." && pwd)
 RESULTS=${RESULTS:-$HERE/RESULTS.md}
 ROOT=$BENCH_DIR/corpora/$CORPUS
 W=$BENCH_DIR/binary-cache
+SID_ROOT=${SID_ROOT:-/var/cache/casnix-tests/roots/sid}
 log() { printf '%s cache: %s\n' "$(date +%T)" "$*" >&2; }
 trap 'log "failed at line $LINENO: $BASH_COMMAND"' ERR
 PIDS=()
@@ -45,9 +51,14 @@ trap cleanup EXIT
 [[ -f $ROOT/nix/var/nix/db/db.sqlite ]] || { log "no corpus at $ROOT: run bench/build-corpora.sh"; exit 1; }
 command -v nix >/dev/null || { log "needs nix-bin"; exit 1; }
 mkdir -p "$W"
-(cd "$REPO" && CGO_ENABLED=0 go build -o "$W/casnix" . && CGO_ENABLED=0 go build -o "$W/cachebench" ./bench/cmd/cachebench)
-COMMIT=$(cd "$REPO" && git rev-parse --short HEAD)$(cd "$REPO" && git diff --quiet HEAD -- . ':!bench/RESULTS.md' || echo "+dirty")
-CASNIX=$W/casnix
+(cd "$REPO" && CGO_ENABLED=0 go build -o "$W/cachebench" ./bench/cmd/cachebench)
+if [[ -n ${CASNIX:-} ]]; then
+  COMMIT="binary $CASNIX"
+else
+  (cd "$REPO" && CGO_ENABLED=0 go build -o "$W/casnix" .)
+  COMMIT=$(cd "$REPO" && git rev-parse --short HEAD)$(cd "$REPO" && git diff --quiet HEAD -- . ':!bench/RESULTS.md' || echo "+dirty")
+  CASNIX=$W/casnix
+fi
 DATA=$W/data
 NIXQ=(--option experimental-features nix-command --option build-users-group '' --option substituters '')
 export NIX_CONF_DIR=$W/nixconf NIX_USER_CONF_FILES=$W/nixconf/nix.conf NIX_REMOTE=
@@ -63,7 +74,57 @@ if [[ ! -f $W/data.count || $(cat "$W/data.count") != "$want_count" ]]; then
   echo "$want_count" >"$W/data.count"
 fi
 
+# Nix 2.34 in the sid root, on its own copy of the corpus (a newer Nix may upgrade the
+# schema of the database it opens), made once per corpus.
+HAVE234=0 NIX234=
+if [[ -x $SID_ROOT/usr/bin/nix && -d $SID_ROOT/tmp ]]; then
+  if [[ ! -f $W/nixroot234.count || $(cat "$W/nixroot234.count") != "$want_count" ]]; then
+    log "copying $ROOT for Nix 2.34"
+    rm -rf "$W/nixroot234"
+    cp -a "$ROOT" "$W/nixroot234"
+    echo "$want_count" >"$W/nixroot234.count"
+  fi
+  HAVE234=1
+fi
+# in_sid SCRIPT: run the bash SCRIPT inside the sid root (read-only), with the corpus copy at
+# /tmp and an empty writable /nix (Nix 2.34 tries to remount a read-only /nix/store
+# writable), as bench/startup.sh does.
+in_sid() {
+  mkdir -p "$W/sid-nix"
+  unshare -m --propagation private bash -c '
+    set -e; b=$1
+    mount --bind "$b" "$b"; mount -o remount,bind,ro "$b"
+    mount --rbind /dev "$b/dev"; mount -t proc proc "$b/proc"
+    mount --bind "$2" "$b/tmp"; mount --bind "$3" "$b/nix"
+    exec chroot "$b" /bin/bash -c "$4"' in_sid "$SID_ROOT" "$W/nixroot234" "$W/sid-nix" "$1"
+}
+if [[ $HAVE234 == 1 ]]; then
+  v=$(in_sid 'nix --version' 2>/dev/null) || v=
+  if [[ $v == *2.3[4-9]* ]]; then
+    NIX234=${v##* }
+  else
+    log "no Nix 2.34 in $SID_ROOT ($v): its export anchor is left out"
+    HAVE234=0
+  fi
+fi
+
 now() { date +%s.%N; }
+# timed NAME RUN SCRIPT: runs the bash SCRIPT (its stderr sent elsewhere by the script),
+# records its wall seconds under NAME:RUN and its CPU seconds (user+sys, every descendant
+# included) under NAME_cpu:RUN.
+export -f in_sid
+export W SID_ROOT CASNIX DATA ROOT
+timed() {
+  local t0 t1 cpu
+  t0=$(now)
+  cpu=$(/usr/bin/time -f '%U %S' bash -c "$3" 2>&1 >/dev/null | tail -1)
+  t1=$(now)
+  M[$1:$2]=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
+  M[$1_cpu:$2]=$(awk -v c="$cpu" 'BEGIN { split(c, x, " "); printf "%.2f", x[1] + x[2] }')
+}
+CLK=$(getconf CLK_TCK)
+# proc_cpu PID: the CPU seconds (user+sys) process PID has used so far.
+proc_cpu() { awk -v h="$CLK" '{ printf "%.2f\n", ($14 + $15) / h }' "/proc/$1/stat"; }
 QUIET_BUSY=${QUIET_BUSY:-0.25}      # wait before each timed step until other CPU use is below this
 QUIET_TIMEOUT=${QUIET_TIMEOUT:-60}  # ... but at most this many seconds
 # wait_quiet KEY: waits (up to QUIET_TIMEOUT s) until other processes leave the CPUs alone;
@@ -98,25 +159,25 @@ wait_port() {
 
 for ((r = 1; r <= RUNS; r++)); do
   log "run $r/$RUNS: export"
-  rm -rf "$W/exp-casnix" "$W/exp-nix"
+  rm -rf "$W/exp-casnix" "$W/exp-nix" "$W/nixroot234/exp"
   warm
   sync
   wait_quiet "busy_export_casnix:$r"
-  t0=$(now)
-  "$CASNIX" --data-dir "$DATA" export --to "file://$W/exp-casnix" --all --compression zstd 2>"$W/export.log"
-  t1=$(now)
+  timed export_casnix "$r" '"$CASNIX" --data-dir "$DATA" export --to "file://$W/exp-casnix" --all --compression zstd 2>"$W/export.log"'
   wait_quiet "busy_export_nix:$r"
   t1=$(now)
-  nix copy --store "$ROOT" "${NIXQ[@]}" --to "file://$W/exp-nix?compression=zstd" --all 2>"$W/nixcopy.log"
-  t2=$(now)
+  timed export_nix "$r" 'nix copy --store "$ROOT" --option experimental-features nix-command --option build-users-group "" --option substituters "" --to "file://$W/exp-nix?compression=zstd" --all 2>"$W/nixcopy.log"'
   sync
   M[export_nix_sync:$r]=$(awk -v a="$t1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }')
-  M[export_casnix:$r]=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
-  M[export_nix:$r]=$(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.2f", b - a }')
   M[export_casnix_bytes:$r]=$(du -sB1 "$W/exp-casnix" | cut -f1)
   M[export_nix_bytes:$r]=$(du -sB1 "$W/exp-nix" | cut -f1)
+  if [[ $HAVE234 == 1 ]]; then
+    wait_quiet "busy_export_nix234:$r"
+    timed export_nix234 "$r" "in_sid \"nix copy --store /tmp --option experimental-features nix-command --option build-users-group '' --option substituters '' --to 'file:///tmp/exp?compression=zstd' --all 2>/tmp/nixcopy234.log\""
+    M[export_nix234_bytes:$r]=$(du -sB1 "$W/nixroot234/exp" | cut -f1)
+  fi
   M[load_export:$r]=$(cut -d' ' -f1-3 /proc/loadavg)
-  log "export: casnix ${M[export_casnix:$r]} s, nix copy ${M[export_nix:$r]} s"
+  log "export: casnix ${M[export_casnix:$r]} s (${M[export_casnix_cpu:$r]} s CPU), nix copy 2.8 ${M[export_nix:$r]} s (${M[export_nix_cpu:$r]} s CPU), 2.34 ${M[export_nix234:$r]:-} s (${M[export_nix234_cpu:$r]:-} s CPU)"
 done
 NAR_BYTES=$(awk '/^NarSize:/ { s += $2 } END { print s }' "$W"/exp-nix/*.narinfo)
 NPATHS=$(ls "$W"/exp-nix/*.narinfo | wc -l)
@@ -126,16 +187,20 @@ ls "$W"/exp-nix/*.narinfo | xargs -n1 basename | sed 's/\.narinfo$//' >"$W/hashe
 p_static=$(free_port)
 "$W/cachebench" serve -dir "$W/exp-nix" -addr "127.0.0.1:$p_static" &
 PIDS+=($!)
+declare -A SPID
+SPID[static]=$!
 p_zstd=$(free_port)
 rm -rf "$W/http-cache"
 "$CASNIX" --data-dir "$DATA" serve --http "127.0.0.1:$p_zstd" --http-only --http-cache "$W/http-cache" --log-level warn &
 PIDS+=($!)
+SPID[cold]=$! SPID[warm]=$!
 wait_port "$p_static"
 wait_port "$p_zstd"
 p_none=$(free_port)
 # A second server on the same data dir: --socket apart, but --http-only needs none.
 "$CASNIX" --data-dir "$DATA" serve --http "127.0.0.1:$p_none" --http-only --http-compression none --log-level warn &
 PIDS+=($!)
+SPID[none]=$!
 wait_port "$p_none"
 for ((r = 1; r <= RUNS; r++)); do
   for n in 1 16; do
@@ -148,9 +213,12 @@ for ((r = 1; r <= RUNS; r++)); do
         find "$W/http-cache" -type f -delete
       fi
       wait_quiet "busy_http_${name}_$n:$r"
+      c0=$(proc_cpu "${SPID[$name]}")
       out=$("$W/cachebench" get -base "http://127.0.0.1:$port" -hashes "$W/hashes" -clients "$n")
+      c1=$(proc_cpu "${SPID[$name]}")
       M[http_${name}_$n:$r]=$(sed 's/.*mbps=//' <<<"$out")
-      log "run $r/$RUNS http $name clients=$n: $out"
+      M[http_${name}_${n}_cpu:$r]=$(awk -v a="$c0" -v b="$c1" 'BEGIN { printf "%.2f", b - a }')
+      log "run $r/$RUNS http $name clients=$n: $out, server CPU ${M[http_${name}_${n}_cpu:$r]} s"
     done
   done
   M[load_http:$r]=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -158,16 +226,25 @@ done
 
 med() { for ((r = 1; r <= RUNS; r++)); do echo "${M[$1:$r]}"; done | median; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+# pergb NAME: the median CPU seconds of NAME per GB (10^9 bytes) of NAR.
+pergb() { awk -v c="$(med "$1")" -v n="$NAR_BYTES" 'BEGIN { printf "%.1f", c / (n / 1e9) }'; }
+mib() { med "$1" | awk '{ printf "%.0f", $1 / 1048576 }'; }
 ec=$(med export_casnix) en=$(med export_nix)
 table="| figure | casnix | anchor | ratio (casnix / anchor) | target |
-|---|---|---|---|---|
-| export $NPATHS paths, $((NAR_BYTES / 1048576)) MiB NAR to a zstd cache: wall s | $ec s ($(med export_casnix_bytes | awk '{ printf "%.0f", $1 / 1048576 }') MiB, synced) | nix copy: $en s ($(med export_nix_bytes | awk '{ printf "%.0f", $1 / 1048576 }') MiB, not synced; $(med export_nix_sync) s with a sync after) | $(ratio "$ec" "$en")× time | ≤ 1.0× |"
+|---|---|---|---|---|"
+if [[ $HAVE234 == 1 ]]; then
+  e4=$(med export_nix234)
+  table+="
+| export $NPATHS paths, $((NAR_BYTES / 1048576)) MiB NAR to a zstd cache: wall s; CPU s (user+sys) per GB of NAR | $ec s, $(pergb export_casnix_cpu) CPU s/GB ($(mib export_casnix_bytes) MiB, synced) | nix copy (Nix $NIX234): $e4 s, $(pergb export_nix234_cpu) CPU s/GB ($(mib export_nix234_bytes) MiB, not synced) | $(ratio "$ec" "$e4")× time, $(ratio "$(med export_casnix_cpu)" "$(med export_nix234_cpu)")× CPU | ≤ 1.0× |"
+fi
+table+="
+| export $NPATHS paths, $((NAR_BYTES / 1048576)) MiB NAR to a zstd cache: wall s; CPU s (user+sys) per GB of NAR | $ec s, $(pergb export_casnix_cpu) CPU s/GB ($(mib export_casnix_bytes) MiB, synced) | nix copy (Nix $(nix --version | awk '{ print $NF }')): $en s, $(pergb export_nix_cpu) CPU s/GB ($(mib export_nix_bytes) MiB, not synced; $(med export_nix_sync) s with a sync after) | $(ratio "$ec" "$en")× time, $(ratio "$(med export_casnix_cpu)" "$(med export_nix_cpu)")× CPU | ≤ 1.0× |"
 for n in 1 16; do
   st=$(med "http_static_$n") co=$(med "http_cold_$n") wa=$(med "http_warm_$n") no=$(med "http_none_$n")
   table+="
-| HTTP NAR download, $n client(s), zstd, cold (rendered + compressed on the fly, filling --http-cache): MB/s | $co | static file server: $st | $(ratio "$co" "$st")× | ≥ 0.8× |
-| HTTP NAR download, $n client(s), zstd, warm (sent from --http-cache): MB/s | $wa | static file server: $st | $(ratio "$wa" "$st")× | ≥ 0.8× |
-| HTTP NAR download, $n client(s), casnix --http-compression none (rendered, uncompressed): MB/s | $no | static file server (zstd): $st | $(ratio "$no" "$st")× | — |"
+| HTTP NAR download, $n client(s), zstd, cold (rendered, stored frames sent as they are, the rest compressed on the fly, filling --http-cache): MB/s; server CPU s per GB of NAR | $co, $(pergb "http_cold_${n}_cpu") CPU s/GB | static file server: $st, $(pergb "http_static_${n}_cpu") CPU s/GB | $(ratio "$co" "$st")× | ≥ 0.8× |
+| HTTP NAR download, $n client(s), zstd, warm (sent from --http-cache): MB/s; server CPU s per GB | $wa, $(pergb "http_warm_${n}_cpu") CPU s/GB | static file server: $st | $(ratio "$wa" "$st")× | ≥ 0.8× |
+| HTTP NAR download, $n client(s), casnix --http-compression none (rendered, uncompressed): MB/s; server CPU s per GB | $no, $(pergb "http_none_${n}_cpu") CPU s/GB | static file server (zstd): $st | $(ratio "$no" "$st")× | — |"
 done
 echo "$table"
 
@@ -177,14 +254,18 @@ section() {
   echo "<!-- bench/cache.sh: begin (rewritten by every cache.sh run) -->"
   echo "## Binary caches (\`bench/cache.sh\`)"
   echo
-  echo "Corpus \`$CORPUS\` ($NPATHS paths). Export: \`casnix export --compression zstd\` (level 3, every file"
-  echo "fsynced) vs \`nix copy --to file://…?compression=zstd\` (Nix $(nix --version | awk '{ print $NF }'), no fsync), wall time."
+  echo "Corpus \`$CORPUS\` ($NPATHS paths). Export: \`casnix export --compression zstd\` (stored zstd frames that are"
+  echo "exactly a run of a file's contents copied as they are, the rest at level 3; every file fsynced) vs \`nix copy --to"
+  echo "file://…?compression=zstd\` (Nix ${NIX234:-2.34 absent} in the sid root, and Nix $(nix --version | awk '{ print $NF }') on the host; no fsync), wall time"
+  echo "and CPU seconds (user+sys, the command and its children) per GB of NAR."
   echo "HTTP: every path fetched like a Nix substitution (narinfo, NAR file, decompress, SHA-256 check) by"
   echo "\`bench/cmd/cachebench get\` with N clients; anchor: a static file server (Go net/http, sendfile)"
   echo "serving the cache nix copy wrote. casnix cold: \`--http-cache\` emptied, each NAR rendered from its"
-  echo "chunks, compressed with zstd level 1 on the fly and written to the cache; warm: the same downloads"
+  echo "chunks, stored zstd frames holding exactly a run of a file's contents sent as they are, the rest compressed"
+  echo "with zstd level 1 on the fly, and written to the cache; warm: the same downloads"
   echo "again, sent from the cache files; none: rendered and sent uncompressed (\`--http-compression none\`)."
-  echo "Client, servers and compression share the machine's 2 cores."
+  echo "Client, servers and compression share the machine's 2 cores. Server CPU: the serving process's user+sys"
+  echo "seconds (from /proc) over the downloads, per GB of NAR."
   echo
   echo "- date: $(date -u +%F), commit $COMMIT, CPU: ${cpu:-unknown}, $(nproc) cores"
   echo "- busy: each timed step waited (up to ${QUIET_TIMEOUT} s) for the CPUs to be less than $QUIET_BUSY busy with other work; the busy fraction it started with is in the raw values (busy_*)"

@@ -363,6 +363,18 @@ func (c *hashOnly) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// renderTo writes the NAR of name through comp, closed at the end, and to
+// nar.
+func renderTo(ctx context.Context, st *store.Store, name string, comp io.WriteCloser, nar io.Writer) error {
+	if _, err := st.NarRender(ctx, name, io.MultiWriter(comp, nar)); err != nil {
+		return err
+	}
+	if err := comp.Close(); err != nil {
+		return fmt.Errorf("compress: %w", err)
+	}
+	return nil
+}
+
 // exportOne writes pi's NAR file (not yet synced: the committer does that
 // for many at once) and returns its size, the file still open (the
 // committer syncs through this descriptor and closes it) and its narinfo.
@@ -384,7 +396,9 @@ func (e *Exporter) exportOne(ctx context.Context, pi *store.PathInfo) (_ int64, 
 	}
 	bw := bufio.NewWriterSize(tmp, 256<<10)
 	file := &counter{w: bw, h: sha256.New()}
-	var comp io.WriteCloser
+	// The NAR is hashed on its way out: what the cache gets must be what
+	// the path-info (and its signatures) vouch for.
+	nar := &hashOnly{h: sha256.New()}
 	switch e.Compression {
 	case "zstd":
 		enc, _ := e.encoders.Get().(*zstd.Encoder)
@@ -397,24 +411,24 @@ func (e *Exporter) exportOne(ctx context.Context, pi *store.PathInfo) (_ int64, 
 				return 0, nil, nil, err
 			}
 		}
-		enc.Reset(file)
 		defer e.encoders.Put(enc)
-		comp = enc
+		// Stored frames go into the file as they are (zstdSplicer), at the
+		// level they were stored at: ingest's level 1, or repack's best.
+		if _, err := writeNARZstd(ctx, e.Store, pi.Name, enc, file, nar); err != nil {
+			return 0, nil, nil, fmt.Errorf("export %s: %w", full, err)
+		}
 	case "xz":
-		if comp, err = xz.NewWriter(file); err != nil {
+		comp, err := xz.NewWriter(file)
+		if err != nil {
 			return 0, nil, nil, fmt.Errorf("export %s: xz: %w", full, err)
 		}
+		if err := renderTo(ctx, e.Store, pi.Name, comp, nar); err != nil {
+			return 0, nil, nil, fmt.Errorf("export %s: %w", full, err)
+		}
 	default:
-		comp = nopCloser{file}
-	}
-	// The NAR is hashed on its way out: what the cache gets must be what
-	// the path-info (and its signatures) vouch for.
-	nar := &hashOnly{h: sha256.New()}
-	if _, err := e.Store.NarRender(ctx, pi.Name, io.MultiWriter(comp, nar)); err != nil {
-		return 0, nil, nil, fmt.Errorf("export %s: %w", full, err)
-	}
-	if err := comp.Close(); err != nil {
-		return 0, nil, nil, fmt.Errorf("export %s: compress: %w", full, err)
+		if err := renderTo(ctx, e.Store, pi.Name, nopCloser{file}, nar); err != nil {
+			return 0, nil, nil, fmt.Errorf("export %s: %w", full, err)
+		}
 	}
 	if nar.n != pi.NarSize || string(nar.h.Sum(nil)) != string(pi.NarHash[:]) {
 		return 0, nil, nil, fmt.Errorf("export %s: %w: the rendered NAR does not match the stored NAR hash", full, store.ErrHashMismatch)

@@ -63,6 +63,7 @@ type metrics struct {
 	requests map[[2]string]int64 // route, status → count
 	bytes    atomic.Int64
 	errors   atomic.Int64
+	verbatim atomic.Int64 // stored zstd frames sent as they are
 
 	// statsMu guards the store totals, apart from mu: the scan takes as
 	// long as SQLite needs under load, and every request counts itself
@@ -303,6 +304,7 @@ func (s *Server) serveNAR(w http.ResponseWriter, r *http.Request, file string) {
 	}
 	defer s.encoders.Put(enc)
 	bw := bufio.NewWriterSize(w, 128<<10)
+	var out io.Writer = bw
 	committed := false
 	if fill != nil {
 		// Whatever ends this response early (an error, a panic, the client
@@ -312,18 +314,14 @@ func (s *Server) serveNAR(w http.ResponseWriter, r *http.Request, file string) {
 				fill.abort()
 			}
 		}()
-		enc.Reset(io.MultiWriter(bw, fill))
-	} else {
-		enc.Reset(bw)
+		out = io.MultiWriter(bw, fill)
 	}
 	// Once the first bytes are out an error can only cut the response
 	// short; the client notices by the missing zstd frame end (and the NAR
 	// hash).
-	if _, err := s.Store.NarRender(r.Context(), pi.Name, enc); err != nil {
-		s.abort(w, r, err)
-		return
-	}
-	if err := enc.Close(); err != nil {
+	n, err := writeNARZstd(r.Context(), s.Store, pi.Name, enc, out, nil)
+	s.metrics.verbatim.Add(int64(n))
+	if err != nil {
 		s.abort(w, r, err)
 		return
 	}
@@ -479,6 +477,7 @@ func (s *Server) serveMetrics(ctx context.Context, w http.ResponseWriter) {
 	m.mu.Unlock()
 	fmt.Fprintf(&b, "# HELP casnix_http_sent_bytes_total Response body bytes sent.\n# TYPE casnix_http_sent_bytes_total counter\ncasnix_http_sent_bytes_total %d\n", m.bytes.Load())
 	fmt.Fprintf(&b, "# HELP casnix_http_errors_total Requests that failed on the server side.\n# TYPE casnix_http_errors_total counter\ncasnix_http_errors_total %d\n", m.errors.Load())
+	fmt.Fprintf(&b, "# HELP casnix_http_verbatim_frames_total Stored zstd frames sent as stored instead of recompressed.\n# TYPE casnix_http_verbatim_frames_total counter\ncasnix_http_verbatim_frames_total %d\n", m.verbatim.Load())
 	fmt.Fprintf(&b, "# HELP casnix_store_paths Valid store paths.\n# TYPE casnix_store_paths gauge\ncasnix_store_paths %d\n", paths)
 	fmt.Fprintf(&b, "# HELP casnix_store_nar_bytes Logical NAR bytes of the valid paths.\n# TYPE casnix_store_nar_bytes gauge\ncasnix_store_nar_bytes %d\n", narBytes)
 	// Process gauges, so a soak or an operator can see leaks from outside:

@@ -36,6 +36,7 @@ type frameEntry struct {
 	id    int64
 	ready chan struct{}
 	data  []byte
+	zsum  zsum // of the compressed bytes data was decoded from
 	err   error
 	size  int64
 	refs  int  // guarded by frameCache.mu

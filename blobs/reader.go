@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"io"
 	"sort"
 	"sync"
@@ -28,7 +29,7 @@ func (s *Store) frame(f db.Frame) (*frameEntry, error) {
 		fill = true
 	}
 	if fill {
-		e.data, e.err = s.decodeFrame(f)
+		e.data, e.zsum, e.err = s.decodeFrameSum(f)
 		s.cache.done(e)
 	} else {
 		<-e.ready
@@ -66,7 +67,7 @@ func (s *Store) prefetch(f db.Frame) {
 			return // a reader decodes it
 		}
 		backgroundDecodes.Add(1)
-		e.data, e.err = s.decodeFrame(f)
+		e.data, e.zsum, e.err = s.decodeFrameSum(f)
 		if e.err == nil {
 			// Hash the frame's chunks here, off the reader's goroutine:
 			// on one goroutine the checks took about half of a large
@@ -91,25 +92,43 @@ var prehashedFrames atomic.Int64
 var backgroundDecodes atomic.Int64
 
 func (s *Store) decodeFrame(f db.Frame) ([]byte, error) {
+	out, _, err := s.decodeFrameSum(f)
+	return out, err
+}
+
+// decodeFrameSum decodes frame f and also returns the CRC-32C of the
+// compressed bytes it decoded (ok == false on error), which WriteFramesTo
+// uses to bind the stored bytes it sends to the decoded bytes it checked.
+// The CRC costs little next to the decode (hardware CRC-32C).
+func (s *Store) decodeFrameSum(f db.Frame) (_ []byte, _ zsum, err error) {
 	frameDecodes.Add(1)
 	r, err := s.reader(f.Pack)
 	if err != nil {
-		return nil, err
+		return nil, zsum{}, err
 	}
 	comp := getBuf(int(f.CLen))[:f.CLen]
 	defer putBuf(comp)
 	if _, err := r.ReadAt(comp, f.DataOff); err != nil {
-		return nil, fmt.Errorf("read pack %d offset %d: %w", f.Pack, f.DataOff, err)
+		return nil, zsum{}, fmt.Errorf("read pack %d offset %d: %w", f.Pack, f.DataOff, err)
 	}
 	out, err := s.dec.DecodeAll(comp, getFrameBuf(f.RawLen))
 	if err != nil {
-		return nil, fmt.Errorf("%w: pack %d frame at %d: %v", ErrCorrupt, f.Pack, f.Offset, err)
+		return nil, zsum{}, fmt.Errorf("%w: pack %d frame at %d: %v", ErrCorrupt, f.Pack, f.Offset, err)
 	}
 	if int64(len(out)) != f.RawLen {
-		return nil, fmt.Errorf("%w: pack %d frame at %d: %d bytes, index says %d", ErrCorrupt, f.Pack, f.Offset, len(out), f.RawLen)
+		return nil, zsum{}, fmt.Errorf("%w: pack %d frame at %d: %d bytes, index says %d", ErrCorrupt, f.Pack, f.Offset, len(out), f.RawLen)
 	}
-	return out, nil
+	return out, zsum{crc: crc32.Checksum(comp, castagnoli), ok: true}, nil
 }
+
+// zsum is the CRC-32C of the compressed bytes a frame cache entry was
+// decoded from.
+type zsum struct {
+	crc uint32
+	ok  bool
+}
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
 // chunkRef is one chunk of a blob and its offset in the blob.
 type chunkRef struct {

@@ -113,7 +113,7 @@ type ExportCmd struct {
 	To          string   `name:"to" required:"" placeholder:"file:///DIR" help:"The binary cache directory (created if missing)."`
 	All         bool     `name:"all" help:"Export every valid path."`
 	Compression string   `name:"compression" default:"zstd" enum:"zstd,xz,none" help:"NAR compression (${enum})."`
-	Level       int      `name:"level" default:"3" help:"zstd level (1 fastest, 3 default, 7 better, 11 best)."`
+	Level       int      `name:"level" default:"3" help:"zstd level (1 fastest, 3 default, 7 better, 11 best) of what is compressed; stored frames holding exactly a run of a file are copied as stored (level 1 from imports, 11 after repack)."`
 	SignKey     string   `name:"sign-key" type:"path" placeholder:"FILE" help:"Sign every exported path with this Nix secret key file."`
 	Jobs        int      `name:"jobs" short:"j" help:"Paths exported at once (default: the number of CPUs)."`
 	Paths       []string `arg:"" optional:"" name:"paths" help:"Store paths whose closures to export."`

@@ -38,6 +38,29 @@ type BatchSource interface {
 	OpenBlobs(ctx context.Context, ds []digest.Digest) (blobs []Blob, errs []error, err error)
 }
 
+// FrameWriter is a writer that can take a whole stored frame of a file's
+// contents at once (see blobs.FrameWriter, the same type): WriteFrame(raw,
+// stored) writes raw, and a zstd writer may send stored, raw compressed as
+// a complete zstd frame, instead of compressing raw again. When the writer
+// given to Render is one, Render hands it the frames of blobs that are
+// FramedBlobs.
+type FrameWriter = interface {
+	Write(p []byte) (int, error)
+	WriteFrame(raw, stored []byte) (int, error)
+}
+
+// FramedBlob is a Blob that can write itself as whole stored frames where
+// its contents are exactly a frame's (blobs.BlobReader).
+type FramedBlob interface {
+	Blob
+	WriteFramesTo(w FrameWriter) (int64, error)
+}
+
+// framedMin is the smallest file whose stored frames Render hands to a
+// FrameWriter: a smaller one saves little compression, and each file so
+// handled costs a flush of Render's buffer (small writes downstream).
+const framedMin = 128 << 10
+
 // BlobBatch is how many files Render opens per OpenBlobs call.
 const BlobBatch = 32
 
@@ -45,7 +68,8 @@ const BlobBatch = 32
 // number of bytes written.
 func Render(ctx context.Context, w io.Writer, root castore.Node, src Source) (int64, error) {
 	cw := &countWriter{w: w}
-	r := &renderer{ctx: ctx, w: bufio.NewWriterSize(cw, 256<<10), src: src}
+	cw.fw, _ = w.(FrameWriter)
+	r := &renderer{ctx: ctx, w: bufio.NewWriterSize(cw, 256<<10), src: src, cw: cw}
 	if bs, ok := src.(BatchSource); ok {
 		r.walk = newWalker(ctx, bs, root)
 	}
@@ -60,8 +84,15 @@ func Render(ctx context.Context, w io.Writer, root castore.Node, src Source) (in
 }
 
 type countWriter struct {
-	w io.Writer
-	n int64
+	w  io.Writer
+	fw FrameWriter // w, if it takes frames
+	n  int64
+}
+
+func (c *countWriter) WriteFrame(raw, stored []byte) (int, error) {
+	n, err := c.fw.WriteFrame(raw, stored)
+	c.n += int64(n)
+	return n, err
 }
 
 func (c *countWriter) Write(p []byte) (int, error) {
@@ -75,6 +106,7 @@ type renderer struct {
 	w   *bufio.Writer
 	src Source
 	num [8]byte
+	cw  *countWriter // under w
 
 	// walk loads directories and opens blobs ahead of the render, for a
 	// BatchSource.
@@ -168,7 +200,14 @@ func (r *renderer) contents(n castore.Node) error {
 			return fmt.Errorf("blob %s has %d bytes, tree says %d", n.Digest, b.Size(), n.Size)
 		}
 		var got int64
-		if wt, ok := b.(io.WriterTo); ok {
+		if fb, ok := b.(FramedBlob); ok && r.cw.fw != nil && n.Size >= framedMin {
+			// The contents go past the buffer, whole frames as stored:
+			// what is buffered goes first.
+			if err := r.w.Flush(); err != nil {
+				return fmt.Errorf("write: %w", err)
+			}
+			got, err = fb.WriteFramesTo(r.cw)
+		} else if wt, ok := b.(io.WriterTo); ok {
 			// Hands chunk slices straight to the writer (no copy through
 			// a read buffer).
 			got, err = wt.WriteTo(r.w)

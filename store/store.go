@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"hash"
+	"io"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -444,7 +445,11 @@ func (s *Store) NarRender(ctx context.Context, name string, w interface{ Write([
 		return 0, err
 	}
 	cw := &checkedWriter{w: w, h: sha256.New()}
-	if _, err := nar.Render(ctx, cw, pi.Root, source{s}); err != nil {
+	var rw io.Writer = cw
+	if fw, ok := w.(nar.FrameWriter); ok {
+		rw = checkedFrameWriter{cw, fw}
+	}
+	if _, err := nar.Render(ctx, rw, pi.Root, source{s}); err != nil {
 		return cw.n, s.renderError(ctx, name, err)
 	}
 	if err := cw.finish(pi.NarHash, pi.NarSize); err != nil {
@@ -513,6 +518,28 @@ func (c *checkedWriter) write(b []byte) error {
 	n, err := c.w.Write(b)
 	c.n += int64(n)
 	return err
+}
+
+// checkedFrameWriter is a checkedWriter whose writer takes whole stored
+// frames (nar.FrameWriter): their decoded bytes are hashed like any other,
+// and they are never held back, since a file's contents are never among a
+// NAR's last narHeld bytes (the file node's ")" and its parents' follow),
+// so the NAR's end is still what finish holds.
+type checkedFrameWriter struct {
+	*checkedWriter
+	fw nar.FrameWriter
+}
+
+func (c checkedFrameWriter) WriteFrame(raw, stored []byte) (int, error) {
+	c.h.Write(raw)
+	c.size += int64(len(raw))
+	if err := c.write(c.held); err != nil {
+		return 0, err
+	}
+	c.held = c.held[:0]
+	n, err := c.fw.WriteFrame(raw, stored)
+	c.n += int64(n)
+	return n, err
 }
 
 // finish checks what was written against hash and size, and only then

@@ -1,11 +1,14 @@
 package tests
 
 import (
+	"fmt"
 	"io"
+	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -157,6 +160,17 @@ func TestCacheRoundTrip(t *testing.T) {
 // TestCacheServeHTTP: real Nix substitutes from `casnix serve --http`, signatures checked.
 func TestCacheServeHTTP(t *testing.T) {
 	f := nixtest.PopulateFixture(t)
+	// A path with one 20 MiB file: ingest stores it in 4 MiB frames that
+	// hold nothing else, which the server sends as they are stored, the
+	// NAR's framing compressed around them (a stream of several frames).
+	bigDir := filepath.Join(t.TempDir(), "big-file")
+	if err := os.MkdirAll(bigDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(bigDir, "data"), textLike(20<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	big := strings.TrimSpace(string(f.Store.NixStore(t, "--add", bigDir)))
 	c := nixtest.NewCasnix(t)
 	c.ImportFromNixStore(t, f.Store)
 	key, pub := cacheKey(t, f.Store, "casnix-serve-1")
@@ -176,6 +190,29 @@ func TestCacheServeHTTP(t *testing.T) {
 	}
 	sameInfos(t, got, map[string]nixtest.PathInfo{top: want[top], fod: want[fod]})
 	dst.Nix(t, append([]string{"store", "verify", "--all", "--sigs-needed", "1"}, requireSigs(pub)...)...)
+
+	// The path with a large file, through every Nix version: libzstd's
+	// streaming decoder (through libarchive in 2.8) continues across the
+	// stored frames. A second server on the same data dir, without
+	// --http-cache, renders the NAR for each of them (the cache would send
+	// the later ones the same bytes from its file).
+	_, coldURL := c.ServeHTTP(t, "--sign-key", key)
+	for _, suite := range nixtest.ClientSuites {
+		t.Run("large file/"+suite, func(t *testing.T) {
+			cl := nixtest.RequireNixClient(t, suite)
+			dest := "local?root=" + filepath.Join(cl.TempDir(t), "dst")
+			cl.Run(t, append([]string{"nix", "copy", "--from", coldURL, "--to", dest, big}, requireSigs(pub)...)...)
+			cl.Run(t, append([]string{"nix", "store", "verify", "--store", dest, "--sigs-needed", "1", big}, requireSigs(pub)...)...)
+			t.Logf("Nix %s copied and verified %s", cl.Version(t), big)
+		})
+	}
+	sameInfos(t, c.ValidPaths(t, []string{big}), map[string]nixtest.PathInfo{big: want[big]})
+	m := regexp.MustCompile(`(?m)^casnix_http_verbatim_frames_total (\d+)$`).FindStringSubmatch(string(nixtest.HTTPGet(t, coldURL+"/metrics")))
+	if n := 0; m == nil {
+		t.Error("/metrics lacks casnix_http_verbatim_frames_total")
+	} else if fmt.Sscan(m[1], &n); n < 5*len(nixtest.ClientSuites) {
+		t.Errorf("%d stored frames sent verbatim, want at least the 5 of the 20 MiB file per client", n)
+	}
 
 	// The NARs are cached now: a second copy is served from the cache files.
 	if ents, _ := os.ReadDir(narCache); len(ents) < len(closure) {
@@ -245,4 +282,22 @@ func TestCacheServeHTTP(t *testing.T) {
 			t.Errorf("/metrics lacks %s:\n%s", want, metrics)
 		}
 	}
+}
+
+// textLike returns n bytes of seeded random-ish but compressible data (mostly
+// 8 to 16 letters, some newlines): zstd halves it, so its frames hold real
+// compressed blocks.
+func textLike(n int) []byte {
+	r := rand.New(rand.NewPCG(1, 2))
+	b := make([]byte, n)
+	for i := range b {
+		if v := r.IntN(64); v < 16 {
+			b[i] = byte('a' + v)
+		} else if v == 63 {
+			b[i] = '\n'
+		} else {
+			b[i] = byte('a' + v%8)
+		}
+	}
+	return b
 }
