@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/casnix/casnix/fusefs"
+	"github.com/casnix/casnix/store"
 )
 
 // mountLazy mounts st at a new directory as `serve --lazy --mount` does.
@@ -220,5 +222,43 @@ func TestLazyLookupFlood(t *testing.T) {
 	}
 	if n := srv.n("/" + pathX[:32] + ".narinfo"); n != 1 {
 		t.Fatalf("%d narinfo requests", n)
+	}
+}
+
+// TestLazyUpstreamErrors: a narinfo request that fails is an error of the
+// query (not "not valid") and of Ensure (not "no such path"); once the
+// upstream answers again, the path is valid and fetched.
+func TestLazyUpstreamErrors(t *testing.T) {
+	f := newFixture(t)
+	srv := serve(t, f.cache(t, f.key))
+	var failing atomic.Bool
+	failing.Store(true)
+	srv.hook = func(w http.ResponseWriter, r *http.Request, n int) bool {
+		if failing.Load() && strings.HasSuffix(r.URL.Path, ".narinfo") {
+			http.Error(w, "down", http.StatusInternalServerError)
+			return true
+		}
+		return false
+	}
+	dst := openStore(t)
+	s := newSubst(t, dst, []string{srv.URL}, Options{Keys: f.pub, Retries: -1})
+	l := s.Lazy(true, 0)
+	t.Cleanup(l.Close)
+	ctx := context.Background()
+	if _, err := l.Info(ctx, pathA); err == nil || errors.Is(err, store.ErrNotValid) {
+		t.Fatalf("Info with the upstream failing: %v", err)
+	}
+	if v, err := l.Valid(ctx, []string{pathA}); err == nil {
+		t.Fatalf("Valid with the upstream failing: %v", v)
+	}
+	if err := l.Ensure(ctx, pathA); err == nil || errors.Is(err, ErrNoSubstitute) {
+		t.Fatalf("Ensure with the upstream failing: %v", err)
+	}
+	failing.Store(false)
+	if pi, err := l.Info(ctx, pathB); err != nil || !slices.Equal(pi.References, []string{pathA}) {
+		t.Fatalf("Info: %v %v", pi, err)
+	}
+	if err := l.Ensure(ctx, pathB); err != nil || !valid(t, dst, pathA) || !valid(t, dst, pathB) {
+		t.Fatalf("Ensure: %v", err)
 	}
 }
