@@ -159,3 +159,24 @@ func TestLazyStore(t *testing.T) {
 		t.Fatal("unsigned upstream path has path-info")
 	}
 }
+
+// TestLazyAddFetchesReferences: a path added over a lazy store may refer
+// to paths only the upstream has (the client was told they are valid and
+// does not send them): they are fetched before the add.
+func TestLazyAddFetchesReferences(t *testing.T) {
+	dir, pub := upstreamCache(t, true)
+	f := newFixture(t, withLazy(t, dir, pub), func(s *Server) { s.Trusted = func(uint32, uint32) bool { return true } })
+	cl := f.connect(t, 38)
+	data := treeNAR(t, "refers to up-b")
+	if err := cl.addToStoreNar(narInfo{name: testC, refs: []string{upB}, dontCheckSigs: true}, data); err != nil {
+		t.Fatal(err)
+	}
+	if !f.valid(t, testC, upB, upA) {
+		t.Fatal("the reference's closure was not fetched")
+	}
+	// A reference nobody has still fails the add.
+	err := cl.addToStoreNar(narInfo{name: "dddddddddddddddddddddddddddddddd-d", refs: []string{upX}, dontCheckSigs: true}, data)
+	if err == nil || !strings.Contains(err.Error(), upX) {
+		t.Fatalf("add referring to a path nobody has: %v", err)
+	}
+}
