@@ -19,7 +19,7 @@ import (
 )
 
 // mountLazy mounts st at a new directory as `serve --lazy --mount` does.
-func mountLazy(t *testing.T, l *Lazy, st interface{ fusefs.Store }) string {
+func mountLazy(t *testing.T, l *Lazy, st *store.Store) string {
 	t.Helper()
 	if _, err := os.Stat("/dev/fuse"); err != nil || os.Geteuid() != 0 {
 		if os.Getenv("CI") == "true" {
@@ -28,7 +28,7 @@ func mountLazy(t *testing.T, l *Lazy, st interface{ fusefs.Store }) string {
 		t.Skip("needs root and /dev/fuse")
 	}
 	mnt := t.TempDir()
-	srv, err := fusefs.Mount(mnt, st, fusefs.Options{ListRoot: true, Fetch: func(_ context.Context, name string) error {
+	srv, err := fusefs.Mount(mnt, st, fusefs.Options{ListRoot: true, Deletions: st.Deletions, Fetch: func(_ context.Context, name string) error {
 		err := l.Ensure(context.Background(), name)
 		if errors.Is(err, ErrNoSubstitute) {
 			return fmt.Errorf("%w: %v", fusefs.ErrNotFound, err)
@@ -260,5 +260,51 @@ func TestLazyUpstreamErrors(t *testing.T) {
 	}
 	if err := l.Ensure(ctx, pathB); err != nil || !valid(t, dst, pathA) || !valid(t, dst, pathB) {
 		t.Fatalf("Ensure: %v", err)
+	}
+}
+
+// TestLazyRefetchAfterGC: a collection during the grace period keeps what
+// a lookup fetched; afterwards it may delete it, and the next lookup
+// fetches it again.
+func TestLazyRefetchAfterGC(t *testing.T) {
+	f := newFixture(t)
+	srv := serve(t, f.cache(t, f.key))
+	dst := openStore(t)
+	s := newSubst(t, dst, []string{srv.URL}, Options{Keys: f.pub})
+	const grace = 300 * time.Millisecond
+	l := s.Lazy(true, grace)
+	t.Cleanup(l.Close)
+	mnt := mountLazy(t, l, dst)
+	file := filepath.Join(mnt, pathB, "sub", "x")
+	if _, err := os.ReadFile(file); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	res, err := dst.GC(ctx, store.GCOptions{Action: store.GCDeleteDead})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Paths) != 0 {
+		t.Fatalf("a collection in the grace period deleted %v", res.Paths)
+	}
+	time.Sleep(2*grace + 100*time.Millisecond)
+	res, err = dst.GC(ctx, store.GCOptions{Action: store.GCDeleteDead})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(res.Paths, []string{pathA, pathB}) {
+		t.Fatalf("the collection after the grace period deleted %v", res.Paths)
+	}
+	// The mount invalidates the deleted entries within a second or so;
+	// then a lookup fetches the closure again.
+	for deadline := time.Now().Add(10 * time.Second); !valid(t, dst, pathB); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("not fetched again after its collection")
+		}
+		os.Stat(filepath.Join(mnt, pathB))
+	}
+	got, err := os.ReadFile(file)
+	if err != nil || string(got) != "#!/bin/sh\n"+pathA {
+		t.Fatalf("read after refetch: %q %v", got, err)
 	}
 }
