@@ -54,6 +54,7 @@ func TestLazyLocalOverlayStore(t *testing.T) {
 		t.Run(suite, func(t *testing.T) {
 			r := nixtest.RequireRoot(t, suite)
 			bin := nixtest.CasnixBinary(t)
+			t.Logf("Nix %s", r.NixVersion(t))
 			if err := os.WriteFile(r.HostPath("/tmp/l.nix"), []byte(lazyNix), 0o644); err != nil {
 				t.Fatal(err)
 			}
