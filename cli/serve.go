@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/casnix/casnix/fusefs"
+	"github.com/casnix/casnix/loglimit"
 	"github.com/casnix/casnix/proto"
 	"github.com/casnix/casnix/store"
 	"github.com/casnix/casnix/subst"
@@ -417,8 +418,11 @@ func lazyFetch(g *Globals, l *subst.Lazy) func(context.Context, string) error {
 			return fmt.Errorf("%w: %v", fusefs.ErrNotFound, err)
 		}
 		if err != nil {
-			g.Logger.Warn("lazy fetch failed", "path", name, "err", err)
+			// Any user can cause one per lookup while an upstream fails.
+			lazyWarnings.Warn(g.Logger, "lazy fetch failed", "path", name, "err", err)
 		}
 		return err
 	}
 }
+
+var lazyWarnings loglimit.Limiter

@@ -215,9 +215,11 @@ func (r *rootNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) 
 	}
 	n, err := r.fs.st.Root(ctx, name)
 	if errors.Is(err, store.ErrNotValid) && r.fs.opts.Fetch != nil {
-		n, err = r.fetch(name)
-	}
-	if err != nil {
+		var errno syscall.Errno
+		if n, errno = r.fetch(name); errno != 0 {
+			return nil, errno
+		}
+	} else if err != nil {
 		return nil, r.fs.errno("lookup", err)
 	}
 	return newChild(ctx, &r.Inode, r.fs, name, n, out), 0
@@ -229,15 +231,21 @@ func (r *rootNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) 
 // included), which must not fail a fetch that is nearly done. Each lookup
 // waits in its own goroutine (go-fuse serves requests concurrently), so a
 // slow fetch holds up only the lookups of its path.
-func (r *rootNode) fetch(name string) (castore.Node, error) {
+//
+// A failed fetch is EIO whatever went wrong, and is not logged here: any
+// user can cause one per lookup, so Fetch logs at the rate it chooses.
+func (r *rootNode) fetch(name string) (castore.Node, syscall.Errno) {
 	if err := r.fs.opts.Fetch(context.Background(), name); err != nil {
 		if errors.Is(err, ErrNotFound) {
-			return castore.Node{}, fmt.Errorf("%w: %s", store.ErrNotValid, err)
+			return castore.Node{}, syscall.ENOENT
 		}
-		// Not wrapped: whatever went wrong, a failed fetch is EIO.
-		return castore.Node{}, fmt.Errorf("fetch %s: %v", name, err)
+		return castore.Node{}, syscall.EIO
 	}
-	return r.fs.st.Root(context.Background(), name)
+	n, err := r.fs.st.Root(context.Background(), name)
+	if err != nil {
+		return castore.Node{}, r.fs.errno("lookup", err)
+	}
+	return n, 0
 }
 
 func newChild(ctx context.Context, parent *fs.Inode, f *fsys, path string, n castore.Node, out *fuse.EntryOut) *fs.Inode {

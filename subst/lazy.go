@@ -30,6 +30,7 @@ type Lazy struct {
 
 	mu        sync.Mutex
 	cur, prev *store.TempRoots
+	closed    bool
 	stop      chan struct{}
 	done      chan struct{}
 }
@@ -81,24 +82,26 @@ func (l *Lazy) Close() {
 			r.Close()
 		}
 	}
-	l.cur, l.prev = nil, nil
+	l.cur, l.prev, l.closed = nil, nil, true
 }
 
+// root adds name to the current generation. The lock is held across Add
+// so a rotation cannot close the generation under it; Add waits only
+// while a collection sweeps, which any fetch would wait for too.
 func (l *Lazy) root(ctx context.Context, name string) error {
 	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return errors.New("lazy store closed")
+	}
 	if l.cur == nil {
 		r, err := l.s.st.NewTempRoots()
 		if err != nil {
-			l.mu.Unlock()
 			return err
 		}
 		l.cur = r
 	}
-	r := l.cur
-	l.mu.Unlock()
-	// A rotation closing r between here and Add makes Add fail: the
-	// caller's lookup fails and a retry roots it in the next generation.
-	return r.Add(ctx, name)
+	return l.cur.Add(ctx, name)
 }
 
 // lookup is find with the lazy store's signature rule, where a narinfo
