@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"runtime"
@@ -21,7 +22,7 @@ type MountFlags struct {
 	FuseDebug  bool `name:"fuse-debug" env:"CASNIX_FUSE_DEBUG" hidden:"" help:"Log every FUSE request."`
 }
 
-func (m *MountFlags) mount(g *Globals, st *store.Store, dir string) (*fuse.Server, error) {
+func (m *MountFlags) mount(g *Globals, st *store.Store, dir string, fetch func(context.Context, string) error) (*fuse.Server, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("create mount point: %w", err)
 	}
@@ -44,7 +45,7 @@ func (m *MountFlags) mount(g *Globals, st *store.Store, dir string) (*fuse.Serve
 	}
 	return fusefs.Mount(dir, st, fusefs.Options{
 		ListRoot: m.ListRoot, AllowOther: allow, Logger: g.Logger, Debug: m.FuseDebug,
-		Deletions: st.Deletions,
+		Deletions: st.Deletions, Fetch: fetch,
 	})
 }
 
@@ -89,7 +90,7 @@ func (c *MountCmd) Run(g *Globals) error {
 		return err
 	}
 	defer st.Close()
-	srv, err := c.mount(g, st, c.Dir)
+	srv, err := c.mount(g, st, c.Dir, nil)
 	if err != nil {
 		return err
 	}

@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/casnix/casnix/fusefs"
+	"github.com/casnix/casnix/loglimit"
 	"github.com/casnix/casnix/proto"
 	"github.com/casnix/casnix/store"
 	"github.com/casnix/casnix/subst"
@@ -35,6 +37,7 @@ type ServeCmd struct {
 	HandshakeTimeout time.Duration `name:"handshake-timeout" env:"CASNIX_HANDSHAKE_TIMEOUT" default:"30s" help:"Close connections that do not finish the handshake in time."`
 	StallTimeout     time.Duration `name:"stall-timeout" env:"CASNIX_STALL_TIMEOUT" default:"5m" help:"Close connections that stall this long in the middle of an operation."`
 	Mount            string        `name:"mount" env:"CASNIX_MOUNT" placeholder:"DIR" help:"Also mount the store read-only at DIR (FUSE), in the same process: the whole lower store of a Local Overlay Store."`
+	Lazy             bool          `name:"lazy" env:"CASNIX_LAZY" help:"Lazy lower store (needs --substituters and --mount): paths an upstream has, validly signed, are answered for as if present (path-info from the narinfo), and fetched with their closure when first looked up in the mount (or read over the daemon). For a Local Overlay Store, which never asks its lower store to substitute."`
 	MountFlags
 	HTTPFlags
 	MemoryLimit     string        `name:"memory-limit" env:"CASNIX_MEMORY_LIMIT" default:"auto" placeholder:"BYTES" help:"Soft limit on the daemon's Go memory (GOMEMLIMIT, which overrides it): the garbage collector works harder near it, and the decoded-frame cache gets 40% of it. auto: 1/16 of the machine's (or the container's) memory, at least 128 MiB and at most 2 GiB. The process maps about 75 MiB more that it never touches (Go runtime tables)."`
@@ -69,6 +72,9 @@ func DefaultSocket(dataDir string) string {
 
 // Run serves until interrupted.
 func (c *ServeCmd) Run(g *Globals) error {
+	if err := c.checkLazy(); err != nil {
+		return err
+	}
 	if g.ZstdLevel == 0 {
 		g.ZstdLevel = ServeWriteLevel
 	}
@@ -107,6 +113,11 @@ func (c *ServeCmd) Run(g *Globals) error {
 		}
 		defer sub.Close()
 		srv.Subst = sub
+		if c.Lazy {
+			// Closed before the substituter (defers run last first).
+			srv.Lazy = sub.Lazy(c.RequireSigs, 0)
+			defer srv.Lazy.Close()
+		}
 	}
 	maxSize, err := parseSize(c.MaxSize)
 	if err != nil {
@@ -167,7 +178,11 @@ func (c *ServeCmd) Run(g *Globals) error {
 	// still ours); Serve closes it at the first signal.
 	defer ln.Close()
 	if c.Mount != "" {
-		fsrv, err := c.mount(g, st, c.Mount)
+		var fetch func(context.Context, string) error
+		if srv.Lazy != nil {
+			fetch = lazyFetch(g, srv.Lazy)
+		}
+		fsrv, err := c.mount(g, st, c.Mount, fetch)
 		if err != nil {
 			return err
 		}
@@ -402,3 +417,35 @@ func memoryLimit(flag string, machine int64) (int64, error) {
 	}
 	return parseSize(flag)
 }
+
+// checkLazy refuses a --lazy that could not work: with nowhere to fetch
+// from, or no mount to fetch on first use (--stdio and --http-only serve
+// no mount).
+func (c *ServeCmd) checkLazy() error {
+	if !c.Lazy {
+		return nil
+	}
+	if len(substituterURLs(c.Substituters)) == 0 || c.Mount == "" || c.Stdio || c.HTTPOnly {
+		return errors.New("--lazy needs --substituters (where paths come from) and --mount (where they are fetched on first use), and neither --stdio nor --http-only")
+	}
+	return nil
+}
+
+// lazyFetch is the mount's Fetch under --lazy: it fetches on the daemon's
+// context (so shutting down ends it), and reports a path no upstream has
+// as not found.
+func lazyFetch(g *Globals, l *subst.Lazy) func(context.Context, string) error {
+	return func(_ context.Context, name string) error {
+		err := l.Ensure(g.Ctx, name)
+		if errors.Is(err, subst.ErrNoSubstitute) {
+			return fmt.Errorf("%w: %v", fusefs.ErrNotFound, err)
+		}
+		if err != nil {
+			// Any user can cause one per lookup while an upstream fails.
+			lazyWarnings.Warn(g.Logger, "lazy fetch failed", "path", name, "err", err)
+		}
+		return err
+	}
+}
+
+var lazyWarnings loglimit.Limiter

@@ -132,3 +132,23 @@ func TestMemoryLimit(t *testing.T) {
 		t.Errorf("machineMemory() = %d, want the memory of this machine", m)
 	}
 }
+
+// TestCheckLazy: --lazy needs substituters and a mount.
+func TestCheckLazy(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		cmd  ServeCmd
+		ok   bool
+	}{
+		{"off", ServeCmd{}, true},
+		{"substituters and mount", ServeCmd{Lazy: true, Substituters: []string{"http://c"}, Mount: "/m"}, true},
+		{"no substituters", ServeCmd{Lazy: true, Mount: "/m"}, false},
+		{"blank substituters", ServeCmd{Lazy: true, Substituters: []string{" "}, Mount: "/m"}, false},
+		{"no mount", ServeCmd{Lazy: true, Substituters: []string{"http://c"}}, false},
+		{"stdio", ServeCmd{Lazy: true, Substituters: []string{"http://c"}, Mount: "/m", Stdio: true}, false},
+	} {
+		if err := tc.cmd.checkLazy(); (err == nil) != tc.ok {
+			t.Errorf("%s: %v", tc.name, err)
+		}
+	}
+}

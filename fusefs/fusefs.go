@@ -58,7 +58,16 @@ type Options struct {
 	// deleted paths, in any process). The mount polls it and invalidates
 	// the kernel's cached entries of paths that are gone.
 	Deletions func() (uint64, error)
+	// Fetch, if set, makes a lazy mount: a lookup at the root of a name
+	// the store lacks calls it to fetch the path (and its closure) and
+	// then looks again. It returns an error wrapping ErrNotFound when
+	// nobody has the path (ENOENT); any other error is EIO. A failure is
+	// not remembered: the next lookup calls Fetch again.
+	Fetch func(ctx context.Context, name string) error
 }
+
+// ErrNotFound is what Options.Fetch returns (wrapped) for a path nobody has.
+var ErrNotFound = errors.New("no such store path")
 
 // contentTimeout is how long the kernel may cache what never changes.
 const contentTimeout = 24 * time.Hour
@@ -205,10 +214,38 @@ func (r *rootNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) 
 		return nil, syscall.ENOENT // "..", "/", over-long or not a store path name
 	}
 	n, err := r.fs.st.Root(ctx, name)
-	if err != nil {
+	if errors.Is(err, store.ErrNotValid) && r.fs.opts.Fetch != nil {
+		var errno syscall.Errno
+		if n, errno = r.fetch(name); errno != 0 {
+			return nil, errno
+		}
+	} else if err != nil {
 		return nil, r.fs.errno("lookup", err)
 	}
 	return newChild(ctx, &r.Inode, r.fs, name, n, out), 0
+}
+
+// fetch has a lazy mount's missing path fetched and looks it up again.
+// The request's context is not used: the kernel interrupts a request when
+// the looking-up thread gets any signal (Go's preemption signals
+// included), which must not fail a fetch that is nearly done. Each lookup
+// waits in its own goroutine (go-fuse serves requests concurrently), so a
+// slow fetch holds up only the lookups of its path.
+//
+// A failed fetch is EIO whatever went wrong, and is not logged here: any
+// user can cause one per lookup, so Fetch logs at the rate it chooses.
+func (r *rootNode) fetch(name string) (castore.Node, syscall.Errno) {
+	if err := r.fs.opts.Fetch(context.Background(), name); err != nil {
+		if errors.Is(err, ErrNotFound) {
+			return castore.Node{}, syscall.ENOENT
+		}
+		return castore.Node{}, syscall.EIO
+	}
+	n, err := r.fs.st.Root(context.Background(), name)
+	if err != nil {
+		return castore.Node{}, r.fs.errno("lookup", err)
+	}
+	return n, 0
 }
 
 func newChild(ctx context.Context, parent *fs.Inode, f *fsys, path string, n castore.Node, out *fuse.EntryOut) *fs.Inode {

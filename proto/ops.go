@@ -12,6 +12,7 @@ import (
 
 	"github.com/casnix/casnix/db"
 	"github.com/casnix/casnix/store"
+	"github.com/casnix/casnix/subst"
 )
 
 // Op codes (worker-protocol.hh).
@@ -255,12 +256,25 @@ func (c *conn) isValidPath() error {
 		return err
 	}
 	ok, err := c.s.Store.IsValid(c.ctx, name)
+	if err == nil && !ok && c.s.Lazy != nil {
+		var v map[string]bool
+		v, err = c.s.Lazy.Valid(c.ctx, []string{name})
+		ok = v[name]
+	}
 	if err != nil {
 		return c.storeErr(err)
 	}
 	c.last()
 	c.w.boolean(ok)
 	return nil
+}
+
+// info is the path-info of name; under a lazy store, an upstream's too.
+func (c *conn) info(name string) (*store.PathInfo, error) {
+	if c.s.Lazy != nil {
+		return c.s.Lazy.Info(c.ctx, name)
+	}
+	return c.s.Store.Info(c.ctx, name)
 }
 
 // pathSetQuery answers ops that map one path to a set of paths.
@@ -298,13 +312,23 @@ func (c *conn) queryValidPaths() error {
 		}
 	}
 	var valid []string
-	for _, n := range names {
-		ok, err := c.s.Store.IsValid(c.ctx, n)
+	if c.s.Lazy != nil {
+		v, err := c.s.Lazy.Valid(c.ctx, names)
 		if err != nil {
 			return c.storeErr(err)
 		}
-		if ok {
+		for n := range v {
 			valid = append(valid, n)
+		}
+	} else {
+		for _, n := range names {
+			ok, err := c.s.Store.IsValid(c.ctx, n)
+			if err != nil {
+				return c.storeErr(err)
+			}
+			if ok {
+				valid = append(valid, n)
+			}
 		}
 	}
 	slices.Sort(valid)
@@ -332,7 +356,7 @@ func (c *conn) queryPathInfo() error {
 	if err != nil {
 		return err
 	}
-	pi, err := c.s.Store.Info(c.ctx, name)
+	pi, err := c.info(name)
 	if errors.Is(err, store.ErrNotValid) {
 		if c.minor < 17 {
 			return errorf("path '%s' is not valid", c.full(name))
@@ -357,7 +381,7 @@ func (c *conn) queryDeriver() error {
 	if err != nil {
 		return err
 	}
-	pi, err := c.s.Store.Info(c.ctx, name)
+	pi, err := c.info(name)
 	if err != nil {
 		return c.storeErr(err)
 	}
@@ -384,7 +408,12 @@ func (c *conn) queryPathFromHashPart() error {
 	}
 	var name string
 	if len(h) == 32 && !strings.ContainsAny(h, "-/.") {
-		if name, err = c.s.Store.PathByHashPart(c.ctx, h); err != nil {
+		if c.s.Lazy != nil {
+			name, err = c.s.Lazy.ByHashPart(c.ctx, h)
+		} else {
+			name, err = c.s.Store.PathByHashPart(c.ctx, h)
+		}
+		if err != nil {
 			return c.storeErr(err)
 		}
 	}
@@ -636,9 +665,25 @@ func (c *conn) addSignatures() error {
 func (c *conn) narFromPath() error {
 	// Checked before STDERR_LAST: after it an error can only close the
 	// connection.
-	name, err := c.readValidPath("")
+	name, err := c.readPath()
 	if err != nil {
 		return err
+	}
+	if c.s.Lazy != nil {
+		// A lazy store said the path was valid: it must serve it.
+		if err := c.addTemp(name); err != nil {
+			return err
+		}
+		if err := c.s.Lazy.Ensure(c.ctx, name); err != nil && !errors.Is(err, subst.ErrNoSubstitute) {
+			return c.storeErr(err)
+		}
+	}
+	ok, err := c.s.Store.IsValid(c.ctx, name)
+	if err != nil {
+		return c.storeErr(err)
+	}
+	if !ok {
+		return errorf("path '%s' is not valid", c.full(name))
 	}
 	c.last()
 	if _, err := c.s.Store.NarRender(c.ctx, name, c.w.w); err != nil {

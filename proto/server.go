@@ -75,6 +75,13 @@ type Server struct {
 	// Subst, when set, supplies paths the store lacks from upstream
 	// binary caches (nix-daemon's substituters).
 	Subst *subst.Substituter
+	// Lazy, when set (serve --lazy), makes the store answer as if it held
+	// every path an upstream has, validly signed: IsValidPath,
+	// QueryValidPaths, QueryPathInfo, QueryDeriver and
+	// QueryPathFromHashPart answer from the narinfo, and NarFromPath
+	// fetches first. A Local Overlay Store never asks its lower store to
+	// substitute, so this is how one gets paths from upstream.
+	Lazy *subst.Lazy
 
 	wg       sync.WaitGroup
 	mu       sync.Mutex

@@ -15,6 +15,7 @@ import (
 	"github.com/casnix/casnix/digest"
 	"github.com/casnix/casnix/nar"
 	"github.com/casnix/casnix/store"
+	"github.com/casnix/casnix/subst"
 )
 
 // The write ops. Every path is ingested as its NAR arrives (chunks go to
@@ -231,10 +232,41 @@ func (c *conn) ingestOne(b *store.Batch, nr io.Reader, pi store.PathInfo) (bool,
 		}
 		return false, nil
 	}
+	if err := c.lazyRefs(b, pi); err != nil {
+		return false, err
+	}
 	if _, err := b.Add(nr, pi); err != nil {
 		return false, err
 	}
 	return true, nil
+}
+
+// lazyRefs fetches, under a lazy store, the references of pi that the
+// store lacks and the batch does not hold: the client was told they are
+// valid, so it did not send them.
+func (c *conn) lazyRefs(b *store.Batch, pi store.PathInfo) error {
+	if c.s.Lazy == nil {
+		return nil
+	}
+	for _, r := range pi.References {
+		if r == pi.Name || b.Has(r) {
+			continue
+		}
+		ok, err := c.s.Store.IsValid(c.ctx, r)
+		if err != nil || ok {
+			if err != nil {
+				return err
+			}
+			continue
+		}
+		if err := c.addTemp(r); err != nil {
+			return err
+		}
+		if err := c.s.Lazy.Ensure(c.ctx, r); err != nil && !errors.Is(err, subst.ErrNoSubstitute) {
+			return fmt.Errorf("fetching reference %s: %w", c.full(r), err)
+		}
+	}
+	return nil
 }
 
 func (c *conn) addToStoreNar() error {
@@ -463,6 +495,16 @@ func (c *conn) readRefs() ([]string, error) {
 	}
 	for _, r := range refs {
 		ok, err := c.s.Store.IsValid(c.ctx, r)
+		if err == nil && !ok && c.s.Lazy != nil {
+			// Valid to the client, which was told so: fetch it.
+			if err = c.addTemp(r); err == nil {
+				if err = c.s.Lazy.Ensure(c.ctx, r); err == nil {
+					ok = true
+				} else if errors.Is(err, subst.ErrNoSubstitute) {
+					err = nil
+				}
+			}
+		}
 		if err != nil {
 			return refs, c.storeErr(err)
 		}

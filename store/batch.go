@@ -49,6 +49,9 @@ func (s *Store) NewBatch(ctx context.Context) *Batch {
 	return &Batch{s: s, ctx: ctx, w: s.blobs.NewWriter(ctx), dirs: map[digest.Digest][]byte{}, names: map[string]bool{}, drvHashes: map[string]string{}}
 }
 
+// Has reports whether name was added to the batch.
+func (b *Batch) Has(name string) bool { return b.names[name] }
+
 // Len is the number of paths added.
 func (b *Batch) Len() int { return len(b.paths) }
 

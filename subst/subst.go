@@ -146,6 +146,17 @@ type Substituter struct {
 
 	flightMu sync.Mutex
 	flight   map[string]*call
+
+	// Narinfo requests in flight, so that many lookups of one path at once
+	// (a lazy store's clients and its mount) make one request.
+	nflightMu sync.Mutex
+	nflight   map[cacheKey]*ncall
+}
+
+type ncall struct {
+	done chan struct{}
+	in   *binarycache.Info
+	err  error
 }
 
 type cacheKey struct {
@@ -169,7 +180,7 @@ func New(st *store.Store, urls []string, opts Options) (*Substituter, error) {
 	if opts.StoreDir == "" && st != nil {
 		opts.StoreDir = st.StoreDir
 	}
-	s := &Substituter{st: st, opts: opts, cache: map[cacheKey]cacheEntry{}, flight: map[string]*call{}}
+	s := &Substituter{st: st, opts: opts, cache: map[cacheKey]cacheEntry{}, flight: map[string]*call{}, nflight: map[cacheKey]*ncall{}}
 	s.base, s.cancel = context.WithCancel(context.Background())
 	for _, raw := range urls {
 		u, err := url.Parse(raw)
@@ -339,6 +350,40 @@ func (s *Substituter) narinfo(ctx context.Context, i int, hash string) (*binaryc
 	if ok && now.Before(e.expires) {
 		return e.in, nil
 	}
+	s.nflightMu.Lock()
+	for {
+		c, ok := s.nflight[k]
+		if !ok {
+			break
+		}
+		s.nflightMu.Unlock()
+		select {
+		case <-c.done:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		// The request that was in flight ended because its own caller gave
+		// up: ask again for this one.
+		if errors.Is(c.err, context.Canceled) || errors.Is(c.err, context.DeadlineExceeded) {
+			s.nflightMu.Lock()
+			continue
+		}
+		return c.in, c.err
+	}
+	c := &ncall{done: make(chan struct{})}
+	s.nflight[k] = c
+	s.nflightMu.Unlock()
+	c.in, c.err = s.fetchNarinfo(ctx, k, now)
+	s.nflightMu.Lock()
+	delete(s.nflight, k)
+	s.nflightMu.Unlock()
+	close(c.done)
+	return c.in, c.err
+}
+
+// fetchNarinfo asks the upstream for a narinfo and caches the answer.
+func (s *Substituter) fetchNarinfo(ctx context.Context, k cacheKey, now time.Time) (*binarycache.Info, error) {
+	i, hash := k.up, k.hash
 	up := s.ups[i]
 	var in *binarycache.Info
 	err := s.retry(ctx, up, func() error {
@@ -412,6 +457,11 @@ func (s *Substituter) Query(ctx context.Context, name string) (*Found, error) {
 // Nix's querySubstitutablePathInfos leaves them out; only the context
 // ending is an error.
 func (s *Substituter) QueryMany(ctx context.Context, names []string) (map[string]*Found, error) {
+	return s.findMany(ctx, names, false)
+}
+
+// findMany is find of many paths, 16 at once.
+func (s *Substituter) findMany(ctx context.Context, names []string, checkSigs bool) (map[string]*Found, error) {
 	res := make(map[string]*Found)
 	var mu sync.Mutex
 	work := make(chan string)
@@ -419,7 +469,7 @@ func (s *Substituter) QueryMany(ctx context.Context, names []string) (map[string
 	for range min(16, len(names)) {
 		wg.Go(func() {
 			for n := range work {
-				if f, _ := s.find(ctx, n, false); f != nil {
+				if f, _ := s.find(ctx, n, checkSigs); f != nil {
 					mu.Lock()
 					res[n] = f
 					mu.Unlock()
@@ -442,7 +492,12 @@ func (s *Substituter) QueryMany(ctx context.Context, names []string) (map[string
 // valid signature by a trusted key (unless content-addressed), as Nix's
 // substitution goal tries the next substituter.
 func (s *Substituter) find(ctx context.Context, name string, checkSigs bool) (*Found, error) {
-	hash := store.HashPart(name)
+	return s.findHash(ctx, store.HashPart(name), name, checkSigs)
+}
+
+// findHash is find by hash part; name, unless empty, is the basename the
+// narinfo must describe.
+func (s *Substituter) findHash(ctx context.Context, hash, name string, checkSigs bool) (*Found, error) {
 	var errs []error
 	for _, i := range s.ordered(ctx) {
 		in, err := s.narinfo(ctx, i, hash)
@@ -453,7 +508,7 @@ func (s *Substituter) find(ctx context.Context, name string, checkSigs bool) (*F
 		if in == nil {
 			continue
 		}
-		if in.Name != name {
+		if name != "" && in.Name != name {
 			errs = append(errs, fmt.Errorf("%s: %w: %s.narinfo describes %s/%s", s.ups[i].URL, binarycache.ErrBadNarinfo, hash, s.opts.StoreDir, in.Name))
 			continue
 		}

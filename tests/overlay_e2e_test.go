@@ -46,16 +46,22 @@ const overlayNix = `rec {
 }
 `
 
+// fuseSuperMagic is statfs(2)'s f_type of a FUSE file system.
+const fuseSuperMagic = 0x65735546
+
 // casnixServer runs `casnix serve --socket --mount` on the host.
 type casnixServer struct {
 	cmd       *exec.Cmd
 	sock, mnt string
 }
 
-func startCasnixServe(t testing.TB, bin, data, dir string, waitFor string) *casnixServer {
+// It is ready once the socket and mnt/waitFor exist; with waitFor "", once the socket
+// exists and mnt is a FUSE mount (a lazy store may hold nothing). extra are more flags of
+// serve.
+func startCasnixServe(t testing.TB, bin, data, dir string, waitFor string, extra ...string) *casnixServer {
 	t.Helper()
 	s := &casnixServer{sock: filepath.Join(dir, "daemon.sock"), mnt: filepath.Join(dir, "lower")}
-	s.cmd = exec.Command(bin, "-d", data, "serve", "--socket", s.sock, "--mount", s.mnt)
+	s.cmd = exec.Command(bin, append([]string{"-d", data, "serve", "--socket", s.sock, "--mount", s.mnt}, extra...)...)
 	s.cmd.Stdout, s.cmd.Stderr = os.Stderr, os.Stderr
 	if err := s.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -78,6 +84,12 @@ func startCasnixServe(t testing.TB, bin, data, dir string, waitFor string) *casn
 	for {
 		_, e1 := os.Stat(s.sock)
 		_, e2 := os.Stat(filepath.Join(s.mnt, waitFor))
+		if waitFor == "" && e2 == nil {
+			var sfs syscall.Statfs_t
+			if e2 = syscall.Statfs(s.mnt, &sfs); e2 == nil && sfs.Type != fuseSuperMagic {
+				e2 = errors.New("not mounted yet")
+			}
+		}
 		if e1 == nil && e2 == nil {
 			return s
 		}
