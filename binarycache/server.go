@@ -47,6 +47,13 @@ type Server struct {
 	// end of /metrics: the daemon's substituters and evictions.
 	Metrics func(io.Writer)
 
+	// Pull, when set, makes the server a pull-through cache: a narinfo
+	// request for a path the store lacks calls it with the hash part, and
+	// it makes that path (and its closure) valid. ErrNotFound (wrapped)
+	// means no upstream has it, acceptably: a 404; any other error is a
+	// 502, so clients retry or try their next cache.
+	Pull func(ctx context.Context, hash string) error
+
 	encoders  sync.Pool
 	cacheOnce sync.Once
 	cache     *narCache
@@ -64,6 +71,10 @@ type metrics struct {
 	bytes    atomic.Int64
 	errors   atomic.Int64
 	verbatim atomic.Int64 // stored zstd frames sent as they are
+
+	// Pull-through narinfo requests (with Pull set): present already,
+	// fetched, not found upstream, failed.
+	pullHits, pullFetched, pullMissing, pullFailed atomic.Int64
 
 	// statsMu guards the store totals, apart from mu: the scan takes as
 	// long as SQLite needs under load, and every request counts itself
@@ -231,6 +242,21 @@ func (s *Server) serveNarinfo(w http.ResponseWriter, r *http.Request, hash strin
 		s.fail(w, r.URL.Path, err)
 		return
 	}
+	if s.Pull != nil && validHashPart(hash) {
+		if pi != nil {
+			s.metrics.pullHits.Add(1)
+		} else if pi, err = s.pull(r.Context(), hash); err != nil {
+			if r.Context().Err() != nil {
+				return // the client went away
+			}
+			s.metrics.pullFailed.Add(1)
+			if s.Logger != nil {
+				s.Logger.Error("pull-through", "request", r.URL.Path, "err", err)
+			}
+			http.Error(w, "upstream fetch failed", http.StatusBadGateway)
+			return
+		}
+	}
 	if pi == nil {
 		http.NotFound(w, r)
 		return
@@ -245,6 +271,44 @@ func (s *Server) serveNarinfo(w http.ResponseWriter, r *http.Request, hash strin
 	if r.Method == http.MethodGet {
 		w.Write(data)
 	}
+}
+
+// pull fetches the path with the given hash part through Pull and looks
+// it up again; nil, nil when no upstream has it.
+func (s *Server) pull(ctx context.Context, hash string) (*store.PathInfo, error) {
+	if err := s.Pull(ctx, hash); err != nil {
+		if errors.Is(err, ErrNotFound) {
+			s.metrics.pullMissing.Add(1)
+			return nil, nil
+		}
+		return nil, err
+	}
+	pi, err := s.lookup(ctx, hash)
+	if err == nil && pi == nil {
+		// Fetched, then gone: a collection between the two (Pull roots
+		// what it fetches, so this is a bug or a manual delete).
+		err = fmt.Errorf("%s: not valid after fetching", hash)
+	}
+	if err != nil {
+		return nil, err
+	}
+	s.metrics.pullFetched.Add(1)
+	return pi, nil
+}
+
+// validHashPart reports whether hash could be a store path's hash part
+// (32 characters of Nix's base-32), so that no other request reaches an
+// upstream.
+func validHashPart(hash string) bool {
+	if len(hash) != 32 {
+		return false
+	}
+	for _, c := range []byte(hash) {
+		if !strings.ContainsRune("0123456789abcdfghijklmnpqrsvwxyz", rune(c)) {
+			return false
+		}
+	}
+	return true
 }
 
 func (s *Server) serveNAR(w http.ResponseWriter, r *http.Request, file string) {
@@ -478,6 +542,15 @@ func (s *Server) serveMetrics(ctx context.Context, w http.ResponseWriter) {
 	fmt.Fprintf(&b, "# HELP casnix_http_sent_bytes_total Response body bytes sent.\n# TYPE casnix_http_sent_bytes_total counter\ncasnix_http_sent_bytes_total %d\n", m.bytes.Load())
 	fmt.Fprintf(&b, "# HELP casnix_http_errors_total Requests that failed on the server side.\n# TYPE casnix_http_errors_total counter\ncasnix_http_errors_total %d\n", m.errors.Load())
 	fmt.Fprintf(&b, "# HELP casnix_http_verbatim_frames_total Stored zstd frames sent as stored instead of recompressed.\n# TYPE casnix_http_verbatim_frames_total counter\ncasnix_http_verbatim_frames_total %d\n", m.verbatim.Load())
+	if s.Pull != nil {
+		b.WriteString("# HELP casnix_http_pull_through_total Narinfo requests of the pull-through cache by result: hit (present), fetched (from an upstream), missing (no upstream has it), failed.\n# TYPE casnix_http_pull_through_total counter\n")
+		for _, r := range []struct {
+			result string
+			n      *atomic.Int64
+		}{{"hit", &m.pullHits}, {"fetched", &m.pullFetched}, {"missing", &m.pullMissing}, {"failed", &m.pullFailed}} {
+			fmt.Fprintf(&b, "casnix_http_pull_through_total{result=%q} %d\n", r.result, r.n.Load())
+		}
+	}
 	fmt.Fprintf(&b, "# HELP casnix_store_paths Valid store paths.\n# TYPE casnix_store_paths gauge\ncasnix_store_paths %d\n", paths)
 	fmt.Fprintf(&b, "# HELP casnix_store_nar_bytes Logical NAR bytes of the valid paths.\n# TYPE casnix_store_nar_bytes gauge\ncasnix_store_nar_bytes %d\n", narBytes)
 	// Process gauges, so a soak or an operator can see leaks from outside:

@@ -139,7 +139,17 @@ func (c *ServeCmd) Run(g *Globals) error {
 		defer func() { cancel(); <-done }()
 	}
 	if c.HTTP != "" {
-		stop, err := c.startHTTP(g, st, func(w io.Writer) { substMetrics(w, srv.Subst, st, maxSize) })
+		var pull func(context.Context, string) error
+		if srv.Subst != nil && c.HTTPPull {
+			// A lazy view of its own (not the daemon's --lazy): its roots
+			// keep what a narinfo request fetched while the client
+			// downloads the NARs. Closed after the HTTP server stops
+			// (defers run last first).
+			l := srv.Subst.Lazy(c.RequireSigs, 0)
+			defer l.Close()
+			pull = l.Pull
+		}
+		stop, err := c.startHTTP(g, st, func(w io.Writer) { substMetrics(w, srv.Subst, st, maxSize) }, pull)
 		if err != nil {
 			return err
 		}

@@ -1,0 +1,262 @@
+package subst
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/casnix/casnix/binarycache"
+	"github.com/casnix/casnix/store"
+)
+
+// pullServer is a casnix HTTP binary cache over dst, pulling through s
+// (as serve --http --substituters), signing with its own key.
+func pullServer(t *testing.T, s *Substituter, dst *store.Store) (*httptest.Server, *binarycache.Server, store.PublicKeys) {
+	t.Helper()
+	key, pub := keyPair(t, "casnix-1")
+	l := s.Lazy(true, 0)
+	t.Cleanup(l.Close)
+	h := &binarycache.Server{Store: dst, StoreDir: "/nix/store", Key: key, Pull: l.Pull}
+	hs := httptest.NewServer(h)
+	t.Cleanup(hs.Close)
+	return hs, h, pub
+}
+
+// clientCopy copies the closure of name from the cache at url into a new
+// store as Nix does (narinfo first, references first, each NAR checked by
+// FetchNAR against its narinfo), requiring the casnix server's signature.
+func clientCopy(ctx context.Context, url string, pub store.PublicKeys, dst *store.Store, name string) error {
+	src, err := binarycache.OpenSource(url)
+	if err != nil {
+		return err
+	}
+	done := map[string]bool{}
+	var get func(name string) error
+	get = func(name string) error {
+		if done[name] {
+			return nil
+		}
+		done[name] = true
+		rc, err := src.Open(ctx, store.HashPart(name)+".narinfo")
+		if err != nil {
+			return fmt.Errorf("%s.narinfo: %w", name, err)
+		}
+		in, err := binarycache.ParseNarinfo(rc, "/nix/store")
+		rc.Close()
+		if err != nil {
+			return err
+		}
+		if pi := in.PathInfo(); in.Name != name || pub.Verify("/nix/store", &pi) == 0 {
+			return fmt.Errorf("%s: narinfo of %s or not signed by the server", name, in.Name)
+		}
+		for _, r := range in.References {
+			if r != name {
+				if err := get(r); err != nil {
+					return err
+				}
+			}
+		}
+		return binarycache.FetchNAR(ctx, dst, src, in)
+	}
+	return get(name)
+}
+
+func httpGet(t *testing.T, url string) (int, string) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+func metric(t *testing.T, url, result string) string {
+	t.Helper()
+	_, body := httpGet(t, url+"/metrics")
+	for _, l := range strings.Split(body, "\n") {
+		if v, ok := strings.CutPrefix(l, `casnix_http_pull_through_total{result="`+result+`"} `); ok {
+			return v
+		}
+	}
+	t.Fatalf("no pull-through %s in /metrics:\n%s", result, body)
+	return ""
+}
+
+// TestPullThrough: 16 clients copy the closure of C, which only the
+// upstream has, through the casnix HTTP cache at once: each gets the right
+// NARs with the server's signature, and the upstream served each NAR (and
+// narinfo) once.
+func TestPullThrough(t *testing.T) {
+	f := newFixture(t)
+	up := serve(t, f.cache(t, f.key))
+	dst := openStore(t)
+	hs, _, pub := pullServer(t, newSubst(t, dst, []string{up.URL}, Options{Keys: f.pub}), dst)
+	var wg sync.WaitGroup
+	clients := make([]*store.Store, 16)
+	errs := make([]error, len(clients))
+	for i := range clients {
+		clients[i] = openStore(t)
+		wg.Go(func() { errs[i] = clientCopy(context.Background(), hs.URL, pub, clients[i], pathC) })
+	}
+	wg.Wait()
+	for i, c := range clients {
+		if errs[i] != nil {
+			t.Fatalf("client %d: %v", i, errs[i])
+		}
+		checkClosure(t, f, c)
+	}
+	checkClosure(t, f, dst)
+	nars := up.narRequests()
+	if len(nars) != 3 {
+		t.Fatalf("upstream NAR requests %v, want 3 paths", nars)
+	}
+	for p, n := range nars {
+		if n != 1 {
+			t.Fatalf("upstream served %s %d times", p, n)
+		}
+	}
+	for _, n := range []string{pathA, pathB, pathC} {
+		if k := up.n("/" + store.HashPart(n) + ".narinfo"); k != 1 {
+			t.Fatalf("upstream served %s.narinfo %d times", n, k)
+		}
+	}
+	// The first narinfo request of C fetched the closure; every other was
+	// a hit, unless it came while that fetch ran.
+	if v := metric(t, hs.URL, "fetched"); v == "0" {
+		t.Fatalf("fetched %s", v)
+	}
+	if v := metric(t, hs.URL, "failed"); v != "0" {
+		t.Fatalf("failed %s", v)
+	}
+}
+
+// TestPullThroughUnsigned: a path the upstream has without a trusted
+// signature is a 404, and nothing is stored.
+func TestPullThroughUnsigned(t *testing.T) {
+	f := newFixture(t)
+	up := serve(t, f.cache(t, nil))
+	dst := openStore(t)
+	hs, _, _ := pullServer(t, newSubst(t, dst, []string{up.URL}, Options{Keys: f.pub}), dst)
+	for _, n := range []string{pathA, pathC} {
+		if code, _ := httpGet(t, hs.URL+"/"+store.HashPart(n)+".narinfo"); code != http.StatusNotFound {
+			t.Fatalf("%s: status %d, want 404", n, code)
+		}
+		if valid(t, dst, n) {
+			t.Fatalf("%s stored", n)
+		}
+	}
+	if len(up.narRequests()) != 0 {
+		t.Fatalf("NARs fetched: %v", up.narRequests())
+	}
+	if v := metric(t, hs.URL, "missing"); v != "2" {
+		t.Fatalf("missing %s, want 2", v)
+	}
+}
+
+// TestPullThroughUpstreamFailing: an upstream failing is a 502 (not a 404:
+// clients retry or try their next cache), for narinfo and NAR failures
+// alike, and is not remembered: once the upstream works the path is served.
+func TestPullThroughUpstreamFailing(t *testing.T) {
+	for _, what := range []string{"/" + store.HashPart(pathC) + ".narinfo", "/nar/"} {
+		t.Run(what, func(t *testing.T) {
+			f := newFixture(t)
+			up := serve(t, f.cache(t, f.key))
+			var failing atomic.Bool
+			failing.Store(true)
+			up.hook = func(w http.ResponseWriter, r *http.Request, n int) bool {
+				if failing.Load() && strings.HasPrefix(r.URL.Path, what) {
+					http.Error(w, "down", http.StatusServiceUnavailable)
+					return true
+				}
+				return false
+			}
+			dst := openStore(t)
+			hs, _, pub := pullServer(t, newSubst(t, dst, []string{up.URL}, Options{Keys: f.pub, Retries: -1}), dst)
+			url := hs.URL + "/" + store.HashPart(pathC) + ".narinfo"
+			if code, _ := httpGet(t, url); code != http.StatusBadGateway {
+				t.Fatalf("status %d with the upstream failing, want 502", code)
+			}
+			// Another path's request is unaffected by the failure: a path
+			// nobody has is still a 404.
+			if code, _ := httpGet(t, hs.URL+"/"+store.HashPart(pathX)+".narinfo"); code != http.StatusNotFound {
+				t.Fatalf("unknown path: status %d", code)
+			}
+			if v := metric(t, hs.URL, "failed"); v != "1" {
+				t.Fatalf("failed %s, want 1", v)
+			}
+			failing.Store(false)
+			if code, body := httpGet(t, url); code != http.StatusOK || !strings.Contains(body, "StorePath: /nix/store/"+pathC) {
+				t.Fatalf("status %d after recovery: %s", code, body)
+			}
+			c := openStore(t)
+			if err := clientCopy(context.Background(), hs.URL, pub, c, pathC); err != nil {
+				t.Fatal(err)
+			}
+			checkClosure(t, f, c)
+		})
+	}
+}
+
+// TestPullThroughFlood: 200 concurrent narinfo requests for a hash no
+// upstream has make one upstream request per upstream (single-flight),
+// and later ones none (negative cache); a request that is no hash part
+// reaches no upstream.
+func TestPullThroughFlood(t *testing.T) {
+	f := newFixture(t)
+	ups := []*server{serve(t, f.cache(t, f.key)), serve(t, f.cache(t, f.key))}
+	slow := make(chan struct{})
+	for _, up := range ups {
+		up.hook = func(w http.ResponseWriter, r *http.Request, n int) bool {
+			if strings.HasSuffix(r.URL.Path, ".narinfo") {
+				<-slow
+			}
+			return false
+		}
+	}
+	dst := openStore(t)
+	hs, _, _ := pullServer(t, newSubst(t, dst, []string{ups[0].URL, ups[1].URL}, Options{Keys: f.pub}), dst)
+	url := hs.URL + "/" + store.HashPart(pathX) + ".narinfo"
+	codes := make(chan int, 200)
+	client := &http.Client{Transport: &http.Transport{MaxConnsPerHost: 0, MaxIdleConnsPerHost: 200}}
+	for range 200 {
+		go func() {
+			resp, err := client.Get(url)
+			if err != nil {
+				codes <- -1
+				return
+			}
+			resp.Body.Close()
+			codes <- resp.StatusCode
+		}()
+	}
+	time.Sleep(300 * time.Millisecond)
+	close(slow)
+	for range 200 {
+		if c := <-codes; c != http.StatusNotFound {
+			t.Fatalf("status %d, want 404", c)
+		}
+	}
+	if code, _ := httpGet(t, url); code != http.StatusNotFound {
+		t.Fatalf("status %d", code)
+	}
+	if code, _ := httpGet(t, hs.URL+"/"+strings.Repeat("e", 32)+".narinfo"); code != http.StatusNotFound {
+		t.Fatalf("status %d", code)
+	}
+	for i, up := range ups {
+		if n := up.n("/" + store.HashPart(pathX) + ".narinfo"); n != 1 {
+			t.Fatalf("upstream %d: %d narinfo requests, want 1", i, n)
+		}
+		if n := up.n("/" + strings.Repeat("e", 32) + ".narinfo"); n != 0 {
+			t.Fatalf("upstream %d asked for a non-hash", i)
+		}
+	}
+}
