@@ -107,5 +107,18 @@ func TestServePullThrough(t *testing.T) {
 	if counts["fetched"] < 1 || counts["failed"] != 0 || counts["missing"] != 1 || counts["hit"] < 1 {
 		t.Errorf("pull-through metrics %v:\n%s", counts, metrics)
 	}
+
+	// --no-http-pull-through: the store's paths only; nothing asked upstream.
+	before := len(served)
+	_, plain := nixtest.NewCasnix(t).ServeHTTP(t, "--substituters", up.URL, "--trusted-public-keys", upPub, "--no-http-pull-through")
+	hash := strings.TrimPrefix(top, nixtest.StoreDir+"/")[:32]
+	if resp, err := http.Get(plain + "/" + hash + ".narinfo"); err != nil || resp.StatusCode != http.StatusNotFound {
+		t.Errorf("--no-http-pull-through: %v %v", resp, err)
+	}
+	mu.Lock()
+	if len(served) != before || served["/"+hash+".narinfo"] != 1 {
+		t.Errorf("--no-http-pull-through asked the upstream: %v", served)
+	}
+	mu.Unlock()
 	t.Logf("16 clients copied %d paths; pull-through %v", len(closure), counts)
 }
