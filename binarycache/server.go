@@ -21,6 +21,7 @@ import (
 	"github.com/klauspost/compress/zstd"
 
 	"github.com/casnix/casnix/db"
+	"github.com/casnix/casnix/loglimit"
 	"github.com/casnix/casnix/store"
 )
 
@@ -251,7 +252,8 @@ func (s *Server) serveNarinfo(w http.ResponseWriter, r *http.Request, hash strin
 			}
 			s.metrics.pullFailed.Add(1)
 			if s.Logger != nil {
-				s.Logger.Error("pull-through", "request", r.URL.Path, "err", err)
+				// Clients retry at will: one line per interval, not per request.
+				pullWarnings.Warn(s.Logger, "pull-through fetch failed", "request", r.URL.Path, "err", err)
 			}
 			http.Error(w, "upstream fetch failed", http.StatusBadGateway)
 			return
@@ -272,6 +274,8 @@ func (s *Server) serveNarinfo(w http.ResponseWriter, r *http.Request, hash strin
 		w.Write(data)
 	}
 }
+
+var pullWarnings loglimit.Limiter
 
 // pull fetches the path with the given hash part through Pull and looks
 // it up again; nil, nil when no upstream has it.
@@ -543,7 +547,7 @@ func (s *Server) serveMetrics(ctx context.Context, w http.ResponseWriter) {
 	fmt.Fprintf(&b, "# HELP casnix_http_errors_total Requests that failed on the server side.\n# TYPE casnix_http_errors_total counter\ncasnix_http_errors_total %d\n", m.errors.Load())
 	fmt.Fprintf(&b, "# HELP casnix_http_verbatim_frames_total Stored zstd frames sent as stored instead of recompressed.\n# TYPE casnix_http_verbatim_frames_total counter\ncasnix_http_verbatim_frames_total %d\n", m.verbatim.Load())
 	if s.Pull != nil {
-		b.WriteString("# HELP casnix_http_pull_through_total Narinfo requests of the pull-through cache by result: hit (present), fetched (from an upstream), missing (no upstream has it), failed.\n# TYPE casnix_http_pull_through_total counter\n")
+		b.WriteString("# HELP casnix_http_pull_through_total Narinfo requests of the pull-through cache by result: hit (present), fetched (absent when asked, served after a fetch, its own or one it waited for), missing (no acceptable upstream copy, 404), failed (502).\n# TYPE casnix_http_pull_through_total counter\n")
 		for _, r := range []struct {
 			result string
 			n      *atomic.Int64
