@@ -16,6 +16,7 @@ import (
 
 	"github.com/casnix/casnix/nar"
 	"github.com/casnix/casnix/store"
+	"github.com/casnix/casnix/tests/nixtest"
 )
 
 const (
@@ -47,16 +48,6 @@ func sourceTree(t *testing.T) string {
 	return root
 }
 
-func requireFUSE(t *testing.T) {
-	t.Helper()
-	if _, err := os.Stat("/dev/fuse"); err != nil || os.Geteuid() != 0 {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("FUSE tests need root and /dev/fuse: %v", err)
-		}
-		t.Skip("needs root and /dev/fuse")
-	}
-}
-
 func addTree(t *testing.T, st *store.Store, name, dir string) {
 	t.Helper()
 	var buf bytes.Buffer
@@ -74,7 +65,7 @@ func addTree(t *testing.T, st *store.Store, name, dir string) {
 
 func mountStore(t *testing.T) (*store.Store, string, string) {
 	t.Helper()
-	requireFUSE(t)
+	nixtest.RequireFUSE(t)
 	st, err := store.Open(context.Background(), t.TempDir(), store.Options{})
 	if err != nil {
 		t.Fatal(err)
@@ -227,7 +218,7 @@ func TestNewPathsAppear(t *testing.T) {
 }
 
 func TestRootListingStreams(t *testing.T) {
-	requireFUSE(t)
+	nixtest.RequireFUSE(t)
 	st, err := store.Open(context.Background(), t.TempDir(), store.Options{})
 	if err != nil {
 		t.Fatal(err)
@@ -274,7 +265,7 @@ func TestRootListingStreams(t *testing.T) {
 // deleted it, whichever process ran it (here a second Store on the data
 // dir, as `casnix gc` beside `casnix serve --mount`); kept paths stay.
 func TestDeletedPathsInvalidated(t *testing.T) {
-	requireFUSE(t)
+	nixtest.RequireFUSE(t)
 	ctx := context.Background()
 	dir := t.TempDir()
 	st, err := store.Open(ctx, dir, store.Options{})

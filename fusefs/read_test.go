@@ -17,6 +17,7 @@ import (
 
 	"github.com/casnix/casnix/blobs"
 	"github.com/casnix/casnix/store"
+	"github.com/casnix/casnix/tests/nixtest"
 )
 
 // go-fuse writes a read result with one writev, and calls Done only after
@@ -33,7 +34,7 @@ var _ interface {
 // flight, and every byte must still be right. Sequential and random reads;
 // the files' pages are dropped between rounds, so reads reach casnix again.
 func TestConcurrentReadsSmallCache(t *testing.T) {
-	requireFUSE(t)
+	nixtest.RequireFUSE(t)
 	st, err := store.Open(context.Background(), t.TempDir(), store.Options{
 		Blobs: blobs.Options{FrameSize: 1 << 20, CacheBytes: 3 << 20, Level: zstd.SpeedFastest},
 	})
@@ -128,7 +129,7 @@ func TestReadAheadWindow(t *testing.T) {
 		{"explicit", 2048, 2048},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			requireFUSE(t)
+			nixtest.RequireFUSE(t)
 			st, err := store.Open(context.Background(), t.TempDir(), store.Options{})
 			if err != nil {
 				t.Fatal(err)

@@ -16,17 +16,13 @@ import (
 
 	"github.com/casnix/casnix/fusefs"
 	"github.com/casnix/casnix/store"
+	"github.com/casnix/casnix/tests/nixtest"
 )
 
 // mountLazy mounts st at a new directory as `serve --lazy --mount` does.
 func mountLazy(t *testing.T, l *Lazy, st *store.Store) string {
 	t.Helper()
-	if _, err := os.Stat("/dev/fuse"); err != nil || os.Geteuid() != 0 {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("FUSE tests need root and /dev/fuse: %v", err)
-		}
-		t.Skip("needs root and /dev/fuse")
-	}
+	nixtest.RequireFUSE(t)
 	mnt := t.TempDir()
 	srv, err := fusefs.Mount(mnt, st, fusefs.Options{ListRoot: true, Deletions: st.Deletions, Fetch: func(_ context.Context, name string) error {
 		err := l.Ensure(context.Background(), name)

@@ -12,17 +12,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// needFUSE skips (or fails under CI=true) where a FUSE mount cannot be made.
-func needFUSE(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		nixtest.SkipOrFatal(t, "crashfs tests need root to mount FUSE")
-	}
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		nixtest.SkipOrFatal(t, "crashfs tests need /dev/fuse: %v", err)
-	}
-}
-
 // mount mounts a crashfs over backing at a fresh mountpoint; the test cleanup cuts the
 // power if the test did not, and unmounts.
 func mount(t *testing.T, backing string, opts Options) *FS {
@@ -73,7 +62,7 @@ func page(b byte, n int) []byte { return bytes.Repeat([]byte{b}, n) }
 // TestModel runs each scenario under many seeds and checks every outcome is one POSIX
 // allows, and that the outcomes a strict file system may produce do occur.
 func TestModel(t *testing.T) {
-	needFUSE(t)
+	nixtest.RequireFUSE(t)
 	const seeds = 24
 	old := page('o', 3*pageSize)
 	newer := page('n', 3*pageSize)
@@ -313,7 +302,7 @@ func TestModel(t *testing.T) {
 // TestOperationsAfterCutFail checks that a cut through the control file, written from a
 // separate process, refuses every later operation and leaves the durable state.
 func TestOperationsAfterCutFail(t *testing.T) {
-	needFUSE(t)
+	nixtest.RequireFUSE(t)
 	backing := t.TempDir()
 	must(t, os.WriteFile(filepath.Join(backing, "pre"), []byte("pre"), 0o644))
 	f := mount(t, backing, Options{Seed: 1})
@@ -343,7 +332,7 @@ func runShell(t *testing.T, script string) error {
 
 // TestCutAtFsync checks that the Nth fsync fails and cuts, and that the counters count.
 func TestCutAtFsync(t *testing.T) {
-	needFUSE(t)
+	nixtest.RequireFUSE(t)
 	backing := t.TempDir()
 	f := mount(t, backing, Options{Seed: 3, CutAtFsync: 3})
 	mnt := f.Mountpoint()
@@ -372,7 +361,7 @@ func TestCutAtFsync(t *testing.T) {
 // survive an fsync and a cut, as SQLite's -shm needs (its content need not survive a cut,
 // but mmap must work). The mapping is made by a helper process: see helperEnv.
 func TestMmapShared(t *testing.T) {
-	needFUSE(t)
+	nixtest.RequireFUSE(t)
 	backing := t.TempDir()
 	f := mount(t, backing, Options{Seed: 5})
 	cmd, out := startHelper(t, "mmap", "CRASHFS_DIR="+f.Mountpoint())
@@ -393,7 +382,7 @@ func TestMmapShared(t *testing.T) {
 // TestLocks checks flock and open-file-description fcntl locks conflict across
 // descriptors on the mount (the kernel handles them locally).
 func TestLocks(t *testing.T) {
-	needFUSE(t)
+	nixtest.RequireFUSE(t)
 	f := mount(t, t.TempDir(), Options{})
 	p := filepath.Join(f.Mountpoint(), "lock")
 	a, err := os.Create(p)

@@ -10,6 +10,8 @@ import (
 	"testing"
 
 	_ "modernc.org/sqlite"
+
+	"github.com/casnix/casnix/tests/nixtest"
 )
 
 // openDB opens path with casnix's journal settings and the given synchronous level.
@@ -97,7 +99,7 @@ func sqliteCut(t *testing.T, seed int64, synchronous string, cutAtFsync int64, c
 // synchronous=FULL (casnix's settings): every committed transaction survives and the
 // database passes integrity_check.
 func TestSQLiteWALSurvivesCuts(t *testing.T) {
-	needFUSE(t)
+	nixtest.RequireFUSE(t)
 	const cuts = 50
 	rng := rand.New(rand.NewSource(42))
 	var total, midway int
@@ -123,7 +125,7 @@ func TestSQLiteWALSurvivesCuts(t *testing.T) {
 // never fsyncs, so some cuts must lose committed transactions or corrupt the database,
 // showing the tool can fail.
 func TestSQLiteSyncOffLosesCommits(t *testing.T) {
-	needFUSE(t)
+	nixtest.RequireFUSE(t)
 	const cuts = 10
 	rng := rand.New(rand.NewSource(7))
 	var lossy []string

@@ -37,6 +37,19 @@ func SkipOrFatal(t testing.TB, format string, args ...any) {
 	t.Skipf("SKIPPED, missing prerequisite: "+format, args...)
 }
 
+// RequireFUSE is SkipOrFatal unless this process can mount FUSE (root and /dev/fuse): the
+// one check of the packages whose tests make real mounts (fusefs, subst's lazy mount,
+// crashfs).
+func RequireFUSE(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		SkipOrFatal(t, "FUSE mounts need root")
+	}
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		SkipOrFatal(t, "FUSE mounts need /dev/fuse: %v", err)
+	}
+}
+
 // harnessDir is the directory holding this package's source, found at run time from the
 // compiled-in file name, so that scripts are found wherever `go test` runs.
 func harnessDir() string {
