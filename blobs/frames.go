@@ -60,14 +60,8 @@ func (br *BlobReader) WriteFramesTo(w FrameWriter) (int64, error) {
 				continue
 			}
 		}
-		data, e, err := br.chunkData(i)
-		if err != nil {
-			return total, err
-		}
-		n, err := w.Write(data[br.pos-br.chunks[i].off:])
-		br.s.cache.release(e)
-		total += int64(n)
-		br.pos += int64(n)
+		n, err := br.writeChunk(i, w)
+		total += n
 		if err != nil {
 			return total, err
 		}

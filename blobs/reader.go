@@ -336,20 +336,26 @@ func (br *BlobReader) WriteTo(w io.Writer) (int64, error) {
 	var total int64
 	for br.pos < br.size {
 		br.ReadAhead(br.pos)
-		i := br.chunkAt(br.pos)
-		data, e, err := br.chunkData(i)
-		if err != nil {
-			return total, err
-		}
-		n, err := w.Write(data[br.pos-br.chunks[i].off:])
-		br.s.cache.release(e)
-		total += int64(n)
-		br.pos += int64(n)
+		n, err := br.writeChunk(br.chunkAt(br.pos), w)
+		total += n
 		if err != nil {
 			return total, err
 		}
 	}
 	return total, nil
+}
+
+// writeChunk writes the rest of chunk i, from the read position on, to w
+// and advances the position by what w took.
+func (br *BlobReader) writeChunk(i int, w io.Writer) (int64, error) {
+	data, e, err := br.chunkData(i)
+	if err != nil {
+		return 0, err
+	}
+	n, err := w.Write(data[br.pos-br.chunks[i].off:])
+	br.s.cache.release(e)
+	br.pos += int64(n)
+	return int64(n), err
 }
 
 // prehash checks every chunk of a freshly decoded frame against the digest
