@@ -18,7 +18,12 @@ import (
 // addTemp makes name a temp root of this connection, as nix-daemon does for
 // a path a client asked to keep or is adding (before adding it, so no
 // collection can run between the commit and the root).
-func (c *conn) addTemp(name string) error {
+func (c *conn) addTemp(name string) error { return c.addTempWithin(nil, name) }
+
+// addTempWithin is addTemp for a path added inside batch b, whose GC lock
+// lets the root in without waiting for a pending collection (see
+// store.TempRoots.AddWithin).
+func (c *conn) addTempWithin(b *store.Batch, name string) error {
 	c.mu.Lock()
 	if c.roots == nil {
 		r, err := c.s.Store.NewTempRoots()
@@ -30,7 +35,7 @@ func (c *conn) addTemp(name string) error {
 	}
 	roots := c.roots
 	c.mu.Unlock()
-	if err := roots.Add(c.ctx, name); err != nil {
+	if err := roots.AddWithin(c.ctx, b, name); err != nil {
 		return c.storeErr(fmt.Errorf("temp root %s: %w", c.full(name), err))
 	}
 	return nil

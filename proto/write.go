@@ -259,7 +259,7 @@ func (c *conn) lazyRefs(b *store.Batch, pi store.PathInfo) error {
 			}
 			continue
 		}
-		if err := c.addTemp(r); err != nil {
+		if err := c.addTempWithin(b, r); err != nil {
 			return err
 		}
 		if err := c.s.Lazy.Ensure(c.ctx, r); err != nil && !errors.Is(err, subst.ErrNoSubstitute) {
@@ -363,7 +363,7 @@ func (c *conn) addMultipleToStore() error {
 			if err := c.checkAdd(&pi, pw.hasNarHash, dontCheckSigs); err != nil {
 				return err
 			}
-			if err := c.addTemp(pi.Name); err != nil {
+			if err := c.addTempWithin(b, pi.Name); err != nil {
 				return err
 			}
 			if b == nil {

@@ -93,6 +93,10 @@ func (k batchSink) PutDirectory(d *castore.Directory) (digest.Digest, error) {
 	return dg, nil
 }
 
+// HoldsGCLock reports whether b holds the GC lock shared: from its first
+// Add until it commits or aborts.
+func (b *Batch) HoldsGCLock() bool { return b.unlock != nil }
+
 // Add ingests one NAR for the path described by info. info.NarHash and
 // info.NarSize, when non-zero, are what the NAR must hash to; the computed
 // values are filled in. References must be valid already, be added earlier

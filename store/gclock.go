@@ -89,6 +89,13 @@ func (s *Store) SharedGCLock(ctx context.Context) (func(), error) {
 	return s.lockGC(ctx, unix.LOCK_SH)
 }
 
+// sharedGCLockHeld takes the GC lock shared again for a caller that holds
+// it already: no yield to a waiting collection (see TempRoots.AddWithin).
+// flock(2) grants a second shared lock beside a waiting exclusive one.
+func (s *Store) sharedGCLockHeld(ctx context.Context) (func(), error) {
+	return s.lockFile(ctx, GCLockFile, unix.LOCK_SH)
+}
+
 // ExclusiveGCLock waits for every shared holder to finish, keeping new ones
 // waiting meanwhile (up to gcYield each), and keeps them out until the
 // returned func is called.

@@ -1,6 +1,7 @@
 package store
 
 import (
+	"bytes"
 	"context"
 	"sync"
 	"sync/atomic"
@@ -95,5 +96,58 @@ func TestSharedGCLockAgainWhileCollectionWaits(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("collection still waiting after the shared holders left")
+	}
+}
+
+// TestTempRootWithinBatchWhileCollectionWaits: the temp root of each next path of an
+// AddMultipleToStore is added while the connection's Batch holds the GC lock shared. With
+// a collection waiting for the lock, Add yields to it for gcYield, which is wasted (the
+// collection waits for the Batch): AddWithin the Batch must not wait. (Before AddWithin,
+// a collection pending beside an AddMultipleToStore of n paths held that upload up to
+// n×gcYield, and the collection with it: TestClientDisconnects saw both time out.)
+func TestTempRootWithinBatchWhileCollectionWaits(t *testing.T) {
+	old := gcYield
+	gcYield = 20 * time.Second // long enough that a yield cannot pass for no yield
+	defer func() { gcYield = old }()
+	s := openStore(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	b := s.NewBatch(ctx)
+	defer b.Abort()
+	if _, err := b.Add(bytes.NewReader(fileNAR("x")), PathInfo{Name: pathA}); err != nil {
+		t.Fatal(err)
+	}
+	if !b.HoldsGCLock() {
+		t.Fatal("a Batch with a path added does not hold the GC lock")
+	}
+	roots, err := s.NewTempRoots()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer roots.Close()
+	collected := make(chan error, 1)
+	go func() {
+		unlock, err := s.ExclusiveGCLock(ctx)
+		if err == nil {
+			unlock()
+		}
+		collected <- err
+	}()
+	time.Sleep(200 * time.Millisecond) // the collection waits, announced
+	start := time.Now()
+	if err := roots.AddWithin(ctx, b, pathB); err != nil {
+		t.Fatal(err)
+	}
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("temp root within a Batch took %s while a collection waited: it yielded", took)
+	}
+	select {
+	case err := <-collected:
+		t.Fatalf("collection got the GC lock while a Batch held it: %v", err)
+	default:
+	}
+	b.Abort()
+	if err := <-collected; err != nil {
+		t.Fatalf("collection after the Batch ended: %v", err)
 	}
 }

@@ -82,6 +82,19 @@ func (s *Store) NewTempRoots() (*TempRoots, error) {
 // while a collection sweeps, so a path that is valid when Add returns stays
 // valid.
 func (t *TempRoots) Add(ctx context.Context, name string) error {
+	return t.add(ctx, name, false)
+}
+
+// AddWithin is Add for a caller whose Batch b already holds the GC lock
+// shared (HoldsGCLock): it does not yield to a collection waiting for the
+// lock, which waits for b anyway. Yielding there made every path of an
+// AddMultipleToStore after the first wait gcYield while a collection was
+// pending, for nothing. A nil b, or one not yet holding, is Add.
+func (t *TempRoots) AddWithin(ctx context.Context, b *Batch, name string) error {
+	return t.add(ctx, name, b != nil && b.HoldsGCLock())
+}
+
+func (t *TempRoots) add(ctx context.Context, name string, held bool) error {
 	if err := ValidateName(name); err != nil {
 		return err
 	}
@@ -93,7 +106,11 @@ func (t *TempRoots) Add(ctx context.Context, name string) error {
 	if t.names[name] {
 		return nil
 	}
-	unlock, err := t.s.SharedGCLock(ctx)
+	lock := t.s.SharedGCLock
+	if held {
+		lock = t.s.sharedGCLockHeld
+	}
+	unlock, err := lock(ctx)
 	if err != nil {
 		return err
 	}
