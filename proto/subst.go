@@ -229,11 +229,31 @@ func (c *conn) substituteMissing(names []string) error {
 }
 
 // substituteFor fetches what a build of dps lacks and an upstream has:
-// opaque paths, and the known output paths of derivations (a derivation
-// that is itself missing is not fetched: casnix could not build it).
+// opaque paths, and the output paths of derivations. A derivation the
+// store lacks is fetched first, as nix-daemon's DerivationGoal does: its
+// outputs are known only from it.
 func (c *conn) substituteFor(dps []derivedPath) error {
 	if !c.substituting() {
 		return nil
+	}
+	var drvs []string
+	for _, dp := range dps {
+		if !dp.built {
+			continue
+		}
+		ok, err := c.s.Store.IsValid(c.ctx, dp.path)
+		if err != nil {
+			return c.storeErr(err)
+		}
+		if !ok {
+			drvs = append(drvs, dp.path)
+		}
+	}
+	if err := c.substitute(drvs); err != nil {
+		if c.ctx.Err() != nil {
+			return c.storeErr(err)
+		}
+		c.warn(substErrText(err))
 	}
 	var want []string
 	for _, dp := range dps {

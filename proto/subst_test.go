@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/casnix/casnix/binarycache"
+	"github.com/casnix/casnix/nar"
 	"github.com/casnix/casnix/store"
 	"github.com/casnix/casnix/subst"
 )
@@ -354,5 +355,65 @@ func TestSubstitutedPathsRooted(t *testing.T) {
 	}
 	if f.valid(t, upC) {
 		t.Fatal("substituted paths still rooted after the connection closed")
+	}
+}
+
+// TestBuildDerivationOnlyUpstream: BuildPaths of drv^out where the store lacks the
+// derivation itself and an upstream has it and its output: the derivation is fetched
+// first, as nix-daemon's DerivationGoal does, then its output; both end up valid and
+// the result is a success.
+func TestBuildDerivationOnlyUpstream(t *testing.T) {
+	const drvName = "0hm2f1psjpcwg8fijsmr4wwxrx59s092-bar.drv"
+	const outName = "4q0pg5zpfmznxscq3avycvf9xdvx50n3-bar"
+	contents, err := os.ReadFile(filepath.Join("..", "store", "testdata", "drv", drvName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	src, err := store.Open(ctx, t.TempDir(), store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	b := src.NewBatch(ctx)
+	drvFile := filepath.Join(t.TempDir(), "drv")
+	if err := os.WriteFile(drvFile, contents, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var drvNAR strings.Builder
+	if _, err := nar.DumpPath(&drvNAR, drvFile); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Add(strings.NewReader(drvNAR.String()), store.PathInfo{Name: drvName}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Add(strings.NewReader(string(treeNAR(t, "bar"))), store.PathInfo{Name: outName}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	ex := &binarycache.Exporter{Store: src, Dir: t.TempDir(), StoreDir: "/nix/store", Compression: "zstd", Jobs: 2}
+	if _, err := ex.Export(ctx, []string{drvName, outName}); err != nil {
+		t.Fatal(err)
+	}
+	f := newFixture(t, withSubst(t, ex.Dir, nil, false), func(s *Server) { s.RequireSigs = false })
+	cl := f.connect(t, 34)
+	cl.setOptions(true)
+	cl.w.u64(opBuildPathsWithResults)
+	cl.w.strings([]string{full(drvName) + "!out"})
+	cl.w.u64(0)
+	if err := cl.result(); err != nil {
+		t.Fatal(err)
+	}
+	if n := cl.u64(); n != 1 {
+		t.Fatalf("%d results", n)
+	}
+	cl.str()
+	if status := cl.u64(); status != 2 {
+		t.Fatalf("status %d: %s", status, cl.str())
+	}
+	if !f.valid(t, drvName, outName) {
+		t.Fatalf("after BuildPathsWithResults of %s!out: derivation and output not both valid", drvName)
 	}
 }
