@@ -83,12 +83,15 @@ func (o *Options) defaults() {
 		o.Jobs = 4
 	}
 	if o.InfoTimeout == 0 {
-		o.InfoTimeout = 10 * time.Second
+		o.InfoTimeout = DefaultInfoTimeout
 	}
 	if o.Now == nil {
 		o.Now = time.Now
 	}
 }
+
+// DefaultInfoTimeout is Options.InfoTimeout's default.
+const DefaultInfoTimeout = 10 * time.Second
 
 // DefaultPriority is an upstream's priority when neither its URL nor its
 // nix-cache-info gives one (Nix's default).
