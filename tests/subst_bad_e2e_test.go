@@ -294,6 +294,10 @@ func TestServeSubstitutersBadInput(t *testing.T) {
 			if !r.OK() || strings.TrimSpace(string(r.Stdout)) != good {
 				t.Errorf("nix-store -r of a good path beside the bad ones:\n%s", r)
 			}
+			// (The validity check of the bad paths below, on a path that is valid.)
+			if r := c.Try("nix", "path-info", "--store", d.URL(), "--offline", good); !r.OK() {
+				t.Errorf("nix path-info of the good path:\n%s", r)
+			}
 			t.Logf("good closure fetched in %s", r.Duration.Round(time.Millisecond))
 			for j, bc := range cases {
 				if !bc.hang || !withHung {

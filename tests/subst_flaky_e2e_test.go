@@ -171,6 +171,7 @@ func TestServeSubstitutersFlaky(t *testing.T) {
 	start := time.Now()
 	f := nixtest.PopulateFixture(t)
 	key, pub := cacheKey(t, f.Store, "upstream-1")
+	_, strangerPub := cacheKey(t, f.Store, "stranger-1")
 	tmp := t.TempDir()
 	xzDir, zstdDir := filepath.Join(tmp, "xz"), filepath.Join(tmp, "zstd")
 	// Two closures: one realised with nix-store -r from the xz cache, one with nix build
@@ -214,8 +215,16 @@ func TestServeSubstitutersFlaky(t *testing.T) {
 
 			closure := slices.Compact(slices.Sorted(slices.Values(slices.Concat(xzClosure, zstdClosure))))
 			// Every fetched path carries the caches' signature, as the daemon tells...
-			c.Run(t, append([]string{"nix", "store", "verify", "--store", d.URL(), "--no-contents", "--sigs-needed", "1",
-				"--option", "trusted-public-keys", pub}, closure...)...)
+			verifySigs := func(key string) *nixtest.Result {
+				return c.Try(append([]string{"nix", "store", "verify", "--store", d.URL(), "--no-contents", "--sigs-needed", "1",
+					"--option", "trusted-public-keys", key}, closure...)...)
+			}
+			if r := verifySigs(pub); !r.OK() {
+				t.Errorf("signatures of the substituted paths:\n%s", r)
+			}
+			if r := verifySigs(strangerPub); r.OK() { // the check is not vacuous
+				t.Errorf("the substituted paths verify with a key that signed none of them:\n%s", r)
+			}
 			// ...and its contents are what the signature covers: copied out of casnix's
 			// HTTP cache (NARs rendered from what it stored) into a fresh Nix store, which
 			// checks each NAR against its NarHash, then verified there from the files. (A
@@ -266,9 +275,13 @@ func TestServeSubstitutersFlaky(t *testing.T) {
 			if fetched != len(closure) {
 				t.Errorf("%d NARs fetched, want the closures' %d", fetched, len(closure))
 			}
+			xzUp.mu.Lock()
+			zstdUp.mu.Lock()
 			if xzUp.slow == 0 || zstdUp.slow == 0 {
 				t.Errorf("no slow answers: xz %d, zstd %d", xzUp.slow, zstdUp.slow)
 			}
+			zstdUp.mu.Unlock()
+			xzUp.mu.Unlock()
 
 			if err := d.Stop(30 * time.Second); err != nil {
 				t.Errorf("casnix serve: %v\n%s", err, d.Output())
