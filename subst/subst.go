@@ -317,7 +317,7 @@ func (s *Substituter) readCacheInfo(ctx context.Context, up *Upstream) (*binaryc
 	defer cancel()
 	ci, err := binarycache.ReadCacheInfo(ictx, up.src)
 	if err != nil && ctx.Err() == nil && ictx.Err() != nil {
-		return nil, fmt.Errorf("%s/nix-cache-info: no answer within %v", up.URL, s.opts.InfoTimeout)
+		return nil, fmt.Errorf("%s/nix-cache-info: no answer within %v", up.src, s.opts.InfoTimeout)
 	}
 	return ci, err
 }
