@@ -357,7 +357,8 @@ func FetchNAR(ctx context.Context, st *store.Store, src Source, in *Info) error 
 		return err
 	}
 	defer rc.Close()
-	fileCapped := &cappedReader{r: rc, left: in.FileSize,
+	body := &readErr{r: rc}
+	fileCapped := &cappedReader{r: body, left: in.FileSize,
 		err: fmt.Errorf("%s: file %w (FileSize %d)", in.URL, ErrTooLong, in.FileSize)}
 	if in.FileSize == 0 {
 		fileCapped.left = maxFileSize(in.NarSize)
@@ -374,7 +375,42 @@ func FetchNAR(ctx context.Context, st *store.Store, src Source, in *Info) error 
 		err: fmt.Errorf("%s: NAR %w (NarSize %d)", in.URL, ErrTooLong, in.NarSize)}
 	br := bufio.NewReaderSize(narCapped, 256<<10)
 	err = ingest(ctx, st, in, file, br)
-	return fileCapped.check(narCapped.check(err))
+	err = fileCapped.check(narCapped.check(err))
+	// A download that broke off makes whatever the decompressor or the NAR
+	// parser concluded from the short stream (a truncated frame or file, a
+	// hash mismatch) a failure worth retrying: they may not pass the
+	// transport's error on.
+	var te *TransientError
+	if cause := body.failed(); err != nil && errors.As(cause, &te) && !errors.As(err, &te) {
+		err = &TransientError{fmt.Errorf("%w (the download broke off: %v)", err, cause)}
+	}
+	return err
+}
+
+// readErr remembers the first error other than io.EOF that reading r
+// returned.
+type readErr struct {
+	r   io.Reader
+	mu  sync.Mutex // a decoder may read from a goroutine of its own
+	err error
+}
+
+func (e *readErr) Read(p []byte) (int, error) {
+	n, err := e.r.Read(p)
+	if err != nil && err != io.EOF {
+		e.mu.Lock()
+		if e.err == nil {
+			e.err = err
+		}
+		e.mu.Unlock()
+	}
+	return n, err
+}
+
+func (e *readErr) failed() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.err
 }
 
 // ingest reads the NAR from br into a batch of its own and commits it if

@@ -23,6 +23,16 @@ import (
 // ErrNotFound means the cache does not have the file.
 var ErrNotFound = errors.New("not in the binary cache")
 
+// StatusError is an HTTP answer that is neither the file nor "not found":
+// the server is up and answered, so (unlike a connection that fails or
+// never answers) it is worth asking again soon when the code says so.
+type StatusError struct {
+	URL, Status string
+	Code        int
+}
+
+func (e *StatusError) Error() string { return fmt.Sprintf("GET %s: %s", e.URL, e.Status) }
+
 // TransientError marks a failure worth retrying: a dropped connection, a
 // server error, a truncated body.
 type TransientError struct{ Err error }
@@ -129,7 +139,7 @@ func (s *httpSource) Open(ctx context.Context, rel string) (io.ReadCloser, error
 		return nil, fmt.Errorf("GET %s: %w (%s)", u, ErrNotFound, resp.Status)
 	default:
 		resp.Body.Close()
-		err := fmt.Errorf("GET %s: %s", u, resp.Status)
+		err := &StatusError{URL: u, Status: resp.Status, Code: resp.StatusCode}
 		if resp.StatusCode >= 500 || resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode == http.StatusRequestTimeout {
 			return nil, &TransientError{err}
 		}
@@ -198,8 +208,11 @@ type CacheInfoFile struct {
 // ReadCacheInfo reads and parses a cache's nix-cache-info.
 func ReadCacheInfo(ctx context.Context, src Source) (*CacheInfoFile, error) {
 	rc, err := src.Open(ctx, "nix-cache-info")
-	if err != nil {
+	if errors.Is(err, ErrNotFound) {
 		return nil, fmt.Errorf("%s is not a binary cache: %w", src, err)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("%s/nix-cache-info: %w", src, err)
 	}
 	defer rc.Close()
 	data, err := io.ReadAll(io.LimitReader(rc, 64<<10))

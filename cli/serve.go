@@ -32,6 +32,7 @@ type ServeCmd struct {
 	RequireSigs      bool          `name:"require-sigs" env:"CASNIX_REQUIRE_SIGS" default:"true" negatable:"" help:"Paths added over the daemon must be content-addressed or signed by a --trusted-public-keys key, unless a trusted client passes --no-check-sigs (Nix's require-sigs)."`
 	TrustedKeys      []string      `name:"trusted-public-keys" env:"CASNIX_TRUSTED_PUBLIC_KEYS" placeholder:"NAME:KEY" help:"Public keys (Nix format) whose signatures make an added or substituted path acceptable."`
 	Substituters     []string      `name:"substituters" env:"CASNIX_SUBSTITUTERS" placeholder:"URL" help:"Binary caches (file://, http://, https://; ?priority=N) to fetch missing paths from on demand, lowest priority number first, as nix-daemon's substituters. Paths need a signature by a --trusted-public-keys key unless content-addressed (or --no-require-sigs)."`
+	SubstTimeout     time.Duration `name:"substituter-timeout" env:"CASNIX_SUBSTITUTER_TIMEOUT" default:"1m" help:"An upstream that sends nothing for this long (no answer, or a download that stopped flowing) fails the attempt, which is retried, then the next upstream is asked (as Nix's stalled-download-timeout). Its nix-cache-info gets at most 10s."`
 	SocketMode       string        `name:"socket-mode" env:"CASNIX_SOCKET_MODE" placeholder:"MODE" help:"Permission bits of the socket (default 0666, or 0660 when --allowed-users is a single @group)."`
 	SocketGroup      string        `name:"socket-group" env:"CASNIX_SOCKET_GROUP" placeholder:"GROUP" help:"Group owning the socket (default: the single @group of --allowed-users, if any)."`
 	HandshakeTimeout time.Duration `name:"handshake-timeout" env:"CASNIX_HANDSHAKE_TIMEOUT" default:"30s" help:"Close connections that do not finish the handshake in time."`
@@ -107,7 +108,8 @@ func (c *ServeCmd) Run(g *Globals) error {
 	if len(c.Substituters) > 0 {
 		// Opening contacts no upstream: one that is down cannot stop the
 		// daemon from starting.
-		sub, err := subst.New(st, substituterURLs(c.Substituters), subst.Options{StoreDir: st.StoreDir, Keys: keys, Logger: g.Logger})
+		sub, err := subst.New(st, substituterURLs(c.Substituters), subst.Options{StoreDir: st.StoreDir, Keys: keys, Logger: g.Logger,
+			Timeout: c.SubstTimeout, InfoTimeout: min(subst.DefaultInfoTimeout, c.SubstTimeout)})
 		if err != nil {
 			return err
 		}

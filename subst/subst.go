@@ -18,6 +18,7 @@ import (
 	"net/url"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -82,12 +83,15 @@ func (o *Options) defaults() {
 		o.Jobs = 4
 	}
 	if o.InfoTimeout == 0 {
-		o.InfoTimeout = 10 * time.Second
+		o.InfoTimeout = DefaultInfoTimeout
 	}
 	if o.Now == nil {
 		o.Now = time.Now
 	}
 }
+
+// DefaultInfoTimeout is Options.InfoTimeout's default.
+const DefaultInfoTimeout = 10 * time.Second
 
 // DefaultPriority is an upstream's priority when neither its URL nor its
 // nix-cache-info gives one (Nix's default).
@@ -258,24 +262,30 @@ func (s *Substituter) usable(ctx context.Context, up *Upstream) bool {
 	if s.opts.Now().Before(up.retryAt) {
 		return false
 	}
-	// One attempt: a cache that is down is skipped at once, and asked
-	// again after the backoff.
+	var ci *binarycache.CacheInfoFile
 	err := func() error {
-		ctx, cancel := context.WithTimeout(ctx, s.opts.InfoTimeout)
-		defer cancel()
-		ci, err := binarycache.ReadCacheInfo(ctx, up.src)
-		if err != nil {
-			return err
+		for attempt := 0; ; attempt++ {
+			var err error
+			ci, err = s.readCacheInfo(ctx, up)
+			// A cache that is down (refuses, or does not answer within
+			// InfoTimeout) is skipped at once, and asked again after the
+			// backoff; one that answered with a server error is asked again
+			// now, as for any request (Nix retries nix-cache-info too): a
+			// single 502 of a flaky cache must not hide it for a minute.
+			var se *binarycache.StatusError
+			if err == nil || !transient(err) || !errors.As(err, &se) || attempt >= s.opts.Retries || ctx.Err() != nil {
+				return err
+			}
+			select {
+			case <-time.After(s.opts.RetryDelay << attempt):
+			case <-ctx.Done():
+				return err
+			}
 		}
-		if ci.StoreDir != "" && ci.StoreDir != s.opts.StoreDir {
-			return fmt.Errorf("%s holds paths of the store directory %s, not %s", up.URL, ci.StoreDir, s.opts.StoreDir)
-		}
-		up.prio = DefaultPriority
-		if ci.Priority != 0 {
-			up.prio = ci.Priority
-		}
-		return nil
 	}()
+	if err == nil && ci.StoreDir != "" && ci.StoreDir != s.opts.StoreDir {
+		err = fmt.Errorf("%s holds paths of the store directory %s, not %s", up.URL, ci.StoreDir, s.opts.StoreDir)
+	}
 	if err != nil {
 		if ctx.Err() == nil {
 			up.stats.infoErrors.Add(1)
@@ -287,6 +297,10 @@ func (s *Substituter) usable(ctx context.Context, up *Upstream) bool {
 		}
 		return false
 	}
+	up.prio = DefaultPriority
+	if ci.Priority != 0 {
+		up.prio = ci.Priority
+	}
 	if up.urlPrio >= 0 {
 		up.prio = up.urlPrio
 	}
@@ -297,17 +311,60 @@ func (s *Substituter) usable(ctx context.Context, up *Upstream) bool {
 	return true
 }
 
-// ordered returns the usable upstreams (with their indexes), lowest
-// priority number first, ties in the order given.
+// readCacheInfo is one attempt at up's nix-cache-info, within InfoTimeout.
+func (s *Substituter) readCacheInfo(ctx context.Context, up *Upstream) (*binarycache.CacheInfoFile, error) {
+	ictx, cancel := context.WithTimeout(ctx, s.opts.InfoTimeout)
+	defer cancel()
+	ci, err := binarycache.ReadCacheInfo(ictx, up.src)
+	if err != nil && ctx.Err() == nil && ictx.Err() != nil {
+		return nil, fmt.Errorf("%s/nix-cache-info: no answer within %v", up.src, s.opts.InfoTimeout)
+	}
+	return ci, err
+}
+
+// ordered returns the upstreams to ask (with their indexes), lowest
+// priority number first, ties in the order given. An upstream whose URL
+// gives its priority is placed by it without being contacted: callers
+// check it is usable (reading its nix-cache-info if need be) only when a
+// lookup gets to it, so a lookup that an earlier upstream answers never
+// waits for a later one that is slow to answer or down. An upstream whose
+// priority only its nix-cache-info tells is read now, and left out if it
+// is not usable.
 func (s *Substituter) ordered(ctx context.Context) []int {
 	var idx []int
+	prio := make([]int, len(s.ups))
 	for i, up := range s.ups {
-		if s.usable(ctx, up) {
-			idx = append(idx, i)
+		if up.urlPrio >= 0 {
+			prio[i] = up.urlPrio
+		} else if s.usable(ctx, up) {
+			up.mu.Lock()
+			prio[i] = up.prio
+			up.mu.Unlock()
+		} else {
+			continue
 		}
+		idx = append(idx, i)
 	}
-	slices.SortStableFunc(idx, func(a, b int) int { return s.ups[a].prio - s.ups[b].prio })
+	slices.SortStableFunc(idx, func(a, b int) int { return prio[a] - prio[b] })
 	return idx
+}
+
+// downNote describes the upstreams skipped as down just now, for an error
+// saying no upstream has a path: it may be on one of them.
+func (s *Substituter) downNote() string {
+	var down []string
+	now := s.opts.Now()
+	for _, up := range s.ups {
+		up.mu.Lock()
+		if !up.ready && up.downErr != nil && now.Before(up.retryAt) {
+			down = append(down, up.downErr.Error())
+		}
+		up.mu.Unlock()
+	}
+	if len(down) == 0 {
+		return ""
+	}
+	return " (skipped as down: " + strings.Join(down, "; ") + ")"
 }
 
 // retry runs f until it succeeds, fails for good or runs out of attempts,
@@ -500,6 +557,9 @@ func (s *Substituter) find(ctx context.Context, name string, checkSigs bool) (*F
 func (s *Substituter) findHash(ctx context.Context, hash, name string, checkSigs bool) (*Found, error) {
 	var errs []error
 	for _, i := range s.ordered(ctx) {
+		if !s.usable(ctx, s.ups[i]) {
+			continue
+		}
 		in, err := s.narinfo(ctx, i, hash)
 		if err != nil {
 			errs = append(errs, err)
@@ -603,7 +663,7 @@ func (s *Substituter) Resolve(ctx context.Context, names []string, checkSigs boo
 			case a.err != nil:
 				p.Missing[n] = fmt.Errorf("%s/%s: %w", s.opts.StoreDir, n, a.err)
 			case a.f == nil:
-				p.Missing[n] = fmt.Errorf("%s/%s: %w", s.opts.StoreDir, n, ErrNoSubstitute)
+				p.Missing[n] = fmt.Errorf("%s/%s: %w%s", s.opts.StoreDir, n, ErrNoSubstitute, s.downNote())
 			default:
 				p.Fetch[n] = a.f
 				for _, r := range a.f.Info.References {
@@ -725,7 +785,7 @@ func (s *Substituter) fetch(ctx context.Context, f *Found) error {
 	errs := []error{err}
 	for _, i := range s.ordered(ctx) {
 		alt := s.ups[i]
-		if alt == up {
+		if alt == up || !s.usable(ctx, alt) {
 			continue
 		}
 		ain, aerr := s.narinfo(ctx, i, store.HashPart(in.Name))

@@ -336,6 +336,19 @@ func TestFlaky(t *testing.T) {
 			conn.Close()
 			return true
 		}},
+		// A server error on nix-cache-info is retried as any other
+		// request's, not taken for a cache that is down.
+		{"nix-cache-info 500", func(w http.ResponseWriter, r *http.Request, n int) bool {
+			if n <= 2 && r.URL.Path == "/nix-cache-info" {
+				http.Error(w, "busy", http.StatusBadGateway)
+				return true
+			}
+			if n == 1 && r.URL.Path != "/nix-cache-info" {
+				http.Error(w, "busy", http.StatusInternalServerError)
+				return true
+			}
+			return false
+		}},
 		{"slow", func(w http.ResponseWriter, r *http.Request, n int) bool {
 			if n == 1 && r.URL.Path != "/nix-cache-info" {
 				time.Sleep(400 * time.Millisecond)
@@ -460,6 +473,47 @@ func TestHungUpstream(t *testing.T) {
 	}
 	if st := s.Stats(); st[0].Up || st[0].CacheInfoErrors != 1 || st[1].NarsFetched != 3 {
 		t.Fatalf("stats %+v", st)
+	}
+}
+
+// TestHungLowerPriority: an upstream that never answers, placed by its URL
+// after a good one, is not contacted by lookups the good one answers, so
+// they do not wait for it; a path only it could have fails after
+// InfoTimeout with an error naming the path and why the upstream was
+// skipped, and the next lookup skips it at once (backoff).
+func TestHungLowerPriority(t *testing.T) {
+	f := newFixture(t)
+	hung := serve(t, t.TempDir())
+	hung.hook = func(w http.ResponseWriter, r *http.Request, n int) bool {
+		<-r.Context().Done()
+		return true
+	}
+	good := serve(t, f.cache(t, f.key))
+	dst := openStore(t)
+	s := newSubst(t, dst, []string{hung.URL + "?priority=50", good.URL + "?priority=10"},
+		Options{Keys: f.pub, InfoTimeout: 500 * time.Millisecond, Timeout: time.Hour})
+	// Without the lazy contact, the lookup would wait InfoTimeout for the
+	// hung upstream first, and it would have been asked.
+	t0 := time.Now()
+	if _, err := s.Substitute(context.Background(), []string{pathC}, true); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(t0); hung.n("/nix-cache-info") != 0 {
+		t.Fatalf("the hung upstream was contacted for paths the good one has (after %v)", d)
+	}
+	checkClosure(t, f, dst)
+
+	_, err := s.Substitute(context.Background(), []string{pathX}, true)
+	if err == nil || !errors.Is(err, ErrNoSubstitute) || !strings.Contains(err.Error(), pathX) ||
+		!strings.Contains(err.Error(), "skipped as down") || !strings.Contains(err.Error(), hung.URL+"/nix-cache-info: no answer within 500ms") {
+		t.Fatalf("path only a hung upstream could have: %v", err)
+	}
+	if st := s.Stats(); st[0].Up || st[0].CacheInfoErrors != 1 || st[1].NarsFetched != 3 {
+		t.Fatalf("stats %+v", st)
+	}
+	// Within the backoff the hung upstream is not asked again.
+	if _, err := s.Substitute(context.Background(), []string{pathX}, true); err == nil || hung.n("/nix-cache-info") != 1 {
+		t.Fatalf("second lookup: %v; nix-cache-info asked %d times", err, hung.n("/nix-cache-info"))
 	}
 }
 
