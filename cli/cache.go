@@ -211,7 +211,7 @@ type HTTPFlags struct {
 }
 
 // startHTTP starts the HTTP binary cache; the returned function stops it.
-func (c *ServeCmd) startHTTP(g *Globals, st *store.Store, metrics func(io.Writer), pull func(context.Context, string) error) (func(), error) {
+func (c *ServeCmd) startHTTP(g *Globals, st *store.Store, metrics func(io.Writer), pull binarycache.Puller) (func(), error) {
 	var key *store.SecretKey
 	if c.SignKey != "" {
 		var err error
