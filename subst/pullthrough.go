@@ -162,8 +162,10 @@ type PullThrough struct {
 	l *Lazy
 
 	// running are the paths whose background fetch runs, so that many
-	// requests for one path start one.
+	// requests for one path start one (guarded by the substituter's
+	// spoolMu, as closed is).
 	running map[string]bool
+	closed  bool
 }
 
 // PullThrough opens the pull-through view; checkSigs is the substitution
@@ -175,8 +177,15 @@ func (s *Substituter) PullThrough(checkSigs bool) *PullThrough {
 	return &PullThrough{l: s.Lazy(checkSigs, 0), running: map[string]bool{}}
 }
 
-// Close drops the roots of what was fetched.
-func (p *PullThrough) Close() { p.l.Close() }
+// Close drops the roots of what was fetched; pulls still running fail
+// quietly (their roots are gone), and no new one starts.
+func (p *PullThrough) Close() {
+	s := p.l.s
+	s.spoolMu.Lock()
+	p.closed = true
+	s.spoolMu.Unlock()
+	p.l.Close()
+}
 
 var pullWarnings loglimit.Limiter
 
@@ -211,7 +220,7 @@ func (p *PullThrough) Pull(ctx context.Context, hash string) (*binarycache.Info,
 func (p *PullThrough) start(name string) {
 	s := p.l.s
 	s.spoolMu.Lock()
-	if p.running[name] || s.base.Err() != nil {
+	if p.running[name] || p.closed || s.base.Err() != nil {
 		s.spoolMu.Unlock()
 		return
 	}
@@ -221,13 +230,16 @@ func (p *PullThrough) start(name string) {
 	s.spoolMu.Unlock()
 	go func() {
 		defer s.fetchs.Done()
-		if err := p.l.Ensure(s.base, name); err != nil && s.opts.Logger != nil && s.base.Err() == nil {
-			pullWarnings.Warn(s.opts.Logger, "pull-through fetch failed", "path", s.opts.StoreDir+"/"+name, "err", err)
-		}
+		err := p.l.Ensure(s.base, name)
 		s.unhold(name)
 		s.spoolMu.Lock()
 		delete(p.running, name)
+		quiet := p.closed || s.base.Err() != nil
 		s.spoolMu.Unlock()
+		if err != nil && !quiet && s.opts.Logger != nil {
+			// Clients retry at will: one line per interval, not per request.
+			pullWarnings.Warn(s.opts.Logger, "pull-through fetch failed", "path", s.opts.StoreDir+"/"+name, "err", err)
+		}
 	}()
 }
 
