@@ -90,9 +90,10 @@ func (s *Server) streamNAR(w http.ResponseWriter, r *http.Request, rd *SpoolRead
 			status = http.StatusPartialContent
 			w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", a, b, narSize))
 		}
-		rd.Skip(start)
 		w.Header().Set("Content-Length", strconv.FormatInt(n, 10))
-		rng = &rangeWriter{left: n}
+		// The skipped prefix is read and dropped: a checked reader
+		// hashes the NAR from its start.
+		rng = &rangeWriter{skip: start, left: n}
 	} else {
 		w.Header().Set("Content-Type", "application/zstd")
 	}

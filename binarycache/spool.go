@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"os"
 	"sync"
@@ -181,19 +182,34 @@ func (sp *Spool) NewReader(ctx context.Context) *SpoolReader {
 	return &SpoolReader{sp: sp, ctx: ctx}
 }
 
+// NewCheckedReader is NewReader for a reader that hashes what it reads
+// back from the file itself and gives the NAR's last SpoolHoldBack bytes
+// only if that matches NarHash: the download's check covers the bytes it
+// wrote, this one the bytes a client gets (as a rendered NAR's own check
+// does), so a spool file damaged on disk fails the reader before the end.
+// (The ingest needs none: its batch checks the hash itself.)
+func (sp *Spool) NewCheckedReader(ctx context.Context) *SpoolReader {
+	r := sp.NewReader(ctx)
+	if r != nil {
+		r.h = sha256.New()
+	}
+	return r
+}
+
 // SpoolReader follows a Spool from the start of the NAR.
 type SpoolReader struct {
 	sp     *Spool
 	ctx    context.Context
 	off    int64
 	closed bool
+
+	// Checked readers (h set): the NAR's end, read at once and checked.
+	h    hash.Hash
+	tail []byte
 }
 
 // Info is the narinfo the spool's NAR is checked against.
 func (r *SpoolReader) Info() *Info { return r.sp.Info }
-
-// Skip moves the reader n bytes on without reading them (a Range request).
-func (r *SpoolReader) Skip(n int64) { r.off += n }
 
 // TryRead reads what is there without waiting: 0, nil when nothing new is
 // yet; io.EOF after the whole NAR, once it checked out; the download's
@@ -202,15 +218,30 @@ func (r *SpoolReader) TryRead(p []byte) (int, error) {
 	if r.closed {
 		return 0, os.ErrClosed
 	}
+	if len(r.tail) > 0 {
+		n := copy(p, r.tail)
+		r.tail = r.tail[n:]
+		return n, nil
+	}
 	lim, done, err, _ := r.sp.limit()
 	if err != nil {
 		return 0, err
 	}
 	if r.off < lim && len(p) > 0 {
-		k := int(min(int64(len(p)), lim-r.off))
+		end := max(r.sp.Info.NarSize-SpoolHoldBack, 0)
+		if r.h != nil && r.off >= end {
+			return r.readTail(p)
+		}
+		k := min(int64(len(p)), lim-r.off)
+		if r.h != nil {
+			k = min(k, end-r.off)
+		}
 		n, err := r.sp.f.ReadAt(p[:k], r.off)
 		r.off += int64(n)
-		if n == k {
+		if r.h != nil {
+			r.h.Write(p[:n])
+		}
+		if n == int(k) {
 			err = nil
 		}
 		return n, err
@@ -219,6 +250,26 @@ func (r *SpoolReader) TryRead(p []byte) (int, error) {
 		return 0, io.EOF
 	}
 	return 0, nil
+}
+
+// readTail reads the rest of the NAR (its held back end, released since
+// the download checked out) and gives it only if the whole NAR read back
+// hashes to NarHash.
+func (r *SpoolReader) readTail(p []byte) (int, error) {
+	in := r.sp.Info
+	tail := make([]byte, in.NarSize-r.off)
+	if _, err := r.sp.f.ReadAt(tail, r.off); err != nil {
+		return 0, fmt.Errorf("spool: %w", err)
+	}
+	r.h.Write(tail)
+	if sum := r.h.Sum(nil); [sha256.Size]byte(sum) != in.NarHash {
+		return 0, fmt.Errorf("spool of %s: %w: read back sha256:%s, narinfo says sha256:%s", in.Name, store.ErrHashMismatch,
+			store.NixBase32(sum), store.NixBase32(in.NarHash[:]))
+	}
+	r.off = in.NarSize
+	n := copy(p, tail)
+	r.tail = tail[n:]
+	return n, nil
 }
 
 // Wait waits until TryRead has something to say: new bytes, the end or

@@ -188,3 +188,76 @@ func flipped(b []byte, at int) []byte {
 	b[at] ^= 1
 	return b
 }
+
+// TestSpoolCheckedReader: a checked reader (what HTTP clients get) hashes
+// what it reads back from the spool file, so a file damaged after the
+// download checked out fails it before the NAR's end, whatever the
+// buffer sizes; an intact file reads whole. A Range-like reader reading in
+// small pieces gets the end too.
+func TestSpoolCheckedReader(t *testing.T) {
+	src := openStore(t)
+	addTree(t, src, pathA)
+	good := narOf(t, src, pathA)
+	pi, err := src.Info(context.Background(), pathA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := &Info{Name: pathA, URL: "nar/x.nar", Compression: "none", NarHash: pi.NarHash, NarSize: pi.NarSize}
+	for _, tc := range []struct {
+		name    string
+		damage  int // offset of a byte flipped in the file after the download; -1: none
+		bufSize int
+	}{
+		{"intact", -1, 64 << 10},
+		{"intact, 5-byte reads", -1, 5},
+		{"damaged in the middle", len(good) / 2, 64 << 10},
+		{"damaged in the held back end", len(good) - 3, 64 << 10},
+		{"damaged in the end, 5-byte reads", len(good) - 3, 5},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sp, err := NewSpool(filepath.Join(t.TempDir(), "tmp"), in)
+			if err != nil {
+				t.Fatal(err)
+			}
+			sp.Retain() // as the spool table does, so the file outlives the download
+			defer sp.Release()
+			pr, pw := io.Pipe()
+			go func() { pw.Write(good); pw.Close() }()
+			if err := sp.Fetch(context.Background(), pipeSource{pr}); err != nil {
+				t.Fatal(err)
+			}
+			r := sp.NewCheckedReader(context.Background())
+			if r == nil {
+				t.Fatal("no reader")
+			}
+			defer r.Close()
+			if tc.damage >= 0 {
+				b := []byte{good[tc.damage] ^ 1}
+				if _, err := sp.f.WriteAt(b, int64(tc.damage)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			var got []byte
+			buf := make([]byte, tc.bufSize)
+			for {
+				n, err := r.Read(buf)
+				got = append(got, buf[:n]...)
+				if err == io.EOF {
+					break
+				}
+				if err != nil {
+					if tc.damage < 0 || !errors.Is(err, store.ErrHashMismatch) {
+						t.Fatalf("after %d bytes: %v", len(got), err)
+					}
+					if len(got) >= len(good) {
+						t.Fatalf("damaged spool: read all %d bytes before the error", len(got))
+					}
+					return
+				}
+			}
+			if tc.damage >= 0 || !bytes.Equal(got, good) {
+				t.Fatalf("read %d bytes to the end (damage at %d), want %d intact bytes or an error", len(got), tc.damage, len(good))
+			}
+		})
+	}
+}

@@ -76,23 +76,28 @@ func (s *Substituter) dropSpool(name string, sp *binarycache.Spool) {
 
 // openSpool returns a reader of in's NAR from the spool downloading or
 // holding it, starting a download from up if there is none (or only a
-// failed one, or one of another NAR hash). With ifInvalid, it returns nil
-// when the store holds the path: asked under the table's lock, which the
-// ingest takes to drop the spool only after its commit, so no download
-// starts for a path just ingested.
-func (s *Substituter) openSpool(ctx context.Context, in *binarycache.Info, up *Upstream, ifInvalid bool) (*binarycache.SpoolReader, error) {
+// failed one, or one of another NAR hash). For a client (an HTTP request,
+// not the ingest) the reader is a checked one, and it returns nil when
+// the store holds the path: asked under the table's lock, which the ingest
+// takes to drop the spool only after its commit, so no download starts
+// for a path just ingested.
+func (s *Substituter) openSpool(ctx context.Context, in *binarycache.Info, up *Upstream, client bool) (*binarycache.SpoolReader, error) {
+	open := (*binarycache.Spool).NewReader
+	if client {
+		open = (*binarycache.Spool).NewCheckedReader
+	}
 	s.spoolMu.Lock()
 	defer s.spoolMu.Unlock()
 	if e, ok := s.spools[in.Name]; ok {
 		_, err := e.sp.State()
 		if err == nil && e.sp.Info.NarHash == in.NarHash && e.sp.Info.NarSize == in.NarSize {
-			if rd := e.sp.NewReader(ctx); rd != nil {
+			if rd := open(e.sp, ctx); rd != nil {
 				return rd, nil
 			}
 		}
 		s.dropLocked(in.Name)
 	}
-	if ifInvalid {
+	if client {
 		if ok, err := s.st.IsValid(ctx, in.Name); err != nil || ok {
 			return nil, err
 		}
@@ -106,7 +111,7 @@ func (s *Substituter) openSpool(ctx context.Context, in *binarycache.Info, up *U
 	}
 	sp.Retain() // the table's
 	s.spools[in.Name] = &spoolEntry{sp: sp, up: up}
-	rd := sp.NewReader(ctx)
+	rd := open(sp, ctx)
 	s.fetchs.Add(1)
 	go func() {
 		defer s.fetchs.Done()
