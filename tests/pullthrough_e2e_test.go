@@ -99,12 +99,22 @@ func TestServePullThrough(t *testing.T) {
 	if err != nil || resp.StatusCode != http.StatusNotFound {
 		t.Errorf("unknown narinfo: %v %v", resp, err)
 	}
-	metrics := string(nixtest.HTTPGet(t, url+"/metrics"))
+	// The clients may be done before casnix's ingest of what it streamed
+	// to them is: once it is, a narinfo request is a hit.
+	topHash := strings.TrimPrefix(top, nixtest.StoreDir+"/")[:32]
+	var metrics string
 	counts := map[string]int{}
-	for _, m := range regexp.MustCompile(`(?m)^casnix_http_pull_through_total\{result="(\w+)"\} (\d+)$`).FindAllStringSubmatch(metrics, -1) {
-		var n int
-		fmt.Sscan(m[2], &n)
-		counts[m[1]] = n
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(100 * time.Millisecond) {
+		nixtest.HTTPGet(t, url+"/"+topHash+".narinfo")
+		metrics = string(nixtest.HTTPGet(t, url+"/metrics"))
+		for _, m := range regexp.MustCompile(`(?m)^casnix_http_pull_through_total\{result="(\w+)"\} (\d+)$`).FindAllStringSubmatch(metrics, -1) {
+			var n int
+			fmt.Sscan(m[2], &n)
+			counts[m[1]] = n
+		}
+		if counts["hit"] >= 1 || time.Now().After(deadline) {
+			break
+		}
 	}
 	if counts["fetched"] < 1 || counts["failed"] != 0 || counts["missing"] != 1 || counts["hit"] < 1 {
 		t.Errorf("pull-through metrics %v:\n%s", counts, metrics)
