@@ -358,31 +358,47 @@ func FetchNAR(ctx context.Context, st *store.Store, src Source, in *Info) error 
 	}
 	defer rc.Close()
 	body := &readErr{r: rc}
-	fileCapped := &cappedReader{r: body, left: in.FileSize,
+	file, fileCapped, narCapped, closeDec, err := openNAR(body, in)
+	if err != nil {
+		return body.transient(err)
+	}
+	defer closeDec()
+	br := bufio.NewReaderSize(narCapped, 256<<10)
+	err = ingest(ctx, st, in, file, br)
+	return body.transient(fileCapped.check(narCapped.check(err)))
+}
+
+// openNAR wraps the cache file rc in the readers that check it against in:
+// the file capped at its FileSize (or what any compression of NarSize
+// bytes takes) and hashed, decompressed, the NAR capped at NarSize. Errors
+// of readers above them go through the capped readers' check.
+func openNAR(rc io.Reader, in *Info) (file *hashCounter, fileCapped, narCapped *cappedReader, closeDec func(), err error) {
+	fileCapped = &cappedReader{r: rc, left: in.FileSize,
 		err: fmt.Errorf("%s: file %w (FileSize %d)", in.URL, ErrTooLong, in.FileSize)}
 	if in.FileSize == 0 {
 		fileCapped.left = maxFileSize(in.NarSize)
 		fileCapped.err = fmt.Errorf("%s: file %w: over %d bytes, more than any compression of its NarSize %d takes",
 			in.URL, ErrTooLong, fileCapped.left, in.NarSize)
 	}
-	file := &hashCounter{r: fileCapped, h: sha256.New()}
+	file = &hashCounter{r: fileCapped, h: sha256.New()}
 	narR, closeDec, err := decompress(file, in.Compression)
 	if err != nil {
-		return fileCapped.check(fmt.Errorf("%s: %w", in.URL, err))
+		return nil, nil, nil, nil, fileCapped.check(fmt.Errorf("%s: %w", in.URL, err))
 	}
-	defer closeDec()
-	narCapped := &cappedReader{r: narR, left: in.NarSize,
+	narCapped = &cappedReader{r: narR, left: in.NarSize,
 		err: fmt.Errorf("%s: NAR %w (NarSize %d)", in.URL, ErrTooLong, in.NarSize)}
-	br := bufio.NewReaderSize(narCapped, 256<<10)
-	err = ingest(ctx, st, in, file, br)
-	err = fileCapped.check(narCapped.check(err))
-	// A download that broke off makes whatever the decompressor or the NAR
-	// parser concluded from the short stream (a truncated frame or file, a
-	// hash mismatch) a failure worth retrying: they may not pass the
-	// transport's error on.
+	return file, fileCapped, narCapped, closeDec, nil
+}
+
+// transient makes err, the failure of a download read through e, a failure
+// worth retrying if the download itself broke off: whatever the
+// decompressor or the NAR parser concluded from the short stream (a
+// truncated frame or file, a hash mismatch) does not pass the transport's
+// error on.
+func (e *readErr) transient(err error) error {
 	var te *TransientError
-	if cause := body.failed(); err != nil && errors.As(cause, &te) && !errors.As(err, &te) {
-		err = &TransientError{fmt.Errorf("%w (the download broke off: %v)", err, cause)}
+	if cause := e.failed(); err != nil && errors.As(cause, &te) && !errors.As(err, &te) {
+		return &TransientError{fmt.Errorf("%w (the download broke off: %v)", err, cause)}
 	}
 	return err
 }
@@ -413,44 +429,35 @@ func (e *readErr) failed() error {
 	return e.err
 }
 
+// checkFile reads the rest of the cache file (after the NAR) and checks
+// it against the narinfo's FileSize and FileHash.
+func checkFile(in *Info, file *hashCounter) error {
+	if _, err := io.Copy(io.Discard, file); err != nil {
+		return fmt.Errorf("%s: %w", in.URL, err)
+	}
+	if in.FileSize != 0 && file.n != in.FileSize {
+		return fmt.Errorf("%s: file size mismatch: got %d bytes, narinfo says %d", in.URL, file.n, in.FileSize)
+	}
+	if sum := file.h.Sum(nil); in.FileHash != nil && !bytes.Equal(sum, in.FileHash) {
+		return fmt.Errorf("%s: file hash mismatch: got sha256:%s, narinfo says sha256:%s", in.URL,
+			store.NixBase32(sum), store.NixBase32(in.FileHash))
+	}
+	return nil
+}
+
 // ingest reads the NAR from br into a batch of its own and commits it if
 // the NAR, and the file it came in, are what the narinfo says.
 func ingest(ctx context.Context, st *store.Store, in *Info, file *hashCounter, br *bufio.Reader) error {
 	b := st.NewBatch(ctx)
-	pi, err := b.Add(br, in.PathInfo())
-	if err != nil {
+	if err := addNAR(b, br, in); err != nil {
 		b.Abort()
 		return err
-	}
-	// Batch.Add skips checks of zero values; a narinfo must not.
-	if pi.NarHash != in.NarHash || pi.NarSize != in.NarSize {
-		b.Abort()
-		return fmt.Errorf("%s: %w: got sha256:%s (%d bytes), narinfo says sha256:%s (%d bytes)", in.URL, store.ErrHashMismatch,
-			store.NixBase32(pi.NarHash[:]), pi.NarSize, store.NixBase32(in.NarHash[:]), in.NarSize)
 	}
 	// The file must hold exactly the NAR, and be what the narinfo says.
-	if _, err := br.ReadByte(); err != io.EOF {
+	if err := checkFile(in, file); err != nil {
 		b.Abort()
-		if err != nil {
-			return fmt.Errorf("%s: after the NAR: %w", in.URL, err)
-		}
-		return fmt.Errorf("%s: data after the end of the NAR", in.URL)
-	}
-	if _, err := io.Copy(io.Discard, file); err != nil {
-		b.Abort()
-		return fmt.Errorf("%s: %w", in.URL, err)
-	}
-	if in.FileSize != 0 && file.n != in.FileSize {
-		b.Abort()
-		return fmt.Errorf("%s: file size mismatch: got %d bytes, narinfo says %d", in.URL, file.n, in.FileSize)
-	}
-	if sum := file.h.Sum(nil); in.FileHash != nil && !bytes.Equal(sum, in.FileHash) {
-		b.Abort()
-		return fmt.Errorf("%s: file hash mismatch: got sha256:%s, narinfo says sha256:%s", in.URL,
-			store.NixBase32(sum), store.NixBase32(in.FileHash))
-	}
-	if _, err := b.Commit(); err != nil {
 		return err
 	}
-	return nil
+	_, err := b.Commit()
+	return err
 }

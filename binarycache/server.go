@@ -49,11 +49,10 @@ type Server struct {
 	Metrics func(io.Writer)
 
 	// Pull, when set, makes the server a pull-through cache: a narinfo
-	// request for a path the store lacks calls it with the hash part, and
-	// it makes that path (and its closure) valid. ErrNotFound (wrapped)
-	// means no upstream has it, acceptably: a 404; any other error is a
-	// 502, so clients retry or try their next cache.
-	Pull func(ctx context.Context, hash string) error
+	// request for a path the store lacks is answered from an upstream's
+	// narinfo while Pull fetches the path into the store, and its NAR is
+	// streamed from that fetch until the store holds it.
+	Pull Puller
 
 	encoders  sync.Pool
 	cacheOnce sync.Once
@@ -76,6 +75,9 @@ type metrics struct {
 	// Pull-through narinfo requests (with Pull set): present already,
 	// fetched, not found upstream, failed.
 	pullHits, pullFetched, pullMissing, pullFailed atomic.Int64
+	// Pull-through NAR requests answered from a fetch in progress, and
+	// those whose fetch failed (a 502, or a response cut short).
+	pullStreamed, pullStreamFailed atomic.Int64
 
 	// statsMu guards the store totals, apart from mu: the scan takes as
 	// long as SQLite needs under load, and every request counts itself
@@ -133,6 +135,9 @@ func (w *statusWriter) ReadFrom(r io.Reader) (int64, error) {
 	w.n += n
 	return n, err
 }
+
+// Unwrap lets http.ResponseController reach the connection (to flush).
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 func (w *statusWriter) Write(p []byte) (int, error) {
 	if w.status == 0 {
@@ -223,7 +228,7 @@ func (s *Server) Narinfo(pi *store.PathInfo) ([]byte, error) {
 	}
 	in := InfoFrom(pi)
 	in.Compression = s.compression()
-	in.URL = "nar/" + store.HashPart(pi.Name) + "-" + store.NixBase32(pi.NarHash[:]) + ".nar" + extensions[in.Compression]
+	in.URL = s.narURL(pi.Name, pi.NarHash)
 	if s.Key != nil {
 		if in.Sigs = addSig(in.Sigs, s.Key, s.StoreDir, pi); in.Sigs == nil {
 			return nil, fmt.Errorf("sign %s", pi.Name)
@@ -243,27 +248,25 @@ func (s *Server) serveNarinfo(w http.ResponseWriter, r *http.Request, hash strin
 		s.fail(w, r.URL.Path, err)
 		return
 	}
-	if s.Pull != nil && validHashPart(hash) {
-		if pi != nil {
+	var data []byte
+	switch {
+	case pi != nil:
+		if s.Pull != nil && validHashPart(hash) {
 			s.metrics.pullHits.Add(1)
-		} else if pi, err = s.pull(r.Context(), hash); err != nil {
-			if r.Context().Err() != nil {
-				return // the client went away
-			}
-			s.metrics.pullFailed.Add(1)
-			if s.Logger != nil {
-				// Clients retry at will: one line per interval, not per request.
-				pullWarnings.Warn(s.Logger, "pull-through fetch failed", "request", r.URL.Path, "err", err)
-			}
-			http.Error(w, "upstream fetch failed", http.StatusBadGateway)
+		}
+		data, err = s.Narinfo(pi)
+	case s.Pull != nil && validHashPart(hash):
+		var in *Info
+		if in, err = s.Pull.Pull(r.Context(), hash); err != nil {
+			s.pullFailed(w, r, err, false)
 			return
 		}
-	}
-	if pi == nil {
+		s.metrics.pullFetched.Add(1)
+		data, err = s.pulledNarinfo(in)
+	default:
 		http.NotFound(w, r)
 		return
 	}
-	data, err := s.Narinfo(pi)
 	if err != nil {
 		s.fail(w, r.URL.Path, err)
 		return
@@ -277,27 +280,30 @@ func (s *Server) serveNarinfo(w http.ResponseWriter, r *http.Request, hash strin
 
 var pullWarnings loglimit.Limiter
 
-// pull fetches the path with the given hash part through Pull and looks
-// it up again; nil, nil when no upstream has it.
-func (s *Server) pull(ctx context.Context, hash string) (*store.PathInfo, error) {
-	if err := s.Pull(ctx, hash); err != nil {
-		if errors.Is(err, ErrNotFound) {
+// pullFailed answers a pull-through request that failed: 404 if no
+// upstream has the path (acceptably), else 502, so clients retry or try
+// their next cache.
+func (s *Server) pullFailed(w http.ResponseWriter, r *http.Request, err error, nar bool) {
+	if errors.Is(err, ErrNotFound) {
+		if !nar {
 			s.metrics.pullMissing.Add(1)
-			return nil, nil
 		}
-		return nil, err
+		http.NotFound(w, r)
+		return
 	}
-	pi, err := s.lookup(ctx, hash)
-	if err == nil && pi == nil {
-		// Fetched, then gone: a collection between the two (Pull roots
-		// what it fetches, so this is a bug or a manual delete).
-		err = fmt.Errorf("%s: not valid after fetching", hash)
+	if r.Context().Err() != nil {
+		return // the client went away
 	}
-	if err != nil {
-		return nil, err
+	if nar {
+		s.metrics.pullStreamFailed.Add(1)
+	} else {
+		s.metrics.pullFailed.Add(1)
 	}
-	s.metrics.pullFetched.Add(1)
-	return pi, nil
+	if s.Logger != nil {
+		// Clients retry at will: one line per interval, not per request.
+		pullWarnings.Warn(s.Logger, "pull-through fetch failed", "request", r.URL.Path, "err", err)
+	}
+	http.Error(w, "upstream fetch failed", http.StatusBadGateway)
 }
 
 // validHashPart reports whether hash could be a store path's hash part
@@ -342,6 +348,22 @@ func (s *Server) serveNAR(w http.ResponseWriter, r *http.Request, file string) {
 	if err != nil {
 		s.fail(w, r.URL.Path, err)
 		return
+	}
+	if pi == nil && s.Pull != nil && validHashPart(hash) && len(narHash) == 52 {
+		rd, err := s.Pull.OpenNAR(r.Context(), hash, narHash)
+		if err != nil {
+			s.pullFailed(w, r, err, true)
+			return
+		}
+		if rd != nil {
+			s.streamNAR(w, r, rd, ext)
+			return
+		}
+		// The store holds it now.
+		if pi, err = s.lookup(r.Context(), hash); err != nil {
+			s.fail(w, r.URL.Path, err)
+			return
+		}
 	}
 	if pi == nil || store.NixBase32(pi.NarHash[:]) != narHash {
 		http.NotFound(w, r)
@@ -547,13 +569,16 @@ func (s *Server) serveMetrics(ctx context.Context, w http.ResponseWriter) {
 	fmt.Fprintf(&b, "# HELP casnix_http_errors_total Requests that failed on the server side.\n# TYPE casnix_http_errors_total counter\ncasnix_http_errors_total %d\n", m.errors.Load())
 	fmt.Fprintf(&b, "# HELP casnix_http_verbatim_frames_total Stored zstd frames sent as stored instead of recompressed.\n# TYPE casnix_http_verbatim_frames_total counter\ncasnix_http_verbatim_frames_total %d\n", m.verbatim.Load())
 	if s.Pull != nil {
-		b.WriteString("# HELP casnix_http_pull_through_total Narinfo requests of the pull-through cache by result: hit (present), fetched (absent when asked, served after a fetch, its own or one it waited for), missing (no acceptable upstream copy, 404), failed (502).\n# TYPE casnix_http_pull_through_total counter\n")
+		b.WriteString("# HELP casnix_http_pull_through_total Narinfo requests of the pull-through cache by result: hit (present), fetched (absent when asked, answered from an upstream narinfo while the path is fetched), missing (no acceptable upstream copy, 404), failed (502).\n# TYPE casnix_http_pull_through_total counter\n")
 		for _, r := range []struct {
 			result string
 			n      *atomic.Int64
 		}{{"hit", &m.pullHits}, {"fetched", &m.pullFetched}, {"missing", &m.pullMissing}, {"failed", &m.pullFailed}} {
 			fmt.Fprintf(&b, "casnix_http_pull_through_total{result=%q} %d\n", r.result, r.n.Load())
 		}
+		b.WriteString("# HELP casnix_http_pull_through_nars_total NAR requests of the pull-through cache answered while the path was fetched, by result: streamed (sent whole as it arrived), failed (the fetch failed: a 502, or a response cut short).\n# TYPE casnix_http_pull_through_nars_total counter\n")
+		fmt.Fprintf(&b, "casnix_http_pull_through_nars_total{result=\"streamed\"} %d\n", m.pullStreamed.Load())
+		fmt.Fprintf(&b, "casnix_http_pull_through_nars_total{result=\"failed\"} %d\n", m.pullStreamFailed.Load())
 	}
 	fmt.Fprintf(&b, "# HELP casnix_store_paths Valid store paths.\n# TYPE casnix_store_paths gauge\ncasnix_store_paths %d\n", paths)
 	fmt.Fprintf(&b, "# HELP casnix_store_nar_bytes Logical NAR bytes of the valid paths.\n# TYPE casnix_store_nar_bytes gauge\ncasnix_store_nar_bytes %d\n", narBytes)

@@ -206,12 +206,12 @@ type HTTPFlags struct {
 	HTTPCache       string        `name:"http-cache" type:"path" placeholder:"DIR" help:"With --http: keep compressed NARs once served in DIR, so later downloads are sent from a file (no render, no compression)."`
 	HTTPCacheSize   int64         `name:"http-cache-size" default:"10737418240" placeholder:"BYTES" help:"With --http-cache: evict least recently used NARs beyond this many bytes."`
 	HTTPMaxConns    int           `name:"http-max-connections" env:"CASNIX_HTTP_MAX_CONNECTIONS" default:"128" placeholder:"N" help:"With --http: serve at most N connections at once (each may render and compress a NAR); more wait until one closes. 0: no cap."`
-	HTTPPull        bool          `name:"http-pull-through" default:"true" negatable:"" help:"With --http and --substituters: a narinfo request for a path the store lacks fetches it (and its closure) from the upstreams first, under the substitution signature rules, then serves it (a pull-through cache)."`
+	HTTPPull        bool          `name:"http-pull-through" default:"true" negatable:"" help:"With --http and --substituters: a narinfo request for a path the store lacks is answered from an upstream narinfo (under the substitution signature rules) while the path and its closure are fetched into the store, and its NAR is streamed to clients as it arrives (a pull-through cache)."`
 	HTTPStall       time.Duration `name:"http-stall-timeout" env:"CASNIX_HTTP_STALL_TIMEOUT" default:"1m" help:"With --http: close a connection whose response makes no progress (a client not reading) for this long; a slow but steady download is not cut off."`
 }
 
 // startHTTP starts the HTTP binary cache; the returned function stops it.
-func (c *ServeCmd) startHTTP(g *Globals, st *store.Store, metrics func(io.Writer), pull func(context.Context, string) error) (func(), error) {
+func (c *ServeCmd) startHTTP(g *Globals, st *store.Store, metrics func(io.Writer), pull binarycache.Puller) (func(), error) {
 	var key *store.SecretKey
 	if c.SignKey != "" {
 		var err error

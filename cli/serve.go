@@ -16,6 +16,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/casnix/casnix/binarycache"
 	"github.com/casnix/casnix/fusefs"
 	"github.com/casnix/casnix/loglimit"
 	"github.com/casnix/casnix/proto"
@@ -141,15 +142,14 @@ func (c *ServeCmd) Run(g *Globals) error {
 		defer func() { cancel(); <-done }()
 	}
 	if c.HTTP != "" {
-		var pull func(context.Context, string) error
+		var pull binarycache.Puller
 		if srv.Subst != nil && c.HTTPPull {
-			// A lazy view of its own (not the daemon's --lazy): its roots
-			// keep what a narinfo request fetched while the client
-			// downloads the NARs. Closed after the HTTP server stops
-			// (defers run last first).
-			l := srv.Subst.Lazy(c.RequireSigs, 0)
-			defer l.Close()
-			pull = l.Pull
+			// Its own lazy view (not the daemon's --lazy): its roots keep
+			// what a pull fetched while clients download the NARs. Closed
+			// after the HTTP server stops (defers run last first).
+			p := srv.Subst.PullThrough(c.RequireSigs)
+			defer p.Close()
+			pull = p
 		}
 		stop, err := c.startHTTP(g, st, func(w io.Writer) { substMetrics(w, srv.Subst, st, maxSize) }, pull)
 		if err != nil {

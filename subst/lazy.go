@@ -249,25 +249,3 @@ func (l *Lazy) Ensure(ctx context.Context, name string) error {
 	_, err = l.s.Fetch(ctx, p)
 	return err
 }
-
-// Pull is binarycache.Server's Pull (the HTTP pull-through cache): it
-// makes the path whose hash part is hash valid, fetching its closure as
-// Ensure does (rooted for the grace period, so the client has time to
-// download the NARs). No upstream having it acceptably (under the
-// substitution signature rules) wraps binarycache.ErrNotFound; lookups
-// are cached and single-flight, so unknown hashes cost at most one
-// request per upstream per hash and negative TTL.
-func (l *Lazy) Pull(ctx context.Context, hash string) error {
-	name, err := l.ByHashPart(ctx, hash)
-	if err != nil {
-		return err
-	}
-	if name == "" {
-		return fmt.Errorf("%s: %w", hash, binarycache.ErrNotFound)
-	}
-	err = l.Ensure(ctx, name)
-	if errors.Is(err, ErrNoSubstitute) && !errors.Is(err, binarycache.ErrDependency) {
-		return fmt.Errorf("%w: %w", binarycache.ErrNotFound, err)
-	}
-	return err
-}

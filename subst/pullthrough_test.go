@@ -21,9 +21,9 @@ import (
 func pullServer(t *testing.T, s *Substituter, dst *store.Store) (*httptest.Server, *binarycache.Server, store.PublicKeys) {
 	t.Helper()
 	key, pub := keyPair(t, "casnix-1")
-	l := s.Lazy(true, 0)
-	t.Cleanup(l.Close)
-	h := &binarycache.Server{Store: dst, StoreDir: "/nix/store", Key: key, Pull: l.Pull}
+	p := s.PullThrough(true)
+	t.Cleanup(p.Close)
+	h := &binarycache.Server{Store: dst, StoreDir: "/nix/store", Key: key, Pull: p}
 	hs := httptest.NewServer(h)
 	t.Cleanup(hs.Close)
 	return hs, h, pub
@@ -79,11 +79,17 @@ func httpGet(t *testing.T, url string) (int, string) {
 	return resp.StatusCode, string(b)
 }
 
+// metric is a casnix_http_pull_through_total result, or with a nars_
+// prefix a casnix_http_pull_through_nars_total one.
 func metric(t *testing.T, url, result string) string {
 	t.Helper()
 	_, body := httpGet(t, url+"/metrics")
+	family := "casnix_http_pull_through_total"
+	if r, ok := strings.CutPrefix(result, "nars_"); ok {
+		family, result = "casnix_http_pull_through_nars_total", r
+	}
 	for _, l := range strings.Split(body, "\n") {
-		if v, ok := strings.CutPrefix(l, `casnix_http_pull_through_total{result="`+result+`"} `); ok {
+		if v, ok := strings.CutPrefix(l, family+`{result="`+result+`"} `); ok {
 			return v
 		}
 	}
@@ -163,8 +169,10 @@ func TestPullThroughUnsigned(t *testing.T) {
 }
 
 // TestPullThroughUpstreamFailing: an upstream failing is a 502 (not a 404:
-// clients retry or try their next cache), for narinfo and NAR failures
-// alike, and is not remembered: once the upstream works the path is served.
+// clients retry or try their next cache), and is not remembered: once the
+// upstream works the path is served. A failing narinfo fails the narinfo
+// request; a failing NAR fails the NAR request (the narinfo is answered
+// from the upstream's before the NAR is fetched).
 func TestPullThroughUpstreamFailing(t *testing.T) {
 	for _, what := range []string{"/" + store.HashPart(pathC) + ".narinfo", "/nar/"} {
 		t.Run(what, func(t *testing.T) {
@@ -182,7 +190,16 @@ func TestPullThroughUpstreamFailing(t *testing.T) {
 			dst := openStore(t)
 			hs, _, pub := pullServer(t, newSubst(t, dst, []string{up.URL}, Options{Keys: f.pub, Retries: -1}), dst)
 			url := hs.URL + "/" + store.HashPart(pathC) + ".narinfo"
-			if code, _ := httpGet(t, url); code != http.StatusBadGateway {
+			code, body := httpGet(t, url)
+			failed := "failed"
+			if what == "/nar/" {
+				if code != http.StatusOK {
+					t.Fatalf("narinfo: status %d with the upstream's NARs failing, want 200", code)
+				}
+				code, _ = httpGet(t, hs.URL+"/"+narURL(t, body))
+				failed = "nars_failed"
+			}
+			if code != http.StatusBadGateway {
 				t.Fatalf("status %d with the upstream failing, want 502", code)
 			}
 			// Another path's request is unaffected by the failure: a path
@@ -190,8 +207,8 @@ func TestPullThroughUpstreamFailing(t *testing.T) {
 			if code, _ := httpGet(t, hs.URL+"/"+store.HashPart(pathX)+".narinfo"); code != http.StatusNotFound {
 				t.Fatalf("unknown path: status %d", code)
 			}
-			if v := metric(t, hs.URL, "failed"); v != "1" {
-				t.Fatalf("failed %s, want 1", v)
+			if v := metric(t, hs.URL, failed); v != "1" {
+				t.Fatalf("%s %s, want 1", failed, v)
 			}
 			failing.Store(false)
 			if code, body := httpGet(t, url); code != http.StatusOK || !strings.Contains(body, "StorePath: /nix/store/"+pathC) {
@@ -204,6 +221,16 @@ func TestPullThroughUpstreamFailing(t *testing.T) {
 			checkClosure(t, f, c)
 		})
 	}
+}
+
+// narURL is the URL a narinfo names.
+func narURL(t *testing.T, narinfo string) string {
+	t.Helper()
+	in, err := binarycache.ParseNarinfo(strings.NewReader(narinfo), "/nix/store")
+	if err != nil {
+		t.Fatalf("%v:\n%s", err, narinfo)
+	}
+	return in.URL
 }
 
 // TestPullThroughFlood: 200 concurrent narinfo requests for a hash no

@@ -155,6 +155,12 @@ type Substituter struct {
 	// (a lazy store's clients and its mount) make one request.
 	nflightMu sync.Mutex
 	nflight   map[cacheKey]*ncall
+
+	// Spooled fetches (pullthrough.go), on once a PullThrough is open.
+	spoolMu  sync.Mutex
+	spooling bool
+	spools   map[string]*spoolEntry
+	holds    map[string]int
 }
 
 type ncall struct {
@@ -184,7 +190,8 @@ func New(st *store.Store, urls []string, opts Options) (*Substituter, error) {
 	if opts.StoreDir == "" && st != nil {
 		opts.StoreDir = st.StoreDir
 	}
-	s := &Substituter{st: st, opts: opts, cache: map[cacheKey]cacheEntry{}, flight: map[string]*call{}, nflight: map[cacheKey]*ncall{}}
+	s := &Substituter{st: st, opts: opts, cache: map[cacheKey]cacheEntry{}, flight: map[string]*call{}, nflight: map[cacheKey]*ncall{},
+		spools: map[string]*spoolEntry{}, holds: map[string]int{}}
 	s.base, s.cancel = context.WithCancel(context.Background())
 	for _, raw := range urls {
 		u, err := url.Parse(raw)
@@ -710,6 +717,12 @@ func (s *Substituter) Fetch(ctx context.Context, p *Plan) ([]string, error) {
 		errs = append(errs, p.Missing[n])
 	}
 	todo := sortedKeys(p.Fetch)
+	if s.spoolingOn() {
+		// What this fetch will ingest: a spool an HTTP client started for
+		// one of them is kept for it.
+		s.hold(todo...)
+		defer s.unhold(todo...)
+	}
 	results, runErr := binarycache.RunDAG(ctx, todo, func(n string) []string { return p.Fetch[n].Info.References },
 		s.opts.Jobs, true, func(ctx context.Context, n string) error { return s.fetchOnce(ctx, p.Fetch[n]) })
 	var done []string
@@ -804,8 +817,19 @@ func (s *Substituter) fetch(ctx context.Context, f *Found) error {
 	return errors.Join(errs...)
 }
 
+func (s *Substituter) spoolingOn() bool {
+	s.spoolMu.Lock()
+	defer s.spoolMu.Unlock()
+	return s.spooling
+}
+
 func (s *Substituter) fetchFrom(ctx context.Context, in *binarycache.Info, up *Upstream) error {
-	err := s.retry(ctx, up, func() error { return binarycache.FetchNAR(store.WithSubstituted(ctx), s.st, up.src, in) })
+	var err error
+	if s.spoolingOn() {
+		err = s.fetchSpooled(ctx, in, up)
+	} else {
+		err = s.retry(ctx, up, func() error { return binarycache.FetchNAR(store.WithSubstituted(ctx), s.st, up.src, in) })
+	}
 	if err != nil {
 		return fmt.Errorf("substituting %s/%s from %s: %w", s.opts.StoreDir, in.Name, up.URL, err)
 	}

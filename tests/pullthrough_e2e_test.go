@@ -4,12 +4,14 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/casnix/casnix/tests/nixtest"
 )
@@ -97,12 +99,22 @@ func TestServePullThrough(t *testing.T) {
 	if err != nil || resp.StatusCode != http.StatusNotFound {
 		t.Errorf("unknown narinfo: %v %v", resp, err)
 	}
-	metrics := string(nixtest.HTTPGet(t, url+"/metrics"))
+	// The clients may be done before casnix's ingest of what it streamed
+	// to them is: once it is, a narinfo request is a hit.
+	topHash := strings.TrimPrefix(top, nixtest.StoreDir+"/")[:32]
+	var metrics string
 	counts := map[string]int{}
-	for _, m := range regexp.MustCompile(`(?m)^casnix_http_pull_through_total\{result="(\w+)"\} (\d+)$`).FindAllStringSubmatch(metrics, -1) {
-		var n int
-		fmt.Sscan(m[2], &n)
-		counts[m[1]] = n
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(100 * time.Millisecond) {
+		nixtest.HTTPGet(t, url+"/"+topHash+".narinfo")
+		metrics = string(nixtest.HTTPGet(t, url+"/metrics"))
+		for _, m := range regexp.MustCompile(`(?m)^casnix_http_pull_through_total\{result="(\w+)"\} (\d+)$`).FindAllStringSubmatch(metrics, -1) {
+			var n int
+			fmt.Sscan(m[2], &n)
+			counts[m[1]] = n
+		}
+		if counts["hit"] >= 1 || time.Now().After(deadline) {
+			break
+		}
 	}
 	if counts["fetched"] < 1 || counts["failed"] != 0 || counts["missing"] != 1 || counts["hit"] < 1 {
 		t.Errorf("pull-through metrics %v:\n%s", counts, metrics)
@@ -121,4 +133,108 @@ func TestServePullThrough(t *testing.T) {
 	}
 	mu.Unlock()
 	t.Logf("16 clients copied %d paths; pull-through %v", len(closure), counts)
+}
+
+// slowWriter sends a response in pieces of 64 KiB, each flushed, 20 ms
+// apart (3.2 MB/s): an upstream slow enough that a NAR is still arriving when the
+// client asks casnix for it.
+type slowWriter struct{ http.ResponseWriter }
+
+func (w slowWriter) Write(p []byte) (int, error) {
+	var n int
+	for len(p) > 0 {
+		k := min(len(p), 64<<10)
+		m, err := w.ResponseWriter.Write(p[:k])
+		n += m
+		if err != nil {
+			return n, err
+		}
+		http.NewResponseController(w.ResponseWriter).Flush()
+		time.Sleep(20 * time.Millisecond)
+		p = p[k:]
+	}
+	return n, nil
+}
+
+// TestServePullThroughStreams: Nix 2.8, 2.26 and 2.34 each copy a 20 MiB
+// path through a cold casnix pull-through cache whose upstream (a cache
+// real Nix wrote) sends that NAR slowly (3.2 MB/s: seconds). casnix answers the
+// narinfo from the upstream's (no FileHash or FileSize) and the NAR from
+// its download while that still runs (counted as streamed), as zstd
+// compressed on the fly; each client verifies the path against casnix's
+// signature and the source's path-info, casnix holds the path afterwards,
+// and the upstream sent the NAR once per casnix.
+func TestServePullThroughStreams(t *testing.T) {
+	f := nixtest.PopulateFixture(t)
+	bigDir := filepath.Join(t.TempDir(), "big-file")
+	if err := os.MkdirAll(bigDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(bigDir, "data"), textLike(20<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	big := strings.TrimSpace(string(f.Store.NixStore(t, "--add", bigDir)))
+	upKey, upPub := cacheKey(t, f.Store, "upstream-1")
+	cache := filepath.Join(t.TempDir(), "cache")
+	f.Nix(t, "copy", "--to", "file://"+cache+"?compression=zstd&secret-key="+upKey, big)
+	want := f.PathInfos(t)
+
+	var mu sync.Mutex
+	nars := 0
+	files := http.FileServer(http.Dir(cache))
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.HasPrefix(r.URL.Path, "/nar/") {
+			mu.Lock()
+			nars++
+			mu.Unlock()
+			w = slowWriter{w}
+		}
+		files.ServeHTTP(w, r)
+	}))
+	defer up.Close()
+	casKey, casPub := cacheKey(t, f.Store, "casnix-1")
+
+	ran := 0
+	for _, suite := range nixtest.ClientSuites {
+		t.Run(suite, func(t *testing.T) {
+			cl := nixtest.RequireNixClient(t, suite)
+			ran++
+			cas := nixtest.NewCasnix(t)
+			d, url := cas.ServeHTTP(t, "--substituters", up.URL, "--trusted-public-keys", upPub, "--sign-key", casKey)
+			dest := "local?root=" + filepath.Join(cl.TempDir(t), "dst")
+			if r := cl.Cmd(append([]string{"nix", "copy", "--from", url, "--to", dest, big}, requireSigs(casPub)...)...).Try(); !r.OK() {
+				t.Fatalf("Nix %s: %s\ncasnix:\n%s", cl.Version(t), r, d.Output())
+			}
+			cl.Run(t, append([]string{"nix", "store", "verify", "--store", dest, "--sigs-needed", "1", big}, requireSigs(casPub)...)...)
+			hash := strings.TrimPrefix(big, nixtest.StoreDir+"/")[:32]
+			if ni := string(nixtest.HTTPGet(t, url+"/"+hash+".narinfo")); strings.Contains(ni, "FileHash") || strings.Contains(ni, "FileSize") {
+				t.Errorf("casnix's narinfo names a FileHash or FileSize:\n%s", ni)
+			}
+			m := regexp.MustCompile(`(?m)^casnix_http_pull_through_nars_total\{result="(\w+)"\} (\d+)$`).FindAllStringSubmatch(string(nixtest.HTTPGet(t, url+"/metrics")), -1)
+			counts := map[string]string{}
+			for _, x := range m {
+				counts[x[1]] = x[2]
+			}
+			if counts["streamed"] != "1" || counts["failed"] != "0" {
+				t.Errorf("Nix %s: pull-through NARs %v, want 1 streamed", cl.Version(t), counts)
+			}
+			// The ingest ends once the download checked out, right after
+			// the client's copy; wait for it.
+			for deadline := time.Now().Add(time.Minute); ; time.Sleep(100 * time.Millisecond) {
+				if got := cas.ValidPaths(t, []string{big}); len(got) == 1 {
+					sameInfos(t, got, map[string]nixtest.PathInfo{big: want[big]})
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("casnix does not hold %s a minute after the copy", big)
+				}
+			}
+			t.Logf("Nix %s copied and verified %s, streamed from casnix while its upstream sent it", cl.Version(t), big)
+		})
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if nars != ran {
+		t.Errorf("upstream sent the NAR %d times for %d cold casnix servers", nars, ran)
+	}
 }

@@ -1,0 +1,182 @@
+package binarycache
+
+import (
+	"bufio"
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+
+	"github.com/klauspost/compress/zstd"
+
+	"github.com/casnix/casnix/store"
+)
+
+// Puller is what makes Server a pull-through cache (subst.PullThrough).
+type Puller interface {
+	// Pull returns the narinfo of the path whose hash part is hash as an
+	// upstream has it (acceptable under the substitution signature rules),
+	// and has the path's closure fetched into the store in the background.
+	// No upstream has it acceptably: ErrNotFound (wrapped).
+	Pull(ctx context.Context, hash string) (*Info, error)
+	// OpenNAR returns a reader of the NAR of the path whose hash part is
+	// hash, and whose NAR hash in Nix's base-32 is narHash, while it is
+	// being fetched (joining the fetch in progress, or starting one): each
+	// reader from the start, the bytes as they arrive, the end only once
+	// the whole NAR checked out. nil, nil: the store holds the path now.
+	// No upstream has it (or not with that NAR hash): ErrNotFound.
+	OpenNAR(ctx context.Context, hash, narHash string) (*SpoolReader, error)
+}
+
+// narURL is where the server's narinfos point for a path's NAR. The same
+// URL serves the NAR streamed from a pull in progress and, afterwards,
+// rendered from the store: the bytes of the two may differ (zstd framing),
+// which is why the server's narinfos carry no FileHash or FileSize.
+func (s *Server) narURL(name string, narHash [sha256.Size]byte) string {
+	return "nar/" + store.HashPart(name) + "-" + store.NixBase32(narHash[:]) + ".nar" + extensions[s.compression()]
+}
+
+// pulledNarinfo is the narinfo of a path being pulled, from its upstream
+// narinfo: the same path-info (NarHash, NarSize, references, deriver,
+// content address, signatures) as the store will hold once it is fetched,
+// the server's own NAR URL, no FileHash or FileSize (as for every narinfo
+// the server gives), and the server's signature. Signing before the NAR is
+// here signs what the upstream's narinfo says, which was checked against a
+// trusted key (or the content address), and what the stream and the store
+// check every byte against. Not cached: until the path is valid, the next
+// request may find another upstream's narinfo.
+func (s *Server) pulledNarinfo(in *Info) ([]byte, error) {
+	out := *in
+	out.URL = s.narURL(in.Name, in.NarHash)
+	out.Compression = s.compression()
+	out.FileHash, out.FileSize = nil, 0
+	if s.Key != nil {
+		pi := in.PathInfo()
+		if out.Sigs = addSig(out.Sigs, s.Key, s.StoreDir, &pi); out.Sigs == nil {
+			return nil, fmt.Errorf("sign %s", in.Name)
+		}
+	}
+	return out.Format(s.StoreDir), nil
+}
+
+// streamNAR sends the NAR rd follows as it arrives: compressed on the fly
+// (.nar.zst) or as it is (.nar, with its length, and a single Range), each
+// pause of the upstream flushing what was compressed so far so the client
+// is never further behind than the upstream. The status goes out with the
+// first bytes, so a fetch that fails at once is a 502; one that fails
+// later cuts the response short before the NAR's end (the spool holds the
+// end back until the NAR checked out), which the client sees as a
+// truncated download, never as a whole NAR.
+func (s *Server) streamNAR(w http.ResponseWriter, r *http.Request, rd *SpoolReader, ext string) {
+	defer rd.Close()
+	narSize := rd.Info().NarSize
+	buf := make([]byte, 256<<10)
+	var rng *rangeWriter
+	status := http.StatusOK
+	if ext == "nar" {
+		w.Header().Set("Content-Type", "application/x-nix-nar")
+		w.Header().Set("Accept-Ranges", "bytes")
+		start, n := int64(0), narSize
+		if h := r.Header.Get("Range"); h != "" {
+			a, b, ok := parseRange(h, narSize)
+			if !ok {
+				w.Header().Set("Content-Range", fmt.Sprintf("bytes */%d", narSize))
+				http.Error(w, "bad range", http.StatusRequestedRangeNotSatisfiable)
+				return
+			}
+			start, n = a, b-a+1
+			status = http.StatusPartialContent
+			w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", a, b, narSize))
+		}
+		w.Header().Set("Content-Length", strconv.FormatInt(n, 10))
+		// The skipped prefix is read and dropped: a checked reader
+		// hashes the NAR from its start.
+		rng = &rangeWriter{skip: start, left: n}
+	} else {
+		w.Header().Set("Content-Type", "application/zstd")
+	}
+	if r.Method == http.MethodHead {
+		w.WriteHeader(status)
+		return
+	}
+	n, err := rd.Read(buf)
+	if err != nil && err != io.EOF {
+		if r.Context().Err() != nil {
+			return
+		}
+		s.pullFailed(w, r, err, true)
+		return
+	}
+	w.WriteHeader(status)
+	bw := bufio.NewWriterSize(w, 128<<10)
+	var out io.Writer = bw
+	var enc *zstd.Encoder
+	if rng != nil {
+		rng.w = bw
+		out = rng
+	} else {
+		enc, _ = s.encoders.Get().(*zstd.Encoder)
+		if enc == nil {
+			if enc, err = zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1),
+				zstd.WithWindowSize(1<<20)); err != nil {
+				s.abort(w, r, err)
+				return
+			}
+		}
+		defer s.encoders.Put(enc)
+		enc.Reset(bw)
+		out = enc
+	}
+	flush := func() error {
+		if enc != nil {
+			if err := enc.Flush(); err != nil {
+				return err
+			}
+		}
+		if err := bw.Flush(); err != nil {
+			return err
+		}
+		return http.NewResponseController(w).Flush()
+	}
+	for {
+		if n > 0 {
+			if _, werr := out.Write(buf[:n]); werr == errRangeDone {
+				break
+			} else if werr != nil {
+				s.abort(w, r, werr)
+				return
+			}
+		}
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			s.metrics.pullStreamFailed.Add(1)
+			s.abort(w, r, err)
+			return
+		}
+		if n, err = rd.TryRead(buf); n == 0 && err == nil {
+			// The upstream is behind: what is here goes out now.
+			if err = flush(); err == nil {
+				err = rd.Wait(r.Context())
+			}
+			if err != nil {
+				s.abort(w, r, err)
+				return
+			}
+		}
+	}
+	if enc != nil {
+		if err := enc.Close(); err != nil {
+			s.abort(w, r, err)
+			return
+		}
+	}
+	if err := bw.Flush(); err != nil {
+		s.abort(w, r, err)
+		return
+	}
+	s.metrics.pullStreamed.Add(1)
+}

@@ -1,0 +1,351 @@
+package binarycache
+
+import (
+	"bufio"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"os"
+	"sync"
+
+	"github.com/casnix/casnix/store"
+)
+
+// Spool is one download of a NAR from a binary cache into a temporary
+// file, checked as FetchNAR checks it (NarHash, NarSize, FileHash,
+// FileSize, nothing after the NAR), that any number of readers follow
+// while it arrives: the HTTP pull-through cache streams it to its clients
+// and the store ingests it, from one upstream request.
+//
+// A reader gets the bytes as they are written, except the NAR's last
+// SpoolHoldBack bytes, which it gets only once the whole download checked
+// out; a download that fails fails every reader instead. So a reader never
+// sees a complete NAR that is not the one the narinfo describes: a NAR
+// that is cut off, too long or of the wrong hash is missing its end, and
+// its readers get the error.
+//
+// The file is unlinked as soon as it is created (nothing to clean up after
+// a crash) and closed when the download and every reader are done with it
+// (Retain/Release count the other holders). Memory stays bounded whatever
+// the NAR's size: the bytes live in the file (the page cache), not in the
+// process.
+type Spool struct {
+	Info *Info
+
+	f    *os.File
+	mu   sync.Mutex
+	n    int64 // NAR bytes written
+	done bool  // the download ended
+	err  error // why it failed (done)
+	wake chan struct{}
+	refs int // the download, each reader and each Retain; the file is closed at 0
+}
+
+// SpoolHoldBack is how many of the NAR's last bytes readers get only once
+// the download checked out: a NAR ends with at least this many bytes of
+// closing tokens, so a reader held back short of them cannot take what it
+// has for a whole NAR.
+const SpoolHoldBack = 16
+
+// NewSpool creates the spool of in's NAR in dir (a directory on disk,
+// not tmpfs: the NAR goes there). Start the download with Fetch; the
+// caller's own reference is the download's, which Fetch drops.
+func NewSpool(dir string, in *Info) (*Spool, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("spool: %w", err)
+	}
+	f, err := os.CreateTemp(dir, "nar-*")
+	if err != nil {
+		return nil, fmt.Errorf("spool: %w", err)
+	}
+	os.Remove(f.Name()) // nothing to clean up after a crash
+	return &Spool{Info: in, f: f, wake: make(chan struct{}), refs: 1}, nil
+}
+
+// Fetch downloads the NAR from src into the spool and checks it; its
+// error is also what readers get. It must be called once.
+func (sp *Spool) Fetch(ctx context.Context, src Source) (err error) {
+	defer func() { sp.finish(err) }()
+	in := sp.Info
+	rc, err := src.Open(ctx, in.URL)
+	if err != nil {
+		return err
+	}
+	defer rc.Close()
+	body := &readErr{r: rc}
+	file, fileCapped, narCapped, closeDec, err := openNAR(body, in)
+	if err != nil {
+		return body.transient(err)
+	}
+	defer closeDec()
+	check := func(err error) error { return body.transient(fileCapped.check(narCapped.check(err))) }
+	h := sha256.New()
+	buf := make([]byte, 256<<10)
+	var n int64
+	for {
+		k, rerr := narCapped.Read(buf)
+		if k > 0 {
+			if _, err := sp.f.Write(buf[:k]); err != nil {
+				return fmt.Errorf("spool: %w", err)
+			}
+			h.Write(buf[:k])
+			n += int64(k)
+			sp.advance(n)
+		}
+		if rerr == io.EOF {
+			break
+		}
+		if rerr != nil {
+			return check(fmt.Errorf("%s: %w", in.URL, rerr))
+		}
+	}
+	if n != in.NarSize {
+		return body.transient(fmt.Errorf("%s: NAR cut off: %w: got %d bytes, narinfo says %d", in.URL, io.ErrUnexpectedEOF, n, in.NarSize))
+	}
+	if sum := h.Sum(nil); [sha256.Size]byte(sum) != in.NarHash {
+		return body.transient(fmt.Errorf("%s: %w: got sha256:%s, narinfo says sha256:%s", in.URL, store.ErrHashMismatch,
+			store.NixBase32(sum), store.NixBase32(in.NarHash[:])))
+	}
+	return check(checkFile(in, file))
+}
+
+func (sp *Spool) advance(n int64) {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	sp.n = n
+	close(sp.wake)
+	sp.wake = make(chan struct{})
+}
+
+func (sp *Spool) finish(err error) {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	sp.done, sp.err = true, err
+	close(sp.wake)
+	sp.wake = make(chan struct{})
+	sp.unref()
+}
+
+// unref drops a reference; sp.mu is held.
+func (sp *Spool) unref() {
+	if sp.refs--; sp.refs == 0 {
+		sp.f.Close()
+	}
+}
+
+// Retain adds a holder (a table of spools others may join), so the file
+// stays open after the download and its readers are done; false if it is
+// closed already.
+func (sp *Spool) Retain() bool {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if sp.refs == 0 {
+		return false
+	}
+	sp.refs++
+	return true
+}
+
+// Release drops what Retain added.
+func (sp *Spool) Release() {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	sp.unref()
+}
+
+// State reports whether the download ended and, if so, how.
+func (sp *Spool) State() (done bool, err error) {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	return sp.done, sp.err
+}
+
+// limit is how far readers may read: the bytes written short of the held
+// back end, or all of them once checked; with the download's error.
+func (sp *Spool) limit() (lim int64, done bool, err error, wake <-chan struct{}) {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if sp.done {
+		return sp.n, true, sp.err, sp.wake
+	}
+	return min(sp.n, sp.Info.NarSize-SpoolHoldBack), false, nil, sp.wake
+}
+
+// NewReader opens a reader at the start of the NAR; ctx bounds its
+// blocking reads. Nil if the spool is closed already.
+func (sp *Spool) NewReader(ctx context.Context) *SpoolReader {
+	if !sp.Retain() {
+		return nil
+	}
+	return &SpoolReader{sp: sp, ctx: ctx}
+}
+
+// NewCheckedReader is NewReader for a reader that hashes what it reads
+// back from the file itself and gives the NAR's last SpoolHoldBack bytes
+// only if that matches NarHash: the download's check covers the bytes it
+// wrote, this one the bytes a client gets (as a rendered NAR's own check
+// does), so a spool file damaged on disk fails the reader before the end.
+// (The ingest needs none: its batch checks the hash itself.)
+func (sp *Spool) NewCheckedReader(ctx context.Context) *SpoolReader {
+	r := sp.NewReader(ctx)
+	if r != nil {
+		r.h = sha256.New()
+	}
+	return r
+}
+
+// SpoolReader follows a Spool from the start of the NAR.
+type SpoolReader struct {
+	sp     *Spool
+	ctx    context.Context
+	off    int64
+	closed bool
+
+	// Checked readers (h set): the NAR's end, read at once and checked.
+	h    hash.Hash
+	tail []byte
+}
+
+// Info is the narinfo the spool's NAR is checked against.
+func (r *SpoolReader) Info() *Info { return r.sp.Info }
+
+// TryRead reads what is there without waiting: 0, nil when nothing new is
+// yet; io.EOF after the whole NAR, once it checked out; the download's
+// error if it failed.
+func (r *SpoolReader) TryRead(p []byte) (int, error) {
+	if r.closed {
+		return 0, os.ErrClosed
+	}
+	if len(r.tail) > 0 {
+		n := copy(p, r.tail)
+		r.tail = r.tail[n:]
+		return n, nil
+	}
+	lim, done, err, _ := r.sp.limit()
+	if err != nil {
+		return 0, err
+	}
+	if r.off < lim && len(p) > 0 {
+		end := max(r.sp.Info.NarSize-SpoolHoldBack, 0)
+		if r.h != nil && r.off >= end {
+			return r.readTail(p)
+		}
+		k := min(int64(len(p)), lim-r.off)
+		if r.h != nil {
+			k = min(k, end-r.off)
+		}
+		n, err := r.sp.f.ReadAt(p[:k], r.off)
+		r.off += int64(n)
+		if r.h != nil {
+			r.h.Write(p[:n])
+		}
+		if n == int(k) {
+			err = nil
+		}
+		return n, err
+	}
+	if done {
+		return 0, io.EOF
+	}
+	return 0, nil
+}
+
+// readTail reads the rest of the NAR (its held back end, released since
+// the download checked out) and gives it only if the whole NAR read back
+// hashes to NarHash.
+func (r *SpoolReader) readTail(p []byte) (int, error) {
+	in := r.sp.Info
+	tail := make([]byte, in.NarSize-r.off)
+	if _, err := r.sp.f.ReadAt(tail, r.off); err != nil {
+		return 0, fmt.Errorf("spool: %w", err)
+	}
+	r.h.Write(tail)
+	if sum := r.h.Sum(nil); [sha256.Size]byte(sum) != in.NarHash {
+		return 0, fmt.Errorf("spool of %s: %w: read back sha256:%s, narinfo says sha256:%s", in.Name, store.ErrHashMismatch,
+			store.NixBase32(sum), store.NixBase32(in.NarHash[:]))
+	}
+	r.off = in.NarSize
+	n := copy(p, tail)
+	r.tail = tail[n:]
+	return n, nil
+}
+
+// Wait waits until TryRead has something to say: new bytes, the end or
+// the download's error.
+func (r *SpoolReader) Wait(ctx context.Context) error {
+	for {
+		lim, done, err, wake := r.sp.limit()
+		if r.off < lim || done || err != nil {
+			return nil
+		}
+		select {
+		case <-wake:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// Read reads, waiting for bytes as they arrive.
+func (r *SpoolReader) Read(p []byte) (int, error) {
+	for {
+		n, err := r.TryRead(p)
+		if n > 0 || err != nil || len(p) == 0 {
+			return n, err
+		}
+		if err := r.Wait(r.ctx); err != nil {
+			return 0, err
+		}
+	}
+}
+
+// Close lets go of the spool.
+func (r *SpoolReader) Close() error {
+	if !r.closed {
+		r.closed = true
+		r.sp.Release()
+	}
+	return nil
+}
+
+// IngestFrom commits the NAR r gives (a SpoolReader, whose end comes only
+// once the download checked out) as in's path, in a batch of its own:
+// nothing of it stays in the store if r fails or the NAR is not what in
+// says.
+func IngestFrom(ctx context.Context, st *store.Store, r io.Reader, in *Info) error {
+	br := bufio.NewReaderSize(r, 256<<10)
+	b := st.NewBatch(ctx)
+	if err := addNAR(b, br, in); err != nil {
+		b.Abort()
+		return err
+	}
+	_, err := b.Commit()
+	return err
+}
+
+// addNAR adds the NAR br gives to b and checks that it is what in says
+// and that nothing follows it.
+func addNAR(b *store.Batch, br *bufio.Reader, in *Info) error {
+	pi, err := b.Add(br, in.PathInfo())
+	if err != nil {
+		return err
+	}
+	// Batch.Add skips checks of zero values; a narinfo must not.
+	if pi.NarHash != in.NarHash || pi.NarSize != in.NarSize {
+		return fmt.Errorf("%s: %w: got sha256:%s (%d bytes), narinfo says sha256:%s (%d bytes)", in.URL, store.ErrHashMismatch,
+			store.NixBase32(pi.NarHash[:]), pi.NarSize, store.NixBase32(in.NarHash[:]), in.NarSize)
+	}
+	if _, err := br.ReadByte(); err != io.EOF {
+		if err != nil {
+			return fmt.Errorf("%s: after the NAR: %w", in.URL, err)
+		}
+		return errors.New(in.URL + ": data after the end of the NAR")
+	}
+	return nil
+}
+
+// Spool is the spool the reader follows.
+func (r *SpoolReader) Spool() *Spool { return r.sp }

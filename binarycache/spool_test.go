@@ -1,0 +1,263 @@
+package binarycache
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/casnix/casnix/store"
+)
+
+// pipeSource serves one file whose bytes the test writes through a pipe,
+// so it decides when the body ends.
+type pipeSource struct {
+	r *io.PipeReader
+}
+
+func (p pipeSource) Open(ctx context.Context, rel string) (io.ReadCloser, error) { return p.r, nil }
+func (p pipeSource) Narinfos(ctx context.Context) ([]string, error)              { return nil, nil }
+func (p pipeSource) String() string                                              { return "pipe" }
+
+// readAvailable reads what r has without waiting.
+func readAvailable(t *testing.T, r *SpoolReader) ([]byte, error) {
+	t.Helper()
+	var out []byte
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := r.TryRead(buf)
+		out = append(out, buf[:n]...)
+		if n == 0 || err != nil {
+			return out, err
+		}
+	}
+}
+
+// waitWritten waits until the spool's download has written n NAR bytes.
+func waitWritten(t *testing.T, sp *Spool, n int64) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		sp.mu.Lock()
+		got := sp.n
+		sp.mu.Unlock()
+		if got >= n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("spool wrote %d of %d bytes", got, n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// TestSpool: readers of a spool get the NAR as it is written short of its
+// last SpoolHoldBack bytes, which come only once the download ended and
+// checked out against the narinfo (NarHash, NarSize, FileHash, FileSize,
+// nothing after the NAR); otherwise every reader, and IngestFrom, gets the
+// error and the store is left without the path. A reader joining after
+// the end reads the whole NAR; the spool file is closed once the download
+// and every reader let go.
+func TestSpool(t *testing.T) {
+	src := openStore(t)
+	addTree(t, src, pathA)
+	good := narOf(t, src, pathA)
+	pi, err := src.Info(context.Background(), pathA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fileHash := sha256.Sum256(good)
+	info := func() *Info {
+		return &Info{Name: pathA, URL: "nar/x.nar", Compression: "none", NarHash: pi.NarHash, NarSize: pi.NarSize,
+			FileHash: fileHash[:], FileSize: pi.NarSize}
+	}
+	for _, tc := range []struct {
+		name    string
+		file    []byte         // the upstream file (a NAR: compression none)
+		in      func(in *Info) // changes the narinfo
+		wantErr error          // nil: the NAR checks out
+	}{
+		{name: "good", file: good},
+		{name: "good without FileHash", file: good, in: func(in *Info) { in.FileHash, in.FileSize = nil, 0 }},
+		{name: "flipped byte", file: flipped(good, len(good)/2), wantErr: store.ErrHashMismatch},
+		{name: "flipped last byte", file: flipped(good, len(good)-1), wantErr: store.ErrHashMismatch},
+		{name: "cut off", file: good[:len(good)-10], wantErr: io.ErrUnexpectedEOF},
+		{name: "too long", file: append(bytes.Clone(good), 0), wantErr: ErrTooLong},
+		{name: "wrong FileHash", file: good, in: func(in *Info) { in.FileHash = make([]byte, 32) }},
+		{name: "FileSize too big", file: good, in: func(in *Info) { in.FileSize++ }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			in := info()
+			if tc.in != nil {
+				tc.in(in)
+			}
+			ok := tc.wantErr == nil && (tc.in == nil || in.FileHash == nil)
+			dir := filepath.Join(t.TempDir(), "tmp")
+			sp, err := NewSpool(dir, in)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ents, _ := os.ReadDir(dir); len(ents) != 0 {
+				t.Fatalf("spool file left in %s: %v", dir, ents)
+			}
+			pr, pw := io.Pipe()
+			fetched := make(chan error, 1)
+			go func() { fetched <- sp.Fetch(context.Background(), pipeSource{pr}) }()
+			r := sp.NewReader(context.Background())
+			defer r.Close()
+			dst := openStore(t)
+			ingested := make(chan error, 1)
+			ir := sp.NewReader(context.Background())
+			go func() { err := IngestFrom(context.Background(), dst, ir, in); ir.Close(); ingested <- err }()
+
+			// All of the file is there, its end not yet: the NAR's end
+			// is held back.
+			pw.Write(tc.file)
+			if len(tc.file) >= len(good) {
+				waitWritten(t, sp, int64(len(good)))
+			} else {
+				waitWritten(t, sp, int64(len(tc.file)))
+			}
+			got, err := readAvailable(t, r)
+			if tc.name == "too long" {
+				// The byte too many fails it at once.
+				if !errors.Is(err, ErrTooLong) && len(got) > len(good)-SpoolHoldBack {
+					t.Fatalf("read %d bytes, %v", len(got), err)
+				}
+			} else if err != nil || len(got) != min(len(tc.file), len(good)-SpoolHoldBack) || !bytes.Equal(got, tc.file[:len(got)]) {
+				t.Fatalf("before the end: read %d bytes, %v; want %d", len(got), err, min(len(tc.file), len(good)-SpoolHoldBack))
+			}
+			pw.Close()
+			ferr := <-fetched
+			rest, err := io.ReadAll(r)
+			got = append(got, rest...)
+			if ok {
+				if ferr != nil || err != nil || !bytes.Equal(got, good) {
+					t.Fatalf("read %d bytes, %v (fetch: %v)", len(got), err, ferr)
+				}
+				if err := <-ingested; err != nil {
+					t.Fatal(err)
+				}
+				if !bytes.Equal(narOf(t, dst, pathA), good) {
+					t.Fatal("ingested NAR differs")
+				}
+				// A reader joining now reads it all.
+				late := sp.NewReader(context.Background())
+				all, err := io.ReadAll(late)
+				late.Close()
+				if err != nil || !bytes.Equal(all, good) {
+					t.Fatalf("late reader: %d bytes, %v", len(all), err)
+				}
+			} else {
+				if ferr == nil || err == nil || len(got) >= len(good) {
+					t.Fatalf("bad NAR: read %d of %d bytes, %v (fetch: %v)", len(got), len(good), err, ferr)
+				}
+				if tc.wantErr != nil && !errors.Is(ferr, tc.wantErr) {
+					t.Fatalf("fetch: %v, want %v", ferr, tc.wantErr)
+				}
+				if err := <-ingested; err == nil {
+					t.Fatal("bad NAR ingested")
+				}
+				if ok, _ := dst.IsValid(context.Background(), pathA); ok {
+					t.Fatal("bad NAR valid")
+				}
+				if st, err := dst.Stats(context.Background()); err != nil || st.Paths != 0 {
+					t.Fatalf("stats %+v, %v", st, err)
+				}
+			}
+			r.Close()
+			sp.mu.Lock()
+			refs := sp.refs
+			sp.mu.Unlock()
+			if refs != 0 {
+				t.Fatalf("%d references left: the spool file stays open", refs)
+			}
+			if sp.NewReader(context.Background()) != nil {
+				t.Fatal("a closed spool opened a reader")
+			}
+		})
+	}
+}
+
+func flipped(b []byte, at int) []byte {
+	b = bytes.Clone(b)
+	b[at] ^= 1
+	return b
+}
+
+// TestSpoolCheckedReader: a checked reader (what HTTP clients get) hashes
+// what it reads back from the spool file, so a file damaged after the
+// download checked out fails it before the NAR's end, whatever the
+// buffer sizes; an intact file reads whole. A Range-like reader reading in
+// small pieces gets the end too.
+func TestSpoolCheckedReader(t *testing.T) {
+	src := openStore(t)
+	addTree(t, src, pathA)
+	good := narOf(t, src, pathA)
+	pi, err := src.Info(context.Background(), pathA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := &Info{Name: pathA, URL: "nar/x.nar", Compression: "none", NarHash: pi.NarHash, NarSize: pi.NarSize}
+	for _, tc := range []struct {
+		name    string
+		damage  int // offset of a byte flipped in the file after the download; -1: none
+		bufSize int
+	}{
+		{"intact", -1, 64 << 10},
+		{"intact, 5-byte reads", -1, 5},
+		{"damaged in the middle", len(good) / 2, 64 << 10},
+		{"damaged in the held back end", len(good) - 3, 64 << 10},
+		{"damaged in the end, 5-byte reads", len(good) - 3, 5},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sp, err := NewSpool(filepath.Join(t.TempDir(), "tmp"), in)
+			if err != nil {
+				t.Fatal(err)
+			}
+			sp.Retain() // as the spool table does, so the file outlives the download
+			defer sp.Release()
+			pr, pw := io.Pipe()
+			go func() { pw.Write(good); pw.Close() }()
+			if err := sp.Fetch(context.Background(), pipeSource{pr}); err != nil {
+				t.Fatal(err)
+			}
+			r := sp.NewCheckedReader(context.Background())
+			if r == nil {
+				t.Fatal("no reader")
+			}
+			defer r.Close()
+			if tc.damage >= 0 {
+				b := []byte{good[tc.damage] ^ 1}
+				if _, err := sp.f.WriteAt(b, int64(tc.damage)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			var got []byte
+			buf := make([]byte, tc.bufSize)
+			for {
+				n, err := r.Read(buf)
+				got = append(got, buf[:n]...)
+				if err == io.EOF {
+					break
+				}
+				if err != nil {
+					if tc.damage < 0 || !errors.Is(err, store.ErrHashMismatch) {
+						t.Fatalf("after %d bytes: %v", len(got), err)
+					}
+					if len(got) >= len(good) {
+						t.Fatalf("damaged spool: read all %d bytes before the error", len(got))
+					}
+					return
+				}
+			}
+			if tc.damage >= 0 || !bytes.Equal(got, good) {
+				t.Fatalf("read %d bytes to the end (damage at %d), want %d intact bytes or an error", len(got), tc.damage, len(good))
+			}
+		})
+	}
+}

@@ -1,0 +1,264 @@
+package subst
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"time"
+
+	"github.com/casnix/casnix/binarycache"
+	"github.com/casnix/casnix/loglimit"
+	"github.com/casnix/casnix/store"
+)
+
+// Spooled fetches. With a PullThrough open, every NAR the substituter
+// fetches goes through a binarycache.Spool (a file in DATA_DIR/tmp) that
+// the ingest follows and that HTTP clients asking for the NAR join, so one
+// upstream download serves them all. The table of spools is keyed by
+// store path name; an entry stays while the download runs and, once it
+// succeeded, while some fetch still means to ingest it (a hold), so that
+// a NAR an HTTP client had streamed before its references were valid (the
+// ingest waits for them) is ingested from the spool, not fetched again.
+// An entry goes once its path is ingested (then the store serves it), its
+// download failed (the next attempt starts a new one), or nothing holds it.
+
+// spoolEntry is a spool in the table, with the reference the table holds.
+type spoolEntry struct {
+	sp *binarycache.Spool
+	up *Upstream
+}
+
+// hold marks names as to be ingested by a fetch in progress.
+func (s *Substituter) hold(names ...string) {
+	s.spoolMu.Lock()
+	defer s.spoolMu.Unlock()
+	for _, n := range names {
+		s.holds[n]++
+	}
+}
+
+// unhold drops what hold added; a finished spool nothing holds any more
+// leaves the table.
+func (s *Substituter) unhold(names ...string) {
+	s.spoolMu.Lock()
+	defer s.spoolMu.Unlock()
+	for _, n := range names {
+		if s.holds[n]--; s.holds[n] > 0 {
+			continue
+		}
+		delete(s.holds, n)
+		if e, ok := s.spools[n]; ok {
+			if done, _ := e.sp.State(); done {
+				s.dropLocked(n)
+			}
+		}
+	}
+}
+
+// dropLocked removes name's spool from the table; s.spoolMu is held.
+// Readers of it keep reading.
+func (s *Substituter) dropLocked(name string) {
+	if e, ok := s.spools[name]; ok {
+		delete(s.spools, name)
+		e.sp.Release()
+	}
+}
+
+// dropSpool removes name's spool from the table once its path is valid.
+func (s *Substituter) dropSpool(name string, sp *binarycache.Spool) {
+	s.spoolMu.Lock()
+	defer s.spoolMu.Unlock()
+	if e, ok := s.spools[name]; ok && e.sp == sp {
+		s.dropLocked(name)
+	}
+}
+
+// openSpool returns a reader of in's NAR from the spool downloading or
+// holding it, starting a download from up if there is none (or only a
+// failed one, or one of another NAR hash). For a client (an HTTP request,
+// not the ingest) the reader is a checked one, and it returns nil when
+// the store holds the path: asked under the table's lock, which the ingest
+// takes to drop the spool only after its commit, so no download starts
+// for a path just ingested.
+func (s *Substituter) openSpool(ctx context.Context, in *binarycache.Info, up *Upstream, client bool) (*binarycache.SpoolReader, error) {
+	open := (*binarycache.Spool).NewReader
+	if client {
+		open = (*binarycache.Spool).NewCheckedReader
+	}
+	s.spoolMu.Lock()
+	defer s.spoolMu.Unlock()
+	if e, ok := s.spools[in.Name]; ok {
+		_, err := e.sp.State()
+		if err == nil && e.sp.Info.NarHash == in.NarHash && e.sp.Info.NarSize == in.NarSize {
+			if rd := open(e.sp, ctx); rd != nil {
+				return rd, nil
+			}
+		}
+		s.dropLocked(in.Name)
+	}
+	if client {
+		if ok, err := s.st.IsValid(ctx, in.Name); err != nil || ok {
+			return nil, err
+		}
+	}
+	if s.base.Err() != nil {
+		return nil, s.base.Err()
+	}
+	sp, err := binarycache.NewSpool(filepath.Join(s.st.Dir(), "tmp"), in)
+	if err != nil {
+		return nil, err
+	}
+	sp.Retain() // the table's
+	s.spools[in.Name] = &spoolEntry{sp: sp, up: up}
+	rd := open(sp, ctx)
+	s.fetchs.Add(1)
+	go func() {
+		defer s.fetchs.Done()
+		t0 := time.Now()
+		err := sp.Fetch(s.base, up.src)
+		up.stats.requests.Add(1)
+		up.stats.latency.Add(int64(time.Since(t0)))
+		s.spoolMu.Lock()
+		defer s.spoolMu.Unlock()
+		if err != nil && !errors.Is(err, binarycache.ErrNotFound) {
+			up.stats.errors.Add(1)
+		}
+		if e, ok := s.spools[in.Name]; ok && e.sp == sp && (err != nil || s.holds[in.Name] == 0) {
+			s.dropLocked(in.Name)
+		}
+	}()
+	return rd, nil
+}
+
+// fetchSpooled is fetchFrom through a spool: the ingest follows the
+// download (its own, or one an HTTP client started), and a transient
+// failure is retried with a new download.
+func (s *Substituter) fetchSpooled(ctx context.Context, in *binarycache.Info, up *Upstream) error {
+	var err error
+	for attempt := 0; ; attempt++ {
+		var rd *binarycache.SpoolReader
+		if rd, err = s.openSpool(ctx, in, up, false); err == nil {
+			err = binarycache.IngestFrom(store.WithSubstituted(ctx), s.st, rd, in)
+			rd.Close()
+			if err == nil {
+				s.dropSpool(in.Name, rd.Spool())
+				return nil
+			}
+		}
+		if !transient(err) || attempt >= s.opts.Retries || ctx.Err() != nil {
+			return err
+		}
+		select {
+		case <-time.After(s.opts.RetryDelay << attempt):
+		case <-ctx.Done():
+			return err
+		}
+	}
+}
+
+// PullThrough is the pull-through side of the HTTP binary cache
+// (binarycache.Puller): a narinfo request for a path the store lacks is
+// answered from the upstream's narinfo at once, while the path's closure
+// is fetched in the background (rooted as Lazy roots what it fetches),
+// and the NAR is streamed from that fetch's spool until the store holds
+// it. Opening one makes every fetch of the substituter spooled.
+type PullThrough struct {
+	l *Lazy
+
+	// running are the paths whose background fetch runs, so that many
+	// requests for one path start one (guarded by the substituter's
+	// spoolMu, as closed is).
+	running map[string]bool
+	closed  bool
+}
+
+// PullThrough opens the pull-through view; checkSigs is the substitution
+// signature rule. Close it before the substituter.
+func (s *Substituter) PullThrough(checkSigs bool) *PullThrough {
+	s.spoolMu.Lock()
+	s.spooling = true
+	s.spoolMu.Unlock()
+	return &PullThrough{l: s.Lazy(checkSigs, 0), running: map[string]bool{}}
+}
+
+// Close drops the roots of what was fetched; pulls still running fail
+// quietly (their roots are gone), and no new one starts.
+func (p *PullThrough) Close() {
+	s := p.l.s
+	s.spoolMu.Lock()
+	p.closed = true
+	s.spoolMu.Unlock()
+	p.l.Close()
+}
+
+var pullWarnings loglimit.Limiter
+
+// find is the acceptable upstream narinfo of the path with hash part hash;
+// binarycache.ErrNotFound (wrapped) if there is none.
+func (p *PullThrough) find(ctx context.Context, hash string) (*Found, error) {
+	f, err := p.l.lookup(ctx, hash, "")
+	if err != nil {
+		return nil, err
+	}
+	if f == nil || store.ValidateName(f.Info.Name) != nil {
+		return nil, fmt.Errorf("%s: %w", hash, binarycache.ErrNotFound)
+	}
+	return f, nil
+}
+
+// Pull is binarycache.Puller's: the upstream narinfo of the path, its
+// closure being fetched (Ensure, in the background on the substituter's
+// context: a client hanging up does not stop it) and held for ingest
+// until that fetch ends. Lookups are cached and single-flight, so unknown
+// hashes cost at most one request per upstream per hash and negative TTL.
+func (p *PullThrough) Pull(ctx context.Context, hash string) (*binarycache.Info, error) {
+	f, err := p.find(ctx, hash)
+	if err != nil {
+		return nil, err
+	}
+	p.start(f.Info.Name)
+	return f.Info, nil
+}
+
+// start fetches name's closure in the background unless that runs.
+func (p *PullThrough) start(name string) {
+	s := p.l.s
+	s.spoolMu.Lock()
+	if p.running[name] || p.closed || s.base.Err() != nil {
+		s.spoolMu.Unlock()
+		return
+	}
+	p.running[name] = true
+	s.holds[name]++
+	s.fetchs.Add(1)
+	s.spoolMu.Unlock()
+	go func() {
+		defer s.fetchs.Done()
+		err := p.l.Ensure(s.base, name)
+		s.unhold(name)
+		s.spoolMu.Lock()
+		delete(p.running, name)
+		quiet := p.closed || s.base.Err() != nil
+		s.spoolMu.Unlock()
+		if err != nil && !quiet && s.opts.Logger != nil {
+			// Clients retry at will: one line per interval, not per request.
+			pullWarnings.Warn(s.opts.Logger, "pull-through fetch failed", "path", s.opts.StoreDir+"/"+name, "err", err)
+		}
+	}()
+}
+
+// OpenNAR is binarycache.Puller's: a reader of the NAR from the spool of
+// its fetch (joined, or started now if the closure's fetch has not got to
+// it yet: its references come first); nil once the store holds it.
+func (p *PullThrough) OpenNAR(ctx context.Context, hash, narHash string) (*binarycache.SpoolReader, error) {
+	f, err := p.find(ctx, hash)
+	if err != nil {
+		return nil, err
+	}
+	if store.NixBase32(f.Info.NarHash[:]) != narHash {
+		return nil, fmt.Errorf("%s: NAR sha256:%s: %w", hash, narHash, binarycache.ErrNotFound)
+	}
+	p.start(f.Info.Name)
+	return p.l.s.openSpool(ctx, f.Info, f.Upstream, true)
+}
