@@ -79,3 +79,43 @@ func (d *DB) Check(ctx context.Context) error {
 	}
 	return rows.Err()
 }
+
+// PackTail is where a pack's committed frames end: the end offset of its
+// last frame and that frame's id. Frame ids are never reused and a pack's
+// bytes below a frame's end are never rewritten while the frame exists, so
+// (pack, tail frame) names one exact prefix of a pack file for the life of
+// a data dir, even across collections that drop a pack's last frames (its
+// tail is then trimmed and written anew).
+type PackTail struct {
+	End   int64
+	Frame int64
+}
+
+// PackTails maps every pack holding committed frames to its tail.
+func (d *DB) PackTails(ctx context.Context) (map[int64]PackTail, error) {
+	// SQLite takes the bare column id from the row MAX picked.
+	rows, err := d.r.QueryContext(ctx, "SELECT pack, id, MAX(data_off+clen) FROM frames GROUP BY pack")
+	if err != nil {
+		return nil, fmt.Errorf("pack tails: %w", err)
+	}
+	defer rows.Close()
+	out := map[int64]PackTail{}
+	for rows.Next() {
+		var id int64
+		var t PackTail
+		if err := rows.Scan(&id, &t.Frame, &t.End); err != nil {
+			return nil, fmt.Errorf("pack tails: %w", err)
+		}
+		out[id] = t
+	}
+	return out, rows.Err()
+}
+
+// PathCount is the number of valid paths.
+func (d *DB) PathCount(ctx context.Context) (int, error) {
+	var n int
+	if err := d.r.QueryRowContext(ctx, "SELECT COUNT(*) FROM paths").Scan(&n); err != nil {
+		return 0, fmt.Errorf("count paths: %w", err)
+	}
+	return n, nil
+}
