@@ -275,11 +275,16 @@ func Backup(ctx context.Context, st *store.Store, b *objstore.Bucket, opts Optio
 	snapFile := filepath.Join(tmp, store.DBFile)
 	err = st.Snapshot(ctx, snapFile, func(sn store.Snapshot) error {
 		m.Paths = sn.Paths
-		have := map[string]int64{}
-		if err := b.List(ctx, PacksDir+org.Lineage+"/", func(i objstore.Info) error {
-			have[i.Name] = i.Size
-			return nil
-		}); err != nil {
+		// The objects of this lineage, and those a restore brought that may still serve
+		// (a prune of the point they came from may have removed them since).
+		listed := []PackRef{{Key: packKey(org.Lineage, 0, 0)}}
+		for id, r := range org.Packs {
+			if t, ok := sn.Tails[id]; ok && r.Frame == t.Frame && r.Len == t.End {
+				listed = append(listed, r)
+			}
+		}
+		have, err := objectSizes(ctx, b, listed)
+		if err != nil {
 			return err
 		}
 		ids := make([]int64, 0, len(sn.Tails))
@@ -291,7 +296,7 @@ func Backup(ctx context.Context, st *store.Store, b *objstore.Bucket, opts Optio
 		for _, id := range ids {
 			t := sn.Tails[id]
 			ref := PackRef{ID: id, Frame: t.Frame, Len: t.End, Key: packKey(org.Lineage, id, t.Frame)}
-			if r, ok := org.Packs[id]; ok && r.Frame == t.Frame && r.Len == t.End {
+			if r, ok := org.Packs[id]; ok && r.Frame == t.Frame && r.Len == t.End && have[r.Key] == t.End {
 				ref.Key = r.Key // unchanged since the restore that brought it
 				rep.Skipped++
 				rep.SkippedBytes += t.End
@@ -305,7 +310,7 @@ func Backup(ctx context.Context, st *store.Store, b *objstore.Bucket, opts Optio
 		}
 		opts.logf("backup %s: %d packs, %d to upload", m.Point, len(m.Packs), len(todo))
 		var sent atomic.Int64
-		err := forEach(ctx, opts.parallel(), todo, func(ctx context.Context, r PackRef) error {
+		err = forEach(ctx, opts.parallel(), todo, func(ctx context.Context, r PackRef) error {
 			if err := uploadPack(ctx, b, sn.PackPath(r.ID), r); err != nil {
 				return err
 			}

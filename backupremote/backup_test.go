@@ -320,7 +320,8 @@ func TestBackupAfterTailRewrite(t *testing.T) {
 // TestBackupAfterRestoreFork: a data dir restored from an older point, which then takes
 // other imports, backs up into the same bucket beside the original's newer points; both
 // lines restore intact (a restored copy draws a new lineage, so its new packs never take
-// the original's keys), and the restored copy re-uploads none of the packs it restored.
+// the original's keys), and the restored copy re-uploads none of the packs it restored,
+// unless a prune removed them since.
 func TestBackupAfterRestoreFork(t *testing.T) {
 	srv := nixtest.StartS3(t)
 	srv.SetEnv(t)
@@ -355,6 +356,24 @@ func TestBackupAfterRestoreFork(t *testing.T) {
 		if got := dirContents(t, dst); !maps.Equal(got, tc.want) {
 			t.Fatalf("point %s restored %d paths, differing from the %d backed up", tc.point, len(got), len(tc.want))
 		}
+	}
+
+	// A copy restored from r2, whose objects a prune then removes (only the fork's newest
+	// point is kept): its next backup uploads what is gone instead of naming it.
+	fork2 := filepath.Join(t.TempDir(), "fork2")
+	restore(t, b, fork2, RestoreOptions{Point: r2.Point})
+	if _, err := Prune(context.Background(), b, PruneOptions{Keep: 1}); err != nil {
+		t.Fatal(err)
+	}
+	f2 := openStore(t, fork2)
+	r := backup(t, f2, b)
+	if r.Uploaded == 0 {
+		t.Fatalf("backup of a copy whose objects were pruned uploaded nothing: %+v", r)
+	}
+	dst := filepath.Join(t.TempDir(), "r")
+	restore(t, b, dst, RestoreOptions{Point: r.Point})
+	if got := dirContents(t, dst); !maps.Equal(got, want2) {
+		t.Fatalf("point %s restored %d paths, want %d", r.Point, len(got), len(want2))
 	}
 }
 
