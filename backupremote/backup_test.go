@@ -9,6 +9,9 @@ import (
 	"io"
 	"maps"
 	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
@@ -103,13 +106,13 @@ func dirContents(t testing.TB, dir string) contents {
 	return storeContents(t, st)
 }
 
-func bucket(t testing.TB, srv *nixtest.S3, prefix string, hc *http.Client) *objstore.Bucket {
+func bucket(t testing.TB, srv *nixtest.S3, prefix string) *objstore.Bucket {
 	t.Helper()
 	loc, err := objstore.ParseURL(srv.URL(prefix))
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := objstore.Open(context.Background(), loc, objstore.Options{HTTPClient: hc})
+	b, err := objstore.Open(context.Background(), loc, objstore.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -186,7 +189,7 @@ func TestBackupToBucket(t *testing.T) {
 	srv := nixtest.StartS3(t)
 	srv.SetEnv(t)
 	ctx := context.Background()
-	b := bucket(t, srv, "rt", nil)
+	b := bucket(t, srv, "rt")
 	dir := t.TempDir()
 	st := openStore(t, dir)
 	for i := range 3 {
@@ -276,7 +279,7 @@ func TestBackupAfterTailRewrite(t *testing.T) {
 	srv := nixtest.StartS3(t)
 	srv.SetEnv(t)
 	ctx := context.Background()
-	b := bucket(t, srv, "tail", nil)
+	b := bucket(t, srv, "tail")
 	dir := t.TempDir()
 	st, err := store.Open(ctx, dir, store.Options{})
 	if err != nil {
@@ -292,7 +295,11 @@ func TestBackupAfterTailRewrite(t *testing.T) {
 	}
 	st.Close()
 	// A new process's writer reopens the pack and trims it to its last live frame.
-	st = openStore(t, dir)
+	st, err = store.Open(ctx, dir, store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
 	add(t, st, pathName(2), treeNAR(t, 400<<10))
 	rewritten := false
 	for f, now := range packBytes(t, dir) {
@@ -301,7 +308,11 @@ func TestBackupAfterTailRewrite(t *testing.T) {
 		}
 	}
 	if !rewritten {
-		t.Fatalf("no pack of the first point changed: the scenario did not happen (%v)", packs1)
+		sizes := map[string]int{}
+		for f, b := range packs1 {
+			sizes[f] = len(b)
+		}
+		t.Fatalf("no pack of the first point changed: the scenario did not happen (before %v, after %v)", sizes, packSizes(t, dir))
 	}
 	r2 := backup(t, st, b)
 	want2 := storeContents(t, st)
@@ -325,7 +336,7 @@ func TestBackupAfterTailRewrite(t *testing.T) {
 func TestBackupAfterRestoreFork(t *testing.T) {
 	srv := nixtest.StartS3(t)
 	srv.SetEnv(t)
-	b := bucket(t, srv, "fork", nil)
+	b := bucket(t, srv, "fork")
 	dir := t.TempDir()
 	st := openStore(t, dir)
 	add(t, st, pathName(0), treeNAR(t, 600<<10))
@@ -384,7 +395,7 @@ func TestPrune(t *testing.T) {
 	srv := nixtest.StartS3(t)
 	srv.SetEnv(t)
 	ctx := context.Background()
-	b := bucket(t, srv, "prune", nil)
+	b := bucket(t, srv, "prune")
 	dir := t.TempDir()
 	st := openStore(t, dir)
 	var reps []*Report
@@ -492,7 +503,7 @@ func TestRestoreDamagedBucket(t *testing.T) {
 		{"missing", func(b *objstore.Bucket, key string, _ int64) error { return b.Delete(ctx, key) }, objstore.ErrNotFound.Error()},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			b := bucket(t, srv, "damaged-"+tc.name, nil)
+			b := bucket(t, srv, "damaged-"+tc.name)
 			r := backup(t, st, b)
 			m, err := readManifest(ctx, b, r.Point)
 			if err != nil {
@@ -524,23 +535,26 @@ func TestRestoreDamagedBucket(t *testing.T) {
 	}
 }
 
-// failingTransport fails every request whose path contains match, once armed.
-type failingTransport struct {
+// faultProxy forwards requests to the S3 server and, once armed, answers those whose path
+// contains match with a server error instead.
+type faultProxy struct {
 	match string
 	armed atomic.Bool
 	hits  atomic.Int64
+	next  http.Handler
 }
 
-func (f *failingTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+func (f *faultProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if f.armed.Load() && strings.Contains(r.URL.Path, f.match) {
 		f.hits.Add(1)
-		return nil, errors.New("injected network failure")
+		http.Error(w, "injected failure", http.StatusServiceUnavailable)
+		return
 	}
-	return http.DefaultTransport.RoundTrip(r)
+	f.next.ServeHTTP(w, r)
 }
 
 // TestBackupFailureWritesNoManifest: a backup whose upload of a pack or of the database
-// fails, or whose server is down, returns an error naming the bucket and leaves no
+// fails (a proxy in front of the server answers them with errors), or whose server is down, returns an error naming the bucket and leaves no
 // manifest: the bucket's complete points are the ones before.
 func TestBackupFailureWritesNoManifest(t *testing.T) {
 	srv := nixtest.StartS3(t)
@@ -551,13 +565,26 @@ func TestBackupFailureWritesNoManifest(t *testing.T) {
 	add(t, st, pathName(0), treeNAR(t, 600<<10))
 	for i, match := range []string{"/" + PacksDir, "/" + DBName} {
 		t.Run(strings.Trim(match, "/"), func(t *testing.T) {
-			ft := &failingTransport{match: match}
+			target, err := url.Parse(srv.Endpoint)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ft := &faultProxy{match: match, next: httputil.NewSingleHostReverseProxy(target)}
+			proxy := httptest.NewServer(ft)
+			defer proxy.Close()
 			prefix := "fail-" + strings.Trim(strings.ReplaceAll(match, ".", "-"), "/")
-			b := bucket(t, srv, prefix, &http.Client{Transport: ft})
+			loc, err := objstore.ParseURL(fmt.Sprintf("s3://%s/%s?endpoint=%s&region=us-east-1", srv.Bucket, prefix, proxy.URL))
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, err := objstore.Open(ctx, loc, objstore.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
 			backup(t, st, b)
 			add(t, st, pathName(10+i), treeNAR(t, 300<<10))
 			ft.armed.Store(true)
-			_, err := Backup(ctx, st, b, Options{Version: "test", Parallel: 1})
+			_, err = Backup(ctx, st, b, Options{Version: "test", Parallel: 1})
 			if err == nil || ft.hits.Load() == 0 || !strings.Contains(err.Error(), "s3://casnix/"+prefix) {
 				t.Fatalf("backup with failing %s uploads: %v (%d failed requests), want an error naming the bucket", match, err, ft.hits.Load())
 			}
@@ -579,7 +606,7 @@ func TestBackupFailureWritesNoManifest(t *testing.T) {
 		})
 	}
 	t.Run("server down", func(t *testing.T) {
-		b := bucket(t, srv, "down", nil)
+		b := bucket(t, srv, "down")
 		backup(t, st, b)
 		srv.Stop()
 		dctx, cancel := context.WithTimeout(ctx, 90*time.Second)
