@@ -1,22 +1,25 @@
 // Package backupremote backs a casnix data dir up to an S3 bucket and restores it from
 // there: `casnix backup s3://…` and `casnix restore s3://…`.
 //
-// Layout under the URL's prefix (ARCHITECTURE.md, "Backups"):
+// Layout under the URL's prefix (ARCHITECTURE.md, "Backups to a bucket"):
 //
-//	packs/<lineage>/<NN>/<pack id>-<tail frame id>.pack   a pack's prefix, up to its last frame
-//	points/<point>/started                              written first: a backup is under way
-//	points/<point>/casnix.db.zst                        the database snapshot, zstd
-//	points/<point>/manifest.json                        written last: the point is complete
+//	packs/<lineage>/<NN>/<pack id>-<offset>-<tail frame id>.pack   one segment of a pack
+//	points/<point>/started                                       written first
+//	points/<point>/casnix.db.zst                                 the database snapshot, zstd
+//	points/<point>/manifest.json                                 written last: the point is complete
 //
 // A point is complete only once its manifest exists, and the manifest is written only after
-// every object it names was uploaded and read back (the snapshot's frames all lie within the
-// pack objects the manifest names). Pack objects are immutable: a pack's committed prefix is
-// named by the pack id and the id of its last frame, which no other content of that pack ever
-// has in one data dir (frame ids are never reused, and a pack's bytes below a live frame's
-// end are never rewritten). A pack that grew is uploaded again, whole, under its new tail;
-// the older object stays as long as a retained point names it. A data dir draws a random
-// lineage on its first bucket backup (kept in store.OriginFile), so two data dirs, or a
-// data dir and a copy restored from an older point that then grew apart, never share a key.
+// every object it names was uploaded and the snapshot read back from the bucket checks out
+// against them. A point names, per pack, the prefix its snapshot needs as a chain of segment
+// objects. Objects are immutable: a segment is named by its pack, its offset and the id of
+// the pack's last frame where it ends, which no other bytes ever are in one data dir (frame
+// ids are never reused, and a pack's bytes below a live frame's end are never rewritten). A
+// pack that grew gets one new segment holding just what was appended, as long as the frame
+// the previous chain ended with is still there; otherwise (a collection dropped the pack's
+// tail, and a writer wrote other frames there) it is uploaded whole again. A data dir draws a
+// random lineage on its first bucket backup (kept in store.OriginFile with the chains of its
+// last backup or restore), so two data dirs, or a data dir and a copy restored from an older
+// point that then grew apart, never share a key.
 package backupremote
 
 import (
@@ -61,12 +64,34 @@ const (
 // ErrNoPoint is returned when the bucket holds no complete point to act on.
 var ErrNoPoint = errors.New("no complete backup point")
 
-// PackRef is one pack object a point needs.
+// Segment is one pack object: the bytes [Off, Off+Len) of a pack.
+type Segment struct {
+	Key string `json:"key"`
+	Off int64  `json:"off"`
+	Len int64  `json:"len"`
+}
+
+// PackRef is a pack prefix a point needs, as the chain of segment objects that hold it.
 type PackRef struct {
-	ID    int64  `json:"id"`
-	Key   string `json:"key"`
-	Frame int64  `json:"frame"` // the id of the pack's last frame in the snapshot
-	Len   int64  `json:"len"`   // bytes of the object the snapshot needs (all of it)
+	ID       int64     `json:"id"`
+	Frame    int64     `json:"frame"` // the id of the pack's last frame in the snapshot
+	Len      int64     `json:"len"`   // the prefix's length: where that frame ends
+	Segments []Segment `json:"segments"`
+}
+
+// check reports whether r's segments cover [0, r.Len) in order.
+func (r *PackRef) check() error {
+	var off int64
+	for _, s := range r.Segments {
+		if s.Off != off || s.Len <= 0 {
+			return fmt.Errorf("pack %d: segment %s at %d+%d does not follow on at %d", r.ID, s.Key, s.Off, s.Len, off)
+		}
+		off += s.Len
+	}
+	if off != r.Len {
+		return fmt.Errorf("pack %d: segments cover %d bytes, the prefix is %d", r.ID, off, r.Len)
+	}
+	return nil
 }
 
 // DBRef is a point's database snapshot.
@@ -127,11 +152,11 @@ func (o *Options) parallel() int {
 type Report struct {
 	Point           string
 	Paths           int
-	Packs           int // pack objects the point names
-	Uploaded        int // pack objects uploaded
-	Skipped         int // pack objects the bucket already held
-	UploadedBytes   int64
-	SkippedBytes    int64
+	Packs           int   // packs the point names
+	Uploaded        int   // segment objects uploaded (at most one per pack)
+	Skipped         int   // packs the bucket held as they are
+	UploadedBytes   int64 // bytes of pack uploaded
+	SkippedBytes    int64 // bytes of pack the point names that the bucket already held
 	DBBytes         int64 // the snapshot, uncompressed
 	DBStored        int64 // and as uploaded
 	Copy            time.Duration
@@ -218,9 +243,9 @@ func randomHex(n int) string {
 	return hex.EncodeToString(b)
 }
 
-// packKey is the object holding pack id's prefix up to the end of frame.
-func packKey(lineage string, id, frame int64) string {
-	return fmt.Sprintf("%s%s/%02x/%08x-%x.pack", PacksDir, lineage, id%256, id, frame)
+// segmentKey is the object holding pack id's bytes from off to the end of frame.
+func segmentKey(lineage string, id, off, frame int64) string {
+	return fmt.Sprintf("%s%s/%02x/%08x-%x-%x.pack", PacksDir, lineage, id%256, id, off, frame)
 }
 
 // newPointID names a point by its UTC start time (so names sort by time) and a random tail.
@@ -275,15 +300,15 @@ func Backup(ctx context.Context, st *store.Store, b *objstore.Bucket, opts Optio
 	snapFile := filepath.Join(tmp, store.DBFile)
 	err = st.Snapshot(ctx, snapFile, func(sn store.Snapshot) error {
 		m.Paths = sn.Paths
-		// The objects of this lineage, and those a restore brought that may still serve
-		// (a prune of the point they came from may have removed them since).
-		listed := []PackRef{{Key: packKey(org.Lineage, 0, 0)}}
-		for id, r := range org.Packs {
-			if t, ok := sn.Tails[id]; ok && r.Frame == t.Frame && r.Len == t.End {
-				listed = append(listed, r)
+		// The objects of this lineage, and of the chains a restore brought (which a prune
+		// of the point they came from may have removed since).
+		keys := []string{segmentKey(org.Lineage, 0, 0, 0)}
+		for _, r := range org.Packs {
+			for _, sg := range r.Segments {
+				keys = append(keys, sg.Key)
 			}
 		}
-		have, err := objectSizes(ctx, b, listed)
+		have, err := objectSizes(ctx, b, keys)
 		if err != nil {
 			return err
 		}
@@ -292,29 +317,28 @@ func Backup(ctx context.Context, st *store.Store, b *objstore.Bucket, opts Optio
 			ids = append(ids, id)
 		}
 		slices.Sort(ids)
-		var todo []PackRef
+		var todo []upload
 		for _, id := range ids {
-			t := sn.Tails[id]
-			ref := PackRef{ID: id, Frame: t.Frame, Len: t.End, Key: packKey(org.Lineage, id, t.Frame)}
-			if r, ok := org.Packs[id]; ok && r.Frame == t.Frame && r.Len == t.End && have[r.Key] == t.End {
-				ref.Key = r.Key // unchanged since the restore that brought it
+			ref, up, err := planPack(ctx, sn, org, have, id)
+			if err != nil {
+				return err
+			}
+			if up == nil {
 				rep.Skipped++
-				rep.SkippedBytes += t.End
-			} else if have[ref.Key] == t.End {
-				rep.Skipped++
-				rep.SkippedBytes += t.End
+				rep.SkippedBytes += ref.Len
 			} else {
-				todo = append(todo, ref)
+				rep.SkippedBytes += up.seg.Off
+				todo = append(todo, *up)
 			}
 			m.Packs = append(m.Packs, ref)
 		}
-		opts.logf("backup %s: %d packs, %d to upload", m.Point, len(m.Packs), len(todo))
+		opts.logf("backup %s: %d packs, %d segments to upload", m.Point, len(m.Packs), len(todo))
 		var sent atomic.Int64
-		err = forEach(ctx, opts.parallel(), todo, func(ctx context.Context, r PackRef) error {
-			if err := uploadPack(ctx, b, sn.PackPath(r.ID), r); err != nil {
+		err = forEach(ctx, opts.parallel(), todo, func(ctx context.Context, u upload) error {
+			if err := uploadSegment(ctx, b, sn.PackPath(u.id), u); err != nil {
 				return err
 			}
-			sent.Add(r.Len)
+			sent.Add(u.seg.Len)
 			return nil
 		})
 		rep.Uploaded = len(todo)
@@ -349,6 +373,15 @@ func Backup(ctx context.Context, st *store.Store, b *objstore.Bucket, opts Optio
 		return nil, err
 	}
 	opts.logf("backup %s: complete", m.Point)
+	// The chains this point named are where the next backup of this data dir starts.
+	// Losing this record (a crash now) only makes the next backup upload whole packs.
+	next := &origin{Lineage: org.Lineage, Packs: map[int64]PackRef{}}
+	for _, r := range m.Packs {
+		next.Packs[r.ID] = r
+	}
+	if err := writeOrigin(st.Dir(), next); err != nil {
+		opts.logf("backup %s: %v", m.Point, err)
+	}
 	if opts.Keep > 0 {
 		rep.Pruned, err = Prune(ctx, b, PruneOptions{Keep: opts.Keep, Log: opts.Log})
 		if err != nil {
@@ -358,21 +391,70 @@ func Backup(ctx context.Context, st *store.Store, b *objstore.Bucket, opts Optio
 	return rep, nil
 }
 
-// uploadPack uploads the first r.Len bytes of the pack file at path as r.Key.
-func uploadPack(ctx context.Context, b *objstore.Bucket, path string, r PackRef) error {
+// upload is a segment to upload from pack id.
+type upload struct {
+	id  int64
+	seg Segment
+}
+
+// planPack decides how the point names pack id: the chain of the last backup or restore
+// if the pack is unchanged; that chain plus a segment of what was appended if the frame it
+// ended with is still there (so every byte it holds is still the pack's); else one segment
+// of the whole prefix. It returns the segment to upload, if any. A chain is only used if
+// all its objects are in the bucket (have) with their sizes.
+func planPack(ctx context.Context, sn store.Snapshot, org *origin, have map[string]int64, id int64) (PackRef, *upload, error) {
+	t := sn.Tails[id]
+	ref := PackRef{ID: id, Frame: t.Frame, Len: t.End}
+	prev, ok := org.Packs[id]
+	if ok && prev.check() == nil && prev.Len <= t.End {
+		for _, sg := range prev.Segments {
+			if have[sg.Key] != sg.Len {
+				ok = false
+			}
+		}
+		if ok && prev.Frame != t.Frame {
+			pack, end, alive, err := sn.FrameEnd(ctx, prev.Frame)
+			if err != nil {
+				return ref, nil, err
+			}
+			ok = alive && pack == id && end == prev.Len
+		}
+	} else {
+		ok = false
+	}
+	if ok {
+		ref.Segments = slices.Clone(prev.Segments)
+		if prev.Len == t.End {
+			return ref, nil, nil
+		}
+	}
+	seg := Segment{Off: 0, Len: t.End}
+	if ok {
+		seg = Segment{Off: prev.Len, Len: t.End - prev.Len}
+	}
+	seg.Key = segmentKey(org.Lineage, id, seg.Off, t.Frame)
+	ref.Segments = append(ref.Segments, seg)
+	if have[seg.Key] == seg.Len {
+		return ref, nil, nil // uploaded by a backup that did not complete
+	}
+	return ref, &upload{id: id, seg: seg}, nil
+}
+
+// uploadSegment uploads u's bytes of the pack file at path.
+func uploadSegment(ctx context.Context, b *objstore.Bucket, path string, u upload) error {
 	f, err := os.Open(path)
 	if err != nil {
-		return fmt.Errorf("pack %d: %w", r.ID, err)
+		return fmt.Errorf("pack %d: %w", u.id, err)
 	}
 	defer f.Close()
 	fi, err := f.Stat()
 	if err != nil {
-		return fmt.Errorf("pack %d: %w", r.ID, err)
+		return fmt.Errorf("pack %d: %w", u.id, err)
 	}
-	if fi.Size() < r.Len {
-		return fmt.Errorf("pack %d: %s is %d bytes, the snapshot names %d", r.ID, path, fi.Size(), r.Len)
+	if fi.Size() < u.seg.Off+u.seg.Len {
+		return fmt.Errorf("pack %d: %s is %d bytes, the snapshot names %d", u.id, path, fi.Size(), u.seg.Off+u.seg.Len)
 	}
-	return b.Put(ctx, r.Key, f, r.Len)
+	return b.Put(ctx, u.seg.Key, io.NewSectionReader(f, u.seg.Off, u.seg.Len), u.seg.Len)
 }
 
 // uploadDB compresses the database file at path into dir and uploads it as key.
@@ -459,8 +541,15 @@ func verifyPoint(ctx context.Context, b *objstore.Bucket, m *Manifest, dir strin
 		return fmt.Errorf("database snapshot %s: %w", m.DB.Key, err)
 	}
 	refs := map[int64]PackRef{}
+	var keys []string
 	for _, r := range m.Packs {
+		if err := r.check(); err != nil {
+			return err
+		}
 		refs[r.ID] = r
+		for _, sg := range r.Segments {
+			keys = append(keys, sg.Key)
+		}
 	}
 	for id, t := range tails {
 		r, ok := refs[id]
@@ -468,32 +557,35 @@ func verifyPoint(ctx context.Context, b *objstore.Bucket, m *Manifest, dir strin
 			return fmt.Errorf("the snapshot has frames in pack %d, which the manifest does not name", id)
 		}
 		if t.End > r.Len {
-			return fmt.Errorf("the snapshot has frames in pack %d up to %d, past the %d bytes of %s", id, t.End, r.Len, r.Key)
+			return fmt.Errorf("the snapshot has frames in pack %d up to %d, past the %d bytes the manifest names", id, t.End, r.Len)
 		}
 	}
-	sizes, err := objectSizes(ctx, b, m.Packs)
+	sizes, err := objectSizes(ctx, b, keys)
 	if err != nil {
 		return err
 	}
 	for _, r := range m.Packs {
-		sz, ok := sizes[r.Key]
-		if !ok {
-			return fmt.Errorf("s3 %s: pack %d: %s: %w", b.Location(), r.ID, r.Key, objstore.ErrNotFound)
-		}
-		if sz != r.Len {
-			return fmt.Errorf("s3 %s: pack %d: %s is %d bytes, the point needs %d", b.Location(), r.ID, r.Key, sz, r.Len)
+		for _, sg := range r.Segments {
+			sz, ok := sizes[sg.Key]
+			if !ok {
+				return fmt.Errorf("s3 %s: pack %d: %s: %w", b.Location(), r.ID, sg.Key, objstore.ErrNotFound)
+			}
+			if sz != sg.Len {
+				return fmt.Errorf("s3 %s: pack %d: %s is %d bytes, the point needs %d", b.Location(), r.ID, sg.Key, sz, sg.Len)
+			}
 		}
 	}
 	return nil
 }
 
-// objectSizes lists the sizes of the pack objects refs name: one listing per lineage.
-func objectSizes(ctx context.Context, b *objstore.Bucket, refs []PackRef) (map[string]int64, error) {
+// objectSizes lists the sizes of the objects in the lineage directories of keys: one
+// listing per lineage.
+func objectSizes(ctx context.Context, b *objstore.Bucket, keys []string) (map[string]int64, error) {
 	dirs := map[string]bool{}
-	for _, r := range refs {
-		parts := strings.SplitN(r.Key, "/", 3)
-		if len(parts) < 3 {
-			return nil, fmt.Errorf("pack %d: malformed key %q", r.ID, r.Key)
+	for _, k := range keys {
+		parts := strings.SplitN(k, "/", 3)
+		if len(parts) < 3 || parts[0]+"/" != PacksDir {
+			return nil, fmt.Errorf("malformed pack object key %q", k)
 		}
 		dirs[parts[0]+"/"+parts[1]+"/"] = true
 	}

@@ -182,7 +182,8 @@ func restore(t testing.TB, b *objstore.Bucket, dst string, o RestoreOptions) *Ma
 
 // TestBackupToBucket: against a real S3 server, a backup restores to a data dir with the
 // same path-infos and NARs; a second backup with nothing new uploads no pack, and one
-// after an import uploads exactly the packs that grew or are new; an older point still
+// after an import uploads exactly the bytes appended to packs (one segment object per pack
+// that grew or is new); an older point still
 // restores (with only its paths) after more imports; --verify-only passes; an incomplete
 // point (no manifest), even the newest, is listed as such and never restored.
 func TestBackupToBucket(t *testing.T) {
@@ -209,15 +210,16 @@ func TestBackupToBucket(t *testing.T) {
 	before := packSizes(t, dir)
 	add(t, st, pathName(3), treeNAR(t, 300<<10))
 	after := packSizes(t, dir)
-	changed := 0
+	changed, appended := 0, int64(0)
 	for f, n := range after {
 		if before[f] != n {
 			changed++
+			appended += n - before[f]
 		}
 	}
 	r3 := backup(t, st, b)
-	if changed == 0 || r3.Uploaded != changed || r3.Skipped != r3.Packs-changed {
-		t.Fatalf("backup after an import that changed %d of %d packs: %+v", changed, len(after), r3)
+	if changed == 0 || r3.Uploaded != changed || r3.Skipped != r3.Packs-changed || r3.UploadedBytes != appended {
+		t.Fatalf("backup after an import that changed %d of %d packs, appending %d bytes: %+v", changed, len(after), appended, r3)
 	}
 	latest := storeContents(t, st)
 
@@ -315,6 +317,9 @@ func TestBackupAfterTailRewrite(t *testing.T) {
 		t.Fatalf("no pack of the first point changed: the scenario did not happen (before %v, after %v)", sizes, packSizes(t, dir))
 	}
 	r2 := backup(t, st, b)
+	if r2.SkippedBytes != 0 || r2.Uploaded != 1 {
+		t.Fatalf("backup after a tail rewrite: %+v, want the pack uploaded whole", r2)
+	}
 	want2 := storeContents(t, st)
 	for _, tc := range []struct {
 		point string
@@ -354,8 +359,8 @@ func TestBackupAfterRestoreFork(t *testing.T) {
 	}
 	add(t, fst, pathName(2), treeNAR(t, 600<<10))
 	rf2 := backup(t, fst, b)
-	if rf2.Uploaded == 0 {
-		t.Fatalf("backup after an import uploaded nothing: %+v", rf2)
+	if rf2.Uploaded == 0 || rf2.SkippedBytes == 0 {
+		t.Fatalf("backup after an import: %+v, want a segment after the restored pack's bytes", rf2)
 	}
 	wantF := storeContents(t, fst)
 	for _, tc := range []struct {
@@ -389,7 +394,7 @@ func TestBackupAfterRestoreFork(t *testing.T) {
 }
 
 // TestPrune: --keep N keeps the newest N points and removes exactly the pack objects no
-// kept point names; while a younger incomplete point exists (a backup under way) it
+// kept point names (here: after a tail rewrite made the newest point upload its pack whole); while a younger incomplete point exists (a backup under way) it
 // removes no pack, and it removes a stale incomplete point.
 func TestPrune(t *testing.T) {
 	srv := nixtest.StartS3(t)
@@ -397,21 +402,41 @@ func TestPrune(t *testing.T) {
 	ctx := context.Background()
 	b := bucket(t, srv, "prune")
 	dir := t.TempDir()
-	st := openStore(t, dir)
-	var reps []*Report
-	for i := range 3 {
-		add(t, st, pathName(i), treeNAR(t, 600<<10))
-		reps = append(reps, backup(t, st, b))
+	st, err := store.Open(ctx, dir, store.Options{})
+	if err != nil {
+		t.Fatal(err)
 	}
-	// Every point names a grown last pack, so the older points hold objects the newest
-	// does not.
+	var reps []*Report
+	add(t, st, pathName(0), treeNAR(t, 1<<20))
+	reps = append(reps, backup(t, st, b))
+	add(t, st, pathName(1), treeNAR(t, 300<<10))
+	reps = append(reps, backup(t, st, b))
+	// The second point's segment ends with a frame a collection then drops; the next
+	// writer rewrites the pack's tail, so the third point uploads the pack whole and
+	// names none of the first two points' objects.
+	if _, err := st.GC(ctx, store.GCOptions{Action: store.GCDeleteSpecific, Paths: []string{pathName(1)}}); err != nil {
+		t.Fatal(err)
+	}
+	st.Close()
+	st, err = store.Open(ctx, dir, store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	add(t, st, pathName(2), treeNAR(t, 400<<10))
+	reps = append(reps, backup(t, st, b))
+	if reps[1].Uploaded != 1 || reps[1].SkippedBytes == 0 || reps[2].Uploaded != 1 || reps[2].SkippedBytes != 0 {
+		t.Fatalf("want the second point to add a segment and the third to upload the pack whole: %+v, %+v", reps[1], reps[2])
+	}
 	m3, err := readManifest(ctx, b, reps[2].Point)
 	if err != nil {
 		t.Fatal(err)
 	}
 	keep := map[string]bool{}
 	for _, r := range m3.Packs {
-		keep[r.Key] = true
+		for _, sg := range r.Segments {
+			keep[sg.Key] = true
+		}
 	}
 	all := objects(t, b, PacksDir)
 	var wantGone []string
@@ -420,8 +445,8 @@ func TestPrune(t *testing.T) {
 			wantGone = append(wantGone, k)
 		}
 	}
-	if len(wantGone) == 0 {
-		t.Fatalf("older points name no pack the newest does not: nothing to prune (%d objects)", len(all))
+	if len(wantGone) != 2 {
+		t.Fatalf("%d objects only older points name, want the first two points' 2 (of %d)", len(wantGone), len(all))
 	}
 
 	// A backup under way: the points go, the packs stay.
@@ -509,7 +534,7 @@ func TestRestoreDamagedBucket(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			victim := m.Packs[0]
+			victim := m.Packs[0].Segments[0]
 			if err := tc.damage(b, victim.Key, victim.Len); err != nil {
 				t.Fatal(err)
 			}

@@ -3,8 +3,7 @@ package backupremote
 import (
 	"context"
 	"encoding/json"
-	"errors"
-	"fmt"
+		"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -259,7 +258,9 @@ func Prune(ctx context.Context, b *objstore.Bucket, opts PruneOptions) (*PruneRe
 	for _, p := range complete {
 		if keep[p.ID] {
 			for _, r := range p.Manifest.Packs {
-				named[r.Key] = true
+				for _, sg := range r.Segments {
+					named[sg.Key] = true
+				}
 			}
 		}
 	}
@@ -368,7 +369,9 @@ func stagePoint(ctx context.Context, b *objstore.Bucket, m *Manifest, stage stri
 		if !ok || r.Len < t.End {
 			return nil, fmt.Errorf("the snapshot has frames in pack %d up to %d, which the manifest does not name", id, t.End)
 		}
-		r.Len = t.End
+		if err := r.check(); err != nil {
+			return nil, err
+		}
 		need = append(need, r)
 	}
 	sort.Slice(need, func(i, j int) bool { return need[i].ID < need[j].ID })
@@ -408,20 +411,16 @@ func stagePoint(ctx context.Context, b *objstore.Bucket, m *Manifest, stage stri
 	return rep, nil
 }
 
-// downloadPack writes the first r.Len bytes of r.Key to the new file path, fsynced.
+// downloadPack writes the segments of r, in order, to the new file path, fsynced.
 func downloadPack(ctx context.Context, b *objstore.Bucket, r PackRef, path string) error {
-	rc, err := b.GetRange(ctx, r.Key, 0, r.Len)
-	if err != nil {
-		return fmt.Errorf("pack %d: %w", r.ID, err)
-	}
-	defer rc.Close()
 	out, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
 		return err
 	}
-	n, err := io.Copy(out, io.LimitReader(rc, r.Len))
-	if err == nil && n != r.Len {
-		err = fmt.Errorf("%w: s3 %s: %s is %d bytes, the point needs %d (truncated object?)", blobs.ErrCorrupt, b.Location(), r.Key, n, r.Len)
+	for _, sg := range r.Segments {
+		if err == nil {
+			err = downloadSegment(ctx, b, sg, out)
+		}
 	}
 	if err == nil {
 		err = out.Sync()
@@ -430,10 +429,24 @@ func downloadPack(ctx context.Context, b *objstore.Bucket, r PackRef, path strin
 		err = cerr
 	}
 	if err != nil {
-		if errors.Is(err, blobs.ErrCorrupt) {
-			return fmt.Errorf("pack %d: %w", r.ID, err)
-		}
-		return fmt.Errorf("pack %d: download s3 %s: %s: %w", r.ID, b.Location(), r.Key, err)
+		return fmt.Errorf("pack %d: %w", r.ID, err)
+	}
+	return nil
+}
+
+// downloadSegment appends the object sg to out, which must then be sg.Off+sg.Len long.
+func downloadSegment(ctx context.Context, b *objstore.Bucket, sg Segment, out *os.File) error {
+	rc, err := b.GetRange(ctx, sg.Key, 0, sg.Len)
+	if err != nil {
+		return err
+	}
+	defer rc.Close()
+	n, err := io.Copy(out, io.LimitReader(rc, sg.Len))
+	if err != nil {
+		return fmt.Errorf("download s3 %s: %s: %w", b.Location(), sg.Key, err)
+	}
+	if n != sg.Len {
+		return fmt.Errorf("%w: s3 %s: %s is %d bytes, the point needs %d (truncated object?)", blobs.ErrCorrupt, b.Location(), sg.Key, n, sg.Len)
 	}
 	return nil
 }

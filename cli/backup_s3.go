@@ -64,8 +64,8 @@ func (c *BackupCmd) runBucket(g *Globals) error {
 	})
 	if rep != nil { // on an error only when the point is complete and the prune failed
 		secs := max(rep.Copy.Seconds(), 1e-9)
-		fmt.Fprintf(g.Stdout, "backed up %s to %s point %s: %d paths; uploaded %d of %d pack objects, %s (skipped %d already there, %s), database %s as %s; %d write requests; in %.2fs, %.1f MB/s uploaded; verified in %.2fs\n",
-			st.Dir(), b.Location(), rep.Point, rep.Paths, rep.Uploaded, rep.Packs, humanBytes(rep.UploadedBytes), rep.Skipped, humanBytes(rep.SkippedBytes),
+		fmt.Fprintf(g.Stdout, "backed up %s to %s point %s: %d paths, %d packs; uploaded %d objects, %s of packs (%d packs unchanged, %s already in the bucket), database %s as %s; %d write requests; in %.2fs, %.1f MB/s uploaded; verified in %.2fs\n",
+			st.Dir(), b.Location(), rep.Point, rep.Paths, rep.Packs, rep.Uploaded, humanBytes(rep.UploadedBytes), rep.Skipped, humanBytes(rep.SkippedBytes),
 			humanBytes(rep.DBBytes), humanBytes(rep.DBStored), rep.RequestsWritten, secs, float64(rep.UploadedBytes+rep.DBStored)/1e6/secs, rep.Verify.Seconds())
 		if p := rep.Pruned; p != nil {
 			fmt.Fprintf(g.Stdout, "pruned: %d points, %d incomplete points, %d pack objects (%s); %d pack objects kept", p.Points, p.Incomplete, p.Packs, humanBytes(p.PackBytes), p.PacksKept)

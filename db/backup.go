@@ -3,6 +3,7 @@ package db
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"os"
 )
@@ -118,4 +119,17 @@ func (d *DB) PathCount(ctx context.Context) (int, error) {
 		return 0, fmt.Errorf("count paths: %w", err)
 	}
 	return n, nil
+}
+
+// FrameEnd returns the pack frame id is in and the offset where it ends; ok
+// is false when no frame has that id.
+func (d *DB) FrameEnd(ctx context.Context, id int64) (pack, end int64, ok bool, err error) {
+	err = d.r.QueryRowContext(ctx, "SELECT pack, data_off+clen FROM frames WHERE id = ?", id).Scan(&pack, &end)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, 0, false, nil
+	}
+	if err != nil {
+		return 0, 0, false, fmt.Errorf("frame %d: %w", id, err)
+	}
+	return pack, end, true, nil
 }

@@ -28,6 +28,8 @@ type Snapshot struct {
 	Paths int
 	// PackPath is where a pack of the live data dir is.
 	PackPath func(id int64) string
+	// FrameEnd looks a frame up in the snapshot (db.DB.FrameEnd).
+	FrameEnd func(ctx context.Context, id int64) (pack, end int64, ok bool, err error)
 }
 
 // Snapshot takes the snapshot a backup copies, as Backup does: the database
@@ -62,13 +64,16 @@ func (s *Store) Snapshot(ctx context.Context, dbFile string, fn func(Snapshot) e
 	if err == nil {
 		snap.Paths, err = d.PathCount(ctx)
 	}
+	if err != nil {
+		d.Close()
+		return fmt.Errorf("snapshot %s: %w", dbFile, err)
+	}
+	snap.FrameEnd = d.FrameEnd
+	err = fn(snap)
 	if cerr := d.Close(); err == nil && cerr != nil {
 		err = fmt.Errorf("close %s: %w", dbFile, cerr)
 	}
-	if err != nil {
-		return fmt.Errorf("snapshot %s: %w", dbFile, err)
-	}
-	return fn(snap)
+	return err
 }
 
 // forgetOrigin removes dir's OriginFile, durably.
