@@ -3,7 +3,7 @@ package backupremote
 import (
 	"context"
 	"encoding/json"
-		"fmt"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
