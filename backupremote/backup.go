@@ -35,7 +35,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -274,7 +273,9 @@ func Backup(ctx context.Context, st *store.Store, b *objstore.Bucket, opts Optio
 	}
 	defer os.RemoveAll(tmp)
 
-	m := &Manifest{Format: manifestFormat, Point: newPointID(start), Time: start.UTC(), Casnix: opts.Version, Lineage: org.Lineage}
+	// The point's time is its name's (milliseconds), so --at NAME picks that point.
+	at := start.UTC().Truncate(time.Millisecond)
+	m := &Manifest{Format: manifestFormat, Point: newPointID(at), Time: at, Casnix: opts.Version, Lineage: org.Lineage}
 	rep = &Report{Point: m.Point}
 	sentBefore := b.Stats().Puts.Load()
 	defer func() {
@@ -667,9 +668,4 @@ feed:
 		return first
 	}
 	return ctx.Err()
-}
-
-// sortPoints orders manifests oldest first.
-func sortPoints(ms []*Manifest) {
-	sort.Slice(ms, func(i, j int) bool { return ms[i].Point < ms[j].Point })
 }

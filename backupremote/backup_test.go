@@ -265,7 +265,7 @@ func TestBackupToBucket(t *testing.T) {
 	}
 	at, _ := ParseTime(r2.Point)
 	old2 := filepath.Join(t.TempDir(), "old2")
-	if m := restore(t, b, old2, RestoreOptions{At: at.Add(time.Millisecond)}); m.Point != r2.Point {
+	if m := restore(t, b, old2, RestoreOptions{At: at}); m.Point != r2.Point {
 		t.Fatalf("--at %s restored %s, want %s", at, m.Point, r2.Point)
 	}
 	if _, _, err := Restore(ctx, b, t.TempDir(), RestoreOptions{Point: fake}); !errors.Is(err, ErrNoPoint) {
