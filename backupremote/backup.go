@@ -254,9 +254,10 @@ func newPointID(t time.Time) string {
 
 func pointKey(id, name string) string { return PointsDir + id + "/" + name }
 
-// Backup uploads a consistent point of st's data dir to b: the database snapshot and every
-// pack prefix it names that b lacks, then, once all of it is in the bucket and the snapshot
-// read back from the bucket checks out against the pack objects, the manifest. The GC lock
+// Backup uploads a consistent point of st's data dir to b: the database snapshot and, of
+// every pack prefix it names, what b lacks (planPack), then, once all of it is in the bucket
+// and the snapshot read back from the bucket checks out against the pack objects, the
+// manifest. The GC lock
 // is held shared and the packs held (store.Snapshot) while packs upload, as for a backup to
 // a directory; the snapshot itself uploads after. On failure no manifest is written: the
 // point stays incomplete, ignored by restore and removed by a later prune.
