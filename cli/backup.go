@@ -8,17 +8,28 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/casnix/casnix/objstore"
 	"github.com/casnix/casnix/store"
 )
 
 // BackupCmd copies a consistent snapshot of the data dir.
 type BackupCmd struct {
-	Dest  string `arg:"" name:"DEST" help:"Directory to write the backup to (absent or empty); it becomes a casnix data dir."`
-	Quick bool   `name:"quick" env:"CASNIX_BACKUP_QUICK" help:"Check the copy's frames and chunk hashes only, not every NAR."`
+	Dest       string `arg:"" name:"DEST" help:"Directory to write the backup to (absent or empty; it becomes a casnix data dir), or s3://BUCKET/PREFIX?endpoint=URL&region=R to add a backup point to a bucket (credentials from the usual AWS variables)."`
+	Quick      bool   `name:"quick" env:"CASNIX_BACKUP_QUICK" help:"Check the copy's frames and chunk hashes only, not every NAR (directory backups)."`
+	Keep       int    `name:"keep" placeholder:"N" help:"s3:// only: after the backup keep the newest N points and remove the older ones and every pack object no kept point needs."`
+	List       bool   `name:"list" help:"s3:// only: list the bucket's backup points instead of backing up."`
+	VerifyOnly bool   `name:"verify-only" help:"s3:// only: check a point (--point, else the newest) in the bucket instead of backing up."`
+	Point      string `name:"point" placeholder:"ID" help:"s3:// only: the point --verify-only checks."`
 }
 
 // Run backs up.
 func (c *BackupCmd) Run(g *Globals) error {
+	if objstore.IsURL(c.Dest) {
+		return c.runBucket(g)
+	}
+	if c.Keep != 0 || c.List || c.VerifyOnly || c.Point != "" {
+		return fmt.Errorf("--keep, --list, --verify-only and --point are for s3:// backups")
+	}
 	st, err := g.Open()
 	if err != nil {
 		return err
@@ -34,7 +45,9 @@ func (c *BackupCmd) Run(g *Globals) error {
 
 // RestoreCmd restores a backup into the data dir.
 type RestoreCmd struct {
-	Src   string `arg:"" name:"SRC" help:"Backup (or stopped data dir) to restore from."`
+	Src   string `arg:"" name:"SRC" help:"Backup (or stopped data dir) to restore from, or an s3:// URL casnix backup wrote to."`
+	Point string `name:"point" placeholder:"ID" help:"s3:// only: the backup point to restore (casnix backup --list shows them; default: the newest complete one)."`
+	At    string `name:"at" placeholder:"TIME" help:"s3:// only: restore the newest point taken at or before TIME (RFC 3339, e.g. 2026-01-02T15:04:05Z)."`
 	Force bool   `name:"force" help:"Replace the data dir's contents if it is not empty (refused while any casnix process has it open)."`
 	Quick bool   `name:"quick" env:"CASNIX_RESTORE_QUICK" help:"Check the restored frames and chunk hashes only, not every NAR."`
 	// KillAt makes restore SIGKILL itself after its Nth step: the crash
@@ -48,7 +61,14 @@ func (c *RestoreCmd) Run(g *Globals) error {
 	if dst == "" {
 		dst = DefaultDataDir()
 	}
-	rep, err := store.Restore(g.Ctx, c.Src, dst, store.CopyOptions{Quick: c.Quick, Force: c.Force, Step: countSteps(g, "restore", c.KillAt)})
+	opts := store.CopyOptions{Quick: c.Quick, Force: c.Force, Step: countSteps(g, "restore", c.KillAt)}
+	if objstore.IsURL(c.Src) {
+		return c.runBucket(g, dst, opts)
+	}
+	if c.Point != "" || c.At != "" {
+		return fmt.Errorf("--point and --at are for s3:// restores")
+	}
+	rep, err := store.Restore(g.Ctx, c.Src, dst, opts)
 	if err != nil {
 		return err
 	}

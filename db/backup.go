@@ -3,6 +3,7 @@ package db
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"os"
 )
@@ -78,4 +79,57 @@ func (d *DB) Check(ctx context.Context) error {
 		return fmt.Errorf("database check: row %d of %s refers to a missing row of %s", rowid.Int64, table, parent)
 	}
 	return rows.Err()
+}
+
+// PackTail is where a pack's committed frames end: the end offset of its
+// last frame and that frame's id. Frame ids are never reused and a pack's
+// bytes below a frame's end are never rewritten while the frame exists, so
+// (pack, tail frame) names one exact prefix of a pack file for the life of
+// a data dir, even across collections that drop a pack's last frames (its
+// tail is then trimmed and written anew).
+type PackTail struct {
+	End   int64
+	Frame int64
+}
+
+// PackTails maps every pack holding committed frames to its tail.
+func (d *DB) PackTails(ctx context.Context) (map[int64]PackTail, error) {
+	// SQLite takes the bare column id from the row MAX picked.
+	rows, err := d.r.QueryContext(ctx, "SELECT pack, id, MAX(data_off+clen) FROM frames GROUP BY pack")
+	if err != nil {
+		return nil, fmt.Errorf("pack tails: %w", err)
+	}
+	defer rows.Close()
+	out := map[int64]PackTail{}
+	for rows.Next() {
+		var id int64
+		var t PackTail
+		if err := rows.Scan(&id, &t.Frame, &t.End); err != nil {
+			return nil, fmt.Errorf("pack tails: %w", err)
+		}
+		out[id] = t
+	}
+	return out, rows.Err()
+}
+
+// PathCount is the number of valid paths.
+func (d *DB) PathCount(ctx context.Context) (int, error) {
+	var n int
+	if err := d.r.QueryRowContext(ctx, "SELECT COUNT(*) FROM paths").Scan(&n); err != nil {
+		return 0, fmt.Errorf("count paths: %w", err)
+	}
+	return n, nil
+}
+
+// FrameEnd returns the pack frame id is in and the offset where it ends; ok
+// is false when no frame has that id.
+func (d *DB) FrameEnd(ctx context.Context, id int64) (pack, end int64, ok bool, err error) {
+	err = d.r.QueryRowContext(ctx, "SELECT pack, data_off+clen FROM frames WHERE id = ?", id).Scan(&pack, &end)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, 0, false, nil
+	}
+	if err != nil {
+		return 0, 0, false, fmt.Errorf("frame %d: %w", id, err)
+	}
+	return pack, end, true, nil
 }

@@ -141,29 +141,58 @@ func (s *Store) backupLocked(ctx context.Context, dst string) (*CopyReport, erro
 // follows is finished by whoever next takes the lock (Open, Restore) if a
 // crash interrupts it. So after a crash at any point dst holds either its
 // old contents or the restored ones, complete, with no manual step.
-func Restore(ctx context.Context, src, dst string, opts CopyOptions) (rep *CopyReport, err error) {
-	start := time.Now()
-	step := opts.Step
-	if step == nil {
-		step = func(string) {}
-	}
+func Restore(ctx context.Context, src, dst string, opts CopyOptions) (*CopyReport, error) {
 	srcDB := filepath.Join(src, DBFile)
 	if _, err := os.Stat(srcDB); err != nil {
 		return nil, fmt.Errorf("%s is not a casnix data dir or backup: %w", src, err)
 	}
-	v, err := db.SchemaVersion(ctx, srcDB)
-	if err != nil {
+	if err := CheckSchema(ctx, srcDB); err != nil {
 		return nil, fmt.Errorf("restore from %s: %w", src, err)
+	}
+	return RestoreWith(ctx, dst, opts, func(ctx context.Context, stage string, step func(string)) (*CopyReport, error) {
+		for _, name := range []string{DBFile, DBFile + "-wal"} {
+			if _, err := copyFile(filepath.Join(src, name), filepath.Join(stage, name), -1); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return nil, err
+			}
+		}
+		step("database staged")
+		return copyPacks(ctx, filepath.Join(stage, DBFile), filepath.Join(src, PackDir), filepath.Join(stage, PackDir), step)
+	})
+}
+
+// CheckSchema returns an error unless the database file dbFile holds a
+// casnix schema this binary can open.
+func CheckSchema(ctx context.Context, dbFile string) error {
+	v, err := db.SchemaVersion(ctx, dbFile)
+	if err != nil {
+		return err
 	}
 	latest, err := db.LatestVersion()
 	if err != nil {
-		return nil, err
+		return err
 	}
 	switch {
 	case v == 0:
-		return nil, fmt.Errorf("restore from %s: %s holds no casnix schema", src, srcDB)
+		return fmt.Errorf("%s holds no casnix schema", dbFile)
 	case v > latest:
-		return nil, fmt.Errorf("restore from %s: %w: schema version %d, this binary knows up to %d", src, db.ErrSchemaTooNew, v, latest)
+		return fmt.Errorf("%w: schema version %d, this binary knows up to %d", db.ErrSchemaTooNew, v, latest)
+	}
+	return nil
+}
+
+// StageFunc fills the empty staging directory stage with a data dir's
+// database (DBFile) and packs (PackDir), durably, and reports what it
+// copied. It calls step after each step it takes.
+type StageFunc func(ctx context.Context, stage string, step func(string)) (*CopyReport, error)
+
+// RestoreWith is Restore from whatever fill stages: a directory (Restore)
+// or a bucket (package backupremote). Everything after the staging (the
+// lock, the checks of dst, the verify, the journaled swap) is Restore's.
+func RestoreWith(ctx context.Context, dst string, opts CopyOptions, fill StageFunc) (rep *CopyReport, err error) {
+	start := time.Now()
+	step := opts.Step
+	if step == nil {
+		step = func(string) {}
 	}
 	created, _, err := inspectTarget(dst)
 	if err != nil {
@@ -212,13 +241,7 @@ func Restore(ctx context.Context, src, dst string, opts CopyOptions) (rep *CopyR
 			os.RemoveAll(stage)
 		}
 	}()
-	for _, name := range []string{DBFile, DBFile + "-wal"} {
-		if _, err := copyFile(filepath.Join(src, name), filepath.Join(stage, name), -1); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return nil, err
-		}
-	}
-	step("database staged")
-	rep, err = copyPacks(ctx, filepath.Join(stage, DBFile), filepath.Join(src, PackDir), filepath.Join(stage, PackDir), step)
+	rep, err = fill(ctx, stage, step)
 	if err != nil {
 		return nil, err
 	}
@@ -243,6 +266,12 @@ func Restore(ctx context.Context, src, dst string, opts CopyOptions) (rep *CopyR
 		return nil, err
 	}
 	step("verified")
+	// What a bucket backup remembers of dst's packs is about the packs
+	// being replaced: forgotten before the commit point, so a later bucket
+	// backup of the restored data never takes those objects for its own.
+	if err := forgetOrigin(dst); err != nil {
+		return nil, err
+	}
 	// The commit point: from here on the restored data replaces dst's,
 	// now or, after a crash, at the next Open or Restore.
 	if err := writeJournal(dst, filepath.Base(stage)); err != nil {

@@ -47,7 +47,42 @@ func TestRestoreCrash(t *testing.T) {
 	newDir, newPaths := makeStore("new", 12)
 	backup := filepath.Join(work, "backup")
 	runCasnix(t, bin, newDir, "backup", backup)
+	restoreCrash(t, bin, oldDir, oldPaths, newPaths, backup, restoreKills)
+}
 
+// TestRestoreCrashFromBucket is TestRestoreCrash for `casnix restore s3://…` (a real S3
+// server): the download stages what the copy did, and the same journaled swap follows, so
+// every kill leaves the old or the restored paths and the next open finishes the job.
+func TestRestoreCrashFromBucket(t *testing.T) {
+	bin := nixtest.CasnixBinary(t)
+	srv := nixtest.StartS3(t)
+	srv.SetEnv(t) // for the casnix processes, which inherit it
+	work := t.TempDir()
+	rng := rand.New(rand.NewChaCha8([32]byte{'b', 'u', 'c', 'k', 'e', 't'}))
+	makeStore := func(tag string, n int) (string, []string) {
+		dir := filepath.Join(work, tag)
+		var paths []string
+		for i := range n {
+			tree := filepath.Join(work, fmt.Sprintf("%s-tree-%d", tag, i))
+			narFile := randomNARFile(t, rng, tree, 256<<10)
+			p := fmt.Sprintf("/nix/store/%031d%d-%s-%d", i, len(tag), tag, i)
+			runCasnix(t, bin, dir, "import", "--nar", narFile, "--path", p)
+			paths = append(paths, p)
+		}
+		slices.Sort(paths)
+		return dir, paths
+	}
+	oldDir, oldPaths := makeStore("old", 6)
+	newDir, newPaths := makeStore("new", 8)
+	url := srv.URL("crash")
+	runCasnix(t, bin, newDir, "backup", url)
+	restoreCrash(t, bin, oldDir, oldPaths, newPaths, url, 12)
+}
+
+// restoreCrash kills `casnix restore --force backup` into copies of oldDir at kills steps
+// (every one from just before the journal on, the rest spread over staging and verifying)
+// and checks each copy as TestRestoreCrash says.
+func restoreCrash(t *testing.T, bin, oldDir string, oldPaths, newPaths []string, backup string, restoreKills int) {
 	// One restore with its steps logged: how many there are and where the journal is.
 	trace := copyDataDir(t, oldDir)
 	names, journal := restoreSteps(t, bin, trace, backup)
