@@ -147,11 +147,7 @@ func Open(ctx context.Context, loc Location, opts Options) (*Bucket, error) {
 	if region == "" {
 		region = "us-east-1"
 	}
-	lo := []func(*config.LoadOptions) error{config.WithRegion(region)}
-	if opts.HTTPClient != nil {
-		lo = append(lo, config.WithHTTPClient(opts.HTTPClient))
-	}
-	cfg, err := config.LoadDefaultConfig(ctx, lo...)
+	cfg, err := config.LoadDefaultConfig(ctx, config.WithRegion(region))
 	if err != nil {
 		return nil, fmt.Errorf("s3 %s: load AWS configuration: %w", loc, err)
 	}
@@ -161,6 +157,11 @@ func Open(ctx context.Context, loc Location, opts Options) (*Bucket, error) {
 			o.BaseEndpoint = aws.String(loc.Endpoint)
 		}
 		o.UsePathStyle = loc.PathStyle
+		if opts.HTTPClient != nil {
+			// Set on the client, not the configuration: the configuration applies
+			// AWS_CA_BUNDLE to its HTTP client, which a plain *http.Client refuses.
+			o.HTTPClient = opts.HTTPClient
+		}
 		// Checksums on every request only where the server needs them: self-hosted servers
 		// do not all accept the newer CRC trailers.
 		o.RequestChecksumCalculation = aws.RequestChecksumCalculationWhenRequired

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"math/rand/v2"
+	"net/http"
 	"strings"
 	"testing"
 
@@ -131,6 +132,16 @@ func TestBucket(t *testing.T) {
 	names = nil
 	if err := b.List(ctx, "a/", func(i objstore.Info) error { names = append(names, i.Name); return nil }); err != nil || len(names) != 0 {
 		t.Fatalf("List after Delete = %v, %v", names, err)
+	}
+	// A caller's own HTTP client works beside AWS_CA_BUNDLE (which the SDK applies to
+	// the configuration's client only).
+	t.Setenv("AWS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+	hb, err := objstore.Open(ctx, loc, objstore.Options{HTTPClient: &http.Client{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := hb.Head(ctx, "lease"); err != nil {
+		t.Fatalf("with a caller's HTTP client and AWS_CA_BUNDLE: %v", err)
 	}
 	st := b.Stats()
 	if st.Puts.Load() < 5 || st.BytesSent.Load() < int64(len(big)) || st.BytesReceived.Load() < int64(len(big)) || st.Requests.Load() < 10 {
