@@ -127,6 +127,39 @@ func OpenReader(ctx context.Context, path string) (*DB, error) {
 	return &DB{r: r, path: path, q: q{c: r, stmts: newStmtCache(r.PrepareContext)}}, nil
 }
 
+// OpenReplica opens a read replica's database at path for reading: a file
+// that a follower process (replicate.Follow) rewrites in place, page by
+// page, in rollback-journal mode, under SQLite's exclusive file lock. So
+// the connections are read-only (mode=ro: they never change the journal
+// mode or create a WAL), take SQLite's shared lock for each read
+// transaction and wait (busy_timeout) while the follower writes, and do
+// not map the file (pages change under them between transactions; SQLite
+// rereads its cache when the file change counter moves). A replica never
+// migrates: its schema is the primary's, and a newer one than this
+// binary's is ErrSchemaTooNew, an older one ErrNeedsMigration.
+func OpenReplica(ctx context.Context, path string) (*DB, error) {
+	if _, err := os.Stat(path); err != nil {
+		return nil, fmt.Errorf("open replica database: %w", err)
+	}
+	v := url.Values{}
+	v.Add("_pragma", "busy_timeout(30000)")
+	v.Add("_pragma", "query_only(1)")
+	v.Add("_pragma", "cache_size(-16384)")
+	v.Set("mode", "ro")
+	r, err := sql.Open("sqlite", "file:"+path+"?"+v.Encode())
+	if err != nil {
+		return nil, fmt.Errorf("open replica database %s: %w", path, err)
+	}
+	n := max(4, 2*runtime.GOMAXPROCS(0))
+	r.SetMaxOpenConns(n)
+	r.SetMaxIdleConns(n)
+	if err := checkSchema(ctx, r); err != nil {
+		r.Close()
+		return nil, fmt.Errorf("replica database %s: %w", path, err)
+	}
+	return &DB{r: r, path: path, q: q{c: r, stmts: newStmtCache(r.PrepareContext)}}, nil
+}
+
 // checkSchema fails unless the database's schema version is the latest.
 func checkSchema(ctx context.Context, c *sql.DB) error {
 	latest, err := LatestVersion()

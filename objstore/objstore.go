@@ -301,6 +301,17 @@ func (b *Bucket) GetRange(ctx context.Context, name string, off, n int64) (io.Re
 	return b.get(ctx, name, aws.String(fmt.Sprintf("bytes=%d-%d", off, off+n-1)))
 }
 
+// GetFrom reads name from off to its end.
+func (b *Bucket) GetFrom(ctx context.Context, name string, off int64) (io.ReadCloser, error) {
+	if off == 0 {
+		return b.get(ctx, name, nil)
+	}
+	if off < 0 {
+		return nil, fmt.Errorf("s3 %s: %s: bad offset %d", b.loc, name, off)
+	}
+	return b.get(ctx, name, aws.String(fmt.Sprintf("bytes=%d-", off)))
+}
+
 func (b *Bucket) get(ctx context.Context, name string, rng *string) (io.ReadCloser, error) {
 	b.stats.Gets.Add(1)
 	out, err := b.client.GetObject(ctx, &s3.GetObjectInput{Bucket: &b.loc.Bucket, Key: aws.String(b.key(name)), Range: rng})
