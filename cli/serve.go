@@ -48,6 +48,7 @@ type ServeCmd struct {
 	MaxSize         string        `name:"max-size" env:"CASNIX_MAX_SIZE" default:"0" placeholder:"BYTES" help:"Space budget for substituted paths: when the pack files take more disk than this, the least recently used substituted paths are deleted (as casnix gc, roots and temp roots respected) until they take 90% of it. Paths clients added or imported, gcroots and --pin closures are never evicted. 0: no budget."`
 	Pin             []string      `name:"pin" env:"CASNIX_PIN" placeholder:"PATH" help:"Store paths whose closures --max-size never evicts."`
 	EvictInterval   time.Duration `name:"evict-interval" env:"CASNIX_EVICT_INTERVAL" default:"10s" hidden:"" help:"How often access times are saved and --max-size is checked."`
+	UploadWithin    time.Duration `name:"upload-within" env:"CASNIX_UPLOAD_WITHIN" default:"10s" help:"With --packs: a pack is sealed and uploaded once its oldest frame waited this long (or it is full). Until then an acknowledged write is on the local disk only (fsynced)."`
 	MaxPerUser      int           `name:"max-connections-per-user" env:"CASNIX_MAX_CONNECTIONS_PER_USER" default:"64" help:"Connections open at once from one uid; trusted users are exempt (0: no limit)."`
 }
 
@@ -81,6 +82,7 @@ func (c *ServeCmd) Run(g *Globals) error {
 	if err := c.applyMemoryLimit(g); err != nil {
 		return err
 	}
+	g.Upload, g.UploadWithin = true, c.UploadWithin
 	st, err := g.Open()
 	if err != nil {
 		return err
