@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"os/user"
@@ -88,6 +89,17 @@ func (c *ServeCmd) Run(g *Globals) error {
 		return err
 	}
 	defer st.Close()
+	if st.Packs() != "" {
+		g.Logger.Info("packs go to a bucket", "url", st.Packs(), "upload-within", c.UploadWithin)
+		ctx, cancel := context.WithCancel(g.Ctx)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			logUploads(ctx, st, g.Logger)
+		}()
+		// Before st.Close (deferred earlier, so run later).
+		defer func() { cancel(); <-done }()
+	}
 	trusted, err := userFunc("trusted-users", c.TrustedUsers)
 	if err != nil {
 		return err
@@ -461,3 +473,28 @@ func lazyFetch(g *Globals, l *subst.Lazy) func(context.Context, string) error {
 }
 
 var lazyWarnings loglimit.Limiter
+
+// logUploads warns, at most every 30 s, while pack uploads fail (the
+// writes go on: packs queue locally), and says when they work again.
+func logUploads(ctx context.Context, st *store.Store, log *slog.Logger) {
+	t := time.NewTicker(30 * time.Second)
+	defer t.Stop()
+	failing := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		rs := st.RemoteStats()
+		switch {
+		case rs.LastError != "":
+			failing = true
+			log.Warn("pack uploads failing; writes go on and queue locally", "err", rs.LastError,
+				"queued-packs", rs.QueuedPacks, "oldest-waiting", rs.OldestPending.Round(time.Second))
+		case failing:
+			failing = false
+			log.Info("pack uploads work again", "queued-packs", rs.QueuedPacks)
+		}
+	}
+}
