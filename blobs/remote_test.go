@@ -111,7 +111,7 @@ func TestRemoteWriteUploadEvictRead(t *testing.T) {
 	ctx := context.Background()
 	cache := filepath.Join(e.dir, "cache1")
 	// A budget of one byte: every uploaded pack's local file is evicted at once.
-	s, d := e.open(t, cache, Options{PackSize: 1 << 20, RemoteCacheBytes: 1})
+	s, d := e.open(t, cache, Options{FrameSize: MaxChunk, PackSize: 1 << 20, RemoteCacheBytes: 1})
 	blobs := randomBlobs(1, 100, MaxChunk+7, 3<<20, 700<<10)
 	ds := writeBlobs(t, s, d, blobs...)
 	ids := packIDs(t, d)
@@ -139,19 +139,71 @@ func TestRemoteWriteUploadEvictRead(t *testing.T) {
 		t.Fatalf("stats %+v, want %d packs uploaded and cache misses", st, len(ids))
 	}
 
-	// Writers never append to a sealed pack: not this process's, nor a new
-	// process's reuse of the newest packs.
-	more := randomBlobs(2, 200<<10)
-	mds := writeBlobs(t, s, d, more...)
+	// A new process with an empty cache reads everything back from the
+	// bucket, and verify checks the bucket's bytes.
 	s.Close()
 	d.Close()
-	s2, d2 := e.open(t, filepath.Join(e.dir, "cache2"), Options{PackSize: 1 << 20, RemoteCacheBytes: 1 << 30})
-	more2 := randomBlobs(3, 200<<10)
+	s2, _ := e.open(t, filepath.Join(e.dir, "cache2"), Options{})
+	checkBlobs(t, s2, ds, blobs)
+	gets = e.bucket.Stats().Gets.Load()
+	damage, err := s2.Verify(ctx, nil)
+	if err != nil || len(damage) != 0 {
+		t.Fatalf("verify: %v %v", damage, err)
+	}
+	if pd, err := s2.VerifyHeaders(ctx); err != nil || len(pd) != 0 {
+		t.Fatalf("verify headers: %v %v", pd, err)
+	}
+	if e.bucket.Stats().Gets.Load() == gets {
+		t.Fatal("verify read nothing from the bucket")
+	}
+}
+
+// TestRemoteSealedNotReused: once sealed, a pack (whose local file is still
+// there) takes no frame more, neither from this process's writers (it was
+// on their free list) nor from a new process's reuse of the newest packs.
+func TestRemoteSealedNotReused(t *testing.T) {
+	e := newRemoteEnv(t)
+	ctx := context.Background()
+	s, d := e.open(t, filepath.Join(e.dir, "c1"), Options{})
+	blobs := randomBlobs(7, 300<<10)
+	ds := writeBlobs(t, s, d, blobs...)
+	sealed := packIDs(t, d)
+	if err := s.UploadAll(ctx); err != nil {
+		t.Fatal(err)
+	}
+	more := randomBlobs(8, 200<<10)
+	mds := writeBlobs(t, s, d, more...)
+	checkSealed(t, e, s, d, sealed)
+	// Seal the second pack too, so that the newest packs a new process
+	// considers for reuse are all sealed (with their files here).
+	if err := s.UploadAll(ctx); err != nil {
+		t.Fatal(err)
+	}
+	sealed = packIDs(t, d)
+	s.Close()
+	d.Close()
+	s2, d2 := e.open(t, filepath.Join(e.dir, "c2"), Options{})
+	more2 := randomBlobs(9, 200<<10)
 	mds2 := writeBlobs(t, s2, d2, more2...)
-	for _, id := range ids {
-		end, err := d2.PackEnd(ctx, id)
+	checkSealed(t, e, s2, d2, sealed)
+	checkBlobs(t, s2, ds, blobs)
+	checkBlobs(t, s2, mds, more)
+	checkBlobs(t, s2, mds2, more2)
+}
+
+// checkSealed checks that the sealed packs' local files and objects end
+// where their committed frames do.
+func checkSealed(t *testing.T, e *remoteEnv, s *Store, d *db.DB, sealed []int64) {
+	t.Helper()
+	ctx := context.Background()
+	for _, id := range sealed {
+		end, err := d.PackEnd(ctx, id)
 		if err != nil {
 			t.Fatal(err)
+		}
+		fi, err := os.Stat(s.PackPath(id))
+		if err != nil {
+			t.Fatalf("sealed pack %d: local file gone under a 10 GiB budget: %v", id, err)
 		}
 		rc, err := e.bucket.Get(ctx, PackObject(id))
 		if err != nil {
@@ -159,21 +211,9 @@ func TestRemoteWriteUploadEvictRead(t *testing.T) {
 		}
 		obj, _ := io.ReadAll(rc)
 		rc.Close()
-		if int64(len(obj)) != end {
-			t.Fatalf("pack %d: object of %d bytes, its frames end at %d: appended to after sealing?", id, len(obj), end)
+		if int64(len(obj)) != end || fi.Size() != end {
+			t.Fatalf("sealed pack %d: object %d bytes, file %d, frames end at %d: appended to after sealing", id, len(obj), fi.Size(), end)
 		}
-	}
-	// A new process with an empty cache reads everything back, old packs
-	// from the bucket.
-	checkBlobs(t, s2, ds, blobs)
-	checkBlobs(t, s2, mds, more)
-	checkBlobs(t, s2, mds2, more2)
-	damage, err := s2.Verify(ctx, nil)
-	if err != nil || len(damage) != 0 {
-		t.Fatalf("verify: %v %v", damage, err)
-	}
-	if pd, err := s2.VerifyHeaders(ctx); err != nil || len(pd) != 0 {
-		t.Fatalf("verify headers: %v %v", pd, err)
 	}
 }
 

@@ -62,8 +62,16 @@ func (s *Store) Verify(ctx context.Context, progress func(done, total int64)) ([
 				damaged = append(damaged, Damage{c.Digest, f.Pack, f.Offset, err})
 			}
 		}
-		var r io.ReaderAt = &bucketPack{remote: s.remote, id: f.Pack}
-		if !uploaded[f.Pack] {
+		var r io.ReaderAt
+		if uploaded[f.Pack] {
+			// One GET for the whole record (header and data), not one each.
+			rec := make([]byte, f.DataOff+f.CLen-f.Offset)
+			if _, err := (&bucketPack{remote: s.remote, id: f.Pack}).ReadAt(rec, f.Offset); err != nil {
+				bad(err)
+				return nil
+			}
+			r = &memRange{rec, f.Offset}
+		} else {
 			var err error
 			if r, err = s.reader(f.Pack); err != nil {
 				bad(err)
@@ -196,4 +204,21 @@ func (s *Store) VerifyHeaders(ctx context.Context) ([]PackDamage, error) {
 		}
 	}
 	return out, nil
+}
+
+// memRange is the bytes of a pack from off on, read into memory.
+type memRange struct {
+	b   []byte
+	off int64
+}
+
+func (m *memRange) ReadAt(p []byte, off int64) (int, error) {
+	if off < m.off || off-m.off > int64(len(m.b)) {
+		return 0, io.ErrUnexpectedEOF
+	}
+	n := copy(p, m.b[off-m.off:])
+	if n < len(p) {
+		return n, io.ErrUnexpectedEOF
+	}
+	return n, nil
 }
