@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/klauspost/compress/zstd"
 	"golang.org/x/term"
@@ -29,6 +30,8 @@ type Globals struct {
 	FrameSize  int    `name:"frame-size" env:"CASNIX_FRAME_SIZE" default:"4194304" help:"Bytes of new chunks compressed together in one zstd frame (256 KiB to 16 MiB): larger compresses better, smaller reads small files faster."`
 	CPUProfile string `name:"cpu-profile" hidden:"" type:"path" help:"Write a Go CPU profile to this file."`
 	LogLevel   string `name:"log-level" env:"CASNIX_LOG_LEVEL" default:"info" enum:"debug,info,warn,error" help:"Log level (${enum})."`
+	Packs      string `name:"packs" env:"CASNIX_PACKS" placeholder:"URL" help:"Keep packs in object storage: s3://BUCKET/PREFIX?endpoint=URL&region=R (credentials from the AWS environment). Packs are written locally, then sealed and uploaded by serve (within --upload-within); reads of uploaded packs whose local file was evicted go to the bucket through a local cache. The data dir records the URL at first use: later commands need no flag, and a different URL is refused."`
+	CacheSize  string `name:"cache-size" env:"CASNIX_CACHE_SIZE" default:"10GiB" placeholder:"BYTES" help:"With --packs: local disk for uploaded packs (their local files, then cached ranges read from the bucket); least recently used first out. Packs not uploaded yet are never evicted."`
 	LogFormat  string `name:"log-format" env:"CASNIX_LOG_FORMAT" default:"text" enum:"text,json" help:"Log format on stderr (${enum}); text under journald (JOURNAL_STREAM set) leaves out the time, which the journal adds."`
 
 	Ctx context.Context `kong:"-"`
@@ -41,6 +44,10 @@ type Globals struct {
 	// FrameCache bounds the decoded-frame cache of the store Open opens
 	// (0: the blobs default); serve derives it from --memory-limit.
 	FrameCache int64 `kong:"-"`
+	// Upload runs the pack uploader in the store Open opens (serve), with
+	// frames waiting at most UploadWithin.
+	Upload       bool          `kong:"-"`
+	UploadWithin time.Duration `kong:"-"`
 }
 
 // DefaultDataDir is the data directory used when none is given.
@@ -83,9 +90,14 @@ func (g *Globals) open(readOnly bool) (*store.Store, error) {
 	if level == 0 {
 		level = DefaultZstdLevel
 	}
+	cacheSize, err := parseSize(g.CacheSize)
+	if err != nil {
+		return nil, fmt.Errorf("--cache-size: %w", err)
+	}
 	st, err := store.Open(g.Ctx, dir, store.Options{
-		StoreDir: g.StoreDir, Logger: g.Logger, ReadOnly: readOnly,
-		Blobs: blobs.Options{Level: zstd.EncoderLevelFromZstd(level), FrameSize: g.FrameSize, CacheBytes: g.FrameCache},
+		StoreDir: g.StoreDir, Logger: g.Logger, ReadOnly: readOnly, Packs: g.Packs,
+		Blobs: blobs.Options{Level: zstd.EncoderLevelFromZstd(level), FrameSize: g.FrameSize, CacheBytes: g.FrameCache,
+			RemoteCacheBytes: cacheSize, Upload: g.Upload, UploadWithin: g.UploadWithin},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("open data dir %s: %w", dir, err)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"os/user"
@@ -48,6 +49,7 @@ type ServeCmd struct {
 	MaxSize         string        `name:"max-size" env:"CASNIX_MAX_SIZE" default:"0" placeholder:"BYTES" help:"Space budget for substituted paths: when the pack files take more disk than this, the least recently used substituted paths are deleted (as casnix gc, roots and temp roots respected) until they take 90% of it. Paths clients added or imported, gcroots and --pin closures are never evicted. 0: no budget."`
 	Pin             []string      `name:"pin" env:"CASNIX_PIN" placeholder:"PATH" help:"Store paths whose closures --max-size never evicts."`
 	EvictInterval   time.Duration `name:"evict-interval" env:"CASNIX_EVICT_INTERVAL" default:"10s" hidden:"" help:"How often access times are saved and --max-size is checked."`
+	UploadWithin    time.Duration `name:"upload-within" env:"CASNIX_UPLOAD_WITHIN" default:"10s" help:"With --packs: a pack is sealed and uploaded once its oldest frame waited this long (or it is full). Until then an acknowledged write is on the local disk only (fsynced)."`
 	MaxPerUser      int           `name:"max-connections-per-user" env:"CASNIX_MAX_CONNECTIONS_PER_USER" default:"64" help:"Connections open at once from one uid; trusted users are exempt (0: no limit)."`
 }
 
@@ -81,11 +83,23 @@ func (c *ServeCmd) Run(g *Globals) error {
 	if err := c.applyMemoryLimit(g); err != nil {
 		return err
 	}
+	g.Upload, g.UploadWithin = true, c.UploadWithin
 	st, err := g.Open()
 	if err != nil {
 		return err
 	}
 	defer st.Close()
+	if st.Packs() != "" {
+		g.Logger.Info("packs go to a bucket", "url", st.Packs(), "upload-within", c.UploadWithin)
+		ctx, cancel := context.WithCancel(g.Ctx)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			logUploads(ctx, st, g.Logger)
+		}()
+		// Before st.Close (deferred earlier, so run later).
+		defer func() { cancel(); <-done }()
+	}
 	trusted, err := userFunc("trusted-users", c.TrustedUsers)
 	if err != nil {
 		return err
@@ -459,3 +473,28 @@ func lazyFetch(g *Globals, l *subst.Lazy) func(context.Context, string) error {
 }
 
 var lazyWarnings loglimit.Limiter
+
+// logUploads warns, at most every 30 s, while pack uploads fail (the
+// writes go on: packs queue locally), and says when they work again.
+func logUploads(ctx context.Context, st *store.Store, log *slog.Logger) {
+	t := time.NewTicker(30 * time.Second)
+	defer t.Stop()
+	failing := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		rs := st.RemoteStats()
+		switch {
+		case rs.LastError != "":
+			failing = true
+			log.Warn("pack uploads failing; writes go on and queue locally", "err", rs.LastError,
+				"queued-packs", rs.QueuedPacks, "oldest-waiting", rs.OldestPending.Round(time.Second))
+		case failing:
+			failing = false
+			log.Info("pack uploads work again", "queued-packs", rs.QueuedPacks)
+		}
+	}
+}
