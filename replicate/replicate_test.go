@@ -102,7 +102,8 @@ func TestReplicateRestoreFollow(t *testing.T) {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	st, err := store.Open(ctx, dir, store.Options{})
+	// Packs in the bucket too: a replica shows a path only once its packs are there.
+	st, err := store.Open(ctx, dir, store.Options{Packs: srv.URL("store1")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -110,6 +111,9 @@ func TestReplicateRestoreFollow(t *testing.T) {
 	var added []string
 	for i := range 5 {
 		added = append(added, addPath(t, st, i))
+	}
+	if err := st.UploadAll(ctx); err != nil {
+		t.Fatal(err)
 	}
 	p, err := replicate.StartPrimary(ctx, filepath.Join(dir, store.DBFile), loc, replicate.Options{SyncInterval: 200 * time.Millisecond})
 	if err != nil {
@@ -122,6 +126,9 @@ func TestReplicateRestoreFollow(t *testing.T) {
 	mid := time.Now()
 	time.Sleep(1500 * time.Millisecond) // timestamps in the bucket have second granularity
 	added = append(added, addPath(t, st, 5))
+	if err := st.UploadAll(ctx); err != nil {
+		t.Fatal(err)
+	}
 	if err := p.Sync(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -217,6 +224,33 @@ func TestReplicateRestoreFollow(t *testing.T) {
 	for i := 6; i < 26; i++ {
 		name := addPath(t, st, i)
 		committed := time.Now()
+		if i < 9 {
+			// Before its pack is in the bucket, the replica has the path's metadata
+			// (the follower applied it) but does not show the path.
+			if err := p.Sync(ctx); err != nil {
+				t.Fatal(err)
+			}
+			want, err := replicate.AppliedTXID(rep)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for deadline := time.Now().Add(time.Minute); ; {
+				got, _ := replicate.AppliedTXID(rep)
+				if got > want {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("follower stuck at transaction %d", got)
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			if ok, err := r.HasPath(ctx, name); err != nil || ok {
+				t.Fatalf("path %d shown on the replica before its pack is in the bucket (%v)", i, err)
+			}
+		}
+		if err := st.UploadAll(ctx); err != nil {
+			t.Fatal(err)
+		}
 		for {
 			ok, err := r.HasPath(ctx, name)
 			if err != nil {
@@ -230,7 +264,9 @@ func TestReplicateRestoreFollow(t *testing.T) {
 			}
 			time.Sleep(10 * time.Millisecond)
 		}
-		lags = append(lags, time.Since(committed))
+		if i >= 9 {
+			lags = append(lags, time.Since(committed))
+		}
 	}
 	stop.Store(true)
 	wg.Wait()
@@ -239,7 +275,7 @@ func TestReplicateRestoreFollow(t *testing.T) {
 		t.Error(err)
 	}
 	slices.Sort(lags)
-	t.Logf("replica lag over %d commits (sync and follow every 200/100 ms): median %s, max %s; %d reads beside the follower",
+	t.Logf("replica lag over %d commits, pack upload included (sync and follow every 200/100 ms): median %s, max %s; %d reads beside the follower",
 		len(lags), lags[len(lags)/2].Round(time.Millisecond), lags[len(lags)-1].Round(time.Millisecond), reads.Load())
 	if lags[len(lags)/2] > 10*time.Second {
 		t.Errorf("median replica lag %s", lags[len(lags)/2])
