@@ -81,11 +81,16 @@ func (g *Globals) Open() (*store.Store, error) { return g.open(false) }
 // migrates nor opens a writer (bench/startup.sh measures it).
 func (g *Globals) OpenRead() (*store.Store, error) { return g.open(true) }
 
-func (g *Globals) open(readOnly bool) (*store.Store, error) {
-	dir := g.DataDir
-	if dir == "" {
-		dir = DefaultDataDir()
+// dataDir is --data-dir or the default.
+func (g *Globals) dataDir() string {
+	if g.DataDir == "" {
+		return DefaultDataDir()
 	}
+	return g.DataDir
+}
+
+func (g *Globals) open(readOnly bool) (*store.Store, error) {
+	dir := g.dataDir()
 	level := g.ZstdLevel
 	if level == 0 {
 		level = DefaultZstdLevel
@@ -133,6 +138,7 @@ type CLI struct {
 	Restore  RestoreCmd  `cmd:"" help:"Restore a backup into the data dir and verify it."`
 	Doctor   DoctorCmd   `cmd:"" help:"Check that casnix can run here: data dir, schema, free space, FUSE, overlayfs, socket; exit non-zero on any problem."`
 	Ping     PingCmd     `cmd:"" help:"Connect to the daemon socket and do the protocol handshake and one query (container health check)."`
+	Replica  ReplicaCmd  `cmd:"" help:"Read replicas of a primary whose packs and database are in a bucket."`
 }
 
 // VersionCmd prints the version.

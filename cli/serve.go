@@ -50,6 +50,9 @@ type ServeCmd struct {
 	Pin             []string      `name:"pin" env:"CASNIX_PIN" placeholder:"PATH" help:"Store paths whose closures --max-size never evicts."`
 	EvictInterval   time.Duration `name:"evict-interval" env:"CASNIX_EVICT_INTERVAL" default:"10s" hidden:"" help:"How often access times are saved and --max-size is checked."`
 	UploadWithin    time.Duration `name:"upload-within" env:"CASNIX_UPLOAD_WITHIN" default:"10s" help:"With --packs: a pack is sealed and uploaded once its oldest frame waited this long (or it is full). Until then an acknowledged write is on the local disk only (fsynced)."`
+	ReplicaOf       string        `name:"replica-of" env:"CASNIX_REPLICA_OF" placeholder:"URL" help:"Serve this data dir as a read replica of the primary whose packs and database are in the bucket at URL (its --packs s3://…): the database is restored and kept current by a follower process, bytes are read from the bucket through the local cache (--cache-size). Reads only: writes are refused naming the primary."`
+	FollowInterval  time.Duration `name:"follow-interval" env:"CASNIX_FOLLOW_INTERVAL" default:"1s" help:"With --replica-of: how often the bucket is asked for the primary's new transactions."`
+	DBSyncInterval  time.Duration `name:"db-sync-interval" env:"CASNIX_DB_SYNC_INTERVAL" default:"1s" help:"With --packs s3://…: how often the database's new transactions are shipped to the bucket (Litestream), for replicas and restores."`
 	MaxPerUser      int           `name:"max-connections-per-user" env:"CASNIX_MAX_CONNECTIONS_PER_USER" default:"64" help:"Connections open at once from one uid; trusted users are exempt (0: no limit)."`
 }
 
@@ -84,12 +87,37 @@ func (c *ServeCmd) Run(g *Globals) error {
 		return err
 	}
 	g.Upload, g.UploadWithin = true, c.UploadWithin
+	if c.ReplicaOf != "" {
+		if len(c.Substituters) > 0 || c.MaxSize != "0" {
+			return errors.New("--replica-of: a read replica cannot substitute or evict (--substituters, --max-size): it holds the primary's paths only")
+		}
+		stop, err := startFollower(g, g.dataDir(), c.ReplicaOf, c.FollowInterval)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
 	st, err := g.Open()
 	if err != nil {
 		return err
 	}
 	defer st.Close()
-	if st.Packs() != "" {
+	replica := st.ReplicaOf() != ""
+	if c.ReplicaOf == "" && replica {
+		return fmt.Errorf("data dir %s is a read replica of %s: serve it with --replica-of", st.Dir(), st.ReplicaOf())
+	}
+	if replica {
+		g.Logger.Info("read replica", "primary", st.ReplicaOf())
+		c.RepackQuiet, c.EvictInterval = 0, 0 // both write
+	} else if st.Packs() != "" {
+		stop, err := startPrimary(g, st, c.DBSyncInterval)
+		if err != nil {
+			return err
+		}
+		// Before st.Close (deferred earlier, so run later).
+		defer stop()
+	}
+	if st.Packs() != "" && !replica {
 		g.Logger.Info("packs go to a bucket", "url", st.Packs(), "upload-within", c.UploadWithin)
 		ctx, cancel := context.WithCancel(g.Ctx)
 		done := make(chan struct{})

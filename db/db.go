@@ -44,10 +44,13 @@ var ErrReadOnly = errors.New("database is open read-only")
 
 // DB is an open casnix database.
 type DB struct {
-	w    *sql.DB // nil when opened by OpenReader
-	r    *sql.DB
-	path string
-	q    // read queries on the reader pool
+	// readOnlyWhy, when set, says why writes are refused (a replica names
+	// its primary's bucket); ErrReadOnly wraps it.
+	readOnlyWhy string
+	w           *sql.DB // nil when opened by OpenReader
+	r           *sql.DB
+	path        string
+	q           // read queries on the reader pool
 }
 
 func dsn(path string, readOnly bool) string {
@@ -160,8 +163,20 @@ func OpenReplica(ctx context.Context, path string) (*DB, error) {
 		r.Close()
 		return nil, fmt.Errorf("replica database %s: %w", path, err)
 	}
-	return &DB{r: r, path: path, q: q{c: r, stmts: newStmtCache(r.PrepareContext)}}, nil
+	return &DB{r: r, path: path, q: q{c: r, stmts: newStmtCache(r.PrepareContext)}, readOnlyWhy: "a read replica's database is the primary's"}, nil
 }
+
+// readOnly is ErrReadOnly with the reason, if any.
+func (d *DB) readOnly() error {
+	if d.readOnlyWhy != "" {
+		return fmt.Errorf("%w: %s", ErrReadOnly, d.readOnlyWhy)
+	}
+	return ErrReadOnly
+}
+
+// SetReadOnlyReason is what writes to a read-only database say (with
+// ErrReadOnly), e.g. "read replica of s3://…: write to its primary".
+func (d *DB) SetReadOnlyReason(why string) { d.readOnlyWhy = why }
 
 // ReplicaPaths is the view a replica's connections see as "paths": a temp
 // view, which SQLite resolves before the table of the same name in main, so
@@ -387,7 +402,7 @@ type Tx struct {
 // "database or disk is full".
 func (d *DB) Write(ctx context.Context, fn func(*Tx) error) error {
 	if d.w == nil {
-		return ErrReadOnly
+		return d.readOnly()
 	}
 	conn, err := d.w.Conn(ctx)
 	if err != nil {

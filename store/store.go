@@ -54,9 +54,11 @@ type Store struct {
 	blobs    *blobs.Store
 	blobOpts blobs.Options // to reopen blobs when repair replaces the database
 	bucket   *objstore.Bucket
-	log      *slog.Logger
-	infos    infoCache
-	dirLock  *os.File // DirLockFile, held shared while open
+	// replicaOf is the bucket URL of the primary, for a read replica (replica.go).
+	replicaOf string
+	log       *slog.Logger
+	infos     infoCache
+	dirLock   *os.File // DirLockFile, held shared while open
 	// drvHashes caches stored derivations' hashes modulo (drvhash.go).
 	drvHashes drvHashCache
 	// badRoots holds the unreadable root links already warned about.
@@ -94,6 +96,12 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if url, err := ReplicaOf(dir); err != nil || url != "" {
+		if err != nil {
+			return nil, err
+		}
+		return openReplica(ctx, dir, url, opts)
 	}
 	if opts.ReadOnly {
 		st, err := openReadOnly(ctx, dir, opts)
