@@ -165,4 +165,3 @@ func startPrimary(g *Globals, st *store.Store, every time.Duration) (func(), err
 		}
 	}, nil
 }
-
