@@ -11,6 +11,8 @@
 #     the same serve again (warm: from the cache). RUNS alternating rounds; S3 GETs and bytes
 #     per GB served from /metrics. Local packs get one untimed pass first (page cache warm, as
 #     the S3 cache's blocks are after the cold pass).
+#  3. FUSE: the 30 largest files read with cat through a fresh `casnix mount`: local packs, S3
+#     with an empty cache (cold), S3 again (warm cache, fresh mount).
 #  "until all uploaded" includes serve's default --upload-within of 10 s for the last pack.
 #
 #   bench/s3.sh            # RUNS=3
@@ -167,6 +169,36 @@ for ((run = 1; run <= RUNS; run++)); do
   stop "$SPID"
 done
 
+# 3. FUSE: cat of the corpus's 30 largest files through a fresh `casnix mount` (the kernel's
+# cache of a FUSE mount starts empty) of the local data dir, and of the S3 one with an empty
+# cache (cold) and again with the cache the cold pass left (warm).
+find "$SRC/nix/store" -type f -printf '%s %P\n' | sort -rn | head -30 | cut -d' ' -f2- >"$W/files"
+fbytes=$(find "$SRC/nix/store" -type f -printf '%s %P\n' | sort -rn | head -30 | awk '{ s += $1 } END { print s }')
+MNT=$RUN/mnt
+mkdir -p "$MNT"
+fuse_read() { # DATADIR: MB/s of reading the files through a fresh mount
+  local dir=$1 mpid s e
+  "$CASNIX" --data-dir "$dir" --log-level warn mount "$MNT" >>"$RUN/mount.log" 2>&1 &
+  mpid=$!
+  for ((i = 0; i < 600; i++)); do
+    [[ -e $MNT/$(head -1 "$W/files" | cut -d/ -f1) ]] && break
+    sleep 0.05
+  done
+  s=$(date +%s.%N)
+  while read -r f; do cat "$MNT/$f" >/dev/null; done <"$W/files"
+  e=$(date +%s.%N)
+  kill -TERM "$mpid"
+  wait "$mpid" 2>/dev/null || true
+  awk -v s="$s" -v e="$e" -v b="$fbytes" 'BEGIN { printf "%.1f", b / 1e6 / (e - s) }'
+}
+for ((run = 1; run <= RUNS; run++)); do
+  T[fuse-local]+="$(fuse_read "$LOCAL") "
+  rm -rf "$S3DIR/s3cache"
+  T[fuse-cold]+="$(fuse_read "$S3DIR") "
+  T[fuse-warm]+="$(fuse_read "$S3DIR") "
+  log "fuse run $run: local ${T[fuse-local]}, cold ${T[fuse-cold]}, warm ${T[fuse-warm]}"
+done
+
 med() { tr ' ' '\n' <<<"${T[$1]}" | grep . | median; }
 load=$(cut -d' ' -f1-3 /proc/loadavg)
 sec=$W/section.md
@@ -182,8 +214,9 @@ sec=$W/section.md
   echo "| nix copy --to of the corpus (s) | $(med write-local) | $(med write-s3) |"
   echo "| then until all uploaded (s) | — | $(med upload) |"
   echo "| NarFromPath of every path, MB/s | $(med read-local) | cold $(med read-cold), warm $(med read-warm) |"
-  echo "| S3 GETs per GB served | — | cold $(med gets-cold), warm $(med gets-warm) |"
-  echo "| S3 bytes fetched per byte served | — | cold $(med getbytes-cold), warm $(med getbytes-warm) |"
+  echo "| FUSE cat of the 30 largest files ($((fbytes / 1000000)) MB), fresh mount, MB/s | $(med fuse-local) | cold $(med fuse-cold), warm $(med fuse-warm) |"
+  echo "| S3 GETs per GB served (NarFromPath) | — | cold $(med gets-cold), warm $(med gets-warm) |"
+  echo "| S3 bytes fetched per NAR byte served | — | cold $(med getbytes-cold), warm $(med getbytes-warm) |"
   echo
   echo "Raw: ${!T[*]}"
   for k in "${!T[@]}"; do echo "- $k: ${T[$k]}"; done
