@@ -363,3 +363,75 @@ func TestRemoteCorruptObject(t *testing.T) {
 		t.Fatalf("verify of a flipped object: %v %v", damage, err)
 	}
 }
+
+// TestRemoteCompactKeepsObjects: compaction never rewrites an uploaded pack
+// (a mostly dead one keeps its row and object), and drops one no chunk
+// points into from the index only: it is recorded dead, and its object
+// stays in the bucket.
+func TestRemoteCompactKeepsObjects(t *testing.T) {
+	e := newRemoteEnv(t)
+	ctx := context.Background()
+	s, d := e.open(t, filepath.Join(e.dir, "c"), Options{})
+	// Below MinChunk: one chunk each, whose digest is the blob's.
+	a := randomBlobs(11, 10<<10)
+	da := writeBlobs(t, s, d, a...)
+	if err := s.UploadAll(ctx); err != nil {
+		t.Fatal(err)
+	}
+	p1 := packIDs(t, d)
+	bc := randomBlobs(12, 10<<10, 12<<10)
+	dbc := writeBlobs(t, s, d, bc...)
+	if err := s.UploadAll(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var p2 int64
+	for _, id := range packIDs(t, d) {
+		if id != p1[0] {
+			p2 = id
+		}
+	}
+	// A collection's sweep: blob a, and c, go.
+	err := d.Write(ctx, func(tx *db.Tx) error {
+		for _, dg := range []digest.Digest{da[0], dbc[1]} {
+			if err := tx.DeleteBlob(ctx, dg); err != nil {
+				return err
+			}
+			if err := tx.DeleteChunk(ctx, dg); err != nil {
+				return err
+			}
+		}
+		_, err := tx.DeleteEmptyFrames(ctx)
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := s.Compact(ctx, 0.01)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := d.PackSealedState(ctx, p1[0]); !errors.Is(err, db.ErrNotFound) {
+		t.Fatalf("emptied uploaded pack %d still indexed (%v); compaction %+v", p1[0], err, st)
+	}
+	dead, err := d.DeadPacks(ctx)
+	if err != nil || len(dead) != 1 || dead[0] != p1[0] {
+		t.Fatalf("dead packs %v (%v), want [%d]", dead, err, p1[0])
+	}
+	for _, id := range []int64{p1[0], p2} {
+		rc, err := e.bucket.Get(ctx, PackObject(id))
+		if err != nil {
+			t.Fatalf("pack %d's object: %v", id, err)
+		}
+		rc.Close()
+	}
+	if sealed, uploaded, err := d.PackSealedState(ctx, p2); err != nil || !sealed || !uploaded {
+		t.Fatalf("half-dead uploaded pack %d: sealed %v uploaded %v (%v): rewritten?", p2, sealed, uploaded, err)
+	}
+	if st.PacksWritten != 0 {
+		t.Fatalf("compaction wrote %d packs: an uploaded pack was rewritten", st.PacksWritten)
+	}
+	checkBlobs(t, s, dbc[:1], bc[:1])
+	if damage, err := s.Verify(ctx, nil); err != nil || len(damage) != 0 {
+		t.Fatalf("verify after compaction: %v %v", damage, err)
+	}
+}

@@ -95,9 +95,13 @@ func (g *Globals) open(readOnly bool) (*store.Store, error) {
 	if level == 0 {
 		level = DefaultZstdLevel
 	}
-	cacheSize, err := parseSize(g.CacheSize)
-	if err != nil {
-		return nil, fmt.Errorf("--cache-size: %w", err)
+	var cacheSize int64 // 0: the blobs default (Globals made without kong's defaults)
+	if g.CacheSize != "" {
+		n, err := parseSize(g.CacheSize)
+		if err != nil {
+			return nil, fmt.Errorf("--cache-size: %w", err)
+		}
+		cacheSize = n
 	}
 	st, err := store.Open(g.Ctx, dir, store.Options{
 		StoreDir: g.StoreDir, Logger: g.Logger, ReadOnly: readOnly, Packs: g.Packs,
