@@ -37,17 +37,33 @@ func Follow(ctx context.Context, loc objstore.Location, out string, interval tim
 	if log == nil {
 		log = quietLogger()
 	}
-	if _, err := os.Stat(out); errors.Is(err, fs.ErrNotExist) {
-		if err := restoreForFollow(ctx, litestream.NewReplicaWithClient(nil, c), out); err != nil {
+	if interval <= 0 {
+		interval = time.Second
+	}
+	for waited := false; ; waited = true {
+		if _, err := os.Stat(out); !errors.Is(err, fs.ErrNotExist) {
+			break
+		}
+		err := restoreForFollow(ctx, litestream.NewReplicaWithClient(nil, c), out)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, ErrNoReplica) {
 			return fmt.Errorf("follow %s: %w", loc.Sub(Dir), err)
+		}
+		// A replica started before its primary's first upload waits for it.
+		if !waited {
+			log.Info("no database in the bucket yet: waiting for the primary", "url", loc.Sub(Dir).String(), "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(interval):
 		}
 	}
 	cur, err := litestream.ReadTXIDFile(out)
 	if err != nil || cur == 0 {
 		return fmt.Errorf("follow %s: %s exists without the record of its last transaction (%v); remove it to restore again", loc.Sub(Dir), out, err)
-	}
-	if interval <= 0 {
-		interval = time.Second
 	}
 	f := &follower{c: c, out: out}
 	t := time.NewTicker(interval)

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -47,12 +48,20 @@ func TestReplicas(t *testing.T) {
 		paths[a] = strings.TrimSpace(string(r.Output(t, "nix", "build", "--store", "local?root=/tmp/src",
 			"--no-link", "--print-out-paths", "-f", "/tmp/l.nix", a)))
 	}
-	closure := []string{paths["dep"], paths["prog"], paths["input"]}
+	build := func(name, script string) string {
+		return strings.TrimSpace(string(r.Output(t, "nix", "build", "--store", "local?root=/tmp/src", "--no-link", "--print-out-paths", "--impure", "--expr",
+			`builtins.derivation { name = "`+name+`"; system = builtins.currentSystem; builder = "/bin/busybox"; args = [ "sh" "-c" "`+script+`" ]; }`)))
+	}
+	// 40 MiB that do not compress: more than a replica's cache budget.
+	paths["big"] = build("big", "dd if=/dev/urandom of=$out bs=1048576 count=40")
+	closure := []string{paths["dep"], paths["prog"], paths["input"], paths["big"]}
 	slices.Sort(closure)
 
 	primaryDir := t.TempDir()
-	primary := startCasnixServe(t, bin, t.TempDir(), primaryDir, "", "--packs", farm,
-		"--upload-within", "1s", "--db-sync-interval", "200ms")
+	cas := nixtest.NewCasnix(t)
+	primarySock := filepath.Join(primaryDir, "daemon.sock")
+	primaryArgs := []string{"--packs", farm, "--upload-within", "1s", "--db-sync-interval", "200ms"}
+	primary := cas.Serve(t, primarySock, primaryArgs...)
 	// A second primary on the same bucket is refused, naming the first.
 	second := &nixtest.Cmd{Name: bin, Args: []string{"-d", t.TempDir(), "serve", "--socket", filepath.Join(t.TempDir(), "s"), "--packs", farm}, Timeout: time.Minute}
 	if res := second.Try(); res.OK() ||
@@ -60,22 +69,23 @@ func TestReplicas(t *testing.T) {
 		t.Fatalf("a second primary on the bucket:\n%s", res)
 	}
 	type replica struct {
-		srv  *casnixServer
-		dir  string
-		http string
+		srv       *casnixServer
+		dir, data string
+		http      string
 	}
+	const cacheBudget = 16 << 20 // under the closure's size: the replicas' caches evict
 	var reps []replica
 	for range 2 {
-		dir, addr := t.TempDir(), freeAddr(t)
-		srv := startCasnixServe(t, bin, t.TempDir(), dir, "", "--replica-of", farm, "--follow-interval", "200ms",
-			"--http", addr, "--cache-size", "64MiB")
-		reps = append(reps, replica{srv, dir, addr})
+		dir, data, addr := t.TempDir(), t.TempDir(), freeAddr(t)
+		srv := startCasnixServe(t, bin, data, dir, "", "--replica-of", farm, "--follow-interval", "200ms",
+			"--http", addr, "--cache-size", fmt.Sprint(cacheBudget))
+		reps = append(reps, replica{srv, dir, data, addr})
 	}
 	r.Bind(primaryDir, reps[0].dir, reps[1].dir)
 
-	r.Run(t, "nix", "copy", "--no-check-sigs", "--from", "local?root=/tmp/src", "--to", "unix://"+primary.sock, paths["prog"], paths["input"])
+	r.Run(t, "nix", "copy", "--no-check-sigs", "--from", "local?root=/tmp/src", "--to", "unix://"+primarySock, paths["prog"], paths["input"], paths["big"])
 	copied := time.Now()
-	want := r.PathInfos(t, "unix://"+primary.sock, closure...)
+	want := r.PathInfos(t, "unix://"+primarySock, closure...)
 	// Both replicas polled together: the time each first has the whole closure.
 	lag := make([]time.Duration, len(reps))
 	for left := len(reps); left > 0; {
@@ -103,13 +113,23 @@ func TestReplicas(t *testing.T) {
 		}
 		// Its HTTP cache: nix copy checks every NAR against its narinfo's hash.
 		dst := fmt.Sprintf("/tmp/dst%d", i)
-		r.Run(t, "nix", "copy", "--no-check-sigs", "--from", "http://"+rep.http, "--to", "local?root="+dst, closure[0], closure[1], closure[2])
-		r.Run(t, "nix", "store", "verify", "--store", "local?root="+dst, "--no-trust", closure[0], closure[1], closure[2])
+		r.Run(t, append([]string{"nix", "copy", "--no-check-sigs", "--from", "http://" + rep.http, "--to", "local?root=" + dst}, closure...)...)
+		r.Run(t, append([]string{"nix", "store", "verify", "--store", "local?root=" + dst, "--no-trust"}, closure...)...)
+	}
+
+	// casnix verify on a replica reads every frame from the bucket and renders every NAR
+	// through its cache, which stays within its budget (the flag is per process: each
+	// process using the data dir keeps its own view of the cache within it).
+	if n := duBytes(t, filepath.Join(reps[0].data, "s3cache")); n > cacheBudget+4<<20 {
+		t.Errorf("replica cache holds %d bytes after serving the closure, budget %d:\n%s", n, cacheBudget, nixtest.Run(t, "find", filepath.Join(reps[0].data), "-ls"))
+	}
+	nixtest.Run(t, bin, "-d", reps[0].data, "--cache-size", fmt.Sprint(cacheBudget), "verify")
+	if n := duBytes(t, filepath.Join(reps[0].data, "s3cache")); n > cacheBudget+4<<20 {
+		t.Errorf("replica cache holds %d bytes after a verify of everything, budget %d", n, cacheBudget)
 	}
 
 	// A write to a replica is refused, naming the primary.
-	extra := strings.TrimSpace(string(r.Output(t, "nix", "build", "--store", "local?root=/tmp/src",
-		"--no-link", "--print-out-paths", "--impure", "--expr", `builtins.derivation { name = "extra"; system = builtins.currentSystem; builder = "/bin/busybox"; args = [ "sh" "-c" "echo extra > $out" ]; }`)))
+	extra := build("extra", "echo extra > $out")
 	res := r.Try("nix", "copy", "--no-check-sigs", "--from", "local?root=/tmp/src", "--to", "unix://"+reps[1].srv.sock, extra)
 	if res.OK() || !strings.Contains(string(res.Stderr), "read replica of") {
 		t.Errorf("a write to a replica:\n%s", res)
@@ -149,4 +169,74 @@ func TestReplicas(t *testing.T) {
 		o.Run(t, "nix", "store", "verify", "--store", store, "--all", "--no-trust")
 		o.Setup = ""
 	}
+
+	// The primary killed (SIGKILL): the replicas go on serving what they have; the
+	// primary restarts on its data dir with no manual step (it takes its own lease
+	// back), and what it takes then reaches the replicas.
+	if err := syscall.Kill(primary.Pid(), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	for i, rep := range reps {
+		r.Run(t, append([]string{"nix", "path-info", "--store", "unix://" + rep.srv.sock}, closure...)...)
+		r.Run(t, "nix", "copy", "--no-check-sigs", "--from", "http://"+rep.http, "--to", fmt.Sprintf("local?root=/tmp/killed%d", i), paths["prog"])
+	}
+	primary = cas.Serve(t, primarySock, primaryArgs...)
+	after := build("after-kill", "echo after-kill > $out")
+	r.Run(t, "nix", "copy", "--no-check-sigs", "--from", "local?root=/tmp/src", "--to", "unix://"+primarySock, after)
+	waitOnReplicas := func(p string, within time.Duration, since string) {
+		t.Helper()
+		start := time.Now()
+		for i, rep := range reps {
+			for {
+				if res := r.Try("nix", "path-info", "--store", "unix://"+rep.srv.sock, p); res.OK() {
+					break
+				}
+				if time.Since(start) > within {
+					t.Fatalf("replica %d: %s not there %s after it was copied", i, p, within)
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+		}
+		t.Logf("%s on both replicas %s after %s", filepath.Base(p), time.Since(start).Round(time.Millisecond), since)
+	}
+	waitOnReplicas(after, 2*time.Minute, "its copy into the restarted primary")
+
+	// The S3 server down for a minute: the primary takes writes (acknowledged once on its
+	// disk, the promise of the default mode), replicas answer path-info and serve what
+	// their caches hold; once the server is back, everything reaches the replicas.
+	r.Run(t, "nix", "copy", "--no-check-sigs", "--from", "http://"+reps[1].http, "--to", "local?root=/tmp/warm", paths["prog"])
+	s3.Stop()
+	down := time.Now()
+	during := build("during-outage", "echo during > $out")
+	r.Run(t, "nix", "copy", "--no-check-sigs", "--from", "local?root=/tmp/src", "--to", "unix://"+primarySock, during)
+	r.Run(t, append([]string{"nix", "path-info", "--store", "unix://" + reps[1].srv.sock}, closure...)...)
+	r.Run(t, "nix", "copy", "--no-check-sigs", "--from", "http://"+reps[1].http, "--to", "local?root=/tmp/cached", paths["prog"])
+	if res := r.Try("nix", "path-info", "--store", "unix://"+reps[1].srv.sock, during); res.OK() {
+		t.Errorf("a replica shows %s while its data cannot be in the bucket", during)
+	}
+	time.Sleep(time.Minute - time.Since(down))
+	s3.Start(t)
+	waitOnReplicas(during, 3*time.Minute, "the S3 server accepted writes again")
+	if err := primary.Stop(30 * time.Second); err != nil {
+		t.Errorf("primary: %v", err)
+	}
+}
+
+// duBytes is the disk space the files under dir take.
+func duBytes(t *testing.T, dir string) int64 {
+	t.Helper()
+	var n int64
+	err := filepath.Walk(dir, func(_ string, fi os.FileInfo, err error) error {
+		if err != nil {
+			return err
+		}
+		if !fi.IsDir() {
+			n += fi.Size()
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
