@@ -204,6 +204,25 @@ func (c *compactor) remove(rs ...removal) error {
 
 func (c *compactor) pack(u db.PackUse, minDead float64) error {
 	s := c.s
+	if u.Uploaded {
+		// Its object stays in the bucket whatever happens here (snapshots
+		// and replicas may name it), and its local file may be gone: it is
+		// dropped once no chunk points into it (DropPack records it dead),
+		// never rewritten.
+		n, err := s.db.PackChunkCount(c.ctx, u.ID)
+		if err != nil {
+			return err
+		}
+		if n > 0 {
+			c.st.Skipped++
+			return nil
+		}
+		var usage int64
+		if fi, err := os.Stat(s.PackPath(u.ID)); err == nil {
+			usage = diskUsage(fi)
+		}
+		return c.drop(u.ID, nil, usage)
+	}
 	f, err := os.OpenFile(s.PackPath(u.ID), os.O_RDWR, 0)
 	if errors.Is(err, fs.ErrNotExist) {
 		if u.Frames == 0 {
@@ -477,6 +496,10 @@ func (s *Store) forgetReaders(ids ...int64) {
 		if f := s.readers[id]; f != nil {
 			f.Close()
 			delete(s.readers, id)
+		}
+		delete(s.remotes, id)
+		if s.bcache != nil {
+			s.bcache.forget(id)
 		}
 	}
 }

@@ -68,3 +68,11 @@ func (s *Store) removePacks(ctx context.Context, rs []removal, wait bool, st *Co
 	}
 	return nil, nil
 }
+
+// tryHold takes the hold lock exclusively without waiting, as a
+// compaction's unlink does: an eviction of an uploaded pack's local file
+// is an unlink a backup copying that file must not see.
+func (s *Store) tryHold() (func(), error) {
+	var noWait context.Context // nil: lockfile.Open tries once
+	return lockfile.Open(noWait, filepath.Join(s.dir, HoldLockFile), unix.LOCK_EX)
+}

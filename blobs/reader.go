@@ -61,6 +61,9 @@ func (s *Store) prefetch(f db.Frame) {
 	go func() {
 		defer s.background.Done()
 		defer s.cache.release(e)
+		// A pack only in the bucket: its blocks download now, beside the
+		// other frames of the window, not one by one as decoders free up.
+		s.warmFrame(f)
 		s.decodeSlots <- struct{}{}
 		defer func() { <-s.decodeSlots }()
 		if !e.claim() {
@@ -101,11 +104,16 @@ func (s *Store) decodeFrame(f db.Frame) ([]byte, error) {
 // uses to bind the stored bytes it sends to the decoded bytes it checked.
 // The CRC costs little next to the decode (hardware CRC-32C).
 func (s *Store) decodeFrameSum(f db.Frame) (_ []byte, _ zsum, err error) {
-	frameDecodes.Add(1)
 	r, err := s.reader(f.Pack)
 	if err != nil {
 		return nil, zsum{}, err
 	}
+	return s.decodeFrameFrom(r, f)
+}
+
+// decodeFrameFrom is decodeFrameSum reading the frame from r.
+func (s *Store) decodeFrameFrom(r io.ReaderAt, f db.Frame) (_ []byte, _ zsum, err error) {
+	frameDecodes.Add(1)
 	comp := getBuf(int(f.CLen))[:f.CLen]
 	defer putBuf(comp)
 	if _, err := r.ReadAt(comp, f.DataOff); err != nil {

@@ -206,6 +206,11 @@ func nextRecord(f *os.File, from, size int64) (int64, error) {
 // chunk). The scan runs inside tx, so the caller must hold off writers
 // (Store.Repair has the data dir to itself).
 func (s *Store) RepairIndex(ctx context.Context, tx *db.Tx, progress func(done, total int64)) (*IndexRepair, error) {
+	if s.remote != nil {
+		// The scan reads local pack files only, and uploaded packs' files
+		// may have been evicted: it would drop their frames as lost.
+		return nil, ErrRemoteUnsupported
+	}
 	sc, err := s.scanPacks(ctx, progress)
 	if err != nil {
 		return nil, err

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sync"
+	"time"
 
 	"github.com/klauspost/compress/zstd"
 	"golang.org/x/sys/unix"
@@ -53,6 +54,25 @@ type Options struct {
 	// ReadOnly opens an existing pack directory for reading only: it is
 	// neither created nor synced (no pack below it will be written).
 	ReadOnly bool
+
+	// Remote, when set, is the bucket packs are uploaded to (remote.go,
+	// upload.go); packs are still written locally first.
+	Remote Remote
+	// RemoteCacheDir holds cached blocks of uploaded packs (default: a
+	// sibling "s3cache" of the pack directory).
+	RemoteCacheDir string
+	// RemoteCacheBytes bounds the local bytes of uploaded packs: their
+	// local files and cached blocks (default DefaultRemoteCacheBytes).
+	RemoteCacheBytes int64
+	// Upload runs the uploader (serve): packs are sealed and uploaded in
+	// the background. Without it, packs stay local until a process with
+	// it runs.
+	Upload bool
+	// UploadWithin is how long a committed frame may wait before its pack
+	// is sealed for upload (default DefaultUploadWithin).
+	UploadWithin time.Duration
+	// UploadRetryMax caps the backoff between failed uploads (default 30 s).
+	UploadRetryMax time.Duration
 }
 
 func (o *Options) defaults() {
@@ -78,6 +98,15 @@ func (o *Options) defaults() {
 	if o.Decoders == 0 {
 		o.Decoders = min(runtime.NumCPU(), runtime.GOMAXPROCS(0))
 	}
+	if o.RemoteCacheBytes == 0 {
+		o.RemoteCacheBytes = DefaultRemoteCacheBytes
+	}
+	if o.UploadWithin == 0 {
+		o.UploadWithin = DefaultUploadWithin
+	}
+	if o.UploadRetryMax == 0 {
+		o.UploadRetryMax = 30 * time.Second
+	}
 }
 
 // Store is the blob store of one data directory.
@@ -95,6 +124,13 @@ type Store struct {
 
 	rmu     sync.RWMutex
 	readers map[int64]*os.File
+	// remotes are uploaded packs whose local file is gone, read from the
+	// bucket through bcache.
+	remotes map[int64]*remotePack
+
+	remote Remote
+	bcache *blockCache
+	upl    uploader
 
 	// faults, when set (by tests), sees every write to and sync of a pack
 	// file, to inject the errors of a full or failing disk.
@@ -136,16 +172,29 @@ func Open(dir string, d *db.DB, opts Options) (*Store, error) {
 	s := &Store{
 		dir: dir, db: d, opts: opts, enc: enc, dec: dec,
 		readers: map[int64]*os.File{},
+		remotes: map[int64]*remotePack{},
 		cache:   newFrameCache(opts.CacheBytes),
+		remote:  opts.Remote,
 
 		decodeSlots: make(chan struct{}, opts.Decoders),
 	}
+	if s.remote != nil {
+		if err := s.openRemote(); err != nil {
+			enc.Close()
+			dec.Close()
+			return nil, err
+		}
+	}
 	s.startReaderSweeper()
+	if s.remote != nil && opts.Upload && !opts.ReadOnly {
+		s.startUploader()
+	}
 	return s, nil
 }
 
 // Close releases packs and files.
 func (s *Store) Close() error {
+	s.stopUploader()
 	s.stopReaderSweeper()
 	s.mu.Lock()
 	var errs []error
@@ -317,6 +366,15 @@ func (s *Store) tryReuse(ctx context.Context, id int64) (*packFile, error) {
 		f.Close()
 		return nil, nil
 	}
+	// A sealed pack is the uploader's: sealing commits under this flock,
+	// so the mark read now stays true.
+	if sealed, _, err := s.db.PackSealedState(ctx, id); errors.Is(err, db.ErrNotFound) || (err == nil && sealed) {
+		f.Close()
+		return nil, nil
+	} else if err != nil {
+		f.Close()
+		return nil, err
+	}
 	st, err := f.Stat()
 	if err != nil {
 		f.Close()
@@ -478,24 +536,57 @@ func (s *Store) release(ps ...*packFile) {
 	}
 }
 
-// reader returns a read-only handle on pack id.
-func (s *Store) reader(id int64) (*os.File, error) {
+// reader returns a read-only handle on pack id: its local file, or, for
+// an uploaded pack whose file was evicted, the bucket through the block
+// cache. Every frame read goes through here.
+func (s *Store) reader(id int64) (io.ReaderAt, error) {
 	s.dropDeadReaders()
 	s.rmu.RLock()
 	f := s.readers[id]
+	r := s.remotes[id]
 	s.rmu.RUnlock()
 	if f != nil {
+		if s.bcache != nil {
+			s.bcache.touchLocal(id)
+		}
 		return f, nil
+	}
+	if r != nil {
+		return r, nil
 	}
 	s.rmu.Lock()
 	defer s.rmu.Unlock()
 	if f := s.readers[id]; f != nil {
 		return f, nil
 	}
+	if r := s.remotes[id]; r != nil {
+		return r, nil
+	}
 	f, err := os.Open(s.PackPath(id))
+	if errors.Is(err, fs.ErrNotExist) && s.bcache != nil {
+		rr, rerr := s.remoteReader(id)
+		if rerr != nil {
+			return nil, rerr
+		}
+		if rr != nil {
+			s.remotes[id] = rr.(*remotePack)
+			return rr, nil
+		}
+	}
 	if err != nil {
 		return nil, fmt.Errorf("open pack %d: %w", id, err)
 	}
 	s.readers[id] = f
 	return f, nil
+}
+
+// forgetLocalReader closes this process's handle on pack id's local file
+// (evicted: later reads go to the bucket).
+func (s *Store) forgetLocalReader(id int64) {
+	s.rmu.Lock()
+	defer s.rmu.Unlock()
+	if f := s.readers[id]; f != nil {
+		f.Close()
+		delete(s.readers, id)
+	}
 }

@@ -37,6 +37,18 @@ func (s *Store) Verify(ctx context.Context, progress func(done, total int64)) ([
 	}
 	var damaged []Damage
 	var done int64
+	// Uploaded packs are checked in the bucket, where their bytes live,
+	// not in a local copy or the cache.
+	uploaded := map[int64]bool{}
+	if s.remote != nil {
+		ids, err := s.db.UploadedPacks(ctx)
+		if err != nil {
+			return nil, err
+		}
+		for _, id := range ids {
+			uploaded[id] = true
+		}
+	}
 	err = s.db.EachFrame(ctx, func(f db.Frame, chunks []db.ChunkInFrame) error {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -50,11 +62,27 @@ func (s *Store) Verify(ctx context.Context, progress func(done, total int64)) ([
 				damaged = append(damaged, Damage{c.Digest, f.Pack, f.Offset, err})
 			}
 		}
-		if err := s.checkRecord(f, chunks); err != nil {
+		var r io.ReaderAt
+		if uploaded[f.Pack] {
+			// One GET for the whole record (header and data), not one each.
+			rec := make([]byte, f.DataOff+f.CLen-f.Offset)
+			if _, err := (&bucketPack{remote: s.remote, id: f.Pack}).ReadAt(rec, f.Offset); err != nil {
+				bad(err)
+				return nil
+			}
+			r = &memRange{rec, f.Offset}
+		} else {
+			var err error
+			if r, err = s.reader(f.Pack); err != nil {
+				bad(err)
+				return nil
+			}
+		}
+		if err := s.checkRecord(r, f, chunks); err != nil {
 			bad(err)
 			return nil
 		}
-		data, err := s.decodeFrame(f)
+		data, _, err := s.decodeFrameFrom(r, f)
 		if err != nil {
 			bad(err)
 			return nil
@@ -75,11 +103,7 @@ func (s *Store) Verify(ctx context.Context, progress func(done, total int64)) ([
 
 // checkRecord reads the frame's record header from the pack and checks
 // that it lists every chunk the index places in this frame.
-func (s *Store) checkRecord(f db.Frame, chunks []db.ChunkInFrame) error {
-	r, err := s.reader(f.Pack)
-	if err != nil {
-		return err
-	}
+func (s *Store) checkRecord(r io.ReaderAt, f db.Frame, chunks []db.ChunkInFrame) error {
 	rec, err := pack.ReadRecord(io.NewSectionReader(r, f.Offset, f.DataOff-f.Offset))
 	if err != nil {
 		return fmt.Errorf("%w: record header: %v", ErrCorrupt, err)
@@ -122,9 +146,28 @@ func (s *Store) VerifyHeaders(ctx context.Context) ([]PackDamage, error) {
 	}
 	var out []PackDamage
 	want := pack.Header()
+	uploaded := map[int64]bool{}
+	if s.remote != nil {
+		up, err := s.db.UploadedPacks(ctx)
+		if err != nil {
+			return nil, err
+		}
+		for _, id := range up {
+			uploaded[id] = true
+		}
+	}
 	for _, id := range ids {
 		if err := ctx.Err(); err != nil {
 			return nil, err
+		}
+		if uploaded[id] {
+			h := make([]byte, len(want))
+			if _, err := (&bucketPack{remote: s.remote, id: id}).ReadAt(h, 0); err != nil {
+				out = append(out, PackDamage{id, err})
+			} else if !bytes.Equal(h, want) {
+				out = append(out, PackDamage{id, fmt.Errorf("%w: header in the bucket: %v", ErrCorrupt, pack.CheckHeader(h))})
+			}
+			continue
 		}
 		f, err := os.Open(s.PackPath(id))
 		if errors.Is(err, fs.ErrNotExist) {
@@ -161,4 +204,21 @@ func (s *Store) VerifyHeaders(ctx context.Context) ([]PackDamage, error) {
 		}
 	}
 	return out, nil
+}
+
+// memRange is the bytes of a pack from off on, read into memory.
+type memRange struct {
+	b   []byte
+	off int64
+}
+
+func (m *memRange) ReadAt(p []byte, off int64) (int, error) {
+	if off < m.off || off-m.off > int64(len(m.b)) {
+		return 0, io.ErrUnexpectedEOF
+	}
+	n := copy(p, m.b[off-m.off:])
+	if n < len(p) {
+		return n, io.ErrUnexpectedEOF
+	}
+	return n, nil
 }

@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/klauspost/compress/zstd"
 	"golang.org/x/term"
@@ -29,6 +30,8 @@ type Globals struct {
 	FrameSize  int    `name:"frame-size" env:"CASNIX_FRAME_SIZE" default:"4194304" help:"Bytes of new chunks compressed together in one zstd frame (256 KiB to 16 MiB): larger compresses better, smaller reads small files faster."`
 	CPUProfile string `name:"cpu-profile" hidden:"" type:"path" help:"Write a Go CPU profile to this file."`
 	LogLevel   string `name:"log-level" env:"CASNIX_LOG_LEVEL" default:"info" enum:"debug,info,warn,error" help:"Log level (${enum})."`
+	Packs      string `name:"packs" env:"CASNIX_PACKS" placeholder:"URL" help:"Keep packs in object storage: s3://BUCKET/PREFIX?endpoint=URL&region=R (credentials from the AWS environment). Packs are written locally, then sealed and uploaded by serve (within --upload-within); reads of uploaded packs whose local file was evicted go to the bucket through a local cache. The data dir records the URL at first use: later commands need no flag, and a different URL is refused."`
+	CacheSize  string `name:"cache-size" env:"CASNIX_CACHE_SIZE" default:"10GiB" placeholder:"BYTES" help:"With --packs: local disk for uploaded packs (their local files, then cached ranges read from the bucket); least recently used first out. Packs not uploaded yet are never evicted."`
 	LogFormat  string `name:"log-format" env:"CASNIX_LOG_FORMAT" default:"text" enum:"text,json" help:"Log format on stderr (${enum}); text under journald (JOURNAL_STREAM set) leaves out the time, which the journal adds."`
 
 	Ctx context.Context `kong:"-"`
@@ -41,6 +44,10 @@ type Globals struct {
 	// FrameCache bounds the decoded-frame cache of the store Open opens
 	// (0: the blobs default); serve derives it from --memory-limit.
 	FrameCache int64 `kong:"-"`
+	// Upload runs the pack uploader in the store Open opens (serve), with
+	// frames waiting at most UploadWithin.
+	Upload       bool          `kong:"-"`
+	UploadWithin time.Duration `kong:"-"`
 }
 
 // DefaultDataDir is the data directory used when none is given.
@@ -74,18 +81,32 @@ func (g *Globals) Open() (*store.Store, error) { return g.open(false) }
 // migrates nor opens a writer (bench/startup.sh measures it).
 func (g *Globals) OpenRead() (*store.Store, error) { return g.open(true) }
 
-func (g *Globals) open(readOnly bool) (*store.Store, error) {
-	dir := g.DataDir
-	if dir == "" {
-		dir = DefaultDataDir()
+// dataDir is --data-dir or the default.
+func (g *Globals) dataDir() string {
+	if g.DataDir == "" {
+		return DefaultDataDir()
 	}
+	return g.DataDir
+}
+
+func (g *Globals) open(readOnly bool) (*store.Store, error) {
+	dir := g.dataDir()
 	level := g.ZstdLevel
 	if level == 0 {
 		level = DefaultZstdLevel
 	}
+	var cacheSize int64 // 0: the blobs default (Globals made without kong's defaults)
+	if g.CacheSize != "" {
+		n, err := parseSize(g.CacheSize)
+		if err != nil {
+			return nil, fmt.Errorf("--cache-size: %w", err)
+		}
+		cacheSize = n
+	}
 	st, err := store.Open(g.Ctx, dir, store.Options{
-		StoreDir: g.StoreDir, Logger: g.Logger, ReadOnly: readOnly,
-		Blobs: blobs.Options{Level: zstd.EncoderLevelFromZstd(level), FrameSize: g.FrameSize, CacheBytes: g.FrameCache},
+		StoreDir: g.StoreDir, Logger: g.Logger, ReadOnly: readOnly, Packs: g.Packs,
+		Blobs: blobs.Options{Level: zstd.EncoderLevelFromZstd(level), FrameSize: g.FrameSize, CacheBytes: g.FrameCache,
+			RemoteCacheBytes: cacheSize, Upload: g.Upload, UploadWithin: g.UploadWithin},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("open data dir %s: %w", dir, err)
@@ -121,6 +142,7 @@ type CLI struct {
 	Restore  RestoreCmd  `cmd:"" help:"Restore a backup into the data dir and verify it."`
 	Doctor   DoctorCmd   `cmd:"" help:"Check that casnix can run here: data dir, schema, free space, FUSE, overlayfs, socket; exit non-zero on any problem."`
 	Ping     PingCmd     `cmd:"" help:"Connect to the daemon socket and do the protocol handshake and one query (container health check)."`
+	Replica  ReplicaCmd  `cmd:"" help:"Read replicas of a primary whose packs and database are in a bucket."`
 }
 
 // VersionCmd prints the version.

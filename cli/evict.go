@@ -115,7 +115,44 @@ func substMetrics(w io.Writer, sub *subst.Substituter, st *store.Store, maxSize 
 	if n, err := st.DiskUsage(); err == nil {
 		fmt.Fprintf(w, "# HELP casnix_store_pack_bytes Disk bytes of the pack files (what --max-size bounds).\n# TYPE casnix_store_pack_bytes gauge\ncasnix_store_pack_bytes %d\n", n)
 	}
+	packsMetrics(w, st)
 	if maxSize > 0 {
 		fmt.Fprintf(w, "# HELP casnix_store_max_size_bytes The --max-size budget.\n# TYPE casnix_store_max_size_bytes gauge\ncasnix_store_max_size_bytes %d\n", maxSize)
+	}
+}
+
+// packsMetrics writes the upload queue, the block cache and the bucket's
+// request counters of a store whose packs go to a bucket.
+func packsMetrics(w io.Writer, st *store.Store) {
+	bs := st.BucketStats()
+	if bs == nil {
+		return
+	}
+	rs := st.RemoteStats()
+	for _, m := range []struct {
+		name, typ, help string
+		val             float64
+	}{
+		{"casnix_packs_upload_queue", "gauge", "Packs holding committed frames not uploaded to the bucket yet.", float64(rs.QueuedPacks)},
+		{"casnix_packs_upload_oldest_seconds", "gauge", "Age of the oldest committed frame not uploaded yet (as the uploader saw it; 0: none).", rs.OldestPending.Seconds()},
+		{"casnix_packs_upload_rounds_total", "counter", "Upload rounds done (the queue gauge is as of the last).", float64(rs.Rounds)},
+		{"casnix_packs_sealed_total", "counter", "Packs sealed for upload.", float64(rs.SealedPacks)},
+		{"casnix_packs_uploaded_total", "counter", "Packs uploaded.", float64(rs.UploadedPacks)},
+		{"casnix_packs_uploaded_bytes_total", "counter", "Bytes of packs uploaded.", float64(rs.UploadedBytes)},
+		{"casnix_packs_upload_failures_total", "counter", "Failed pack uploads (retried with backoff).", float64(rs.UploadFailures)},
+		{"casnix_packs_cache_bytes", "gauge", "Local bytes of uploaded packs: their local files and cached blocks.", float64(rs.CacheBytes)},
+		{"casnix_packs_cache_budget_bytes", "gauge", "The --cache-size budget.", float64(rs.CacheBudget)},
+		{"casnix_packs_cache_hits_total", "counter", "Block reads served from the local cache.", float64(rs.CacheHits)},
+		{"casnix_packs_cache_misses_total", "counter", "Block reads that went to the bucket.", float64(rs.CacheMisses)},
+		{"casnix_packs_cache_fetched_bytes_total", "counter", "Bytes fetched from the bucket into the cache.", float64(rs.FetchedBytes)},
+		{"casnix_packs_cache_evicted_blocks_total", "counter", "Cached blocks evicted.", float64(rs.EvictedBlocks)},
+		{"casnix_packs_cache_evicted_packs_total", "counter", "Uploaded packs' local files evicted.", float64(rs.EvictedPack)},
+		{"casnix_s3_requests_total", "counter", "Requests to the packs' bucket, retries included.", float64(bs.Requests.Load())},
+		{"casnix_s3_gets_total", "counter", "GET requests to the packs' bucket.", float64(bs.Gets.Load())},
+		{"casnix_s3_puts_total", "counter", "PUT requests (and multipart parts) to the packs' bucket.", float64(bs.Puts.Load())},
+		{"casnix_s3_sent_bytes_total", "counter", "Bytes uploaded to the packs' bucket.", float64(bs.BytesSent.Load())},
+		{"casnix_s3_received_bytes_total", "counter", "Bytes downloaded from the packs' bucket.", float64(bs.BytesReceived.Load())},
+	} {
+		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s %s\n%s %g\n", m.name, m.help, m.name, m.typ, m.name, m.val)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"os/user"
@@ -50,6 +51,10 @@ type ServeCmd struct {
 	MaxSize         string        `name:"max-size" env:"CASNIX_MAX_SIZE" default:"0" placeholder:"BYTES" help:"Space budget for substituted paths: when the pack files take more disk than this, the least recently used substituted paths are deleted (as casnix gc, roots and temp roots respected) until they take 90% of it. Paths clients added or imported, gcroots and --pin closures are never evicted. 0: no budget."`
 	Pin             []string      `name:"pin" env:"CASNIX_PIN" placeholder:"PATH" help:"Store paths whose closures --max-size never evicts."`
 	EvictInterval   time.Duration `name:"evict-interval" env:"CASNIX_EVICT_INTERVAL" default:"10s" hidden:"" help:"How often access times are saved and --max-size is checked."`
+	UploadWithin    time.Duration `name:"upload-within" env:"CASNIX_UPLOAD_WITHIN" default:"10s" help:"With --packs: a pack is sealed and uploaded once its oldest frame waited this long (or it is full). Until then an acknowledged write is on the local disk only (fsynced)."`
+	ReplicaOf       string        `name:"replica-of" env:"CASNIX_REPLICA_OF" placeholder:"URL" help:"Serve this data dir as a read replica of the primary whose packs and database are in the bucket at URL (its --packs s3://…): the database is restored and kept current by a follower process, bytes are read from the bucket through the local cache (--cache-size). Reads only: writes are refused naming the primary."`
+	FollowInterval  time.Duration `name:"follow-interval" env:"CASNIX_FOLLOW_INTERVAL" default:"1s" help:"With --replica-of: how often the bucket is asked for the primary's new transactions."`
+	DBSyncInterval  time.Duration `name:"db-sync-interval" env:"CASNIX_DB_SYNC_INTERVAL" default:"1s" help:"With --packs s3://…: how often the database's new transactions are shipped to the bucket (Litestream), for replicas and restores."`
 	MaxPerUser      int           `name:"max-connections-per-user" env:"CASNIX_MAX_CONNECTIONS_PER_USER" default:"64" help:"Connections open at once from one uid; trusted users are exempt (0: no limit)."`
 }
 
@@ -83,11 +88,48 @@ func (c *ServeCmd) Run(g *Globals) error {
 	if err := c.applyMemoryLimit(g); err != nil {
 		return err
 	}
+	g.Upload, g.UploadWithin = true, c.UploadWithin
+	if c.ReplicaOf != "" {
+		if len(c.Substituters) > 0 || c.MaxSize != "0" {
+			return errors.New("--replica-of: a read replica cannot substitute or evict (--substituters, --max-size): it holds the primary's paths only")
+		}
+		stop, err := startFollower(g, g.dataDir(), c.ReplicaOf, c.FollowInterval)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
 	st, err := g.Open()
 	if err != nil {
 		return err
 	}
 	defer st.Close()
+	replica := st.ReplicaOf() != ""
+	if c.ReplicaOf == "" && replica {
+		return fmt.Errorf("data dir %s is a read replica of %s: serve it with --replica-of", st.Dir(), st.ReplicaOf())
+	}
+	if replica {
+		g.Logger.Info("read replica", "primary", st.ReplicaOf())
+		c.RepackQuiet, c.EvictInterval = 0, 0 // both write
+	} else if st.Packs() != "" {
+		stop, err := startPrimary(g, st, c.DBSyncInterval)
+		if err != nil {
+			return err
+		}
+		// Before st.Close (deferred earlier, so run later).
+		defer stop()
+	}
+	if st.Packs() != "" && !replica {
+		g.Logger.Info("packs go to a bucket", "url", st.Packs(), "upload-within", c.UploadWithin)
+		ctx, cancel := context.WithCancel(g.Ctx)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			logUploads(ctx, st, g.Logger)
+		}()
+		// Before st.Close (deferred earlier, so run later).
+		defer func() { cancel(); <-done }()
+	}
 	trusted, err := userFunc("trusted-users", c.TrustedUsers)
 	if err != nil {
 		return err
@@ -461,3 +503,28 @@ func lazyFetch(g *Globals, l *subst.Lazy) func(context.Context, string) error {
 }
 
 var lazyWarnings loglimit.Limiter
+
+// logUploads warns, at most every 30 s, while pack uploads fail (the
+// writes go on: packs queue locally), and says when they work again.
+func logUploads(ctx context.Context, st *store.Store, log *slog.Logger) {
+	t := time.NewTicker(30 * time.Second)
+	defer t.Stop()
+	failing := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		rs := st.RemoteStats()
+		switch {
+		case rs.LastError != "":
+			failing = true
+			log.Warn("pack uploads failing; writes go on and queue locally", "err", rs.LastError,
+				"queued-packs", rs.QueuedPacks, "oldest-waiting", rs.OldestPending.Round(time.Second))
+		case failing:
+			failing = false
+			log.Info("pack uploads work again", "queued-packs", rs.QueuedPacks)
+		}
+	}
+}

@@ -44,10 +44,13 @@ var ErrReadOnly = errors.New("database is open read-only")
 
 // DB is an open casnix database.
 type DB struct {
-	w    *sql.DB // nil when opened by OpenReader
-	r    *sql.DB
-	path string
-	q    // read queries on the reader pool
+	// readOnlyWhy, when set, says why writes are refused (a replica names
+	// its primary's bucket); ErrReadOnly wraps it.
+	readOnlyWhy string
+	w           *sql.DB // nil when opened by OpenReader
+	r           *sql.DB
+	path        string
+	q           // read queries on the reader pool
 }
 
 func dsn(path string, readOnly bool) string {
@@ -126,6 +129,97 @@ func OpenReader(ctx context.Context, path string) (*DB, error) {
 	}
 	return &DB{r: r, path: path, q: q{c: r, stmts: newStmtCache(r.PrepareContext)}}, nil
 }
+
+// OpenReplica opens a read replica's database at path for reading: a file
+// that a follower process (replicate.Follow) rewrites in place, page by
+// page, in rollback-journal mode, under SQLite's exclusive file lock. So
+// the connections are read-only (mode=ro: they never change the journal
+// mode or create a WAL), take SQLite's shared lock for each read
+// transaction and wait (busy_timeout) while the follower writes, and do
+// not map the file (pages change under them between transactions; SQLite
+// rereads its cache when the file change counter moves). A replica never
+// migrates: its schema is the primary's, and a newer one than this
+// binary's is ErrSchemaTooNew, an older one ErrNeedsMigration.
+//
+// A replica shows only the paths whose data is in the bucket (ReplicaPaths).
+func OpenReplica(ctx context.Context, path string) (*DB, error) {
+	if _, err := os.Stat(path); err != nil {
+		return nil, fmt.Errorf("open replica database: %w", err)
+	}
+	drv, err := sqliteDriver()
+	if err != nil {
+		return nil, err
+	}
+	v := url.Values{}
+	v.Add("_pragma", "busy_timeout(30000)")
+	v.Add("_pragma", "cache_size(-16384)")
+	v.Add("_pragma", "temp_store(memory)")
+	v.Set("mode", "ro")
+	r := sql.OpenDB(replicaConnector{drv: drv, dsn: "file:" + path + "?" + v.Encode()})
+	n := max(4, 2*runtime.GOMAXPROCS(0))
+	r.SetMaxOpenConns(n)
+	r.SetMaxIdleConns(n)
+	if err := checkSchema(ctx, r); err != nil {
+		r.Close()
+		return nil, fmt.Errorf("replica database %s: %w", path, err)
+	}
+	return &DB{r: r, path: path, q: q{c: r, stmts: newStmtCache(r.PrepareContext)}, readOnlyWhy: "a read replica's database is the primary's"}, nil
+}
+
+// readOnly is ErrReadOnly with the reason, if any.
+func (d *DB) readOnly() error {
+	if d.readOnlyWhy != "" {
+		return fmt.Errorf("%w: %s", ErrReadOnly, d.readOnlyWhy)
+	}
+	return ErrReadOnly
+}
+
+// SetReadOnlyReason is what writes to a read-only database say (with
+// ErrReadOnly), e.g. "read replica of s3://…: write to its primary".
+func (d *DB) SetReadOnlyReason(why string) { d.readOnlyWhy = why }
+
+// ReplicaPaths is the view a replica's connections see as "paths": a temp
+// view, which SQLite resolves before the table of the same name in main, so
+// every query of the package sees it unchanged. A path is shown once no pack
+// that is not yet in the bucket can hold any of its data: its registration
+// is older than the creation of every pack with frames that is not uploaded
+// (a path's frames are written before it is registered, and a pack is created
+// before its first frame). The primary uploads a pack within its upload
+// window, then records it uploaded, a change the follower applies like any
+// other, so a path shows up on replicas about one window after its commit.
+// (Chunks a compaction moved into a new pack are the exception: they are in
+// the bucket only once that pack is uploaded.)
+const ReplicaPaths = `CREATE TEMP VIEW paths AS SELECT * FROM main.paths WHERE registered < coalesce(
+	(SELECT min(p.created) FROM main.packs p WHERE p.uploaded = 0 AND EXISTS (SELECT 1 FROM main.frames f WHERE f.pack = p.id)),
+	9223372036854775807)`
+
+// replicaConnector opens replica connections, each with ReplicaPaths.
+type replicaConnector struct {
+	drv driver.Driver
+	dsn string
+}
+
+func (c replicaConnector) Connect(ctx context.Context) (driver.Conn, error) {
+	conn, err := c.drv.Open(c.dsn)
+	if err != nil {
+		return nil, err
+	}
+	ex, ok := conn.(driver.ExecerContext)
+	if !ok {
+		conn.Close()
+		return nil, fmt.Errorf("sqlite connection %T cannot exec", conn)
+	}
+	// query_only after the view: it forbids the temp schema's writes too.
+	for _, q := range []string{ReplicaPaths, "PRAGMA query_only(1)"} {
+		if _, err := ex.ExecContext(ctx, q, nil); err != nil {
+			conn.Close()
+			return nil, fmt.Errorf("replica connection: %w", err)
+		}
+	}
+	return conn, nil
+}
+
+func (c replicaConnector) Driver() driver.Driver { return c.drv }
 
 // checkSchema fails unless the database's schema version is the latest.
 func checkSchema(ctx context.Context, c *sql.DB) error {
@@ -308,7 +402,7 @@ type Tx struct {
 // "database or disk is full".
 func (d *DB) Write(ctx context.Context, fn func(*Tx) error) error {
 	if d.w == nil {
-		return ErrReadOnly
+		return d.readOnly()
 	}
 	conn, err := d.w.Conn(ctx)
 	if err != nil {

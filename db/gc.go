@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
+	"time"
 
 	"github.com/casnix/casnix/digest"
 )
@@ -218,6 +219,8 @@ func (q q) DeleteEmptyFrames(ctx context.Context) (int64, error) {
 // PackUse is how much of a pack the index still points into.
 type PackUse struct {
 	ID        int64
+	Sealed    bool // no writer appends to it again (packs on object storage)
+	Uploaded  bool
 	Frames    int64
 	LiveBytes int64 // frame bytes (headers and compressed data), weighted by the share of each frame's raw bytes still indexed
 	End       int64 // end of its last frame (0: none)
@@ -228,14 +231,14 @@ func (q q) PackUsage(ctx context.Context) ([]PackUse, error) {
 	var out []PackUse
 	// A frame's bytes count as live in proportion to the raw bytes of the
 	// chunks still pointing into it.
-	err := eachRow(ctx, q, `SELECT p.id, COUNT(f.id),
+	err := eachRow(ctx, q, `SELECT p.id, p.sealed, p.uploaded, COUNT(f.id),
 		IFNULL(SUM((f.data_off + f.clen - f.offset) * IFNULL(c.live, 0) / MAX(f.rawlen, 1)), 0),
 		IFNULL(MAX(f.data_off + f.clen), 0)
 		FROM packs p LEFT JOIN frames f ON f.pack = p.id
 		LEFT JOIN (SELECT frame, SUM(len) AS live FROM chunks GROUP BY frame) c ON c.frame = f.id
 		GROUP BY p.id ORDER BY p.id`, func(r *sql.Rows) error {
 		var u PackUse
-		if err := r.Scan(&u.ID, &u.Frames, &u.LiveBytes, &u.End); err != nil {
+		if err := r.Scan(&u.ID, &u.Sealed, &u.Uploaded, &u.Frames, &u.LiveBytes, &u.End); err != nil {
 			return err
 		}
 		out = append(out, u)
@@ -283,6 +286,11 @@ func (q q) DropPack(ctx context.Context, id int64) error {
 	}
 	if err := q.raiseIDFloor(ctx, "packs"); err != nil {
 		return err
+	}
+	// An uploaded pack's object stays in the bucket: remember it (a later
+	// step deletes it once no metadata snapshot names it).
+	if _, err := q.exec(ctx, "INSERT OR IGNORE INTO dead_packs(id, dropped) SELECT id, ? FROM packs WHERE id = ? AND uploaded = 1", time.Now().Unix(), id); err != nil {
+		return fmt.Errorf("record pack %d dead: %w", id, err)
 	}
 	if _, err := q.exec(ctx, "DELETE FROM frames WHERE pack = ?", id); err != nil {
 		return fmt.Errorf("drop frames of pack %d: %w", id, err)

@@ -17,7 +17,7 @@ import (
 // missing from an index or index entries without a row.
 func (d *DB) Reindex(ctx context.Context) error {
 	if d.w == nil {
-		return ErrReadOnly
+		return d.readOnly()
 	}
 	if _, err := d.w.ExecContext(ctx, "REINDEX"); err != nil {
 		return fmt.Errorf("reindex: %w", err)

@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 )
 
@@ -62,6 +63,10 @@ func expectedSchema(ctx context.Context) (map[string]string, error) {
 	return wantSchema, wantSchemaErr
 }
 
+// litestreamPrefix starts the names of the tables Litestream (package replicate) adds to
+// a database it replicates (_litestream_seq, _litestream_lock).
+const litestreamPrefix = "_litestream_"
+
 // schemaProblems compares the database's schema with the migrations'.
 func (d *DB) schemaProblems(ctx context.Context) ([]string, error) {
 	want, err := expectedSchema(ctx)
@@ -83,6 +88,9 @@ func (d *DB) schemaProblems(ctx context.Context) ([]string, error) {
 		}
 	}
 	for name, g := range got {
+		if strings.HasPrefix(name, litestreamPrefix) {
+			continue // Litestream's bookkeeping on a primary whose database it replicates
+		}
 		if _, ok := want[name]; !ok {
 			out = append(out, fmt.Sprintf("schema: unknown object %q: %s", name, g))
 		}

@@ -198,6 +198,7 @@ type Info struct {
 	Name     string
 	Size     int64
 	Modified time.Time
+	ETag     string // Head only
 }
 
 // Put uploads size bytes of r as name, whole: one PUT up to the part size, a multipart
@@ -288,6 +289,29 @@ func (b *Bucket) PutIfAbsent(ctx context.Context, name string, body []byte) erro
 	return nil
 }
 
+// PutIfMatch replaces name with body only if the object's ETag is still etag (If-Match):
+// a compare-and-swap, so that of two writers that read the same object only one replaces
+// it. A mismatch is ErrExists (someone else replaced it first).
+func (b *Bucket) PutIfMatch(ctx context.Context, name string, body []byte, etag string) error {
+	b.stats.Puts.Add(1)
+	_, err := b.client.PutObject(ctx, &s3.PutObjectInput{
+		Bucket:        &b.loc.Bucket,
+		Key:           aws.String(b.key(name)),
+		Body:          strings.NewReader(string(body)),
+		ContentLength: aws.Int64(int64(len(body))),
+		IfMatch:       aws.String(etag),
+	})
+	if err != nil {
+		var ae smithy.APIError
+		if errors.As(err, &ae) && (ae.ErrorCode() == "PreconditionFailed" || ae.ErrorCode() == "ConditionalRequestConflict") {
+			return fmt.Errorf("s3 %s: %s changed: %w", b.loc, name, ErrExists)
+		}
+		return b.wrap("replace", name, err)
+	}
+	b.stats.BytesSent.Add(int64(len(body)))
+	return nil
+}
+
 // Get reads the whole of name.
 func (b *Bucket) Get(ctx context.Context, name string) (io.ReadCloser, error) {
 	return b.get(ctx, name, nil)
@@ -300,6 +324,17 @@ func (b *Bucket) GetRange(ctx context.Context, name string, off, n int64) (io.Re
 		return nil, fmt.Errorf("s3 %s: %s: bad range %d+%d", b.loc, name, off, n)
 	}
 	return b.get(ctx, name, aws.String(fmt.Sprintf("bytes=%d-%d", off, off+n-1)))
+}
+
+// GetFrom reads name from off to its end.
+func (b *Bucket) GetFrom(ctx context.Context, name string, off int64) (io.ReadCloser, error) {
+	if off == 0 {
+		return b.get(ctx, name, nil)
+	}
+	if off < 0 {
+		return nil, fmt.Errorf("s3 %s: %s: bad offset %d", b.loc, name, off)
+	}
+	return b.get(ctx, name, aws.String(fmt.Sprintf("bytes=%d-", off)))
 }
 
 func (b *Bucket) get(ctx context.Context, name string, rng *string) (io.ReadCloser, error) {
@@ -317,7 +352,7 @@ func (b *Bucket) Head(ctx context.Context, name string) (Info, error) {
 	if err != nil {
 		return Info{}, b.wrap("head", name, err)
 	}
-	return Info{Name: name, Size: aws.ToInt64(out.ContentLength), Modified: aws.ToTime(out.LastModified)}, nil
+	return Info{Name: name, Size: aws.ToInt64(out.ContentLength), Modified: aws.ToTime(out.LastModified), ETag: aws.ToString(out.ETag)}, nil
 }
 
 // List calls fn for every object whose name (relative to b's prefix) starts with prefix,

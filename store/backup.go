@@ -63,6 +63,11 @@ func (r *CopyReport) Bytes() int64 { return r.DBBytes + r.PackBytes }
 // left as it was found.
 func (s *Store) Backup(ctx context.Context, dst string, opts CopyOptions) (rep *CopyReport, err error) {
 	start := time.Now()
+	if s.blobs.Remote() {
+		// It copies the local pack files, and an uploaded pack's may have
+		// been evicted to the bucket.
+		return nil, fmt.Errorf("backup: %w", blobs.ErrRemoteUnsupported)
+	}
 	created, nonEmpty, err := inspectTarget(dst)
 	if err != nil {
 		return nil, err

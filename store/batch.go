@@ -46,7 +46,11 @@ type Batch struct {
 
 // NewBatch starts a batch.
 func (s *Store) NewBatch(ctx context.Context) *Batch {
-	return &Batch{s: s, ctx: ctx, w: s.blobs.NewWriter(ctx), dirs: map[digest.Digest][]byte{}, names: map[string]bool{}, drvHashes: map[string]string{}}
+	b := &Batch{s: s, ctx: ctx, w: s.blobs.NewWriter(ctx), dirs: map[digest.Digest][]byte{}, names: map[string]bool{}, drvHashes: map[string]string{}}
+	if s.replicaOf != "" {
+		b.err = fmt.Errorf("%w: this store is a read replica of %s: write to its primary", db.ErrReadOnly, s.replicaOf)
+	}
+	return b
 }
 
 // Has reports whether name was added to the batch.

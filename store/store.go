@@ -23,6 +23,7 @@ import (
 	"github.com/casnix/casnix/db"
 	"github.com/casnix/casnix/digest"
 	"github.com/casnix/casnix/nar"
+	"github.com/casnix/casnix/objstore"
 )
 
 // Sentinel errors callers branch on.
@@ -40,6 +41,9 @@ type Options struct {
 	Logger   *slog.Logger
 	// ReadOnly opens an existing data dir for reading only (see Open).
 	ReadOnly bool
+	// Packs is the s3:// URL packs go to (packs.go): recorded by the data
+	// dir at first use, then optional, and refused if it differs.
+	Packs string
 }
 
 // Store is an open casnix data directory.
@@ -49,9 +53,12 @@ type Store struct {
 	db       *db.DB
 	blobs    *blobs.Store
 	blobOpts blobs.Options // to reopen blobs when repair replaces the database
-	log      *slog.Logger
-	infos    infoCache
-	dirLock  *os.File // DirLockFile, held shared while open
+	bucket   *objstore.Bucket
+	// replicaOf is the bucket URL of the primary, for a read replica (replica.go).
+	replicaOf string
+	log       *slog.Logger
+	infos     infoCache
+	dirLock   *os.File // DirLockFile, held shared while open
 	// drvHashes caches stored derivations' hashes modulo (drvhash.go).
 	drvHashes drvHashCache
 	// badRoots holds the unreadable root links already warned about.
@@ -90,6 +97,12 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
+	if url, err := ReplicaOf(dir); err != nil || url != "" {
+		if err != nil {
+			return nil, err
+		}
+		return openReplica(ctx, dir, url, opts)
+	}
 	if opts.ReadOnly {
 		st, err := openReadOnly(ctx, dir, opts)
 		if !errors.Is(err, errNeedsWriter) {
@@ -115,15 +128,36 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 		lock.Close()
 		return nil, err
 	}
+	bucket, err := openPacks(ctx, d, &opts, true)
+	if err != nil {
+		d.Close()
+		lock.Close()
+		return nil, err
+	}
 	b, err := blobs.Open(filepath.Join(dir, PackDir), d, opts.Blobs)
 	if err != nil {
 		d.Close()
 		lock.Close()
 		return nil, err
 	}
-	st := &Store{StoreDir: opts.StoreDir, dir: dir, db: d, blobs: b, blobOpts: opts.Blobs, log: opts.Logger, dirLock: lock}
+	st := &Store{StoreDir: opts.StoreDir, dir: dir, db: d, blobs: b, blobOpts: opts.Blobs, bucket: bucket, log: opts.Logger, dirLock: lock}
 	st.lastCommit.Store(time.Now().UnixNano())
 	return st, nil
+}
+
+// openPacks connects the blob store to the bucket the data dir's packs go
+// to, if any (resolvePacks; record: the flag may be recorded now).
+func openPacks(ctx context.Context, d *db.DB, opts *Options, record bool) (*objstore.Bucket, error) {
+	url, err := resolvePacks(ctx, d, opts.Packs, record)
+	if err != nil || url == "" {
+		return nil, err
+	}
+	bucket, err := openBucket(ctx, url)
+	if err != nil {
+		return nil, fmt.Errorf("packs: %w", err)
+	}
+	opts.Blobs.Remote = bucket
+	return bucket, nil
 }
 
 // errNeedsWriter means openReadOnly cannot open the data dir: it has no
@@ -158,6 +192,12 @@ func openReadOnly(ctx context.Context, dir string, opts Options) (*Store, error)
 		lock.Close()
 		return nil, err
 	}
+	bucket, err := openPacks(ctx, d, &opts, false)
+	if err != nil {
+		d.Close()
+		lock.Close()
+		return nil, err
+	}
 	bopts := opts.Blobs
 	bopts.ReadOnly = true
 	b, err := blobs.Open(filepath.Join(dir, PackDir), d, bopts)
@@ -166,7 +206,7 @@ func openReadOnly(ctx context.Context, dir string, opts Options) (*Store, error)
 		lock.Close()
 		return nil, err
 	}
-	return &Store{StoreDir: opts.StoreDir, dir: dir, db: d, blobs: b, blobOpts: bopts, log: opts.Logger, dirLock: lock}, nil
+	return &Store{StoreDir: opts.StoreDir, dir: dir, db: d, blobs: b, blobOpts: bopts, bucket: bucket, log: opts.Logger, dirLock: lock}, nil
 }
 
 // Close closes the store.
