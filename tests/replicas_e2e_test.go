@@ -2,7 +2,6 @@ package tests
 
 import (
 	"fmt"
-	"net"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -14,17 +13,6 @@ import (
 
 	"github.com/casnix/casnix/tests/nixtest"
 )
-
-// freeAddr is a loopback TCP address free now.
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
 
 // TestReplicas: a primary whose packs and database are in a real S3 server (SeaweedFS on
 // loopback) and two read replicas, each `casnix serve --replica-of` in a process and data
