@@ -163,6 +163,7 @@ fetch() {
   rm -rf "$RUN/dst" "$RUN/xdg" "$RUN/sid-tmp/dst" "$RUN/sid-tmp/xdg"
   sync
   M[busy_$name:$r]=$(wait_quiet)
+  M[load_$name:$r]=$(cut -d' ' -f1 /proc/loadavg)
   c0=$(cg_cpu client)
   t0=$(now)
   if [[ $CLIENT == 2.8 ]]; then
@@ -278,6 +279,7 @@ daemon_one() {
   done
   sync
   M[busy_daemon_$name:$r]=$(wait_quiet)
+  M[load_daemon_$name:$r]=$(cut -d' ' -f1 /proc/loadavg)
   c0=$(cg_cpu daemon) s0=$(cg_cpu static-zstd) k0=$(cg_cpu client)
   t0=$(now)
   XDG_CACHE_HOME=$RUN/xdg cg_exec client nix-store --store "unix://$sock" -r $(cat "$RUN/paths") >/dev/null 2>"$RUN/daemon-$name.client.log" ||
@@ -334,6 +336,8 @@ mbps() { awk -v s="$1" -v n="$NAR_BYTES" 'BEGIN { printf "%.0f", n / 1e6 / s }';
 mib() { awk -v b="$1" 'BEGIN { printf "%.0f", b / 1048576 }'; }
 met() { awk -v v="$1" -v t="$3" -v op="$2" 'BEGIN { ok = op == "<=" ? v <= t : v >= t; print ok ? "yes" : "no" }'; }
 loads() { for ((r = 1; r <= RUNS; r++)); do printf '[%s] ' "${M[load:$r]}"; done; }
+# lo NAME: the 1-min load average at the start of NAME in each run, "a/b/c".
+lo() { for ((r = 1; r <= RUNS; r++)); do printf '%s%s' "${M[load_$1:$r]}" "$( ((r < RUNS)) && echo /)"; done; }
 # cpus NAME: "client C s, casnix S s, upstream U s" medians of NAME's CPU seconds.
 cpus() {
   local k out=
@@ -344,17 +348,17 @@ cpus() {
   echo "$out"
 }
 CLIENTV=$([[ $CLIENT == 2.8 ]] && echo "$NIX28" || echo "$NIX234")
-table="| figure | casnix | anchor | casnix / anchor | target | met |
-|---|---|---|---|---|---|"
+table="| figure | casnix | anchor | casnix / anchor | target | met | 1-min load per run: casnix; anchor |
+|---|---|---|---|---|---|---|"
 for u in $UPSTREAMS; do
   f=$(med "first_$u") d=$(med "direct_$u") q=$(ratio "$(med "first_$u")" "$(med "direct_$u")")
   table+="
-| first fetch, $u upstream: nix copy --from http:// (Nix $CLIENTV) wall s; CPU s | through an empty casnix serve --http (pull-through): $f s ($(mbps "$f") MB/s); CPU: $(cpus "first_$u") | straight from the upstream: $d s ($(mbps "$d") MB/s); CPU: $(cpus "direct_$u") | $q× time | ≤ 1.1× | $(met "$q" "<=" 1.1) |"
+| first fetch, $u upstream: nix copy --from http:// (Nix $CLIENTV) wall s; CPU s | through an empty casnix serve --http (pull-through): $f s ($(mbps "$f") MB/s); CPU: $(cpus "first_$u") | straight from the upstream: $d s ($(mbps "$d") MB/s); CPU: $(cpus "direct_$u") | $q× time | ≤ 1.1× | $(met "$q" "<=" 1.1) | $(lo "first_$u"); $(lo "direct_$u") |"
 done
 if [[ -n ${M[second:1]:-} ]]; then
   s=$(med second) d=$(med direct_zstd) q=$(ratio "$(med direct_zstd)" "$(med second)")
   table+="
-| second fetch: nix copy --from http:// (Nix $CLIENTV) wall s; CPU s | from casnix holding the paths: $s s ($(mbps "$s") MB/s); CPU: $(cpus second) | static server of the zstd cache: $d s ($(mbps "$d") MB/s); CPU: $(cpus direct_zstd) | $q× speed | ≥ 0.8× | $(met "$q" ">=" 0.8) |"
+| second fetch: nix copy --from http:// (Nix $CLIENTV) wall s; CPU s | from casnix holding the paths: $s s ($(mbps "$s") MB/s); CPU: $(cpus second) | static server of the zstd cache: $d s ($(mbps "$d") MB/s); CPU: $(cpus direct_zstd) | $q× speed | ≥ 0.8× | $(met "$q" ">=" 0.8) | $(lo second); $(lo direct_zstd) |"
 fi
 if [[ -n ${M[daemon_casnix:1]:-} ]]; then
   c=$(med daemon_casnix)
@@ -363,13 +367,13 @@ if [[ -n ${M[daemon_casnix:1]:-} ]]; then
     [[ $n == nix28 ]] && v=$NIX28 || v=$NIX234
     q=$(ratio "$c" "$(med "daemon_$n")")
     table+="
-| first fetch through the daemon socket: nix-store -r (Nix $NIX28 client), zstd upstream, wall s; CPU s | empty casnix serve --substituters: $c s ($(mbps "$c") MB/s); CPU: $(cpus daemon_casnix) | nix-daemon $v, empty local store, same substituter: $(med "daemon_$n") s ($(mbps "$(med "daemon_$n")") MB/s); CPU: $(cpus "daemon_$n") | $q× time | ≤ 1.1× | $(met "$q" "<=" 1.1) |"
+| first fetch through the daemon socket: nix-store -r (Nix $NIX28 client), zstd upstream, wall s; CPU s | empty casnix serve --substituters: $c s ($(mbps "$c") MB/s); CPU: $(cpus daemon_casnix) | nix-daemon $v, empty local store, same substituter: $(med "daemon_$n") s ($(mbps "$(med "daemon_$n")") MB/s); CPU: $(cpus "daemon_$n") | $q× time | ≤ 1.1× | $(met "$q" "<=" 1.1) | $(lo daemon_casnix); $(lo "daemon_$n") |"
   done
 fi
 cb=$(med "bytes_casnix_$ubytes")
 for u in $UPSTREAMS; do
   table+="
-| bytes stored after the first fetch vs the $u upstream cache (du -sB1) | $(mib "$cb") MiB as substituted, $(mib "${M[bytes_casnix_repacked]}") MiB after casnix repack | $(mib "${M[bytes_up_$u]}") MiB (nar/: $(mib "${M[bytes_up_${u}_nar]}") MiB) | $(ratio "$cb" "${M[bytes_up_$u]}")×, $(ratio "${M[bytes_casnix_repacked]}" "${M[bytes_up_$u]}")× repacked | — | |"
+| bytes stored after the first fetch vs the $u upstream cache (du -sB1) | $(mib "$cb") MiB as substituted, $(mib "${M[bytes_casnix_repacked]}") MiB after casnix repack | $(mib "${M[bytes_up_$u]}") MiB (nar/: $(mib "${M[bytes_up_${u}_nar]}") MiB) | $(ratio "$cb" "${M[bytes_up_$u]}")×, $(ratio "${M[bytes_casnix_repacked]}" "${M[bytes_up_$u]}")× repacked | — | | |"
 done
 echo "$table"
 
