@@ -56,9 +56,12 @@ die() {
 # tests/nixenv (Nix 2.34; made by tests/nixenv/make-root.sh sid), in a private mount namespace:
 # the root read-only, NIXDIR bound at /nix and TMPDIR at /tmp (both writable; Nix 2.34 tries to
 # remount a read-only /nix/store writable, so /nix must not be the root's own). The network is the
-# host's (loopback servers are reachable). `exec nix-daemon …` as SCRIPT keeps the daemon's PID.
+# host's (loopback servers are reachable). In a subshell (`in_sid … &`, `$(in_sid …)`, a pipeline)
+# it execs, so `in_sid … 'exec nix-daemon …' &` leaves $! the daemon's PID, to stop it by.
 in_sid() {
-  unshare -m --propagation private bash -c '
+  local run=()
+  [[ $BASHPID == "$$" ]] || run=(exec)
+  "${run[@]}" unshare -m --propagation private bash -c '
     set -e; b=$1
     mount --bind "$b" "$b"; mount -o remount,bind,ro "$b"
     mount --rbind /dev "$b/dev"; mount -t proc proc "$b/proc"
