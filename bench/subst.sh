@@ -35,7 +35,8 @@
 # references-first order), UPSTREAMS ("zstd xz"; a missing cache is made once, xz takes minutes),
 # CLIENT (2.34 if the sid root is there, else 2.8), DAEMON (1), DAEMON_ANCHORS ("2.34"; add 2.8),
 # SID_ROOT, QUIET_BUSY/QUIET_TIMEOUT (wait for other work before each timed step), RESULTS,
-# SECTION (subst.sh: the RESULTS.md section it rewrites; another name keeps a partial run apart).
+# SECTION (subst.sh: the RESULTS.md section it rewrites; another name keeps a partial run apart),
+# PROFILE=1 (CPU profiles of casnix serve: $BENCH_DIR/subst/run/casnix-*.cpu.pprof, daemon-casnix/).
 # Run it at nice 0: only the build, the upstream caches' making, repack and verify run at nice 10.
 set -Eeuo pipefail
 
@@ -48,6 +49,7 @@ PATHS=${PATHS:-all}
 UPSTREAMS=${UPSTREAMS:-zstd xz}
 DAEMON=${DAEMON:-1}
 DAEMON_ANCHORS=${DAEMON_ANCHORS:-2.34}
+PROFILE=${PROFILE:-0}
 SID_ROOT=${SID_ROOT:-/var/cache/casnix-tests/roots/sid}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=bench/lib.sh
@@ -191,10 +193,12 @@ server_cpu() { M[$1_$3_cpu:$2]=$(awk -v a="$4" -v b="$(cg_cpu "$3")" 'BEGIN { pr
 # start_casnix DATA ARGS…: an empty casnix serve substituting from the zstd or xz upstream, in the
 # cgroup "casnix"; sets CPID. --repack-quiet 0: no background repack starts between the figures.
 start_casnix() {
-  local data=$1
+  local data=$1 prof=()
   shift
   rm -rf "$data"
-  "$CASNIX" --data-dir "$data" --log-level warn serve --repack-quiet 0 --trusted-public-keys "$PK" "$@" \
+  # The profile is written when serve stops: the last run's of each figure is kept.
+  [[ $PROFILE == 0 ]] || prof=(--cpu-profile "$data.cpu.pprof")
+  "$CASNIX" --data-dir "$data" "${prof[@]}" --log-level warn serve --repack-quiet 0 --trusted-public-keys "$PK" "$@" \
     >"$data.log" 2>&1 &
   CPID=$!
   PIDS+=($CPID)
