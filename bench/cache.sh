@@ -37,7 +37,7 @@ RESULTS=${RESULTS:-$HERE/RESULTS.md}
 ROOT=$BENCH_DIR/corpora/$CORPUS
 W=$BENCH_DIR/binary-cache
 SID_ROOT=${SID_ROOT:-/var/cache/casnix-tests/roots/sid}
-log() { printf '%s cache: %s\n' "$(date +%T)" "$*" >&2; }
+BENCH=cache
 trap 'log "failed at line $LINENO: $BASH_COMMAND"' ERR
 PIDS=()
 cleanup() {
@@ -86,20 +86,14 @@ if [[ -x $SID_ROOT/usr/bin/nix && -d $SID_ROOT/tmp ]]; then
   fi
   HAVE234=1
 fi
-# in_sid SCRIPT: run the bash SCRIPT inside the sid root (read-only), with the corpus copy at
-# /tmp and an empty writable /nix (Nix 2.34 tries to remount a read-only /nix/store
-# writable), as bench/startup.sh does.
-in_sid() {
+# sid SCRIPT: run the bash SCRIPT inside the sid root (lib.sh's in_sid), with the corpus copy at
+# /tmp and an empty writable /nix.
+sid() {
   mkdir -p "$W/sid-nix"
-  unshare -m --propagation private bash -c '
-    set -e; b=$1
-    mount --bind "$b" "$b"; mount -o remount,bind,ro "$b"
-    mount --rbind /dev "$b/dev"; mount -t proc proc "$b/proc"
-    mount --bind "$2" "$b/tmp"; mount --bind "$3" "$b/nix"
-    exec chroot "$b" /bin/bash -c "$4"' in_sid "$SID_ROOT" "$W/nixroot234" "$W/sid-nix" "$1"
+  in_sid "$W/sid-nix" "$W/nixroot234" "$1"
 }
 if [[ $HAVE234 == 1 ]]; then
-  v=$(in_sid 'nix --version' 2>/dev/null) || v=
+  v=$(sid 'nix --version' 2>/dev/null) || v=
   if [[ $v == *2.3[4-9]* ]]; then
     NIX234=${v##* }
   else
@@ -112,7 +106,7 @@ now() { date +%s.%N; }
 # timed NAME RUN SCRIPT: runs the bash SCRIPT (its stderr sent elsewhere by the script),
 # records its wall seconds under NAME:RUN and its CPU seconds (user+sys, every descendant
 # included) under NAME_cpu:RUN.
-export -f in_sid
+export -f in_sid sid
 export W SID_ROOT CASNIX DATA ROOT
 timed() {
   local t0 t1 cpu
@@ -173,7 +167,7 @@ for ((r = 1; r <= RUNS; r++)); do
   M[export_nix_bytes:$r]=$(du -sB1 "$W/exp-nix" | cut -f1)
   if [[ $HAVE234 == 1 ]]; then
     wait_quiet "busy_export_nix234:$r"
-    timed export_nix234 "$r" "in_sid \"nix copy --store /tmp --option experimental-features nix-command --option build-users-group '' --option substituters '' --to 'file:///tmp/exp?compression=zstd' --all 2>/tmp/nixcopy234.log\""
+    timed export_nix234 "$r" "sid \"nix copy --store /tmp --option experimental-features nix-command --option build-users-group '' --option substituters '' --to 'file:///tmp/exp?compression=zstd' --all 2>/tmp/nixcopy234.log\""
     M[export_nix234_bytes:$r]=$(du -sB1 "$W/nixroot234/exp" | cut -f1)
   fi
   M[load_export:$r]=$(cut -d' ' -f1-3 /proc/loadavg)

@@ -43,3 +43,95 @@ cpu_busy() {
   awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " ");
     busy = y[1] - x[1]; idle = y[2] - x[2]; printf "%.2f\n", (busy + idle) ? busy / (busy + idle) : 0 }'
 }
+
+# log MSG…: a timestamped line on stderr, prefixed with $BENCH (the script's short name).
+log() { printf '%s %s: %s\n' "$(date +%T)" "${BENCH:-bench}" "$*" >&2; }
+# die MSG…: log MSG as an error and exit 1.
+die() {
+  log "error: $*"
+  exit 1
+}
+
+# in_sid NIXDIR TMPDIR SCRIPT: run the bash SCRIPT inside the Debian sid root $SID_ROOT of
+# tests/nixenv (Nix 2.34; made by tests/nixenv/make-root.sh sid), in a private mount namespace:
+# the root read-only, NIXDIR bound at /nix and TMPDIR at /tmp (both writable; Nix 2.34 tries to
+# remount a read-only /nix/store writable, so /nix must not be the root's own). The network is the
+# host's (loopback servers are reachable). In a subshell (`in_sid … &`, `$(in_sid …)`, a pipeline)
+# it execs, so `in_sid … 'exec nix-daemon …' &` leaves $! the daemon's PID, to stop it by.
+in_sid() {
+  local run=()
+  [[ $BASHPID == "$$" ]] || run=(exec)
+  "${run[@]}" unshare -m --propagation private bash -c '
+    set -e; b=$1
+    mount --bind "$b" "$b"; mount -o remount,bind,ro "$b"
+    mount --rbind /dev "$b/dev"; mount -t proc proc "$b/proc"
+    mount --bind "$2" "$b/nix"; mount --bind "$3" "$b/tmp"
+    exec chroot "$b" /bin/bash -c "$4"' in_sid "${SID_ROOT:?}" "$1" "$2" "$3"
+}
+
+# now: wall-clock seconds with nanoseconds.
+now() { date +%s.%N; }
+
+# The cpuacct cgroup (v1, as this machine mounts it) counts the CPU of a process and of every
+# process it forks afterwards, waited for or not (nix-daemon's per-connection children, which a
+# /proc cutime would miss). Group NAME is the directory $CG_PREFIX-NAME (set CG_PREFIX per script,
+# so scripts running at once keep apart).
+CPUACCT=${CPUACCT:-/sys/fs/cgroup/cpuacct}
+# cg_new NAME…: make the groups (empty).
+cg_new() {
+  local n
+  for n; do mkdir -p "$CPUACCT/${CG_PREFIX:-casnix-bench}-$n"; done
+}
+# cg_add NAME PID: put PID (and its future children) into the group NAME, made if missing.
+cg_add() {
+  cg_new "$1"
+  echo "$2" >"$CPUACCT/${CG_PREFIX:-casnix-bench}-$1/cgroup.procs"
+}
+# cg_exec NAME CMD…: run CMD in the group NAME (made if missing).
+cg_exec() {
+  local g=$CPUACCT/${CG_PREFIX:-casnix-bench}-$1
+  shift
+  mkdir -p "$g"
+  bash -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$g" "$@"
+}
+# cg_cpu NAME: the CPU seconds (user+sys) the group NAME has used so far.
+cg_cpu() { awk '{ printf "%.2f\n", $1 / 1e9 }' "$CPUACCT/${CG_PREFIX:-casnix-bench}-$1/cpuacct.usage"; }
+# cg_kill NAME: SIGTERM every process in the group NAME (a daemon and the children it forked).
+cg_kill() {
+  local p
+  for p in $(cat "$CPUACCT/${CG_PREFIX:-casnix-bench}-$1/cgroup.procs"); do kill "$p" 2>/dev/null || true; done
+}
+# cg_rm NAME…: remove the groups (their processes must have exited).
+cg_rm() {
+  local n d
+  for n; do
+    d=$CPUACCT/${CG_PREFIX:-casnix-bench}-$n
+    [[ ! -d $d ]] || rmdir "$d" 2>/dev/null || true
+  done
+}
+
+# wait_quiet: waits up to QUIET_TIMEOUT (60) s until other processes keep the CPUs less than
+# QUIET_BUSY (0.25) busy; prints the busy fraction the caller starts with.
+wait_quiet() {
+  local busy waited=0
+  busy=$(cpu_busy)
+  while awk -v b="$busy" -v l="${QUIET_BUSY:-0.25}" 'BEGIN { exit !(b > l) }' && ((waited < ${QUIET_TIMEOUT:-60})); do
+    sleep 2
+    waited=$((waited + 3))
+    busy=$(cpu_busy)
+  done
+  echo "$busy"
+}
+
+# free_port: a TCP port free on 127.0.0.1 now.
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# wait_http PORT PID: waits until http://127.0.0.1:PORT/nix-cache-info answers; dies if PID exits.
+wait_http() {
+  local i
+  for ((i = 0; i < 300; i++)); do
+    kill -0 "$2" 2>/dev/null || die "the server for port $1 exited"
+    curl -fsS -o /dev/null "http://127.0.0.1:$1/nix-cache-info" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  die "nothing serves on port $1"
+}

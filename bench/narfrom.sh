@@ -32,11 +32,7 @@ RUN=$W/run
 PROTOBENCH=$BENCH_DIR/bin/protobench
 nixo=(--option experimental-features nix-command --option build-users-group '' --option substituters '')
 
-log() { printf '%s narfrom: %s\n' "$(date +%T)" "$*" >&2; }
-die() {
-  log "error: $*"
-  exit 1
-}
+BENCH=narfrom
 
 [[ -f $SRC/nix/var/nix/db/db.sqlite ]] || die "no corpus at $SRC: run bench/build-corpora.sh first"
 command -v nix-daemon >/dev/null || apt-get install -y -q nix-bin >&2
@@ -103,14 +99,8 @@ PID[nix28]=$!
 SOCK[nix28]=$RUN/nix28.sock
 mkdir -p "$RUN/sid"
 # Nix 2.34 inside the sid root: its /nix is the corpus copy, its /tmp holds the socket.
-unshare -m --propagation private bash -c '
-  set -e; b=$1
-  mount --bind "$b" "$b"
-  mount --rbind /dev "$b/dev"; mount -t proc proc "$b/proc"
-  mount --bind "$2" "$b/nix"; mount --bind "$3" "$b/tmp"
-  exec chroot "$b" env NIX_DAEMON_SOCKET_PATH=/tmp/nix234.sock nix-daemon --option build-users-group "" \
-    --option substituters "" --option experimental-features nix-command' \
-  narfrom "$SID_ROOT" "$W/nix234/nix" "$RUN/sid" >"$RUN/nix234.log" 2>&1 &
+in_sid "$W/nix234/nix" "$RUN/sid" 'exec env NIX_DAEMON_SOCKET_PATH=/tmp/nix234.sock nix-daemon --option build-users-group "" \
+    --option substituters "" --option experimental-features nix-command' >"$RUN/nix234.log" 2>&1 &
 PID[nix234]=$!
 SOCK[nix234]=$RUN/sid/nix234.sock
 for form in fast repacked; do

@@ -45,7 +45,7 @@ CASNIX=${CASNIX:-}
 BASELINE=${BASELINE:-}
 export NIX_CONFIG="build-users-group =
 experimental-features = nix-command"
-log() { printf '%s startup: %s\n' "$(date +%T)" "$*" >&2; }
+BENCH=startup
 trap 'log "failed at line $LINENO: $BASH_COMMAND"' ERR
 mkdir -p "$W"
 
@@ -98,23 +98,18 @@ if [[ -x $SID_ROOT/usr/bin/nix-store && -d $SID_ROOT/tmp ]]; then
   cp -a "$ROOT" "$W/nixroot234"
   HAVE234=1
 fi
-# in_sid SCRIPT: run the bash SCRIPT inside the sid root (read-only), with the store copy at
-# /tmp and an empty writable /nix (Nix 2.34 tries to remount a read-only /nix/store writable).
-in_sid() {
+# sid SCRIPT: run the bash SCRIPT inside the sid root (lib.sh's in_sid), with the store copy at
+# /tmp and an empty writable /nix.
+sid() {
   mkdir -p "$W/sid-nix"
-  unshare -m --propagation private bash -c '
-    set -e; b=$1
-    mount --bind "$b" "$b"; mount -o remount,bind,ro "$b"
-    mount --rbind /dev "$b/dev"; mount -t proc proc "$b/proc"
-    mount --bind "$2" "$b/tmp"; mount --bind "$3" "$b/nix"
-    exec chroot "$b" /bin/bash -c "$4"' in_sid "$SID_ROOT" "$W/nixroot234" "$W/sid-nix" "$1"
+  in_sid "$W/sid-nix" "$W/nixroot234" "$1"
 }
 if [[ $HAVE234 == 1 ]]; then
-  v=$(in_sid 'nix-store --version' 2>/dev/null) || v=
+  v=$(sid 'nix-store --version' 2>/dev/null) || v=
   if [[ $v == *2.3[4-9]* ]]; then
     NIX234=$v
     p=${PATHS[0]}
-    a=$(in_sid "nix-store --dump /tmp$p" | sha256sum)
+    a=$(sid "nix-store --dump /tmp$p" | sha256sum)
     b=$("$CASNIX" -d "$DATA" dump "$p" | sha256sum)
     [[ $a == "$b" ]] || { log "Nix 2.34's dump of $p differs from casnix's"; exit 1; }
   else
@@ -164,7 +159,7 @@ measure() {
   if [[ $name == nix234-* ]]; then
     cp "$script" "$W/nixroot234/loop.sh"
     s=$(date +%s%N)
-    cpu=$(/usr/bin/time -f '%U %S' bash -c "$(declare -f in_sid); SID_ROOT=$SID_ROOT W=$W in_sid 'bash /tmp/loop.sh'" 2>&1 >/dev/null | tail -1)
+    cpu=$(/usr/bin/time -f '%U %S' bash -c "$(declare -f in_sid sid); SID_ROOT=$SID_ROOT W=$W sid 'bash /tmp/loop.sh'" 2>&1 >/dev/null | tail -1)
   else
     s=$(date +%s%N)
     cpu=$(/usr/bin/time -f '%U %S' bash "$script" 2>&1 >/dev/null | tail -1)

@@ -35,11 +35,7 @@ SRC=$BENCH_DIR/corpora/$CORPUS
 W=$BENCH_DIR/write
 nixo=(--option experimental-features nix-command --option build-users-group '' --option substituters '')
 
-log() { printf '%s write: %s\n' "$(date +%T)" "$*" >&2; }
-die() {
-  log "error: $*"
-  exit 1
-}
+BENCH=write
 
 [[ -f $SRC/nix/var/nix/db/db.sqlite ]] || die "no corpus at $SRC: run bench/build-corpora.sh first"
 command -v nix-daemon >/dev/null || apt-get install -y -q nix-bin >&2
@@ -81,14 +77,8 @@ run_one() {
     mkdir -p "$dest/nix" "$W/sid-sock"
     sock=$W/sid-sock/nix234.sock
     rm -f "$sock"
-    unshare -m --propagation private bash -c '
-      set -e; b=$1
-      mount --bind "$b" "$b"
-      mount --rbind /dev "$b/dev"; mount -t proc proc "$b/proc"
-      mount --bind "$2" "$b/nix"; mount --bind "$3" "$b/tmp"
-      exec chroot "$b" env NIX_DAEMON_SOCKET_PATH=/tmp/nix234.sock nix-daemon --option build-users-group "" \
-        --option substituters "" --option experimental-features nix-command' \
-      write "$SID_ROOT" "$dest/nix" "$W/sid-sock" >"$W/$who.log" 2>&1 &
+    in_sid "$dest/nix" "$W/sid-sock" 'exec env NIX_DAEMON_SOCKET_PATH=/tmp/nix234.sock nix-daemon --option build-users-group "" \
+      --option substituters "" --option experimental-features nix-command' >"$W/$who.log" 2>&1 &
   else
     NIX_DAEMON_SOCKET_PATH=$sock nix-daemon --store "local?root=$dest" "${nixo[@]}" >"$W/$who.log" 2>&1 &
   fi
