@@ -1,12 +1,17 @@
 package cli
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"io"
+	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/casnix/casnix/backupremote"
 	"github.com/casnix/casnix/objstore"
+	"github.com/casnix/casnix/replicate"
 	"github.com/casnix/casnix/store"
 )
 
@@ -111,9 +116,73 @@ func (c *RestoreCmd) runBucket(g *Globals, dst string, opts store.CopyOptions) e
 	if err != nil {
 		return err
 	}
+	if primary, err := isPrimaryPrefix(g, b); err != nil {
+		return err
+	} else if primary {
+		return c.restorePrimary(g, b.Location(), dst, opts, ro.At)
+	}
 	m, rep, err := backupremote.Restore(g.Ctx, b, dst, ro)
 	if rep != nil {
 		printCopy(g.Stdout, "restored", fmt.Sprintf("%s point %s", b.Location(), m.Point), dst, rep)
+	}
+	return err
+}
+
+// isPrimaryPrefix reports whether b is a primary's prefix (its database replicated under
+// db/, packs under packs/) rather than a place casnix backup wrote points to.
+func isPrimaryPrefix(g *Globals, b *objstore.Bucket) (bool, error) {
+	points, err := backupremote.ListPoints(g.Ctx, b)
+	if err != nil || len(points) > 0 {
+		return false, err
+	}
+	found := false
+	err = b.List(g.Ctx, replicate.Dir+"/", func(objstore.Info) error {
+		found = true
+		return errStopList
+	})
+	if errors.Is(err, errStopList) {
+		err = nil
+	}
+	return found, err
+}
+
+var errStopList = errors.New("stop listing")
+
+// restorePrimary is `casnix restore s3://…` of a primary's own prefix (serve --packs):
+// its database as replicated (the newest state, or as of at), with what the bucket does
+// not hold dropped (store.DropNotInBucket), staged, verified against the bucket and
+// swapped in like any restore. The packs stay in the bucket: the restored data dir reads
+// them from there, and a serve on it takes the primary's lease as its own.
+func (c *RestoreCmd) restorePrimary(g *Globals, loc objstore.Location, dst string, opts store.CopyOptions, at time.Time) error {
+	if c.Point != "" {
+		return fmt.Errorf("--point: %s holds a primary's replicated database, not backup points (--at TIME picks a time)", loc)
+	}
+	var dropped []string
+	rep, err := store.RestoreWith(g.Ctx, dst, opts, func(ctx context.Context, stage string, step func(string)) (*store.CopyReport, error) {
+		file := filepath.Join(stage, store.DBFile)
+		if err := replicate.Restore(ctx, loc, file, at); err != nil {
+			return nil, err
+		}
+		step("database restored")
+		var err error
+		if dropped, err = store.DropNotInBucket(ctx, stage); err != nil {
+			return nil, err
+		}
+		step("dropped what the bucket lacks")
+		fi, err := os.Stat(file)
+		if err != nil {
+			return nil, err
+		}
+		return &store.CopyReport{DBBytes: fi.Size()}, nil
+	})
+	if rep != nil {
+		printCopy(g.Stdout, "restored", loc.String()+" (the primary's replicated database; packs stay in the bucket)", dst, rep)
+	}
+	if err == nil && len(dropped) > 0 {
+		fmt.Fprintf(g.Stdout, "%d paths whose data had not reached the bucket (the upload window) were left out:\n", len(dropped))
+		for _, n := range dropped {
+			fmt.Fprintf(g.Stdout, "  %s\n", n)
+		}
 	}
 	return err
 }

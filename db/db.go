@@ -180,17 +180,16 @@ func (d *DB) SetReadOnlyReason(why string) { d.readOnlyWhy = why }
 
 // ReplicaPaths is the view a replica's connections see as "paths": a temp
 // view, which SQLite resolves before the table of the same name in main, so
-// every query of the package sees it unchanged. A path is shown once no pack
-// that is not yet in the bucket can hold any of its data: its registration
-// is older than the creation of every pack with frames that is not uploaded
-// (a path's frames are written before it is registered, and a pack is created
-// before its first frame). The primary uploads a pack within its upload
-// window, then records it uploaded, a change the follower applies like any
-// other, so a path shows up on replicas about one window after its commit.
-// (Chunks a compaction moved into a new pack are the exception: they are in
-// the bucket only once that pack is uploaded.)
-const ReplicaPaths = `CREATE TEMP VIEW paths AS SELECT * FROM main.paths WHERE registered < coalesce(
-	(SELECT min(p.created) FROM main.packs p WHERE p.uploaded = 0 AND EXISTS (SELECT 1 FROM main.frames f WHERE f.pack = p.id)),
+// every query of the package sees it unchanged. A path is shown once every
+// frame its data may use is in an uploaded pack: its frame_mark (the largest
+// frame id when it was committed, migration 0007) is below the first frame of
+// every pack not uploaded yet. The primary records an upload once the object
+// is complete, a change the follower applies like any other, so a path shows
+// up on replicas about one upload window after its commit. (Chunks a
+// compaction moved into a new pack are the exception: they are in the bucket
+// only once that pack is uploaded.)
+const ReplicaPaths = `CREATE TEMP VIEW paths AS SELECT * FROM main.paths WHERE frame_mark < coalesce(
+	(SELECT min(f.id) FROM main.frames f JOIN main.packs p ON p.id = f.pack WHERE p.uploaded = 0),
 	9223372036854775807)`
 
 // replicaConnector opens replica connections, each with ReplicaPaths.

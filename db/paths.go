@@ -37,8 +37,11 @@ func nullStr(s string) sql.NullString { return sql.NullString{String: s, Valid: 
 // InsertPath adds a store path with its references (which must exist, or be
 // the path itself) and signatures.
 func (q q) InsertPath(ctx context.Context, p *PathRow) (int64, error) {
+	// frame_mark in the same statement, so in the transaction that commits the path's
+	// frames (migration 0007).
 	res, err := q.exec(ctx, `INSERT INTO paths(name, kind, digest, size, executable, target,
-		nar_hash, nar_size, deriver, registered, ultimate, ca) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)`,
+		nar_hash, nar_size, deriver, registered, ultimate, ca, frame_mark)
+		VALUES (?,?,?,?,?,?,?,?,?,?,?,?,(SELECT IFNULL(MAX(id), 0) FROM frames))`,
 		p.Name, p.Kind, p.Digest, p.Size, p.Executable, p.Target, p.NarHash, p.NarSize,
 		nullStr(p.Deriver), p.Registered, p.Ultimate, nullStr(p.CA))
 	if err != nil {

@@ -128,3 +128,58 @@ func (q q) SetSetting(ctx context.Context, key, value string) error {
 	}
 	return nil
 }
+
+// NotInBucket describes what of a database restored from its bucket replica the bucket
+// does not hold: the packs with frames that were never uploaded, and the first of their
+// frames (see ReplicaPaths). ok is false when every pack with frames was uploaded.
+func (q q) NotInBucket(ctx context.Context) (packs []int64, firstFrame int64, ok bool, err error) {
+	err = eachRow(ctx, q, `SELECT p.id, min(f.id) FROM packs p JOIN frames f ON f.pack = p.id
+		WHERE p.uploaded = 0 GROUP BY p.id ORDER BY p.id`, func(r *sql.Rows) error {
+		var id, first int64
+		if err := r.Scan(&id, &first); err != nil {
+			return err
+		}
+		if !ok || first < firstFrame {
+			firstFrame = first
+		}
+		ok = true
+		packs = append(packs, id)
+		return nil
+	})
+	if err != nil {
+		return nil, 0, false, fmt.Errorf("packs not in the bucket: %w", err)
+	}
+	return packs, firstFrame, ok, nil
+}
+
+// PathsFromFrameMark lists the paths committed when frame id mark (or a later one)
+// existed: the paths whose data may use that frame or later ones.
+func (q q) PathsFromFrameMark(ctx context.Context, mark int64) ([]string, error) {
+	return q.strings(ctx, "SELECT name FROM paths WHERE frame_mark >= ? ORDER BY name", mark)
+}
+
+// ChunksInPacks counts the chunks whose frames are in packs.
+func (q q) ChunksInPacks(ctx context.Context, packs []int64) (int64, error) {
+	var total int64
+	for _, id := range packs {
+		var n int64
+		if err := q.row(ctx, "SELECT count(*) FROM chunks c JOIN frames f ON f.id = c.frame WHERE f.pack = ?", id).Scan(&n); err != nil {
+			return 0, fmt.Errorf("chunks in pack %d: %w", id, err)
+		}
+		total += n
+	}
+	return total, nil
+}
+
+// DropPacks deletes the frames and rows of packs no chunk points into any more.
+func (tx *Tx) DropPacks(ctx context.Context, packs []int64) error {
+	for _, id := range packs {
+		if _, err := tx.exec(ctx, "DELETE FROM frames WHERE pack = ?", id); err != nil {
+			return fmt.Errorf("drop frames of pack %d: %w", id, err)
+		}
+		if _, err := tx.exec(ctx, "DELETE FROM packs WHERE id = ?", id); err != nil {
+			return fmt.Errorf("drop pack %d: %w", id, err)
+		}
+	}
+	return nil
+}

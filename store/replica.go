@@ -142,3 +142,40 @@ func (s *Store) Identity(ctx context.Context) (string, error) {
 	})
 	return id, err
 }
+
+// DropNotInBucket makes a data dir whose database was restored from its bucket replica
+// (replicate.Restore) hold only what the bucket holds: the packs the primary had not
+// uploaded when it was lost are gone with its disk, so the paths that may have data in
+// them (those committed once the first frame of those packs existed: db.ReplicaPaths) are
+// deleted, and then the packs' rows. This is the stated window of the local promise: a write is in the
+// bucket within the upload window. It returns the deleted paths.
+func DropNotInBucket(ctx context.Context, dir string) ([]string, error) {
+	st, err := Open(ctx, dir, Options{})
+	if err != nil {
+		return nil, err
+	}
+	defer st.Close()
+	packs, first, ok, err := st.db.NotInBucket(ctx)
+	if err != nil || !ok {
+		return nil, err
+	}
+	names, err := st.db.PathsFromFrameMark(ctx, first)
+	if err != nil {
+		return nil, err
+	}
+	if len(names) > 0 {
+		if _, err := st.GC(ctx, GCOptions{Action: GCDeleteSpecific, Paths: names, IgnoreLiveness: true}); err != nil {
+			return nil, fmt.Errorf("delete the paths whose data was not in the bucket: %w", err)
+		}
+	}
+	if n, err := st.db.ChunksInPacks(ctx, packs); err != nil || n > 0 {
+		if err == nil {
+			err = fmt.Errorf("%d chunks still in packs %v that never reached the bucket (a compaction moved them after their paths were committed)", n, packs)
+		}
+		return nil, err
+	}
+	if err := st.db.Write(ctx, func(tx *db.Tx) error { return tx.DropPacks(ctx, packs) }); err != nil {
+		return nil, err
+	}
+	return names, nil
+}
