@@ -172,8 +172,10 @@ done
 # 3. FUSE: cat of the corpus's 30 largest files through a fresh `casnix mount` (the kernel's
 # cache of a FUSE mount starts empty) of the local data dir, and of the S3 one with an empty
 # cache (cold) and again with the cache the cold pass left (warm).
-find "$SRC/nix/store" -type f -printf '%s %P\n' | sort -rn | head -30 | cut -d' ' -f2- >"$W/files"
-fbytes=$(find "$SRC/nix/store" -type f -printf '%s %P\n' | sort -rn | head -30 | awk '{ s += $1 } END { print s }')
+# (awk, not head: head leaving early would kill sort with SIGPIPE under pipefail)
+find "$SRC/nix/store" -type f -printf '%s %P\n' | sort -rn | awk 'NR <= 30' >"$W/files.sized"
+cut -d' ' -f2- "$W/files.sized" >"$W/files"
+fbytes=$(awk '{ s += $1 } END { print s }' "$W/files.sized")
 MNT=$RUN/mnt
 mkdir -p "$MNT"
 fuse_read() { # DATADIR: MB/s of reading the files through a fresh mount

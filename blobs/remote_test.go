@@ -272,8 +272,14 @@ func TestRemoteServerDown(t *testing.T) {
 		RemoteCacheBytes: 1,
 	})
 	first := randomBlobs(5, 1<<20)
+	written := time.Now()
 	fds := writeBlobs(t, s, d, first...)
 	waitUploaded(t, s, d, 30*time.Second)
+	// The window: UploadWithin, plus up to a tick before the uploader sees
+	// the frames, plus the upload (slack for a loaded machine).
+	if took := time.Since(written); took > 200*time.Millisecond+uploadTick+5*time.Second {
+		t.Fatalf("committed frames uploaded %v after the write, UploadWithin 200ms", took)
+	}
 
 	e.srv.Stop()
 	// Writes go on (the local promise), and so do reads of local data.
@@ -289,7 +295,7 @@ func TestRemoteServerDown(t *testing.T) {
 	if err := s.UploadAll(ctx); err == nil {
 		t.Fatal("UploadAll succeeded with the S3 server down")
 	}
-	if st := s.RemoteStats(); st.QueuedPacks == 0 || st.UploadFailures == 0 {
+	if st := s.RemoteStats(); st.QueuedPacks == 0 || st.UploadFailures == 0 || st.OldestPending < time.Second || st.LastError == "" {
 		t.Fatalf("stats with the server down: %+v", st)
 	}
 	checkBlobs(t, s, ds, blobs)

@@ -114,6 +114,25 @@ func (s *Store) startUploader() {
 	}()
 }
 
+// noteWritten records that frames were just committed (or are about to be)
+// in packs ps, so the uploader measures their age from now rather than from
+// its next look (up to a tick later). Writers of other processes are seen
+// by that look only.
+func (s *Store) noteWritten(ps []*packFile) {
+	u := &s.upl
+	if s.remote == nil || u.stop == nil {
+		return
+	}
+	now := time.Now()
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	for _, p := range ps {
+		if _, ok := u.firstSeen[p.id]; !ok && p.size > pack.HeaderSize {
+			u.firstSeen[p.id] = now
+		}
+	}
+}
+
 // stopUploader stops the uploader; an upload under way is abandoned (its
 // pack stays sealed and is uploaded again by the next run).
 func (s *Store) stopUploader() {
@@ -142,11 +161,13 @@ func (s *Store) uploadRound(ctx context.Context, force bool) error {
 	u := &s.upl
 	u.round.Lock()
 	defer u.round.Unlock()
+	// Before the query: a pack a writer noted after it (noteWritten) may
+	// be missing from it, and must not be forgotten below.
+	now := time.Now()
 	states, err := s.db.PacksToUpload(ctx)
 	if err != nil {
 		return err
 	}
-	now := time.Now()
 	u.mu.Lock()
 	if u.firstSeen == nil {
 		u.firstSeen = map[int64]time.Time{}
@@ -169,8 +190,8 @@ func (s *Store) uploadRound(ctx context.Context, force bool) error {
 			u.firstSeen[p.ID] = t
 		}
 	}
-	for id := range u.firstSeen {
-		if !seen[id] {
+	for id, t := range u.firstSeen {
+		if !seen[id] && t.Before(now) {
 			delete(u.firstSeen, id)
 		}
 	}

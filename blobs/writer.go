@@ -370,6 +370,7 @@ func (w *Writer) Done() {
 	if w.ioErr {
 		w.s.poison(w.touched...)
 	} else {
+		w.s.noteWritten(w.touched)
 		w.s.release(w.touched...)
 	}
 	w.touched = nil

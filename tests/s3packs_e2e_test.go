@@ -16,6 +16,9 @@ import (
 	"github.com/casnix/casnix/tests/nixtest"
 )
 
+// killRoots are the roots TestServeS3PacksKill copies, one per cycle.
+var killRoots = []string{"big-file", "diamond-top", "tree", "random-copy", "uses-dev", "self-ref"}
+
 // s3Roots are the fixture outputs the S3 pack tests copy: big and small files, references.
 var s3Roots = []string{"diamond-top", "uses-dev", "tree", "self-ref", "random-copy", "big-file", "symlink"}
 
@@ -194,6 +197,7 @@ func TestServeS3PacksKill(t *testing.T) {
 	cas := nixtest.NewCasnix(t)
 	url := srv.URL("kill")
 	acked := map[string]bool{}
+	start := time.Now()
 	// Kill points: while the copy runs (a fixed delay after it started), and after it
 	// ended: inside the --upload-within window, as soon as /metrics shows a pack sealed
 	// (mid-upload, or just after), as soon as it shows one uploaded (its local file being
@@ -202,18 +206,17 @@ func TestServeS3PacksKill(t *testing.T) {
 		delay time.Duration // after the copy started; 0: after it ended
 		after string        // with delay 0: a metric to wait for first ("" : 150ms)
 	}
-	points := []point{{300 * time.Millisecond, ""}, {0, ""}, {0, "casnix_packs_sealed_total"},
-		{250 * time.Millisecond, ""}, {0, "casnix_packs_uploaded_total"}, {0, "casnix_packs_sealed_total"}}
+	points := []point{{100 * time.Millisecond, ""}, {0, ""}, {0, "casnix_packs_sealed_total"},
+		{40 * time.Millisecond, ""}, {0, "casnix_packs_uploaded_total"}, {0, "casnix_packs_sealed_total"}}
 	for i, pt := range points {
 		addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 		d := cas.Serve(t, sock, "--packs", url, "--upload-within", "200ms", "--cache-size", "1", "--http", addr)
 		// What the killed runs left is sealed and uploaded first: let that settle, so the
 		// metric kill points see this cycle's packs.
 		waitAllUploaded(t, addr, 60*time.Second)
-		root := f.Path(t, s3Roots[i%len(s3Roots)])
-		if i%2 == 0 {
-			root = f.Path(t, "big-file")
-		}
+		// A root per cycle not copied before, so that every cycle writes and seals.
+		root := f.Path(t, killRoots[i])
+		base := serveMetrics(t, addr)[pt.after]
 		cmd := c.Cmd("nix", "copy", "--no-check-sigs", "--from", "local?root="+f.Root, "--to", d.URL(), root)
 		done := make(chan *nixtest.Result, 1)
 		go func() { done <- cmd.Try() }()
@@ -226,9 +229,11 @@ func TestServeS3PacksKill(t *testing.T) {
 			time.Sleep(150 * time.Millisecond)
 		default:
 			r = <-done
-			base := serveMetrics(t, addr)[pt.after]
 			deadline := time.Now().Add(30 * time.Second)
-			for serveMetrics(t, addr)[pt.after] == base && time.Now().Before(deadline) {
+			for serveMetrics(t, addr)[pt.after] == base {
+				if time.Now().After(deadline) {
+					t.Fatalf("cycle %d: %s did not rise in 30s after the copy", i, pt.after)
+				}
 				time.Sleep(2 * time.Millisecond)
 			}
 		}
@@ -244,7 +249,7 @@ func TestServeS3PacksKill(t *testing.T) {
 			}
 		}
 		d.Stop(10 * time.Second)
-		t.Logf("cycle %d: kill %+v; copy ok=%v", i, pt, r.OK())
+		t.Logf("cycle %d (at %s): kill %+v; copy ok=%v", i, time.Since(start).Round(time.Millisecond), pt, r.OK())
 	}
 	// A last, clean run uploads what the killed ones left.
 	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
@@ -263,5 +268,5 @@ func TestServeS3PacksKill(t *testing.T) {
 			t.Errorf("acknowledged %s: dump from the bucket %s, source %s", p, dg, srcDg)
 		}
 	}
-	t.Logf("%d acknowledged paths intact from the bucket", len(acked))
+	t.Logf("%d acknowledged paths intact from the bucket (at %s)", len(acked), time.Since(start).Round(time.Millisecond))
 }
