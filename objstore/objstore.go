@@ -10,6 +10,7 @@
 package objstore
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -270,43 +271,32 @@ func (b *Bucket) putMultipart(ctx context.Context, name string, r io.ReaderAt, s
 // PutIfAbsent creates name with body unless it exists (If-None-Match: *), in which case
 // it returns ErrExists: the conditional write that makes a lease possible.
 func (b *Bucket) PutIfAbsent(ctx context.Context, name string, body []byte) error {
-	b.stats.Puts.Add(1)
-	_, err := b.client.PutObject(ctx, &s3.PutObjectInput{
-		Bucket:        &b.loc.Bucket,
-		Key:           aws.String(b.key(name)),
-		Body:          strings.NewReader(string(body)),
-		ContentLength: aws.Int64(int64(len(body))),
-		IfNoneMatch:   aws.String("*"),
-	})
-	if err != nil {
-		var ae smithy.APIError
-		if errors.As(err, &ae) && (ae.ErrorCode() == "PreconditionFailed" || ae.ErrorCode() == "ConditionalRequestConflict") {
-			return fmt.Errorf("s3 %s: %s: %w", b.loc, name, ErrExists)
-		}
-		return b.wrap("create", name, err)
-	}
-	b.stats.BytesSent.Add(int64(len(body)))
-	return nil
+	return b.putIf(ctx, "create", name, body, func(in *s3.PutObjectInput) { in.IfNoneMatch = aws.String("*") })
 }
 
 // PutIfMatch replaces name with body only if the object's ETag is still etag (If-Match):
 // a compare-and-swap, so that of two writers that read the same object only one replaces
 // it. A mismatch is ErrExists (someone else replaced it first).
 func (b *Bucket) PutIfMatch(ctx context.Context, name string, body []byte, etag string) error {
+	return b.putIf(ctx, "replace", name, body, func(in *s3.PutObjectInput) { in.IfMatch = aws.String(etag) })
+}
+
+// putIf is a PUT of body with the condition cond sets; a failed condition is ErrExists.
+func (b *Bucket) putIf(ctx context.Context, op, name string, body []byte, cond func(*s3.PutObjectInput)) error {
 	b.stats.Puts.Add(1)
-	_, err := b.client.PutObject(ctx, &s3.PutObjectInput{
+	in := &s3.PutObjectInput{
 		Bucket:        &b.loc.Bucket,
 		Key:           aws.String(b.key(name)),
-		Body:          strings.NewReader(string(body)),
+		Body:          bytes.NewReader(body),
 		ContentLength: aws.Int64(int64(len(body))),
-		IfMatch:       aws.String(etag),
-	})
-	if err != nil {
+	}
+	cond(in)
+	if _, err := b.client.PutObject(ctx, in); err != nil {
 		var ae smithy.APIError
 		if errors.As(err, &ae) && (ae.ErrorCode() == "PreconditionFailed" || ae.ErrorCode() == "ConditionalRequestConflict") {
-			return fmt.Errorf("s3 %s: %s changed: %w", b.loc, name, ErrExists)
+			return fmt.Errorf("s3 %s: %s %s: condition failed: %w", b.loc, op, name, ErrExists)
 		}
-		return b.wrap("replace", name, err)
+		return b.wrap(op, name, err)
 	}
 	b.stats.BytesSent.Add(int64(len(body)))
 	return nil
