@@ -38,8 +38,13 @@ func (q q) PacksToUpload(ctx context.Context) ([]PackState, error) {
 
 // UploadedPacks lists the ids of the uploaded packs still indexed.
 func (q q) UploadedPacks(ctx context.Context) ([]int64, error) {
+	return q.ids(ctx, "uploaded packs", "SELECT id FROM packs WHERE uploaded = 1 ORDER BY id")
+}
+
+// ids runs query, which selects one integer column, and returns its values.
+func (q q) ids(ctx context.Context, what, query string) ([]int64, error) {
 	var out []int64
-	err := eachRow(ctx, q, "SELECT id FROM packs WHERE uploaded = 1 ORDER BY id", func(r *sql.Rows) error {
+	err := eachRow(ctx, q, query, func(r *sql.Rows) error {
 		var id int64
 		if err := r.Scan(&id); err != nil {
 			return err
@@ -48,7 +53,7 @@ func (q q) UploadedPacks(ctx context.Context) ([]int64, error) {
 		return nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("uploaded packs: %w", err)
+		return nil, fmt.Errorf("%s: %w", what, err)
 	}
 	return out, nil
 }
@@ -93,19 +98,7 @@ func (q q) MarkUploaded(ctx context.Context, id int64) (ok bool, err error) {
 // DeadPacks lists the uploaded packs dropped from the index (their objects
 // are still in the bucket).
 func (q q) DeadPacks(ctx context.Context) ([]int64, error) {
-	var out []int64
-	err := eachRow(ctx, q, "SELECT id FROM dead_packs ORDER BY id", func(r *sql.Rows) error {
-		var id int64
-		if err := r.Scan(&id); err != nil {
-			return err
-		}
-		out = append(out, id)
-		return nil
-	})
-	if err != nil {
-		return nil, fmt.Errorf("dead packs: %w", err)
-	}
-	return out, nil
+	return q.ids(ctx, "dead packs", "SELECT id FROM dead_packs ORDER BY id")
 }
 
 // Setting reads a data-dir setting ("" and no error when unset).
