@@ -135,3 +135,31 @@ wait_http() {
   done
   die "nothing serves on port $1"
 }
+
+# start_weed DIR: a SeaweedFS S3 server (the weed binary tests/nixtest builds: $WEED, else
+# ~/.cache/casnix-test/weed-*) on free loopback ports with its data under DIR, test
+# credentials exported as the AWS variables, and a bucket "bench"; sets ENDPOINT and
+# WEED_PID. The caller stops it (kill $WEED_PID).
+start_weed() {
+  local dir=$1 i
+  WEED=${WEED:-$(ls "$HOME"/.cache/casnix-test/weed-* 2>/dev/null | grep -v '\.lock$\|\.tmp$' | head -1)}
+  [[ -x $WEED ]] || die "no weed binary: run go test -run TestBucket ./objstore once (it builds it)"
+  export AWS_ACCESS_KEY_ID=casnix-bench AWS_SECRET_ACCESS_KEY=casnix-bench-secret AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
+  mkdir -p "$dir/data"
+  printf '{"identities":[{"name":"b","credentials":[{"accessKey":"%s","secretKey":"%s"}],"actions":["Admin","Read","Write","List","Tagging"]}]}' \
+    "$AWS_ACCESS_KEY_ID" "$AWS_SECRET_ACCESS_KEY" >"$dir/s3.json"
+  local s3p
+  s3p=$(free_port)
+  (cd "$dir" && exec "$WEED" server -s3 -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$dir/data" \
+    -s3.port="$s3p" -s3.port.grpc="$(free_port)" -s3.config="$dir/s3.json" \
+    -master.port="$(free_port)" -master.port.grpc="$(free_port)" -volume.port="$(free_port)" -volume.port.grpc="$(free_port)" \
+    -filer.port="$(free_port)" -filer.port.grpc="$(free_port)" -metricsPort="$(free_port)" \
+    -master.volumeSizeLimitMB=1024 -volume.max=0 >"$dir/weed.log" 2>&1) &
+  WEED_PID=$!
+  ENDPOINT=http://127.0.0.1:$s3p
+  for ((i = 0; i < 600; i++)); do
+    if curl -sf -X PUT --aws-sigv4 "aws:amz:us-east-1:s3" -u "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" "$ENDPOINT/bench" >/dev/null 2>&1; then return; fi
+    sleep 0.5
+  done
+  die "S3 server did not come up: $(tail -5 "$dir/weed.log")"
+}
