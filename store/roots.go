@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -166,10 +167,12 @@ func (s *Store) readTempRoots(clean bool) (map[string][]string, error) {
 			f.Close()
 			continue
 		}
-		data, err := os.ReadFile(path)
+		// From the descriptor, not the name: the owner may remove the file
+		// (its connection ended) between the lock probe and the read.
+		data, err := io.ReadAll(f)
 		f.Close()
 		if err != nil {
-			return nil, fmt.Errorf("read temp roots: %w", err)
+			return nil, fmt.Errorf("read temp roots %s: %w", path, err)
 		}
 		for _, n := range strings.Split(string(data), "\x00") {
 			if n != "" {

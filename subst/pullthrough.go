@@ -145,6 +145,11 @@ func (s *Substituter) fetchSpooled(ctx context.Context, in *binarycache.Info, up
 				s.dropSpool(in.Name, rd.Spool())
 				return nil
 			}
+			// The NAR parser reports a download that broke off as a truncated
+			// NAR; the spool's own error says whether it is worth retrying.
+			if done, ferr := rd.Spool().State(); done && ferr != nil && transient(ferr) && !transient(err) {
+				err = fmt.Errorf("%w (%v)", ferr, err)
+			}
 		}
 		if !transient(err) || attempt >= s.opts.Retries || ctx.Err() != nil {
 			return err
