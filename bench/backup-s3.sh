@@ -28,8 +28,6 @@ log() { printf '%s backup-s3: %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "$*"; exit 1; }
 trap 'log "failed at line $LINENO: $BASH_COMMAND"' ERR
 
-WEED=${WEED:-$(ls "$HOME"/.cache/casnix-test/weed-* 2>/dev/null | grep -v '\.lock$\|\.tmp$' | head -1)}
-[[ -x $WEED ]] || die "no weed binary: run go test -run TestBucket ./objstore once (it builds it)"
 command -v aws >/dev/null || die "no aws CLI (the anchor)"
 mkdir -p "$W"
 rm -rf "$RUN"
@@ -61,25 +59,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-S3P=$(port)
-export AWS_ACCESS_KEY_ID=casnix-bench AWS_SECRET_ACCESS_KEY=casnix-bench-secret AWS_REGION=us-east-1 \
-  AWS_DEFAULT_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null
-mkdir -p "$RUN/weed/data"
-printf '{"identities":[{"name":"b","credentials":[{"accessKey":"%s","secretKey":"%s"}],"actions":["Admin","Read","Write","List","Tagging"]}]}' \
-  "$AWS_ACCESS_KEY_ID" "$AWS_SECRET_ACCESS_KEY" >"$RUN/weed/s3.json"
-(cd "$RUN/weed" && exec "$WEED" server -s3 -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$RUN/weed/data" \
-  -s3.port="$S3P" -s3.port.grpc="$(port)" -s3.config="$RUN/weed/s3.json" \
-  -master.port="$(port)" -master.port.grpc="$(port)" -volume.port="$(port)" -volume.port.grpc="$(port)" \
-  -filer.port="$(port)" -filer.port.grpc="$(port)" -metricsPort="$(port)" \
-  -master.volumeSizeLimitMB=1024 -volume.max=0 >"$RUN/weed.log" 2>&1) &
-PIDS+=($!)
-ENDPOINT=http://127.0.0.1:$S3P
-for ((i = 0; i < 600; i++)); do
-  if curl -sf -X PUT --aws-sigv4 "aws:amz:us-east-1:s3" -u "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" "$ENDPOINT/bench" >/dev/null 2>&1; then break; fi
-  sleep 0.5
-done
-((i < 600)) || die "S3 server did not come up: $(tail -5 "$RUN/weed.log")"
+start_weed "$RUN/weed"
+PIDS+=("$WEED_PID")
+export AWS_DEFAULT_REGION=us-east-1 AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null # for aws s3 cp
 log "S3 server on $ENDPOINT"
 url() { echo "s3://bench/$1?endpoint=$ENDPOINT&region=us-east-1"; }
 

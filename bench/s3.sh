@@ -41,8 +41,6 @@ die() {
 }
 
 [[ -f $SRC/nix/var/nix/db/db.sqlite ]] || die "no corpus at $SRC: run bench/build-corpora.sh first"
-WEED=${WEED:-$(ls "$HOME"/.cache/casnix-test/weed-* 2>/dev/null | grep -v '\.lock$\|\.tmp$' | head -1)}
-[[ -x $WEED ]] || die "no weed binary: run go test -run TestBucket ./objstore once (it builds it)"
 rm -rf "$RUN"
 mkdir -p "$W" "$RUN" "$BENCH_DIR/bin"
 (cd "$REPO" && CGO_ENABLED=0 go build -o "$CASNIX" .) || die "go build failed"
@@ -63,24 +61,8 @@ cleanup() {
 trap cleanup EXIT
 
 # The S3 server: SeaweedFS on free ports, test credentials.
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-S3P=$(port)
-export AWS_ACCESS_KEY_ID=casnix-bench AWS_SECRET_ACCESS_KEY=casnix-bench-secret AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
-mkdir -p "$RUN/weed/data"
-printf '{"identities":[{"name":"b","credentials":[{"accessKey":"%s","secretKey":"%s"}],"actions":["Admin","Read","Write","List","Tagging"]}]}' \
-  "$AWS_ACCESS_KEY_ID" "$AWS_SECRET_ACCESS_KEY" >"$RUN/weed/s3.json"
-(cd "$RUN/weed" && exec "$WEED" server -s3 -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$RUN/weed/data" \
-  -s3.port="$S3P" -s3.port.grpc="$(port)" -s3.config="$RUN/weed/s3.json" \
-  -master.port="$(port)" -master.port.grpc="$(port)" -volume.port="$(port)" -volume.port.grpc="$(port)" \
-  -filer.port="$(port)" -filer.port.grpc="$(port)" -metricsPort="$(port)" \
-  -master.volumeSizeLimitMB=1024 -volume.max=0 >"$RUN/weed.log" 2>&1) &
-PIDS+=($!)
-ENDPOINT=http://127.0.0.1:$S3P
-for ((i = 0; i < 600; i++)); do
-  if curl -sf -X PUT --aws-sigv4 "aws:amz:us-east-1:s3" -u "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" "$ENDPOINT/bench" >/dev/null 2>&1; then break; fi
-  sleep 0.5
-done
-((i < 600)) || die "S3 server did not come up: $(tail -5 "$RUN/weed.log")"
+start_weed "$RUN/weed"
+PIDS+=("$WEED_PID")
 log "S3 server on $ENDPOINT"
 
 metric() { curl -sf "http://$1/metrics" | awk -v n="$2" '$1 == n { print $2 }'; }
@@ -116,7 +98,7 @@ for ((run = 1; run <= RUNS; run++)); do
   for kind in local s3; do
     dir=$RUN/write-$kind
     rm -rf "$dir"
-    hp=$(port)
+    hp=$(free_port)
     extra=()
     [[ $kind == s3 ]] && extra=(--packs "s3://bench/write-$run?endpoint=$ENDPOINT&region=us-east-1")
     serve "write-$kind" "$dir" "$hp" "${extra[@]}"
@@ -143,7 +125,7 @@ cp "$RUN/write-s3/casnix.db" "$S3DIR/"
 [[ -f $RUN/write-s3/casnix.db-wal ]] && cp "$RUN/write-s3/casnix.db-wal" "$S3DIR/"
 bytes_total=$(du -sb "$LOCAL/packs" | cut -f1)
 for ((run = 1; run <= RUNS; run++)); do
-  hp=$(port)
+  hp=$(free_port)
   serve read-local "$LOCAL" "$hp"
   # One untimed pass: local packs read from the page cache, as the S3 cache's blocks are
   # after a cold pass.
@@ -152,7 +134,7 @@ for ((run = 1; run <= RUNS; run++)); do
   T[read-local]+="$(sed -n 's/.*mbps=\([0-9.]*\).*/\1/p' <<<"$out") "
   stop "$SPID"
   rm -rf "$S3DIR/s3cache"
-  hp=$(port)
+  hp=$(free_port)
   serve read-s3 "$S3DIR" "$hp"
   for temp in cold warm; do
     g0=$(metric "127.0.0.1:$hp" casnix_s3_gets_total)
