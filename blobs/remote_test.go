@@ -9,6 +9,7 @@ import (
 	"math/rand"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -439,5 +440,71 @@ func TestRemoteCompactKeepsObjects(t *testing.T) {
 	checkBlobs(t, s, dbc[:1], bc[:1])
 	if damage, err := s.Verify(ctx, nil); err != nil || len(damage) != 0 {
 		t.Fatalf("verify after compaction: %v %v", damage, err)
+	}
+}
+
+// TestRemoteSealOnCommit: under the bucket promise, a commit seals the packs it wrote to,
+// WaitUploaded returns once they are in the bucket (the uploader itself would wait an
+// hour), a later writer never appends to them, and with the server down the wait fails
+// naming the upload error and writes see UploadFailing.
+func TestRemoteSealOnCommit(t *testing.T) {
+	e := newRemoteEnv(t)
+	ctx := context.Background()
+	s, d := e.open(t, filepath.Join(e.dir, "c"), Options{
+		PackSize: 1 << 20, Upload: true, UploadWithin: time.Hour, UploadRetryMax: time.Second, SealOnCommit: true,
+	})
+	mark := func() int64 {
+		id, err := d.MaxFrameID(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return id
+	}
+	var all [][]byte
+	var ds []digest.Digest
+	for i := range 3 {
+		b := randomBlobs(int64(20+i), 300<<10)
+		ds = append(ds, writeBlobs(t, s, d, b...)...)
+		all = append(all, b...)
+		wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		if err := s.WaitUploaded(wctx, mark()); err != nil {
+			t.Fatalf("write %d: %v", i, err)
+		}
+		cancel()
+		if first, ok, err := d.FirstFrameNotUploaded(ctx); err != nil || ok {
+			t.Fatalf("write %d: a frame (%d) is in a pack not uploaded after WaitUploaded (%v)", i, first, err)
+		}
+	}
+	ids := packIDs(t, d)
+	if len(ids) != 3 {
+		t.Fatalf("3 writes under SealOnCommit made packs %v, want one each (a sealed pack reused?)", ids)
+	}
+	for _, id := range ids {
+		if _, err := e.bucket.Head(ctx, PackObject(id)); err != nil {
+			t.Fatalf("pack %d not in the bucket: %v", id, err)
+		}
+	}
+	checkBlobs(t, s, ds, all)
+
+	e.srv.Stop()
+	b := randomBlobs(30, 200<<10)
+	writeBlobs(t, s, d, b...)
+	wctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	err := s.WaitUploaded(wctx, mark())
+	if err == nil || !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "last upload error") {
+		t.Fatalf("WaitUploaded with the server down: %v", err)
+	}
+	if s.UploadFailing() == nil {
+		t.Fatal("UploadFailing is nil after failed uploads")
+	}
+	e.srv.Start(t)
+	wctx2, cancel2 := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel2()
+	if err := s.WaitUploaded(wctx2, mark()); err != nil {
+		t.Fatalf("after the server came back: %v", err)
+	}
+	if err := s.UploadFailing(); err != nil {
+		t.Fatalf("UploadFailing after a successful upload: %v", err)
 	}
 }

@@ -73,6 +73,12 @@ type Options struct {
 	UploadWithin time.Duration
 	// UploadRetryMax caps the backoff between failed uploads (default 30 s).
 	UploadRetryMax time.Duration
+	// SealOnCommit seals every pack a Writer wrote frames to in the
+	// transaction that commits them, and Done closes those packs instead
+	// of handing them back: for a caller that acknowledges only once its
+	// frames are in the bucket (WaitUploaded), which must not wait behind
+	// a later writer appending to the same pack.
+	SealOnCommit bool
 }
 
 func (o *Options) defaults() {
@@ -288,6 +294,17 @@ func (s *Store) acquire(ctx context.Context) (*packFile, error) {
 		p, s.free = s.free[n-1], s.free[:n-1]
 	}
 	s.mu.Unlock()
+	if p != nil && s.opts.SealOnCommit {
+		// A Writer whose caller did not say its transaction committed
+		// handed its packs back: they may be sealed all the same.
+		if sealed, _, err := s.db.PackSealedState(ctx, p.id); err != nil || sealed {
+			p.f.Close()
+			if err != nil && !errors.Is(err, db.ErrNotFound) {
+				return nil, err
+			}
+			return s.acquire(ctx)
+		}
+	}
 	if p != nil {
 		if err := s.trimTail(ctx, p); err != nil {
 			p.f.Close()

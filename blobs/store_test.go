@@ -52,6 +52,7 @@ func writeBlobs(t testing.TB, s *Store, d *db.DB, blobs ...[]byte) []digest.Dige
 	if err := d.Write(ctx, func(tx *db.Tx) error { return w.Commit(ctx, tx) }); err != nil {
 		t.Fatal(err)
 	}
+	w.Committed()
 	return out
 }
 

@@ -399,3 +399,55 @@ func (s *Store) RemoteStats() RemoteStats {
 	st.EvictedBlocks, st.EvictedPack = c.evictedBlocks.Load(), c.evictedPacks.Load()
 	return st
 }
+
+// WaitUploaded returns once every frame with an id up to mark is in a pack
+// the bucket holds (and recorded so), sealing and uploading what it must
+// meanwhile: for a caller that acknowledges a write only once its data is in
+// the bucket. Failed uploads are retried (with a growing pause) until ctx
+// ends; the error then names the last failure.
+func (s *Store) WaitUploaded(ctx context.Context, mark int64) error {
+	if s.remote == nil {
+		return errors.New("no bucket for packs")
+	}
+	pause := 20 * time.Millisecond
+	var last error
+	for {
+		first, ok, err := s.db.FirstFrameNotUploaded(ctx)
+		if err != nil {
+			return err
+		}
+		if !ok || first > mark {
+			return nil
+		}
+		err = s.UploadAll(ctx)
+		if err == nil {
+			// Uploaded all it could: what is left is a pack a writer still
+			// holds between its commit and Done (SealOnCommit), or one of
+			// another process. Look again shortly.
+			pause = 20 * time.Millisecond
+		} else {
+			last = err
+			pause = min(2*pause, 2*time.Second)
+		}
+		select {
+		case <-ctx.Done():
+			if last != nil {
+				return fmt.Errorf("frames up to %d not in the bucket: %w (last upload error: %v)", mark, ctx.Err(), last)
+			}
+			return fmt.Errorf("frames up to %d not in the bucket: %w", mark, ctx.Err())
+		case <-time.After(pause):
+		}
+	}
+}
+
+// UploadFailing reports the last upload error if uploads are failing now
+// (the uploader is backing off after it); nil otherwise.
+func (s *Store) UploadFailing() error {
+	u := &s.upl
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.lastErr != nil && time.Now().Before(u.nextTry) {
+		return u.lastErr
+	}
+	return nil
+}

@@ -21,7 +21,8 @@ import (
 // core; memory is bounded by Workers+2 frames in flight.
 //
 // Life cycle: WriteBlob…, Flush (packs durable), Commit(tx) inside the
-// caller's transaction, then Done(committed). After any error the Writer is
+// caller's transaction, Committed once that transaction committed, then
+// Done. After any error the Writer is
 // poisoned: every later call returns that error.
 type Writer struct {
 	s   *Store
@@ -50,6 +51,9 @@ type Writer struct {
 
 	err     error
 	flushed bool
+	// committed: the caller's transaction that Commit wrote into committed
+	// (with SealOnCommit, the touched packs are sealed then).
+	committed bool
 	// ioErr: a write to or sync of a pack failed, so Done poisons the
 	// packs instead of releasing them.
 	ioErr bool
@@ -356,8 +360,21 @@ func (w *Writer) Commit(ctx context.Context, tx *db.Tx) error {
 			return err
 		}
 	}
+	if w.s.opts.SealOnCommit {
+		// The pack files end at their last frame: Flush wrote and synced
+		// exactly the frames above, under the packs' flocks, after acquire
+		// cut off whatever an earlier writer left past its frames.
+		for _, p := range w.touched {
+			if err := tx.SealPack(ctx, p.id); err != nil {
+				return err
+			}
+		}
+	}
 	return nil
 }
+
+// Committed records that the transaction Commit wrote into has committed.
+func (w *Writer) Committed() { w.committed = true }
 
 // Done hands the Writer's packs back. Whether or not the transaction
 // committed, the packs are trimmed back to their committed frames before
@@ -367,9 +384,16 @@ func (w *Writer) Done() {
 		w.err = errors.Join(w.err, errors.New("abandoned"))
 		w.Flush()
 	}
-	if w.ioErr {
+	switch {
+	case w.ioErr:
 		w.s.poison(w.touched...)
-	} else {
+	case w.committed && w.s.opts.SealOnCommit:
+		// Sealed: the uploader's now. Closing drops the flocks.
+		w.s.noteWritten(w.touched)
+		for _, p := range w.touched {
+			p.f.Close()
+		}
+	default:
 		w.s.noteWritten(w.touched)
 		w.s.release(w.touched...)
 	}

@@ -48,6 +48,8 @@ type Globals struct {
 	// frames waiting at most UploadWithin.
 	Upload       bool          `kong:"-"`
 	UploadWithin time.Duration `kong:"-"`
+	// SealOnCommit: each write seals its packs (serve --durability bucket).
+	SealOnCommit bool `kong:"-"`
 }
 
 // DefaultDataDir is the data directory used when none is given.
@@ -106,7 +108,7 @@ func (g *Globals) open(readOnly bool) (*store.Store, error) {
 	st, err := store.Open(g.Ctx, dir, store.Options{
 		StoreDir: g.StoreDir, Logger: g.Logger, ReadOnly: readOnly, Packs: g.Packs,
 		Blobs: blobs.Options{Level: zstd.EncoderLevelFromZstd(level), FrameSize: g.FrameSize, CacheBytes: g.FrameCache,
-			RemoteCacheBytes: cacheSize, Upload: g.Upload, UploadWithin: g.UploadWithin},
+			RemoteCacheBytes: cacheSize, Upload: g.Upload, UploadWithin: g.UploadWithin, SealOnCommit: g.SealOnCommit},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("open data dir %s: %w", dir, err)

@@ -128,23 +128,23 @@ func superviseFollower(ctx context.Context, log *slog.Logger, cmd *exec.Cmd, exi
 // startPrimary takes the bucket's writer lease for st (whose packs are in a bucket)
 // and replicates its database there; the returned func stops both. A lease another
 // primary holds is an error naming it.
-func startPrimary(g *Globals, st *store.Store, every time.Duration) (func(), error) {
+func startPrimary(g *Globals, st *store.Store, every time.Duration) (func(), *replicate.Primary, error) {
 	loc, err := objstore.ParseURL(st.Packs())
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	id, err := st.Identity(g.Ctx)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	lease, err := replicate.AcquireLease(g.Ctx, loc, id, 30*time.Second)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	p, err := replicate.StartPrimary(g.Ctx, filepath.Join(st.Dir(), store.DBFile), loc, replicate.Options{SyncInterval: every})
 	if err != nil {
 		_ = lease.Release(context.Background())
-		return nil, err
+		return nil, nil, err
 	}
 	go func() {
 		<-lease.Lost()
@@ -163,5 +163,5 @@ func startPrimary(g *Globals, st *store.Store, every time.Duration) (func(), err
 		if err := lease.Release(ctx); err != nil && !errors.Is(err, objstore.ErrNotFound) {
 			g.Logger.Warn("release the writer lease", "err", err)
 		}
-	}, nil
+	}, p, nil
 }

@@ -51,7 +51,9 @@ type ServeCmd struct {
 	MaxSize         string        `name:"max-size" env:"CASNIX_MAX_SIZE" default:"0" placeholder:"BYTES" help:"Space budget for substituted paths: when the pack files take more disk than this, the least recently used substituted paths are deleted (as casnix gc, roots and temp roots respected) until they take 90% of it. Paths clients added or imported, gcroots and --pin closures are never evicted. 0: no budget."`
 	Pin             []string      `name:"pin" env:"CASNIX_PIN" placeholder:"PATH" help:"Store paths whose closures --max-size never evicts."`
 	EvictInterval   time.Duration `name:"evict-interval" env:"CASNIX_EVICT_INTERVAL" default:"10s" hidden:"" help:"How often access times are saved and --max-size is checked."`
-	UploadWithin    time.Duration `name:"upload-within" env:"CASNIX_UPLOAD_WITHIN" default:"10s" help:"With --packs: a pack is sealed and uploaded once its oldest frame waited this long (or it is full). Until then an acknowledged write is on the local disk only (fsynced)."`
+	UploadWithin    time.Duration `name:"upload-within" env:"CASNIX_UPLOAD_WITHIN" default:"10s" help:"With --packs and --durability local: a pack is sealed and uploaded once its oldest frame waited this long (or it is full). Until then an acknowledged write is on the local disk only (fsynced)."`
+	Durability      string        `name:"durability" env:"CASNIX_DURABILITY" enum:"local,bucket" default:"local" help:"With --packs s3://…: when a write is acknowledged. local: once fsynced on this host's disk; it reaches the bucket within --upload-within plus the upload (a lost host loses that window). bucket: only once its packs are uploaded and the database naming them is replicated (each write seals its packs: more, smaller objects); a write that cannot get there within --bucket-timeout fails and is taken back, and writes are refused while uploads are failing."`
+	BucketTimeout   time.Duration `name:"bucket-timeout" env:"CASNIX_BUCKET_TIMEOUT" default:"30s" help:"With --durability bucket: how long a write waits for the bucket before it fails."`
 	ReplicaOf       string        `name:"replica-of" env:"CASNIX_REPLICA_OF" placeholder:"URL" help:"Serve this data dir as a read replica of the primary whose packs and database are in the bucket at URL (its --packs s3://…): the database is restored and kept current by a follower process, bytes are read from the bucket through the local cache (--cache-size). Reads only: writes are refused naming the primary."`
 	FollowInterval  time.Duration `name:"follow-interval" env:"CASNIX_FOLLOW_INTERVAL" default:"1s" help:"With --replica-of: how often the bucket is asked for the primary's new transactions."`
 	DBSyncInterval  time.Duration `name:"db-sync-interval" env:"CASNIX_DB_SYNC_INTERVAL" default:"1s" help:"With --packs s3://…: how often the database's new transactions are shipped to the bucket (Litestream), for replicas and restores."`
@@ -89,6 +91,13 @@ func (c *ServeCmd) Run(g *Globals) error {
 		return err
 	}
 	g.Upload, g.UploadWithin = true, c.UploadWithin
+	bucketDurable := c.Durability == "bucket"
+	if bucketDurable {
+		if c.ReplicaOf != "" {
+			return errors.New("--durability bucket is for a primary: a read replica takes no writes")
+		}
+		g.SealOnCommit = true
+	}
 	if c.ReplicaOf != "" {
 		if len(c.Substituters) > 0 || c.MaxSize != "0" {
 			return errors.New("--replica-of: a read replica cannot substitute or evict (--substituters, --max-size): it holds the primary's paths only")
@@ -112,15 +121,26 @@ func (c *ServeCmd) Run(g *Globals) error {
 		g.Logger.Info("read replica", "primary", st.ReplicaOf())
 		c.RepackQuiet, c.EvictInterval = 0, 0 // both write
 	} else if st.Packs() != "" {
-		stop, err := startPrimary(g, st, c.DBSyncInterval)
+		stop, primary, err := startPrimary(g, st, c.DBSyncInterval)
 		if err != nil {
 			return err
 		}
 		// Before st.Close (deferred earlier, so run later).
 		defer stop()
+		if bucketDurable {
+			if err := st.SetBucketDurable(primary.Sync, c.BucketTimeout); err != nil {
+				return err
+			}
+		}
+	} else if bucketDurable {
+		return errors.New("--durability bucket needs packs in a bucket (--packs s3://…)")
 	}
 	if st.Packs() != "" && !replica {
-		g.Logger.Info("packs go to a bucket", "url", st.Packs(), "upload-within", c.UploadWithin)
+		if bucketDurable {
+			g.Logger.Info("packs go to a bucket; writes are acknowledged once there", "url", st.Packs(), "bucket-timeout", c.BucketTimeout)
+		} else {
+			g.Logger.Info("packs go to a bucket", "url", st.Packs(), "upload-within", c.UploadWithin)
+		}
 		ctx, cancel := context.WithCancel(g.Ctx)
 		done := make(chan struct{})
 		go func() {

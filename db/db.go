@@ -68,6 +68,20 @@ func dsn(path string, readOnly bool) string {
 		v.Add("_pragma", "query_only(1)")
 	} else {
 		v.Set("_txlock", "immediate")
+		// When the WAL restarts (after a checkpoint copied all of it back),
+		// the first commit cuts the file down to its new frames. Litestream
+		// (replicate, on a primary with packs in a bucket) relies on that:
+		// a primary killed with transactions it had not shipped yet may, on
+		// its next start, checkpoint and restart the WAL before Litestream
+		// runs again, and Litestream sees what happened only if the WAL is
+		// now shorter than where it stopped reading ("truncated": it takes a
+		// full snapshot). A restarted WAL left at its old length, its old
+		// frames still in place past the new ones, passes Litestream's check
+		// and it carries on from its old offset, missing the transactions
+		// the checkpoint took: replicas and restores then got pages of two
+		// different states (TestServeS3DurableBucket, "integrity check
+		// failed" in a restore after a run of SIGKILLs).
+		v.Add("_pragma", "journal_size_limit(0)")
 	}
 	return "file:" + path + "?" + v.Encode()
 }

@@ -176,3 +176,27 @@ func (tx *Tx) DropPacks(ctx context.Context, packs []int64) error {
 	}
 	return nil
 }
+
+// FirstFrameNotUploaded is the smallest frame id in a pack not uploaded yet (ok false:
+// every frame is in an uploaded pack). A path is in the bucket once this is above its
+// frame_mark (see ReplicaPaths).
+func (q q) FirstFrameNotUploaded(ctx context.Context) (first int64, ok bool, err error) {
+	var v sql.NullInt64
+	// Per pack through frames_pack: a handful of packs are not uploaded, while frames
+	// are many.
+	err = q.row(ctx, `SELECT min((SELECT min(f.id) FROM frames f WHERE f.pack = p.id))
+		FROM packs p WHERE p.uploaded = 0`).Scan(&v)
+	if err != nil {
+		return 0, false, fmt.Errorf("first frame not uploaded: %w", err)
+	}
+	return v.Int64, v.Valid, nil
+}
+
+// MaxFrameID is the largest frame id (0: none), the frame_mark a path committed now gets.
+func (q q) MaxFrameID(ctx context.Context) (int64, error) {
+	var id int64
+	if err := q.row(ctx, "SELECT IFNULL(MAX(id), 0) FROM frames").Scan(&id); err != nil {
+		return 0, fmt.Errorf("max frame id: %w", err)
+	}
+	return id, nil
+}

@@ -58,6 +58,11 @@ type Options struct {
 type Primary struct {
 	db    *litestream.DB
 	store *litestream.Store
+
+	// syncing (one slot) serialises Sync; okStart is when the last successful one
+	// started.
+	syncing chan struct{}
+	okStart time.Time
 }
 
 // StartPrimary starts replicating the SQLite database at dbPath (in WAL mode, as casnix's
@@ -94,15 +99,30 @@ func StartPrimary(ctx context.Context, dbPath string, loc objstore.Location, o O
 	if err := st.Open(ctx); err != nil {
 		return nil, fmt.Errorf("replicate %s to %s: %w", dbPath, loc.Sub(Dir), err)
 	}
-	return &Primary{db: db, store: st}, nil
+	return &Primary{db: db, store: st, syncing: make(chan struct{}, 1)}, nil
 }
 
 // Sync ships everything committed so far to the bucket and returns when it is there: for
 // a caller that must not acknowledge before the metadata is in the bucket, and for tests.
+//
+// Concurrent callers share the work: a sync that started after a caller arrived covers
+// everything that caller committed, so the caller waits for it instead of running its own.
 func (p *Primary) Sync(ctx context.Context) error {
+	arrived := time.Now()
+	select {
+	case p.syncing <- struct{}{}:
+	case <-ctx.Done():
+		return fmt.Errorf("replicate %s: %w", p.db.Path(), ctx.Err())
+	}
+	defer func() { <-p.syncing }()
+	if p.okStart.After(arrived) {
+		return nil
+	}
+	start := time.Now()
 	if err := p.db.SyncAndWait(ctx); err != nil {
 		return fmt.Errorf("replicate %s: %w", p.db.Path(), err)
 	}
+	p.okStart = start
 	return nil
 }
 

@@ -39,6 +39,8 @@ type Batch struct {
 	// Commit or Abort: chunks deduplicated against and references checked
 	// stay put until the batch's rows are committed.
 	unlock func()
+	// released: the Writer and the GC lock were handed back (release).
+	released bool
 
 	// NarBytes is the NAR bytes added so far (to size batches).
 	NarBytes int64
@@ -49,6 +51,12 @@ func (s *Store) NewBatch(ctx context.Context) *Batch {
 	b := &Batch{s: s, ctx: ctx, w: s.blobs.NewWriter(ctx), dirs: map[digest.Digest][]byte{}, names: map[string]bool{}, drvHashes: map[string]string{}}
 	if s.replicaOf != "" {
 		b.err = fmt.Errorf("%w: this store is a read replica of %s: write to its primary", db.ErrReadOnly, s.replicaOf)
+	} else if d := s.durable.Load(); d != nil {
+		// Uploads are failing: a write now could only time out after its
+		// data came in, so it is refused before.
+		if err := s.blobs.UploadFailing(); err != nil {
+			b.err = fmt.Errorf("%w: writes are acknowledged only once in the bucket %s (--durability bucket), and uploads there are failing: %v", ErrNotDurable, s.Packs(), err)
+		}
 	}
 	return b
 }
@@ -287,10 +295,18 @@ func (b *Batch) Commit() (added []string, err error) {
 		return nil, fmt.Errorf("write packs: %w", err)
 	}
 	substituted := isSubstituted(b.ctx)
+	durable := b.s.durable.Load()
+	var mark int64
 	err = b.s.db.Write(b.ctx, func(tx *db.Tx) error {
 		added = added[:0]
 		if err := b.w.Commit(b.ctx, tx); err != nil {
 			return err
+		}
+		if durable != nil {
+			var err error
+			if mark, err = tx.MaxFrameID(b.ctx); err != nil {
+				return err
+			}
 		}
 		for d, data := range b.dirs {
 			if err := tx.InsertDirectory(b.ctx, d, data); err != nil {
@@ -325,8 +341,16 @@ func (b *Batch) Commit() (added []string, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("commit: %w", err)
 	}
+	b.w.Committed()
+	// Packs and the GC lock go back before any wait for the bucket.
+	b.release()
 	b.s.lastCommit.Store(time.Now().UnixNano())
 	b.s.drvHashes.put(b.drvHashes)
+	if durable != nil {
+		if err := b.s.waitDurable(b.ctx, durable, mark, added); err != nil {
+			return nil, err
+		}
+	}
 	return added, nil
 }
 
@@ -340,6 +364,10 @@ func (b *Batch) Abort() {
 }
 
 func (b *Batch) release() {
+	if b.released {
+		return
+	}
+	b.released = true
 	b.w.Done()
 	if b.unlock != nil {
 		b.unlock()

@@ -123,7 +123,10 @@ func (s *Store) RegisterRealisation(ctx context.Context, r *Realisation) error {
 	if errors.Is(err, db.ErrNotFound) {
 		return fmt.Errorf("realisation %s: path '%s' %w", r.ID, s.Full(r.OutPath), ErrNotValid)
 	}
-	return err
+	if err != nil {
+		return err
+	}
+	return s.syncMeta(ctx)
 }
 
 // Realisation returns the realisation id, or nil if there is none.

@@ -73,6 +73,8 @@ type Store struct {
 	access accessLog
 	// evicts counts evictions (evict.go).
 	evicts evictCounters
+	// durable, when set, is the bucket durability promise (durable.go).
+	durable atomic.Pointer[durability]
 }
 
 // DBFile and PackDir are the data directory's layout.
@@ -647,7 +649,7 @@ func (s *Store) ValidDerivers(ctx context.Context, out string) ([]string, error)
 // AddSignatures adds signatures to a valid path.
 func (s *Store) AddSignatures(ctx context.Context, name string, sigs []string) error {
 	defer s.infos.drop(name)
-	return s.db.Write(ctx, func(tx *db.Tx) error {
+	err := s.db.Write(ctx, func(tx *db.Tx) error {
 		id, err := tx.PathID(ctx, name)
 		if errors.Is(err, db.ErrNotFound) {
 			return fmt.Errorf("path '%s' %w", s.Full(name), ErrNotValid)
@@ -657,6 +659,10 @@ func (s *Store) AddSignatures(ctx context.Context, name string, sigs []string) e
 		}
 		return tx.AddSigs(ctx, id, sigs)
 	})
+	if err != nil {
+		return err
+	}
+	return s.syncMeta(ctx)
 }
 
 // NamesAfter lists up to limit valid path names after the given one, in
