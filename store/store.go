@@ -73,6 +73,8 @@ type Store struct {
 	access accessLog
 	// evicts counts evictions (evict.go).
 	evicts evictCounters
+	// deadPacks counts dead packs' objects deleted from the bucket (deadpacks.go).
+	deadPacks deadPackCounters
 }
 
 // DBFile and PackDir are the data directory's layout.
