@@ -44,8 +44,8 @@ type Restorable struct {
 // removes between the listing and the reading of their headers are passed over: they can
 // no longer be restored from.
 //
-// Costs one listing of the database's LTX files (a request per 1000 files) and one ranged GET per snapshot and per
-// file starting at transaction 1.
+// Costs one listing of the database's LTX files (a request per 1000 files) and one ranged
+// GET per snapshot and per file starting at transaction 1.
 func OldestRestorable(ctx context.Context, loc objstore.Location) (Restorable, error) {
 	c, err := client(ctx, loc)
 	if err != nil {
