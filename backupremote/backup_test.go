@@ -654,3 +654,31 @@ func TestBackupFailureWritesNoManifest(t *testing.T) {
 		}
 	})
 }
+
+// TestPruneLeavesPrimaryPacks: a prune of backup points under the prefix of a primary
+// (`serve --packs` on the same bucket prefix) leaves the primary's pack objects alone: no
+// backup point names them, and they are not a backup's to delete.
+func TestPruneLeavesPrimaryPacks(t *testing.T) {
+	srv := nixtest.StartS3(t)
+	srv.SetEnv(t)
+	ctx := context.Background()
+	b := bucket(t, srv, "shared")
+	st := openStore(t, t.TempDir())
+	add(t, st, pathName(0), treeNAR(t, 100<<10))
+	primary := blobs.PackObject(1)
+	if err := b.Put(ctx, primary, strings.NewReader("a primary's pack"), 16); err != nil {
+		t.Fatal(err)
+	}
+	backup(t, st, b)
+	add(t, st, pathName(1), treeNAR(t, 100<<10))
+	backup(t, st, b)
+	if _, err := Prune(ctx, b, PruneOptions{Keep: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Head(ctx, primary); err != nil {
+		t.Fatalf("prune removed the primary's pack object %s: %v", primary, err)
+	}
+	if left := objects(t, b, PacksDir); len(left) < 2 {
+		t.Fatalf("pack objects left: %v", left)
+	}
+}

@@ -266,6 +266,11 @@ func Prune(ctx context.Context, b *objstore.Bucket, opts PruneOptions) (*PruneRe
 	}
 	var drop []string
 	if err := b.List(ctx, PacksDir, func(i objstore.Info) error {
+		if !isSegmentKey(i.Name) {
+			// Not a backup's: a primary's pack object (`serve --packs` on the same
+			// prefix, packs/NN/<id>.pack), which its own dead pack deletion handles.
+			return nil
+		}
 		if named[i.Name] {
 			rep.PacksKept++
 			return nil
@@ -449,4 +454,12 @@ func downloadSegment(ctx context.Context, b *objstore.Bucket, sg Segment, out *o
 		return fmt.Errorf("%w: s3 %s: %s is %d bytes, the point needs %d (truncated object?)", blobs.ErrCorrupt, b.Location(), sg.Key, n, sg.Len)
 	}
 	return nil
+}
+
+// isSegmentKey reports whether name is laid out as segmentKey lays out a backup's segment
+// objects (packs/<lineage>/<NN>/<id>-<offset>-<frame>.pack), not as a primary's pack
+// objects under the same prefix (packs/<NN>/<id>.pack, blobs.PackObject).
+func isSegmentKey(name string) bool {
+	parts := strings.Split(name, "/")
+	return len(parts) == 4 && parts[0]+"/" == PacksDir && strings.HasSuffix(parts[3], ".pack") && strings.Count(parts[3], "-") == 2
 }

@@ -155,4 +155,5 @@ func packsMetrics(w io.Writer, st *store.Store) {
 	} {
 		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s %s\n%s %g\n", m.name, m.help, m.name, m.typ, m.name, m.val)
 	}
+	deadPackMetrics(w, st)
 }

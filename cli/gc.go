@@ -15,18 +15,20 @@ import (
 
 // GCCmd collects garbage.
 type GCCmd struct {
-	DryRun         bool     `name:"dry-run" help:"Print the dead paths and what deleting them would free; change nothing."`
-	PrintLive      bool     `name:"print-live" help:"Print the live paths; change nothing."`
-	MaxFreed       string   `name:"max-freed" placeholder:"N" help:"Stop deleting once about N bytes of stored data are freed (suffix K, M, G, T: powers of 1024)."`
-	Keep           []string `name:"keep" sep:"none" placeholder:"FILE|PATH" help:"Keep this store path and its closure for this run (repeatable); a FILE lists store paths, one a line."`
-	Delete         []string `name:"delete" sep:"none" placeholder:"PATH" help:"Delete only these store paths (repeatable), refusing if one is alive."`
-	IgnoreLiveness bool     `name:"ignore-liveness" help:"With --delete: delete paths even if roots reach them (never paths other kept paths refer to)."`
-	MinDead        float64  `name:"min-dead" default:"0.25" help:"Rewrite a pack once this share of its bytes is dead (1 = never)."`
-	NoRuntimeRoots bool     `name:"no-runtime-roots" help:"Do not keep the store paths running processes use (executables, working directories, open and mapped files, environments under /proc)."`
-	RuntimeDir     []string `name:"runtime-dir" sep:"none" placeholder:"DIR" help:"Another directory where processes see store paths, for runtime roots (repeatable; the store dir and casnix FUSE mount points are always looked at)."`
-	Force          bool     `name:"force" help:"Collect even when no root reaches a valid path (which deletes every path)."`
-	JSON           bool     `name:"json" help:"Print the result as JSON."`
-	UpperDB        []string `name:"upper-db" sep:"none" placeholder:"FILE" type:"existingfile" help:"The Nix database (db.sqlite, read-only) of a Local Overlay Store's upper layer that uses this store as its lower store: keep every path it registers or refers to (repeatable)."`
+	DryRun         bool          `name:"dry-run" help:"Print the dead paths and what deleting them would free; change nothing."`
+	PrintLive      bool          `name:"print-live" help:"Print the live paths; change nothing."`
+	MaxFreed       string        `name:"max-freed" placeholder:"N" help:"Stop deleting once about N bytes of stored data are freed (suffix K, M, G, T: powers of 1024)."`
+	Keep           []string      `name:"keep" sep:"none" placeholder:"FILE|PATH" help:"Keep this store path and its closure for this run (repeatable); a FILE lists store paths, one a line."`
+	Delete         []string      `name:"delete" sep:"none" placeholder:"PATH" help:"Delete only these store paths (repeatable), refusing if one is alive."`
+	IgnoreLiveness bool          `name:"ignore-liveness" help:"With --delete: delete paths even if roots reach them (never paths other kept paths refer to)."`
+	MinDead        float64       `name:"min-dead" default:"0.25" help:"Rewrite a pack once this share of its bytes is dead (1 = never)."`
+	NoRuntimeRoots bool          `name:"no-runtime-roots" help:"Do not keep the store paths running processes use (executables, working directories, open and mapped files, environments under /proc)."`
+	RuntimeDir     []string      `name:"runtime-dir" sep:"none" placeholder:"DIR" help:"Another directory where processes see store paths, for runtime roots (repeatable; the store dir and casnix FUSE mount points are always looked at)."`
+	Force          bool          `name:"force" help:"Collect even when no root reaches a valid path (which deletes every path)."`
+	JSON           bool          `name:"json" help:"Print the result as JSON."`
+	DeadPackMargin time.Duration `name:"dead-pack-margin" default:"1h" help:"With packs in a bucket: delete the objects of packs compactions dropped once the oldest database state a restore from the bucket can give was made this long after the drop (as serve does)."`
+	DeadNoReplica  bool          `name:"dead-packs-without-replica" help:"With packs in a bucket that holds no replica of the database (no serve ever ran on this data dir): delete dropped packs' objects once --dead-pack-margin has passed since the drop. Without it they stay, as nothing tells whether an older copy of the database elsewhere names them."`
+	UpperDB        []string      `name:"upper-db" sep:"none" placeholder:"FILE" type:"existingfile" help:"The Nix database (db.sqlite, read-only) of a Local Overlay Store's upper layer that uses this store as its lower store: keep every path it registers or refers to (repeatable)."`
 }
 
 type gcJSON struct {
@@ -38,8 +40,11 @@ type gcJSON struct {
 	PacksWritten   int      `json:"packsWritten"`
 	DeadLeft       int64    `json:"deadLeft"`
 	Roots          int      `json:"roots"`
-	Seconds        float64  `json:"seconds"`
-	LockSeconds    float64  `json:"lockSeconds"`
+	// Objects of dead packs deleted from the bucket, and those still kept.
+	BucketDeleted int     `json:"packsDeletedFromBucket"`
+	BucketWaiting int     `json:"deadPacksWaiting"`
+	Seconds       float64 `json:"seconds"`
+	LockSeconds   float64 `json:"lockSeconds"`
 }
 
 // Run collects.
@@ -96,6 +101,16 @@ func (c *GCCmd) Run(g *Globals) error {
 	if err != nil {
 		return err
 	}
+	var dead *store.DeadPackResult
+	if o.Action != store.GCReturnDead && o.Action != store.GCReturnLive && st.Packs() != "" && st.ReplicaOf() == "" {
+		// A failure loses nothing (the rows stay for the next gc or serve round): the
+		// collection itself succeeded.
+		dead, err = st.DeleteDeadPacks(g.Ctx, store.DeadPackOptions{Margin: c.DeadPackMargin, WithoutReplica: c.DeadNoReplica})
+		if err != nil {
+			g.Logger.Warn("deleting dead packs from the bucket failed; the next gc or serve retries", "err", err)
+			dead = nil
+		}
+	}
 	el := time.Since(start)
 	if c.JSON {
 		out := gcJSON{Action: o.Action.String(), Paths: make([]string, 0, len(res.Paths)), BytesFreed: res.BytesFreed,
@@ -104,6 +119,9 @@ func (c *GCCmd) Run(g *Globals) error {
 			Seconds: el.Seconds(), LockSeconds: res.LockTime.Seconds()}
 		for _, p := range res.Paths {
 			out.Paths = append(out.Paths, st.Full(p))
+		}
+		if dead != nil {
+			out.BucketDeleted, out.BucketWaiting = dead.Deleted, dead.Waiting
 		}
 		enc := json.NewEncoder(g.Stdout)
 		enc.SetIndent("", "  ")
@@ -129,6 +147,19 @@ func (c *GCCmd) Run(g *Globals) error {
 		fmt.Fprintf(g.Stderr, "deleted %d paths (%s of stored data) in %.1fs (imports held off %.1fs); %s freed on disk, %d packs removed, %d written; %s dead left in packs under --min-dead\n",
 			len(res.Paths), humanBytes(res.ExclusiveBytes), el.Seconds(), res.LockTime.Seconds(),
 			humanBytes(res.BytesFreed), res.Compact.PacksRemoved, res.Compact.PacksWritten, humanBytes(res.Compact.DeadLeft))
+	}
+	if dead != nil && dead.Deleted+dead.Waiting > 0 {
+		fmt.Fprintf(g.Stderr, "bucket: %d dropped packs' objects deleted, %d kept", dead.Deleted, dead.Waiting)
+		switch {
+		case !dead.Oldest.IsZero():
+			fmt.Fprintf(g.Stderr, " (the oldest restorable database state is from %s; margin %s)\n", dead.Oldest.UTC().Format(time.RFC3339), c.DeadPackMargin)
+		case dead.Replica:
+			fmt.Fprintf(g.Stderr, " (the bucket's database replica has no restorable state yet)\n")
+		case c.DeadNoReplica:
+			fmt.Fprintf(g.Stderr, " (no database replica in the bucket; margin %s)\n", c.DeadPackMargin)
+		default:
+			fmt.Fprintf(g.Stderr, " (no database replica in the bucket: --dead-packs-without-replica deletes them)\n")
+		}
 	}
 	return nil
 }

@@ -3,15 +3,18 @@ package cli
 import (
 	"bytes"
 	"errors"
-
-	narpkg "github.com/casnix/casnix/nar"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
+	narpkg "github.com/casnix/casnix/nar"
+	"github.com/casnix/casnix/objstore"
 	"github.com/casnix/casnix/store"
+	"github.com/casnix/casnix/tests/nixtest"
 )
 
 func TestParseSize(t *testing.T) {
@@ -131,5 +134,96 @@ func TestGCRefusesWithoutRoots(t *testing.T) {
 		if !strings.Contains(out, tc.want) {
 			t.Fatalf("%s: output %q lacks %q", tc.name, out, tc.want)
 		}
+	}
+}
+
+// TestGCDeletesDeadPackObjects: `casnix gc` on a data dir whose packs are in a bucket
+// that holds no replica of its database keeps the objects of the packs it drops (and
+// /metrics counts them waiting) unless --dead-packs-without-replica, which deletes them
+// once --dead-pack-margin has passed since the drop.
+func TestGCDeletesDeadPackObjects(t *testing.T) {
+	srv := nixtest.StartS3(t)
+	srv.SetEnv(t)
+	url := srv.URL("gc")
+	dir := t.TempDir()
+	st, err := store.Open(t.Context(), dir, store.Options{Packs: url})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const a = "00000000000000000000000000000000-a"
+	const b = "11111111111111111111111111111111-b"
+	for _, name := range []string{a, b} {
+		var nar bytes.Buffer
+		f := filepath.Join(t.TempDir(), "f")
+		os.WriteFile(f, []byte("contents of "+name), 0o644)
+		if _, err := narpkg.DumpPath(&nar, f); err != nil {
+			t.Fatal(err)
+		}
+		bt := st.NewBatch(t.Context())
+		if _, err := bt.Add(&nar, store.PathInfo{Name: name}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := bt.Commit(); err != nil {
+			t.Fatal(err)
+		}
+		// Its own pack, uploaded.
+		if err := st.UploadAll(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st.Close()
+	loc, err := objstore.ParseURL(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bucket, err := objstore.Open(t.Context(), loc, objstore.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	packObjects := func() int {
+		n := 0
+		if err := bucket.List(t.Context(), "packs/", func(objstore.Info) error { n++; return nil }); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	if n := packObjects(); n != 2 {
+		t.Fatalf("%d pack objects, want 2", n)
+	}
+	run := func(c GCCmd) string {
+		t.Helper()
+		var out, errOut bytes.Buffer
+		g := &Globals{DataDir: dir, StoreDir: "/nix/store", Ctx: t.Context(), Stdout: &out, Stderr: &errOut, Logger: slog.New(slog.DiscardHandler)}
+		if err := c.Run(g); err != nil {
+			t.Fatalf("gc: %v\n%s%s", err, out.String(), errOut.String())
+		}
+		return out.String() + errOut.String()
+	}
+	out := run(GCCmd{MinDead: 0.25, Delete: []string{"/nix/store/" + a}, DeadPackMargin: time.Millisecond})
+	if want := "0 dropped packs' objects deleted, 1 kept (no database replica in the bucket"; !strings.Contains(out, want) {
+		t.Fatalf("output %q lacks %q", out, want)
+	}
+	if n := packObjects(); n != 2 {
+		t.Fatalf("%d pack objects after gc without --dead-packs-without-replica, want 2", n)
+	}
+	st, err = store.Open(t.Context(), dir, store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var metrics bytes.Buffer
+	packsMetrics(&metrics, st)
+	st.Close()
+	for _, want := range []string{"\ncasnix_packs_dead_waiting 1\n", "\ncasnix_packs_deleted_from_bucket_total 0\n"} {
+		if !strings.Contains(metrics.String(), want) {
+			t.Fatalf("metrics lack %q:\n%s", want, metrics.String())
+		}
+	}
+	time.Sleep(2 * time.Second) // past the drop (whole seconds) and the margin
+	out = run(GCCmd{MinDead: 0.25, Delete: []string{"/nix/store/" + a}, DeadPackMargin: time.Millisecond, DeadNoReplica: true})
+	if want := "1 dropped packs' objects deleted, 0 kept (no database replica in the bucket; margin 1ms)"; !strings.Contains(out, want) {
+		t.Fatalf("output %q lacks %q", out, want)
+	}
+	if n := packObjects(); n != 1 {
+		t.Fatalf("%d pack objects after gc --dead-packs-without-replica, want 1", n)
 	}
 }

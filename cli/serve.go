@@ -43,21 +43,23 @@ type ServeCmd struct {
 	Lazy             bool          `name:"lazy" env:"CASNIX_LAZY" help:"Lazy lower store (needs --substituters and --mount): paths an upstream has, validly signed, are answered for as if present (path-info from the narinfo), and fetched with their closure when first looked up in the mount (or read over the daemon). For a Local Overlay Store, which never asks its lower store to substitute."`
 	MountFlags
 	HTTPFlags
-	MemoryLimit     string        `name:"memory-limit" env:"CASNIX_MEMORY_LIMIT" default:"auto" placeholder:"BYTES" help:"Soft limit on the daemon's Go memory (GOMEMLIMIT, which overrides it): the garbage collector works harder near it, and the decoded-frame cache gets 40% of it. auto: 1/16 of the machine's (or the container's) memory, at least 128 MiB and at most 2 GiB. The process maps about 75 MiB more that it never touches (Go runtime tables)."`
-	ShutdownTimeout time.Duration `name:"shutdown-timeout" env:"CASNIX_SHUTDOWN_TIMEOUT" default:"30s" help:"On SIGINT/SIGTERM, the socket is closed at once and open connections are served until their clients hang up, for at most this long; then their operations are cancelled. A second signal stops at once."`
-	MaxConnections  int           `name:"max-connections" env:"CASNIX_MAX_CONNECTIONS" default:"256" help:"Connections open at once; more are refused with an error in the handshake (0: no limit)."`
-	RepackQuiet     time.Duration `name:"repack-quiet" env:"CASNIX_REPACK_QUIET" default:"5m" help:"Repack in the background (idle CPU priority, one core at most) once no write has committed for this long and --repack-min of new data waits (0: never; casnix repack does it by hand)."`
-	RepackMin       string        `name:"repack-min" env:"CASNIX_REPACK_MIN" default:"64MiB" placeholder:"BYTES" help:"New data (raw) that must wait before a background repack starts."`
-	MaxSize         string        `name:"max-size" env:"CASNIX_MAX_SIZE" default:"0" placeholder:"BYTES" help:"Space budget for substituted paths: when the pack files take more disk than this, the least recently used substituted paths are deleted (as casnix gc, roots and temp roots respected) until they take 90% of it. Paths clients added or imported, gcroots and --pin closures are never evicted. 0: no budget."`
-	Pin             []string      `name:"pin" env:"CASNIX_PIN" placeholder:"PATH" help:"Store paths whose closures --max-size never evicts."`
-	EvictInterval   time.Duration `name:"evict-interval" env:"CASNIX_EVICT_INTERVAL" default:"10s" hidden:"" help:"How often access times are saved and --max-size is checked."`
-	UploadWithin    time.Duration `name:"upload-within" env:"CASNIX_UPLOAD_WITHIN" default:"10s" help:"With --packs and --durability local: a pack is sealed and uploaded once its oldest frame waited this long (or it is full). Until then an acknowledged write is on the local disk only (fsynced)."`
-	Durability      string        `name:"durability" env:"CASNIX_DURABILITY" enum:"local,bucket" default:"local" help:"With --packs s3://…: when a write is acknowledged. local: once fsynced on this host's disk; it reaches the bucket within --upload-within plus the upload (a lost host loses that window). bucket: only once its packs are uploaded and the database naming them is replicated (each write seals its packs: more, smaller objects); a write that cannot get there within --bucket-timeout fails and is taken back, and writes are refused while uploads are failing."`
-	BucketTimeout   time.Duration `name:"bucket-timeout" env:"CASNIX_BUCKET_TIMEOUT" default:"30s" help:"With --durability bucket: how long a write waits for the bucket before it fails."`
-	ReplicaOf       string        `name:"replica-of" env:"CASNIX_REPLICA_OF" placeholder:"URL" help:"Serve this data dir as a read replica of the primary whose packs and database are in the bucket at URL (its --packs s3://…): the database is restored and kept current by a follower process, bytes are read from the bucket through the local cache (--cache-size). Reads only: writes are refused naming the primary."`
-	FollowInterval  time.Duration `name:"follow-interval" env:"CASNIX_FOLLOW_INTERVAL" default:"1s" help:"With --replica-of: how often the bucket is asked for the primary's new transactions."`
-	DBSyncInterval  time.Duration `name:"db-sync-interval" env:"CASNIX_DB_SYNC_INTERVAL" default:"1s" help:"With --packs s3://…: how often the database's new transactions are shipped to the bucket (Litestream), for replicas and restores."`
-	MaxPerUser      int           `name:"max-connections-per-user" env:"CASNIX_MAX_CONNECTIONS_PER_USER" default:"64" help:"Connections open at once from one uid; trusted users are exempt (0: no limit)."`
+	MemoryLimit      string        `name:"memory-limit" env:"CASNIX_MEMORY_LIMIT" default:"auto" placeholder:"BYTES" help:"Soft limit on the daemon's Go memory (GOMEMLIMIT, which overrides it): the garbage collector works harder near it, and the decoded-frame cache gets 40% of it. auto: 1/16 of the machine's (or the container's) memory, at least 128 MiB and at most 2 GiB. The process maps about 75 MiB more that it never touches (Go runtime tables)."`
+	ShutdownTimeout  time.Duration `name:"shutdown-timeout" env:"CASNIX_SHUTDOWN_TIMEOUT" default:"30s" help:"On SIGINT/SIGTERM, the socket is closed at once and open connections are served until their clients hang up, for at most this long; then their operations are cancelled. A second signal stops at once."`
+	MaxConnections   int           `name:"max-connections" env:"CASNIX_MAX_CONNECTIONS" default:"256" help:"Connections open at once; more are refused with an error in the handshake (0: no limit)."`
+	RepackQuiet      time.Duration `name:"repack-quiet" env:"CASNIX_REPACK_QUIET" default:"5m" help:"Repack in the background (idle CPU priority, one core at most) once no write has committed for this long and --repack-min of new data waits (0: never; casnix repack does it by hand)."`
+	RepackMin        string        `name:"repack-min" env:"CASNIX_REPACK_MIN" default:"64MiB" placeholder:"BYTES" help:"New data (raw) that must wait before a background repack starts."`
+	MaxSize          string        `name:"max-size" env:"CASNIX_MAX_SIZE" default:"0" placeholder:"BYTES" help:"Space budget for substituted paths: when the pack files take more disk than this, the least recently used substituted paths are deleted (as casnix gc, roots and temp roots respected) until they take 90% of it. Paths clients added or imported, gcroots and --pin closures are never evicted. 0: no budget."`
+	Pin              []string      `name:"pin" env:"CASNIX_PIN" placeholder:"PATH" help:"Store paths whose closures --max-size never evicts."`
+	EvictInterval    time.Duration `name:"evict-interval" env:"CASNIX_EVICT_INTERVAL" default:"10s" hidden:"" help:"How often access times are saved and --max-size is checked."`
+	UploadWithin     time.Duration `name:"upload-within" env:"CASNIX_UPLOAD_WITHIN" default:"10s" help:"With --packs and --durability local: a pack is sealed and uploaded once its oldest frame waited this long (or it is full). Until then an acknowledged write is on the local disk only (fsynced)."`
+	Durability       string        `name:"durability" env:"CASNIX_DURABILITY" enum:"local,bucket" default:"local" help:"With --packs s3://…: when a write is acknowledged. local: once fsynced on this host's disk; it reaches the bucket within --upload-within plus the upload (a lost host loses that window). bucket: only once its packs are uploaded and the database naming them is replicated (each write seals its packs: more, smaller objects); a write that cannot get there within --bucket-timeout fails and is taken back, and writes are refused while uploads are failing."`
+	BucketTimeout    time.Duration `name:"bucket-timeout" env:"CASNIX_BUCKET_TIMEOUT" default:"30s" help:"With --durability bucket: how long a write waits for the bucket before it fails."`
+	ReplicaOf        string        `name:"replica-of" env:"CASNIX_REPLICA_OF" placeholder:"URL" help:"Serve this data dir as a read replica of the primary whose packs and database are in the bucket at URL (its --packs s3://…): the database is restored and kept current by a follower process, bytes are read from the bucket through the local cache (--cache-size). Reads only: writes are refused naming the primary."`
+	FollowInterval   time.Duration `name:"follow-interval" env:"CASNIX_FOLLOW_INTERVAL" default:"1s" help:"With --replica-of: how often the bucket is asked for the primary's new transactions."`
+	DeadPackMargin   time.Duration `name:"dead-pack-margin" env:"CASNIX_DEAD_PACK_MARGIN" default:"1h" help:"With --packs s3://…: the object of a pack a compaction dropped is deleted from the bucket once the oldest database state a restore from the bucket can give (snapshots are kept 24 h) was made this long after the drop. It covers replicas lagging behind and readers still on older states."`
+	DeadPackInterval time.Duration `name:"dead-pack-interval" env:"CASNIX_DEAD_PACK_INTERVAL" default:"10m" help:"With --packs s3://…: how often dropped packs' objects are looked at for deletion from the bucket (0: never)."`
+	DBSyncInterval   time.Duration `name:"db-sync-interval" env:"CASNIX_DB_SYNC_INTERVAL" default:"1s" help:"With --packs s3://…: how often the database's new transactions are shipped to the bucket (Litestream), for replicas and restores."`
+	MaxPerUser       int           `name:"max-connections-per-user" env:"CASNIX_MAX_CONNECTIONS_PER_USER" default:"64" help:"Connections open at once from one uid; trusted users are exempt (0: no limit)."`
 }
 
 // substituterURLs splits the --substituters values: each flag (or
@@ -149,6 +151,15 @@ func (c *ServeCmd) Run(g *Globals) error {
 		}()
 		// Before st.Close (deferred earlier, so run later).
 		defer func() { cancel(); <-done }()
+		if c.DeadPackInterval > 0 {
+			ctx, cancel := context.WithCancel(g.Ctx)
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				deadPackDeleter(ctx, st, store.DeadPackOptions{Margin: c.DeadPackMargin}, c.DeadPackInterval, g.Logger)
+			}()
+			defer func() { cancel(); <-done }()
+		}
 	}
 	trusted, err := userFunc("trusted-users", c.TrustedUsers)
 	if err != nil {

@@ -101,6 +101,55 @@ func (q q) DeadPacks(ctx context.Context) ([]int64, error) {
 	return q.ids(ctx, "dead packs", "SELECT id FROM dead_packs ORDER BY id")
 }
 
+// DeadPack is an uploaded pack a compaction dropped from the index, whose
+// object is still in the bucket.
+type DeadPack struct {
+	ID      int64
+	Dropped time.Time // when it was dropped (second precision, rounded down)
+}
+
+// DeadPackRows lists the dead packs, oldest drop first. A row whose id a
+// pack row has (never so: pack ids are not reused) is left out, so that no
+// caller deletes the object of a pack the index names.
+func (q q) DeadPackRows(ctx context.Context) ([]DeadPack, error) {
+	var out []DeadPack
+	err := eachRow(ctx, q, `SELECT d.id, d.dropped FROM dead_packs d
+		WHERE NOT EXISTS (SELECT 1 FROM packs p WHERE p.id = d.id) ORDER BY d.dropped, d.id`, func(r *sql.Rows) error {
+		var p DeadPack
+		var dropped int64
+		if err := r.Scan(&p.ID, &dropped); err != nil {
+			return err
+		}
+		p.Dropped = time.Unix(dropped, 0)
+		out = append(out, p)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("dead packs: %w", err)
+	}
+	return out, nil
+}
+
+// DeadPackCount is how many dead packs' objects are still in the bucket.
+func (q q) DeadPackCount(ctx context.Context) (int64, error) {
+	var n int64
+	if err := q.row(ctx, "SELECT count(*) FROM dead_packs").Scan(&n); err != nil {
+		return 0, fmt.Errorf("count dead packs: %w", err)
+	}
+	return n, nil
+}
+
+// ForgetDeadPacks removes the dead_packs rows of ids, whose objects are
+// gone from the bucket.
+func (tx *Tx) ForgetDeadPacks(ctx context.Context, ids []int64) error {
+	for _, id := range ids {
+		if _, err := tx.exec(ctx, "DELETE FROM dead_packs WHERE id = ?", id); err != nil {
+			return fmt.Errorf("forget dead pack %d: %w", id, err)
+		}
+	}
+	return nil
+}
+
 // Setting reads a data-dir setting ("" and no error when unset).
 func (q q) Setting(ctx context.Context, key string) (string, error) {
 	var v string

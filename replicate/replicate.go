@@ -10,6 +10,7 @@
 package replicate
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -52,6 +53,12 @@ type Options struct {
 	SnapshotInterval time.Duration
 	// Retention is how long snapshots (and so restore points) are kept (default 24 h).
 	Retention time.Duration
+	// L1Interval and L2Interval are how often level 0 is compacted into level 1 (default
+	// 30 s) and level 1 into level 2 (default 5 min); L0Retention is how long a level-0
+	// file stays once compacted into level 1 (Litestream's default, 5 min). Together with
+	// Retention they bound how old the oldest restorable state is (OldestRestorable);
+	// tests shorten them.
+	L1Interval, L2Interval, L0Retention time.Duration
 }
 
 // Primary replicates one database file to a bucket until Close.
@@ -84,12 +91,16 @@ func StartPrimary(ctx context.Context, dbPath string, loc objstore.Location, o O
 	db.Replica = r
 	levels := litestream.CompactionLevels{
 		{Level: 0},
-		{Level: 1, Interval: 30 * time.Second},
-		{Level: 2, Interval: 5 * time.Minute},
+		{Level: 1, Interval: cmp.Or(o.L1Interval, 30*time.Second)},
+		{Level: 2, Interval: cmp.Or(o.L2Interval, 5*time.Minute)},
 	}
 	st := litestream.NewStore([]*litestream.DB{db}, levels)
 	st.Logger = quietLogger()
 	db.SetLogger(st.Logger)
+	if o.L0Retention > 0 {
+		st.SetL0Retention(o.L0Retention)
+		st.L0RetentionCheckInterval = min(st.L0RetentionCheckInterval, o.L0Retention)
+	}
 	if o.SnapshotInterval > 0 {
 		st.SnapshotInterval = o.SnapshotInterval
 	}

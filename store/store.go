@@ -75,6 +75,8 @@ type Store struct {
 	evicts evictCounters
 	// durable, when set, is the bucket durability promise (durable.go).
 	durable atomic.Pointer[durability]
+	// deadPacks counts dead packs' objects deleted from the bucket (deadpacks.go).
+	deadPacks deadPackCounters
 }
 
 // DBFile and PackDir are the data directory's layout.
