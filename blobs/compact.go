@@ -223,6 +223,16 @@ func (c *compactor) pack(u db.PackUse, minDead float64) error {
 		}
 		return c.drop(u.ID, nil, usage)
 	}
+	if s.remote != nil && u.Frames > 0 {
+		// Not uploaded yet, and never rewritten: chunks moved into a new
+		// pack here would be named before that pack is in the bucket (a
+		// replica shows a path once the packs it knew of are uploaded). It
+		// goes up as it is; once uploaded, it is dropped when no chunk
+		// points into it, and the repacker (which uploads its packs before
+		// it records them) is what moves live chunks out.
+		c.st.Skipped++
+		return nil
+	}
 	f, err := os.OpenFile(s.PackPath(u.ID), os.O_RDWR, 0)
 	if errors.Is(err, fs.ErrNotExist) {
 		if u.Frames == 0 {

@@ -9,6 +9,7 @@ import (
 	"math/rand"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -507,4 +508,118 @@ func TestRemoteSealOnCommit(t *testing.T) {
 	if err := s.UploadFailing(); err != nil {
 		t.Fatalf("UploadFailing after a successful upload: %v", err)
 	}
+}
+
+// TestRemoteRepackUploadsFirst: on a store whose packs are in a bucket, a repack's packs
+// are in the bucket (sealed, recorded uploaded) by the time its chunks point into them,
+// so no frame any chunk uses is ever in a pack the bucket lacks; the data reads back from
+// the bucket alone; and a compaction leaves a pack not uploaded yet as it is.
+func TestRemoteRepackUploadsFirst(t *testing.T) {
+	e := newRemoteEnv(t)
+	ctx := context.Background()
+	s, d := e.open(t, filepath.Join(e.dir, "c"), Options{RemoteCacheBytes: 1})
+	blobs := randomBlobs(40, 300<<10, 200<<10, 500<<10, 100<<10)
+	ds := writeBlobs(t, s, d, blobs...)
+	if err := s.UploadAll(ctx); err != nil {
+		t.Fatal(err)
+	}
+	before := packIDs(t, d)
+	var steps []string
+	rp, err := s.NewRepacker(ctx, RepackOptions{RoundBytes: 400 << 10, FrameSize: MaxChunk, Step: func(name string) {
+		if name == "packs uploaded" || name == "round committed" {
+			steps = append(steps, name)
+			// Between the upload and the record, and after it: no chunk may
+			// point into a pack not uploaded.
+			if first, ok, err := d.FirstFrameNotUploaded(ctx); err != nil || ok {
+				t.Errorf("after %q: frame %d is in a pack not uploaded (%v)", name, first, err)
+			}
+		}
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rp.Add(ds); err != nil {
+		t.Fatal(err)
+	}
+	st, err := rp.Finish()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Rounds < 2 || st.ChunksMoved == 0 {
+		t.Fatalf("repack %+v: want several rounds that moved chunks", st)
+	}
+	if len(steps) < 2*st.Rounds {
+		t.Fatalf("steps %v for %d rounds", steps, st.Rounds)
+	}
+	var repacked []int64
+	for _, id := range packIDs(t, d) {
+		if !slices.Contains(before, id) {
+			repacked = append(repacked, id)
+		}
+	}
+	if len(repacked) < st.Rounds {
+		t.Fatalf("repack wrote packs %v in %d rounds: one per round at least", repacked, st.Rounds)
+	}
+	for _, id := range repacked {
+		if sealed, uploaded, err := d.PackSealedState(ctx, id); err != nil || !sealed || !uploaded {
+			t.Fatalf("repacked pack %d: sealed %v uploaded %v (%v)", id, sealed, uploaded, err)
+		}
+		if _, err := e.bucket.Head(ctx, PackObject(id)); err != nil {
+			t.Fatalf("repacked pack %d not in the bucket: %v", id, err)
+		}
+	}
+	// The old packs are empty now: compaction drops them (dead, their objects kept).
+	if _, err := s.Compact(ctx, 0.01); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range before {
+		if _, _, err := d.PackSealedState(ctx, id); !errors.Is(err, db.ErrNotFound) {
+			t.Fatalf("emptied pack %d still indexed (%v)", id, err)
+		}
+	}
+	// A new process with an empty cache and no local pack files reads it all from the bucket.
+	s.Close()
+	d.Close()
+	if err := os.RemoveAll(filepath.Join(e.dir, "packs")); err != nil {
+		t.Fatal(err)
+	}
+	s2, d2 := e.open(t, filepath.Join(e.dir, "c2"), Options{})
+	checkBlobs(t, s2, ds, blobs)
+
+	// A pack not uploaded yet, half dead: compaction leaves it whole.
+	more := randomBlobs(41, 200<<10, 200<<10)
+	dm := writeBlobs(t, s2, d2, more...)
+	var fresh int64
+	for _, id := range packIDs(t, d2) {
+		if _, uploaded, err := d2.PackSealedState(ctx, id); err == nil && !uploaded {
+			fresh = id
+		}
+	}
+	if fresh == 0 {
+		t.Fatal("no pack left to upload after a write")
+	}
+	err = d2.Write(ctx, func(tx *db.Tx) error {
+		if err := tx.DeleteBlob(ctx, dm[0]); err != nil {
+			return err
+		}
+		if err := tx.DeleteChunk(ctx, dm[0]); err != nil {
+			return err
+		}
+		_, err := tx.DeleteEmptyFrames(ctx)
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cst, err := s2.Compact(ctx, 0.01)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cst.PacksWritten != 0 {
+		t.Fatalf("compaction wrote %d packs on a bucket store: %+v", cst.PacksWritten, cst)
+	}
+	if _, _, err := d2.PackSealedState(ctx, fresh); err != nil {
+		t.Fatalf("pack %d not uploaded yet was compacted away: %v", fresh, err)
+	}
+	checkBlobs(t, s2, dm[1:], more[1:])
 }

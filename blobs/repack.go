@@ -401,6 +401,20 @@ func (r *Repacker) commit() error {
 		}
 	}
 	r.step("packs synced")
+	if r.s.remote != nil {
+		// The round's packs go to the bucket whole before any chunk points
+		// into them: a replica, or a restore after this host is lost, must
+		// never find a chunk in a pack the bucket lacks. They are sealed
+		// and marked uploaded in the round's transaction; a crash before it
+		// leaves an object nothing names (and a local pack without frames,
+		// which the next compaction drops).
+		for _, o := range r.outs {
+			if err := r.s.remote.Put(r.ctx, PackObject(o.id), o.f, o.size); err != nil {
+				return fmt.Errorf("repack: upload pack %d: %w", o.id, err)
+			}
+		}
+		r.step("packs uploaded")
+	}
 	var gone int
 	err := r.onOrdinaryThread(func() (err error) {
 		gone, err = r.record()
@@ -408,6 +422,18 @@ func (r *Repacker) commit() error {
 	})
 	if err != nil {
 		return fmt.Errorf("repack: %w", err)
+	}
+	if r.s.remote != nil {
+		// Sealed: the next round writes new packs. Their local files count
+		// against the cache budget like any uploaded pack's.
+		for _, o := range r.outs {
+			if fi, err := o.f.Stat(); err == nil {
+				r.s.bcache.addLocal(o.id, diskUsage(fi))
+			}
+			o.f.Close()
+		}
+		r.out, r.outs = nil, nil
+		r.s.bcache.evict()
 	}
 	for _, m := range r.done {
 		r.st.ChunksMoved += len(m.chunks)
@@ -459,6 +485,16 @@ func (r *Repacker) record() (gone int, err error) {
 					continue
 				}
 				if err != nil {
+					return err
+				}
+			}
+		}
+		if r.s.remote != nil {
+			for _, o := range r.outs {
+				if err := tx.SealPack(r.ctx, o.id); err != nil {
+					return err
+				}
+				if _, err := tx.MarkUploaded(r.ctx, o.id); err != nil {
 					return err
 				}
 			}
