@@ -5,7 +5,8 @@
 #
 #  1. write: `nix copy --to unix://…` (host Nix) of the corpus into an empty `casnix serve` with
 #     local packs and into one with --packs (alternating, RUNS each); for the S3 one also the time
-#     from the copy's end until /metrics shows nothing left to upload.
+#     from the copy's end until /metrics shows nothing left to upload; and into one with
+#     --packs and `serve --durability bucket` (each write acknowledged once in the bucket).
 #  2. NarFromPath of every path in a row (bench/cmd/protobench nars) from: local packs; the S3
 #     data dir with no local pack file and an empty cache (cold: every block from the bucket);
 #     the same serve again (warm: from the cache). RUNS alternating rounds; S3 GETs and bytes
@@ -71,7 +72,7 @@ serve() { # NAME DATADIR HTTPPORT [ARGS…]: start casnix serve, wait for its so
   shift 3
   rm -f "$RUN/$name.sock"
   "$CASNIX" --data-dir "$dir" --log-level warn "$@" serve --socket "$RUN/$name.sock" --repack-quiet 0 \
-    --http "127.0.0.1:$hp" >>"$RUN/$name.log" 2>&1 &
+    --http "127.0.0.1:$hp" "${SERVE_EXTRA[@]}" >>"$RUN/$name.log" 2>&1 &
   SPID=$!
   PIDS+=("$SPID")
   for ((i = 0; i < 600; i++)); do
@@ -93,14 +94,17 @@ wait_uploaded() { # HTTPADDR: until a fresh round leaves no upload queued
 }
 
 declare -A T
+SERVE_EXTRA=()
 # 1. write
 for ((run = 1; run <= RUNS; run++)); do
-  for kind in local s3; do
+  for kind in local s3 s3bucket; do
     dir=$RUN/write-$kind
     rm -rf "$dir"
     hp=$(free_port)
     extra=()
-    [[ $kind == s3 ]] && extra=(--packs "s3://bench/write-$run?endpoint=$ENDPOINT&region=us-east-1")
+    SERVE_EXTRA=()
+    [[ $kind != local ]] && extra=(--packs "s3://bench/write-$kind-$run?endpoint=$ENDPOINT&region=us-east-1")
+    [[ $kind == s3bucket ]] && SERVE_EXTRA=(--durability bucket)
     serve "write-$kind" "$dir" "$hp" "${extra[@]}"
     s=$(date +%s.%N)
     nix copy "${nixo[@]}" --no-check-sigs --from "local?root=$SRC" --to "unix://$RUN/write-$kind.sock" "${outs[@]}" 2>>"$RUN/copy.log" || die "nix copy into $kind failed"
@@ -111,6 +115,11 @@ for ((run = 1; run <= RUNS; run++)); do
       u=$(date +%s.%N)
       T[upload]+="$(awk -v e="$e" -v u="$u" 'BEGIN { print u - e }') "
       T[upbytes]+="$(metric "127.0.0.1:$hp" casnix_s3_sent_bytes_total) "
+      T[packs-s3]+="$(metric "127.0.0.1:$hp" casnix_packs_uploaded_total) "
+    fi
+    if [[ $kind == s3bucket ]]; then
+      # Acknowledged means in the bucket (TestServeS3DurableBucket holds it to that).
+      T[packs-s3bucket]+="$(metric "127.0.0.1:$hp" casnix_packs_uploaded_total) "
     fi
     stop "$SPID"
     log "write run $run $kind: $(awk -v s="$s" -v e="$e" 'BEGIN { printf "%.2f", e - s }') s"
@@ -197,6 +206,8 @@ sec=$W/section.md
   echo "|---|---|---|"
   echo "| nix copy --to of the corpus (s) | $(med write-local) | $(med write-s3) |"
   echo "| then until all uploaded (s) | — | $(med upload) |"
+  echo "| nix copy --to with serve --durability bucket (s; acknowledged = in the bucket) | — | $(med write-s3bucket) |"
+  echo "| pack objects uploaded by the copy: --durability local / bucket | — | $(med packs-s3) / $(med packs-s3bucket) |"
   echo "| NarFromPath of every path, MB/s | $(med read-local) | cold $(med read-cold), warm $(med read-warm) |"
   echo "| FUSE cat of the 30 largest files ($((fbytes / 1000000)) MB), fresh mount, MB/s | $(med fuse-local) | cold $(med fuse-cold), warm $(med fuse-warm) |"
   echo "| S3 GETs per GB served (NarFromPath) | — | cold $(med gets-cold), warm $(med gets-warm) |"

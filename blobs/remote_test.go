@@ -452,7 +452,7 @@ func TestRemoteSealOnCommit(t *testing.T) {
 	e := newRemoteEnv(t)
 	ctx := context.Background()
 	s, d := e.open(t, filepath.Join(e.dir, "c"), Options{
-		PackSize: 1 << 20, Upload: true, UploadWithin: time.Hour, UploadRetryMax: time.Second, SealOnCommit: true,
+		PackSize: 1 << 20, Upload: true, UploadWithin: time.Hour, UploadRetryMax: 20 * time.Second, SealOnCommit: true,
 	})
 	mark := func() int64 {
 		id, err := d.MaxFrameID(ctx)
