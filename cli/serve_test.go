@@ -2,6 +2,7 @@ package cli
 
 import (
 	"errors"
+	"log/slog"
 	"net"
 	"os"
 	"os/user"
@@ -150,5 +151,28 @@ func TestCheckLazy(t *testing.T) {
 		if err := tc.cmd.checkLazy(); (err == nil) != tc.ok {
 			t.Errorf("%s: %v", tc.name, err)
 		}
+	}
+}
+
+// TestServeDurabilityNeedsPrimary: --durability bucket is refused, before anything is
+// served, on a read replica and on a data dir whose packs are not in a bucket.
+func TestServeDurabilityNeedsPrimary(t *testing.T) {
+	tests := []struct {
+		name string
+		cmd  ServeCmd
+		want string
+	}{
+		{"read replica", ServeCmd{Durability: "bucket", MemoryLimit: "auto", ReplicaOf: "s3://b/p?endpoint=http://127.0.0.1:1"}, "a read replica takes no writes"},
+		{"local packs", ServeCmd{Durability: "bucket", MemoryLimit: "auto", MaxSize: "0"}, "needs packs in a bucket"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			g := &Globals{DataDir: filepath.Join(t.TempDir(), "d"), StoreDir: "/nix/store", Ctx: t.Context(),
+				Logger: slog.New(slog.DiscardHandler)}
+			err := tc.cmd.Run(g)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("serve: %v, want an error saying %q", err, tc.want)
+			}
+		})
 	}
 }
