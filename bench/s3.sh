@@ -126,6 +126,8 @@ for ((run = 1; run <= RUNS; run++)); do
   done
 done
 
+SERVE_EXTRA=()
+
 # 2. NarFromPath: local packs (the last local write), and the S3 data dir's database alone.
 LOCAL=$RUN/write-local
 S3DIR=$RUN/read-s3
