@@ -20,9 +20,11 @@ import (
 // 2.8 (`nix-store --add` over the daemon socket) and SIGKILL it at a point spread over the
 // cycle (while a tree streams in, while its commit waits for the upload or the database
 // sync, between adds). --upload-within is an hour, so nothing reaches the bucket but what
-// a write's acknowledgement waits for. Then the whole data dir is deleted and `casnix
-// restore s3://…` must bring back every path a client saw acknowledged, byte for byte,
-// and verify. Last, with the S3 server stopped, writes fail clearly and leave no path
+// a write's acknowledgement waits for. A read replica follows throughout: after each kill,
+// with the primary down, it answers for every path acknowledged so far, and at the end
+// `casnix verify` on it checks the bucket's data. Then the primary's whole data dir is
+// deleted and `casnix restore s3://…` must bring back every path a client saw
+// acknowledged, byte for byte, and verify. Last, with the S3 server stopped, writes fail clearly and leave no path
 // behind, and once it is back a write is acknowledged and survives another loss.
 func TestServeS3DurableBucket(t *testing.T) {
 	nixtest.CasnixBinary(t)
@@ -57,6 +59,31 @@ func TestServeS3DurableBucket(t *testing.T) {
 	type added struct{ path, dir string }
 	var acked []added
 	start := time.Now()
+	rep := &nixtest.Casnix{Bin: cas.Bin, DataDir: filepath.Join(t.TempDir(), "replica")}
+	repSock := filepath.Join(t.TempDir(), "replica.sock")
+	var repd *nixtest.Daemon
+	// replicaHas waits until the replica answers for every acknowledged path.
+	replicaHas := func(i int) {
+		t.Helper()
+		if len(acked) == 0 {
+			return
+		}
+		args := []string{"nix-store", "--store", "unix://" + repSock, "--check-validity"}
+		for _, a := range acked {
+			args = append(args, a.path)
+		}
+		deadline := time.Now().Add(time.Minute)
+		for {
+			r := c.Try(args...)
+			if r.OK() {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("cycle %d: the replica lacks acknowledged paths a minute after the kill:\n%s", i, r)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
 	const cycles, perCycle = 20, 40
 	for i := range cycles {
 		d := serve("--bucket-timeout", "30s")
@@ -92,11 +119,21 @@ func TestServeS3DurableBucket(t *testing.T) {
 			t.Fatalf("cycle %d: an add failed before the kill:\n%s", i, failed)
 		}
 		d.Stop(10 * time.Second)
-		t.Logf("cycle %d (at %s): killed after %d acknowledged adds", i, time.Since(start).Round(time.Millisecond), n)
+		if repd == nil {
+			// The bucket holds the primary's database now: the replica can start.
+			repd = rep.Serve(t, repSock, "--replica-of", url, "--follow-interval", "200ms", "--cache-size", "4MiB")
+		}
+		replicaHas(i)
+		t.Logf("cycle %d (at %s): killed after %d acknowledged adds; the replica has all %d", i, time.Since(start).Round(time.Millisecond), n, len(acked))
 	}
 	if len(acked) < 2*cycles {
 		t.Fatalf("only %d adds acknowledged in %d cycles: the kills came too early to test much", len(acked), cycles)
 	}
+
+	if err := repd.Stop(30 * time.Second); err != nil {
+		t.Errorf("replica: %v", err)
+	}
+	rep.Run(t, "verify")
 
 	// The host is lost: nothing of its disk is left. What was acknowledged is in the bucket.
 	checkRestored := func(acked []added) {
