@@ -6,10 +6,14 @@
 # from when the primary showed it to when the replica did. Reported: median, 95th percentile
 # and largest lag over all paths, and how long after the copy returned the last path was on
 # the replica. Settings of the defaults unless given: UPLOAD_WITHIN (10s), DB_SYNC (1s),
-# FOLLOW (1s).
+# FOLLOW (1s), DURABILITY (local; bucket: the primary acknowledges a write once it is in the
+# bucket, so a path shows on the replica about one follow interval after it is acknowledged).
+# SECTION names the RESULTS.md section (default replica-lag.sh, replica-lag.sh-bucket for
+# DURABILITY=bucket).
 #
 #   bench/replica-lag.sh                      # defaults, RUNS=1
 #   UPLOAD_WITHIN=1s RUNS=3 bench/replica-lag.sh
+#   DURABILITY=bucket RUNS=3 bench/replica-lag.sh
 set -euo pipefail
 
 BENCH_DIR=${BENCH_DIR:-/var/tmp/casnix-bench}
@@ -19,6 +23,8 @@ POLL=${POLL:-0.5}
 UPLOAD_WITHIN=${UPLOAD_WITHIN:-10s}
 DB_SYNC=${DB_SYNC:-1s}
 FOLLOW=${FOLLOW:-1s}
+DURABILITY=${DURABILITY:-local}
+SECTION=${SECTION:-replica-lag.sh$([[ $DURABILITY == local ]] || echo "-$DURABILITY")}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 BENCH=replica-lag
 # shellcheck source=bench/lib.sh
@@ -66,7 +72,7 @@ for ((run = 1; run <= RUNS; run++)); do
   PIDS+=("$WEED_PID")
   URL="s3://bench/lag$run?endpoint=$ENDPOINT&region=us-east-1"
   "$CASNIX" --data-dir "$RUN/primary" --log-level warn --packs "$URL" serve --socket "$RUN/primary.sock" \
-    --repack-quiet 0 --upload-within "$UPLOAD_WITHIN" --db-sync-interval "$DB_SYNC" >"$RUN/primary.log" 2>&1 &
+    --repack-quiet 0 --upload-within "$UPLOAD_WITHIN" --db-sync-interval "$DB_SYNC" --durability "$DURABILITY" >"$RUN/primary.log" 2>&1 &
   PIDS+=($!)
   for ((i = 0; i < 300; i++)); do [[ -S $RUN/primary.sock ]] && break; sleep 0.1; done
   "$CASNIX" --data-dir "$RUN/replica" --log-level warn serve --socket "$RUN/replica.sock" \
@@ -105,8 +111,8 @@ done
 
 med() { printf '%s\n' "$@" | median; }
 {
-  echo "<!-- bench/replica-lag.sh: begin (rewritten by every replica-lag.sh run) -->"
-  echo "## Replica lag under nix copy (bench/replica-lag.sh)"
+  echo "<!-- bench/$SECTION: begin (rewritten by every replica-lag.sh run with SECTION=$SECTION) -->"
+  echo "## Replica lag under nix copy (bench/replica-lag.sh, primary --durability $DURABILITY)"
   echo
   echo "Commit $COMMIT, $(date -u +%F), corpus $CORPUS ($total paths), RUNS=$RUNS (medians of the runs' figures), load average $(cut -d' ' -f1-3 /proc/loadavg) at the end."
   echo "SeaweedFS S3 on loopback; primary \`--upload-within $UPLOAD_WITHIN --db-sync-interval $DB_SYNC\`, replica \`--follow-interval $FOLLOW\`;"
@@ -121,7 +127,7 @@ med() { printf '%s\n' "$@" | median; }
   echo "| last path on the replica, after the copy returned | $(med "${tails[@]}") |"
   echo
   echo "Runs: lag median ${lags[*]}; p95 ${p95s[*]}; max ${maxs[*]}; copy ${copies[*]}; tail ${tails[*]}"
-  echo "<!-- bench/replica-lag.sh: end -->"
+  echo "<!-- bench/$SECTION: end -->"
 } >"$W/section.md"
-merge_section replica-lag.sh "$W/section.md" "$RESULTS"
+merge_section "$SECTION" "$W/section.md" "$RESULTS"
 cat "$W/section.md"
