@@ -109,6 +109,9 @@ func (s *Substituter) openSpool(ctx context.Context, in *binarycache.Info, up *U
 	if err != nil {
 		return nil, err
 	}
+	if s.keeper != nil {
+		sp.Keep(s.keeper.KeepNAR(in))
+	}
 	sp.Retain() // the table's
 	s.spools[in.Name] = &spoolEntry{sp: sp, up: up}
 	rd := open(sp, ctx)
@@ -185,6 +188,16 @@ func (s *Substituter) PullThrough(checkSigs bool) *PullThrough {
 	s.spooling = true
 	s.spoolMu.Unlock()
 	return &PullThrough{l: s.Lazy(checkSigs, 0), running: map[string]bool{}}
+}
+
+// Keep has the files of every spooled download offered to k (the HTTP
+// server's NAR cache), so a pulled NAR is served from the upstream's own
+// compressed file once checked, instead of rendered and compressed again.
+func (p *PullThrough) Keep(k binarycache.NARKeeper) {
+	s := p.l.s
+	s.spoolMu.Lock()
+	s.keeper = k
+	s.spoolMu.Unlock()
 }
 
 // Close drops the roots of what was fetched; pulls still running fail
