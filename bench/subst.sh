@@ -18,7 +18,8 @@
 #           serve --substituters … on the socket, and against a real nix-daemon 2.34 (the sid
 #           root; and 2.8 with DAEMON_ANCHORS) with an empty local store and the same substituter.
 #   bytes   du -sB1 of the casnix data dir after the first fetch (as written, and after
-#           `casnix repack`) against du -sB1 of the upstream caches (whole, and nar/).
+#           `casnix repack`; without its NAR cache, http-cache/, which is counted apart) against
+#           du -sB1 of the upstream caches (whole, and nar/).
 #
 # Wall seconds, and CPU seconds (user+sys, cpuacct cgroups: client, casnix, upstream server,
 # nix-daemon each counted apart) per figure. Every timed step starts from fresh stores and a
@@ -232,7 +233,8 @@ http_round() {
     server_cpu "first_$u" "$r" casnix "$c0"
     server_cpu "first_$u" "$r" "static-$u" "$s0"
     M[first_${u}_hwm:$r]=$(hwm "$CPID")
-    M[bytes_casnix_$u:$r]=$(du -sB1 "$data" | cut -f1)
+    M[bytes_casnix_$u:$r]=$(du -sB1 --exclude=http-cache "$data" | cut -f1)
+    M[bytes_httpcache_$u:$r]=$(du -sB1 "$data/http-cache" 2>/dev/null | cut -f1 || echo 0)
     log "run $r $u first through casnix: ${M[first_$u:$r]} s (client ${M[first_${u}_client_cpu:$r]} s, casnix ${M[first_${u}_casnix_cpu:$r]} s CPU), data dir ${M[bytes_casnix_$u:$r]} B"
     if [[ $u == zstd ]]; then
       c0=$(cg_cpu casnix)
@@ -331,7 +333,7 @@ ubytes=${UPSTREAMS%% *}
 t0=$(now)
 nice -n 10 "$CASNIX" --data-dir "$RUN/casnix-$ubytes" repack >"$RUN/repack.log" 2>&1 || die "repack failed: $(tail -3 "$RUN/repack.log")"
 M[repack_s]=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')
-M[bytes_casnix_repacked]=$(du -sB1 "$RUN/casnix-$ubytes" | cut -f1)
+M[bytes_casnix_repacked]=$(du -sB1 --exclude=http-cache "$RUN/casnix-$ubytes" | cut -f1)
 nice -n 10 "$CASNIX" --data-dir "$RUN/casnix-$ubytes" verify >"$RUN/verify.log" 2>&1 || die "verify after repack failed: $(tail -3 "$RUN/verify.log")"
 
 med() { for ((r = 1; r <= RUNS; r++)); do echo "${M[$1:$r]}"; done | median; }
@@ -377,7 +379,7 @@ fi
 cb=$(med "bytes_casnix_$ubytes")
 for u in $UPSTREAMS; do
   table+="
-| bytes stored after the first fetch vs the $u upstream cache (du -sB1) | $(mib "$cb") MiB as substituted, $(mib "${M[bytes_casnix_repacked]}") MiB after casnix repack | $(mib "${M[bytes_up_$u]}") MiB (nar/: $(mib "${M[bytes_up_${u}_nar]}") MiB) | $(ratio "$cb" "${M[bytes_up_$u]}")×, $(ratio "${M[bytes_casnix_repacked]}" "${M[bytes_up_$u]}")× repacked | — | | |"
+| bytes stored after the first fetch vs the $u upstream cache (du -sB1) | $(mib "$cb") MiB as substituted, $(mib "${M[bytes_casnix_repacked]}") MiB after casnix repack; NAR cache (http-cache/) $(mib "${M[bytes_httpcache_$u:1]:-0}") MiB more | $(mib "${M[bytes_up_$u]}") MiB (nar/: $(mib "${M[bytes_up_${u}_nar]}") MiB) | $(ratio "$cb" "${M[bytes_up_$u]}")×, $(ratio "${M[bytes_casnix_repacked]}" "${M[bytes_up_$u]}")× repacked | — | | |"
 done
 echo "$table"
 
