@@ -212,6 +212,10 @@ type HTTPFlags struct {
 	HTTPStall       time.Duration `name:"http-stall-timeout" env:"CASNIX_HTTP_STALL_TIMEOUT" default:"1m" help:"With --http: close a connection whose response makes no progress (a client not reading) for this long; a slow but steady download is not cut off."`
 }
 
+// httpCacheDir is where serve --http keeps NARs (the NAR cache) in the data
+// dir unless --http-cache says otherwise.
+const httpCacheDir = "http-cache"
+
 // startHTTP starts the HTTP binary cache; the returned function stops it.
 func (c *ServeCmd) startHTTP(g *Globals, st *store.Store, metrics func(io.Writer), pull binarycache.Puller) (func(), error) {
 	var key *store.SecretKey
@@ -230,7 +234,7 @@ func (c *ServeCmd) startHTTP(g *Globals, st *store.Store, metrics func(io.Writer
 	// pulled one from the upstream's own file from its first fetch on.
 	cacheDir := c.HTTPCache
 	if cacheDir == "" && c.HTTPCacheSize > 0 {
-		cacheDir = filepath.Join(st.Dir(), "http-cache")
+		cacheDir = filepath.Join(st.Dir(), httpCacheDir)
 	}
 	if c.HTTPCacheSize <= 0 {
 		cacheDir = ""
