@@ -17,6 +17,8 @@
 #   daemon  `nix-store --store unix://SOCKET -r PATHS` (Nix 2.8 client) against an empty casnix
 #           serve --substituters … on the socket, and against a real nix-daemon 2.34 (the sid
 #           root; and 2.8 with DAEMON_ANCHORS) with an empty local store and the same substituter.
+#   tail    how long casnix's ingest goes on after the client's first fetch (waited for: casnix
+#           must hold every path before the second fetch and the bytes row), and its CPU.
 #   bytes   du -sB1 of the casnix data dir after the first fetch (as written, and after
 #           `casnix repack`; without its NAR cache, http-cache/, which is counted apart) against
 #           du -sB1 of the upstream caches (whole, and nar/).
@@ -233,9 +235,19 @@ http_round() {
     server_cpu "first_$u" "$r" casnix "$c0"
     server_cpu "first_$u" "$r" "static-$u" "$s0"
     M[first_${u}_hwm:$r]=$(hwm "$CPID")
+    # The pull-through's ingest can still run once the client is done (the client gets NARs from
+    # the download's spool and the NAR cache): wait until casnix holds every path (the second
+    # fetch's premise, and the bytes row's), timing that tail and its CPU apart.
+    c0=$(cg_cpu casnix) t0=$(now)
+    until "$CASNIX" --data-dir "$data" --log-level error path-info $(cat "$RUN/paths") >/dev/null 2>&1; do
+      awk -v a="$t0" -v b="$(now)" 'BEGIN { exit !(b - a > 900) }' && die "casnix lacks paths 15 min after the first fetch"
+      sleep 0.2
+    done
+    M[tail_$u:$r]=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }')
+    server_cpu "tail_$u" "$r" casnix "$c0"
     M[bytes_casnix_$u:$r]=$(du -sB1 --exclude=http-cache "$data" | cut -f1)
     M[bytes_httpcache_$u:$r]=$(du -sB1 "$data/http-cache" 2>/dev/null | cut -f1 || echo 0)
-    log "run $r $u first through casnix: ${M[first_$u:$r]} s (client ${M[first_${u}_client_cpu:$r]} s, casnix ${M[first_${u}_casnix_cpu:$r]} s CPU), data dir ${M[bytes_casnix_$u:$r]} B"
+    log "run $r $u first through casnix: ${M[first_$u:$r]} s (client ${M[first_${u}_client_cpu:$r]} s, casnix ${M[first_${u}_casnix_cpu:$r]} s CPU), then ingest tail ${M[tail_$u:$r]} s (casnix ${M[tail_${u}_casnix_cpu:$r]} s CPU), data dir ${M[bytes_casnix_$u:$r]} B"
     if [[ $u == zstd ]]; then
       c0=$(cg_cpu casnix)
       fetch "second" "$r" "http://127.0.0.1:$p"
@@ -399,6 +411,11 @@ echo "$table"
   echo
   echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC'), commit $COMMIT, CPU: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores"
   echo "- load average (1/5/15 min) after each run: $(loads); each timed step first waited (up to ${QUIET_TIMEOUT:-60} s) for other work to keep the CPUs under ${QUIET_BUSY:-0.25} busy (busy_* below: what it started with)"
+  for u in $UPSTREAMS; do
+    if [[ -n ${M[tail_$u:1]:-} ]]; then
+      echo "- $u: the pull-through's ingest went on after the client's first fetch for $(med "tail_$u") s (median; casnix CPU meanwhile $(med "tail_${u}_casnix_cpu") s), waited for before the second fetch and the bytes row"
+    fi
+  done
   echo "- casnix serve peak RSS (VmHWM, median): first fetch $(mib "$(med "first_${ubytes}_hwm")") MiB$([[ -n ${M[second_hwm:1]:-} ]] && echo ", after the second $(mib "$(med second_hwm)") MiB")$([[ -n ${M[daemon_casnix_hwm:1]:-} ]] && echo ", daemon $(mib "$(med daemon_casnix_hwm)") MiB"); \`casnix repack\` of the substituted data dir: ${M[repack_s]} s, \`casnix verify\` clean after it"
   echo
   echo "$table"
