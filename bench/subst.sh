@@ -17,8 +17,11 @@
 #   daemon  `nix-store --store unix://SOCKET -r PATHS` (Nix 2.8 client) against an empty casnix
 #           serve --substituters … on the socket, and against a real nix-daemon 2.34 (the sid
 #           root; and 2.8 with DAEMON_ANCHORS) with an empty local store and the same substituter.
+#   tail    how long casnix's ingest goes on after the client's first fetch (waited for: casnix
+#           must hold every path before the second fetch and the bytes row), and its CPU.
 #   bytes   du -sB1 of the casnix data dir after the first fetch (as written, and after
-#           `casnix repack`) against du -sB1 of the upstream caches (whole, and nar/).
+#           `casnix repack`; without its NAR cache, http-cache/, which is counted apart) against
+#           du -sB1 of the upstream caches (whole, and nar/).
 #
 # Wall seconds, and CPU seconds (user+sys, cpuacct cgroups: client, casnix, upstream server,
 # nix-daemon each counted apart) per figure. Every timed step starts from fresh stores and a
@@ -232,8 +235,19 @@ http_round() {
     server_cpu "first_$u" "$r" casnix "$c0"
     server_cpu "first_$u" "$r" "static-$u" "$s0"
     M[first_${u}_hwm:$r]=$(hwm "$CPID")
-    M[bytes_casnix_$u:$r]=$(du -sB1 "$data" | cut -f1)
-    log "run $r $u first through casnix: ${M[first_$u:$r]} s (client ${M[first_${u}_client_cpu:$r]} s, casnix ${M[first_${u}_casnix_cpu:$r]} s CPU), data dir ${M[bytes_casnix_$u:$r]} B"
+    # The pull-through's ingest can still run once the client is done (the client gets NARs from
+    # the download's spool and the NAR cache): wait until casnix holds every path (the second
+    # fetch's premise, and the bytes row's), timing that tail and its CPU apart.
+    c0=$(cg_cpu casnix) t0=$(now)
+    until "$CASNIX" --data-dir "$data" --log-level error path-info $(cat "$RUN/paths") >/dev/null 2>&1; do
+      awk -v a="$t0" -v b="$(now)" 'BEGIN { exit !(b - a > 900) }' && die "casnix lacks paths 15 min after the first fetch"
+      sleep 0.2
+    done
+    M[tail_$u:$r]=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }')
+    server_cpu "tail_$u" "$r" casnix "$c0"
+    M[bytes_casnix_$u:$r]=$(du -sB1 --exclude=http-cache "$data" | cut -f1)
+    M[bytes_httpcache_$u:$r]=$(du -sB1 "$data/http-cache" 2>/dev/null | cut -f1 || echo 0)
+    log "run $r $u first through casnix: ${M[first_$u:$r]} s (client ${M[first_${u}_client_cpu:$r]} s, casnix ${M[first_${u}_casnix_cpu:$r]} s CPU), then ingest tail ${M[tail_$u:$r]} s (casnix ${M[tail_${u}_casnix_cpu:$r]} s CPU), data dir ${M[bytes_casnix_$u:$r]} B"
     if [[ $u == zstd ]]; then
       c0=$(cg_cpu casnix)
       fetch "second" "$r" "http://127.0.0.1:$p"
@@ -331,7 +345,7 @@ ubytes=${UPSTREAMS%% *}
 t0=$(now)
 nice -n 10 "$CASNIX" --data-dir "$RUN/casnix-$ubytes" repack >"$RUN/repack.log" 2>&1 || die "repack failed: $(tail -3 "$RUN/repack.log")"
 M[repack_s]=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')
-M[bytes_casnix_repacked]=$(du -sB1 "$RUN/casnix-$ubytes" | cut -f1)
+M[bytes_casnix_repacked]=$(du -sB1 --exclude=http-cache "$RUN/casnix-$ubytes" | cut -f1)
 nice -n 10 "$CASNIX" --data-dir "$RUN/casnix-$ubytes" verify >"$RUN/verify.log" 2>&1 || die "verify after repack failed: $(tail -3 "$RUN/verify.log")"
 
 med() { for ((r = 1; r <= RUNS; r++)); do echo "${M[$1:$r]}"; done | median; }
@@ -377,7 +391,7 @@ fi
 cb=$(med "bytes_casnix_$ubytes")
 for u in $UPSTREAMS; do
   table+="
-| bytes stored after the first fetch vs the $u upstream cache (du -sB1) | $(mib "$cb") MiB as substituted, $(mib "${M[bytes_casnix_repacked]}") MiB after casnix repack | $(mib "${M[bytes_up_$u]}") MiB (nar/: $(mib "${M[bytes_up_${u}_nar]}") MiB) | $(ratio "$cb" "${M[bytes_up_$u]}")×, $(ratio "${M[bytes_casnix_repacked]}" "${M[bytes_up_$u]}")× repacked | — | | |"
+| bytes stored after the first fetch vs the $u upstream cache (du -sB1) | $(mib "$cb") MiB as substituted, $(mib "${M[bytes_casnix_repacked]}") MiB after casnix repack; NAR cache (http-cache/) $(mib "${M[bytes_httpcache_$u:1]:-0}") MiB more | $(mib "${M[bytes_up_$u]}") MiB (nar/: $(mib "${M[bytes_up_${u}_nar]}") MiB) | $(ratio "$cb" "${M[bytes_up_$u]}")×, $(ratio "${M[bytes_casnix_repacked]}" "${M[bytes_up_$u]}")× repacked | — | | |"
 done
 echo "$table"
 
@@ -390,13 +404,18 @@ echo "$table"
   echo "(\`cachebench serve\`, sendfile; files in the page cache). Client: \`nix copy --from http://… --to local?root=EMPTY PATHS\`"
   echo "(Nix $CLIENTV, fresh narinfo cache each time), signature checked against the upstream key. casnix: a fresh data dir,"
   echo "\`casnix serve --http … --http-only --substituters http://UPSTREAM --trusted-public-keys K --repack-quiet 0\` (defaults"
-  echo "otherwise: no --http-cache, NARs rendered and zstd-compressed on the fly). Daemon rows: \`nix-store --store unix://S -r"
+  echo "otherwise: the NAR cache in DATA_DIR/http-cache, which keeps the upstream zstd files the pull checked, and NARs rendered from the store once served). Daemon rows: \`nix-store --store unix://S -r"
   echo "PATHS\` (Nix $NIX28). CPU: user+sys seconds per cgroup (cpuacct) over the timed step: the client (Nix, with its"
   echo "unpacking), casnix serve, nix-daemon (its children included), the upstream's static server. Medians of $RUNS runs,"
   echo "order alternating. Targets are issue 15's."
   echo
   echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC'), commit $COMMIT, CPU: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores"
   echo "- load average (1/5/15 min) after each run: $(loads); each timed step first waited (up to ${QUIET_TIMEOUT:-60} s) for other work to keep the CPUs under ${QUIET_BUSY:-0.25} busy (busy_* below: what it started with)"
+  for u in $UPSTREAMS; do
+    if [[ -n ${M[tail_$u:1]:-} ]]; then
+      echo "- $u: the pull-through's ingest went on after the client's first fetch for $(med "tail_$u") s (median; casnix CPU meanwhile $(med "tail_${u}_casnix_cpu") s), waited for before the second fetch and the bytes row"
+    fi
+  done
   echo "- casnix serve peak RSS (VmHWM, median): first fetch $(mib "$(med "first_${ubytes}_hwm")") MiB$([[ -n ${M[second_hwm:1]:-} ]] && echo ", after the second $(mib "$(med second_hwm)") MiB")$([[ -n ${M[daemon_casnix_hwm:1]:-} ]] && echo ", daemon $(mib "$(med daemon_casnix_hwm)") MiB"); \`casnix repack\` of the substituted data dir: ${M[repack_s]} s, \`casnix verify\` clean after it"
   echo
   echo "$table"

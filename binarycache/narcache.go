@@ -1,7 +1,6 @@
 package binarycache
 
 import (
-	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -100,9 +99,9 @@ func (w *cacheFill) Write(p []byte) (int, error) {
 	return len(p), nil // a failing cache never fails the response
 }
 
-// commit publishes the file (synced first: a torn file would be served as a
+// Commit publishes the file (synced first: a torn file would be served as a
 // corrupt NAR after a crash) and evicts beyond the size bound.
-func (w *cacheFill) commit() {
+func (w *cacheFill) Commit() {
 	defer w.c.done(w.key)
 	if w.err == nil {
 		w.err = w.f.Sync()
@@ -122,8 +121,8 @@ func (w *cacheFill) commit() {
 	}
 }
 
-// abort drops the file.
-func (w *cacheFill) abort() {
+// Abort drops the file.
+func (w *cacheFill) Abort() {
 	defer w.c.done(w.key)
 	w.f.Close()
 	os.Remove(w.f.Name())
@@ -166,4 +165,4 @@ func (c *narCache) evict() {
 	c.size.Store(total)
 }
 
-var _ io.Writer = (*cacheFill)(nil)
+var _ NARCopy = (*cacheFill)(nil)

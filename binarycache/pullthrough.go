@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strconv"
 
 	"github.com/klauspost/compress/zstd"
@@ -37,6 +39,31 @@ type Puller interface {
 func (s *Server) narURL(name string, narHash [sha256.Size]byte) string {
 	return "nar/" + store.HashPart(name) + "-" + store.NixBase32(narHash[:]) + ".nar" + extensions[s.compression()]
 }
+
+// KeepNAR is NARKeeper's: with a NAR cache (CacheDir) and zstd served, the
+// upstream's zstd file of a pulled NAR, once checked, becomes the cached
+// file of its URL, so the NAR is sent from it (sendfile) from then on:
+// to the clients of the first fetch that ask once the download is done,
+// and to every later one, without rendering or compressing it. (Whatever
+// zstd stream decodes to the NAR is right for the URL: narinfos carry no
+// FileHash. The upstream's frames decoded within casnix's 128 MiB window
+// limit, libzstd's default, so Nix's decoders take them too.)
+func (s *Server) KeepNAR(in *Info) NARCopy {
+	c := s.narCache()
+	if c == nil || in.Compression != "zstd" || s.compression() != "zstd" {
+		return nil
+	}
+	key := store.NixBase32(in.NarHash[:]) + ".nar.zst"
+	if _, err := os.Stat(filepath.Join(c.dir, key)); err == nil {
+		return nil // kept already
+	}
+	if f := c.fill(key); f != nil {
+		return f
+	}
+	return nil // being filled already
+}
+
+var _ NARKeeper = (*Server)(nil)
 
 // pulledNarinfo is the narinfo of a path being pulled, from its upstream
 // narinfo: the same path-info (NarHash, NarSize, references, deriver,

@@ -401,7 +401,7 @@ func (s *Server) serveNAR(w http.ResponseWriter, r *http.Request, file string) {
 		// leaving) drops the file; only a complete NAR is kept.
 		defer func() {
 			if !committed {
-				fill.abort()
+				fill.Abort()
 			}
 		}()
 		out = io.MultiWriter(bw, fill)
@@ -421,7 +421,7 @@ func (s *Server) serveNAR(w http.ResponseWriter, r *http.Request, file string) {
 	}
 	if fill != nil && r.Context().Err() == nil {
 		committed = true
-		fill.commit()
+		fill.Commit()
 	}
 }
 

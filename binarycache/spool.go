@@ -42,7 +42,34 @@ type Spool struct {
 	err  error // why it failed (done)
 	wake chan struct{}
 	refs int // the download, each reader and each Retain; the file is closed at 0
+
+	// keep, if set, gets a copy of the file as downloaded (the compressed
+	// NAR), kept only if the download checked out.
+	keep NARCopy
 }
+
+// NARKeeper keeps the files (compressed NARs) spools download, so that the
+// upstream's own compression can be served again later without rendering
+// and recompressing the NAR (Server.KeepNAR: the HTTP NAR cache).
+type NARKeeper interface {
+	// KeepNAR returns where a copy of in's downloaded file goes, or nil
+	// to keep none.
+	KeepNAR(in *Info) NARCopy
+}
+
+// NARCopy is a copy of a downloaded file being written. Write never
+// fails the download; Commit keeps the copy (the file checked out against
+// the narinfo: NarHash, NarSize, FileHash, FileSize, nothing after the
+// NAR), Abort drops it.
+type NARCopy interface {
+	io.Writer
+	Commit()
+	Abort()
+}
+
+// Keep makes the download copy its file to c (nil: none); call it before
+// Fetch.
+func (sp *Spool) Keep(c NARCopy) { sp.keep = c }
 
 // SpoolHoldBack is how many of the NAR's last bytes readers get only once
 // the download checked out: a NAR ends with at least this many bytes of
@@ -68,14 +95,32 @@ func NewSpool(dir string, in *Info) (*Spool, error) {
 // Fetch downloads the NAR from src into the spool and checks it; its
 // error is also what readers get. It must be called once.
 func (sp *Spool) Fetch(ctx context.Context, src Source) (err error) {
-	defer func() { sp.finish(err) }()
+	defer func() {
+		sp.finish(err)
+		// After the readers were let go: committing syncs the copy.
+		if sp.keep != nil {
+			if err == nil {
+				sp.keep.Commit()
+			} else {
+				sp.keep.Abort()
+			}
+		}
+	}()
 	in := sp.Info
 	rc, err := src.Open(ctx, in.URL)
 	if err != nil {
 		return err
 	}
 	defer rc.Close()
-	body := &readErr{r: rc}
+	var raw io.Reader = rc
+	if sp.keep != nil {
+		// The copy is of the very bytes the checks below read (the
+		// decompressor reads the body to its end, and anything after the
+		// NAR fails the download), so a kept file decodes to the NAR
+		// checked against NarHash.
+		raw = io.TeeReader(rc, sp.keep)
+	}
+	body := &readErr{r: raw}
 	file, fileCapped, narCapped, closeDec, err := openNAR(body, in)
 	if err != nil {
 		return body.transient(err)

@@ -85,6 +85,9 @@ func (s *Store) NewWriter(ctx context.Context) *Writer {
 		work:    make(chan *frameJob, 1),
 		order:   make(chan *frameJob, s.opts.Workers),
 		done:    make(chan struct{}),
+		// Sized up front: grown by append from nil, the first group of
+		// every writer (one per ingested path) cost a copy per doubling.
+		groupRaw: getBuf(s.opts.FrameSize),
 	}
 	for i := 0; i < s.opts.Workers; i++ {
 		w.wg.Add(1)

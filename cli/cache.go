@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"path/filepath"
 	"runtime"
 	"time"
 
@@ -14,6 +15,7 @@ import (
 
 	"github.com/casnix/casnix/binarycache"
 	"github.com/casnix/casnix/store"
+	"github.com/casnix/casnix/subst"
 )
 
 // CacheImportFlags are ImportCmd's flags for --from (a binary cache).
@@ -203,12 +205,16 @@ type HTTPFlags struct {
 	SignKey         string        `name:"sign-key" type:"path" placeholder:"FILE" help:"With --http: sign narinfos with this Nix secret key file."`
 	HTTPCompression string        `name:"http-compression" default:"zstd" enum:"zstd,none" help:"With --http: NAR compression narinfos point at (${enum}); none suits fast local networks."`
 	Priority        int           `name:"priority" default:"40" help:"With --http: the Priority in nix-cache-info (lower is preferred)."`
-	HTTPCache       string        `name:"http-cache" type:"path" placeholder:"DIR" help:"With --http: keep compressed NARs once served in DIR, so later downloads are sent from a file (no render, no compression)."`
-	HTTPCacheSize   int64         `name:"http-cache-size" default:"10737418240" placeholder:"BYTES" help:"With --http-cache: evict least recently used NARs beyond this many bytes."`
+	HTTPCache       string        `name:"http-cache" type:"path" placeholder:"DIR" help:"With --http: keep compressed NARs once served, and pull-through's upstream zstd NARs once checked, in DIR (default: DATA_DIR/http-cache), so later downloads are sent from a file (no render, no compression)."`
+	HTTPCacheSize   int64         `name:"http-cache-size" default:"10737418240" placeholder:"BYTES" help:"With --http: evict least recently used cached NARs beyond this many bytes; 0 keeps none."`
 	HTTPMaxConns    int           `name:"http-max-connections" env:"CASNIX_HTTP_MAX_CONNECTIONS" default:"128" placeholder:"N" help:"With --http: serve at most N connections at once (each may render and compress a NAR); more wait until one closes. 0: no cap."`
 	HTTPPull        bool          `name:"http-pull-through" default:"true" negatable:"" help:"With --http and --substituters: a narinfo request for a path the store lacks is answered from an upstream narinfo (under the substitution signature rules) while the path and its closure are fetched into the store, and its NAR is streamed to clients as it arrives (a pull-through cache)."`
 	HTTPStall       time.Duration `name:"http-stall-timeout" env:"CASNIX_HTTP_STALL_TIMEOUT" default:"1m" help:"With --http: close a connection whose response makes no progress (a client not reading) for this long; a slow but steady download is not cut off."`
 }
+
+// httpCacheDir is where serve --http keeps NARs (the NAR cache) in the data
+// dir unless --http-cache says otherwise.
+const httpCacheDir = "http-cache"
 
 // startHTTP starts the HTTP binary cache; the returned function stops it.
 func (c *ServeCmd) startHTTP(g *Globals, st *store.Store, metrics func(io.Writer), pull binarycache.Puller) (func(), error) {
@@ -223,8 +229,21 @@ func (c *ServeCmd) startHTTP(g *Globals, st *store.Store, metrics func(io.Writer
 	if err != nil {
 		return nil, fmt.Errorf("--http: %w", err)
 	}
+	// The NAR cache is on by default: a served NAR is sent from a file the
+	// next time (sendfile) instead of rendered and compressed again, and a
+	// pulled one from the upstream's own file from its first fetch on.
+	cacheDir := c.HTTPCache
+	if cacheDir == "" && c.HTTPCacheSize > 0 {
+		cacheDir = filepath.Join(st.Dir(), httpCacheDir)
+	}
+	if c.HTTPCacheSize <= 0 {
+		cacheDir = ""
+	}
 	h := &binarycache.Server{Store: st, StoreDir: st.StoreDir, Key: key, Priority: c.Priority,
-		Compression: c.HTTPCompression, Logger: g.Logger, CacheDir: c.HTTPCache, CacheBytes: c.HTTPCacheSize, Metrics: metrics, Pull: pull}
+		Compression: c.HTTPCompression, Logger: g.Logger, CacheDir: cacheDir, CacheBytes: c.HTTPCacheSize, Metrics: metrics, Pull: pull}
+	if p, ok := pull.(*subst.PullThrough); ok && cacheDir != "" {
+		p.Keep(h)
+	}
 	lim := binarycache.DefaultHTTPLimits
 	lim.MaxConns, lim.WriteStall = c.HTTPMaxConns, c.HTTPStall
 	srv := binarycache.NewHTTPServer(h, lim)

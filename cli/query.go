@@ -79,12 +79,18 @@ func (c *InfoCmd) Run(g *Globals) error {
 	return nil
 }
 
-// dirBytes sums the allocated size of the files under dir (like du).
+// dirBytes sums the allocated size of the files under dir (like du),
+// less the HTTP NAR cache in it (httpCacheDir): copies of what is served,
+// not the store, so stats and repack leave them out.
 func dirBytes(dir string) (int64, error) {
 	var n int64
+	cache := filepath.Join(dir, httpCacheDir)
 	err := filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
 		if err != nil {
 			return err
+		}
+		if d.IsDir() && p == cache {
+			return filepath.SkipDir
 		}
 		if d.Type().IsRegular() {
 			fi, err := d.Info()

@@ -85,3 +85,23 @@ func TestReadCommandsOpenReadOnly(t *testing.T) {
 		}
 	}
 }
+
+// TestDirBytesLeavesOutNARCache: the bytes on disk stats and repack report
+// are the store's, not the default NAR cache's copies in the data dir.
+func TestDirBytesLeavesOutNARCache(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "pack"), make([]byte, 64<<10), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	before, err := dirBytes(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.MkdirAll(filepath.Join(dir, httpCacheDir), 0o755)
+	if err := os.WriteFile(filepath.Join(dir, httpCacheDir, "x.nar.zst"), make([]byte, 256<<10), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if after, err := dirBytes(dir); err != nil || after != before || before < 64<<10 {
+		t.Fatalf("dirBytes %d before the NAR cache file, %d after (%v)", before, after, err)
+	}
+}

@@ -109,6 +109,9 @@ func (s *Substituter) openSpool(ctx context.Context, in *binarycache.Info, up *U
 	if err != nil {
 		return nil, err
 	}
+	if s.keeper != nil {
+		sp.Keep(s.keeper.KeepNAR(in))
+	}
 	sp.Retain() // the table's
 	s.spools[in.Name] = &spoolEntry{sp: sp, up: up}
 	rd := open(sp, ctx)
@@ -176,7 +179,17 @@ type PullThrough struct {
 	// spoolMu, as closed is).
 	running map[string]bool
 	closed  bool
+
+	// slots bounds the closures fetched at once: a client asks for the
+	// narinfo of every path of what it copies, and a fetch each (Jobs
+	// NARs at once apiece) had every path downloading and ingesting at
+	// the same time, the CPU shared by all of them and the clients'
+	// requests waiting behind them.
+	slots chan struct{}
 }
+
+// pullSlots is how many closures a PullThrough fetches at once.
+const pullSlots = 1
 
 // PullThrough opens the pull-through view; checkSigs is the substitution
 // signature rule. Close it before the substituter.
@@ -184,7 +197,17 @@ func (s *Substituter) PullThrough(checkSigs bool) *PullThrough {
 	s.spoolMu.Lock()
 	s.spooling = true
 	s.spoolMu.Unlock()
-	return &PullThrough{l: s.Lazy(checkSigs, 0), running: map[string]bool{}}
+	return &PullThrough{l: s.Lazy(checkSigs, 0), running: map[string]bool{}, slots: make(chan struct{}, pullSlots)}
+}
+
+// Keep has the files of every spooled download offered to k (the HTTP
+// server's NAR cache), so a pulled NAR is served from the upstream's own
+// compressed file once checked, instead of rendered and compressed again.
+func (p *PullThrough) Keep(k binarycache.NARKeeper) {
+	s := p.l.s
+	s.spoolMu.Lock()
+	s.keeper = k
+	s.spoolMu.Unlock()
 }
 
 // Close drops the roots of what was fetched; pulls still running fail
@@ -240,7 +263,19 @@ func (p *PullThrough) start(name string) {
 	s.spoolMu.Unlock()
 	go func() {
 		defer s.fetchs.Done()
-		err := p.l.Ensure(s.base, name)
+		var err error
+		select {
+		case p.slots <- struct{}{}:
+			s.spoolMu.Lock()
+			closed := p.closed
+			s.spoolMu.Unlock()
+			if !closed {
+				err = p.l.Ensure(s.base, name)
+			}
+			<-p.slots
+		case <-s.base.Done():
+			err = s.base.Err()
+		}
 		s.unhold(name)
 		s.spoolMu.Lock()
 		delete(p.running, name)

@@ -287,3 +287,58 @@ func TestPullThroughFlood(t *testing.T) {
 		}
 	}
 }
+
+// TestPullThroughOneClosureAtOnce: narinfo requests for three unrelated
+// paths at once fetch their closures one after the other, not all at
+// the same time (a client asks for every path it copies up front).
+func TestPullThroughOneClosureAtOnce(t *testing.T) {
+	names := []string{"44444444444444444444444444444444-d", "55555555555555555555555555555555-e", "66666666666666666666666666666666-f"}
+	src := openStore(t)
+	for _, n := range names {
+		addTree(t, src, n)
+	}
+	key, pub := keyPair(t, "up-1")
+	dir := t.TempDir()
+	ex := &binarycache.Exporter{Store: src, Dir: dir, StoreDir: "/nix/store", Compression: "zstd", Key: key, Jobs: 2}
+	if _, err := ex.Export(context.Background(), names); err != nil {
+		t.Fatal(err)
+	}
+	up := serve(t, dir)
+	var inflight, most atomic.Int32
+	up.hook = func(w http.ResponseWriter, r *http.Request, n int) bool {
+		if strings.HasPrefix(r.URL.Path, "/nar/") {
+			k := inflight.Add(1)
+			for m := most.Load(); k > m && !most.CompareAndSwap(m, k); m = most.Load() {
+			}
+			time.Sleep(100 * time.Millisecond)
+			inflight.Add(-1)
+		}
+		return false
+	}
+	dst := openStore(t)
+	hs, _, _ := pullServer(t, newSubst(t, dst, []string{up.URL}, Options{Keys: pub}), dst)
+	for _, n := range names {
+		if code, body := httpGet(t, hs.URL+"/"+store.HashPart(n)+".narinfo"); code != http.StatusOK {
+			t.Fatalf("%s.narinfo: %d %s", n, code, body)
+		}
+	}
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		valid := 0
+		for _, n := range names {
+			if ok, err := dst.IsValid(context.Background(), n); err != nil {
+				t.Fatal(err)
+			} else if ok {
+				valid++
+			}
+		}
+		if valid == len(names) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d paths pulled after 30 s", valid, len(names))
+		}
+	}
+	if m := most.Load(); m != 1 {
+		t.Fatalf("%d NAR downloads at once, want 1 (one closure at a time)", m)
+	}
+}

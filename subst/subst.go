@@ -161,6 +161,8 @@ type Substituter struct {
 	spooling bool
 	spools   map[string]*spoolEntry
 	holds    map[string]int
+	// keeper, if set, keeps spooled downloads' files (PullThrough.Keep).
+	keeper binarycache.NARKeeper
 }
 
 type ncall struct {

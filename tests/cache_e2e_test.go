@@ -194,9 +194,9 @@ func TestCacheServeHTTP(t *testing.T) {
 	// The path with a large file, through every Nix version: libzstd's
 	// streaming decoder (through libarchive in 2.8) continues across the
 	// stored frames. A second server on the same data dir, without
-	// --http-cache, renders the NAR for each of them (the cache would send
+	// a NAR cache (--http-cache-size 0), renders the NAR for each of them (the cache would send
 	// the later ones the same bytes from its file).
-	_, coldURL := c.ServeHTTP(t, "--sign-key", key)
+	_, coldURL := c.ServeHTTP(t, "--sign-key", key, "--http-cache-size", "0")
 	for _, suite := range nixtest.ClientSuites {
 		t.Run("large file/"+suite, func(t *testing.T) {
 			cl := nixtest.RequireNixClient(t, suite)

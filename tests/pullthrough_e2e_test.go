@@ -1,6 +1,7 @@
 package tests
 
 import (
+	"bytes"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -229,7 +230,34 @@ func TestServePullThroughStreams(t *testing.T) {
 					t.Fatalf("casnix does not hold %s a minute after the copy", big)
 				}
 			}
-			t.Logf("Nix %s copied and verified %s, streamed from casnix while its upstream sent it", cl.Version(t), big)
+			// The upstream's zstd file, checked, is kept in the NAR cache
+			// (on by default): from now on the NAR's URL sends the
+			// upstream's very bytes, and this Nix takes and verifies them.
+			upNarinfo, err := os.ReadFile(filepath.Join(cache, hash+".narinfo"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			upFile, err := os.ReadFile(filepath.Join(cache, narinfoField(t, string(upNarinfo), "URL")))
+			if err != nil {
+				t.Fatal(err)
+			}
+			narURL := narinfoField(t, string(nixtest.HTTPGet(t, url+"/"+hash+".narinfo")), "URL")
+			kept := filepath.Join(cas.DataDir, "http-cache", strings.TrimSuffix(narURL[strings.LastIndex(narURL, "-")+1:], ".nar.zst")+".nar.zst")
+			for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+				if _, err := os.Stat(kept); err == nil {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("the upstream's file of %s is not kept as %s", big, kept)
+				}
+			}
+			if sent := nixtest.HTTPGet(t, url+"/"+narURL); !bytes.Equal(sent, upFile) {
+				t.Errorf("casnix sent %d bytes for %s, not the upstream's %d-byte file", len(sent), narURL, len(upFile))
+			}
+			again := "local?root=" + filepath.Join(cl.TempDir(t), "again")
+			cl.Run(t, append([]string{"nix", "copy", "--from", url, "--to", again, big}, requireSigs(casPub)...)...)
+			cl.Run(t, append([]string{"nix", "store", "verify", "--store", again, "--sigs-needed", "1", big}, requireSigs(casPub)...)...)
+			t.Logf("Nix %s copied and verified %s, streamed from casnix while its upstream sent it, then from the upstream's kept file", cl.Version(t), big)
 		})
 	}
 	mu.Lock()
@@ -237,4 +265,16 @@ func TestServePullThroughStreams(t *testing.T) {
 	if nars != ran {
 		t.Errorf("upstream sent the NAR %d times for %d cold casnix servers", nars, ran)
 	}
+}
+
+// narinfoField is the value of a narinfo's field.
+func narinfoField(t *testing.T, narinfo, field string) string {
+	t.Helper()
+	for _, l := range strings.Split(narinfo, "\n") {
+		if v, ok := strings.CutPrefix(l, field+": "); ok {
+			return v
+		}
+	}
+	t.Fatalf("narinfo without %s:\n%s", field, narinfo)
+	return ""
 }
