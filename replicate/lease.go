@@ -2,6 +2,7 @@ package replicate
 
 import (
 	"context"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -32,6 +33,9 @@ type leaseBody struct {
 	PID     int       `json:"pid"`
 	Renewed time.Time `json:"renewed"`
 	TTL     Duration  `json:"ttl"`
+	// Token is random per acquisition: a holder tells its own renewals from those of a
+	// later acquisition by the same data dir, even in the same process.
+	Token string `json:"token,omitempty"`
 }
 
 // Duration is a time.Duration that reads and writes as "30s" in JSON.
@@ -75,7 +79,7 @@ func AcquireLease(ctx context.Context, loc objstore.Location, owner string, ttl 
 		return nil, err
 	}
 	host, _ := os.Hostname()
-	l := &Lease{b: b, body: leaseBody{Owner: owner, Host: host, PID: os.Getpid(), TTL: Duration(ttl)},
+	l := &Lease{b: b, body: leaseBody{Owner: owner, Host: host, PID: os.Getpid(), TTL: Duration(ttl), Token: rand.Text()},
 		lost: make(chan struct{}), stop: make(chan struct{}), done: make(chan struct{})}
 	if err := l.acquire(ctx); err != nil {
 		return nil, err
@@ -146,7 +150,7 @@ func (l *Lease) readETag(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("writer lease: %w", err)
 	}
-	if cur.Owner != l.body.Owner || cur.PID != l.body.PID || cur.Host != l.body.Host {
+	if cur.Owner != l.body.Owner || cur.PID != l.body.PID || cur.Host != l.body.Host || cur.Token != l.body.Token {
 		return fmt.Errorf("%w: %s (taken over by another process just now)", ErrLeaseHeld, l.b.Location())
 	}
 	l.mu.Lock()
@@ -172,7 +176,12 @@ func (l *Lease) renewLoop(ttl time.Duration) {
 		etag := l.etag
 		l.mu.Unlock()
 		err := l.b.PutIfMatch(ctx, LeaseName, l.encode(), etag)
-		if err == nil {
+		if err == nil || errors.Is(err, objstore.ErrExists) {
+			// Refused as changed: maybe by this process's own renewal whose
+			// answer was lost (the server went away, or the request timed out,
+			// after it stored the object). readETag takes the lease's current
+			// ETag if it is still this process's, and says it was taken over
+			// otherwise.
 			err = l.readETag(ctx)
 		}
 		cancel()
@@ -205,7 +214,7 @@ func (l *Lease) Release(ctx context.Context) error {
 		return nil
 	}
 	cur, _, err := l.read(ctx)
-	if err != nil || cur.Owner != l.body.Owner || cur.PID != l.body.PID {
+	if err != nil || cur.Owner != l.body.Owner || cur.PID != l.body.PID || cur.Token != l.body.Token {
 		return err
 	}
 	return l.b.Delete(ctx, LeaseName)

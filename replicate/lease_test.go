@@ -1,8 +1,11 @@
 package replicate_test
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
+	"io"
 	"strings"
 	"testing"
 	"time"
@@ -59,11 +62,46 @@ func TestLease(t *testing.T) {
 	if err := b.Release(ctx); err != nil {
 		t.Fatal(err)
 	}
-	// A holder whose host died an hour ago: its lease has expired and is taken over.
 	bucket, err := objstore.Open(ctx, loc, objstore.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A renewal whose answer was lost (the server went away after storing it): the object
+	// changed under the holder, but it is still its own, so it keeps the lease.
+	d, err := replicate.AcquireLease(ctx, loc, "dir-d", ttl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc, err := bucket.Get(ctx, replicate.LeaseName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	own, err := io.ReadAll(rc)
+	rc.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var body map[string]any
+	if err := json.Unmarshal(own, &body); err != nil {
+		t.Fatal(err)
+	}
+	body["renewed"] = time.Now().UTC().Format(time.RFC3339Nano)
+	own, _ = json.Marshal(body)
+	if err := bucket.Put(ctx, replicate.LeaseName, bytes.NewReader(own), int64(len(own))); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-d.Lost():
+		t.Fatalf("its own renewal, seen late, made the holder give the lease up: %v", d.Err())
+	case <-time.After(2 * ttl): // several renewals
+	}
+	if _, err := replicate.AcquireLease(ctx, loc, "dir-b", ttl); !errors.Is(err, replicate.ErrLeaseHeld) {
+		t.Fatalf("second primary while dir-d holds the lease: %v, want ErrLeaseHeld", err)
+	}
+	if err := d.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// A holder whose host died an hour ago: its lease has expired and is taken over.
 	stale := `{"owner":"dir-dead","host":"gone","pid":1,"renewed":"` + time.Now().Add(-time.Hour).UTC().Format(time.RFC3339) + `","ttl":"30s"}`
 	if err := bucket.PutIfAbsent(ctx, replicate.LeaseName, []byte(stale)); err != nil {
 		t.Fatal(err)
