@@ -168,6 +168,23 @@ func (q q) DeleteRefsFrom(ctx context.Context, id int64) error {
 	return nil
 }
 
+// DeletePaths removes paths ids and their references: references restrict deletes, so
+// every path's outgoing references go first (a referrer of one of them must be among
+// them, or the delete fails).
+func (q q) DeletePaths(ctx context.Context, ids []int64) error {
+	for _, id := range ids {
+		if err := q.DeleteRefsFrom(ctx, id); err != nil {
+			return err
+		}
+	}
+	for _, id := range ids {
+		if err := q.DeletePath(ctx, id); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // DeletePath removes path id (signatures and outputs go with it).
 func (q q) DeletePath(ctx context.Context, id int64) error {
 	if _, err := q.exec(ctx, "DELETE FROM paths WHERE id = ?", id); err != nil {

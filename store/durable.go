@@ -84,31 +84,16 @@ func (s *Store) takeBack(names []string) error {
 			}
 			ids = append(ids, id)
 		}
-		for _, id := range ids {
-			if err := tx.DeleteRefsFrom(ctx, id); err != nil {
-				return err
-			}
-		}
-		for _, id := range ids {
-			if err := tx.DeletePath(ctx, id); err != nil {
-				return err
-			}
-		}
-		return nil
+		return tx.DeletePaths(ctx, ids)
 	})
 }
 
-// syncMeta is waitDurable for a write of metadata only (signatures, realisations):
-// nothing to take back, the client sees the error and may retry.
+// syncMeta is waitDurable for a write of metadata only (signatures, realisations): no
+// frames to wait for (mark 0) and nothing to take back; the client sees the error and may
+// retry.
 func (s *Store) syncMeta(ctx context.Context) error {
-	d := s.durable.Load()
-	if d == nil {
-		return nil
-	}
-	ctx, cancel := context.WithTimeout(ctx, d.timeout)
-	defer cancel()
-	if err := d.sync(ctx); err != nil {
-		return fmt.Errorf("%w %s within %s (--durability bucket): %v", ErrNotDurable, s.Packs(), d.timeout, err)
+	if d := s.durable.Load(); d != nil {
+		return s.waitDurable(ctx, d, 0, nil)
 	}
 	return nil
 }

@@ -395,17 +395,9 @@ func (s *Store) mark(ctx context.Context, ix index, o GCOptions, res *GCResult, 
 		return nil, nil
 	}
 	err = s.db.Write(ctx, func(tx *db.Tx) error {
-		// References restrict deletes: drop every deleted path's outgoing
-		// references first (all their referrers are being deleted too).
-		for _, id := range ids {
-			if err := tx.DeleteRefsFrom(ctx, id); err != nil {
-				return err
-			}
-		}
-		for _, id := range ids {
-			if err := tx.DeletePath(ctx, id); err != nil {
-				return err
-			}
+		// All the deleted paths' referrers are being deleted too.
+		if err := tx.DeletePaths(ctx, ids); err != nil {
+			return err
 		}
 		for _, d := range sw.dirs {
 			if err := tx.DeleteDirectory(ctx, d); err != nil {

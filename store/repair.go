@@ -275,15 +275,12 @@ func (s *Store) repair(ctx context.Context, real bool, progress func(string, int
 		}
 	}
 	err = s.db.Write(ctx, func(tx *db.Tx) error {
+		drop := make([]int64, 0, len(why))
 		for name := range why {
-			if err := tx.DeleteRefsFrom(ctx, ids[name]); err != nil {
-				return err
-			}
+			drop = append(drop, ids[name])
 		}
-		for name := range why {
-			if err := tx.DeletePath(ctx, ids[name]); err != nil {
-				return err
-			}
+		if err := tx.DeletePaths(ctx, drop); err != nil {
+			return err
 		}
 		// Rows hanging off rows that are not paths (the paths with
 		// references to rows that are not paths were dropped above).
