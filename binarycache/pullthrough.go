@@ -29,7 +29,9 @@ type Puller interface {
 	// reader from the start, the bytes as they arrive, the end only once
 	// the whole NAR checked out. nil, nil: the store holds the path now.
 	// No upstream has it (or not with that NAR hash): ErrNotFound.
-	OpenNAR(ctx context.Context, hash, narHash string) (*SpoolReader, error)
+	// With raw, the reader may instead give the upstream's zstd file as
+	// it arrives (SpoolReader.Raw), which the server then sends verbatim.
+	OpenNAR(ctx context.Context, hash, narHash string, raw bool) (*SpoolReader, error)
 }
 
 // narURL is where the server's narinfos point for a path's NAR. The same
@@ -88,7 +90,8 @@ func (s *Server) pulledNarinfo(in *Info) ([]byte, error) {
 	return out.Format(s.StoreDir), nil
 }
 
-// streamNAR sends the NAR rd follows as it arrives: compressed on the fly
+// streamNAR sends the NAR rd follows as it arrives: the upstream's zstd
+// file verbatim (a raw reader, for .nar.zst), compressed on the fly
 // (.nar.zst) or as it is (.nar, with its length, and a single Range), each
 // pause of the upstream flushing what was compressed so far so the client
 // is never further behind than the upstream. The status goes out with the
@@ -140,7 +143,11 @@ func (s *Server) streamNAR(w http.ResponseWriter, r *http.Request, rd *SpoolRead
 	bw := bufio.NewWriterSize(w, 128<<10)
 	var out io.Writer = bw
 	var enc *zstd.Encoder
-	if rng != nil {
+	if rd.Raw() {
+		// The upstream's zstd file, as it arrives: no decoding and no
+		// compressing again, and the client gets what the upstream sent.
+		s.metrics.pullVerbatim.Add(1)
+	} else if rng != nil {
 		rng.w = bw
 		out = rng
 	} else {

@@ -78,6 +78,7 @@ type metrics struct {
 	// Pull-through NAR requests answered from a fetch in progress, and
 	// those whose fetch failed (a 502, or a response cut short).
 	pullStreamed, pullStreamFailed atomic.Int64
+	pullVerbatim                   atomic.Int64 // streamed as the upstream's file
 
 	// statsMu guards the store totals, apart from mu: the scan takes as
 	// long as SQLite needs under load, and every request counts itself
@@ -350,7 +351,7 @@ func (s *Server) serveNAR(w http.ResponseWriter, r *http.Request, file string) {
 		return
 	}
 	if pi == nil && s.Pull != nil && validHashPart(hash) && len(narHash) == 52 {
-		rd, err := s.Pull.OpenNAR(r.Context(), hash, narHash)
+		rd, err := s.Pull.OpenNAR(r.Context(), hash, narHash, ext == "nar.zst" && s.compression() == "zstd")
 		if err != nil {
 			s.pullFailed(w, r, err, true)
 			return
@@ -579,6 +580,7 @@ func (s *Server) serveMetrics(ctx context.Context, w http.ResponseWriter) {
 		b.WriteString("# HELP casnix_http_pull_through_nars_total NAR requests of the pull-through cache answered while the path was fetched, by result: streamed (sent whole as it arrived), failed (the fetch failed: a 502, or a response cut short).\n# TYPE casnix_http_pull_through_nars_total counter\n")
 		fmt.Fprintf(&b, "casnix_http_pull_through_nars_total{result=\"streamed\"} %d\n", m.pullStreamed.Load())
 		fmt.Fprintf(&b, "casnix_http_pull_through_nars_total{result=\"failed\"} %d\n", m.pullStreamFailed.Load())
+		fmt.Fprintf(&b, "# HELP casnix_http_pull_through_nars_verbatim_total NAR requests of the pull-through cache answered while the path was fetched with the upstream's zstd file as it arrived (no decoding, no compressing again).\n# TYPE casnix_http_pull_through_nars_verbatim_total counter\ncasnix_http_pull_through_nars_verbatim_total %d\n", m.pullVerbatim.Load())
 	}
 	fmt.Fprintf(&b, "# HELP casnix_store_paths Valid store paths.\n# TYPE casnix_store_paths gauge\ncasnix_store_paths %d\n", paths)
 	fmt.Fprintf(&b, "# HELP casnix_store_nar_bytes Logical NAR bytes of the valid paths.\n# TYPE casnix_store_nar_bytes gauge\ncasnix_store_nar_bytes %d\n", narBytes)

@@ -2,6 +2,7 @@ package binarycache
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"errors"
@@ -46,6 +47,20 @@ type Spool struct {
 	// keep, if set, gets a copy of the file as downloaded (the compressed
 	// NAR), kept only if the download checked out.
 	keep NARCopy
+
+	// raw, if set (EnableRaw), holds the file as downloaded (the
+	// compressed NAR), written as it arrives by a goroutine of its own, so
+	// that readers of it (NewRawReader) follow the upstream at its pace,
+	// not at the decompressor's, and the NAR's check decodes from it.
+	raw    *os.File
+	rawN   int64 // bytes of raw written
+	rawEnd bool  // the download of raw ended (rawErr: how)
+	rawErr error
+	// rawOK: raw is whole and may be read to its end: it matched the
+	// narinfo's FileHash (and FileSize) as it ended, or the whole download
+	// checked out.
+	rawOK bool
+	dir   string
 }
 
 // NARKeeper keeps the files (compressed NARs) spools download, so that the
@@ -89,7 +104,123 @@ func NewSpool(dir string, in *Info) (*Spool, error) {
 		return nil, fmt.Errorf("spool: %w", err)
 	}
 	os.Remove(f.Name()) // nothing to clean up after a crash
-	return &Spool{Info: in, f: f, wake: make(chan struct{}), refs: 1}, nil
+	return &Spool{Info: in, f: f, wake: make(chan struct{}), refs: 1, dir: dir}, nil
+}
+
+// RawHoldBack is how many of the downloaded file's last bytes raw readers
+// get only once the file is known whole and right. Withheld bytes of a
+// compressed stream withhold at least as many bytes of the NAR (a zstd
+// block is at most 128 KiB and decodes only whole; an xz stream's index
+// and footer are far smaller), so a raw reader held back short of them
+// cannot decode a NAR that looks complete.
+const RawHoldBack = 256 << 10
+
+// EnableRaw makes the spool keep the file as downloaded for raw readers
+// (NewRawReader); call it before Fetch.
+func (sp *Spool) EnableRaw() error {
+	f, err := os.CreateTemp(sp.dir, "file-*")
+	if err != nil {
+		return fmt.Errorf("spool: %w", err)
+	}
+	os.Remove(f.Name())
+	sp.raw = f
+	return nil
+}
+
+// HasRaw reports whether the spool keeps the downloaded file.
+func (sp *Spool) HasRaw() bool { return sp.raw != nil }
+
+// download copies the body to the raw file as fast as it arrives (capped
+// at what the narinfo allows), hashing it, so raw readers are released by
+// the file's own check (FileHash) without waiting for the NAR's.
+type download struct {
+	sp   *Spool
+	rc   io.ReadCloser
+	done chan struct{}
+	off  int64 // the follower's position
+}
+
+func (sp *Spool) startDownload(rc io.ReadCloser) *download {
+	d := &download{sp: sp, rc: rc, done: make(chan struct{})}
+	go d.run()
+	return d
+}
+
+func (d *download) run() {
+	defer close(d.done)
+	sp, in := d.sp, d.sp.Info
+	limit := in.FileSize
+	if limit == 0 {
+		limit = maxFileSize(in.NarSize)
+	}
+	h := sha256.New()
+	buf := make([]byte, 256<<10)
+	var n int64
+	var err error
+	for {
+		k, rerr := d.rc.Read(buf)
+		if k > 0 {
+			if n+int64(k) > limit {
+				err = fmt.Errorf("%s: file %w: over %d bytes", in.URL, ErrTooLong, limit)
+				break
+			}
+			if _, werr := sp.raw.WriteAt(buf[:k], n); werr != nil {
+				err = fmt.Errorf("spool: %w", werr)
+				break
+			}
+			if sp.keep != nil {
+				sp.keep.Write(buf[:k])
+			}
+			h.Write(buf[:k])
+			n += int64(k)
+			sp.advanceRaw(n)
+		}
+		if rerr == io.EOF {
+			break
+		}
+		if rerr != nil {
+			err = rerr
+			break
+		}
+	}
+	ok := err == nil && in.FileHash != nil && bytes.Equal(h.Sum(nil), in.FileHash) && (in.FileSize == 0 || n == in.FileSize)
+	sp.mu.Lock()
+	sp.rawEnd, sp.rawErr, sp.rawOK = true, err, ok
+	sp.wakeLocked()
+	sp.mu.Unlock()
+}
+
+// Read is the NAR check's view of the download: the raw file as it
+// grows, then the download's error or io.EOF.
+func (d *download) Read(p []byte) (int, error) {
+	sp := d.sp
+	for {
+		sp.mu.Lock()
+		n, end, err, wake := sp.rawN, sp.rawEnd, sp.rawErr, sp.wake
+		sp.mu.Unlock()
+		if d.off < n {
+			k, rerr := sp.raw.ReadAt(p[:min(int64(len(p)), n-d.off)], d.off)
+			d.off += int64(k)
+			if rerr == io.EOF {
+				rerr = nil
+			}
+			return k, rerr
+		}
+		if end {
+			if err == nil {
+				err = io.EOF
+			}
+			return 0, err
+		}
+		<-wake
+	}
+}
+
+// stop ends the download (the check is over, whichever way) and waits
+// for its goroutine.
+func (d *download) stop() {
+	d.rc.Close()
+	<-d.done
 }
 
 // Fetch downloads the NAR from src into the spool and checks it; its
@@ -113,7 +244,13 @@ func (sp *Spool) Fetch(ctx context.Context, src Source) (err error) {
 	}
 	defer rc.Close()
 	var raw io.Reader = rc
-	if sp.keep != nil {
+	if sp.raw != nil {
+		// The download runs ahead on its own; the check below decodes
+		// what it wrote. (The copy is the download's too.)
+		d := sp.startDownload(rc)
+		defer d.stop()
+		raw = d
+	} else if sp.keep != nil {
 		// The copy is of the very bytes the checks below read (the
 		// decompressor reads the body to its end, and anything after the
 		// NAR fails the download), so a kept file decodes to the NAR
@@ -161,6 +298,18 @@ func (sp *Spool) advance(n int64) {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
 	sp.n = n
+	sp.wakeLocked()
+}
+
+func (sp *Spool) advanceRaw(n int64) {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	sp.rawN = n
+	sp.wakeLocked()
+}
+
+// wakeLocked wakes every waiting reader; sp.mu is held.
+func (sp *Spool) wakeLocked() {
 	close(sp.wake)
 	sp.wake = make(chan struct{})
 }
@@ -169,8 +318,10 @@ func (sp *Spool) finish(err error) {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
 	sp.done, sp.err = true, err
-	close(sp.wake)
-	sp.wake = make(chan struct{})
+	if err == nil && sp.raw != nil {
+		sp.rawOK = true // the file decoded to the NAR, which checked out
+	}
+	sp.wakeLocked()
 	sp.unref()
 }
 
@@ -178,6 +329,9 @@ func (sp *Spool) finish(err error) {
 func (sp *Spool) unref() {
 	if sp.refs--; sp.refs == 0 {
 		sp.f.Close()
+		if sp.raw != nil {
+			sp.raw.Close()
+		}
 	}
 }
 
@@ -219,6 +373,38 @@ func (sp *Spool) limit() (lim int64, done bool, err error, wake <-chan struct{})
 	return min(sp.n, sp.Info.NarSize-SpoolHoldBack), false, nil, sp.wake
 }
 
+// rawLimit is limit for raw readers: the file's bytes written short of
+// the held back end, or all of them once the file is known right; done
+// once they may read to its end.
+func (sp *Spool) rawLimit() (lim int64, done bool, err error, wake <-chan struct{}) {
+	sp.mu.Lock()
+	defer sp.mu.Unlock()
+	if sp.done && sp.err != nil {
+		return 0, true, sp.err, sp.wake
+	}
+	if sp.rawOK {
+		return sp.rawN, true, nil, sp.wake
+	}
+	return max(sp.rawN-RawHoldBack, 0), false, nil, sp.wake
+}
+
+// NewRawReader opens a reader of the file as downloaded (the compressed
+// NAR, Info.Compression), for sending it on verbatim: it follows the
+// download as it arrives and gets the file's last RawHoldBack bytes only
+// once the file matched the narinfo's FileHash and FileSize or, without a
+// FileHash, once the whole NAR checked out; a download that fails fails
+// it instead. Nil if the spool keeps no file (EnableRaw) or is closed.
+func (sp *Spool) NewRawReader(ctx context.Context) *SpoolReader {
+	if sp.raw == nil {
+		return nil
+	}
+	r := sp.NewReader(ctx)
+	if r != nil {
+		r.raw = true
+	}
+	return r
+}
+
 // NewReader opens a reader at the start of the NAR; ctx bounds its
 // blocking reads. Nil if the spool is closed already.
 func (sp *Spool) NewReader(ctx context.Context) *SpoolReader {
@@ -252,7 +438,13 @@ type SpoolReader struct {
 	// Checked readers (h set): the NAR's end, read at once and checked.
 	h    hash.Hash
 	tail []byte
+	// raw: a reader of the downloaded file (NewRawReader), not the NAR.
+	raw bool
 }
+
+// Raw reports whether the reader gives the downloaded file (compressed
+// as Info().Compression says) rather than the NAR.
+func (r *SpoolReader) Raw() bool { return r.raw }
 
 // Info is the narinfo the spool's NAR is checked against.
 func (r *SpoolReader) Info() *Info { return r.sp.Info }
@@ -263,6 +455,25 @@ func (r *SpoolReader) Info() *Info { return r.sp.Info }
 func (r *SpoolReader) TryRead(p []byte) (int, error) {
 	if r.closed {
 		return 0, os.ErrClosed
+	}
+	if r.raw {
+		lim, done, err, _ := r.sp.rawLimit()
+		if err != nil {
+			return 0, err
+		}
+		if r.off < lim && len(p) > 0 {
+			k := min(int64(len(p)), lim-r.off)
+			n, err := r.sp.raw.ReadAt(p[:k], r.off)
+			r.off += int64(n)
+			if n == int(k) {
+				err = nil
+			}
+			return n, err
+		}
+		if done {
+			return 0, io.EOF
+		}
+		return 0, nil
 	}
 	if len(r.tail) > 0 {
 		n := copy(p, r.tail)
@@ -322,7 +533,11 @@ func (r *SpoolReader) readTail(p []byte) (int, error) {
 // the download's error.
 func (r *SpoolReader) Wait(ctx context.Context) error {
 	for {
-		lim, done, err, wake := r.sp.limit()
+		limit := r.sp.limit
+		if r.raw {
+			limit = r.sp.rawLimit
+		}
+		lim, done, err, wake := limit()
 		if r.off < lim || done || err != nil {
 			return nil
 		}

@@ -261,3 +261,138 @@ func TestSpoolCheckedReader(t *testing.T) {
 		})
 	}
 }
+
+// TestSpoolRawReader: a raw reader gets the downloaded (zstd) file as it
+// arrives, short of its last RawHoldBack bytes, which come once the file
+// matched the narinfo's FileHash and FileSize or, without a FileHash, once
+// the whole NAR checked out. A file that is cut off, too long or not the
+// one the narinfo names never reaches its end: the reader gets the error.
+// The NAR readers (the ingest) follow the same download.
+func TestSpoolRawReader(t *testing.T) {
+	data := make([]byte, 1<<20)
+	for i := range data {
+		data[i] = byte(i*7919 + i>>8*31) // ~incompressible in 1 MiB windows: the file is > RawHoldBack
+	}
+	rnd := sha256.Sum256(data)
+	for i := 0; i < len(data); i += 32 {
+		rnd = sha256.Sum256(rnd[:])
+		copy(data[i:], rnd[:])
+	}
+	good, err := io.ReadAll(fileNAR(t, bytes.NewReader(data), int64(len(data))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	file := zstdOf(t, bytes.NewReader(good))
+	if len(file) <= 2*RawHoldBack {
+		t.Fatalf("file of %d bytes: too small for the test", len(file))
+	}
+	narHash := sha256.Sum256(good)
+	fileHash := sha256.Sum256(file)
+	info := func() *Info {
+		return &Info{Name: pathA, URL: "nar/x.nar.zst", Compression: "zstd", NarHash: narHash, NarSize: int64(len(good)),
+			FileHash: fileHash[:], FileSize: int64(len(file))}
+	}
+	for _, tc := range []struct {
+		name    string
+		file    []byte
+		in      func(in *Info)
+		rawOK   bool  // the raw reader reads the whole file
+		wantErr error // of the fetch; nil: it checks out
+	}{
+		{name: "good", file: file, rawOK: true},
+		{name: "good without FileHash", file: file, in: func(in *Info) { in.FileHash, in.FileSize = nil, 0 }, rawOK: true},
+		{name: "wrong FileHash", file: file, in: func(in *Info) { in.FileHash = make([]byte, 32) }, wantErr: errAny},
+		{name: "FileSize too big", file: file, in: func(in *Info) { in.FileSize++ }, wantErr: errAny},
+		{name: "too long", file: append(bytes.Clone(file), 0), wantErr: ErrTooLong},
+		{name: "cut off", file: file[:len(file)-RawHoldBack/2], wantErr: io.ErrUnexpectedEOF},
+		{name: "cut off without FileHash", file: file[:len(file)-RawHoldBack/2], in: func(in *Info) { in.FileHash, in.FileSize = nil, 0 }, wantErr: io.ErrUnexpectedEOF},
+		// The file is the one named, the NAR in it not the one signed: the
+		// file is released (the client's own NarHash check refuses it), the
+		// fetch fails, nothing is ingested.
+		{name: "NarHash lie", file: file, in: func(in *Info) { in.NarHash[0] ^= 1 }, rawOK: true, wantErr: store.ErrHashMismatch},
+		{name: "NarHash lie without FileHash", file: file, in: func(in *Info) { in.NarHash[0] ^= 1; in.FileHash, in.FileSize = nil, 0 }, wantErr: store.ErrHashMismatch},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			in := info()
+			if tc.in != nil {
+				tc.in(in)
+			}
+			sp, err := NewSpool(filepath.Join(t.TempDir(), "tmp"), in)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := sp.EnableRaw(); err != nil {
+				t.Fatal(err)
+			}
+			pr, pw := io.Pipe()
+			fetched := make(chan error, 1)
+			go func() { fetched <- sp.Fetch(context.Background(), pipeSource{pr}) }()
+			r := sp.NewRawReader(context.Background())
+			if r == nil || !r.Raw() {
+				t.Fatal("no raw reader")
+			}
+			defer r.Close()
+			dst := openStore(t)
+			ir := sp.NewReader(context.Background())
+			ingested := make(chan error, 1)
+			go func() { err := IngestFrom(context.Background(), dst, ir, in); ir.Close(); ingested <- err }()
+
+			// The whole file is written, the body not ended: its end is held back.
+			pw.Write(tc.file)
+			want := int64(min(len(tc.file), len(file)) - RawHoldBack)
+			for deadline := time.Now().Add(10 * time.Second); ; {
+				sp.mu.Lock()
+				n, end := sp.rawN, sp.rawEnd
+				sp.mu.Unlock()
+				if n >= int64(min(len(tc.file), len(file))) || end || time.Now().After(deadline) {
+					break
+				}
+				time.Sleep(time.Millisecond)
+			}
+			got, err := readAvailable(t, r)
+			if tc.name != "too long" && (err != nil || int64(len(got)) != want || !bytes.Equal(got, tc.file[:len(got)])) {
+				t.Fatalf("before the end: read %d bytes, %v; want %d", len(got), err, want)
+			}
+			if tc.wantErr == io.ErrUnexpectedEOF {
+				pw.CloseWithError(io.ErrUnexpectedEOF)
+			} else {
+				pw.Close()
+			}
+			rest, rerr := io.ReadAll(r)
+			got = append(got, rest...)
+			ferr := <-fetched
+			if tc.rawOK {
+				if rerr != nil && !errors.Is(rerr, tc.wantErr) || !bytes.Equal(got[:min(len(got), len(file))], file[:min(len(got), len(file))]) || len(got) != len(file) && rerr == nil {
+					t.Fatalf("raw reader: %d of %d bytes, %v", len(got), len(file), rerr)
+				}
+				if tc.wantErr == nil && (rerr != nil || len(got) != len(file)) {
+					t.Fatalf("raw reader: %d of %d bytes, %v", len(got), len(file), rerr)
+				}
+			} else if rerr == nil || len(got) >= len(tc.file) && len(got) >= len(file) {
+				t.Fatalf("raw reader of a bad file: %d bytes, %v", len(got), rerr)
+			}
+			switch {
+			case tc.wantErr == nil && ferr != nil:
+				t.Fatalf("fetch: %v", ferr)
+			case tc.wantErr != nil && ferr == nil:
+				t.Fatal("bad file fetched")
+			case tc.wantErr != nil && tc.wantErr != errAny && !errors.Is(ferr, tc.wantErr):
+				t.Fatalf("fetch: %v, want %v", ferr, tc.wantErr)
+			}
+			ierr := <-ingested
+			if ok, _ := dst.IsValid(context.Background(), pathA); ok != (tc.wantErr == nil) || (ierr == nil) != (tc.wantErr == nil) {
+				t.Fatalf("ingest: %v, valid %v", ierr, ok)
+			}
+			r.Close()
+			sp.mu.Lock()
+			refs := sp.refs
+			sp.mu.Unlock()
+			if refs != 0 {
+				t.Fatalf("%d references left: the spool files stay open", refs)
+			}
+		})
+	}
+}
+
+// errAny: the test wants some error, whichever.
+var errAny = errors.New("any error")

@@ -74,17 +74,37 @@ func (s *Substituter) dropSpool(name string, sp *binarycache.Spool) {
 	}
 }
 
+// spoolMode is what kind of reader openSpool opens.
+type spoolMode int
+
+const (
+	ingestReader  spoolMode = iota // the NAR, for the ingest (its batch checks the hash)
+	checkedReader                  // the NAR, checked as read back, for a client
+	rawReader                      // the downloaded file (if kept, else as checkedReader), for a client
+)
+
 // openSpool returns a reader of in's NAR from the spool downloading or
 // holding it, starting a download from up if there is none (or only a
 // failed one, or one of another NAR hash). For a client (an HTTP request,
-// not the ingest) the reader is a checked one, and it returns nil when
+// not the ingest) the reader is a checked or a raw one, and it returns nil when
 // the store holds the path: asked under the table's lock, which the ingest
 // takes to drop the spool only after its commit, so no download starts
 // for a path just ingested.
-func (s *Substituter) openSpool(ctx context.Context, in *binarycache.Info, up *Upstream, client bool) (*binarycache.SpoolReader, error) {
-	open := (*binarycache.Spool).NewReader
-	if client {
-		open = (*binarycache.Spool).NewCheckedReader
+func (s *Substituter) openSpool(ctx context.Context, in *binarycache.Info, up *Upstream, mode spoolMode) (*binarycache.SpoolReader, error) {
+	client := mode != ingestReader
+	open := func(sp *binarycache.Spool, ctx context.Context) *binarycache.SpoolReader {
+		switch mode {
+		case rawReader:
+			// A spool that keeps no file (an upstream of another
+			// compression) is read as the NAR.
+			if sp.HasRaw() {
+				return sp.NewRawReader(ctx)
+			}
+			return sp.NewCheckedReader(ctx)
+		case checkedReader:
+			return sp.NewCheckedReader(ctx)
+		}
+		return sp.NewReader(ctx)
 	}
 	s.spoolMu.Lock()
 	defer s.spoolMu.Unlock()
@@ -108,6 +128,14 @@ func (s *Substituter) openSpool(ctx context.Context, in *binarycache.Info, up *U
 	sp, err := binarycache.NewSpool(filepath.Join(s.st.Dir(), "tmp"), in)
 	if err != nil {
 		return nil, err
+	}
+	if in.Compression == "zstd" {
+		// The HTTP cache serves zstd: its clients get the upstream's
+		// file as it arrives, not the NAR decoded and compressed again.
+		if err := sp.EnableRaw(); err != nil {
+			sp.Release()
+			return nil, err
+		}
 	}
 	if s.keeper != nil {
 		sp.Keep(s.keeper.KeepNAR(in))
@@ -141,7 +169,7 @@ func (s *Substituter) fetchSpooled(ctx context.Context, in *binarycache.Info, up
 	var err error
 	for attempt := 0; ; attempt++ {
 		var rd *binarycache.SpoolReader
-		if rd, err = s.openSpool(ctx, in, up, false); err == nil {
+		if rd, err = s.openSpool(ctx, in, up, ingestReader); err == nil {
 			err = binarycache.IngestFrom(store.WithSubstituted(ctx), s.st, rd, in)
 			rd.Close()
 			if err == nil {
@@ -288,10 +316,11 @@ func (p *PullThrough) start(name string) {
 	}()
 }
 
-// OpenNAR is binarycache.Puller's: a reader of the NAR from the spool of
+// OpenNAR is binarycache.Puller's: a reader of the NAR (or, with raw, of
+// the upstream's zstd file if that is what it downloads) from the spool of
 // its fetch (joined, or started now if the closure's fetch has not got to
 // it yet: its references come first); nil once the store holds it.
-func (p *PullThrough) OpenNAR(ctx context.Context, hash, narHash string) (*binarycache.SpoolReader, error) {
+func (p *PullThrough) OpenNAR(ctx context.Context, hash, narHash string, raw bool) (*binarycache.SpoolReader, error) {
 	f, err := p.find(ctx, hash)
 	if err != nil {
 		return nil, err
@@ -300,5 +329,9 @@ func (p *PullThrough) OpenNAR(ctx context.Context, hash, narHash string) (*binar
 		return nil, fmt.Errorf("%s: NAR sha256:%s: %w", hash, narHash, binarycache.ErrNotFound)
 	}
 	p.start(f.Info.Name)
-	return p.l.s.openSpool(ctx, f.Info, f.Upstream, true)
+	mode := checkedReader
+	if raw {
+		mode = rawReader
+	}
+	return p.l.s.openSpool(ctx, f.Info, f.Upstream, mode)
 }

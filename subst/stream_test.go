@@ -174,7 +174,7 @@ func openSpoolFiles(t *testing.T) int {
 	t.Helper()
 	fds, _ := os.ReadDir("/proc/self/fd")
 	n := 0
-	re := regexp.MustCompile(`/tmp/nar-[0-9]+ \(deleted\)$`)
+	re := regexp.MustCompile(`/tmp/(nar|file)-[0-9]+ \(deleted\)$`)
 	for _, fd := range fds {
 		if l, err := os.Readlink("/proc/self/fd/" + fd.Name()); err == nil && re.MatchString(l) {
 			n++

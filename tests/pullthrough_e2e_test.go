@@ -161,8 +161,9 @@ func (w slowWriter) Write(p []byte) (int, error) {
 // path through a cold casnix pull-through cache whose upstream (a cache
 // real Nix wrote) sends that NAR slowly (3.2 MB/s: seconds). casnix answers the
 // narinfo from the upstream's (no FileHash or FileSize) and the NAR from
-// its download while that still runs (counted as streamed), as zstd
-// compressed on the fly; each client verifies the path against casnix's
+// its download while that still runs (counted as streamed), as the
+// upstream's zstd file passed on as it arrives (counted as verbatim: no
+// decoding and compressing again); each client verifies the path against casnix's
 // signature and the source's path-info, casnix holds the path afterwards,
 // and the upstream sent the NAR once per casnix.
 func TestServePullThroughStreams(t *testing.T) {
@@ -218,6 +219,9 @@ func TestServePullThroughStreams(t *testing.T) {
 			}
 			if counts["streamed"] != "1" || counts["failed"] != "0" {
 				t.Errorf("Nix %s: pull-through NARs %v, want 1 streamed", cl.Version(t), counts)
+			}
+			if v := regexp.MustCompile(`(?m)^casnix_http_pull_through_nars_verbatim_total (\d+)$`).FindStringSubmatch(string(nixtest.HTTPGet(t, url+"/metrics"))); v == nil || v[1] != "1" {
+				t.Errorf("Nix %s: pull-through NARs sent verbatim: %v, want 1", cl.Version(t), v)
 			}
 			// The ingest ends once the download checked out, right after
 			// the client's copy; wait for it.
