@@ -17,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ulikunitz/xz"
+
 	"github.com/casnix/casnix/nar"
 	"github.com/casnix/casnix/store"
 )
@@ -260,5 +262,48 @@ func TestMetricsScanHoldsNoRequest(t *testing.T) {
 	srv.metrics.statsMu.Unlock()
 	if err := <-scrape; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestServeXzURL: the .nar.xz URL a narinfo gave while the path was pulled
+// from an xz upstream still answers once the path is stored, whether or not
+// a NAR cache holds the upstream's file: without it the NAR is compressed
+// with xz again (and then kept), and it decodes to the stored NAR.
+func TestServeXzURL(t *testing.T) {
+	st := openStore(t)
+	addTree(t, st, pathA)
+	want := narOf(t, st, pathA)
+	pi, err := st.Info(context.Background(), pathA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	url := "/nar/" + store.HashPart(pathA) + "-" + store.NixBase32(pi.NarHash[:]) + ".nar.xz"
+	for _, cacheDir := range []string{"", filepath.Join(t.TempDir(), "c")} {
+		hs := httptest.NewServer(&Server{Store: st, StoreDir: "/nix/store", CacheDir: cacheDir, CacheBytes: 1 << 30})
+		for i := range 2 {
+			resp, err := http.Get(hs.URL + url)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "application/x-xz" {
+				t.Fatalf("cache %q, request %d: %s, %s", cacheDir, i, resp.Status, resp.Header.Get("Content-Type"))
+			}
+			r, err := xz.NewReader(bytes.NewReader(body))
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := io.ReadAll(r)
+			if err != nil || !bytes.Equal(got, want) {
+				t.Fatalf("cache %q, request %d: decoded %d bytes, %v; want the %d-byte NAR", cacheDir, i, len(got), err, len(want))
+			}
+		}
+		hs.Close()
+		if cacheDir != "" {
+			if _, err := os.Stat(filepath.Join(cacheDir, store.NixBase32(pi.NarHash[:])+".nar.xz")); err != nil {
+				t.Errorf("the xz NAR was not kept: %v", err)
+			}
+		}
 	}
 }

@@ -10,8 +10,10 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 
 	"github.com/klauspost/compress/zstd"
+	"github.com/ulikunitz/xz"
 
 	"github.com/casnix/casnix/store"
 )
@@ -29,9 +31,10 @@ type Puller interface {
 	// reader from the start, the bytes as they arrive, the end only once
 	// the whole NAR checked out. nil, nil: the store holds the path now.
 	// No upstream has it (or not with that NAR hash): ErrNotFound.
-	// With raw, the reader may instead give the upstream's zstd file as
-	// it arrives (SpoolReader.Raw), which the server then sends verbatim.
-	OpenNAR(ctx context.Context, hash, narHash string, raw bool) (*SpoolReader, error)
+	// With raw a compression ("zstd", "xz"), the reader may instead give
+	// the upstream's file as it arrives if it is in that compression
+	// (SpoolReader.Raw), which the server then sends verbatim.
+	OpenNAR(ctx context.Context, hash, narHash, raw string) (*SpoolReader, error)
 }
 
 // narURL is where the server's narinfos point for a path's NAR. The same
@@ -52,10 +55,11 @@ func (s *Server) narURL(name string, narHash [sha256.Size]byte) string {
 // limit, libzstd's default, so Nix's decoders take them too.)
 func (s *Server) KeepNAR(in *Info) NARCopy {
 	c := s.narCache()
-	if c == nil || in.Compression != "zstd" || s.compression() != "zstd" {
+	ext := s.pulledExt(in)
+	if c == nil || ext == "" {
 		return nil
 	}
-	key := store.NixBase32(in.NarHash[:]) + ".nar.zst"
+	key := store.NixBase32(in.NarHash[:]) + "." + ext
 	if _, err := os.Stat(filepath.Join(c.dir, key)); err == nil {
 		return nil // kept already
 	}
@@ -66,6 +70,25 @@ func (s *Server) KeepNAR(in *Info) NARCopy {
 }
 
 var _ NARKeeper = (*Server)(nil)
+
+// pulledExt is the extension of the URL the server's narinfo gives for a
+// NAR pulled from an upstream whose narinfo is in, when that URL sends the
+// upstream's own file: zstd when the server serves zstd, and xz when the
+// NAR cache keeps the file (a client may ask for the .nar.xz URL after the
+// pull; without the kept file it is compressed again with xz, slowly).
+// "": the server renders and compresses the NAR.
+func (s *Server) pulledExt(in *Info) string {
+	switch {
+	case in.Compression == "zstd" && s.compression() == "zstd":
+		return "nar.zst"
+	case in.Compression == "xz" && s.compression() == "zstd" && s.narCache() != nil:
+		// The client decodes xz itself, as it would from the upstream,
+		// instead of waiting for the server to decode it (Go's xz decoder
+		// is several times slower than liblzma) and compress it again.
+		return "nar.xz"
+	}
+	return ""
+}
 
 // pulledNarinfo is the narinfo of a path being pulled, from its upstream
 // narinfo: the same path-info (NarHash, NarSize, references, deriver,
@@ -80,6 +103,10 @@ func (s *Server) pulledNarinfo(in *Info) ([]byte, error) {
 	out := *in
 	out.URL = s.narURL(in.Name, in.NarHash)
 	out.Compression = s.compression()
+	if s.pulledExt(in) == "nar.xz" {
+		out.URL = strings.TrimSuffix(out.URL, extensions["zstd"]) + extensions["xz"]
+		out.Compression = "xz"
+	}
 	out.FileHash, out.FileSize = nil, 0
 	if s.Key != nil {
 		pi := in.PathInfo()
@@ -125,7 +152,7 @@ func (s *Server) streamNAR(w http.ResponseWriter, r *http.Request, rd *SpoolRead
 		// hashes the NAR from its start.
 		rng = &rangeWriter{skip: start, left: n}
 	} else {
-		w.Header().Set("Content-Type", "application/zstd")
+		w.Header().Set("Content-Type", contentTypes[ext])
 	}
 	if r.Method == http.MethodHead {
 		w.WriteHeader(status)
@@ -143,10 +170,19 @@ func (s *Server) streamNAR(w http.ResponseWriter, r *http.Request, rd *SpoolRead
 	bw := bufio.NewWriterSize(w, 128<<10)
 	var out io.Writer = bw
 	var enc *zstd.Encoder
+	var xzw *xz.Writer
 	if rd.Raw() {
-		// The upstream's zstd file, as it arrives: no decoding and no
+		// The upstream's file, as it arrives: no decoding and no
 		// compressing again, and the client gets what the upstream sent.
 		s.metrics.pullVerbatim.Add(1)
+	} else if ext == "nar.xz" {
+		// Not the upstream's xz file (another upstream's NAR was pulled):
+		// compressed again, slowly.
+		if xzw, err = xz.NewWriter(bw); err != nil {
+			s.abort(w, r, err)
+			return
+		}
+		out = xzw
 	} else if rng != nil {
 		rng.w = bw
 		out = rng
@@ -204,6 +240,12 @@ func (s *Server) streamNAR(w http.ResponseWriter, r *http.Request, rd *SpoolRead
 	}
 	if enc != nil {
 		if err := enc.Close(); err != nil {
+			s.abort(w, r, err)
+			return
+		}
+	}
+	if xzw != nil {
+		if err := xzw.Close(); err != nil {
 			s.abort(w, r, err)
 			return
 		}

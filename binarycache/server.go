@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/klauspost/compress/zstd"
+	"github.com/ulikunitz/xz"
 
 	"github.com/casnix/casnix/db"
 	"github.com/casnix/casnix/loglimit"
@@ -325,21 +326,22 @@ func validHashPart(hash string) bool {
 func (s *Server) serveNAR(w http.ResponseWriter, r *http.Request, file string) {
 	base, ext, _ := strings.Cut(file, ".")
 	hash, narHash, ok := strings.Cut(base, "-")
-	if !ok || (ext != "nar" && ext != "nar.zst") {
+	// .nar.xz: the URL of a NAR pulled from an xz upstream (pulledNarinfo).
+	if !ok || (ext != "nar" && ext != "nar.zst" && ext != "nar.xz") {
 		http.NotFound(w, r)
 		return
 	}
 	w.Header().Set("Cache-Control", "public, max-age=31536000, immutable")
 	cache := s.narCache()
-	key := narHash + ".nar.zst"
-	if cache != nil && ext == "nar.zst" && len(narHash) == 52 {
+	key := narHash + "." + ext
+	if cache != nil && ext != "nar" && len(narHash) == 52 {
 		// A cached file is named by its NAR hash, so it is right for the
 		// URL without asking the database (Nix got the URL from a narinfo,
 		// which did check validity).
 		if f := cache.open(key); f != nil {
 			defer f.Close()
 			if fi, err := f.Stat(); err == nil {
-				w.Header().Set("Content-Type", "application/zstd")
+				w.Header().Set("Content-Type", contentTypes[ext])
 				http.ServeContent(w, r, "", fi.ModTime(), f)
 				return
 			}
@@ -351,7 +353,7 @@ func (s *Server) serveNAR(w http.ResponseWriter, r *http.Request, file string) {
 		return
 	}
 	if pi == nil && s.Pull != nil && validHashPart(hash) && len(narHash) == 52 {
-		rd, err := s.Pull.OpenNAR(r.Context(), hash, narHash, ext == "nar.zst" && s.compression() == "zstd")
+		rd, err := s.Pull.OpenNAR(r.Context(), hash, narHash, rawCompressions[ext])
 		if err != nil {
 			s.pullFailed(w, r, err, true)
 			return
@@ -372,6 +374,10 @@ func (s *Server) serveNAR(w http.ResponseWriter, r *http.Request, file string) {
 	}
 	if ext == "nar" {
 		s.serveRawNAR(w, r, pi)
+		return
+	}
+	if ext == "nar.xz" {
+		s.serveXzNAR(w, r, pi, cache, key)
 		return
 	}
 	w.Header().Set("Content-Type", "application/zstd")
@@ -413,6 +419,59 @@ func (s *Server) serveNAR(w http.ResponseWriter, r *http.Request, file string) {
 	n, err := writeNARZstd(r.Context(), s.Store, pi.Name, enc, out, nil)
 	s.metrics.verbatim.Add(int64(n))
 	if err != nil {
+		s.abort(w, r, err)
+		return
+	}
+	if err := bw.Flush(); err != nil {
+		s.abort(w, r, err)
+		return
+	}
+	if fill != nil && r.Context().Err() == nil {
+		committed = true
+		fill.Commit()
+	}
+}
+
+// contentTypes are the Content-Types of compressed NAR URLs.
+var contentTypes = map[string]string{"nar.zst": "application/zstd", "nar.xz": "application/x-xz"}
+
+// rawCompressions are the compressions in which an upstream's file may be
+// passed on verbatim for a NAR URL.
+var rawCompressions = map[string]string{"nar.zst": "zstd", "nar.xz": "xz"}
+
+// serveXzNAR serves the NAR of a stored path as .nar.xz: the URL the
+// server's narinfo gave while the path was pulled from an xz upstream, and
+// which a client's narinfo cache may still hold. The upstream's file kept in
+// the NAR cache answers it (sendfile, above); without it (evicted, or no
+// NAR cache) the NAR is rendered and compressed with xz, slowly, and kept.
+func (s *Server) serveXzNAR(w http.ResponseWriter, r *http.Request, pi *store.PathInfo, cache *narCache, key string) {
+	w.Header().Set("Content-Type", contentTypes["nar.xz"])
+	if r.Method == http.MethodHead {
+		return
+	}
+	var fill *cacheFill
+	if cache != nil && r.Header.Get("Range") == "" {
+		fill = cache.fill(key)
+	}
+	committed := false
+	if fill != nil {
+		defer func() {
+			if !committed {
+				fill.Abort()
+			}
+		}()
+	}
+	bw := bufio.NewWriterSize(w, 128<<10)
+	var out io.Writer = bw
+	if fill != nil {
+		out = io.MultiWriter(bw, fill)
+	}
+	comp, err := xz.NewWriter(out)
+	if err != nil {
+		s.fail(w, r.URL.Path, err)
+		return
+	}
+	if err := renderTo(r.Context(), s.Store, pi.Name, comp, io.Discard); err != nil {
 		s.abort(w, r, err)
 		return
 	}

@@ -74,6 +74,10 @@ func (s *Substituter) dropSpool(name string, sp *binarycache.Spool) {
 	}
 }
 
+// rawKept reports whether a spool of in's download keeps the file for raw
+// readers: the compressions the HTTP cache passes on verbatim.
+func rawKept(in *binarycache.Info) bool { return in.Compression == "zstd" || in.Compression == "xz" }
+
 // spoolMode is what kind of reader openSpool opens.
 type spoolMode int
 
@@ -91,6 +95,9 @@ const (
 // takes to drop the spool only after its commit, so no download starts
 // for a path just ingested.
 func (s *Substituter) openSpool(ctx context.Context, in *binarycache.Info, up *Upstream, mode spoolMode) (*binarycache.SpoolReader, error) {
+	if mode == rawReader && !rawKept(in) {
+		mode = checkedReader
+	}
 	client := mode != ingestReader
 	open := func(sp *binarycache.Spool, ctx context.Context) *binarycache.SpoolReader {
 		switch mode {
@@ -129,9 +136,9 @@ func (s *Substituter) openSpool(ctx context.Context, in *binarycache.Info, up *U
 	if err != nil {
 		return nil, err
 	}
-	if in.Compression == "zstd" {
-		// The HTTP cache serves zstd: its clients get the upstream's
-		// file as it arrives, not the NAR decoded and compressed again.
+	if rawKept(in) {
+		// HTTP clients get the upstream's file as it arrives, not the
+		// NAR decoded and compressed again (binarycache.Server.pulledExt).
 		if err := sp.EnableRaw(); err != nil {
 			sp.Release()
 			return nil, err
@@ -316,11 +323,11 @@ func (p *PullThrough) start(name string) {
 	}()
 }
 
-// OpenNAR is binarycache.Puller's: a reader of the NAR (or, with raw, of
-// the upstream's zstd file if that is what it downloads) from the spool of
+// OpenNAR is binarycache.Puller's: a reader of the NAR (or of the
+// upstream's file, if it is in the compression raw names) from the spool of
 // its fetch (joined, or started now if the closure's fetch has not got to
 // it yet: its references come first); nil once the store holds it.
-func (p *PullThrough) OpenNAR(ctx context.Context, hash, narHash string, raw bool) (*binarycache.SpoolReader, error) {
+func (p *PullThrough) OpenNAR(ctx context.Context, hash, narHash, raw string) (*binarycache.SpoolReader, error) {
 	f, err := p.find(ctx, hash)
 	if err != nil {
 		return nil, err
@@ -330,7 +337,7 @@ func (p *PullThrough) OpenNAR(ctx context.Context, hash, narHash string, raw boo
 	}
 	p.start(f.Info.Name)
 	mode := checkedReader
-	if raw {
+	if raw != "" && raw == f.Info.Compression {
 		mode = rawReader
 	}
 	return p.l.s.openSpool(ctx, f.Info, f.Upstream, mode)

@@ -159,13 +159,15 @@ func (w slowWriter) Write(p []byte) (int, error) {
 
 // TestServePullThroughStreams: Nix 2.8, 2.26 and 2.34 each copy a 20 MiB
 // path through a cold casnix pull-through cache whose upstream (a cache
-// real Nix wrote) sends that NAR slowly (3.2 MB/s: seconds). casnix answers the
-// narinfo from the upstream's (no FileHash or FileSize) and the NAR from
-// its download while that still runs (counted as streamed), as the
-// upstream's zstd file passed on as it arrives (counted as verbatim: no
-// decoding and compressing again); each client verifies the path against casnix's
+// real Nix wrote, zstd and xz) sends that NAR slowly (3.2 MB/s: seconds).
+// casnix answers the narinfo from the upstream's (no FileHash or FileSize;
+// Compression and URL of the upstream's compression) and the NAR from its
+// download while that still runs (counted as streamed), as the upstream's
+// file passed on as it arrives (counted as verbatim: no decoding and
+// compressing again); each client verifies the path against casnix's
 // signature and the source's path-info, casnix holds the path afterwards,
-// and the upstream sent the NAR once per casnix.
+// and the upstream sent the NAR once per casnix. The upstream's file is
+// kept: the narinfo's URL then sends it byte for byte.
 func TestServePullThroughStreams(t *testing.T) {
 	f := nixtest.PopulateFixture(t)
 	bigDir := filepath.Join(t.TempDir(), "big-file")
@@ -177,98 +179,115 @@ func TestServePullThroughStreams(t *testing.T) {
 	}
 	big := strings.TrimSpace(string(f.Store.NixStore(t, "--add", bigDir)))
 	upKey, upPub := cacheKey(t, f.Store, "upstream-1")
-	cache := filepath.Join(t.TempDir(), "cache")
-	f.Nix(t, "copy", "--to", "file://"+cache+"?compression=zstd&secret-key="+upKey, big)
 	want := f.PathInfos(t)
-
-	var mu sync.Mutex
-	nars := 0
-	files := http.FileServer(http.Dir(cache))
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if strings.HasPrefix(r.URL.Path, "/nar/") {
-			mu.Lock()
-			nars++
-			mu.Unlock()
-			w = slowWriter{w}
-		}
-		files.ServeHTTP(w, r)
-	}))
-	defer up.Close()
 	casKey, casPub := cacheKey(t, f.Store, "casnix-1")
-
-	ran := 0
-	for _, suite := range nixtest.ClientSuites {
-		t.Run(suite, func(t *testing.T) {
-			cl := nixtest.RequireNixClient(t, suite)
-			ran++
-			cas := nixtest.NewCasnix(t)
-			d, url := cas.ServeHTTP(t, "--substituters", up.URL, "--trusted-public-keys", upPub, "--sign-key", casKey)
-			dest := "local?root=" + filepath.Join(cl.TempDir(t), "dst")
-			if r := cl.Cmd(append([]string{"nix", "copy", "--from", url, "--to", dest, big}, requireSigs(casPub)...)...).Try(); !r.OK() {
-				t.Fatalf("Nix %s: %s\ncasnix:\n%s", cl.Version(t), r, d.Output())
-			}
-			cl.Run(t, append([]string{"nix", "store", "verify", "--store", dest, "--sigs-needed", "1", big}, requireSigs(casPub)...)...)
-			hash := strings.TrimPrefix(big, nixtest.StoreDir+"/")[:32]
-			if ni := string(nixtest.HTTPGet(t, url+"/"+hash+".narinfo")); strings.Contains(ni, "FileHash") || strings.Contains(ni, "FileSize") {
-				t.Errorf("casnix's narinfo names a FileHash or FileSize:\n%s", ni)
-			}
-			m := regexp.MustCompile(`(?m)^casnix_http_pull_through_nars_total\{result="(\w+)"\} (\d+)$`).FindAllStringSubmatch(string(nixtest.HTTPGet(t, url+"/metrics")), -1)
-			counts := map[string]string{}
-			for _, x := range m {
-				counts[x[1]] = x[2]
-			}
-			if counts["streamed"] != "1" || counts["failed"] != "0" {
-				t.Errorf("Nix %s: pull-through NARs %v, want 1 streamed", cl.Version(t), counts)
-			}
-			if v := regexp.MustCompile(`(?m)^casnix_http_pull_through_nars_verbatim_total (\d+)$`).FindStringSubmatch(string(nixtest.HTTPGet(t, url+"/metrics"))); v == nil || v[1] != "1" {
-				t.Errorf("Nix %s: pull-through NARs sent verbatim: %v, want 1", cl.Version(t), v)
-			}
-			// The ingest ends once the download checked out, right after
-			// the client's copy; wait for it.
-			for deadline := time.Now().Add(time.Minute); ; time.Sleep(100 * time.Millisecond) {
-				if got := cas.ValidPaths(t, []string{big}); len(got) == 1 {
-					sameInfos(t, got, map[string]nixtest.PathInfo{big: want[big]})
-					break
+	for _, comp := range []string{"zstd", "xz"} {
+		t.Run(comp, func(t *testing.T) {
+			cache := filepath.Join(t.TempDir(), "cache")
+			f.Nix(t, "copy", "--to", "file://"+cache+"?compression="+comp+"&secret-key="+upKey, big)
+			var mu sync.Mutex
+			nars := 0
+			files := http.FileServer(http.Dir(cache))
+			up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if strings.HasPrefix(r.URL.Path, "/nar/") {
+					mu.Lock()
+					nars++
+					mu.Unlock()
+					w = slowWriter{w}
 				}
-				if time.Now().After(deadline) {
-					t.Fatalf("casnix does not hold %s a minute after the copy", big)
-				}
+				files.ServeHTTP(w, r)
+			}))
+			defer up.Close()
+			ran := 0
+			for _, suite := range nixtest.ClientSuites {
+				t.Run(suite, func(t *testing.T) {
+					cl := nixtest.RequireNixClient(t, suite)
+					ran++
+					pullThroughStream(t, cl, up.URL, upPub, casKey, casPub, cache, comp, big, want[big])
+				})
 			}
-			// The upstream's zstd file, checked, is kept in the NAR cache
-			// (on by default): from now on the NAR's URL sends the
-			// upstream's very bytes, and this Nix takes and verifies them.
-			upNarinfo, err := os.ReadFile(filepath.Join(cache, hash+".narinfo"))
-			if err != nil {
-				t.Fatal(err)
+			mu.Lock()
+			defer mu.Unlock()
+			if nars != ran {
+				t.Errorf("upstream sent the NAR %d times for %d cold casnix servers", nars, ran)
 			}
-			upFile, err := os.ReadFile(filepath.Join(cache, narinfoField(t, string(upNarinfo), "URL")))
-			if err != nil {
-				t.Fatal(err)
-			}
-			narURL := narinfoField(t, string(nixtest.HTTPGet(t, url+"/"+hash+".narinfo")), "URL")
-			kept := filepath.Join(cas.DataDir, "http-cache", strings.TrimSuffix(narURL[strings.LastIndex(narURL, "-")+1:], ".nar.zst")+".nar.zst")
-			for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-				if _, err := os.Stat(kept); err == nil {
-					break
-				}
-				if time.Now().After(deadline) {
-					t.Fatalf("the upstream's file of %s is not kept as %s", big, kept)
-				}
-			}
-			if sent := nixtest.HTTPGet(t, url+"/"+narURL); !bytes.Equal(sent, upFile) {
-				t.Errorf("casnix sent %d bytes for %s, not the upstream's %d-byte file", len(sent), narURL, len(upFile))
-			}
-			again := "local?root=" + filepath.Join(cl.TempDir(t), "again")
-			cl.Run(t, append([]string{"nix", "copy", "--from", url, "--to", again, big}, requireSigs(casPub)...)...)
-			cl.Run(t, append([]string{"nix", "store", "verify", "--store", again, "--sigs-needed", "1", big}, requireSigs(casPub)...)...)
-			t.Logf("Nix %s copied and verified %s, streamed from casnix while its upstream sent it, then from the upstream's kept file", cl.Version(t), big)
 		})
 	}
-	mu.Lock()
-	defer mu.Unlock()
-	if nars != ran {
-		t.Errorf("upstream sent the NAR %d times for %d cold casnix servers", nars, ran)
+}
+
+// pullThroughStream is one client of TestServePullThroughStreams.
+func pullThroughStream(t *testing.T, cl *nixtest.NixClient, upURL, upPub, casKey, casPub, cache, comp, big string, want nixtest.PathInfo) {
+	cas := nixtest.NewCasnix(t)
+	d, url := cas.ServeHTTP(t, "--substituters", upURL, "--trusted-public-keys", upPub, "--sign-key", casKey)
+	dest := "local?root=" + filepath.Join(cl.TempDir(t), "dst")
+	// The narinfo of the path being pulled (the client asks for it too,
+	// and gets the same: the path is valid only once its NAR is here).
+	hash := strings.TrimPrefix(big, nixtest.StoreDir+"/")[:32]
+	ni := string(nixtest.HTTPGet(t, url+"/"+hash+".narinfo"))
+	if r := cl.Cmd(append([]string{"nix", "copy", "--from", url, "--to", dest, big}, requireSigs(casPub)...)...).Try(); !r.OK() {
+		t.Fatalf("Nix %s: %s\ncasnix:\n%s", cl.Version(t), r, d.Output())
 	}
+	cl.Run(t, append([]string{"nix", "store", "verify", "--store", dest, "--sigs-needed", "1", big}, requireSigs(casPub)...)...)
+	if strings.Contains(ni, "FileHash") || strings.Contains(ni, "FileSize") {
+		t.Errorf("casnix's narinfo names a FileHash or FileSize:\n%s", ni)
+	}
+	metrics := string(nixtest.HTTPGet(t, url+"/metrics"))
+	m := regexp.MustCompile(`(?m)^casnix_http_pull_through_nars_total\{result="(\w+)"\} (\d+)$`).FindAllStringSubmatch(metrics, -1)
+	counts := map[string]string{}
+	for _, x := range m {
+		counts[x[1]] = x[2]
+	}
+	if counts["streamed"] != "1" || counts["failed"] != "0" {
+		t.Errorf("Nix %s: pull-through NARs %v, want 1 streamed", cl.Version(t), counts)
+	}
+	if v := regexp.MustCompile(`(?m)^casnix_http_pull_through_nars_verbatim_total (\d+)$`).FindStringSubmatch(metrics); v == nil || v[1] != "1" {
+		t.Errorf("Nix %s: pull-through NARs sent verbatim: %v, want 1", cl.Version(t), v)
+	}
+	// The ingest ends once the download checked out, right after the
+	// client's copy; wait for it.
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(100 * time.Millisecond) {
+		if got := cas.ValidPaths(t, []string{big}); len(got) == 1 {
+			sameInfos(t, got, map[string]nixtest.PathInfo{big: want})
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("casnix does not hold %s a minute after the copy", big)
+		}
+	}
+	// The upstream's file, checked, is kept in the NAR cache (on by
+	// default): the URL the client was given (zstd or xz, as upstream)
+	// sends the upstream's very bytes from then on, and this Nix takes
+	// and verifies them, with the narinfo the client was given or the one
+	// casnix gives now that it holds the path.
+	upNarinfo, err := os.ReadFile(filepath.Join(cache, hash+".narinfo"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	upFile, err := os.ReadFile(filepath.Join(cache, narinfoField(t, string(upNarinfo), "URL")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ext := map[string]string{"zstd": ".nar.zst", "xz": ".nar.xz"}[comp]
+	if c := narinfoField(t, ni, "Compression"); c != comp {
+		t.Errorf("casnix's narinfo of a path pulled from a %s cache says Compression: %s", comp, c)
+	}
+	narURL := narinfoField(t, ni, "URL")
+	kept := filepath.Join(cas.DataDir, "http-cache", strings.TrimSuffix(narURL[strings.LastIndex(narURL, "-")+1:], ext)+ext)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if _, err := os.Stat(kept); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the upstream's file of %s is not kept as %s", big, kept)
+		}
+	}
+	if sent := nixtest.HTTPGet(t, url+"/"+narURL); !bytes.Equal(sent, upFile) {
+		t.Errorf("casnix sent %d bytes for %s, not the upstream's %d-byte file", len(sent), narURL, len(upFile))
+	}
+	again := "local?root=" + filepath.Join(cl.TempDir(t), "again")
+	cl.Run(t, append([]string{"nix", "copy", "--from", url, "--to", again, big}, requireSigs(casPub)...)...)
+	cl.Run(t, append([]string{"nix", "store", "verify", "--store", again, "--sigs-needed", "1", big}, requireSigs(casPub)...)...)
+	t.Logf("Nix %s copied and verified %s, streamed from casnix while its %s upstream sent it, then from the upstream's kept file", cl.Version(t), big, comp)
 }
 
 // narinfoField is the value of a narinfo's field.
