@@ -13,6 +13,7 @@ import (
 	"github.com/casnix/casnix/blobs/pack"
 	"github.com/casnix/casnix/db"
 	"github.com/casnix/casnix/digest"
+	"github.com/casnix/casnix/sched"
 )
 
 // Writer adds blobs. It is not safe for concurrent use; run one per
@@ -89,17 +90,36 @@ func (s *Store) NewWriter(ctx context.Context) *Writer {
 		// every writer (one per ingested path) cost a copy per doubling.
 		groupRaw: getBuf(s.opts.FrameSize),
 	}
+	idle := sched.IsIdle(ctx)
 	for i := 0; i < s.opts.Workers; i++ {
 		w.wg.Add(1)
-		go w.compressor()
+		go w.compressor(idle)
 	}
+	// The appender stays on an ordinary thread even for idle work: it holds
+	// the packs it writes (acquire) and is no CPU worth sparing.
 	go w.appender()
 	return w
 }
 
-func (w *Writer) compressor() {
+// testHookCompress, if set, runs on a compressor before each frame.
+var testHookCompress func()
+
+// compressor compresses frames until Flush. For idle work (sched.WithIdle:
+// the pull-through's ingest) it runs at idle priority from its first frame
+// on (a compressor that gets none, as for most small paths, keeps its
+// thread ordinary and pooled): it holds no lock, only frames that the
+// appender and Flush wait for, and Flush runs before the caller's SQLite
+// transaction begins. Its thread is discarded when Flush ends it.
+func (w *Writer) compressor(idle bool) {
 	defer w.wg.Done()
 	for j := range w.work {
+		if idle {
+			sched.Idle()
+			idle = false // once: the thread stays idle
+		}
+		if h := testHookCompress; h != nil {
+			h()
+		}
 		j.out = w.s.enc.EncodeAll(j.raw, getBuf(len(j.raw)+len(j.raw)/64+64))
 		putBuf(j.raw)
 		j.raw = nil

@@ -1,6 +1,7 @@
 package sched
 
 import (
+	"context"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -33,5 +34,62 @@ func TestIdle(t *testing.T) {
 	}
 	if r.childE != nil || r.child == unix.SCHED_IDLE {
 		t.Errorf("a goroutine started from the idle one runs at policy %d (%v)", r.child, r.childE)
+	}
+}
+
+// TestRun: RunIdle runs its func at idle priority and RunOrdinary at
+// ordinary priority, whichever thread calls them, and both raise a panic
+// in the caller.
+func TestRun(t *testing.T) {
+	policy := func(run func(func())) uint32 {
+		var p uint32
+		var err error
+		run(func() { p, err = Policy() })
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	for _, tc := range []struct {
+		name     string
+		run      func(func())
+		wantIdle bool
+	}{
+		{"RunIdle", RunIdle, true},
+		{"RunOrdinary", RunOrdinary, false},
+		{"RunOrdinary from idle", func(fn func()) { RunIdle(func() { RunOrdinary(fn) }) }, false},
+		{"RunIdle from ordinary", func(fn func()) { RunOrdinary(func() { RunIdle(fn) }) }, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := policy(tc.run) == unix.SCHED_IDLE; got != tc.wantIdle {
+				t.Fatalf("idle %v, want %v", got, tc.wantIdle)
+			}
+			func() {
+				defer func() {
+					if r := recover(); r != "boom" {
+						t.Fatalf("recovered %v, want the func's panic", r)
+					}
+				}()
+				tc.run(func() { panic("boom") })
+			}()
+		})
+	}
+	if p := policy(func(fn func()) { fn() }); p == unix.SCHED_IDLE {
+		t.Fatal("the test's own thread went idle")
+	}
+}
+
+// TestWithIdle: only a context WithIdle marked (or one derived from it)
+// says idle.
+func TestWithIdle(t *testing.T) {
+	ctx := context.Background()
+	if IsIdle(ctx) {
+		t.Fatal("background is idle")
+	}
+	idle := WithIdle(ctx)
+	child, cancel := context.WithCancel(idle)
+	defer cancel()
+	if !IsIdle(idle) || !IsIdle(child) {
+		t.Fatal("marked context not idle")
 	}
 }
