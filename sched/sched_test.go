@@ -2,7 +2,10 @@ package sched
 
 import (
 	"context"
+	"runtime"
+	"sync"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -55,10 +58,10 @@ func TestRun(t *testing.T) {
 		run      func(func())
 		wantIdle bool
 	}{
-		{"RunIdle", RunIdle, true},
+		{"RunIdle", runIdle, true},
 		{"RunOrdinary", RunOrdinary, false},
-		{"RunOrdinary from idle", func(fn func()) { RunIdle(func() { RunOrdinary(fn) }) }, false},
-		{"RunIdle from ordinary", func(fn func()) { RunOrdinary(func() { RunIdle(fn) }) }, true},
+		{"RunOrdinary from idle", func(fn func()) { runIdle(func() { RunOrdinary(fn) }) }, false},
+		{"RunIdle from ordinary", func(fn func()) { RunOrdinary(func() { runIdle(fn) }) }, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if got := policy(tc.run) == unix.SCHED_IDLE; got != tc.wantIdle {
@@ -76,6 +79,62 @@ func TestRun(t *testing.T) {
 	}
 	if p := policy(func(fn func()) { fn() }); p == unix.SCHED_IDLE {
 		t.Fatal("the test's own thread went idle")
+	}
+}
+
+func runIdle(fn func()) {
+	if err := RunIdle(context.Background(), fn); err != nil {
+		panic(err)
+	}
+}
+
+// TestRunIdleTurns: at most GOMAXPROCS-1 RunIdle funcs run at once (one
+// with GOMAXPROCS 1), the others wait for a turn, and one whose context
+// ends while it waits returns its error without running.
+func TestRunIdleTurns(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(0))
+	for _, tc := range []struct{ procs, want int }{{1, 1}, {2, 1}, {3, 2}} {
+		runtime.GOMAXPROCS(tc.procs)
+		var mu sync.Mutex
+		running, most := 0, 0
+		release := make(chan struct{})
+		var wg sync.WaitGroup
+		for range tc.want + 2 {
+			wg.Go(func() {
+				runIdle(func() {
+					mu.Lock()
+					running++
+					most = max(most, running)
+					mu.Unlock()
+					<-release
+					mu.Lock()
+					running--
+					mu.Unlock()
+				})
+			})
+		}
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+			mu.Lock()
+			n := running
+			mu.Unlock()
+			if n == tc.want {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("GOMAXPROCS %d: %d running, want %d", tc.procs, n, tc.want)
+			}
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+		ran := false
+		if err := RunIdle(ctx, func() { ran = true }); err != context.DeadlineExceeded || ran {
+			t.Fatalf("GOMAXPROCS %d: waiting with an ended context: %v, ran %v", tc.procs, err, ran)
+		}
+		cancel()
+		close(release)
+		wg.Wait()
+		if most != tc.want {
+			t.Fatalf("GOMAXPROCS %d: %d ran at once, want %d", tc.procs, most, tc.want)
+		}
 	}
 }
 

@@ -140,7 +140,10 @@ func (b *Batch) Add(r io.Reader, info PathInfo) (*PathInfo, error) {
 		// most gcYield), the Writer's packs (the appender's, on an ordinary
 		// thread) and, for an instant at a time, SQLite reader connections
 		// (WAL readers block no writer) and what r takes (a spool's mutex).
-		sched.RunIdle(func() { pi, err = b.add(r, info) })
+		// The Writer compresses on this thread too (blobs.NewWriter).
+		if rerr := sched.RunIdle(b.ctx, func() { pi, err = b.add(r, info) }); rerr != nil {
+			err = rerr
+		}
 	} else {
 		pi, err = b.add(r, info)
 	}
