@@ -13,6 +13,7 @@ import (
 	"github.com/casnix/casnix/blobs/pack"
 	"github.com/casnix/casnix/db"
 	"github.com/casnix/casnix/digest"
+	"github.com/casnix/casnix/sched"
 )
 
 // Writer adds blobs. It is not safe for concurrent use; run one per
@@ -48,6 +49,10 @@ type Writer struct {
 	touched []*packFile
 	frames  []pendingFrame
 	appErr  error
+
+	// inline: frames are compressed by the caller (idle work), not by
+	// compressor goroutines.
+	inline bool
 
 	err     error
 	flushed bool
@@ -89,22 +94,41 @@ func (s *Store) NewWriter(ctx context.Context) *Writer {
 		// every writer (one per ingested path) cost a copy per doubling.
 		groupRaw: getBuf(s.opts.FrameSize),
 	}
-	for i := 0; i < s.opts.Workers; i++ {
+	// Idle work (sched.WithIdle: the pull-through's ingest) compresses on
+	// the caller's thread, which the store put at idle priority, instead of
+	// on compressors of its own: idle threads are bounded (sched.RunIdle),
+	// since one the kernel leaves waiting keeps one of Go's Ps from every
+	// ordinary goroutine of the process.
+	w.inline = sched.IsIdle(ctx)
+	for i := 0; i < s.opts.Workers && !w.inline; i++ {
 		w.wg.Add(1)
 		go w.compressor()
 	}
+	// The appender stays on an ordinary thread even for idle work: it holds
+	// the packs it writes (acquire) and is no CPU worth sparing.
 	go w.appender()
 	return w
 }
 
+// testHookCompress, if set, runs before each frame is compressed, on the
+// thread that compresses it.
+var testHookCompress func()
+
 func (w *Writer) compressor() {
 	defer w.wg.Done()
 	for j := range w.work {
-		j.out = w.s.enc.EncodeAll(j.raw, getBuf(len(j.raw)+len(j.raw)/64+64))
-		putBuf(j.raw)
-		j.raw = nil
-		close(j.ready)
+		w.compress(j)
 	}
+}
+
+func (w *Writer) compress(j *frameJob) {
+	if h := testHookCompress; h != nil {
+		h()
+	}
+	j.out = w.s.enc.EncodeAll(j.raw, getBuf(len(j.raw)+len(j.raw)/64+64))
+	putBuf(j.raw)
+	j.raw = nil
+	close(j.ready)
 }
 
 // appender writes finished frames to packs in submission order.
@@ -279,6 +303,11 @@ func (w *Writer) submit() error {
 	j := &frameJob{entries: w.group, raw: w.groupRaw, rawLen: int64(len(w.groupRaw)), ready: make(chan struct{})}
 	w.group = nil
 	w.groupRaw = getBuf(w.s.opts.FrameSize)
+	if w.inline {
+		w.compress(j)
+		w.order <- j
+		return w.ctx.Err()
+	}
 	// No ctx cases: compressors and the appender always drain, and a job
 	// queued for the appender but never compressed would block it forever.
 	w.order <- j

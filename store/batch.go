@@ -16,6 +16,7 @@ import (
 	"github.com/casnix/casnix/db"
 	"github.com/casnix/casnix/digest"
 	"github.com/casnix/casnix/nar"
+	"github.com/casnix/casnix/sched"
 )
 
 // Batch adds store paths atomically: all of them become valid at Commit,
@@ -128,7 +129,24 @@ func (b *Batch) Add(r io.Reader, info PathInfo) (*PathInfo, error) {
 		}
 		b.unlock = unlock
 	}
-	pi, err := b.add(r, info)
+	var pi *PathInfo
+	var err error
+	if sched.IsIdle(b.ctx) {
+		// Idle work (the pull-through's ingest of what a client streams
+		// past it): parsing, chunking and hashing run on an idle thread of
+		// their own, discarded after. What it holds meanwhile: the GC lock
+		// shared (taken above, on the caller's thread; a collection waits
+		// for it as for any long ingest, and new batches wait for that at
+		// most gcYield), the Writer's packs (the appender's, on an ordinary
+		// thread) and, for an instant at a time, SQLite reader connections
+		// (WAL readers block no writer) and what r takes (a spool's mutex).
+		// The Writer compresses on this thread too (blobs.NewWriter).
+		if rerr := sched.RunIdle(b.ctx, func() { pi, err = b.add(r, info) }); rerr != nil {
+			err = rerr
+		}
+	} else {
+		pi, err = b.add(r, info)
+	}
 	if err != nil {
 		b.err = err
 		return nil, err
@@ -288,6 +306,22 @@ func (b *Batch) Commit() (added []string, err error) {
 	}
 	b.done = true
 	defer b.release()
+	if sched.IsIdle(b.ctx) {
+		// Idle work commits on an ordinary thread, whoever calls: the packs'
+		// fsyncs and the SQLite transaction hold the write lock every
+		// writer waits on, which an idle thread a busy machine starves
+		// would hold for as long.
+		sched.RunOrdinary(func() { added, err = b.commit() })
+		return added, err
+	}
+	return b.commit()
+}
+
+// testHookCommit, if set, runs inside each batch's SQLite transaction.
+var testHookCommit func()
+
+// commit is Commit's work.
+func (b *Batch) commit() (added []string, err error) {
 	if b.err != nil {
 		return nil, b.err
 	}
@@ -299,6 +333,9 @@ func (b *Batch) Commit() (added []string, err error) {
 	var mark int64
 	err = b.s.db.Write(b.ctx, func(tx *db.Tx) error {
 		added = added[:0]
+		if h := testHookCommit; h != nil {
+			h()
+		}
 		if err := b.w.Commit(b.ctx, tx); err != nil {
 			return err
 		}

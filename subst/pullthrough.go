@@ -9,6 +9,7 @@ import (
 
 	"github.com/casnix/casnix/binarycache"
 	"github.com/casnix/casnix/loglimit"
+	"github.com/casnix/casnix/sched"
 	"github.com/casnix/casnix/store"
 )
 
@@ -305,7 +306,10 @@ func (p *PullThrough) start(name string) {
 			closed := p.closed
 			s.spoolMu.Unlock()
 			if !closed {
-				err = p.l.Ensure(s.base, name)
+				// Idle work: the client streams the NARs from the spools and
+				// waits for none of this, so storing them must not take CPU
+				// from it (or anyone); see fetchOnce and store.Batch.
+				err = p.l.Ensure(sched.WithIdle(s.base), name)
 			}
 			<-p.slots
 		case <-s.base.Done():

@@ -24,6 +24,7 @@ import (
 	"time"
 
 	"github.com/casnix/casnix/binarycache"
+	"github.com/casnix/casnix/sched"
 	"github.com/casnix/casnix/store"
 )
 
@@ -184,6 +185,12 @@ type cacheEntry struct {
 type call struct {
 	done chan struct{}
 	err  error
+	// idle: the fetch is idle work (a pull-through's, sched.WithIdle);
+	// cancel stops it, and next is the ordinary fetch that took over from
+	// it, whose result it hands its callers.
+	idle   bool
+	cancel context.CancelFunc
+	next   *call
 }
 
 // New opens upstreams from their URLs, contacting none of them.
@@ -756,22 +763,47 @@ func sortedKeys[V any](m map[string]V) []string {
 
 // fetchOnce substitutes one path; concurrent calls for the same path share
 // one fetch, which runs on the Substituter's context so that a caller
-// giving up does not fail the others.
+// giving up does not fail the others. A fetch for an idle caller (the
+// pull-through's, sched.WithIdle) is idle work; an ordinary caller (a
+// daemon substitution, a lazy read) does not wait for one, which a busy
+// machine may starve: it starts an ordinary fetch that the idle one's
+// callers then wait for too, and stops the idle one (the download, in a
+// spool, is not repeated).
 func (s *Substituter) fetchOnce(ctx context.Context, f *Found) error {
 	name := f.Info.Name
+	idle := sched.IsIdle(ctx)
 	s.flightMu.Lock()
 	c, ok := s.flight[name]
-	if !ok {
-		c = &call{done: make(chan struct{})}
-		s.flight[name] = c
+	if !ok || c.idle && !idle {
+		nc := &call{done: make(chan struct{}), idle: idle}
+		fctx := s.base
+		if idle {
+			fctx = sched.WithIdle(fctx)
+		}
+		fctx, nc.cancel = context.WithCancel(fctx)
+		if ok {
+			c.next = nc
+			c.cancel()
+		}
+		c = nc
+		s.flight[name] = nc
 		s.fetchs.Add(1)
 		go func() {
 			defer s.fetchs.Done()
-			c.err = s.fetch(s.base, f)
+			err := s.fetch(fctx, f)
+			nc.cancel()
 			s.flightMu.Lock()
-			delete(s.flight, name)
+			if s.flight[name] == nc {
+				delete(s.flight, name)
+			}
+			next := nc.next
 			s.flightMu.Unlock()
-			close(c.done)
+			if next != nil {
+				<-next.done
+				err = next.err
+			}
+			nc.err = err
+			close(nc.done)
 		}()
 	}
 	s.flightMu.Unlock()
@@ -825,7 +857,13 @@ func (s *Substituter) spoolingOn() bool {
 	return s.spooling
 }
 
+// testHookFetch, if set, is called with each attempt's context and path.
+var testHookFetch func(ctx context.Context, name string)
+
 func (s *Substituter) fetchFrom(ctx context.Context, in *binarycache.Info, up *Upstream) error {
+	if h := testHookFetch; h != nil {
+		h(ctx, in.Name)
+	}
 	var err error
 	if s.spoolingOn() {
 		err = s.fetchSpooled(ctx, in, up)
