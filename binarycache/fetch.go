@@ -357,7 +357,15 @@ func FetchNAR(ctx context.Context, st *store.Store, src Source, in *Info) error 
 		return err
 	}
 	defer rc.Close()
-	body := &readErr{r: rc}
+	return IngestFile(ctx, st, rc, in)
+}
+
+// IngestFile is FetchNAR of the cache file r gives (compressed as in
+// says): decoded on the calling goroutine, checked against the narinfo
+// (FileHash, FileSize, NarHash, NarSize, nothing after the NAR) and
+// committed as in's path in a batch of its own, or nothing of it stays.
+func IngestFile(ctx context.Context, st *store.Store, r io.Reader, in *Info) error {
+	body := &readErr{r: r}
 	file, fileCapped, narCapped, closeDec, err := openNAR(body, in)
 	if err != nil {
 		return body.transient(err)

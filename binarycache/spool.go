@@ -61,6 +61,23 @@ type Spool struct {
 	// checked out.
 	rawOK bool
 	dir   string
+
+	// lazy (EnableRaw with a FileHash): the download only writes and
+	// checks the file (its FileHash and FileSize release raw readers);
+	// the NAR is decoded and checked only when a NAR reader asks for it
+	// (startCheck), or by whoever ingests from a raw reader (FetchNAR
+	// over it, then NARChecked). So a pull whose clients take the file
+	// verbatim and whose ingest runs at idle priority decodes nothing on
+	// an ordinary thread (Go's xz decoder costs several times what the
+	// client's liblzma does).
+	lazy         bool
+	checkStarted bool
+	// nDone, nErr: the NAR check ended, and how (what NAR readers get);
+	// for a spool that is not lazy, the download's end.
+	nDone bool
+	nErr  error
+	// keepDone: the copy was committed or aborted.
+	keepDone bool
 }
 
 // NARKeeper keeps the files (compressed NARs) spools download, so that the
@@ -124,6 +141,7 @@ func (sp *Spool) EnableRaw() error {
 	}
 	os.Remove(f.Name())
 	sp.raw = f
+	sp.lazy = sp.Info.FileHash != nil
 	return nil
 }
 
@@ -138,6 +156,9 @@ type download struct {
 	rc   io.ReadCloser
 	done chan struct{}
 	off  int64 // the follower's position
+	// check: the follower is a lazy spool's NAR check, which stops as
+	// soon as the download failed (its result would be dropped).
+	check bool
 }
 
 func (sp *Spool) startDownload(rc io.ReadCloser) *download {
@@ -197,6 +218,9 @@ func (d *download) Read(p []byte) (int, error) {
 	for {
 		sp.mu.Lock()
 		n, end, err, wake := sp.rawN, sp.rawEnd, sp.rawErr, sp.wake
+		if d.check && sp.done && sp.err != nil {
+			n, end, err = d.off, true, sp.err
+		}
 		sp.mu.Unlock()
 		if d.off < n {
 			k, rerr := sp.raw.ReadAt(p[:min(int64(len(p)), n-d.off)], d.off)
@@ -224,17 +248,16 @@ func (d *download) stop() {
 }
 
 // Fetch downloads the NAR from src into the spool and checks it; its
-// error is also what readers get. It must be called once.
+// error is also what readers get. It must be called once. A lazy spool's
+// Fetch checks the file only (FileHash, FileSize); its NAR is checked by
+// startCheck or by the ingest.
 func (sp *Spool) Fetch(ctx context.Context, src Source) (err error) {
 	defer func() {
 		sp.finish(err)
-		// After the readers were let go: committing syncs the copy.
-		if sp.keep != nil {
-			if err == nil {
-				sp.keep.Commit()
-			} else {
-				sp.keep.Abort()
-			}
+		// After the readers were let go: committing syncs the copy. A
+		// lazy spool's copy waits for its NAR check (endKeep).
+		if err != nil || !sp.lazy {
+			sp.endKeep(err == nil)
 		}
 	}()
 	in := sp.Info
@@ -244,6 +267,21 @@ func (sp *Spool) Fetch(ctx context.Context, src Source) (err error) {
 	}
 	defer rc.Close()
 	var raw io.Reader = rc
+	if sp.lazy {
+		d := sp.startDownload(rc)
+		<-d.done
+		sp.mu.Lock()
+		rawErr, ok := sp.rawErr, sp.rawOK
+		sp.mu.Unlock()
+		if rawErr != nil {
+			return fmt.Errorf("%s: %w", in.URL, rawErr) // a transient error stays one
+		}
+		if !ok {
+			return fmt.Errorf("%s: file hash or size mismatch: the file is not the one the narinfo names (FileHash sha256:%s, FileSize %d)",
+				in.URL, store.NixBase32(in.FileHash), in.FileSize)
+		}
+		return nil
+	}
 	if sp.raw != nil {
 		// The download runs ahead on its own; the check below decodes
 		// what it wrote. (The copy is the download's too.)
@@ -257,7 +295,13 @@ func (sp *Spool) Fetch(ctx context.Context, src Source) (err error) {
 		// checked against NarHash.
 		raw = io.TeeReader(rc, sp.keep)
 	}
-	body := &readErr{r: raw}
+	return sp.decode(&readErr{r: raw})
+}
+
+// decode decompresses the file body gives into the spool's NAR file and
+// checks it against the narinfo.
+func (sp *Spool) decode(body *readErr) error {
+	in := sp.Info
 	file, fileCapped, narCapped, closeDec, err := openNAR(body, in)
 	if err != nil {
 		return body.transient(err)
@@ -319,10 +363,68 @@ func (sp *Spool) finish(err error) {
 	defer sp.mu.Unlock()
 	sp.done, sp.err = true, err
 	if err == nil && sp.raw != nil {
-		sp.rawOK = true // the file decoded to the NAR, which checked out
+		sp.rawOK = true // the file decoded to the NAR, which checked out (or, lazy, matched FileHash)
+	}
+	if !sp.lazy || err != nil {
+		// A failed download fails the NAR's readers too, checked or not.
+		sp.nDone, sp.nErr = true, err
 	}
 	sp.wakeLocked()
 	sp.unref()
+}
+
+// startCheck starts the NAR check of a lazy spool, once: a reader of the
+// NAR (not of the file) needs it.
+func (sp *Spool) startCheck() {
+	sp.mu.Lock()
+	if !sp.lazy || sp.checkStarted || sp.nDone || sp.refs == 0 {
+		sp.mu.Unlock()
+		return
+	}
+	sp.checkStarted = true
+	sp.refs++ // the check's
+	sp.mu.Unlock()
+	go func() {
+		err := sp.decode(&readErr{r: &download{sp: sp, check: true}})
+		sp.mu.Lock()
+		ok := false
+		if !sp.nDone { // else the download failed first
+			sp.nDone, sp.nErr = true, err
+			ok = err == nil
+		}
+		sp.wakeLocked()
+		sp.mu.Unlock()
+		if ok {
+			sp.endKeep(true)
+		}
+		sp.Release()
+	}()
+}
+
+// NARChecked tells a lazy spool that its NAR checked out against the
+// narinfo (an ingest from a raw reader committed it), so the copy of its
+// file is kept.
+func (sp *Spool) NARChecked() { sp.endKeep(true) }
+
+// Lazy reports whether the spool checks its NAR only on demand: an ingest
+// from it should read the file (NewRawReader) and check the NAR itself
+// (FetchNAR), then call NARChecked.
+func (sp *Spool) Lazy() bool { return sp.lazy }
+
+// endKeep commits (ok) or aborts the copy of the file, once.
+func (sp *Spool) endKeep(ok bool) {
+	sp.mu.Lock()
+	if sp.keep == nil || sp.keepDone {
+		sp.mu.Unlock()
+		return
+	}
+	sp.keepDone = true
+	sp.mu.Unlock()
+	if ok {
+		sp.keep.Commit()
+	} else {
+		sp.keep.Abort()
+	}
 }
 
 // unref drops a reference; sp.mu is held.
@@ -331,6 +433,11 @@ func (sp *Spool) unref() {
 		sp.f.Close()
 		if sp.raw != nil {
 			sp.raw.Close()
+		}
+		if sp.keep != nil && !sp.keepDone {
+			// A lazy spool whose NAR nobody checked: its copy goes.
+			sp.keepDone = true
+			go sp.keep.Abort()
 		}
 	}
 }
@@ -367,8 +474,8 @@ func (sp *Spool) State() (done bool, err error) {
 func (sp *Spool) limit() (lim int64, done bool, err error, wake <-chan struct{}) {
 	sp.mu.Lock()
 	defer sp.mu.Unlock()
-	if sp.done {
-		return sp.n, true, sp.err, sp.wake
+	if sp.nDone {
+		return sp.n, true, sp.nErr, sp.wake
 	}
 	return min(sp.n, sp.Info.NarSize-SpoolHoldBack), false, nil, sp.wake
 }
@@ -398,7 +505,7 @@ func (sp *Spool) NewRawReader(ctx context.Context) *SpoolReader {
 	if sp.raw == nil {
 		return nil
 	}
-	r := sp.NewReader(ctx)
+	r := sp.newReader(ctx)
 	if r != nil {
 		r.raw = true
 	}
@@ -406,8 +513,17 @@ func (sp *Spool) NewRawReader(ctx context.Context) *SpoolReader {
 }
 
 // NewReader opens a reader at the start of the NAR; ctx bounds its
-// blocking reads. Nil if the spool is closed already.
+// blocking reads. Nil if the spool is closed already. On a lazy spool it
+// starts the NAR's check (startCheck).
 func (sp *Spool) NewReader(ctx context.Context) *SpoolReader {
+	r := sp.newReader(ctx)
+	if r != nil {
+		sp.startCheck()
+	}
+	return r
+}
+
+func (sp *Spool) newReader(ctx context.Context) *SpoolReader {
 	if !sp.Retain() {
 		return nil
 	}

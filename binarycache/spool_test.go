@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -297,7 +298,8 @@ func TestSpoolRawReader(t *testing.T) {
 		file    []byte
 		in      func(in *Info)
 		rawOK   bool  // the raw reader reads the whole file
-		wantErr error // of the fetch; nil: it checks out
+		wantErr error // of the fetch (or, fileOK, of the ingest); nil: it checks out
+		fileOK  bool  // the fetch checks out (the file is the one named), the ingest fails
 	}{
 		{name: "good", file: file, rawOK: true},
 		{name: "good without FileHash", file: file, in: func(in *Info) { in.FileHash, in.FileSize = nil, 0 }, rawOK: true},
@@ -309,7 +311,9 @@ func TestSpoolRawReader(t *testing.T) {
 		// The file is the one named, the NAR in it not the one signed: the
 		// file is released (the client's own NarHash check refuses it), the
 		// fetch fails, nothing is ingested.
-		{name: "NarHash lie", file: file, in: func(in *Info) { in.NarHash[0] ^= 1 }, rawOK: true, wantErr: store.ErrHashMismatch},
+		// (The spool is lazy: its download checks the file; the NAR's
+		// check, started by the ingest's NAR reader, fails that reader.)
+		{name: "NarHash lie", file: file, in: func(in *Info) { in.NarHash[0] ^= 1 }, rawOK: true, wantErr: store.ErrHashMismatch, fileOK: true},
 		{name: "NarHash lie without FileHash", file: file, in: func(in *Info) { in.NarHash[0] ^= 1; in.FileHash, in.FileSize = nil, 0 }, wantErr: store.ErrHashMismatch},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -372,23 +376,32 @@ func TestSpoolRawReader(t *testing.T) {
 				t.Fatalf("raw reader of a bad file: %d bytes, %v", len(got), rerr)
 			}
 			switch {
-			case tc.wantErr == nil && ferr != nil:
+			case (tc.wantErr == nil || tc.fileOK) && ferr != nil:
 				t.Fatalf("fetch: %v", ferr)
-			case tc.wantErr != nil && ferr == nil:
+			case tc.wantErr != nil && !tc.fileOK && ferr == nil:
 				t.Fatal("bad file fetched")
-			case tc.wantErr != nil && tc.wantErr != errAny && !errors.Is(ferr, tc.wantErr):
+			case tc.wantErr != nil && !tc.fileOK && tc.wantErr != errAny && !errors.Is(ferr, tc.wantErr):
 				t.Fatalf("fetch: %v, want %v", ferr, tc.wantErr)
 			}
 			ierr := <-ingested
 			if ok, _ := dst.IsValid(context.Background(), pathA); ok != (tc.wantErr == nil) || (ierr == nil) != (tc.wantErr == nil) {
 				t.Fatalf("ingest: %v, valid %v", ierr, ok)
 			}
+			if tc.fileOK && !errors.Is(ierr, tc.wantErr) {
+				t.Fatalf("ingest: %v, want %v", ierr, tc.wantErr)
+			}
 			r.Close()
-			sp.mu.Lock()
-			refs := sp.refs
-			sp.mu.Unlock()
-			if refs != 0 {
-				t.Fatalf("%d references left: the spool files stay open", refs)
+			// The NAR check (lazy spools) lets go once it stopped.
+			for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+				sp.mu.Lock()
+				refs := sp.refs
+				sp.mu.Unlock()
+				if refs == 0 {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("%d references left: the spool files stay open", refs)
+				}
 			}
 		})
 	}
@@ -396,3 +409,81 @@ func TestSpoolRawReader(t *testing.T) {
 
 // errAny: the test wants some error, whichever.
 var errAny = errors.New("any error")
+
+// fakeCopy records what became of a NARCopy.
+type fakeCopy struct {
+	mu       sync.Mutex
+	n        int
+	commits  int
+	aborts   int
+	finished chan struct{}
+}
+
+func (c *fakeCopy) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	c.n += len(p)
+	c.mu.Unlock()
+	return len(p), nil
+}
+func (c *fakeCopy) Commit() { c.mu.Lock(); c.commits++; c.mu.Unlock(); close(c.finished) }
+func (c *fakeCopy) Abort()  { c.mu.Lock(); c.aborts++; c.mu.Unlock(); close(c.finished) }
+
+// TestSpoolLazy: a spool keeping its file with a FileHash is lazy: its
+// download checks the file only, an ingest from a raw reader (IngestFile)
+// decodes and checks the NAR itself and nothing else decodes it (no NAR
+// check starts), and the file's copy is kept only once that ingest checked
+// the NAR (NARChecked); a NAR that does not match NarHash is not stored and
+// its copy is dropped when the spool is let go.
+func TestSpoolLazy(t *testing.T) {
+	src := openStore(t)
+	addTree(t, src, pathA)
+	good := narOf(t, src, pathA)
+	file := zstdOf(t, bytes.NewReader(good))
+	fileHash := sha256.Sum256(file)
+	for _, lie := range []bool{false, true} {
+		in := &Info{Name: pathA, URL: "nar/x.nar.zst", Compression: "zstd", NarHash: sha256.Sum256(good), NarSize: int64(len(good)),
+			FileHash: fileHash[:], FileSize: int64(len(file))}
+		if lie {
+			in.NarHash[0] ^= 1
+		}
+		sp, err := NewSpool(filepath.Join(t.TempDir(), "tmp"), in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := sp.EnableRaw(); err != nil {
+			t.Fatal(err)
+		}
+		c := &fakeCopy{finished: make(chan struct{})}
+		sp.Keep(c)
+		if !sp.Lazy() {
+			t.Fatal("a spool keeping its file, with a FileHash, is not lazy")
+		}
+		rd := sp.NewRawReader(context.Background())
+		pr, pw := io.Pipe()
+		go func() { pw.Write(file); pw.Close() }()
+		if err := sp.Fetch(context.Background(), pipeSource{pr}); err != nil {
+			t.Fatalf("lie %v: fetch: %v", lie, err)
+		}
+		dst := openStore(t)
+		ierr := IngestFile(context.Background(), dst, rd, in)
+		if ierr == nil {
+			sp.NARChecked()
+		}
+		rd.Close()
+		<-c.finished
+		sp.mu.Lock()
+		started, refs := sp.checkStarted, sp.refs
+		sp.mu.Unlock()
+		valid, _ := dst.IsValid(context.Background(), pathA)
+		switch {
+		case started:
+			t.Errorf("lie %v: a NAR check started beside the ingest", lie)
+		case refs != 0:
+			t.Errorf("lie %v: %d references left", lie, refs)
+		case !lie && (ierr != nil || !valid || c.commits != 1 || c.aborts != 0 || c.n != len(file)):
+			t.Errorf("good NAR: ingest %v, valid %v, copy %d bytes, %d commits, %d aborts", ierr, valid, c.n, c.commits, c.aborts)
+		case lie && (!errors.Is(ierr, store.ErrHashMismatch) || valid || c.commits != 0 || c.aborts != 1):
+			t.Errorf("NarHash lie: ingest %v, valid %v, %d commits, %d aborts", ierr, valid, c.commits, c.aborts)
+		}
+	}
+}

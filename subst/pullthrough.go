@@ -83,7 +83,7 @@ func rawKept(in *binarycache.Info) bool { return in.Compression == "zstd" || in.
 type spoolMode int
 
 const (
-	ingestReader  spoolMode = iota // the NAR, for the ingest (its batch checks the hash)
+	ingestReader  spoolMode = iota // the NAR (or a lazy spool's file), for the ingest, which checks it
 	checkedReader                  // the NAR, checked as read back, for a client
 	rawReader                      // the downloaded file (if kept, else as checkedReader), for a client
 )
@@ -111,6 +111,11 @@ func (s *Substituter) openSpool(ctx context.Context, in *binarycache.Info, up *U
 			return sp.NewCheckedReader(ctx)
 		case checkedReader:
 			return sp.NewCheckedReader(ctx)
+		}
+		if sp.Lazy() {
+			// The ingest decodes and checks the file itself (on its own
+			// thread: idle for a pull), so nothing else decodes it.
+			return sp.NewRawReader(ctx)
 		}
 		return sp.NewReader(ctx)
 	}
@@ -178,9 +183,16 @@ func (s *Substituter) fetchSpooled(ctx context.Context, in *binarycache.Info, up
 	for attempt := 0; ; attempt++ {
 		var rd *binarycache.SpoolReader
 		if rd, err = s.openSpool(ctx, in, up, ingestReader); err == nil {
-			err = binarycache.IngestFrom(store.WithSubstituted(ctx), s.st, rd, in)
+			if rd.Raw() {
+				err = binarycache.IngestFile(store.WithSubstituted(ctx), s.st, rd, in)
+			} else {
+				err = binarycache.IngestFrom(store.WithSubstituted(ctx), s.st, rd, in)
+			}
 			rd.Close()
 			if err == nil {
+				if rd.Raw() {
+					rd.Spool().NARChecked() // the file's copy may be kept now
+				}
 				s.dropSpool(in.Name, rd.Spool())
 				return nil
 			}
