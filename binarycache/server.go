@@ -61,6 +61,8 @@ type Server struct {
 	narinfos  sync.Map // basename → []byte, signed narinfo (paths never change once valid)
 	cached    atomic.Int64
 	metrics   metrics
+	// active: requests in progress; lastActive: when the last ended (Busy).
+	active, lastActive atomic.Int64
 }
 
 // maxCachedNarinfos bounds the narinfo cache.
@@ -151,7 +153,24 @@ func (w *statusWriter) Write(p []byte) (int, error) {
 }
 
 // ServeHTTP routes a request.
+// Busy reports whether clients are being served (a request in progress,
+// or one ended within busyLinger): the pull-through holds its ingest back
+// meanwhile (subst.PullThrough.HoldIngest).
+func (s *Server) Busy() bool {
+	return s.active.Load() > 0 || time.Now().UnixNano()-s.lastActive.Load() < int64(busyLinger)
+}
+
+// busyLinger bridges the gaps between a client's requests.
+const busyLinger = 300 * time.Millisecond
+
 func (s *Server) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
+	if r.URL.Path != "/metrics" {
+		s.active.Add(1)
+		defer func() {
+			s.lastActive.Store(time.Now().UnixNano())
+			s.active.Add(-1)
+		}()
+	}
 	w := &statusWriter{ResponseWriter: rw}
 	route := "other"
 	defer func() {

@@ -241,8 +241,11 @@ func (c *ServeCmd) startHTTP(g *Globals, st *store.Store, metrics func(io.Writer
 	}
 	h := &binarycache.Server{Store: st, StoreDir: st.StoreDir, Key: key, Priority: c.Priority,
 		Compression: c.HTTPCompression, Logger: g.Logger, CacheDir: cacheDir, CacheBytes: c.HTTPCacheSize, Metrics: metrics, Pull: pull}
-	if p, ok := pull.(*subst.PullThrough); ok && cacheDir != "" {
-		p.Keep(h)
+	if p, ok := pull.(*subst.PullThrough); ok {
+		if cacheDir != "" {
+			p.Keep(h)
+		}
+		p.HoldIngest(h.Busy)
 	}
 	lim := binarycache.DefaultHTTPLimits
 	lim.MaxConns, lim.WriteStall = c.HTTPMaxConns, c.HTTPStall

@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -162,4 +163,40 @@ func TestOrdinaryOvertakesIdle(t *testing.T) {
 		}
 	}
 	settle(t, s)
+}
+
+// TestHoldIngest: while the HTTP server is busy (HoldIngest), a pull's
+// ingest waits (its download goes on) and nothing becomes valid; once the
+// server is idle the closure is ingested.
+func TestHoldIngest(t *testing.T) {
+	f := newFixture(t)
+	up := serve(t, f.cache(t, f.key))
+	dst := openStore(t)
+	hs, h, _ := pullServer(t, newSubst(t, dst, []string{up.URL}, Options{Keys: f.pub}), dst)
+	var busy atomic.Bool
+	busy.Store(true)
+	h.Pull.(*PullThrough).HoldIngest(busy.Load)
+	if code, body := httpGet(t, hs.URL+"/"+store.HashPart(pathC)+".narinfo"); code != http.StatusOK {
+		t.Fatalf("narinfo: %d %s", code, body)
+	}
+	// The references come first: the leaf's download starts, its ingest
+	// waits.
+	for deadline := time.Now().Add(30 * time.Second); len(up.narRequests()) < 1; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("no NAR downloaded while the ingest was held")
+		}
+	}
+	time.Sleep(500 * time.Millisecond)
+	for _, n := range []string{pathA, pathB, pathC} {
+		if valid(t, dst, n) {
+			t.Fatalf("%s ingested while the server was busy", n)
+		}
+	}
+	busy.Store(false)
+	for deadline := time.Now().Add(30 * time.Second); !valid(t, dst, pathC); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("closure not ingested 30 s after the server went idle")
+		}
+	}
+	checkClosure(t, f, dst)
 }

@@ -183,11 +183,14 @@ func (s *Substituter) fetchSpooled(ctx context.Context, in *binarycache.Info, up
 	for attempt := 0; ; attempt++ {
 		var rd *binarycache.SpoolReader
 		if rd, err = s.openSpool(ctx, in, up, ingestReader); err == nil {
+			// The download runs (openSpool started it); the ingest may wait.
+			release := s.holdIngest(ctx, in)
 			if rd.Raw() {
 				err = binarycache.IngestFile(store.WithSubstituted(ctx), s.st, rd, in)
 			} else {
 				err = binarycache.IngestFrom(store.WithSubstituted(ctx), s.st, rd, in)
 			}
+			release()
 			rd.Close()
 			if err == nil {
 				if rd.Raw() {
@@ -234,6 +237,45 @@ type PullThrough struct {
 	// the same time, the CPU shared by all of them and the clients'
 	// requests waiting behind them.
 	slots chan struct{}
+}
+
+// HoldIngest has the pull's ingest wait while busy reports clients being
+// served (binarycache.Server.Busy), up to maxHeldBytes of NARs waiting:
+// the downloads go on (clients take the upstream's files from them), and
+// the decoding, chunking and compressing wait for a pause instead of
+// taking the client's CPU, memory bandwidth and disk. Beyond the bound,
+// or with no busy set, it runs at once (at idle priority).
+func (p *PullThrough) HoldIngest(busy func() bool) {
+	s := p.l.s
+	s.spoolMu.Lock()
+	s.busy = busy
+	s.spoolMu.Unlock()
+}
+
+// maxHeldBytes bounds the NAR bytes whose pull ingest waits for clients
+// to pause (HoldIngest): their downloads sit in DATA_DIR/tmp meanwhile.
+const maxHeldBytes = 2 << 30
+
+// holdIngest waits, for an idle ingest of in, while the HTTP server is
+// busy and the bound allows; it returns a func that lets the bytes go.
+func (s *Substituter) holdIngest(ctx context.Context, in *binarycache.Info) func() {
+	s.spoolMu.Lock()
+	busy := s.busy
+	s.spoolMu.Unlock()
+	if busy == nil || !sched.IsIdle(ctx) {
+		return func() {}
+	}
+	n := in.NarSize
+	if s.held.Add(n) > maxHeldBytes {
+		return func() { s.held.Add(-n) }
+	}
+	for busy() && ctx.Err() == nil {
+		select {
+		case <-time.After(100 * time.Millisecond):
+		case <-ctx.Done():
+		}
+	}
+	return func() { s.held.Add(-n) }
 }
 
 // pullSlots is how many closures a PullThrough fetches at once.

@@ -164,6 +164,10 @@ type Substituter struct {
 	holds    map[string]int
 	// keeper, if set, keeps spooled downloads' files (PullThrough.Keep).
 	keeper binarycache.NARKeeper
+	// busy (PullThrough.HoldIngest) tells whether HTTP clients are being
+	// served; held is the NAR bytes of pull ingests waiting for a pause.
+	busy func() bool
+	held atomic.Int64
 }
 
 type ncall struct {
