@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/ulikunitz/xz"
@@ -116,6 +117,10 @@ func (s *Server) pulledNarinfo(in *Info) ([]byte, error) {
 	}
 	return out.Format(s.StoreDir), nil
 }
+
+// streamPause is how long the upstream may pause before what was
+// streamed so far is flushed to the client.
+const streamPause = 5 * time.Millisecond
 
 // streamNAR sends the NAR rd follows as it arrives: the upstream's zstd
 // file verbatim (a raw reader, for .nar.zst), compressed on the fly
@@ -228,9 +233,19 @@ func (s *Server) streamNAR(w http.ResponseWriter, r *http.Request, rd *SpoolRead
 			return
 		}
 		if n, err = rd.TryRead(buf); n == 0 && err == nil {
-			// The upstream is behind: what is here goes out now.
-			if err = flush(); err == nil {
-				err = rd.Wait(r.Context())
+			// The upstream is behind. Bytes that keep coming go out in
+			// the buffer's full writes; only a pause of the upstream
+			// (streamPause) sends what is here at once, so the client is
+			// never further behind than the upstream, without a write
+			// and a chunk per read of the upstream's socket (which cost
+			// the client more CPU than the NAR's own bytes did).
+			wctx, cancel := context.WithTimeout(r.Context(), streamPause)
+			err = rd.Wait(wctx)
+			cancel()
+			if err != nil && r.Context().Err() == nil {
+				if err = flush(); err == nil {
+					err = rd.Wait(r.Context())
+				}
 			}
 			if err != nil {
 				s.abort(w, r, err)
