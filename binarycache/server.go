@@ -395,30 +395,64 @@ func (s *Server) serveNAR(w http.ResponseWriter, r *http.Request, file string) {
 		s.serveRawNAR(w, r, pi)
 		return
 	}
-	if ext == "nar.xz" {
-		s.serveXzNAR(w, r, pi, cache, key)
-		return
-	}
-	w.Header().Set("Content-Type", "application/zstd")
+	w.Header().Set("Content-Type", contentTypes[ext])
 	if r.Method == http.MethodHead {
 		return
 	}
+	var write func(out io.Writer) error
+	if ext == "nar.xz" {
+		// The URL the server's narinfo gave while the path was pulled from
+		// an xz upstream, which a client's narinfo cache may still hold:
+		// the upstream's file kept in the NAR cache answers it (sendfile,
+		// above); without it (evicted, or no NAR cache) the NAR is rendered
+		// and compressed with xz, slowly, and kept.
+		write = func(out io.Writer) error {
+			comp, err := xz.NewWriter(out)
+			if err != nil {
+				return err
+			}
+			return renderTo(r.Context(), s.Store, pi.Name, comp, io.Discard)
+		}
+	} else {
+		enc, _ := s.encoders.Get().(*zstd.Encoder)
+		if enc == nil {
+			// The fastest level: serving is bound by compression, and the
+			// client's network is usually faster than a core at higher levels.
+			enc, err = zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1),
+				zstd.WithWindowSize(1<<20))
+			if err != nil {
+				s.fail(w, r.URL.Path, err)
+				return
+			}
+		}
+		defer s.encoders.Put(enc)
+		// Once the first bytes are out an error can only cut the response
+		// short; the client notices by the missing zstd frame end (and the
+		// NAR hash).
+		write = func(out io.Writer) error {
+			n, err := writeNARZstd(r.Context(), s.Store, pi.Name, enc, out, nil)
+			s.metrics.verbatim.Add(int64(n))
+			return err
+		}
+	}
+	s.renderNAR(w, r, cache, key, write)
+}
+
+// contentTypes are the Content-Types of compressed NAR URLs.
+var contentTypes = map[string]string{"nar.zst": "application/zstd", "nar.xz": "application/x-xz"}
+
+// rawCompressions are the compressions in which an upstream's file may be
+// passed on verbatim for a NAR URL.
+var rawCompressions = map[string]string{"nar.zst": "zstd", "nar.xz": "xz"}
+
+// renderNAR sends what write writes (a stored path's NAR, compressed) and,
+// with a NAR cache and no Range, keeps it as the cached file for key once
+// the whole response went out.
+func (s *Server) renderNAR(w http.ResponseWriter, r *http.Request, cache *narCache, key string, write func(out io.Writer) error) {
 	var fill *cacheFill
 	if cache != nil && r.Header.Get("Range") == "" {
 		fill = cache.fill(key)
 	}
-	enc, _ := s.encoders.Get().(*zstd.Encoder)
-	if enc == nil {
-		// The fastest level: serving is bound by compression, and the
-		// client's network is usually faster than a core at higher levels.
-		enc, err = zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1),
-			zstd.WithWindowSize(1<<20))
-		if err != nil {
-			s.fail(w, r.URL.Path, err)
-			return
-		}
-	}
-	defer s.encoders.Put(enc)
 	bw := bufio.NewWriterSize(w, 128<<10)
 	var out io.Writer = bw
 	committed := false
@@ -432,65 +466,7 @@ func (s *Server) serveNAR(w http.ResponseWriter, r *http.Request, file string) {
 		}()
 		out = io.MultiWriter(bw, fill)
 	}
-	// Once the first bytes are out an error can only cut the response
-	// short; the client notices by the missing zstd frame end (and the NAR
-	// hash).
-	n, err := writeNARZstd(r.Context(), s.Store, pi.Name, enc, out, nil)
-	s.metrics.verbatim.Add(int64(n))
-	if err != nil {
-		s.abort(w, r, err)
-		return
-	}
-	if err := bw.Flush(); err != nil {
-		s.abort(w, r, err)
-		return
-	}
-	if fill != nil && r.Context().Err() == nil {
-		committed = true
-		fill.Commit()
-	}
-}
-
-// contentTypes are the Content-Types of compressed NAR URLs.
-var contentTypes = map[string]string{"nar.zst": "application/zstd", "nar.xz": "application/x-xz"}
-
-// rawCompressions are the compressions in which an upstream's file may be
-// passed on verbatim for a NAR URL.
-var rawCompressions = map[string]string{"nar.zst": "zstd", "nar.xz": "xz"}
-
-// serveXzNAR serves the NAR of a stored path as .nar.xz: the URL the
-// server's narinfo gave while the path was pulled from an xz upstream, and
-// which a client's narinfo cache may still hold. The upstream's file kept in
-// the NAR cache answers it (sendfile, above); without it (evicted, or no
-// NAR cache) the NAR is rendered and compressed with xz, slowly, and kept.
-func (s *Server) serveXzNAR(w http.ResponseWriter, r *http.Request, pi *store.PathInfo, cache *narCache, key string) {
-	w.Header().Set("Content-Type", contentTypes["nar.xz"])
-	if r.Method == http.MethodHead {
-		return
-	}
-	var fill *cacheFill
-	if cache != nil && r.Header.Get("Range") == "" {
-		fill = cache.fill(key)
-	}
-	committed := false
-	if fill != nil {
-		defer func() {
-			if !committed {
-				fill.Abort()
-			}
-		}()
-	}
-	bw := bufio.NewWriterSize(w, 128<<10)
-	var out io.Writer = bw
-	if fill != nil {
-		out = io.MultiWriter(bw, fill)
-	}
-	comp, err := xz.NewWriter(out)
-	if err != nil {
-		s.fail(w, r.URL.Path, err)
-		return
-	}
-	if err := renderTo(r.Context(), s.Store, pi.Name, comp, io.Discard); err != nil {
+	if err := write(out); err != nil {
 		s.abort(w, r, err)
 		return
 	}

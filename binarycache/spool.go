@@ -565,6 +565,14 @@ func (r *SpoolReader) Raw() bool { return r.raw }
 // Info is the narinfo the spool's NAR is checked against.
 func (r *SpoolReader) Info() *Info { return r.sp.Info }
 
+// limit is the spool's limit for what the reader reads: the file or the NAR.
+func (r *SpoolReader) limit() (lim int64, done bool, err error, wake <-chan struct{}) {
+	if r.raw {
+		return r.sp.rawLimit()
+	}
+	return r.sp.limit()
+}
+
 // TryRead reads what is there without waiting: 0, nil when nothing new is
 // yet; io.EOF after the whole NAR, once it checked out; the download's
 // error if it failed.
@@ -572,35 +580,17 @@ func (r *SpoolReader) TryRead(p []byte) (int, error) {
 	if r.closed {
 		return 0, os.ErrClosed
 	}
-	if r.raw {
-		lim, done, err, _ := r.sp.rawLimit()
-		if err != nil {
-			return 0, err
-		}
-		if r.off < lim && len(p) > 0 {
-			k := min(int64(len(p)), lim-r.off)
-			n, err := r.sp.raw.ReadAt(p[:k], r.off)
-			r.off += int64(n)
-			if n == int(k) {
-				err = nil
-			}
-			return n, err
-		}
-		if done {
-			return 0, io.EOF
-		}
-		return 0, nil
-	}
 	if len(r.tail) > 0 {
 		n := copy(p, r.tail)
 		r.tail = r.tail[n:]
 		return n, nil
 	}
-	lim, done, err, _ := r.sp.limit()
+	lim, done, err, _ := r.limit()
 	if err != nil {
 		return 0, err
 	}
 	if r.off < lim && len(p) > 0 {
+		// (Only checked readers, of the NAR, hash and hold their tail.)
 		end := max(r.sp.Info.NarSize-SpoolHoldBack, 0)
 		if r.h != nil && r.off >= end {
 			return r.readTail(p)
@@ -609,7 +599,11 @@ func (r *SpoolReader) TryRead(p []byte) (int, error) {
 		if r.h != nil {
 			k = min(k, end-r.off)
 		}
-		n, err := r.sp.f.ReadAt(p[:k], r.off)
+		f := r.sp.f
+		if r.raw {
+			f = r.sp.raw
+		}
+		n, err := f.ReadAt(p[:k], r.off)
 		r.off += int64(n)
 		if r.h != nil {
 			r.h.Write(p[:n])
@@ -649,11 +643,7 @@ func (r *SpoolReader) readTail(p []byte) (int, error) {
 // the download's error.
 func (r *SpoolReader) Wait(ctx context.Context) error {
 	for {
-		limit := r.sp.limit
-		if r.raw {
-			limit = r.sp.rawLimit
-		}
-		lim, done, err, wake := limit()
+		lim, done, err, wake := r.limit()
 		if r.off < lim || done || err != nil {
 			return nil
 		}

@@ -96,9 +96,6 @@ const (
 // takes to drop the spool only after its commit, so no download starts
 // for a path just ingested.
 func (s *Substituter) openSpool(ctx context.Context, in *binarycache.Info, up *Upstream, mode spoolMode) (*binarycache.SpoolReader, error) {
-	if mode == rawReader && !rawKept(in) {
-		mode = checkedReader
-	}
 	client := mode != ingestReader
 	open := func(sp *binarycache.Spool, ctx context.Context) *binarycache.SpoolReader {
 		switch mode {
