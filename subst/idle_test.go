@@ -200,3 +200,24 @@ func TestHoldIngest(t *testing.T) {
 	}
 	checkClosure(t, f, dst)
 }
+
+// TestHoldIngestBounded: a server that stays busy holds a pull's ingest
+// back for maxHold at most; then the closure is stored anyway.
+func TestHoldIngestBounded(t *testing.T) {
+	defer func(d time.Duration) { maxHold = d }(maxHold)
+	maxHold = 300 * time.Millisecond
+	f := newFixture(t)
+	up := serve(t, f.cache(t, f.key))
+	dst := openStore(t)
+	hs, h, _ := pullServer(t, newSubst(t, dst, []string{up.URL}, Options{Keys: f.pub}), dst)
+	h.Pull.(*PullThrough).HoldIngest(func() bool { return true })
+	if code, body := httpGet(t, hs.URL+"/"+store.HashPart(pathC)+".narinfo"); code != http.StatusOK {
+		t.Fatalf("narinfo: %d %s", code, body)
+	}
+	for deadline := time.Now().Add(30 * time.Second); !valid(t, dst, pathC); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("closure not stored 30 s into a server that stays busy")
+		}
+	}
+	checkClosure(t, f, dst)
+}

@@ -237,7 +237,8 @@ type PullThrough struct {
 }
 
 // HoldIngest has the pull's ingest wait while busy reports clients being
-// served (binarycache.Server.Busy), up to maxHeldBytes of NARs waiting:
+// served (binarycache.Server.Busy), up to maxHeldBytes of NARs waiting
+// and maxHold each:
 // the downloads go on (clients take the upstream's files from them), and
 // the decoding, chunking and compressing wait for a pause instead of
 // taking the client's CPU, memory bandwidth and disk. Beyond the bound,
@@ -266,7 +267,9 @@ func (s *Substituter) holdIngest(ctx context.Context, in *binarycache.Info) func
 	if s.held.Add(n) > maxHeldBytes {
 		return func() { s.held.Add(-n) }
 	}
-	for busy() && ctx.Err() == nil {
+	// Bounded in time too: clients that keep the server busy must not
+	// keep every pulled path from being stored.
+	for deadline := time.Now().Add(maxHold); busy() && ctx.Err() == nil && time.Now().Before(deadline); {
 		select {
 		case <-time.After(100 * time.Millisecond):
 		case <-ctx.Done():
@@ -274,6 +277,10 @@ func (s *Substituter) holdIngest(ctx context.Context, in *binarycache.Info) func
 	}
 	return func() { s.held.Add(-n) }
 }
+
+// maxHold bounds how long one pull's ingest waits for clients to pause
+// (a variable for tests).
+var maxHold = time.Minute
 
 // pullSlots is how many closures a PullThrough fetches at once.
 const pullSlots = 1
