@@ -25,8 +25,11 @@
 #
 # Wall seconds, and CPU seconds (user+sys, cpuacct cgroups: client, casnix, upstream server,
 # nix-daemon each counted apart) per figure. Every timed step starts from fresh stores and a
-# fresh Nix narinfo cache (XDG_CACHE_HOME), after a sync, with the upstream's files in the page
-# cache (each static server's cache is read once first). Writes its section of bench/RESULTS.md.
+# fresh Nix narinfo cache (XDG_CACHE_HOME), after a sync and a drop of the page cache, with what
+# it reads warm again on both sides: the upstream caches' files, a running casnix's data dir (the
+# second fetch), the Nix client and casnix binaries. Without the drop, the same copy's client
+# cost grew run by run on this machine (kernel CPU 4.6, 12.7, 16.2 s over three identical direct
+# copies; 5.4, 5.2, 4.6 s with it). Writes its section of bench/RESULTS.md.
 #
 #   bench/subst.sh                       # RUNS=3, the whole corpus, upstreams zstd and xz
 #   RUNS=1 PATHS=100 UPSTREAMS=zstd bench/subst.sh   # quick: the closure of the first 100 paths
@@ -39,6 +42,7 @@
 # CLIENT (2.34 if the sid root is there, else 2.8), DAEMON (1), DAEMON_ANCHORS ("2.34"; add 2.8),
 # SID_ROOT, QUIET_BUSY/QUIET_TIMEOUT (wait for other work before each timed step), RESULTS,
 # SECTION (subst.sh: the RESULTS.md section it rewrites; another name keeps a partial run apart),
+# DROP_CACHES (1; 0 keeps the page cache between timed steps, as before),
 # PROFILE=1 (CPU profiles of casnix serve: $BENCH_DIR/subst/run/casnix-*.cpu.pprof, daemon-casnix/).
 # Run it at nice 0: only the build, the upstream caches' making, repack and verify run at nice 10.
 set -Eeuo pipefail
@@ -135,7 +139,9 @@ done
 # The static servers (started once, each in its own cgroup) and the page cache: each upstream
 # cache is read once, so every fetch reads it from memory.
 declare -A PORT SPID
+UPSTREAMS_DIRS=()
 for u in $UPSTREAMS; do
+  UPSTREAMS_DIRS+=("$W/up-$u")
   PORT[$u]=$(free_port)
   "$W/bin/cachebench" serve -dir "$W/up-$u" -addr "127.0.0.1:${PORT[$u]}" &
   SPID[$u]=$!
@@ -161,12 +167,28 @@ NIX234=
 cp "$RUN/paths" "$RUN/sid-tmp/paths"
 
 declare -A M
+# fresh_caches [DIR…]: sync, drop the page cache, then read back what the timed step reads on
+# both sides (the upstream caches, the DIRs, the client's and casnix's binaries), so every step
+# starts from the same memory state.
+DROP_CACHES=${DROP_CACHES:-1}
+fresh_caches() {
+  sync
+  [[ $DROP_CACHES == 1 ]] || return 0
+  echo 1 >/proc/sys/vm/drop_caches
+  local d
+  for d in "${UPSTREAMS_DIRS[@]}" "$@"; do tar -C "$d" -cf - . | cat >/dev/null; done
+  cat "$CASNIX" >/dev/null
+  nix --version >/dev/null
+  [[ $HAVE234 == 0 ]] || in_sid "$RUN/sid-nix" "$RUN/sid-tmp" 'nix --version' >/dev/null
+}
+# WARM: directories fresh_caches reads back before a fetch (a running casnix's data dir).
+WARM=()
 # fetch NAME RUN URL: one timed `nix copy --from URL` of the paths into an empty local store
 # (client CLIENT), in the cgroup "client"; records NAME:RUN (wall s) and NAME_client_cpu:RUN.
 fetch() {
   local name=$1 r=$2 url=$3 t0 t1 c0
   rm -rf "$RUN/dst" "$RUN/xdg" "$RUN/sid-tmp/dst" "$RUN/sid-tmp/xdg"
-  sync
+  fresh_caches "${WARM[@]}"
   M[busy_$name:$r]=$(wait_quiet)
   M[load_$name:$r]=$(cut -d' ' -f1 /proc/loadavg)
   c0=$(cg_cpu client)
@@ -250,7 +272,9 @@ http_round() {
     log "run $r $u first through casnix: ${M[first_$u:$r]} s (client ${M[first_${u}_client_cpu:$r]} s, casnix ${M[first_${u}_casnix_cpu:$r]} s CPU), then ingest tail ${M[tail_$u:$r]} s (casnix ${M[tail_${u}_casnix_cpu:$r]} s CPU), data dir ${M[bytes_casnix_$u:$r]} B"
     if [[ $u == zstd ]]; then
       c0=$(cg_cpu casnix)
+      WARM=("$data")
       fetch "second" "$r" "http://127.0.0.1:$p"
+      WARM=()
       server_cpu "second" "$r" casnix "$c0"
       M[second_hwm:$r]=$(hwm "$CPID")
       log "run $r second from casnix: ${M[second:$r]} s (casnix ${M[second_casnix_cpu:$r]} s CPU)"
@@ -295,7 +319,7 @@ daemon_one() {
     [[ -S $sock ]] && XDG_CACHE_HOME=$RUN/xdg nix store ping --store "unix://$sock" >/dev/null 2>&1 && break
     sleep 0.1
   done
-  sync
+  fresh_caches
   M[busy_daemon_$name:$r]=$(wait_quiet)
   M[load_daemon_$name:$r]=$(cut -d' ' -f1 /proc/loadavg)
   c0=$(cg_cpu daemon) s0=$(cg_cpu static-zstd) k0=$(cg_cpu client)
@@ -401,7 +425,7 @@ echo "$table"
   echo
   echo "$NPATHS output paths of the $CORPUS corpus (PATHS=$PATHS; $((NAR_BYTES / 1000000)) MB of NAR), signed binary caches"
   echo "written by \`nix copy --to file://…?compression=zstd|xz\` (Nix $NIX28), served by a static file server on loopback"
-  echo "(\`cachebench serve\`, sendfile; files in the page cache). Client: \`nix copy --from http://… --to local?root=EMPTY PATHS\`"
+  echo "(\`cachebench serve\`, sendfile). Before each timed step: sync, $([[ $DROP_CACHES == 1 ]] && echo "the page cache dropped, then the upstream caches (and for the second fetch casnix's data dir) and both sides' binaries read back into it" || echo "the page cache kept (DROP_CACHES=0)"). Client: \`nix copy --from http://… --to local?root=EMPTY PATHS\`"
   echo "(Nix $CLIENTV, fresh narinfo cache each time), signature checked against the upstream key. casnix: a fresh data dir,"
   echo "\`casnix serve --http … --http-only --substituters http://UPSTREAM --trusted-public-keys K --repack-quiet 0\` (defaults"
   echo "otherwise: the NAR cache in DATA_DIR/http-cache, which keeps the upstream zstd and xz files the pull checked, and NARs rendered from the store once served). Daemon rows: \`nix-store --store unix://S -r"

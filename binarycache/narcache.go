@@ -88,6 +88,19 @@ type cacheFill struct {
 	f   *os.File
 	n   int64
 	err error
+	// adopted: a spool writes the file itself (adopt), not Write.
+	adopted bool
+}
+
+// adopt opens the file being filled for a spool to write the download
+// into (fileCopy); Commit then keeps what it wrote.
+func (w *cacheFill) adopt() (*os.File, error) {
+	f, err := os.OpenFile(w.f.Name(), os.O_RDWR, 0)
+	if err != nil {
+		return nil, err
+	}
+	w.adopted = true
+	return f, nil
 }
 
 func (w *cacheFill) Write(p []byte) (int, error) {
@@ -104,7 +117,14 @@ func (w *cacheFill) Write(p []byte) (int, error) {
 func (w *cacheFill) Commit() {
 	defer w.c.done(w.key)
 	if w.err == nil {
+		// Syncs the file's data whichever descriptor wrote it.
 		w.err = w.f.Sync()
+	}
+	if w.err == nil && w.adopted {
+		var fi os.FileInfo
+		if fi, w.err = w.f.Stat(); w.err == nil {
+			w.n = fi.Size()
+		}
 	}
 	if err := w.f.Close(); w.err == nil {
 		w.err = err
@@ -165,4 +185,4 @@ func (c *narCache) evict() {
 	c.size.Store(total)
 }
 
-var _ NARCopy = (*cacheFill)(nil)
+var _ fileCopy = (*cacheFill)(nil)

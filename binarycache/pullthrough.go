@@ -134,7 +134,8 @@ const streamPause = 5 * time.Millisecond
 func (s *Server) streamNAR(w http.ResponseWriter, r *http.Request, rd *SpoolReader, ext string) {
 	defer rd.Close()
 	narSize := rd.Info().NarSize
-	buf := make([]byte, 256<<10)
+	buf := getBuf()
+	defer putBuf(buf)
 	var rng *rangeWriter
 	status := http.StatusOK
 	if ext == "nar" {

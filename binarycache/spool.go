@@ -47,6 +47,9 @@ type Spool struct {
 	// keep, if set, gets a copy of the file as downloaded (the compressed
 	// NAR), kept only if the download checked out.
 	keep NARCopy
+	// keepIsRaw: the copy's file is raw itself (adoptKeep), so the
+	// download writes it once.
+	keepIsRaw bool
 
 	// raw, if set (EnableRaw), holds the file as downloaded (the
 	// compressed NAR), written as it arrives by a goroutine of its own, so
@@ -99,9 +102,52 @@ type NARCopy interface {
 	Abort()
 }
 
+// bufs holds the copy buffers of downloads, NAR checks and streams: one
+// per NAR, freed as each ends, was most of a pull-through's garbage.
+var bufs = sync.Pool{New: func() any { return new([256 << 10]byte) }}
+
+func getBuf() []byte  { return bufs.Get().(*[256 << 10]byte)[:] }
+func putBuf(b []byte) { bufs.Put((*[256 << 10]byte)(b)) }
+
 // Keep makes the download copy its file to c (nil: none); call it before
-// Fetch.
-func (sp *Spool) Keep(c NARCopy) { sp.keep = c }
+// Fetch, and before EnableRaw where both are called (else a file is made
+// for nothing).
+func (sp *Spool) Keep(c NARCopy) {
+	sp.keep = c
+	if sp.raw != nil {
+		sp.adoptKeep()
+	}
+}
+
+// fileCopy is a NARCopy that is a file on disk the spool may write itself,
+// so a spool that keeps the downloaded file (EnableRaw) writes it once
+// instead of to its own file and again to the copy: every byte written
+// is a copy into the page cache, and for a pull-through streaming to a
+// client that was the largest part of its CPU. adopt opens the copy's file
+// for the spool: a descriptor of its own, which stays valid after Commit
+// closes and renames the copy or Abort removes it.
+type fileCopy interface {
+	NARCopy
+	adopt() (*os.File, error)
+}
+
+// adoptKeep makes the copy the spool's raw file where it can be one, and
+// reports whether the copy is the raw file.
+func (sp *Spool) adoptKeep() bool {
+	fc, ok := sp.keep.(fileCopy)
+	if !ok || sp.keepIsRaw {
+		return sp.keepIsRaw
+	}
+	f, err := fc.adopt()
+	if err != nil {
+		return false // the copy is written apart, as by a spool without a file of its own
+	}
+	if sp.raw != nil {
+		sp.raw.Close()
+	}
+	sp.raw, sp.keepIsRaw = f, true
+	return true
+}
 
 // SpoolHoldBack is how many of the NAR's last bytes readers get only once
 // the download checked out: a NAR ends with at least this many bytes of
@@ -135,13 +181,16 @@ const RawHoldBack = 256 << 10
 // EnableRaw makes the spool keep the file as downloaded for raw readers
 // (NewRawReader); call it before Fetch.
 func (sp *Spool) EnableRaw() error {
+	sp.lazy = sp.Info.FileHash != nil
+	if sp.adoptKeep() {
+		return nil
+	}
 	f, err := os.CreateTemp(sp.dir, "file-*")
 	if err != nil {
 		return fmt.Errorf("spool: %w", err)
 	}
 	os.Remove(f.Name())
 	sp.raw = f
-	sp.lazy = sp.Info.FileHash != nil
 	return nil
 }
 
@@ -175,7 +224,8 @@ func (d *download) run() {
 		limit = maxFileSize(in.NarSize)
 	}
 	h := sha256.New()
-	buf := make([]byte, 256<<10)
+	buf := getBuf()
+	defer putBuf(buf)
 	var n int64
 	var err error
 	for {
@@ -189,7 +239,7 @@ func (d *download) run() {
 				err = fmt.Errorf("spool: %w", werr)
 				break
 			}
-			if sp.keep != nil {
+			if sp.keep != nil && !sp.keepIsRaw {
 				sp.keep.Write(buf[:k])
 			}
 			h.Write(buf[:k])
@@ -309,7 +359,8 @@ func (sp *Spool) decode(body *readErr) error {
 	defer closeDec()
 	check := func(err error) error { return body.transient(fileCapped.check(narCapped.check(err))) }
 	h := sha256.New()
-	buf := make([]byte, 256<<10)
+	buf := getBuf()
+	defer putBuf(buf)
 	var n int64
 	for {
 		k, rerr := narCapped.Read(buf)

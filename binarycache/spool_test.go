@@ -8,6 +8,8 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -485,5 +487,99 @@ func TestSpoolLazy(t *testing.T) {
 		case lie && (!errors.Is(ierr, store.ErrHashMismatch) || valid || c.commits != 0 || c.aborts != 1):
 			t.Errorf("NarHash lie: ingest %v, valid %v, %d commits, %d aborts", ierr, valid, c.commits, c.aborts)
 		}
+	}
+}
+
+// TestSpoolKeepsOwnFile: a spool keeping its file in the NAR cache writes
+// the download once, into the cache's file (adoptKeep): a good file is
+// kept whole under its key once its NAR checked out, readers of the file
+// still read it all after that; a file cut off or failing its NAR check
+// leaves neither a cached file nor a temporary one.
+func TestSpoolKeepsOwnFile(t *testing.T) {
+	src := openStore(t)
+	addTree(t, src, pathA)
+	good := narOf(t, src, pathA)
+	file := zstdOf(t, bytes.NewReader(good))
+	fileHash := sha256.Sum256(file)
+	for _, tc := range []struct {
+		name      string
+		send      []byte
+		lie       bool
+		keep      bool
+		keepFirst bool // Keep before EnableRaw (as the pull-through), else after
+	}{
+		{"good", file, false, true, true},
+		{"good, kept after EnableRaw", file, false, true, false},
+		{"cut off", file[:len(file)/2], false, false, true},
+		{"NarHash lie", file, true, false, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			in := &Info{Name: pathA, URL: "nar/x.nar.zst", Compression: "zstd", NarHash: sha256.Sum256(good), NarSize: int64(len(good)),
+				FileHash: fileHash[:], FileSize: int64(len(file))}
+			if tc.lie {
+				in.NarHash[0] ^= 1
+			}
+			dir := t.TempDir()
+			c, err := newNarCache(filepath.Join(dir, "cache"), 1<<30)
+			if err != nil {
+				t.Fatal(err)
+			}
+			sp, err := NewSpool(filepath.Join(dir, "tmp"), in)
+			if err != nil {
+				t.Fatal(err)
+			}
+			fill := c.fill("k")
+			if tc.keepFirst {
+				sp.Keep(fill)
+			}
+			if err := sp.EnableRaw(); err != nil {
+				t.Fatal(err)
+			}
+			if !tc.keepFirst {
+				sp.Keep(fill)
+			}
+			rd := sp.NewRawReader(context.Background())
+			pr, pw := io.Pipe()
+			go func() { pw.Write(tc.send); pw.Close() }()
+			ferr := sp.Fetch(context.Background(), pipeSource{pr})
+			if !sp.keepIsRaw {
+				t.Fatal("the cache's file was not adopted")
+			}
+			if ferr == nil {
+				if ierr := IngestFile(context.Background(), openStore(t), rd, in); ierr == nil {
+					sp.NARChecked()
+				}
+				// After the commit (a rename and a close of the cache's
+				// descriptor) the spool's own still reads the file.
+				again := sp.NewRawReader(context.Background())
+				got, err := io.ReadAll(again)
+				again.Close()
+				if err != nil || !bytes.Equal(got, file) {
+					t.Errorf("raw reader after the commit: %d bytes, %v; want %d", len(got), err, len(file))
+				}
+			}
+			rd.Close()
+			// The last reference's abort runs on a goroutine of its own.
+			deadline := time.Now().Add(5 * time.Second)
+			var names []string
+			for {
+				ents, _ := os.ReadDir(c.dir)
+				names = names[:0]
+				for _, e := range ents {
+					names = append(names, e.Name())
+				}
+				if !slices.ContainsFunc(names, func(n string) bool { return strings.HasPrefix(n, ".tmp-") }) || time.Now().After(deadline) {
+					break
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			kept, _ := os.ReadFile(filepath.Join(c.dir, "k"))
+			switch {
+			case tc.keep && (!bytes.Equal(kept, file) || len(names) != 1 || c.size.Load() != int64(len(file))):
+				t.Errorf("kept %d bytes (want %d), cache dir %v, size %d", len(kept), len(file), names, c.size.Load())
+			case !tc.keep && len(names) != 0:
+				t.Errorf("cache dir holds %v", names)
+			}
+		})
 	}
 }

@@ -139,16 +139,17 @@ func (s *Substituter) openSpool(ctx context.Context, in *binarycache.Info, up *U
 	if err != nil {
 		return nil, err
 	}
+	if s.keeper != nil {
+		sp.Keep(s.keeper.KeepNAR(in))
+	}
 	if rawKept(in) {
 		// HTTP clients get the upstream's file as it arrives, not the
 		// NAR decoded and compressed again (binarycache.Server.pulledExt).
+		// (After Keep: the NAR cache's file is the spool's then.)
 		if err := sp.EnableRaw(); err != nil {
 			sp.Release()
 			return nil, err
 		}
-	}
-	if s.keeper != nil {
-		sp.Keep(s.keeper.KeepNAR(in))
 	}
 	sp.Retain() // the table's
 	s.spools[in.Name] = &spoolEntry{sp: sp, up: up}
