@@ -36,7 +36,7 @@ import (
 type Spool struct {
 	Info *Info
 
-	f    *os.File
+	f    *os.File // the decoded NAR, made by its first decode (createNARFile)
 	mu   sync.Mutex
 	n    int64 // NAR bytes written
 	done bool  // the download ended
@@ -162,12 +162,24 @@ func NewSpool(dir string, in *Info) (*Spool, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("spool: %w", err)
 	}
-	f, err := os.CreateTemp(dir, "nar-*")
+	return &Spool{Info: in, wake: make(chan struct{}), refs: 1, dir: dir}, nil
+}
+
+// createNARFile creates the file the decoded NAR goes to, when the NAR is
+// first decoded: a lazy spool whose clients take the file verbatim and
+// whose ingest reads the file never needs one, and a file created and
+// unlinked per NAR was a good part of a pull-through's system time.
+// Readers use it only once bytes were written (sp.n, under sp.mu).
+func (sp *Spool) createNARFile() error {
+	f, err := os.CreateTemp(sp.dir, "nar-*")
 	if err != nil {
-		return nil, fmt.Errorf("spool: %w", err)
+		return fmt.Errorf("spool: %w", err)
 	}
 	os.Remove(f.Name()) // nothing to clean up after a crash
-	return &Spool{Info: in, f: f, wake: make(chan struct{}), refs: 1, dir: dir}, nil
+	sp.mu.Lock()
+	sp.f = f
+	sp.mu.Unlock()
+	return nil
 }
 
 // RawHoldBack is how many of the downloaded file's last bytes raw readers
@@ -357,6 +369,9 @@ func (sp *Spool) decode(body *readErr) error {
 		return body.transient(err)
 	}
 	defer closeDec()
+	if err := sp.createNARFile(); err != nil {
+		return err
+	}
 	check := func(err error) error { return body.transient(fileCapped.check(narCapped.check(err))) }
 	h := sha256.New()
 	buf := getBuf()
@@ -481,7 +496,9 @@ func (sp *Spool) endKeep(ok bool) {
 // unref drops a reference; sp.mu is held.
 func (sp *Spool) unref() {
 	if sp.refs--; sp.refs == 0 {
-		sp.f.Close()
+		if sp.f != nil {
+			sp.f.Close()
+		}
 		if sp.raw != nil {
 			sp.raw.Close()
 		}
