@@ -530,6 +530,23 @@ func (sp *Spool) Release() {
 	sp.unref()
 }
 
+// WaitDone waits until the download ended (State) or ctx is done.
+func (sp *Spool) WaitDone(ctx context.Context) {
+	for {
+		sp.mu.Lock()
+		done, wake := sp.done, sp.wake
+		sp.mu.Unlock()
+		if done {
+			return
+		}
+		select {
+		case <-wake:
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
 // State reports whether the download ended and, if so, how.
 func (sp *Spool) State() (done bool, err error) {
 	sp.mu.Lock()

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/casnix/casnix/binarycache"
@@ -235,6 +236,62 @@ type PullThrough struct {
 	// the same time, the CPU shared by all of them and the clients'
 	// requests waiting behind them.
 	slots chan struct{}
+
+	// prefetchq holds the narinfos answered whose NARs are downloaded
+	// ahead of their requests (prefetcher); done ends the prefetchers.
+	prefetchq    chan *Found
+	prefetchOnce sync.Once
+	done         chan struct{}
+}
+
+// prefetchJobs is how many NARs a PullThrough downloads ahead of their
+// requests at once, and prefetchQueue how many answered narinfos wait for
+// that (beyond it a NAR's download starts with its request, as before).
+const (
+	prefetchJobs  = 4
+	prefetchQueue = 4096
+)
+
+// prefetch queues the download of f's NAR. Nix asks for the narinfos of
+// everything it copies first, then for the NARs one path at a time
+// (Store::addMultipleToStore), so each NAR's download started by its
+// request, an upstream round trip and for a small file the whole file
+// before its checked end is released, added its latency to the copy once
+// per path: ~2 ms each against a static server's 1 ms. Downloaded at
+// once, the NAR request finds the file there. The closure's background
+// fetch would download every NAR anyway (it joins these spools), so this
+// costs the upstream nothing more; it only comes earlier, on ordinary
+// threads, at most prefetchJobs at a time.
+func (p *PullThrough) prefetch(f *Found) {
+	p.prefetchOnce.Do(func() {
+		for range prefetchJobs {
+			go p.prefetcher()
+		}
+	})
+	select {
+	case p.prefetchq <- f:
+	default: // the request starts the download
+	}
+}
+
+// prefetcher downloads queued NARs one after another until Close.
+func (p *PullThrough) prefetcher() {
+	s := p.l.s
+	for {
+		select {
+		case f := <-p.prefetchq:
+			rd, err := s.openSpool(s.base, f.Info, f.Upstream, rawReader)
+			if err != nil || rd == nil {
+				continue // the store holds it, or the request's own download will say why not
+			}
+			rd.Spool().WaitDone(s.base)
+			rd.Close()
+		case <-p.done:
+			return
+		case <-s.base.Done():
+			return
+		}
+	}
 }
 
 // HoldIngest has the pull's ingest wait while busy reports clients being
@@ -292,7 +349,8 @@ func (s *Substituter) PullThrough(checkSigs bool) *PullThrough {
 	s.spoolMu.Lock()
 	s.spooling = true
 	s.spoolMu.Unlock()
-	return &PullThrough{l: s.Lazy(checkSigs, 0), running: map[string]bool{}, slots: make(chan struct{}, pullSlots)}
+	return &PullThrough{l: s.Lazy(checkSigs, 0), running: map[string]bool{}, slots: make(chan struct{}, pullSlots),
+		prefetchq: make(chan *Found, prefetchQueue), done: make(chan struct{})}
 }
 
 // Keep has the files of every spooled download offered to k (the HTTP
@@ -310,6 +368,9 @@ func (p *PullThrough) Keep(k binarycache.NARKeeper) {
 func (p *PullThrough) Close() {
 	s := p.l.s
 	s.spoolMu.Lock()
+	if !p.closed {
+		close(p.done)
+	}
 	p.closed = true
 	s.spoolMu.Unlock()
 	p.l.Close()
@@ -341,6 +402,7 @@ func (p *PullThrough) Pull(ctx context.Context, hash string) (*binarycache.Info,
 		return nil, err
 	}
 	p.start(f.Info.Name)
+	p.prefetch(f)
 	return f.Info, nil
 }
 
