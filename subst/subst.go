@@ -148,6 +148,10 @@ type Substituter struct {
 
 	cacheMu sync.Mutex
 	cache   map[cacheKey]cacheEntry
+	// verified memoizes the signature check of cached narinfos (by the
+	// cache's own pointer, which nothing changes), guarded by cacheMu and
+	// cleared when it reaches MaxCached entries.
+	verified map[*binarycache.Info]bool
 
 	flightMu sync.Mutex
 	flight   map[string]*call
@@ -203,7 +207,7 @@ func New(st *store.Store, urls []string, opts Options) (*Substituter, error) {
 	if opts.StoreDir == "" && st != nil {
 		opts.StoreDir = st.StoreDir
 	}
-	s := &Substituter{st: st, opts: opts, cache: map[cacheKey]cacheEntry{}, flight: map[string]*call{}, nflight: map[cacheKey]*ncall{},
+	s := &Substituter{st: st, opts: opts, cache: map[cacheKey]cacheEntry{}, verified: map[*binarycache.Info]bool{}, flight: map[string]*call{}, nflight: map[cacheKey]*ncall{},
 		spools: map[string]*spoolEntry{}, holds: map[string]int{}}
 	s.base, s.cancel = context.WithCancel(context.Background())
 	for _, raw := range urls {
@@ -593,8 +597,7 @@ func (s *Substituter) findHash(ctx context.Context, hash, name string, checkSigs
 			continue
 		}
 		if checkSigs && !s.ups[i].trusted {
-			pi := in.PathInfo()
-			if s.opts.Keys.Verify(s.opts.StoreDir, &pi) == 0 && !binarycache.CAVerified(s.opts.StoreDir, in) {
+			if !s.sigOK(in) {
 				errs = append(errs, fmt.Errorf("%s: %w", s.ups[i].URL, &binarycache.UntrustedError{Sigs: len(in.Sigs), Keys: len(s.opts.Keys)}))
 				continue
 			}
@@ -608,6 +611,29 @@ func (s *Substituter) findHash(ctx context.Context, hash, name string, checkSigs
 		return nil, errors.Join(errs...)
 	}
 	return nil, nil
+}
+
+// sigOK reports whether in is signed by a trusted key or has a content
+// address that makes its path. A pull looks each path up several times
+// (its narinfo, its NAR, its closure's fetch), and an ed25519 check each
+// time was a good part of the pull's CPU: the answer is kept per cached
+// narinfo.
+func (s *Substituter) sigOK(in *binarycache.Info) bool {
+	s.cacheMu.Lock()
+	ok, seen := s.verified[in]
+	s.cacheMu.Unlock()
+	if seen {
+		return ok
+	}
+	pi := in.PathInfo()
+	ok = s.opts.Keys.Verify(s.opts.StoreDir, &pi) > 0 || binarycache.CAVerified(s.opts.StoreDir, in)
+	s.cacheMu.Lock()
+	if len(s.verified) >= max(s.opts.MaxCached, 1) {
+		clear(s.verified)
+	}
+	s.verified[in] = ok
+	s.cacheMu.Unlock()
+	return ok
 }
 
 // Plan is what substituting a set of paths takes.
