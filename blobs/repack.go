@@ -55,6 +55,11 @@ type RepackOptions struct {
 	// goroutine: sched.Idle for background work (the caller runs Add from
 	// such a goroutine too).
 	Priority func()
+	// Inline compresses each frame on the caller's goroutine, so the
+	// repack is one thread: background work runs it in one idle turn
+	// (sched.RunIdle), as an idle thread of its own per compressor could
+	// hold every one of Go's Ps while the kernel leaves it waiting.
+	Inline bool
 	// Hold, if set, is called before chunks are looked up and returns the
 	// func that lets go: the caller's way of keeping a collection from
 	// deleting them until the round that moves them has committed. It is
@@ -302,13 +307,20 @@ func (r *Repacker) closeFrame() error {
 	r.raw, r.entries = nil, nil
 	ch := make(chan repackFrame, 1)
 	r.inflight = append(r.inflight, ch)
-	go func() {
-		if r.opts.Priority != nil {
-			r.opts.Priority()
-		}
+	compress := func() {
 		fr.comp = r.enc.EncodeAll(fr.raw, getBuf(len(fr.raw)+len(fr.raw)/64+64))
 		ch <- fr
-	}()
+	}
+	if r.opts.Inline {
+		compress()
+	} else {
+		go func() {
+			if r.opts.Priority != nil {
+				r.opts.Priority()
+			}
+			compress()
+		}()
+	}
 	// Keep at most Workers frames compressing: each holds a frame of raw
 	// bytes and its output.
 	for len(r.inflight) > r.opts.Workers {

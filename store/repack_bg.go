@@ -20,9 +20,10 @@ type BackgroundRepack struct {
 	// Check is how often the conditions are looked at (default Quiet/4,
 	// at most a minute).
 	Check time.Duration
-	// Priority is called on each of the repack's goroutines before it
-	// works (nil: sched.Idle). Tests pass a no-op: an idle-class thread
-	// waits for as long as the machine is busy, which a test cannot.
+	// Priority is called on the repack's goroutine before it works (nil:
+	// the repack runs in a sched.RunIdle turn). Tests pass a no-op: an
+	// idle-class thread waits for as long as the machine is busy, which a
+	// test cannot.
 	Priority func()
 }
 
@@ -32,8 +33,8 @@ const backgroundRound = 32 << 20
 
 // RepackInBackground repacks whenever the store has been quiet for
 // b.Quiet and at least b.MinBytes of new data wait, until ctx is done. The
-// repack is idle work: one compressor, every thread of it at idle CPU
-// priority (sched.Idle) except its short commits, old frames decoded
+// repack is idle work: one goroutine compressing inline, at idle CPU
+// priority (a sched.RunIdle turn) except its short commits, old frames decoded
 // outside the shared frame cache. It returns when ctx is done (a repack in
 // progress stops at its next chunk; what it committed stays).
 func (s *Store) RepackInBackground(ctx context.Context, b BackgroundRepack) {
@@ -80,22 +81,26 @@ func (s *Store) RepackInBackground(ctx context.Context, b BackgroundRepack) {
 	}
 }
 
-// repackIdle runs one repack on a goroutine at idle priority (or the
-// given one).
-func (s *Store) repackIdle(ctx context.Context, priority func()) (*RepackResult, error) {
-	if priority == nil {
-		priority = func() { sched.Idle() }
+// repackIdle runs one repack on one goroutine at idle priority, its
+// frames compressed inline: in one of sched.RunIdle's turns, so that with
+// the pull-through's idle ingests it never holds all of Go's Ps (two idle
+// threads, the repack's and its compressor's, held both Ps of a 2-CPU
+// machine while clients kept the CPUs busy, stalling every ordinary
+// goroutine of the daemon). A test's priority replaces RunIdle.
+func (s *Store) repackIdle(ctx context.Context, priority func()) (res *RepackResult, err error) {
+	opts := RepackOptions{Blobs: blobs.RepackOptions{Idle: true, Inline: true, Workers: 1, RoundBytes: backgroundRound}}
+	if priority != nil {
+		ch := make(chan struct{})
+		go func() {
+			defer close(ch)
+			priority()
+			res, err = s.Repack(ctx, opts)
+		}()
+		<-ch
+		return res, err
 	}
-	type out struct {
-		res *RepackResult
-		err error
+	if rerr := sched.RunIdle(ctx, func() { res, err = s.Repack(ctx, opts) }); rerr != nil {
+		return nil, rerr
 	}
-	ch := make(chan out, 1)
-	go func() {
-		priority() // sched.Idle: this goroutine's thread ends with it
-		res, err := s.Repack(ctx, RepackOptions{Blobs: blobs.RepackOptions{Idle: true, Priority: priority, Workers: 1, RoundBytes: backgroundRound}})
-		ch <- out{res, err}
-	}()
-	o := <-ch
-	return o.res, o.err
+	return res, err
 }
