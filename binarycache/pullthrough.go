@@ -164,6 +164,15 @@ func (s *Server) streamNAR(w http.ResponseWriter, r *http.Request, rd *SpoolRead
 		w.WriteHeader(status)
 		return
 	}
+	if f := rd.Whole(); f != nil {
+		// Downloaded and checked already (prefetched): the file as the NAR
+		// cache would send it, with its length and by sendfile, instead of
+		// a chunked copy through the process.
+		defer f.Close()
+		s.metrics.pullVerbatim.Add(1)
+		http.ServeContent(w, r, "", time.Time{}, f)
+		return
+	}
 	n, err := rd.Read(buf)
 	if err != nil && err != io.EOF {
 		if r.Context().Err() != nil {

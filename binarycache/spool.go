@@ -643,6 +643,31 @@ type SpoolReader struct {
 	raw bool
 }
 
+// Whole returns, for a raw reader that has read nothing yet, a descriptor
+// of its own on the downloaded file when the download is over and the
+// file checked out (what the reader would give in full now), so the
+// caller can send it whole with sendfile and its length; nil otherwise
+// (still downloading, failed, or the file cannot be opened again). The
+// caller closes it; the reader stays open until Close as before.
+func (r *SpoolReader) Whole() *os.File {
+	sp := r.sp
+	if !r.raw || r.off != 0 || r.closed {
+		return nil
+	}
+	sp.mu.Lock()
+	ok := sp.rawOK && !(sp.done && sp.err != nil)
+	sp.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	// A file description of its own (not a dup): sendfile moves its offset.
+	f, err := os.Open(fmt.Sprintf("/proc/self/fd/%d", sp.raw.Fd()))
+	if err != nil {
+		return nil
+	}
+	return f
+}
+
 // Raw reports whether the reader gives the downloaded file (compressed
 // as Info().Compression says) rather than the NAR.
 func (r *SpoolReader) Raw() bool { return r.raw }

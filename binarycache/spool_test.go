@@ -545,6 +545,18 @@ func TestSpoolKeepsOwnFile(t *testing.T) {
 			if !sp.keepIsRaw {
 				t.Fatal("the cache's file was not adopted")
 			}
+			// Whole: the checked file, sent whole, only when it checked out.
+			wr := sp.NewRawReader(context.Background())
+			if f := wr.Whole(); (f != nil) != (ferr == nil) {
+				t.Errorf("Whole after fetch error %v: %v", ferr, f)
+			} else if f != nil {
+				got, err := io.ReadAll(f)
+				f.Close()
+				if err != nil || !bytes.Equal(got, file) {
+					t.Errorf("Whole: %d bytes, %v; want %d", len(got), err, len(file))
+				}
+			}
+			wr.Close()
 			if ferr == nil {
 				if ierr := IngestFile(context.Background(), openStore(t), rd, in); ierr == nil {
 					sp.NARChecked()
