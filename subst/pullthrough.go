@@ -253,12 +253,12 @@ const (
 )
 
 // prefetch queues the download of f's NAR. Nix asks for the narinfos of
-// everything it copies first, then for the NARs one path at a time
-// (Store::addMultipleToStore), so each NAR's download started by its
-// request, an upstream round trip and for a small file the whole file
-// before its checked end is released, added its latency to the copy once
-// per path: ~2 ms each against a static server's 1 ms. Downloaded at
-// once, the NAR request finds the file there. The closure's background
+// everything it copies first, then for the NARs a few at a time, so a
+// download started by each NAR's request (an upstream round trip, and for
+// a small file the whole file before its checked end is released) came
+// before every NAR's first byte: measured one after another on a cold
+// casnix, a median 3.7 ms against a static server's 1.6 ms, 2.0 ms with
+// this. Downloaded at once, the NAR request finds the file there. The closure's background
 // fetch would download every NAR anyway (it joins these spools), so this
 // costs the upstream nothing more; it only comes earlier, on ordinary
 // threads, at most prefetchJobs at a time.
