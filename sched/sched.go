@@ -79,7 +79,16 @@ var turns idleTurns
 type idleTurns struct {
 	mu      sync.Mutex
 	running int
+	waiting int           // RunIdle funcs waiting for a turn
 	wake    chan struct{} // closed when a turn ends
+}
+
+// Waiting reports how many RunIdle funcs wait for a turn: long idle work
+// holding one (the background repack) gives it up when others wait.
+func Waiting() int {
+	turns.mu.Lock()
+	defer turns.mu.Unlock()
+	return turns.waiting
 }
 
 // limit is how many may run: GOMAXPROCS can change (the FUSE mount adds
@@ -87,12 +96,28 @@ type idleTurns struct {
 func (t *idleTurns) limit() int { return max(1, runtime.GOMAXPROCS(0)-1) }
 
 func (t *idleTurns) acquire(ctx context.Context) error {
+	waiting := false
+	defer func() {
+		if waiting {
+			t.mu.Lock()
+			t.waiting--
+			t.mu.Unlock()
+		}
+	}()
 	for {
 		t.mu.Lock()
 		if t.running < t.limit() {
 			t.running++
+			if waiting {
+				t.waiting--
+				waiting = false
+			}
 			t.mu.Unlock()
 			return nil
+		}
+		if !waiting {
+			t.waiting++
+			waiting = true
 		}
 		if t.wake == nil {
 			t.wake = make(chan struct{})

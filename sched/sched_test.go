@@ -117,11 +117,11 @@ func TestRunIdleTurns(t *testing.T) {
 			mu.Lock()
 			n := running
 			mu.Unlock()
-			if n == tc.want {
+			if n == tc.want && Waiting() == 2 {
 				break
 			}
 			if time.Now().After(deadline) {
-				t.Fatalf("GOMAXPROCS %d: %d running, want %d", tc.procs, n, tc.want)
+				t.Fatalf("GOMAXPROCS %d: %d running, %d waiting, want %d and 2", tc.procs, n, Waiting(), tc.want)
 			}
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
@@ -132,6 +132,9 @@ func TestRunIdleTurns(t *testing.T) {
 		cancel()
 		close(release)
 		wg.Wait()
+		if w := Waiting(); w != 0 {
+			t.Fatalf("GOMAXPROCS %d: %d still counted waiting", tc.procs, w)
+		}
 		if most != tc.want {
 			t.Fatalf("GOMAXPROCS %d: %d ran at once, want %d", tc.procs, most, tc.want)
 		}

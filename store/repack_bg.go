@@ -2,6 +2,8 @@ package store
 
 import (
 	"context"
+	"errors"
+	"sync/atomic"
 	"time"
 
 	"github.com/casnix/casnix/blobs"
@@ -65,6 +67,10 @@ func (s *Store) RepackInBackground(ctx context.Context, b BackgroundRepack) {
 		}
 		s.log.Info("background repack", "unpacked", n)
 		res, err := s.repackIdle(ctx, b.Priority)
+		if errors.Is(err, errYielded) {
+			s.log.Info("background repack paused: other idle work waits")
+			continue
+		}
 		if err != nil {
 			if ctx.Err() == nil {
 				s.log.Warn("background repack failed", "err", err)
@@ -89,18 +95,56 @@ func (s *Store) RepackInBackground(ctx context.Context, b BackgroundRepack) {
 // goroutine of the daemon). A test's priority replaces RunIdle.
 func (s *Store) repackIdle(ctx context.Context, priority func()) (res *RepackResult, err error) {
 	opts := RepackOptions{Blobs: blobs.RepackOptions{Idle: true, Inline: true, Workers: 1, RoundBytes: backgroundRound}}
+	// The turn is given up (the repack stopped at its next chunk, what it
+	// committed kept) as soon as other idle work waits for one: on 2 CPUs
+	// there is one turn, and a pull's ingest must not wait for a whole
+	// repack. The next quiet spell starts it again.
+	rctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var yielded atomic.Bool
+	watch := func() {
+		t := time.NewTicker(100 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-rctx.Done():
+				return
+			case <-t.C:
+				if sched.Waiting() > 0 {
+					yielded.Store(true)
+					cancel()
+					return
+				}
+			}
+		}
+	}
+	work := func() {
+		// Watched from when the turn is held (before, the repack is one
+		// of the waiters), on an ordinary goroutine.
+		go watch()
+		res, err = s.Repack(rctx, opts)
+		cancel()
+	}
 	if priority != nil {
 		ch := make(chan struct{})
 		go func() {
 			defer close(ch)
 			priority()
-			res, err = s.Repack(ctx, opts)
+			work()
 		}()
 		<-ch
-		return res, err
-	}
-	if rerr := sched.RunIdle(ctx, func() { res, err = s.Repack(ctx, opts) }); rerr != nil {
+	} else if rerr := sched.RunIdle(ctx, work); rerr != nil {
 		return nil, rerr
+	}
+	if err != nil && yielded.Load() && ctx.Err() == nil {
+		repackYields.Add(1)
+		return res, errYielded
 	}
 	return res, err
 }
+
+// repackYields counts the background repacks that gave way (for tests).
+var repackYields atomic.Int64
+
+// errYielded: the background repack stopped for other idle work.
+var errYielded = errors.New("background repack gave way to other idle work")

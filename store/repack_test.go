@@ -6,12 +6,15 @@ import (
 	"database/sql"
 	"fmt"
 	"path/filepath"
+	"runtime"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/klauspost/compress/zstd"
 
 	"github.com/casnix/casnix/blobs"
+	"github.com/casnix/casnix/sched"
 	_ "modernc.org/sqlite"
 )
 
@@ -276,4 +279,58 @@ func TestPackageOf(t *testing.T) {
 			t.Errorf("packageOf(%q) = %q, want %q", tc.name, got, tc.want)
 		}
 	}
+}
+
+// TestRepackInBackgroundYields: while other idle work waits for a turn
+// (sched.Waiting), the background repack gives way (stops, keeping what it
+// committed) instead of holding its turn to the end; once nothing waits
+// it runs to completion, and the store verifies.
+func TestRepackInBackgroundYields(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	st, err := Open(ctx, t.TempDir(), Options{Blobs: blobs.Options{PackSize: 2 << 20, Level: zstd.SpeedFastest, FrameSize: 1 << 20}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	for i := range 4 {
+		if err := add(t, st, fmt.Sprintf("%032d-pkg-%d", i, i), manyFilesNAR(t, 30, 100, 50000, int64(i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	unpacked := func() int {
+		return countRows(t, st, "SELECT COUNT(*) FROM chunks c JOIN frames f ON f.id = c.frame WHERE f.packed = 0")
+	}
+	// Every turn taken and one more func waiting: idle work is waiting.
+	release := make(chan struct{})
+	var held sync.WaitGroup
+	for range max(1, runtime.GOMAXPROCS(0)-1) + 1 {
+		held.Go(func() { sched.RunIdle(ctx, func() { <-release }) })
+	}
+	for deadline := time.Now().Add(10 * time.Second); sched.Waiting() != 1; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d idle funcs waiting, want 1", sched.Waiting())
+		}
+	}
+	y0 := repackYields.Load()
+	done := make(chan struct{})
+	go func() {
+		st.RepackInBackground(ctx, BackgroundRepack{Quiet: 50 * time.Millisecond, MinBytes: 1, Check: 10 * time.Millisecond, Priority: func() {}})
+		close(done)
+	}()
+	for deadline := time.Now().Add(time.Minute); repackYields.Load()-y0 < 2; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the background repack gave way %d times in a minute with idle work waiting (%d chunks unpacked)", repackYields.Load()-y0, unpacked())
+		}
+	}
+	close(release)
+	held.Wait()
+	for start := time.Now(); unpacked() != 0; time.Sleep(20 * time.Millisecond) {
+		if time.Since(start) > 2*time.Minute {
+			t.Fatalf("%d chunks still unpacked 2 minutes after the idle work ended", unpacked())
+		}
+	}
+	cancel()
+	<-done
+	mustVerify(t, st)
 }
