@@ -119,6 +119,10 @@ func (s *Store) repackIdle(ctx context.Context, priority func()) (res *RepackRes
 		}
 	}
 	work := func() {
+		if sched.Waiting() > 0 {
+			yielded.Store(true) // others wait already: give way before starting
+			return
+		}
 		// Watched from when the turn is held (before, the repack is one
 		// of the waiters), on an ordinary goroutine.
 		go watch()
@@ -136,7 +140,7 @@ func (s *Store) repackIdle(ctx context.Context, priority func()) (res *RepackRes
 	} else if rerr := sched.RunIdle(ctx, work); rerr != nil {
 		return nil, rerr
 	}
-	if err != nil && yielded.Load() && ctx.Err() == nil {
+	if yielded.Load() && (err != nil || res == nil) && ctx.Err() == nil {
 		repackYields.Add(1)
 		return res, errYielded
 	}
