@@ -211,9 +211,7 @@ func TestRepackInBackground(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	unpacked := func() int {
-		return countRows(t, st, "SELECT COUNT(*) FROM chunks c JOIN frames f ON f.id = c.frame WHERE f.packed = 0")
-	}
+	unpacked := func() int { return unpackedChunks(t, st) }
 	waitPacked := func() {
 		t.Helper()
 		// Generous: the repack compresses at the best level, and a CI
@@ -281,6 +279,11 @@ func TestPackageOf(t *testing.T) {
 	}
 }
 
+// unpackedChunks counts the chunks still in frames no repack has packed.
+func unpackedChunks(t *testing.T, st *Store) int {
+	return countRows(t, st, "SELECT COUNT(*) FROM chunks c JOIN frames f ON f.id = c.frame WHERE f.packed = 0")
+}
+
 // TestRepackInBackgroundYields: while other idle work waits for a turn
 // (sched.Waiting), the background repack gives way (stops, keeping what it
 // committed) instead of holding its turn to the end; once nothing waits
@@ -298,9 +301,7 @@ func TestRepackInBackgroundYields(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	unpacked := func() int {
-		return countRows(t, st, "SELECT COUNT(*) FROM chunks c JOIN frames f ON f.id = c.frame WHERE f.packed = 0")
-	}
+	unpacked := func() int { return unpackedChunks(t, st) }
 	// Every turn taken and one more func waiting: idle work is waiting.
 	release := make(chan struct{})
 	var held sync.WaitGroup
