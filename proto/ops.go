@@ -436,10 +436,14 @@ func (c *conn) setOptions() error {
 		}
 	}
 	if c.minor >= 12 { // setting overrides
-		// Settings of a client: none changes what casnix does.
-		if err := c.r.skipPairs(maxString, maxString); err != nil {
+		// Of a client's settings only its substituters change what casnix
+		// does (substituters.go); the others are about building or the
+		// client's own side.
+		subs, extra, err := c.readSubstituterSettings()
+		if err != nil {
 			return err
 		}
+		c.selectSubstituters(subs, extra)
 	}
 	c.last()
 	return nil

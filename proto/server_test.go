@@ -97,6 +97,7 @@ type client struct {
 	r     wireReader
 	w     wireWriter
 	minor uint64
+	lines []string // STDERR_NEXT texts received
 }
 
 func (f *fixture) dial(t testing.TB) net.Conn {
@@ -144,14 +145,15 @@ func (f *fixture) connect(t testing.TB, minor uint64) *client {
 	if l := cl.u64(); l != stderrLast {
 		t.Fatalf("handshake ended with %#x", l)
 	}
-	// SetOptions, as every client sends first.
+	// SetOptions, as every client sends first (with a setting that does
+	// not matter to casnix: substituters would choose among upstreams).
 	cl.w.u64(opSetOptions)
 	for i := 0; i < 12; i++ {
 		cl.w.u64(0)
 	}
 	cl.w.u64(1)
-	cl.w.str("substituters")
-	cl.w.str("")
+	cl.w.str("max-jobs")
+	cl.w.str("1")
 	cl.expectLast()
 	return cl
 }
@@ -212,7 +214,7 @@ func (cl *client) result() error {
 			cl.u64()
 			return errors.New(msg)
 		case stderrNext:
-			cl.str()
+			cl.lines = append(cl.lines, cl.str())
 		default:
 			cl.t.Fatalf("unexpected stderr code %#x", code)
 		}
@@ -522,6 +524,9 @@ func FuzzSession(f *testing.F) {
 	f.Add(hs(38, cat(u(opAddMultipleToStore), u(0), u(0), u(3), []byte("abc"), u(0))))
 	f.Add(hs(38, cat(u(opQueryMissing), u(1), str(full(testB)+"!out"))))
 	f.Add(hs(38, cat(u(opCollectGarbage), u(3), u(1), str(full(testA)), u(0), u(0), u(0), u(0), u(0))))
+	opts := bytes.Repeat(u(0), 12)
+	f.Add(hs(38, cat(u(opSetOptions), opts, u(3), str("substituters"), str("https://a/ file:///b"),
+		str("extra-substituters"), str("c"), str("max-jobs"), str("1")), cat(u(opHasSubstitutes), str(full(testA)))))
 	fx := newFixture(f)
 	f.Fuzz(func(t *testing.T, in []byte) {
 		srv := &Server{Store: fx.st, StoreDir: "/nix/store", NixVersion: "fuzz"}

@@ -1,6 +1,7 @@
 package proto
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"slices"
@@ -23,7 +24,16 @@ import (
 
 // substituting reports whether this connection's ops may use upstreams.
 func (c *conn) substituting() bool {
-	return c.s.Subst != nil && c.s.Subst.Len() > 0 && c.useSubstitutes
+	return c.s.Subst != nil && c.s.Subst.Len() > 0 && c.useSubstitutes && (c.sel == nil || c.sel.Len() > 0)
+}
+
+// substCtx is the op's context restricted to the upstreams the client
+// selected.
+func (c *conn) substCtx() context.Context {
+	if c.sel == nil {
+		return c.ctx
+	}
+	return subst.WithSelection(c.ctx, c.sel)
 }
 
 // checkSigs reports whether substituted paths need a trusted signature.
@@ -41,7 +51,7 @@ func (c *conn) substitute(names []string) error {
 	if !c.substituting() || len(names) == 0 {
 		return nil
 	}
-	p, err := c.s.Subst.Resolve(c.ctx, names, c.checkSigs())
+	p, err := c.s.Subst.Resolve(c.substCtx(), names, c.checkSigs())
 	if err != nil {
 		return err
 	}
@@ -59,7 +69,7 @@ func (c *conn) substitute(names []string) error {
 			return err
 		}
 	}
-	done, err := c.s.Subst.Fetch(c.ctx, p)
+	done, err := c.s.Subst.Fetch(c.substCtx(), p)
 	if len(done) > 0 {
 		c.log.Info("substituted", "paths", len(done))
 	}
@@ -74,7 +84,7 @@ func (c *conn) hasSubstitutes() error {
 	}
 	found := false
 	if c.s.Subst != nil {
-		f, err := c.s.Subst.Query(c.ctx, name)
+		f, err := c.s.Subst.Query(c.substCtx(), name)
 		if err != nil && c.ctx.Err() != nil {
 			return c.storeErr(err)
 		}
@@ -114,7 +124,7 @@ func (c *conn) substitutableInfos(names []string) (map[string]*subst.Found, erro
 	if c.s.Subst == nil {
 		return map[string]*subst.Found{}, nil
 	}
-	res, err := c.s.Subst.QueryMany(c.ctx, names)
+	res, err := c.s.Subst.QueryMany(c.substCtx(), names)
 	if err != nil {
 		return nil, c.storeErr(err)
 	}
@@ -315,7 +325,7 @@ func (c *conn) missingPlan(dps []derivedPath) (willSubstitute, unknown []string,
 	}
 	// Nix's queryMissing asks querySubstitutablePathInfos, which does not
 	// check signatures: neither does this estimate.
-	p, err := c.s.Subst.Resolve(c.ctx, want, false)
+	p, err := c.s.Subst.Resolve(c.substCtx(), want, false)
 	if err != nil {
 		return nil, nil, 0, 0, c.storeErr(err)
 	}

@@ -417,3 +417,60 @@ func TestBuildDerivationOnlyUpstream(t *testing.T) {
 		t.Fatalf("after BuildPathsWithResults of %s!out: derivation and output not both valid", drvName)
 	}
 }
+
+// TestClientSubstituters: a client's substituters setting chooses among
+// casnix's upstreams for its connection, as nix-daemon applies it: an
+// empty list turns substitution off, a list naming an upstream (however
+// the client writes its URL) turns it on, URLs casnix does not substitute
+// from are ignored with a warning, and extra-substituters adds to the
+// daemon's list instead of replacing it.
+func TestClientSubstituters(t *testing.T) {
+	dir, pub := upstreamCache(t, true)
+	for _, tc := range []struct {
+		name      string
+		overrides []string
+		subst     bool
+		warning   string // a warning the client must get, if any
+	}{
+		{"none sent", nil, true, ""},
+		{"empty", []string{"substituters", ""}, false, ""},
+		{"the upstream", []string{"substituters", "file://" + dir}, true, ""},
+		{"trailing slash and query", []string{"substituters", "file://" + dir + "/?priority=99"}, true, ""},
+		{"alias", []string{"binary-caches", "file://" + dir}, true, ""},
+		{"another cache", []string{"substituters", "https://cache.example.org/"}, false, "ignoring substituter 'https://cache.example.org/'"},
+		{"both", []string{"substituters", "https://cache.example.org/ file://" + dir}, true, "ignoring substituter 'https://cache.example.org/'"},
+		{"extra only", []string{"extra-substituters", "https://cache.example.org/"}, true, "ignoring substituter 'https://cache.example.org/'"},
+		{"empty plus extra", []string{"substituters", "", "extra-substituters", "file://" + dir}, true, ""},
+		{"other settings", []string{"max-jobs", "4", "trusted-public-keys", "x:y"}, true, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFixture(t, withSubst(t, dir, pub, false))
+			cl := f.connect(t, 38)
+			cl.lines = nil
+			cl.setOptions(true, tc.overrides...)
+			warned := strings.Join(cl.lines, "")
+			if tc.warning == "" && warned != "" || !strings.Contains(warned, tc.warning) {
+				t.Fatalf("warnings %q, want %q", warned, tc.warning)
+			}
+
+			cl.w.u64(opHasSubstitutes)
+			cl.w.str(full(upC))
+			cl.expectLast()
+			if has := cl.u64() == 1; has != tc.subst {
+				t.Fatalf("HasSubstitutes %v", has)
+			}
+			cl.w.u64(opEnsurePath)
+			cl.w.str(full(upC))
+			err := cl.result()
+			if err == nil {
+				cl.u64()
+			}
+			if (err == nil) != tc.subst || f.valid(t, upA, upB, upC) != tc.subst {
+				t.Fatalf("EnsurePath: %v; closure valid: %v", err, f.valid(t, upA, upB, upC))
+			}
+			if !tc.subst && !strings.Contains(err.Error(), "cannot substitute") {
+				t.Fatalf("EnsurePath: %v", err)
+			}
+		})
+	}
+}

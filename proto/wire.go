@@ -179,26 +179,6 @@ func (w *wireReader) strings(max uint64) ([]string, error) {
 	return out, nil
 }
 
-// skipPairs reads and drops a list of string pairs (a count, then pairs).
-func (w *wireReader) skipPairs(maxA, maxB uint64) error {
-	n, err := w.u64()
-	if err != nil {
-		return err
-	}
-	if n > maxListLen {
-		return fmt.Errorf("%w: list of %d pairs exceeds the limit of %d", errProtocol, n, maxListLen)
-	}
-	for i := uint64(0); i < n; i++ {
-		if err := w.skip(maxA); err != nil {
-			return err
-		}
-		if err := w.skip(maxB); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
 // wireWriter writes protocol values; errors stick in the bufio.Writer and
 // surface at Flush.
 type wireWriter struct {

@@ -353,11 +353,14 @@ func (s *Substituter) readCacheInfo(ctx context.Context, up *Upstream) (*binaryc
 // lookup gets to it, so a lookup that an earlier upstream answers never
 // waits for a later one that is slow to answer or down. An upstream whose
 // priority only its nix-cache-info tells is read now, and left out if it
-// is not usable.
+// is not usable. Upstreams ctx's Selection does not mark are left out.
 func (s *Substituter) ordered(ctx context.Context) []int {
 	var idx []int
 	prio := make([]int, len(s.ups))
 	for i, up := range s.ups {
+		if !allowed(ctx, i) {
+			continue
+		}
 		if up.urlPrio >= 0 {
 			prio[i] = up.urlPrio
 		} else if s.usable(ctx, up) {
@@ -374,11 +377,15 @@ func (s *Substituter) ordered(ctx context.Context) []int {
 }
 
 // downNote describes the upstreams skipped as down just now, for an error
-// saying no upstream has a path: it may be on one of them.
-func (s *Substituter) downNote() string {
+// saying no upstream has a path: it may be on one of them (of those ctx's
+// selection lets it use).
+func (s *Substituter) downNote(ctx context.Context) string {
 	var down []string
 	now := s.opts.Now()
-	for _, up := range s.ups {
+	for i, up := range s.ups {
+		if !allowed(ctx, i) {
+			continue
+		}
 		up.mu.Lock()
 		if !up.ready && up.downErr != nil && now.Before(up.retryAt) {
 			down = append(down, up.downErr.Error())
@@ -709,7 +716,7 @@ func (s *Substituter) Resolve(ctx context.Context, names []string, checkSigs boo
 			case a.err != nil:
 				p.Missing[n] = fmt.Errorf("%s/%s: %w", s.opts.StoreDir, n, a.err)
 			case a.f == nil:
-				p.Missing[n] = fmt.Errorf("%s/%s: %w%s", s.opts.StoreDir, n, ErrNoSubstitute, s.downNote())
+				p.Missing[n] = fmt.Errorf("%s/%s: %w%s", s.opts.StoreDir, n, ErrNoSubstitute, s.downNote(ctx))
 			default:
 				p.Fetch[n] = a.f
 				for _, r := range a.f.Info.References {
@@ -806,7 +813,9 @@ func (s *Substituter) fetchOnce(ctx context.Context, f *Found) error {
 	c, ok := s.flight[name]
 	if !ok || c.idle && !idle {
 		nc := &call{done: make(chan struct{}), idle: idle}
-		fctx := s.base
+		// The fetch's failover keeps to the upstreams its first caller
+		// may use (a client's substituters setting).
+		fctx := WithSelection(s.base, selectionOf(ctx))
 		if idle {
 			fctx = sched.WithIdle(fctx)
 		}

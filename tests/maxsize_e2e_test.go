@@ -43,7 +43,7 @@ func TestServeMaxSize(t *testing.T) {
 	d := cas.Serve(t, filepath.Join(sockDir, "casnix.sock"), "--substituters", up.URL,
 		"--trusted-public-keys", pub, "--max-size", strconv.Itoa(budget), "--pin", pinned,
 		"--evict-interval", "200ms", "--http", httpAddr)
-	c := nixtest.RequireNixClient(t, "bookworm")
+	c := nixtest.RequireNixClient(t, "bookworm").UseSubstituters(up.URL)
 	c.Bind(sockDir, f.Root)
 
 	c.Run(t, "nix", "copy", "--no-check-sigs", "--from", "local?root="+f.Root, "--to", d.URL(), uploaded)

@@ -251,10 +251,16 @@ func TestServeSubstitutersBadInput(t *testing.T) {
 				quiet = newSilentUpstream(t)
 				args = append(args, "--substituters", hungSrv.URL+"?priority=40", "--substituters", quiet.URL()+"?priority=50")
 			}
+			var ups []string // the client's substituters setting: every upstream
+			for i, a := range args {
+				if i > 0 && args[i-1] == "--substituters" {
+					ups = append(ups, a)
+				}
+			}
 			cas := nixtest.NewCasnix(t)
 			sockDir := t.TempDir()
 			d := cas.Serve(t, filepath.Join(sockDir, "casnix.sock"), args...)
-			c := nixtest.RequireNixClient(t, suite).Bind(sockDir)
+			c := nixtest.RequireNixClient(t, suite).Bind(sockDir).UseSubstituters(ups...)
 			t.Logf("Nix %s", c.Version(t))
 
 			// Every bad path at once, each by a client of its own.

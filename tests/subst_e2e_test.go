@@ -114,6 +114,20 @@ func testSubstituters(t *testing.T, suite string, f *nixtest.Fixture, want map[s
 		t.Errorf("a dry run substituted %s:\n%s", dry, r)
 	}
 
+	// A client whose substituters setting is empty gets nothing substituted by either
+	// daemon; one naming a cache casnix does not substitute from is told so.
+	env := c.Env
+	c.Env = []string{"NIX_CONFIG=substituters =\ntrusted-public-keys = " + pub + "\nrequire-sigs = true"}
+	if r := same("nix-store", "--store", "{store}", "-r", dry); r.OK() {
+		t.Errorf("nix-store -r %s substituted for a client without substituters:\n%s", dry, r)
+	}
+	c.Env = []string{"NIX_CONFIG=substituters = http://127.0.0.1:9/elsewhere\ntrusted-public-keys = " + pub}
+	if r := c.Try("nix-store", "--store", d.URL(), "-r", dry); r.OK() ||
+		!strings.Contains(string(r.Stderr), "ignoring substituter 'http://127.0.0.1:9/elsewhere'") {
+		t.Errorf("nix-store -r %s with a substituter casnix lacks:\n%s", dry, r)
+	}
+	c.Env = env
+
 	// nix-store -r substitutes the closure.
 	r = same("nix-store", "--store", "{store}", "-r", top, dry)
 	if !r.OK() || strings.Join(nixtest.SortedLines(r.Stdout), " ") != strings.Join(nixtest.SortedLines([]byte(top+"\n"+dry+"\n")), " ") {

@@ -199,7 +199,9 @@ func TestServeSubstitutersFlaky(t *testing.T) {
 			addr := freeAddr(t)
 			d := cas.Serve(t, filepath.Join(sockDir, "casnix.sock"), "--http", addr,
 				"--substituters", xzURL, "--substituters", zstdURL, "--trusted-public-keys", pub)
-			c := nixtest.RequireNixClient(t, suite).Bind(sockDir)
+			// The client names both upstreams as its substituters (without casnix's
+			// priorities: the daemon's own order stands).
+			c := nixtest.RequireNixClient(t, suite).Bind(sockDir).UseSubstituters(xzSrv.URL, zstdSrv.URL)
 			t.Logf("Nix %s", c.Version(t))
 
 			r := c.Try("nix-store", "--store", d.URL(), "-r", xzPaths[0], xzPaths[1])

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"sync"
 	"testing"
 )
@@ -51,6 +52,15 @@ func (c *NixClient) Bind(hostPaths ...string) *NixClient {
 	if c.Root != nil {
 		c.Root.Bind(hostPaths...)
 	}
+	return c
+}
+
+// UseSubstituters sets the client's substituters setting, which Nix sends to the daemon:
+// a substituting daemon uses those of its own upstreams the setting names, and none when it
+// is empty, as the harness's nix.conf has it (so that no client goes to the network). It
+// returns c.
+func (c *NixClient) UseSubstituters(urls ...string) *NixClient {
+	c.Env = append(c.Env, "NIX_CONFIG=substituters = "+strings.Join(urls, " "))
 	return c
 }
 

@@ -1,0 +1,81 @@
+package subst
+
+import (
+	"context"
+	"net/url"
+	"strings"
+)
+
+// Selection is the subset of a Substituter's upstreams that one client
+// may use (its substituters setting, as nix-daemon applies a client's to
+// the client's connection). Lookups and fetches made under a context
+// carrying one (WithSelection) use only the upstreams it marks; a context
+// without one uses them all.
+type Selection struct {
+	on []bool // by index into Substituter.ups
+	n  int    // upstreams marked
+}
+
+// Len is the number of upstreams the selection marks.
+func (sel *Selection) Len() int { return sel.n }
+
+type selKey struct{}
+
+// WithSelection restricts the lookups and fetches made under the returned
+// context to the upstreams sel marks; nil lifts a restriction.
+func WithSelection(ctx context.Context, sel *Selection) context.Context {
+	return context.WithValue(ctx, selKey{}, sel)
+}
+
+func selectionOf(ctx context.Context) *Selection {
+	sel, _ := ctx.Value(selKey{}).(*Selection)
+	return sel
+}
+
+// allowed reports whether ctx's selection lets upstream i be used.
+func allowed(ctx context.Context, i int) bool {
+	sel := selectionOf(ctx)
+	return sel == nil || i < len(sel.on) && sel.on[i]
+}
+
+// Select maps a client's substituter URLs to this substituter's upstreams.
+// An upstream is named by its URL with or without the query (casnix's
+// ?priority= and ?trusted= are its own) and with or without a trailing
+// slash, since Nix clients write "https://cache.nixos.org/" as often as
+// not. URLs naming no upstream are returned as ignored: casnix
+// substitutes only from the upstreams its operator configured, whoever
+// the client (nix-daemon lets an untrusted client choose only among its
+// trusted-substituters, a trusted one anything).
+func (s *Substituter) Select(urls []string) (sel *Selection, ignored []string) {
+	sel = &Selection{on: make([]bool, len(s.ups))}
+	for _, u := range urls {
+		found := false
+		for i, up := range s.ups {
+			if sameUpstream(u, up.URL) {
+				found = true
+				if !sel.on[i] {
+					sel.on[i] = true
+					sel.n++
+				}
+			}
+		}
+		if !found {
+			ignored = append(ignored, u)
+		}
+	}
+	return sel, ignored
+}
+
+// sameUpstream compares two substituter URLs by scheme, host and path.
+func sameUpstream(a, b string) bool {
+	return upstreamKey(a) == upstreamKey(b)
+}
+
+func upstreamKey(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return raw
+	}
+	u.RawQuery, u.ForceQuery, u.Fragment = "", false, ""
+	return strings.TrimRight(u.String(), "/")
+}
