@@ -34,6 +34,7 @@ type ServeCmd struct {
 	RequireSigs      bool          `name:"require-sigs" env:"CASNIX_REQUIRE_SIGS" default:"true" negatable:"" help:"Paths added over the daemon must be content-addressed or signed by a --trusted-public-keys key, unless a trusted client passes --no-check-sigs (Nix's require-sigs)."`
 	TrustedKeys      []string      `name:"trusted-public-keys" env:"CASNIX_TRUSTED_PUBLIC_KEYS" placeholder:"NAME:KEY" help:"Public keys (Nix format) whose signatures make an added or substituted path acceptable."`
 	Substituters     []string      `name:"substituters" env:"CASNIX_SUBSTITUTERS" placeholder:"URL" help:"Binary caches (file://, http://, https://; ?priority=N) to fetch missing paths from on demand, lowest priority number first, as nix-daemon's substituters. Paths need a signature by a --trusted-public-keys key unless content-addressed (or --no-require-sigs)."`
+	TrustedSubsts    []string      `name:"trusted-substituters" env:"CASNIX_TRUSTED_SUBSTITUTERS" placeholder:"URL" help:"Binary caches used only for daemon clients whose substituters setting names them (nix-daemon's trusted-substituters); never by the lazy store or the HTTP pull-through."`
 	SubstTimeout     time.Duration `name:"substituter-timeout" env:"CASNIX_SUBSTITUTER_TIMEOUT" default:"1m" help:"An upstream that sends nothing for this long (no answer, or a download that stopped flowing) fails the attempt, which is retried, then the next upstream is asked (as Nix's stalled-download-timeout). Its nix-cache-info gets at most 10s."`
 	SocketMode       string        `name:"socket-mode" env:"CASNIX_SOCKET_MODE" placeholder:"MODE" help:"Permission bits of the socket (default 0666, or 0660 when --allowed-users is a single @group)."`
 	SocketGroup      string        `name:"socket-group" env:"CASNIX_SOCKET_GROUP" placeholder:"GROUP" help:"Group owning the socket (default: the single @group of --allowed-users, if any)."`
@@ -101,8 +102,8 @@ func (c *ServeCmd) Run(g *Globals) error {
 		g.SealOnCommit = true
 	}
 	if c.ReplicaOf != "" {
-		if len(c.Substituters) > 0 || c.MaxSize != "0" {
-			return errors.New("--replica-of: a read replica cannot substitute or evict (--substituters, --max-size): it holds the primary's paths only")
+		if len(c.Substituters) > 0 || len(c.TrustedSubsts) > 0 || c.MaxSize != "0" {
+			return errors.New("--replica-of: a read replica cannot substitute or evict (--substituters, --trusted-substituters, --max-size): it holds the primary's paths only")
 		}
 		stop, err := startFollower(g, g.dataDir(), c.ReplicaOf, c.FollowInterval)
 		if err != nil {
@@ -179,11 +180,11 @@ func (c *ServeCmd) Run(g *Globals) error {
 		Allowed: allowed, RequireSigs: c.RequireSigs, PublicKeys: keys,
 		MaxConnections: c.MaxConnections, MaxConnectionsPerUser: c.MaxPerUser,
 	}
-	if len(c.Substituters) > 0 {
+	if len(c.Substituters) > 0 || len(c.TrustedSubsts) > 0 {
 		// Opening contacts no upstream: one that is down cannot stop the
 		// daemon from starting.
 		sub, err := subst.New(st, substituterURLs(c.Substituters), subst.Options{StoreDir: st.StoreDir, Keys: keys, Logger: g.Logger,
-			Timeout: c.SubstTimeout, InfoTimeout: min(subst.DefaultInfoTimeout, c.SubstTimeout)})
+			Timeout: c.SubstTimeout, InfoTimeout: min(subst.DefaultInfoTimeout, c.SubstTimeout), OptIn: substituterURLs(c.TrustedSubsts)})
 		if err != nil {
 			return err
 		}

@@ -404,9 +404,10 @@ type conn struct {
 	refusal  string // why the peer may not connect: the handshake ends in this error
 	// useSubstitutes is the client's option (SetOptions).
 	useSubstitutes bool
-	// sel is the upstreams the client's substituters setting names
-	// (SetOptions); nil, until it sends one, is all of them. subs is
-	// that setting's URLs (nil: not sent).
+	// sel is the upstreams the client's substituters settings name
+	// (SetOptions); nil, until it sends them, is the default ones
+	// (Substituter.Default). subs is the substituters setting's URLs
+	// (nil: not sent).
 	sel  *subst.Selection
 	subs []string
 

@@ -24,7 +24,14 @@ import (
 
 // substituting reports whether this connection's ops may use upstreams.
 func (c *conn) substituting() bool {
-	return c.s.Subst != nil && c.s.Subst.Len() > 0 && c.useSubstitutes && (c.sel == nil || c.sel.Len() > 0)
+	if c.s.Subst == nil || !c.useSubstitutes {
+		return false
+	}
+	sel := c.sel
+	if sel == nil {
+		sel = c.s.Subst.Default()
+	}
+	return sel.Len() > 0
 }
 
 // substCtx is the op's context restricted to the upstreams the client

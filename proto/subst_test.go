@@ -431,20 +431,36 @@ func TestClientSubstituters(t *testing.T) {
 		overrides []string
 		subst     bool
 		warning   string // a warning the client must get, if any
+		optIn     bool   // the upstream is serve --trusted-substituters' (subst.Options.OptIn)
 	}{
-		{"none sent", nil, true, ""},
-		{"empty", []string{"substituters", ""}, false, ""},
-		{"the upstream", []string{"substituters", "file://" + dir}, true, ""},
-		{"trailing slash and query", []string{"substituters", "file://" + dir + "/?priority=99"}, true, ""},
-		{"alias", []string{"binary-caches", "file://" + dir}, true, ""},
-		{"another cache", []string{"substituters", "https://cache.example.org/"}, false, "ignoring substituter 'https://cache.example.org/'"},
-		{"both", []string{"substituters", "https://cache.example.org/ file://" + dir}, true, "ignoring substituter 'https://cache.example.org/'"},
-		{"extra only", []string{"extra-substituters", "https://cache.example.org/"}, true, "ignoring substituter 'https://cache.example.org/'"},
-		{"empty plus extra", []string{"substituters", "", "extra-substituters", "file://" + dir}, true, ""},
-		{"other settings", []string{"max-jobs", "4", "trusted-public-keys", "x:y"}, true, ""},
+		{"none sent", nil, true, "", false},
+		{"empty", []string{"substituters", ""}, false, "", false},
+		{"the upstream", []string{"substituters", "file://" + dir}, true, "", false},
+		{"trailing slash and query", []string{"substituters", "file://" + dir + "/?priority=99"}, true, "", false},
+		{"alias", []string{"binary-caches", "file://" + dir}, true, "", false},
+		{"another cache", []string{"substituters", "https://cache.example.org/"}, false, "ignoring substituter 'https://cache.example.org/'", false},
+		{"both", []string{"substituters", "https://cache.example.org/ file://" + dir}, true, "ignoring substituter 'https://cache.example.org/'", false},
+		{"extra only", []string{"extra-substituters", "https://cache.example.org/"}, true, "ignoring substituter 'https://cache.example.org/'", false},
+		{"empty plus extra", []string{"substituters", "", "extra-substituters", "file://" + dir}, true, "", false},
+		{"other settings", []string{"max-jobs", "4", "trusted-public-keys", "x:y"}, true, "", false},
+		// An opt-in upstream serves only clients that name it.
+		{"opt-in, none sent", nil, false, "", true},
+		{"opt-in, named", []string{"substituters", "file://" + dir + "/"}, true, "", true},
+		{"opt-in, named as extra", []string{"extra-substituters", "file://" + dir}, true, "", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			f := newFixture(t, withSubst(t, dir, pub, false))
+			opt := withSubst(t, dir, pub, false)
+			if tc.optIn {
+				opt = func(s *Server) {
+					sub, err := subst.New(s.Store, nil, subst.Options{StoreDir: "/nix/store", Keys: pub, OptIn: []string{"file://" + dir}})
+					if err != nil {
+						t.Fatal(err)
+					}
+					t.Cleanup(sub.Close)
+					s.Subst, s.RequireSigs, s.PublicKeys = sub, true, pub
+				}
+			}
+			f := newFixture(t, opt)
 			cl := f.connect(t, 38)
 			cl.lines = nil
 			cl.setOptions(true, tc.overrides...)

@@ -3,6 +3,8 @@ package proto
 import (
 	"fmt"
 	"slices"
+
+	"github.com/casnix/casnix/subst"
 	"strings"
 )
 
@@ -55,13 +57,14 @@ func (c *conn) readSubstituterSettings() (subs, extra []string, err error) {
 // connection as nix-daemon does: substituters, when sent, replaces the
 // daemon's list (an empty one turns substitution off for the client) and
 // extra-substituters adds to it, each URL kept only if the daemon may use
-// it. casnix substitutes only from its own upstreams (serve
-// --substituters), so a URL naming none of them is ignored with a
-// warning, whether the client is trusted or not (nix-daemon would add
-// a trusted client's). The client's order and ?priority= do not matter:
-// the upstreams keep casnix's priorities. A later SetOptions without
-// substituters keeps the list an earlier one sent, as nix-daemon's
-// setting stays set for the rest of the connection.
+// it: one of casnix's upstreams, the opt-in ones (serve
+// --trusted-substituters) included, which only clients naming them use.
+// casnix substitutes only from its own upstreams, so a URL naming none of
+// them is ignored with a warning, whether the client is trusted or not
+// (nix-daemon would add a trusted client's). The client's order and
+// ?priority= do not matter: the upstreams keep casnix's priorities. A
+// later SetOptions without substituters keeps the list an earlier one
+// sent, as nix-daemon's setting stays set for the rest of the connection.
 func (c *conn) selectSubstituters(subs, extra []string) {
 	if c.s.Subst == nil || c.s.Subst.Len() == 0 {
 		// Nothing to choose from: substitution is off whatever the client
@@ -71,24 +74,18 @@ func (c *conn) selectSubstituters(subs, extra []string) {
 	if subs != nil {
 		c.subs = capURLs(subs)
 	}
+	var base *subst.Selection // none
 	if c.subs == nil {
-		// The daemon's own list (all the upstreams) plus extras, which are
-		// among them or ignored.
-		_, ignored := c.s.Subst.Select(capURLs(extra))
-		c.warnIgnored(ignored)
-		return
+		base = c.s.Subst.Default()
 	}
-	sel, ignored := c.s.Subst.Select(append(slices.Clone(c.subs), capURLs(extra)...))
+	sel, ignored := c.s.Subst.Select(base, append(slices.Clone(c.subs), capURLs(extra)...))
 	c.sel = sel
-	c.warnIgnored(ignored)
+	for _, u := range ignored {
+		c.warn(fmt.Sprintf("warning: ignoring substituter '%s': casnix substitutes only from the upstreams it was started with "+
+			"(casnix serve --substituters, --trusted-substituters)", u))
+	}
 }
 
 func capURLs(urls []string) []string {
 	return urls[:min(len(urls), maxClientSubstituters)]
-}
-
-func (c *conn) warnIgnored(urls []string) {
-	for _, u := range urls {
-		c.warn(fmt.Sprintf("warning: ignoring substituter '%s': casnix substitutes only from the upstreams it was started with (casnix serve --substituters)", u))
-	}
 }

@@ -10,7 +10,7 @@ import (
 // may use (its substituters setting, as nix-daemon applies a client's to
 // the client's connection). Lookups and fetches made under a context
 // carrying one (WithSelection) use only the upstreams it marks; a context
-// without one uses them all.
+// without one uses every upstream but the opt-in ones (Default).
 type Selection struct {
 	on []bool // by index into Substituter.ups
 	n  int    // upstreams marked
@@ -32,22 +32,43 @@ func selectionOf(ctx context.Context) *Selection {
 	return sel
 }
 
-// allowed reports whether ctx's selection lets upstream i be used.
-func allowed(ctx context.Context, i int) bool {
-	sel := selectionOf(ctx)
-	return sel == nil || i < len(sel.on) && sel.on[i]
+// allowed reports whether ctx lets upstream i be used: its Selection
+// marks it, or, without one, it is not opt-in.
+func (s *Substituter) allowed(ctx context.Context, i int) bool {
+	if sel := selectionOf(ctx); sel != nil {
+		return i < len(sel.on) && sel.on[i]
+	}
+	return !s.ups[i].optIn
 }
 
-// Select maps a client's substituter URLs to this substituter's upstreams.
-// An upstream is named by its URL with or without the query (casnix's
-// ?priority= and ?trusted= are its own) and with or without a trailing
-// slash, since Nix clients write "https://cache.nixos.org/" as often as
-// not. URLs naming no upstream are returned as ignored: casnix
-// substitutes only from the upstreams its operator configured, whoever
-// the client (nix-daemon lets an untrusted client choose only among its
-// trusted-substituters, a trusted one anything).
-func (s *Substituter) Select(urls []string) (sel *Selection, ignored []string) {
+// Default is the selection of a client that names no substituters: every
+// upstream but the opt-in ones (Options.OptIn).
+func (s *Substituter) Default() *Selection {
+	sel := &Selection{on: make([]bool, len(s.ups))}
+	for i, up := range s.ups {
+		if !up.optIn {
+			sel.on[i] = true
+			sel.n++
+		}
+	}
+	return sel
+}
+
+// Select adds to base (nil: none) the upstreams a client's substituter
+// URLs name, opt-in ones included. An upstream is named by its URL with or
+// without the query (casnix's ?priority= and ?trusted= are its own) and
+// with or without a trailing slash, since Nix clients write
+// "https://cache.nixos.org/" as often as not. URLs naming no upstream are
+// returned as ignored: casnix substitutes only from the upstreams its
+// operator configured, whoever the client (nix-daemon lets an untrusted
+// client choose only among its substituters and trusted-substituters, a
+// trusted one anything).
+func (s *Substituter) Select(base *Selection, urls []string) (sel *Selection, ignored []string) {
 	sel = &Selection{on: make([]bool, len(s.ups))}
+	if base != nil {
+		copy(sel.on, base.on)
+		sel.n = base.n
+	}
 	for _, u := range urls {
 		found := false
 		for i, up := range s.ups {

@@ -54,6 +54,10 @@ type Options struct {
 	Now func() time.Time
 	// Logger, when set, hears of upstreams being skipped and back.
 	Logger *slog.Logger
+	// OptIn are upstreams used only by daemon clients whose substituters
+	// setting names them (nix-daemon's trusted-substituters); a URL also
+	// among New's is not opt-in.
+	OptIn []string
 }
 
 func (o *Options) defaults() {
@@ -106,6 +110,8 @@ type Upstream struct {
 	// trusted (?trusted=1) takes paths without checking signatures, as
 	// Nix's trusted store setting does for a substituter.
 	trusted bool
+	// optIn: used only for clients that name it (Options.OptIn).
+	optIn bool
 
 	mu      sync.Mutex
 	ready   bool      // nix-cache-info read and fine
@@ -210,12 +216,18 @@ func New(st *store.Store, urls []string, opts Options) (*Substituter, error) {
 	s := &Substituter{st: st, opts: opts, cache: map[cacheKey]cacheEntry{}, verified: map[*binarycache.Info]bool{}, flight: map[string]*call{}, nflight: map[cacheKey]*ncall{},
 		spools: map[string]*spoolEntry{}, holds: map[string]int{}}
 	s.base, s.cancel = context.WithCancel(context.Background())
-	for _, raw := range urls {
+	all := slices.Clone(urls)
+	for _, raw := range opts.OptIn {
+		if !slices.Contains(urls, raw) {
+			all = append(all, raw)
+		}
+	}
+	for n, raw := range all {
 		u, err := url.Parse(raw)
 		if err != nil {
 			return nil, fmt.Errorf("substituter %q: %w", raw, err)
 		}
-		up := &Upstream{URL: raw, urlPrio: -1}
+		up := &Upstream{URL: raw, urlPrio: -1, optIn: n >= len(urls)}
 		q := u.Query()
 		if p := q.Get("priority"); p != "" {
 			n, err := strconv.Atoi(p)
@@ -249,7 +261,7 @@ func (s *Substituter) Close() {
 	s.fetchs.Wait()
 }
 
-// Len is the number of upstreams.
+// Len is the number of upstreams, opt-in ones included.
 func (s *Substituter) Len() int { return len(s.ups) }
 
 // Stats returns every upstream's counters, in the order given.
@@ -358,7 +370,7 @@ func (s *Substituter) ordered(ctx context.Context) []int {
 	var idx []int
 	prio := make([]int, len(s.ups))
 	for i, up := range s.ups {
-		if !allowed(ctx, i) {
+		if !s.allowed(ctx, i) {
 			continue
 		}
 		if up.urlPrio >= 0 {
@@ -383,7 +395,7 @@ func (s *Substituter) downNote(ctx context.Context) string {
 	var down []string
 	now := s.opts.Now()
 	for i, up := range s.ups {
-		if !allowed(ctx, i) {
+		if !s.allowed(ctx, i) {
 			continue
 		}
 		up.mu.Lock()

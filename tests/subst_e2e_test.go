@@ -179,6 +179,25 @@ func testSubstituters(t *testing.T, suite string, f *nixtest.Fixture, want map[s
 		t.Errorf("nix-store -r %s: %q, want %q\n%s", drv, got, outs, r)
 	}
 
+	// An upstream casnix has as --trusted-substituters only: a client that does not name
+	// it gets nothing from it, one that names it (extra-substituters, folded into its
+	// substituters setting) gets the closure.
+	optDir := t.TempDir()
+	od := nixtest.NewCasnix(t).Serve(t, filepath.Join(optDir, "casnix.sock"), "--trusted-substituters", goodURL, "--trusted-public-keys", pub)
+	c.Bind(optDir)
+	c.Env = []string{"NIX_CONFIG=substituters =\ntrusted-public-keys = " + pub}
+	if r := c.Try("nix-store", "--store", od.URL(), "-r", dry); r.OK() {
+		t.Errorf("nix-store -r %s through an opt-in upstream the client did not name:\n%s", dry, r)
+	}
+	c.Env = []string{"NIX_CONFIG=extra-substituters = " + goodURL + "/\ntrusted-public-keys = " + pub}
+	if r := c.Try("nix-store", "--store", od.URL(), "-r", dry); !r.OK() || strings.TrimSpace(string(r.Stdout)) != dry {
+		t.Errorf("nix-store -r %s through an opt-in upstream the client named:\n%s\ncasnix:\n%s", dry, r, od.Output())
+	}
+	c.Env = env
+	if err := od.Stop(30 * time.Second); err != nil {
+		t.Errorf("casnix serve (opt-in upstream): %v\n%s", err, od.Output())
+	}
+
 	if d.Exited() {
 		t.Fatalf("casnix serve exited:\n%s", d.Output())
 	}
