@@ -174,6 +174,12 @@ func testSubstituters(t *testing.T, suite string, f *nixtest.Fixture, want map[s
 	if !r.OK() || !strings.Contains(string(r.Stderr), "will be fetched") || !strings.Contains(string(r.Stderr), outs[0]) {
 		t.Errorf("nix-store -r --dry-run %s:\n%s", drv, r)
 	}
+	// nix-build --dry-run of the derivation (a .drv argument, as nix-build takes one) lists
+	// the outputs it would fetch.
+	r = same("nix-build", "--store", drvStore, "--dry-run", "--no-out-link", drv)
+	if !r.OK() || !strings.Contains(string(r.Stderr), "will be fetched") || !strings.Contains(string(r.Stderr), outs[0]) {
+		t.Errorf("nix-build --dry-run %s:\n%s", drv, r)
+	}
 	r = same("nix-store", "--store", drvStore, "-r", drv)
 	if got := nixtest.SortedLines(r.Stdout); !r.OK() || !slices.Equal(got, outs) {
 		t.Errorf("nix-store -r %s: %q, want %q\n%s", drv, got, outs, r)
