@@ -436,14 +436,16 @@ func (c *conn) setOptions() error {
 		}
 	}
 	if c.minor >= 12 { // setting overrides
-		// Of a client's settings only its substituters change what casnix
-		// does (substituters.go); the others are about building or the
-		// client's own side.
-		subs, extra, err := c.readSubstituterSettings()
+		// Of a client's settings only its substituters and (trusted
+		// clients') trusted-public-keys change what casnix does
+		// (substituters.go); the others are about building or the client's
+		// own side.
+		st, err := c.readSubstituterSettings()
 		if err != nil {
 			return err
 		}
-		c.selectSubstituters(subs, extra)
+		c.selectSubstituters(st)
+		c.applyClientKeys(st)
 	}
 	c.last()
 	return nil

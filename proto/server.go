@@ -410,6 +410,9 @@ type conn struct {
 	// (nil: not sent).
 	sel  *subst.Selection
 	subs []string
+	// keys, when set, are the keys a trusted client's substitutions are
+	// checked against (its trusted-public-keys), not PublicKeys.
+	keys store.PublicKeys
 
 	mu    sync.Mutex
 	op    uint64           // the op being served, 0 between ops

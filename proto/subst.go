@@ -20,7 +20,10 @@ import (
 // upstream is marked ?trusted=1, whoever the client: nix-daemon opens its
 // store, whose require-sigs the substitution goal reads, before a client
 // sends its options, so no client turns the check off for substitution
-// (a trusted one copies with --no-check-sigs instead).
+// (a trusted one copies with --no-check-sigs instead). The keys it checks
+// against are a trusted client's trusted-public-keys when it sends them
+// (read when the first check happens, after the options), and the client's
+// substituters setting chooses among the upstreams (substituters.go).
 
 // substituting reports whether this connection's ops may use upstreams.
 func (c *conn) substituting() bool {
@@ -35,12 +38,16 @@ func (c *conn) substituting() bool {
 }
 
 // substCtx is the op's context restricted to the upstreams the client
-// selected.
+// selected, checking signatures against a trusted client's keys.
 func (c *conn) substCtx() context.Context {
-	if c.sel == nil {
-		return c.ctx
+	ctx := c.ctx
+	if c.sel != nil {
+		ctx = subst.WithSelection(ctx, c.sel)
 	}
-	return subst.WithSelection(c.ctx, c.sel)
+	if c.keys != nil {
+		ctx = subst.WithKeys(ctx, c.keys)
+	}
+	return ctx
 }
 
 // checkSigs reports whether substituted paths need a trusted signature.

@@ -490,3 +490,55 @@ func TestClientSubstituters(t *testing.T) {
 		})
 	}
 }
+
+// TestClientKeys: a trusted client's trusted-public-keys are what its
+// substitutions are checked against, as nix-daemon applies them (an empty
+// list or another key refuses the upstream's signed paths, extra keys add
+// to the daemon's); an untrusted client's are ignored.
+func TestClientKeys(t *testing.T) {
+	dir, pub := upstreamCache(t, true)
+	var pubText string
+	for _, k := range pub {
+		pubText = k.String()
+	}
+	other := "other-1:" + base64.StdEncoding.EncodeToString(make([]byte, 32))
+	for _, tc := range []struct {
+		name      string
+		trusted   bool
+		overrides []string
+		subst     bool
+		warning   string
+	}{
+		{"trusted, none sent", true, nil, true, ""},
+		{"trusted, the upstream's key", true, []string{"trusted-public-keys", other + " " + pubText}, true, ""},
+		{"trusted, another key", true, []string{"trusted-public-keys", other}, false, ""},
+		{"trusted, no keys", true, []string{"trusted-public-keys", ""}, false, ""},
+		{"trusted, old name", true, []string{"binary-cache-public-keys", other}, false, ""},
+		{"trusted, extra key", true, []string{"extra-trusted-public-keys", other}, true, ""},
+		{"trusted, bad key", true, []string{"trusted-public-keys", "garbage"}, false, "ignoring trusted public key"},
+		{"untrusted, another key", false, []string{"trusted-public-keys", other}, true, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFixture(t, withSubst(t, dir, pub, tc.trusted))
+			cl := f.connect(t, 38)
+			cl.lines = nil
+			cl.setOptions(true, tc.overrides...)
+			warned := strings.Join(cl.lines, "")
+			if tc.warning == "" && warned != "" || !strings.Contains(warned, tc.warning) {
+				t.Fatalf("warnings %q, want %q", warned, tc.warning)
+			}
+			cl.w.u64(opEnsurePath)
+			cl.w.str(full(upC))
+			err := cl.result()
+			if err == nil {
+				cl.u64()
+			}
+			if (err == nil) != tc.subst || f.valid(t, upA, upB, upC) != tc.subst {
+				t.Fatalf("EnsurePath: %v; closure valid: %v", err, f.valid(t, upA, upB, upC))
+			}
+			if !tc.subst && !strings.Contains(err.Error(), "signature") {
+				t.Fatalf("EnsurePath: %v, want an untrusted-signature error", err)
+			}
+		})
+	}
+}

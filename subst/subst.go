@@ -616,8 +616,8 @@ func (s *Substituter) findHash(ctx context.Context, hash, name string, checkSigs
 			continue
 		}
 		if checkSigs && !s.ups[i].trusted {
-			if !s.sigOK(in) {
-				errs = append(errs, fmt.Errorf("%s: %w", s.ups[i].URL, &binarycache.UntrustedError{Sigs: len(in.Sigs), Keys: len(s.opts.Keys)}))
+			if !s.sigOKFor(ctx, in) {
+				errs = append(errs, fmt.Errorf("%s: %w", s.ups[i].URL, &binarycache.UntrustedError{Sigs: len(in.Sigs), Keys: s.keyCount(ctx)}))
 				continue
 			}
 		}

@@ -2,6 +2,7 @@ package tests
 
 import (
 	"bytes"
+	"encoding/base64"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -120,6 +121,13 @@ func testSubstituters(t *testing.T, suite string, f *nixtest.Fixture, want map[s
 	c.Env = []string{"NIX_CONFIG=substituters =\ntrusted-public-keys = " + pub + "\nrequire-sigs = true"}
 	if r := same("nix-store", "--store", "{store}", "-r", dry); r.OK() {
 		t.Errorf("nix-store -r %s substituted for a client without substituters:\n%s", dry, r)
+	}
+	// A trusted client (root) trusting only another key: its substitutions are checked
+	// against that key, by casnix as by nix-daemon, so the upstream's paths are refused.
+	c.Env = []string{"NIX_CONFIG=substituters = " + goodURL + "?priority=10\ntrusted-public-keys = other-1:" +
+		base64.StdEncoding.EncodeToString(make([]byte, 32)) + "\nrequire-sigs = true"}
+	if r := same("nix-store", "--store", "{store}", "-r", dry); r.OK() {
+		t.Errorf("nix-store -r %s substituted for a client trusting another key:\n%s", dry, r)
 	}
 	c.Env = []string{"NIX_CONFIG=substituters = http://127.0.0.1:9/elsewhere\ntrusted-public-keys = " + pub}
 	if r := c.Try("nix-store", "--store", d.URL(), "-r", dry); r.OK() ||

@@ -4,7 +4,17 @@ import (
 	"context"
 	"net/url"
 	"strings"
+
+	"github.com/casnix/casnix/binarycache"
+	"github.com/casnix/casnix/store"
 )
+
+// A daemon client's settings shape the substitution done for it, as
+// nix-daemon applies a client's settings to its connection: which
+// upstreams (Selection) and, for a trusted client, which keys
+// (WithKeys). Both travel in the context of the client's lookups and
+// fetches; the lazy store and the HTTP pull-through have no client
+// settings and use the substituter's own.
 
 // Selection is the subset of a Substituter's upstreams that one client
 // may use (its substituters setting, as nix-daemon applies a client's to
@@ -99,4 +109,33 @@ func upstreamKey(raw string) string {
 	}
 	u.RawQuery, u.ForceQuery, u.Fragment = "", false, ""
 	return strings.TrimRight(u.String(), "/")
+}
+
+type keysKey struct{}
+
+// WithKeys makes the signature checks of lookups under the returned
+// context trust keys instead of Options.Keys: a trusted client's
+// trusted-public-keys, which nix-daemon's substitution goal checks
+// against (an untrusted client's are ignored, as nix-daemon ignores them).
+func WithKeys(ctx context.Context, keys store.PublicKeys) context.Context {
+	return context.WithValue(ctx, keysKey{}, keys)
+}
+
+// sigOKFor is sigOK under ctx's keys (WithKeys), if it has any.
+func (s *Substituter) sigOKFor(ctx context.Context, in *binarycache.Info) bool {
+	keys, ok := ctx.Value(keysKey{}).(store.PublicKeys)
+	if !ok {
+		return s.sigOK(in)
+	}
+	// Not memoized: the memo is of the substituter's own keys.
+	pi := in.PathInfo()
+	return keys.Verify(s.opts.StoreDir, &pi) > 0 || binarycache.CAVerified(s.opts.StoreDir, in)
+}
+
+// keyCount is how many keys ctx's checks trust, for errors.
+func (s *Substituter) keyCount(ctx context.Context) int {
+	if keys, ok := ctx.Value(keysKey{}).(store.PublicKeys); ok {
+		return len(keys)
+	}
+	return len(s.opts.Keys)
 }
