@@ -1,6 +1,7 @@
 package binarycache
 
 import (
+	"fmt"
 	"io"
 	"math"
 	"net"
@@ -29,6 +30,14 @@ type HTTPLimits struct {
 	// MaxConns caps the connections served at once; more wait in the
 	// kernel's accept backlog until one closes. 0 means no cap.
 	MaxConns int
+	// MaxConnsPerClient caps those of one client address, so that one
+	// client cannot hold every connection MaxConns allows while others
+	// wait: a connection over it is answered 503 Service Unavailable
+	// (which Nix retries after a short delay; newer Nix waits a minute
+	// after a 429) and closed. 0 (the default) means no cap: a
+	// server behind a proxy or NAT sees many clients at one address, and
+	// local clients all come from the loopback address.
+	MaxConnsPerClient int
 }
 
 // DefaultHTTPLimits are generous for Nix clients (requests of a few
@@ -47,7 +56,7 @@ var DefaultHTTPLimits = HTTPLimits{
 const stallChunk = 256 << 10
 
 // NewHTTPServer returns an http.Server for h with lim's timeouts and
-// limits; serve it on LimitListener(ln, lim.MaxConns).
+// limits; serve it on LimitListener(ln, lim.MaxConns, lim.MaxConnsPerClient).
 func NewHTTPServer(h http.Handler, lim HTTPLimits) *http.Server {
 	if lim.WriteStall > 0 {
 		h = stallHandler{h: h, d: lim.WriteStall, bodyWait: lim.ReadHeaderTimeout}
@@ -144,32 +153,116 @@ func (w *stallWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 // LimitListener accepts at most n connections at once (n <= 0: no cap);
 // Accept waits for one to close. Like golang.org/x/net/netutil's, but its
 // connections keep the TCP connection's ReadFrom (sendfile) and CloseWrite.
-func LimitListener(ln net.Listener, n int) net.Listener {
-	if n <= 0 {
+// At most perClient of them (0: no cap) come from one client IP address: a
+// connection over that is refused with a 503 answer, in the background,
+// and never handed to the server.
+func LimitListener(ln net.Listener, n, perClient int) net.Listener {
+	if n <= 0 && perClient <= 0 {
 		return ln
 	}
-	return &limitListener{Listener: ln, sem: make(chan struct{}, n), done: make(chan struct{})}
+	l := &limitListener{Listener: ln, done: make(chan struct{}), perClient: perClient, clients: map[string]int{}}
+	if n > 0 {
+		l.sem = make(chan struct{}, n)
+	}
+	return l
 }
 
 type limitListener struct {
 	net.Listener
-	sem       chan struct{}
+	sem       chan struct{} // nil: no cap
 	done      chan struct{}
 	closeOnce sync.Once
+
+	perClient int
+	mu        sync.Mutex
+	clients   map[string]int // open connections by client address
+	refusing  int            // refusals being written
 }
 
+// maxHTTPRefusing bounds the per-client refusals written at once; beyond
+// it a refused connection is closed without an answer.
+const maxHTTPRefusing = 64
+
 func (l *limitListener) Accept() (net.Conn, error) {
-	select {
-	case l.sem <- struct{}{}:
-	case <-l.done:
-		return nil, net.ErrClosed
+	for {
+		if l.sem != nil {
+			select {
+			case l.sem <- struct{}{}:
+			case <-l.done:
+				return nil, net.ErrClosed
+			}
+		}
+		c, err := l.Listener.Accept()
+		if err != nil {
+			l.releaseSlot()
+			return nil, err
+		}
+		client := clientKey(c)
+		l.mu.Lock()
+		if l.perClient > 0 && client != "" && l.clients[client] >= l.perClient {
+			refuse := l.refusing < maxHTTPRefusing
+			if refuse {
+				l.refusing++
+			}
+			l.mu.Unlock()
+			l.releaseSlot()
+			if refuse {
+				go l.refuse(c)
+			} else {
+				c.Close()
+			}
+			continue
+		}
+		if client != "" {
+			l.clients[client]++
+		}
+		l.mu.Unlock()
+		return &limitConn{Conn: c, release: func() {
+			if client != "" {
+				l.mu.Lock()
+				if l.clients[client]--; l.clients[client] <= 0 {
+					delete(l.clients, client)
+				}
+				l.mu.Unlock()
+			}
+			l.releaseSlot()
+		}}, nil
 	}
-	c, err := l.Listener.Accept()
-	if err != nil {
+}
+
+func (l *limitListener) releaseSlot() {
+	if l.sem != nil {
 		<-l.sem
-		return nil, err
 	}
-	return &limitConn{Conn: c, release: func() { <-l.sem }}, nil
+}
+
+// clientKey is the connection's client IP address; "" when it has none
+// (not TCP).
+func clientKey(c net.Conn) string {
+	if a, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+		return a.IP.String()
+	}
+	return ""
+}
+
+// refuse answers a connection over its client's cap with 503 and closes
+// it, within a second: the request is read and dropped after the answer
+// (closing with unread bytes would reset the connection before the
+// client read the answer).
+func (l *limitListener) refuse(c net.Conn) {
+	defer func() {
+		c.Close()
+		l.mu.Lock()
+		l.refusing--
+		l.mu.Unlock()
+	}()
+	c.SetDeadline(time.Now().Add(time.Second))
+	const msg = "too many connections from your address\n"
+	fmt.Fprintf(c, "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s", len(msg), msg)
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+	}
+	io.Copy(io.Discard, io.LimitReader(c, 64<<10))
 }
 
 func (l *limitListener) Close() error {

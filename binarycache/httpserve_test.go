@@ -22,7 +22,7 @@ func serveLimited(t *testing.T, h http.Handler, lim HTTPLimits) string {
 		t.Fatal(err)
 	}
 	srv := NewHTTPServer(h, lim)
-	go srv.Serve(LimitListener(ln, lim.MaxConns))
+	go srv.Serve(LimitListener(ln, lim.MaxConns, lim.MaxConnsPerClient))
 	t.Cleanup(func() { srv.Close() })
 	return ln.Addr().String()
 }
@@ -219,6 +219,62 @@ func TestHTTPWriteStall(t *testing.T) {
 			if err := <-handlerErr; err != nil {
 				t.Errorf("%s: handler: %v", path, err)
 			}
+		}
+	}
+}
+
+// TestHTTPMaxConnsPerClient: with MaxConnsPerClient 2, a client address
+// holding two connections gets a 503 for a third (answered at once, not
+// queued behind the others), while another address is served, and the
+// first is served again once one of its connections closes.
+func TestHTTPMaxConnsPerClient(t *testing.T) {
+	lim := DefaultHTTPLimits
+	lim.MaxConns, lim.MaxConnsPerClient = 8, 2
+	addr := serveLimited(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") }), lim)
+	dial := func(from string) net.Conn {
+		t.Helper()
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}, Timeout: 5 * time.Second}
+		c, err := d.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	get := func(c net.Conn) (int, error) {
+		t.Helper()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := fmt.Fprintf(c, "GET / HTTP/1.1\r\nHost: x\r\n\r\n"); err != nil {
+			return 0, err
+		}
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			return 0, err
+		}
+		resp.Body.Close()
+		return resp.StatusCode, nil
+	}
+	var held []net.Conn
+	for range 2 {
+		c := dial("127.0.0.1")
+		fmt.Fprintf(c, "GET / HTTP/1.1\r\nHost: x\r\n") // headers never finished
+		held = append(held, c)
+	}
+	time.Sleep(100 * time.Millisecond) // let the server take both
+	if code, err := get(dial("127.0.0.1")); err != nil || code != http.StatusServiceUnavailable {
+		t.Fatalf("third connection of one address: %d, %v; want 503", code, err)
+	}
+	if code, err := get(dial("127.0.0.2")); err != nil || code != http.StatusOK {
+		t.Fatalf("another address: %d, %v; want 200", code, err)
+	}
+	held[0].Close()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		code, err := get(dial("127.0.0.1"))
+		if err == nil && code == http.StatusOK {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("first address not served after one of its connections closed: %d, %v", code, err)
 		}
 	}
 }

@@ -208,6 +208,7 @@ type HTTPFlags struct {
 	HTTPCache       string        `name:"http-cache" type:"path" placeholder:"DIR" help:"With --http: keep compressed NARs once served, and pull-through's upstream zstd NARs once checked, in DIR (default: DATA_DIR/http-cache), so later downloads are sent from a file (no render, no compression)."`
 	HTTPCacheSize   int64         `name:"http-cache-size" default:"10737418240" placeholder:"BYTES" help:"With --http: evict least recently used cached NARs beyond this many bytes; 0 keeps none."`
 	HTTPMaxConns    int           `name:"http-max-connections" env:"CASNIX_HTTP_MAX_CONNECTIONS" default:"128" placeholder:"N" help:"With --http: serve at most N connections at once (each may render and compress a NAR); more wait until one closes. 0: no cap."`
+	HTTPMaxPerIP    int           `name:"http-max-connections-per-client" env:"CASNIX_HTTP_MAX_CONNECTIONS_PER_CLIENT" default:"0" placeholder:"N" help:"With --http: serve at most N connections of one client IP address at once, so one client cannot take every --http-max-connections slot; more are answered 503 (Nix retries) and closed. 0: no cap (behind a proxy or NAT many clients share an address)."`
 	HTTPPull        bool          `name:"http-pull-through" default:"true" negatable:"" help:"With --http and --substituters: a narinfo request for a path the store lacks is answered from an upstream narinfo (under the substitution signature rules) while the path and its closure are fetched into the store, and its NAR is streamed to clients as it arrives (a pull-through cache)."`
 	HTTPStall       time.Duration `name:"http-stall-timeout" env:"CASNIX_HTTP_STALL_TIMEOUT" default:"1m" help:"With --http: close a connection whose response makes no progress (a client not reading) for this long; a slow but steady download is not cut off."`
 }
@@ -248,10 +249,11 @@ func (c *ServeCmd) startHTTP(g *Globals, st *store.Store, metrics func(io.Writer
 		p.HoldIngest(h.Busy)
 	}
 	lim := binarycache.DefaultHTTPLimits
-	lim.MaxConns, lim.WriteStall = c.HTTPMaxConns, c.HTTPStall
+	lim.MaxConns, lim.MaxConnsPerClient, lim.WriteStall = c.HTTPMaxConns, c.HTTPMaxPerIP, c.HTTPStall
 	srv := binarycache.NewHTTPServer(h, lim)
-	ln = binarycache.LimitListener(ln, lim.MaxConns)
-	g.Logger.Info("serving HTTP binary cache", "addr", ln.Addr().String(), "max_connections", lim.MaxConns)
+	ln = binarycache.LimitListener(ln, lim.MaxConns, lim.MaxConnsPerClient)
+	g.Logger.Info("serving HTTP binary cache", "addr", ln.Addr().String(), "max_connections", lim.MaxConns,
+		"max_connections_per_client", lim.MaxConnsPerClient)
 	go func() {
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			g.Logger.Error("http", "err", err)

@@ -239,6 +239,29 @@ func TestCacheServeHTTP(t *testing.T) {
 		t.Errorf("nix copy with an untrusted key succeeded:\n%s", r)
 	}
 
+	// A server capping each client address at 2 connections: Nix 2.8, copying every path
+	// with up to 16 connections, gets 503s for the connections over the cap, retries them
+	// and copies everything.
+	_, capped := c.ServeHTTP(t, "--sign-key", key, "--http-max-connections-per-client", "2")
+	var all []string // every path but the .drv files (nix copy takes one for its outputs)
+	for _, p := range f.AllPaths(t) {
+		if !strings.HasSuffix(p, ".drv") {
+			all = append(all, p)
+		}
+	}
+	dst4 := nixtest.NewStore(t)
+	r := dst4.Cmd("nix", append([]string{"copy", "--from", capped, "--option", "http-connections", "16"}, append(requireSigs(pub), all...)...)...).Try()
+	if !r.OK() {
+		t.Fatalf("nix copy from a server with a per-client cap:\n%s", r)
+	}
+	if !strings.Contains(string(r.Stderr), "HTTP error 503") {
+		t.Errorf("nix copy of %d paths with 16 connections met no 503 from a cap of 2:\n%s", len(all), r.Stderr)
+	}
+	dst4.Nix(t, append([]string{"store", "verify", "--all", "--sigs-needed", "1"}, requireSigs(pub)...)...)
+	if r := dst4.Cmd("nix", append([]string{"path-info"}, all...)...).Try(); !r.OK() {
+		t.Errorf("nix copy from the capped server left paths out:\n%s", r)
+	}
+
 	// casnix imports from casnix.
 	c2 := nixtest.NewCasnix(t)
 	c2.Run(t, "import", "--from", url, "--trusted-public-keys", pub, top)
