@@ -197,9 +197,12 @@ func (l *limitListener) Accept() (net.Conn, error) {
 			l.releaseSlot()
 			return nil, err
 		}
-		client := clientKey(c)
+		client := "" // not counted
+		if l.perClient > 0 {
+			client = clientKey(c)
+		}
 		l.mu.Lock()
-		if l.perClient > 0 && client != "" && l.clients[client] >= l.perClient {
+		if client != "" && l.clients[client] >= l.perClient {
 			refuse := l.refusing < maxHTTPRefusing
 			if refuse {
 				l.refusing++

@@ -4,10 +4,10 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 
 	"github.com/casnix/casnix/store"
 	"github.com/casnix/casnix/subst"
-	"strings"
 )
 
 // maxClientSubstituters bounds the URLs of a client's substituters
