@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -177,7 +178,12 @@ type limitListener struct {
 	mu        sync.Mutex
 	clients   map[string]int // open connections by client address
 	refusing  int            // refusals being written
+	refused   atomic.Int64
 }
+
+// Refused counts the connections refused for being over their client's
+// cap, for /metrics.
+func (l *limitListener) Refused() int64 { return l.refused.Load() }
 
 // maxHTTPRefusing bounds the per-client refusals written at once; beyond
 // it a refused connection is closed without an answer.
@@ -209,6 +215,7 @@ func (l *limitListener) Accept() (net.Conn, error) {
 			}
 			l.mu.Unlock()
 			l.releaseSlot()
+			l.refused.Add(1)
 			if refuse {
 				go l.refuse(c)
 			} else {

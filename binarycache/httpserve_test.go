@@ -230,7 +230,15 @@ func TestHTTPWriteStall(t *testing.T) {
 func TestHTTPMaxConnsPerClient(t *testing.T) {
 	lim := DefaultHTTPLimits
 	lim.MaxConns, lim.MaxConnsPerClient = 8, 2
-	addr := serveLimited(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") }), lim)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	limited := LimitListener(ln, lim.MaxConns, lim.MaxConnsPerClient)
+	srv := NewHTTPServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") }), lim)
+	go srv.Serve(limited)
+	t.Cleanup(func() { srv.Close() })
+	addr := ln.Addr().String()
 	dial := func(from string) net.Conn {
 		t.Helper()
 		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}, Timeout: 5 * time.Second}
@@ -266,6 +274,9 @@ func TestHTTPMaxConnsPerClient(t *testing.T) {
 	}
 	if code, err := get(dial("127.0.0.2")); err != nil || code != http.StatusOK {
 		t.Fatalf("another address: %d, %v; want 200", code, err)
+	}
+	if n := limited.(interface{ Refused() int64 }).Refused(); n != 1 {
+		t.Fatalf("Refused() = %d, want 1", n)
 	}
 	held[0].Close()
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {

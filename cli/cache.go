@@ -240,8 +240,20 @@ func (c *ServeCmd) startHTTP(g *Globals, st *store.Store, metrics func(io.Writer
 	if c.HTTPCacheSize <= 0 {
 		cacheDir = ""
 	}
+	// The listener's refusals (--http-max-connections-per-client), set
+	// before the server starts.
+	var refused interface{ Refused() int64 }
+	allMetrics := func(w io.Writer) {
+		if metrics != nil {
+			metrics(w)
+		}
+		if refused != nil {
+			fmt.Fprintf(w, "# HELP casnix_http_refused_connections_total Connections refused for being over --http-max-connections-per-client.\n"+
+				"# TYPE casnix_http_refused_connections_total counter\ncasnix_http_refused_connections_total %d\n", refused.Refused())
+		}
+	}
 	h := &binarycache.Server{Store: st, StoreDir: st.StoreDir, Key: key, Priority: c.Priority,
-		Compression: c.HTTPCompression, Logger: g.Logger, CacheDir: cacheDir, CacheBytes: c.HTTPCacheSize, Metrics: metrics, Pull: pull}
+		Compression: c.HTTPCompression, Logger: g.Logger, CacheDir: cacheDir, CacheBytes: c.HTTPCacheSize, Metrics: allMetrics, Pull: pull}
 	if p, ok := pull.(*subst.PullThrough); ok {
 		if cacheDir != "" {
 			p.Keep(h)
@@ -252,6 +264,7 @@ func (c *ServeCmd) startHTTP(g *Globals, st *store.Store, metrics func(io.Writer
 	lim.MaxConns, lim.MaxConnsPerClient, lim.WriteStall = c.HTTPMaxConns, c.HTTPMaxPerIP, c.HTTPStall
 	srv := binarycache.NewHTTPServer(h, lim)
 	ln = binarycache.LimitListener(ln, lim.MaxConns, lim.MaxConnsPerClient)
+	refused, _ = ln.(interface{ Refused() int64 })
 	g.Logger.Info("serving HTTP binary cache", "addr", ln.Addr().String(), "max_connections", lim.MaxConns,
 		"max_connections_per_client", lim.MaxConnsPerClient)
 	go func() {

@@ -261,6 +261,12 @@ func TestCacheServeHTTP(t *testing.T) {
 	if r := dst4.Cmd("nix", append([]string{"path-info"}, all...)...).Try(); !r.OK() {
 		t.Errorf("nix copy from the capped server left paths out:\n%s", r)
 	}
+	m = regexp.MustCompile(`(?m)^casnix_http_refused_connections_total (\d+)$`).FindStringSubmatch(string(nixtest.HTTPGet(t, capped+"/metrics")))
+	if n := 0; m == nil {
+		t.Error("/metrics lacks casnix_http_refused_connections_total")
+	} else if fmt.Sscan(m[1], &n); n == 0 {
+		t.Error("casnix_http_refused_connections_total is 0 after Nix met 503s")
+	}
 
 	// casnix imports from casnix.
 	c2 := nixtest.NewCasnix(t)
