@@ -99,6 +99,37 @@ func (cl *client) setOptions(useSubstitutes bool, overrides ...string) {
 	cl.expectLast()
 }
 
+// setOptionsWarned is setOptions (substituting) that fails unless the
+// warnings the client got contain want ("": it got none).
+func (cl *client) setOptionsWarned(want string, overrides ...string) {
+	cl.t.Helper()
+	cl.lines = nil
+	cl.setOptions(true, overrides...)
+	warned := strings.Join(cl.lines, "")
+	if want == "" && warned != "" || !strings.Contains(warned, want) {
+		cl.t.Fatalf("warnings %q, want %q", warned, want)
+	}
+}
+
+// ensureUpC asks EnsurePath of upC and fails unless it substituted the
+// closure (all of it valid after) when subst says so, or else was refused
+// with an error containing refusal (none of it valid).
+func (f *fixture) ensureUpC(t *testing.T, cl *client, subst bool, refusal string) {
+	t.Helper()
+	cl.w.u64(opEnsurePath)
+	cl.w.str(full(upC))
+	err := cl.result()
+	if err == nil {
+		cl.u64()
+	}
+	if (err == nil) != subst || f.valid(t, upA, upB, upC) != subst {
+		t.Fatalf("EnsurePath: %v; closure valid: %v", err, f.valid(t, upA, upB, upC))
+	}
+	if !subst && !strings.Contains(err.Error(), refusal) {
+		t.Fatalf("EnsurePath: %v, want an error containing %q", err, refusal)
+	}
+}
+
 func (f *fixture) valid(t *testing.T, names ...string) bool {
 	t.Helper()
 	for _, n := range names {
@@ -462,12 +493,7 @@ func TestClientSubstituters(t *testing.T) {
 			}
 			f := newFixture(t, opt)
 			cl := f.connect(t, 38)
-			cl.lines = nil
-			cl.setOptions(true, tc.overrides...)
-			warned := strings.Join(cl.lines, "")
-			if tc.warning == "" && warned != "" || !strings.Contains(warned, tc.warning) {
-				t.Fatalf("warnings %q, want %q", warned, tc.warning)
-			}
+			cl.setOptionsWarned(tc.warning, tc.overrides...)
 
 			cl.w.u64(opHasSubstitutes)
 			cl.w.str(full(upC))
@@ -475,18 +501,7 @@ func TestClientSubstituters(t *testing.T) {
 			if has := cl.u64() == 1; has != tc.subst {
 				t.Fatalf("HasSubstitutes %v", has)
 			}
-			cl.w.u64(opEnsurePath)
-			cl.w.str(full(upC))
-			err := cl.result()
-			if err == nil {
-				cl.u64()
-			}
-			if (err == nil) != tc.subst || f.valid(t, upA, upB, upC) != tc.subst {
-				t.Fatalf("EnsurePath: %v; closure valid: %v", err, f.valid(t, upA, upB, upC))
-			}
-			if !tc.subst && !strings.Contains(err.Error(), "cannot substitute") {
-				t.Fatalf("EnsurePath: %v", err)
-			}
+			f.ensureUpC(t, cl, tc.subst, "cannot substitute")
 		})
 	}
 }
@@ -521,24 +536,8 @@ func TestClientKeys(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			f := newFixture(t, withSubst(t, dir, pub, tc.trusted))
 			cl := f.connect(t, 38)
-			cl.lines = nil
-			cl.setOptions(true, tc.overrides...)
-			warned := strings.Join(cl.lines, "")
-			if tc.warning == "" && warned != "" || !strings.Contains(warned, tc.warning) {
-				t.Fatalf("warnings %q, want %q", warned, tc.warning)
-			}
-			cl.w.u64(opEnsurePath)
-			cl.w.str(full(upC))
-			err := cl.result()
-			if err == nil {
-				cl.u64()
-			}
-			if (err == nil) != tc.subst || f.valid(t, upA, upB, upC) != tc.subst {
-				t.Fatalf("EnsurePath: %v; closure valid: %v", err, f.valid(t, upA, upB, upC))
-			}
-			if !tc.subst && !strings.Contains(err.Error(), "signature") {
-				t.Fatalf("EnsurePath: %v, want an untrusted-signature error", err)
-			}
+			cl.setOptionsWarned(tc.warning, tc.overrides...)
+			f.ensureUpC(t, cl, tc.subst, "signature")
 		})
 	}
 }

@@ -129,11 +129,7 @@ func TestRepack(t *testing.T) {
 // never an error).
 func TestRepackBesideGCAndImports(t *testing.T) {
 	ctx := context.Background()
-	st, err := Open(ctx, t.TempDir(), Options{Blobs: blobs.Options{PackSize: 2 << 20, Level: zstd.SpeedFastest, FrameSize: 1 << 20}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
+	st := openFastForm(t)
 	nars := map[string][]byte{}
 	name := func(i int) string { return fmt.Sprintf("%032d-pkg-%d", i, i%5) }
 	for i := range 24 {
@@ -198,11 +194,7 @@ func TestRepackBesideGCAndImports(t *testing.T) {
 func TestRepackInBackground(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	st, err := Open(ctx, t.TempDir(), Options{Blobs: blobs.Options{PackSize: 2 << 20, Level: zstd.SpeedFastest, FrameSize: 1 << 20}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
+	st := openFastForm(t)
 	nars := map[string][]byte{}
 	addOne := func(i int) {
 		n := fmt.Sprintf("%032d-pkg-%d", i, i)
@@ -280,6 +272,18 @@ func TestPackageOf(t *testing.T) {
 }
 
 // unpackedChunks counts the chunks still in frames no repack has packed.
+// openFastForm opens a store that writes the fast form (fastest level,
+// 1 MiB frames) into small packs, for repacks to rewrite.
+func openFastForm(t *testing.T) *Store {
+	t.Helper()
+	st, err := Open(context.Background(), t.TempDir(), Options{Blobs: blobs.Options{PackSize: 2 << 20, Level: zstd.SpeedFastest, FrameSize: 1 << 20}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	return st
+}
+
 func unpackedChunks(t *testing.T, st *Store) int {
 	return countRows(t, st, "SELECT COUNT(*) FROM chunks c JOIN frames f ON f.id = c.frame WHERE f.packed = 0")
 }
@@ -291,11 +295,7 @@ func unpackedChunks(t *testing.T, st *Store) int {
 func TestRepackInBackgroundYields(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	st, err := Open(ctx, t.TempDir(), Options{Blobs: blobs.Options{PackSize: 2 << 20, Level: zstd.SpeedFastest, FrameSize: 1 << 20}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
+	st := openFastForm(t)
 	for i := range 4 {
 		if err := add(t, st, fmt.Sprintf("%032d-pkg-%d", i, i), manyFilesNAR(t, 30, 100, 50000, int64(i))); err != nil {
 			t.Fatal(err)
