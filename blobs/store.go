@@ -461,7 +461,30 @@ func (s *Store) rewriteHeader(p *packFile) error {
 	return nil
 }
 
+// newPack makes a new pack and takes it for the caller. The pack's row
+// commits before its file exists, so a writer scanning for packs to reuse
+// (reuseExisting) may open and lock the fresh file between its creation
+// here and the flock; that writer then owns it (it writes the header
+// itself), and this caller allocates another. Each lost race hands a pack
+// to some other writer, so the loop ends; the bound only guards a bug.
 func (s *Store) newPack(ctx context.Context) (*packFile, error) {
+	for try := 0; ; try++ {
+		p, err := s.createPack(ctx)
+		if errors.Is(err, errPackTaken) && try < 16 {
+			continue
+		}
+		return p, err
+	}
+}
+
+// errPackTaken: another writer locked a pack createPack had just created.
+var errPackTaken = errors.New("pack taken by another writer")
+
+// afterPackCreate runs between a new pack file's creation and its flock.
+// A variable so a test can make another writer take the pack there.
+var afterPackCreate = func(id int64) {}
+
+func (s *Store) createPack(ctx context.Context) (*packFile, error) {
 	var id int64
 	err := s.db.Write(ctx, func(tx *db.Tx) error {
 		var err error
@@ -489,8 +512,12 @@ func (s *Store) newPack(ctx context.Context) (*packFile, error) {
 	if err != nil {
 		return nil, fmt.Errorf("create pack %d: %w", id, err)
 	}
+	afterPackCreate(id)
 	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("lock new pack %d: %w", id, errPackTaken)
+		}
 		return nil, fmt.Errorf("lock new pack %d: %w", id, err)
 	}
 	p := &packFile{id: id, f: f}

@@ -180,6 +180,44 @@ func TestNewPackDirSynced(t *testing.T) {
 	}
 }
 
+// TestNewPackTakenByReuser: a pack's row commits before its file exists, so
+// a writer scanning for packs to reuse can open and lock a new pack before
+// its creator does (CI: TestConcurrentCopies' "lock new pack 1: resource
+// temporarily unavailable" refused a client's upload). The creator must
+// take another pack, not fail the write.
+func TestNewPackTakenByReuser(t *testing.T) {
+	s, d := openBlobs(t, Options{})
+	ctx := context.Background()
+	var taken *packFile
+	orig := afterPackCreate
+	afterPackCreate = func(id int64) {
+		if taken != nil {
+			return
+		}
+		p, err := s.tryReuse(ctx, id)
+		if err != nil || p == nil {
+			t.Errorf("reuse of new pack %d: %v %v, want it taken", id, p, err)
+			return
+		}
+		taken = p
+	}
+	t.Cleanup(func() { afterPackCreate = orig })
+	dg := writeBlobs(t, s, d, []byte("hello"))[0]
+	if taken == nil {
+		t.Fatal("the hook took no pack")
+	}
+	defer taken.f.Close()
+	if n, err := d.PackChunkCount(ctx, taken.id); err != nil || n != 0 {
+		t.Fatalf("pack %d, which another writer holds, has %d chunks (%v), want 0", taken.id, n, err)
+	}
+	if got, err := readBlob(s, dg); err != nil || string(got) != "hello" {
+		t.Fatalf("read %q, %v", got, err)
+	}
+	if dam, err := s.Verify(ctx, nil); err != nil || len(dam) != 0 {
+		t.Fatalf("verify: %v %v", err, dam)
+	}
+}
+
 // TestCompactKeepsPacksInUse checks that the packs a compaction takes from this
 // process's free list are written to again afterwards. Compact closes them so they can
 // be compacted too; when only the first writer after it looked for a pack to reuse,
