@@ -180,16 +180,19 @@ func (c *ServeCmd) Run(g *Globals) error {
 		Allowed: allowed, RequireSigs: c.RequireSigs, PublicKeys: keys,
 		MaxConnections: c.MaxConnections, MaxConnectionsPerUser: c.MaxPerUser,
 	}
-	if len(c.Substituters) > 0 || len(c.TrustedSubsts) > 0 {
-		// Opening contacts no upstream: one that is down cannot stop the
-		// daemon from starting.
-		sub, err := subst.New(st, substituterURLs(c.Substituters), subst.Options{StoreDir: st.StoreDir, Keys: keys, Logger: g.Logger,
-			Timeout: c.SubstTimeout, InfoTimeout: min(subst.DefaultInfoTimeout, c.SubstTimeout), OptIn: substituterURLs(c.TrustedSubsts)})
-		if err != nil {
-			return err
-		}
-		defer sub.Close()
-		srv.Subst = sub
+	// The substituter is there even without upstreams: a trusted client
+	// may name its own caches, as with nix-daemon (subst.Select). Opening
+	// contacts no upstream: one that is down cannot stop the daemon from
+	// starting.
+	sub, err := subst.New(st, substituterURLs(c.Substituters), subst.Options{StoreDir: st.StoreDir, Keys: keys, Logger: g.Logger,
+		Timeout: c.SubstTimeout, InfoTimeout: min(subst.DefaultInfoTimeout, c.SubstTimeout), OptIn: substituterURLs(c.TrustedSubsts)})
+	if err != nil {
+		return err
+	}
+	defer sub.Close()
+	srv.Subst = sub
+	upstreams := len(c.Substituters) > 0 || len(c.TrustedSubsts) > 0
+	if upstreams {
 		if c.Lazy {
 			// Closed before the substituter (defers run last first).
 			srv.Lazy = sub.Lazy(c.RequireSigs, 0)
@@ -204,7 +207,7 @@ func (c *ServeCmd) Run(g *Globals) error {
 	if err != nil {
 		return err
 	}
-	if c.EvictInterval > 0 && (maxSize > 0 || srv.Subst != nil) {
+	if c.EvictInterval > 0 && (maxSize > 0 || upstreams) {
 		st.EnableAccessTimes()
 		ctx, cancel := context.WithCancel(g.Ctx)
 		done := make(chan struct{})
@@ -217,7 +220,7 @@ func (c *ServeCmd) Run(g *Globals) error {
 	}
 	if c.HTTP != "" {
 		var pull binarycache.Puller
-		if srv.Subst != nil && c.HTTPPull {
+		if upstreams && c.HTTPPull {
 			// Its own lazy view (not the daemon's --lazy): its roots keep
 			// what a pull fetched while clients download the NARs. Closed
 			// after the HTTP server stops (defers run last first).

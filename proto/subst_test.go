@@ -463,25 +463,48 @@ func TestClientSubstituters(t *testing.T) {
 		subst     bool
 		warning   string // a warning the client must get, if any
 		optIn     bool   // the upstream is serve --trusted-substituters' (subst.Options.OptIn)
+		// bare: casnix has no upstream of its own, and the client is
+		// trusted (nix-daemon uses any cache a trusted client names).
+		bare, trusted bool
 	}{
-		{"none sent", nil, true, "", false},
-		{"empty", []string{"substituters", ""}, false, "", false},
-		{"the upstream", []string{"substituters", "file://" + dir}, true, "", false},
-		{"trailing slash and query", []string{"substituters", "file://" + dir + "/?priority=99"}, true, "", false},
-		{"alias", []string{"binary-caches", "file://" + dir}, true, "", false},
-		{"another cache", []string{"substituters", "https://cache.example.org/"}, false, "ignoring substituter 'https://cache.example.org/'", false},
-		{"both", []string{"substituters", "https://cache.example.org/ file://" + dir}, true, "ignoring substituter 'https://cache.example.org/'", false},
-		{"extra only", []string{"extra-substituters", "https://cache.example.org/"}, true, "ignoring substituter 'https://cache.example.org/'", false},
-		{"empty plus extra", []string{"substituters", "", "extra-substituters", "file://" + dir}, true, "", false},
-		{"other settings", []string{"max-jobs", "4", "trusted-public-keys", "x:y"}, true, "", false},
+		{"none sent", nil, true, "", false, false, false},
+		{"empty", []string{"substituters", ""}, false, "", false, false, false},
+		{"the upstream", []string{"substituters", "file://" + dir}, true, "", false, false, false},
+		{"trailing slash and query", []string{"substituters", "file://" + dir + "/?priority=99"}, true, "", false, false, false},
+		{"alias", []string{"binary-caches", "file://" + dir}, true, "", false, false, false},
+		{"another cache", []string{"substituters", "https://cache.example.org/"}, false, "ignoring untrusted substituter 'https://cache.example.org/'", false, false, false},
+		{"both", []string{"substituters", "https://cache.example.org/ file://" + dir}, true, "ignoring untrusted substituter 'https://cache.example.org/'", false, false, false},
+		{"extra only", []string{"extra-substituters", "https://cache.example.org/"}, true, "ignoring untrusted substituter 'https://cache.example.org/'", false, false, false},
+		{"empty plus extra", []string{"substituters", "", "extra-substituters", "file://" + dir}, true, "", false, false, false},
+		{"other settings", []string{"max-jobs", "4", "trusted-public-keys", "x:y"}, true, "", false, false, false},
 		// An opt-in upstream serves only clients that name it.
-		{"opt-in, none sent", nil, false, "", true},
-		{"opt-in, named", []string{"substituters", "file://" + dir + "/"}, true, "", true},
-		{"opt-in, named as extra", []string{"extra-substituters", "file://" + dir}, true, "", true},
+		{"opt-in, none sent", nil, false, "", true, false, false},
+		{"opt-in, named", []string{"substituters", "file://" + dir + "/"}, true, "", true, false, false},
+		{"opt-in, named as extra", []string{"extra-substituters", "file://" + dir}, true, "", true, false, false},
+		// A trusted client's cache casnix was not started with is added for it.
+		{"trusted, its own cache", []string{"substituters", "file://" + dir}, true, "", false, true, true},
+		{"trusted, its own as extra", []string{"extra-substituters", "file://" + dir}, true, "", false, true, true},
+		{"trusted, none sent", nil, false, "", false, true, true},
+		{"trusted, empty", []string{"substituters", ""}, false, "", false, true, true},
+		{"trusted, a scheme casnix lacks", []string{"substituters", "s3://bucket"}, false, "ignoring substituter 's3://bucket': casnix substitutes only from http", false, true, true},
+		// Untrusted, with no upstream to choose from: nothing, and no warning (its
+		// nix.conf's usual substituters line is no news).
+		{"untrusted, its own cache", []string{"substituters", "file://" + dir}, false, "", false, true, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			opt := withSubst(t, dir, pub, false)
-			if tc.optIn {
+			switch {
+			case tc.bare:
+				opt = func(s *Server) {
+					sub, err := subst.New(s.Store, nil, subst.Options{StoreDir: "/nix/store", Keys: pub})
+					if err != nil {
+						t.Fatal(err)
+					}
+					t.Cleanup(sub.Close)
+					s.Subst, s.RequireSigs, s.PublicKeys = sub, true, pub
+					s.Trusted = func(uint32, uint32) bool { return tc.trusted }
+				}
+			case tc.optIn:
 				opt = func(s *Server) {
 					sub, err := subst.New(s.Store, nil, subst.Options{StoreDir: "/nix/store", Keys: pub, OptIn: []string{"file://" + dir}})
 					if err != nil {

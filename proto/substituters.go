@@ -69,20 +69,21 @@ type substSettings struct {
 // selectSubstituters applies a client's substituters settings to its
 // connection as nix-daemon does: substituters, when sent, replaces the
 // daemon's list (an empty one turns substitution off for the client) and
-// extra-substituters adds to it, each URL kept only if the daemon may use
-// it: one of casnix's upstreams, the opt-in ones (serve
-// --trusted-substituters) included, which only clients naming them use.
-// casnix substitutes only from its own upstreams, so a URL naming none of
-// them is ignored with a warning, whether the client is trusted or not
-// (nix-daemon would add a trusted client's). The client's order and
-// ?priority= do not matter: the upstreams keep casnix's priorities. A
-// later SetOptions without substituters keeps the list an earlier one
-// sent, as nix-daemon's setting stays set for the rest of the connection.
+// extra-substituters adds to it. An untrusted client chooses among casnix's
+// upstreams, the opt-in ones (serve --trusted-substituters) included,
+// which only clients naming them use; its other URLs are ignored with
+// nix-daemon's warning. A trusted client may name any http(s) or file
+// cache, as with nix-daemon: one casnix was not started with is added
+// for it (subst.Select: opt-in, for trusted clients naming it only).
+// The client's order does not matter: casnix's upstreams keep their
+// priorities, an added one its nix-cache-info's or URL's. A later
+// SetOptions without substituters keeps the list an earlier one sent, as
+// nix-daemon's setting stays set for the rest of the connection.
 func (c *conn) selectSubstituters(st substSettings) {
 	subs, extra := st.subs, st.extra
-	if c.s.Subst == nil || c.s.Subst.Len() == 0 {
-		// Nothing to choose from: substitution is off whatever the client
-		// says, and a client's usual substituters line is no news.
+	if c.s.Subst == nil || c.s.Subst.Len() == 0 && !c.trusted {
+		// Nothing to choose from: substitution is off whatever the
+		// client says, and a client's usual substituters line is no news.
 		return
 	}
 	if subs != nil {
@@ -92,11 +93,15 @@ func (c *conn) selectSubstituters(st substSettings) {
 	if c.subs == nil {
 		base = c.s.Subst.Default()
 	}
-	sel, ignored := c.s.Subst.Select(base, append(slices.Clone(c.subs), capURLs(extra)...))
+	sel, ignored := c.s.Subst.Select(base, append(slices.Clone(c.subs), capURLs(extra)...), c.trusted)
 	c.sel = sel
-	for _, u := range ignored {
-		c.warn(fmt.Sprintf("warning: ignoring substituter '%s': casnix substitutes only from the upstreams it was started with "+
-			"(casnix serve --substituters, --trusted-substituters)", u))
+	for _, ig := range ignored {
+		if ig.Err != nil {
+			c.warn(fmt.Sprintf("warning: ignoring substituter '%s': %v", ig.URL, ig.Err))
+			continue
+		}
+		c.warn(fmt.Sprintf("warning: ignoring untrusted substituter '%s', you are not a trusted user "+
+			"(casnix substitutes for untrusted clients only from its --substituters and --trusted-substituters)", ig.URL))
 	}
 }
 

@@ -2,7 +2,9 @@ package subst
 
 import (
 	"context"
+	"fmt"
 	"net/url"
+	"slices"
 	"strings"
 
 	"github.com/casnix/casnix/binarycache"
@@ -48,14 +50,16 @@ func (s *Substituter) allowed(ctx context.Context, i int) bool {
 	if sel := selectionOf(ctx); sel != nil {
 		return i < len(sel.on) && sel.on[i]
 	}
-	return !s.ups[i].optIn
+	return !s.list()[i].optIn
 }
 
 // Default is the selection of a client that names no substituters: every
-// upstream but the opt-in ones (Options.OptIn).
+// upstream but the opt-in ones (Options.OptIn, and those trusted clients
+// added).
 func (s *Substituter) Default() *Selection {
-	sel := &Selection{on: make([]bool, len(s.ups))}
-	for i, up := range s.ups {
+	ups := s.list()
+	sel := &Selection{on: make([]bool, len(ups))}
+	for i, up := range ups {
 		if !up.optIn {
 			sel.on[i] = true
 			sel.n++
@@ -64,37 +68,108 @@ func (s *Substituter) Default() *Selection {
 	return sel
 }
 
+// MaxClientUpstreams bounds the upstreams trusted clients may add (Select):
+// each keeps its narinfo cache entries, counters and connections for the
+// rest of the process's life.
+const MaxClientUpstreams = 32
+
+// Ignored is a substituter URL a Select did not take.
+type Ignored struct {
+	URL string
+	// Err says why, for a trusted client's URL (it may name any cache);
+	// nil: the URL names none of the upstreams and the client is not
+	// trusted.
+	Err error
+}
+
 // Select adds to base (nil: none) the upstreams a client's substituter
 // URLs name, opt-in ones included. An upstream is named by its URL with or
-// without the query (casnix's ?priority= and ?trusted= are its own) and
-// with or without a trailing slash, since Nix clients write
-// "https://cache.nixos.org/" as often as not. URLs naming no upstream are
-// returned as ignored: casnix substitutes only from the upstreams its
-// operator configured, whoever the client (nix-daemon lets an untrusted
-// client choose only among its substituters and trusted-substituters, a
-// trusted one anything).
-func (s *Substituter) Select(base *Selection, urls []string) (sel *Selection, ignored []string) {
-	sel = &Selection{on: make([]bool, len(s.ups))}
-	if base != nil {
-		copy(sel.on, base.on)
-		sel.n = base.n
-	}
+// without the query (?priority= and ?trusted= are casnix's, or the adding
+// client's) and with or without a trailing slash, since Nix clients write
+// "https://cache.nixos.org/" as often as not. As nix-daemon lets an
+// untrusted client choose only among its substituters and
+// trusted-substituters and a trusted one any cache: a trusted client's URL
+// naming no upstream adds one (opt-in, so only clients naming it use it,
+// and never an untrusted client: it is the trusted client's choice, not
+// the operator's), up to MaxClientUpstreams; an untrusted client's is
+// ignored.
+func (s *Substituter) Select(base *Selection, urls []string, trusted bool) (sel *Selection, ignored []Ignored) {
+	var on []int
 	for _, u := range urls {
 		found := false
-		for i, up := range s.ups {
-			if sameUpstream(u, up.URL) {
+		for i, up := range s.list() {
+			if sameUpstream(u, up.URL) && (trusted || !up.client) {
 				found = true
-				if !sel.on[i] {
-					sel.on[i] = true
-					sel.n++
-				}
+				on = append(on, i)
 			}
 		}
-		if !found {
-			ignored = append(ignored, u)
+		if found {
+			continue
+		}
+		if !trusted {
+			ignored = append(ignored, Ignored{URL: u})
+			continue
+		}
+		i, err := s.addClient(u)
+		if err != nil {
+			ignored = append(ignored, Ignored{URL: u, Err: err})
+			continue
+		}
+		on = append(on, i)
+	}
+	sel = &Selection{on: make([]bool, len(s.list()))}
+	if base != nil {
+		copy(sel.on, base.on)
+	}
+	for _, i := range on {
+		sel.on[i] = true
+	}
+	for _, b := range sel.on {
+		if b {
+			sel.n++
 		}
 	}
 	return sel, ignored
+}
+
+// addClient adds the upstream of a trusted client's substituter URL, or
+// finds the one an earlier client added, and returns its index.
+func (s *Substituter) addClient(raw string) (int, error) {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return 0, fmt.Errorf("not a URL: %w", err)
+	}
+	switch u.Scheme {
+	case "http", "https", "file":
+	default:
+		return 0, fmt.Errorf("casnix substitutes only from http://, https:// and file:// binary caches")
+	}
+	s.upsMu.Lock()
+	defer s.upsMu.Unlock()
+	ups := s.list()
+	added := 0
+	for i, up := range ups {
+		if sameUpstream(raw, up.URL) {
+			return i, nil // added by a client just now
+		}
+		if up.client {
+			added++
+		}
+	}
+	if added >= MaxClientUpstreams {
+		return 0, fmt.Errorf("trusted clients added %d caches already, the most casnix keeps", added)
+	}
+	up, err := s.newUpstream(raw)
+	if err != nil {
+		return 0, err
+	}
+	up.optIn, up.client = true, true
+	next := append(slices.Clone(ups), up)
+	s.ups.Store(&next)
+	if s.opts.Logger != nil {
+		s.opts.Logger.Info("substituter added by a trusted client", "url", raw)
+	}
+	return len(next) - 1, nil
 }
 
 // sameUpstream compares two substituter URLs by scheme, host and path.

@@ -2,6 +2,7 @@ package subst
 
 import (
 	"context"
+	"fmt"
 	"slices"
 	"testing"
 )
@@ -38,9 +39,16 @@ func TestSelect(t *testing.T) {
 		{nil, []string{"https://opt.example/"}, []int{3}, nil},
 		{s.Default(), []string{"https://opt.example", "https://cache.nixos.org"}, []int{0, 1, 2, 3}, nil},
 	} {
-		sel, ignored := s.Select(tc.base, tc.urls)
+		sel, ign := s.Select(tc.base, tc.urls, false)
+		var ignored []string
+		for _, ig := range ign {
+			if ig.Err != nil {
+				t.Errorf("Select(%q) for an untrusted client: %s ignored with %v, want no error", tc.urls, ig.URL, ig.Err)
+			}
+			ignored = append(ignored, ig.URL)
+		}
 		var on []int
-		for i := range s.ups {
+		for i := range s.list() {
 			if s.allowed(WithSelection(context.Background(), sel), i) {
 				on = append(on, i)
 			}
@@ -63,5 +71,66 @@ func TestSelect(t *testing.T) {
 		if s.allowed(context.Background(), i) != want || s.allowed(WithSelection(context.Background(), nil), i) != want {
 			t.Errorf("upstream %d without a selection: allowed %v", i, !want)
 		}
+	}
+}
+
+// TestSelectTrusted: a trusted client's URL naming none of the upstreams
+// adds one, as nix-daemon uses any cache a trusted client names: opt-in
+// (no other client's default), never an untrusted client's even if it
+// names it, one per URL however many clients name it, only http(s) and
+// file caches, at most MaxClientUpstreams.
+func TestSelectTrusted(t *testing.T) {
+	s, err := New(nil, []string{"https://cache.nixos.org"}, Options{StoreDir: "/nix/store"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	on := func(sel *Selection) []int {
+		var out []int
+		for i := range s.list() {
+			if s.allowed(WithSelection(context.Background(), sel), i) {
+				out = append(out, i)
+			}
+		}
+		return out
+	}
+	sel, ign := s.Select(nil, []string{"https://cache.nixos.org/", "https://ci.example/cache?priority=3"}, true)
+	if got := on(sel); !slices.Equal(got, []int{0, 1}) || len(ign) != 0 || s.Len() != 2 {
+		t.Fatalf("trusted Select: upstreams %v, ignored %v, Len %d; want [0 1], none, 2", got, ign, s.Len())
+	}
+	if got := on(s.Default()); !slices.Equal(got, []int{0}) {
+		t.Errorf("Default after a trusted client added a cache: %v, want [0]", got)
+	}
+	if s.allowed(context.Background(), 1) {
+		t.Error("an added cache is used without a selection (the lazy store's, the pull-through's)")
+	}
+	// Another trusted client naming it gets the same upstream; an untrusted one, nothing.
+	if sel, _ := s.Select(nil, []string{"https://ci.example/cache/"}, true); !slices.Equal(on(sel), []int{1}) || s.Len() != 2 {
+		t.Errorf("second trusted Select: %v, Len %d", on(sel), s.Len())
+	}
+	sel, ign = s.Select(nil, []string{"https://ci.example/cache"}, false)
+	if got := on(sel); len(got) != 0 || len(ign) != 1 || ign[0].Err != nil {
+		t.Errorf("untrusted Select of an added cache: upstreams %v, ignored %v; want none, it ignored", got, ign)
+	}
+	// What casnix cannot fetch from is refused with a reason.
+	for _, u := range []string{"s3://bucket", "%zz", "ssh://host", "https://x.example?priority=no"} {
+		if sel, ign := s.Select(nil, []string{u}, true); sel.Len() != 0 || len(ign) != 1 || ign[0].Err == nil {
+			t.Errorf("trusted Select(%q): Len %d, ignored %v; want it ignored with a reason", u, sel.Len(), ign)
+		}
+	}
+	if s.Len() != 2 {
+		t.Errorf("Len %d after refused URLs, want 2", s.Len())
+	}
+	// The bound.
+	for i := s.Len() - 1; i < MaxClientUpstreams; i++ {
+		if _, ign := s.Select(nil, []string{fmt.Sprintf("https://c%d.example", i)}, true); len(ign) != 0 {
+			t.Fatalf("cache %d refused: %v", i, ign)
+		}
+	}
+	if _, ign := s.Select(nil, []string{"https://one-too-many.example"}, true); len(ign) != 1 || ign[0].Err == nil {
+		t.Errorf("cache %d: ignored %v, want refused", MaxClientUpstreams+1, ign)
+	}
+	if s.Len() != 1+MaxClientUpstreams {
+		t.Errorf("Len %d, want %d", s.Len(), 1+MaxClientUpstreams)
 	}
 }

@@ -112,6 +112,9 @@ type Upstream struct {
 	trusted bool
 	// optIn: used only for clients that name it (Options.OptIn).
 	optIn bool
+	// client: added by a trusted client (Select), which only trusted
+	// clients may use; opt-in too.
+	client bool
 
 	mu      sync.Mutex
 	ready   bool      // nix-cache-info read and fine
@@ -146,7 +149,12 @@ type counters struct {
 type Substituter struct {
 	st   *store.Store
 	opts Options
-	ups  []*Upstream
+	// ups is the upstreams, indexed as Selections and the narinfo cache
+	// index them: New's, then those trusted clients add (AddForClient).
+	// Only appended to (under upsMu, copy on write), so an index taken
+	// from one snapshot stays valid in every later one.
+	ups   atomic.Pointer[[]*Upstream]
+	upsMu sync.Mutex
 
 	base   context.Context // fetches outlive the request that started them
 	cancel context.CancelFunc
@@ -222,30 +230,45 @@ func New(st *store.Store, urls []string, opts Options) (*Substituter, error) {
 			all = append(all, raw)
 		}
 	}
+	var ups []*Upstream
 	for n, raw := range all {
-		u, err := url.Parse(raw)
+		up, err := s.newUpstream(raw)
 		if err != nil {
-			return nil, fmt.Errorf("substituter %q: %w", raw, err)
+			return nil, err
 		}
-		up := &Upstream{URL: raw, urlPrio: -1, optIn: n >= len(urls)}
-		q := u.Query()
-		if p := q.Get("priority"); p != "" {
-			n, err := strconv.Atoi(p)
-			if err != nil || n < 0 {
-				return nil, fmt.Errorf("substituter %q: priority %q is not a number", raw, p)
-			}
-			up.urlPrio = n
-		}
-		up.trusted = q.Get("trusted") == "1" || q.Get("trusted") == "true"
-		src, err := binarycache.OpenSource(raw)
-		if err != nil {
-			return nil, fmt.Errorf("substituter: %w", err)
-		}
-		up.src = &timeoutSource{Source: src, timeout: opts.Timeout}
-		s.ups = append(s.ups, up)
+		up.optIn = n >= len(urls)
+		ups = append(ups, up)
 	}
+	s.ups.Store(&ups)
 	return s, nil
 }
+
+// newUpstream opens the upstream of a substituter URL, contacting nothing.
+func (s *Substituter) newUpstream(raw string) (*Upstream, error) {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return nil, fmt.Errorf("substituter %q: %w", raw, err)
+	}
+	up := &Upstream{URL: raw, urlPrio: -1}
+	q := u.Query()
+	if p := q.Get("priority"); p != "" {
+		n, err := strconv.Atoi(p)
+		if err != nil || n < 0 {
+			return nil, fmt.Errorf("substituter %q: priority %q is not a number", raw, p)
+		}
+		up.urlPrio = n
+	}
+	up.trusted = q.Get("trusted") == "1" || q.Get("trusted") == "true"
+	src, err := binarycache.OpenSource(raw)
+	if err != nil {
+		return nil, fmt.Errorf("substituter: %w", err)
+	}
+	up.src = &timeoutSource{Source: src, timeout: s.opts.Timeout}
+	return up, nil
+}
+
+// list is the upstreams now (a snapshot: see Substituter.ups).
+func (s *Substituter) list() []*Upstream { return *s.ups.Load() }
 
 // flightLen counts the fetches in flight (tests).
 func (s *Substituter) flightLen() int {
@@ -262,12 +285,13 @@ func (s *Substituter) Close() {
 }
 
 // Len is the number of upstreams, opt-in ones included.
-func (s *Substituter) Len() int { return len(s.ups) }
+func (s *Substituter) Len() int { return len(s.list()) }
 
 // Stats returns every upstream's counters, in the order given.
 func (s *Substituter) Stats() []Stats {
-	out := make([]Stats, 0, len(s.ups))
-	for _, up := range s.ups {
+	ups := s.list()
+	out := make([]Stats, 0, len(ups))
+	for _, up := range ups {
 		up.mu.Lock()
 		st := Stats{URL: up.URL, Priority: -1, Up: up.ready}
 		if up.ready {
@@ -368,8 +392,9 @@ func (s *Substituter) readCacheInfo(ctx context.Context, up *Upstream) (*binaryc
 // is not usable. Upstreams ctx's Selection does not mark are left out.
 func (s *Substituter) ordered(ctx context.Context) []int {
 	var idx []int
-	prio := make([]int, len(s.ups))
-	for i, up := range s.ups {
+	ups := s.list()
+	prio := make([]int, len(ups))
+	for i, up := range ups {
 		if !s.allowed(ctx, i) {
 			continue
 		}
@@ -394,7 +419,7 @@ func (s *Substituter) ordered(ctx context.Context) []int {
 func (s *Substituter) downNote(ctx context.Context) string {
 	var down []string
 	now := s.opts.Now()
-	for i, up := range s.ups {
+	for i, up := range s.list() {
 		if !s.allowed(ctx, i) {
 			continue
 		}
@@ -484,7 +509,7 @@ func (s *Substituter) narinfo(ctx context.Context, i int, hash string) (*binaryc
 // fetchNarinfo asks the upstream for a narinfo and caches the answer.
 func (s *Substituter) fetchNarinfo(ctx context.Context, k cacheKey, now time.Time) (*binarycache.Info, error) {
 	i, hash := k.up, k.hash
-	up := s.ups[i]
+	up := s.list()[i]
 	var in *binarycache.Info
 	err := s.retry(ctx, up, func() error {
 		rc, err := up.src.Open(ctx, hash+".narinfo")
@@ -599,8 +624,10 @@ func (s *Substituter) find(ctx context.Context, name string, checkSigs bool) (*F
 // narinfo must describe.
 func (s *Substituter) findHash(ctx context.Context, hash, name string, checkSigs bool) (*Found, error) {
 	var errs []error
-	for _, i := range s.ordered(ctx) {
-		if !s.usable(ctx, s.ups[i]) {
+	idx := s.ordered(ctx)
+	ups := s.list() // after ordered's: it holds every index ordered gave
+	for _, i := range idx {
+		if !s.usable(ctx, ups[i]) {
 			continue
 		}
 		in, err := s.narinfo(ctx, i, hash)
@@ -612,16 +639,16 @@ func (s *Substituter) findHash(ctx context.Context, hash, name string, checkSigs
 			continue
 		}
 		if name != "" && in.Name != name {
-			errs = append(errs, fmt.Errorf("%s: %w: %s.narinfo describes %s/%s", s.ups[i].URL, binarycache.ErrBadNarinfo, hash, s.opts.StoreDir, in.Name))
+			errs = append(errs, fmt.Errorf("%s: %w: %s.narinfo describes %s/%s", ups[i].URL, binarycache.ErrBadNarinfo, hash, s.opts.StoreDir, in.Name))
 			continue
 		}
-		if checkSigs && !s.ups[i].trusted {
+		if checkSigs && !ups[i].trusted {
 			if !s.sigOKFor(ctx, in) {
-				errs = append(errs, fmt.Errorf("%s: %w", s.ups[i].URL, &binarycache.UntrustedError{Sigs: len(in.Sigs), Keys: s.keyCount(ctx)}))
+				errs = append(errs, fmt.Errorf("%s: %w", ups[i].URL, &binarycache.UntrustedError{Sigs: len(in.Sigs), Keys: s.keyCount(ctx)}))
 				continue
 			}
 		}
-		return &Found{Info: in, Upstream: s.ups[i]}, nil
+		return &Found{Info: in, Upstream: ups[i]}, nil
 	}
 	if ctx.Err() != nil {
 		return nil, ctx.Err()
@@ -882,7 +909,7 @@ func (s *Substituter) fetch(ctx context.Context, f *Found) error {
 	}
 	errs := []error{err}
 	for _, i := range s.ordered(ctx) {
-		alt := s.ups[i]
+		alt := s.list()[i]
 		if alt == up || !s.usable(ctx, alt) {
 			continue
 		}
