@@ -43,7 +43,8 @@
 # SID_ROOT, QUIET_BUSY/QUIET_TIMEOUT (wait for other work before each timed step), RESULTS,
 # SECTION (subst.sh: the RESULTS.md section it rewrites; another name keeps a partial run apart),
 # DROP_CACHES (1; 0 keeps the page cache between timed steps, as before),
-# PROFILE=1 (CPU profiles of casnix serve: $BENCH_DIR/subst/run/casnix-*.cpu.pprof, daemon-casnix/).
+# PROFILE=1 (CPU profiles of casnix serve: $BENCH_DIR/subst/run/casnix-*.cpu.pprof, daemon-casnix/),
+# PERF=1 (perf record of casnix serve during each first fetch only: $BENCH_DIR/subst/run/first_*.perf.data).
 # Run it at nice 0: only the build, the upstream caches' making, repack and verify run at nice 10.
 set -Eeuo pipefail
 
@@ -57,6 +58,7 @@ UPSTREAMS=${UPSTREAMS:-zstd xz}
 DAEMON=${DAEMON:-1}
 DAEMON_ANCHORS=${DAEMON_ANCHORS:-2.34}
 PROFILE=${PROFILE:-0}
+PERF=${PERF:-0}
 SID_ROOT=${SID_ROOT:-/var/cache/casnix-tests/roots/sid}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=bench/lib.sh
@@ -253,7 +255,17 @@ http_round() {
     start_casnix "$data" --http "127.0.0.1:$p" --http-only --substituters "http://127.0.0.1:${PORT[$u]}"
     wait_http "$p" "$CPID"
     c0=$(cg_cpu casnix) s0=$(cg_cpu "static-$u")
+    local perf=
+    if [[ $PERF == 1 ]]; then
+      # The client's window only (a Go profile would take in the ingest tail too).
+      perf record -q -F 999 -g -p "$CPID" -o "$RUN/first_$u.perf.data" 2>/dev/null &
+      perf=$!
+    fi
     fetch "first_$u" "$r" "http://127.0.0.1:$p"
+    if [[ -n $perf ]]; then
+      kill -INT "$perf"
+      wait "$perf" || true
+    fi
     server_cpu "first_$u" "$r" casnix "$c0"
     server_cpu "first_$u" "$r" "static-$u" "$s0"
     M[first_${u}_hwm:$r]=$(hwm "$CPID")
