@@ -150,7 +150,7 @@ type Substituter struct {
 	st   *store.Store
 	opts Options
 	// ups is the upstreams, indexed as Selections and the narinfo cache
-	// index them: New's, then those trusted clients add (AddForClient).
+	// index them: New's, then those trusted clients add (Select, addClient).
 	// Only appended to (under upsMu, copy on write), so an index taken
 	// from one snapshot stays valid in every later one.
 	ups   atomic.Pointer[[]*Upstream]
