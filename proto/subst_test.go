@@ -564,3 +564,32 @@ func TestClientKeys(t *testing.T) {
 		})
 	}
 }
+
+// TestClientAddedNotForUntrusted: a cache a trusted client added to a
+// casnix without upstreams is not an upstream for an untrusted client
+// naming the same URL: nothing is substituted for it, and, since casnix
+// still has none of its own, its substituters line draws no warning.
+func TestClientAddedNotForUntrusted(t *testing.T) {
+	dir, pub := upstreamCache(t, true)
+	trusted := true
+	var sub *subst.Substituter
+	f := newFixture(t, func(s *Server) {
+		var err error
+		sub, err = subst.New(s.Store, nil, subst.Options{StoreDir: "/nix/store", Keys: pub})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(sub.Close)
+		s.Subst, s.RequireSigs, s.PublicKeys = sub, true, pub
+		s.Trusted = func(uint32, uint32) bool { return trusted }
+	})
+	root := f.connect(t, 38)
+	root.setOptionsWarned("", "substituters", "file://"+dir)
+	if n := sub.Len(); n != 1 {
+		t.Fatalf("%d upstreams after the trusted client's options, want 1", n)
+	}
+	trusted = false
+	cl := f.connect(t, 38)
+	cl.setOptionsWarned("", "substituters", "file://"+dir)
+	f.ensureUpC(t, cl, false, "cannot substitute")
+}

@@ -81,9 +81,10 @@ type substSettings struct {
 // nix-daemon's setting stays set for the rest of the connection.
 func (c *conn) selectSubstituters(st substSettings) {
 	subs, extra := st.subs, st.extra
-	if c.s.Subst == nil || c.s.Subst.Len() == 0 && !c.trusted {
-		// Nothing to choose from: substitution is off whatever the
-		// client says, and a client's usual substituters line is no news.
+	if c.s.Subst == nil || !c.s.Subst.Configured() && !c.trusted {
+		// Nothing to choose from (what trusted clients added is not for
+		// this one): substitution is off whatever the client says, and a
+		// client's usual substituters line is no news.
 		return
 	}
 	if subs != nil {

@@ -94,6 +94,14 @@ func TestSelectTrusted(t *testing.T) {
 		}
 		return out
 	}
+	if bare, _ := New(nil, nil, Options{StoreDir: "/nix/store"}); bare.Configured() {
+		t.Error("a substituter without upstreams is Configured")
+	} else if bare.Select(nil, []string{"https://ci.example"}, true); bare.Configured() || bare.Len() != 1 {
+		t.Errorf("after a trusted client added a cache: Configured %v, Len %d; want false, 1", bare.Configured(), bare.Len())
+	}
+	if !s.Configured() {
+		t.Error("a substituter with an upstream is not Configured")
+	}
 	sel, ign := s.Select(nil, []string{"https://cache.nixos.org/", "https://ci.example/cache?priority=3"}, true)
 	if got := on(sel); !slices.Equal(got, []int{0, 1}) || len(ign) != 0 || s.Len() != 2 {
 		t.Fatalf("trusted Select: upstreams %v, ignored %v, Len %d; want [0 1], none, 2", got, ign, s.Len())

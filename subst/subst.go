@@ -284,8 +284,16 @@ func (s *Substituter) Close() {
 	s.fetchs.Wait()
 }
 
-// Len is the number of upstreams, opt-in ones included.
+// Len is the number of upstreams, opt-in ones and those trusted clients
+// added included.
 func (s *Substituter) Len() int { return len(s.list()) }
+
+// Configured reports whether the substituter was opened with upstreams
+// (New's, opt-in ones included), as against only those trusted clients
+// added since.
+func (s *Substituter) Configured() bool {
+	return slices.ContainsFunc(s.list(), func(up *Upstream) bool { return !up.client })
+}
 
 // Stats returns every upstream's counters, in the order given.
 func (s *Substituter) Stats() []Stats {
