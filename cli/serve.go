@@ -191,7 +191,7 @@ func (c *ServeCmd) Run(g *Globals) error {
 	}
 	defer sub.Close()
 	srv.Subst = sub
-	upstreams := len(c.Substituters) > 0 || len(c.TrustedSubsts) > 0
+	upstreams := sub.Configured()
 	if upstreams {
 		if c.Lazy {
 			// Closed before the substituter (defers run last first).

@@ -67,16 +67,26 @@ func upstreamCache(t *testing.T, sign bool) (string, store.PublicKeys) {
 	return ex.Dir, pub
 }
 
-// withSubst gives the fixture's server substituters.
+// withSubst gives the fixture's server the upstream cache in dir.
 func withSubst(t *testing.T, dir string, keys store.PublicKeys, trusted bool) func(*Server) {
+	return withSubstituter(t, []string{"file://" + dir}, subst.Options{Keys: keys}, func() bool { return trusted })
+}
+
+// withSubstituter gives the fixture's server the substituter of urls and
+// opts, requiring signatures by opts.Keys; trusted, unless nil, tells
+// whether a client connecting now is trusted.
+func withSubstituter(t *testing.T, urls []string, opts subst.Options, trusted func() bool) func(*Server) {
 	return func(s *Server) {
-		sub, err := subst.New(s.Store, []string{"file://" + dir}, subst.Options{StoreDir: "/nix/store", Keys: keys})
+		opts.StoreDir = "/nix/store"
+		sub, err := subst.New(s.Store, urls, opts)
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(sub.Close)
-		s.Subst, s.RequireSigs, s.PublicKeys = sub, true, keys
-		s.Trusted = func(uint32, uint32) bool { return trusted }
+		s.Subst, s.RequireSigs, s.PublicKeys = sub, true, opts.Keys
+		if trusted != nil {
+			s.Trusted = func(uint32, uint32) bool { return trusted() }
+		}
 	}
 }
 
@@ -495,24 +505,9 @@ func TestClientSubstituters(t *testing.T) {
 			opt := withSubst(t, dir, pub, false)
 			switch {
 			case tc.bare:
-				opt = func(s *Server) {
-					sub, err := subst.New(s.Store, nil, subst.Options{StoreDir: "/nix/store", Keys: pub})
-					if err != nil {
-						t.Fatal(err)
-					}
-					t.Cleanup(sub.Close)
-					s.Subst, s.RequireSigs, s.PublicKeys = sub, true, pub
-					s.Trusted = func(uint32, uint32) bool { return tc.trusted }
-				}
+				opt = withSubstituter(t, nil, subst.Options{Keys: pub}, func() bool { return tc.trusted })
 			case tc.optIn:
-				opt = func(s *Server) {
-					sub, err := subst.New(s.Store, nil, subst.Options{StoreDir: "/nix/store", Keys: pub, OptIn: []string{"file://" + dir}})
-					if err != nil {
-						t.Fatal(err)
-					}
-					t.Cleanup(sub.Close)
-					s.Subst, s.RequireSigs, s.PublicKeys = sub, true, pub
-				}
+				opt = withSubstituter(t, nil, subst.Options{Keys: pub, OptIn: []string{"file://" + dir}}, nil)
 			}
 			f := newFixture(t, opt)
 			cl := f.connect(t, 38)
@@ -573,15 +568,10 @@ func TestClientAddedNotForUntrusted(t *testing.T) {
 	dir, pub := upstreamCache(t, true)
 	trusted := true
 	var sub *subst.Substituter
+	opt := withSubstituter(t, nil, subst.Options{Keys: pub}, func() bool { return trusted })
 	f := newFixture(t, func(s *Server) {
-		var err error
-		sub, err = subst.New(s.Store, nil, subst.Options{StoreDir: "/nix/store", Keys: pub})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(sub.Close)
-		s.Subst, s.RequireSigs, s.PublicKeys = sub, true, pub
-		s.Trusted = func(uint32, uint32) bool { return trusted }
+		opt(s)
+		sub = s.Subst
 	})
 	root := f.connect(t, 38)
 	root.setOptionsWarned("", "substituters", "file://"+dir)

@@ -916,8 +916,10 @@ func (s *Substituter) fetch(ctx context.Context, f *Found) error {
 		return err
 	}
 	errs := []error{err}
-	for _, i := range s.ordered(ctx) {
-		alt := s.list()[i]
+	idx := s.ordered(ctx)
+	ups := s.list() // after ordered's: it holds every index ordered gave
+	for _, i := range idx {
+		alt := ups[i]
 		if alt == up || !s.usable(ctx, alt) {
 			continue
 		}
