@@ -17,6 +17,9 @@
 #   daemon  `nix-store --store unix://SOCKET -r PATHS` (Nix 2.8 client) against an empty casnix
 #           serve --substituters … on the socket, and against a real nix-daemon 2.34 (the sid
 #           root; and 2.8 with DAEMON_ANCHORS) with an empty local store and the same substituter.
+#   narinfo `nix path-info -r --store http://UPSTREAM PATHS` (the anchor) against the same through
+#           a fresh, empty casnix serve --http (NARINFO=1): what a client's closure walk costs before
+#           any NAR is fetched (each narinfo answered starts that path's closure fetch and prefetch).
 #   tail    how long casnix's ingest goes on after the client's first fetch (waited for: casnix
 #           must hold every path before the second fetch and the bytes row), and its CPU.
 #   bytes   du -sB1 of the casnix data dir after the first fetch (as written, and after
@@ -44,7 +47,8 @@
 # SECTION (subst.sh: the RESULTS.md section it rewrites; another name keeps a partial run apart),
 # DROP_CACHES (1; 0 keeps the page cache between timed steps, as before),
 # PROFILE=1 (CPU profiles of casnix serve: $BENCH_DIR/subst/run/casnix-*.cpu.pprof, daemon-casnix/),
-# PERF=1 (perf record of casnix serve during each first fetch only: $BENCH_DIR/subst/run/first_*.perf.data).
+# PERF=1 (perf record of casnix serve during each first fetch only: $BENCH_DIR/subst/run/first_*.perf.data),
+# NARINFO (1; 0 skips the narinfo figure).
 # Run it at nice 0: only the build, the upstream caches' making, repack and verify run at nice 10.
 set -Eeuo pipefail
 
@@ -59,6 +63,7 @@ DAEMON=${DAEMON:-1}
 DAEMON_ANCHORS=${DAEMON_ANCHORS:-2.34}
 PROFILE=${PROFILE:-0}
 PERF=${PERF:-0}
+NARINFO=${NARINFO:-1}
 SID_ROOT=${SID_ROOT:-/var/cache/casnix-tests/roots/sid}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=bench/lib.sh
@@ -295,6 +300,51 @@ http_round() {
   done
 }
 
+# narinfos NAME RUN URL: one timed `nix path-info -r --store URL PATHS` (client CLIENT, fresh narinfo
+# cache), in the cgroup "client"; records NAME:RUN (wall s).
+narinfos() {
+  local name=$1 r=$2 url=$3 t0 t1 n
+  rm -rf "$RUN/xdg" "$RUN/sid-tmp/xdg"
+  fresh_caches
+  M[busy_$name:$r]=$(wait_quiet)
+  M[load_$name:$r]=$(cut -d' ' -f1 /proc/loadavg)
+  t0=$(now)
+  if [[ $CLIENT == 2.8 ]]; then
+    n=$(XDG_CACHE_HOME=$RUN/xdg cg_exec client nix "${nixo[@]}" --option trusted-public-keys "$PK" \
+      path-info --store "$url" -r $(cat "$RUN/paths") 2>"$RUN/$name.client.log" | wc -l) ||
+      die "$name: nix path-info failed: $(tail -3 "$RUN/$name.client.log")"
+  else
+    n=$(cg_exec client bash -c 'in_sid "$@"' in_sid "$RUN/sid-nix" "$RUN/sid-tmp" \
+      "XDG_CACHE_HOME=/tmp/xdg nix --option experimental-features nix-command --option build-users-group '' \
+        --option substituters '' --option trusted-public-keys '$PK' \
+        path-info --store '$url' -r \$(cat /tmp/paths)" 2>"$RUN/$name.client.log" | wc -l) ||
+      die "$name: nix path-info failed: $(tail -3 "$RUN/$name.client.log")"
+  fi
+  t1=$(now)
+  M[$name:$r]=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
+  ((n == NPATHS)) || die "$name: nix path-info -r listed $n paths, not $NPATHS"
+}
+
+# narinfo_round RUN UPSTREAM: the narinfo figure, straight from UPSTREAM and through a fresh casnix
+# pulling from it (stopped right after: its closure fetches are not waited for); order alternating.
+narinfo_round() {
+  local r=$1 u=$2 step p
+  local steps=(direct casnix)
+  ((r % 2)) || steps=(casnix direct)
+  for step in "${steps[@]}"; do
+    if [[ $step == direct ]]; then
+      narinfos "narinfo_direct_$u" "$r" "http://127.0.0.1:${PORT[$u]}"
+      continue
+    fi
+    p=$(free_port)
+    start_casnix "$RUN/casnix-narinfo-$u" --http "127.0.0.1:$p" --http-only --substituters "http://127.0.0.1:${PORT[$u]}"
+    wait_http "$p" "$CPID"
+    narinfos "narinfo_casnix_$u" "$r" "http://127.0.0.1:$p"
+    stop "$CPID"
+  done
+  log "run $r $u narinfos: through casnix ${M[narinfo_casnix_$u:$r]} s, direct ${M[narinfo_direct_$u:$r]} s"
+}
+
 # daemon_one NAME RUN: `nix-store --store unix://SOCKET -r PATHS` (Nix 2.8 client) against an empty
 # casnix serve --substituters (NAME casnix) or nix-daemon 2.34 / 2.8 with an empty local store.
 daemon_one() {
@@ -355,7 +405,10 @@ daemon_one() {
 for ((r = 1; r <= RUNS; r++)); do
   ups=($UPSTREAMS)
   ((r % 2)) || ups=($(printf '%s\n' "${ups[@]}" | tac))
-  for u in "${ups[@]}"; do http_round "$r" "$u"; done
+  for u in "${ups[@]}"; do
+    http_round "$r" "$u"
+    [[ $NARINFO == 0 ]] || narinfo_round "$r" "$u"
+  done
   if [[ $DAEMON == 1 && -n ${PORT[zstd]:-} ]]; then
     ds=(casnix $DAEMON_ANCHORS)
     ((r % 2)) || ds=($(printf '%s\n' "${ds[@]}" | tac))
@@ -408,6 +461,12 @@ for u in $UPSTREAMS; do
   f=$(med "first_$u") d=$(med "direct_$u") q=$(ratio "$(med "first_$u")" "$(med "direct_$u")")
   table+="
 | first fetch, $u upstream: nix copy --from http:// (Nix $CLIENTV) wall s; CPU s | through an empty casnix serve --http (pull-through): $f s ($(mbps "$f") MB/s); CPU: $(cpus "first_$u") | straight from the upstream: $d s ($(mbps "$d") MB/s); CPU: $(cpus "direct_$u") | $q× time | ≤ 1.1× | $(met "$q" "<=" 1.1) | $(lo "first_$u"); $(lo "direct_$u") |"
+done
+for u in $UPSTREAMS; do
+  [[ -n ${M[narinfo_casnix_$u:1]:-} ]] || continue
+  c=$(med "narinfo_casnix_$u") d=$(med "narinfo_direct_$u")
+  table+="
+| narinfos of the closure, $u upstream: nix path-info -r --store http:// (Nix $CLIENTV) wall s | through an empty casnix serve --http: $c s | straight from the upstream: $d s | $(ratio "$c" "$d")× time | — | | $(lo "narinfo_casnix_$u"); $(lo "narinfo_direct_$u") |"
 done
 if [[ -n ${M[second:1]:-} ]]; then
   s=$(med second) d=$(med direct_zstd) q=$(ratio "$(med direct_zstd)" "$(med second)")

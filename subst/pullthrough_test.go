@@ -347,3 +347,92 @@ func TestPullThroughBoundedDownloads(t *testing.T) {
 		t.Fatalf("%d NAR downloads at once, want 2 to %d (prefetched, bounded)", m, prefetchJobs+pullSlots)
 	}
 }
+
+func TestPrefetchGate(t *testing.T) {
+	q := prefetchQuiet
+	ms, qn := int64(time.Millisecond), int64(prefetchQuiet)
+	for _, c := range []struct {
+		name                   string
+		lastPull, lastNAR, now int64
+		want                   time.Duration
+	}{
+		{"nothing asked yet", 0, 0, 1000 * ms, 0},
+		{"narinfo just asked", 1000 * ms, 0, 1000 * ms, q},
+		{"narinfo asked a little before", 1000 * ms, 0, 1000*ms + qn/4, q - q/4},
+		{"quiet long enough", 1000 * ms, 0, 1000*ms + qn, 0},
+		{"NAR asked after the narinfo", 1000 * ms, 1000*ms + 1, 1000*ms + 2, 0},
+		{"NAR asked before the narinfo", 1000 * ms, 999 * ms, 1000 * ms, q},
+	} {
+		if got := prefetchGate(c.lastPull, c.lastNAR, c.now); got != c.want {
+			t.Errorf("%s: prefetchGate = %v, want %v", c.name, got, c.want)
+		}
+	}
+}
+
+// TestPullThroughPrefetchWaitsForNarinfos: while a client goes on asking
+// for narinfos, the pull-through downloads only what the closure's fetch
+// needs (one NAR at a time here), not the prefetches of every narinfo
+// answered, which would take the CPU from the answers still to come; the
+// prefetches start once the narinfos pause, or at once when a NAR is asked
+// for.
+func TestPullThroughPrefetchWaitsForNarinfos(t *testing.T) {
+	defer func(d time.Duration) { prefetchQuiet = d }(prefetchQuiet)
+	prefetchQuiet = 2 * time.Second
+	var names []string
+	for i := range 8 {
+		names = append(names, strings.Repeat("5", 31)+"abcdfghi"[i:i+1]+"-p")
+	}
+	src := openStore(t)
+	for _, n := range names {
+		addTree(t, src, n)
+	}
+	key, pub := keyPair(t, "up-1")
+	dir := t.TempDir()
+	ex := &binarycache.Exporter{Store: src, Dir: dir, StoreDir: "/nix/store", Compression: "zstd", Key: key, Jobs: 2}
+	if _, err := ex.Export(context.Background(), names); err != nil {
+		t.Fatal(err)
+	}
+	up := serve(t, dir)
+	var inflight, most atomic.Int32
+	up.hook = func(w http.ResponseWriter, r *http.Request, n int) bool {
+		if strings.HasPrefix(r.URL.Path, "/nar/") {
+			k := inflight.Add(1)
+			for m := most.Load(); k > m && !most.CompareAndSwap(m, k); m = most.Load() {
+			}
+			time.Sleep(100 * time.Millisecond)
+			inflight.Add(-1)
+		}
+		return false
+	}
+	dst := openStore(t)
+	hs, _, _ := pullServer(t, newSubst(t, dst, []string{up.URL}, Options{Keys: pub}), dst)
+	narinfo := func(n string) string {
+		code, body := httpGet(t, hs.URL+"/"+store.HashPart(n)+".narinfo")
+		if code != http.StatusOK {
+			t.Fatalf("%s.narinfo: %d %s", n, code, body)
+		}
+		return body
+	}
+	// Well within prefetchQuiet of each other, for longer than three
+	// downloads take.
+	var last string
+	for end := time.Now().Add(400 * time.Millisecond); time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
+		for _, n := range names {
+			last = narinfo(n)
+		}
+	}
+	if m := most.Load(); m > int32(pullSlots) {
+		t.Fatalf("%d NAR downloads at once while narinfos were asked for, want at most %d (the closure's fetch)", m, pullSlots)
+	}
+	// A NAR request opens the gate without waiting for prefetchQuiet.
+	t0 := time.Now()
+	if code, body := httpGet(t, hs.URL+"/"+narURL(t, last)); code != http.StatusOK {
+		t.Fatalf("NAR: %d %s", code, body)
+	}
+	for most.Load() < 2 {
+		if time.Since(t0) > prefetchQuiet/2 {
+			t.Fatalf("no prefetch %v after a NAR request (most %d at once)", time.Since(t0), most.Load())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
