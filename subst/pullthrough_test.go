@@ -288,15 +288,14 @@ func TestPullThroughFlood(t *testing.T) {
 	}
 }
 
-// TestPullThroughBoundedDownloads: narinfo requests for eight unrelated
-// paths at once (a client asks for every path it copies up front) download
-// their NARs ahead of the NAR requests (prefetch), but at most
-// prefetchJobs at a time, plus the one closure whose fetch (and ingest)
-// runs (pullSlots), not all at the same time.
-func TestPullThroughBoundedDownloads(t *testing.T) {
-	var names []string
+// slowPull serves eight unrelated paths (hash parts of fill) from an
+// upstream whose NAR downloads take 100 ms each, through a pull-through
+// cache into an empty store; most counts the NAR downloads that ran at
+// once.
+func slowPull(t *testing.T, fill string) (names []string, hs *httptest.Server, dst *store.Store, most *atomic.Int32) {
+	t.Helper()
 	for i := range 8 {
-		names = append(names, strings.Repeat("4", 31)+"abcdfghi"[i:i+1]+"-p")
+		names = append(names, strings.Repeat(fill, 31)+"abcdfghi"[i:i+1]+"-p")
 	}
 	src := openStore(t)
 	for _, n := range names {
@@ -309,7 +308,8 @@ func TestPullThroughBoundedDownloads(t *testing.T) {
 		t.Fatal(err)
 	}
 	up := serve(t, dir)
-	var inflight, most atomic.Int32
+	var inflight atomic.Int32
+	most = new(atomic.Int32)
 	up.hook = func(w http.ResponseWriter, r *http.Request, n int) bool {
 		if strings.HasPrefix(r.URL.Path, "/nar/") {
 			k := inflight.Add(1)
@@ -320,8 +320,18 @@ func TestPullThroughBoundedDownloads(t *testing.T) {
 		}
 		return false
 	}
-	dst := openStore(t)
-	hs, _, _ := pullServer(t, newSubst(t, dst, []string{up.URL}, Options{Keys: pub}), dst)
+	dst = openStore(t)
+	hs, _, _ = pullServer(t, newSubst(t, dst, []string{up.URL}, Options{Keys: pub}), dst)
+	return names, hs, dst, most
+}
+
+// TestPullThroughBoundedDownloads: narinfo requests for eight unrelated
+// paths at once (a client asks for every path it copies up front) download
+// their NARs ahead of the NAR requests (prefetch), but at most
+// prefetchJobs at a time, plus the one closure whose fetch (and ingest)
+// runs (pullSlots), not all at the same time.
+func TestPullThroughBoundedDownloads(t *testing.T) {
+	names, hs, dst, most := slowPull(t, "4")
 	for _, n := range names {
 		if code, body := httpGet(t, hs.URL+"/"+store.HashPart(n)+".narinfo"); code != http.StatusOK {
 			t.Fatalf("%s.narinfo: %d %s", n, code, body)
@@ -378,34 +388,7 @@ func TestPrefetchGate(t *testing.T) {
 func TestPullThroughPrefetchWaitsForNarinfos(t *testing.T) {
 	defer func(d time.Duration) { prefetchQuiet = d }(prefetchQuiet)
 	prefetchQuiet = 2 * time.Second
-	var names []string
-	for i := range 8 {
-		names = append(names, strings.Repeat("5", 31)+"abcdfghi"[i:i+1]+"-p")
-	}
-	src := openStore(t)
-	for _, n := range names {
-		addTree(t, src, n)
-	}
-	key, pub := keyPair(t, "up-1")
-	dir := t.TempDir()
-	ex := &binarycache.Exporter{Store: src, Dir: dir, StoreDir: "/nix/store", Compression: "zstd", Key: key, Jobs: 2}
-	if _, err := ex.Export(context.Background(), names); err != nil {
-		t.Fatal(err)
-	}
-	up := serve(t, dir)
-	var inflight, most atomic.Int32
-	up.hook = func(w http.ResponseWriter, r *http.Request, n int) bool {
-		if strings.HasPrefix(r.URL.Path, "/nar/") {
-			k := inflight.Add(1)
-			for m := most.Load(); k > m && !most.CompareAndSwap(m, k); m = most.Load() {
-			}
-			time.Sleep(100 * time.Millisecond)
-			inflight.Add(-1)
-		}
-		return false
-	}
-	dst := openStore(t)
-	hs, _, _ := pullServer(t, newSubst(t, dst, []string{up.URL}, Options{Keys: pub}), dst)
+	names, hs, _, most := slowPull(t, "5")
 	narinfo := func(n string) string {
 		code, body := httpGet(t, hs.URL+"/"+store.HashPart(n)+".narinfo")
 		if code != http.StatusOK {
