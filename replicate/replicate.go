@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -174,7 +175,14 @@ func Restore(ctx context.Context, loc objstore.Location, out string, at time.Tim
 }
 
 // AppliedTXID is the last transaction a follower applied to out (0 before the first).
+// The first restore writes its transaction file before out appears (so that out never
+// exists without it), so out is looked for first: until it is there, nothing is applied.
 func AppliedTXID(out string) (uint64, error) {
+	if _, err := os.Stat(out); errors.Is(err, fs.ErrNotExist) {
+		return 0, nil
+	} else if err != nil {
+		return 0, err
+	}
 	id, err := litestream.ReadTXIDFile(out)
 	if err != nil && !errors.Is(err, io.EOF) {
 		return 0, err

@@ -298,3 +298,31 @@ func listing(t *testing.T, loc objstore.Location) string {
 	}
 	return strings.Join(out, "\n")
 }
+
+// TestAppliedTXIDWaitsForTheDatabase: the first restore writes its transaction file just
+// before the database appears by rename; in between, nothing is applied yet (a reader that
+// trusted the file alone opened a database that was not there).
+func TestAppliedTXIDWaitsForTheDatabase(t *testing.T) {
+	out := filepath.Join(t.TempDir(), "replica.db")
+	if err := os.WriteFile(out+"-txid", []byte("0000000000000007\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name string
+		db   bool
+		want uint64
+	}{
+		{"transaction file, no database yet", false, 0},
+		{"both", true, 7},
+	} {
+		if c.db {
+			if err := os.WriteFile(out, nil, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		got, err := replicate.AppliedTXID(out)
+		if err != nil || got != c.want {
+			t.Errorf("%s: AppliedTXID = %d, %v; want %d", c.name, got, err, c.want)
+		}
+	}
+}
