@@ -10,7 +10,6 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
-	"hash"
 	"io"
 	"io/fs"
 	"log/slog"
@@ -488,7 +487,8 @@ func (s *Store) NarRender(ctx context.Context, name string, w interface{ Write([
 	if err != nil {
 		return 0, err
 	}
-	cw := &checkedWriter{w: w, h: sha256.New()}
+	cw := &checkedWriter{w: w, h: newHashBehind(sha256.New())}
+	defer cw.h.Close()
 	var rw io.Writer = cw
 	if fw, ok := w.(nar.FrameWriter); ok {
 		rw = checkedFrameWriter{cw, fw}
@@ -525,7 +525,7 @@ const narHeld = 16
 // it; finish writes those only if the hash and size are the ones given.
 type checkedWriter struct {
 	w    interface{ Write([]byte) (int, error) }
-	h    hash.Hash
+	h    *hashBehind
 	held []byte
 	n    int64 // bytes written to w
 	size int64 // bytes received
