@@ -91,8 +91,9 @@ func (s *Store) startUploader() {
 	u.stop, u.done = make(chan struct{}), make(chan struct{})
 	u.firstSeen = map[int64]time.Time{}
 	ctx, cancel := context.WithCancel(context.Background())
+	stop := u.stop // stopUploader clears the field once done: this goroutine may start later
 	go func() {
-		<-u.stop
+		<-stop
 		cancel()
 	}()
 	go func() {
