@@ -251,12 +251,16 @@ func (d *download) run() {
 				err = fmt.Errorf("spool: %w", werr)
 				break
 			}
+			n += int64(k)
+			// Readers may have the bytes before they are hashed: what is
+			// not checked yet is the file's end, which raw readers get
+			// only once the hash matched (rawOK). They go on meanwhile,
+			// on the other core.
+			sp.advanceRaw(n)
 			if sp.keep != nil && !sp.keepIsRaw {
 				sp.keep.Write(buf[:k])
 			}
 			h.Write(buf[:k])
-			n += int64(k)
-			sp.advanceRaw(n)
 		}
 		if rerr == io.EOF {
 			break
