@@ -90,9 +90,6 @@ func (s *Store) NewWriter(ctx context.Context) *Writer {
 		work:    make(chan *frameJob, 1),
 		order:   make(chan *frameJob, s.opts.Workers),
 		done:    make(chan struct{}),
-		// Sized up front: grown by append from nil, the first group of
-		// every writer (one per ingested path) cost a copy per doubling.
-		groupRaw: getBuf(s.opts.FrameSize),
 	}
 	// Idle work (sched.WithIdle: the pull-through's ingest) compresses on
 	// the caller's thread, which the store put at idle priority, instead of
@@ -291,6 +288,14 @@ func (w *Writer) addChunk(d digest.Digest, c []byte) error {
 			return err
 		}
 	}
+	if w.groupRaw == nil {
+		// Sized up front (grown by append from nil, every group cost a
+		// copy per doubling), and only once a chunk needs it: taken
+		// ahead, the buffer after a writer's last frame (one writer per
+		// ingested path) was never used nor given back, 4 MiB of garbage
+		// per path.
+		w.groupRaw = getBuf(w.s.opts.FrameSize)
+	}
 	w.group = append(w.group, pack.Entry{Digest: d, Len: uint32(len(c))})
 	w.groupRaw = append(w.groupRaw, c...)
 	return nil
@@ -301,8 +306,7 @@ func (w *Writer) submit() error {
 		return nil
 	}
 	j := &frameJob{entries: w.group, raw: w.groupRaw, rawLen: int64(len(w.groupRaw)), ready: make(chan struct{})}
-	w.group = nil
-	w.groupRaw = getBuf(w.s.opts.FrameSize)
+	w.group, w.groupRaw = nil, nil
 	if w.inline {
 		w.compress(j)
 		w.order <- j
@@ -339,6 +343,8 @@ func (w *Writer) Flush() error {
 	if w.err == nil {
 		w.err = w.submit()
 	}
+	putBuf(w.groupRaw) // a group a failed writer did not submit
+	w.group, w.groupRaw = nil, nil
 	close(w.work)
 	close(w.order)
 	w.wg.Wait()
@@ -430,23 +436,4 @@ func (w *Writer) Done() {
 		w.s.release(w.touched...)
 	}
 	w.touched = nil
-}
-
-// Frame buffers are recycled: each frame needs a raw and a compressed
-// buffer of about FrameSize, and allocating them fresh made the garbage
-// collector the busiest part of an import.
-var bufPool sync.Pool
-
-func getBuf(n int) []byte {
-	if b, ok := bufPool.Get().(*[]byte); ok && cap(*b) >= n {
-		return (*b)[:0]
-	}
-	return make([]byte, 0, n)
-}
-
-func putBuf(b []byte) {
-	if b != nil {
-		b = b[:0]
-		bufPool.Put(&b)
-	}
 }
