@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/benbjohnson/litestream"
+
 	"github.com/casnix/casnix/db"
 	"github.com/casnix/casnix/nar"
 	"github.com/casnix/casnix/objstore"
@@ -304,7 +306,7 @@ func listing(t *testing.T, loc objstore.Location) string {
 // trusted the file alone opened a database that was not there).
 func TestAppliedTXIDWaitsForTheDatabase(t *testing.T) {
 	out := filepath.Join(t.TempDir(), "replica.db")
-	if err := os.WriteFile(out+"-txid", []byte("0000000000000007\n"), 0o644); err != nil {
+	if err := litestream.WriteTXIDFile(out, 7); err != nil { // as the follower's restore does
 		t.Fatal(err)
 	}
 	for _, c := range []struct {

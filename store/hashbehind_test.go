@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"math/rand/v2"
 	"runtime"
+	"slices"
 	"testing"
 	"time"
 )
@@ -23,7 +24,7 @@ func TestHashBehind(t *testing.T) {
 		{"one buffer and a byte", []int{hashBehindBuf, 1}},
 		{"a big write", []int{10*hashBehindBuf + 7}},
 		{"many buffers' worth in frame-size writes", []int{4 << 20, 4 << 20, 1 << 20, 3}},
-		{"small writes across buffers", repeat(4093, 3000)},
+		{"small writes across buffers", slices.Repeat([]int{4093}, 3000)},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			before := runtime.NumGoroutine()
@@ -65,12 +66,4 @@ func TestHashBehindClosedEarly(t *testing.T) {
 	if hb.held != 0 || hb.work != nil || hb.cur != nil {
 		t.Fatalf("after Close: %d buffers held, goroutine channel %v, buffer %d bytes", hb.held, hb.work != nil, len(hb.cur))
 	}
-}
-
-func repeat(n, times int) []int {
-	out := make([]int, times)
-	for i := range out {
-		out[i] = n
-	}
-	return out
 }
