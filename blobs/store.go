@@ -143,6 +143,8 @@ type Store struct {
 	faults packFaults
 
 	cache *frameCache
+	// known filters the chunk lookups of Writers (known.go).
+	known *knownChunks
 	// decodeSlots bounds background frame decodes (a semaphore of
 	// Options.Decoders slots).
 	decodeSlots chan struct{}
@@ -180,6 +182,7 @@ func Open(dir string, d *db.DB, opts Options) (*Store, error) {
 		readers: map[int64]*os.File{},
 		remotes: map[int64]*remotePack{},
 		cache:   newFrameCache(opts.CacheBytes),
+		known:   newKnownChunks(),
 		remote:  opts.Remote,
 
 		decodeSlots: make(chan struct{}, opts.Decoders),
@@ -202,6 +205,7 @@ func Open(dir string, d *db.DB, opts Options) (*Store, error) {
 func (s *Store) Close() error {
 	s.stopUploader()
 	s.stopReaderSweeper()
+	s.known.close()
 	s.mu.Lock()
 	var errs []error
 	for _, p := range s.free {

@@ -32,7 +32,11 @@ type Writer struct {
 	chunker    *Chunker
 	firstChunk []byte
 	pending    map[digest.Digest]struct{} // chunks written by this Writer
-	blobs      map[digest.Digest]db.Blob  // blobs to record at Commit
+	// known: the store's filter of stored chunks when it was started (nil
+	// while none is built); a chunk it has never seen is not asked of
+	// the database.
+	known *bloom
+	blobs map[digest.Digest]db.Blob // blobs to record at Commit
 
 	group    []pack.Entry
 	groupRaw []byte
@@ -96,6 +100,9 @@ func (s *Store) NewWriter(ctx context.Context) *Writer {
 	// on compressors of its own: idle threads are bounded (sched.RunIdle),
 	// since one the kernel leaves waiting keeps one of Go's Ps from every
 	// ordinary goroutine of the process.
+	if !s.opts.ReadOnly {
+		w.known = s.known.filter(ctx, s.db)
+	}
 	w.inline = sched.IsIdle(ctx)
 	for i := 0; i < s.opts.Workers && !w.inline; i++ {
 		w.wg.Add(1)
@@ -269,9 +276,15 @@ func (w *Writer) addChunk(d digest.Digest, c []byte) error {
 		w.DupChunkBytes += int64(len(c))
 		return nil
 	}
-	have, err := w.s.db.HasChunk(w.ctx, d)
-	if err != nil {
-		return err
+	have := false
+	if w.known != nil && !w.known.mayHave(d) {
+		w.s.known.skipped.Add(1)
+	} else {
+		w.s.known.lookups.Add(1)
+		var err error
+		if have, err = w.s.db.HasChunk(w.ctx, d); err != nil {
+			return err
+		}
 	}
 	if have {
 		w.DupChunks++
@@ -412,7 +425,10 @@ func (w *Writer) Commit(ctx context.Context, tx *db.Tx) error {
 }
 
 // Committed records that the transaction Commit wrote into has committed.
-func (w *Writer) Committed() { w.committed = true }
+func (w *Writer) Committed() {
+	w.committed = true
+	w.s.known.committed(w.pending)
+}
 
 // Done hands the Writer's packs back. Whether or not the transaction
 // committed, the packs are trimmed back to their committed frames before

@@ -385,3 +385,42 @@ func (q q) Stats(ctx context.Context) (Stats, error) {
 	}
 	return s, nil
 }
+
+// ChunkCount is how many chunks the store holds.
+func (q q) ChunkCount(ctx context.Context) (int64, error) {
+	var n int64
+	if err := q.row(ctx, "SELECT count(*) FROM chunks").Scan(&n); err != nil {
+		return 0, fmt.Errorf("count chunks: %w", err)
+	}
+	return n, nil
+}
+
+// ChunkDigestsAfter calls fn with the digest of every chunk in a frame
+// numbered above frame, and returns the highest frame number among them
+// (frame itself when there are none). Frame ids grow in commit order, so
+// calling it again with what it returned reads what was committed since.
+func (q q) ChunkDigestsAfter(ctx context.Context, frame int64, fn func(digest.Digest)) (int64, error) {
+	rows, err := q.query(ctx, "SELECT digest, frame FROM chunks WHERE frame > ?", frame)
+	if err != nil {
+		return frame, fmt.Errorf("chunks after frame %d: %w", frame, err)
+	}
+	defer rows.Close()
+	last := frame
+	for rows.Next() {
+		var dg []byte
+		var f int64
+		if err := rows.Scan(&dg, &f); err != nil {
+			return frame, fmt.Errorf("chunks after frame %d: %w", frame, err)
+		}
+		d, err := digest.FromBytes(dg)
+		if err != nil {
+			return frame, fmt.Errorf("chunks after frame %d: %w", frame, err)
+		}
+		fn(d)
+		last = max(last, f)
+	}
+	if err := rows.Err(); err != nil {
+		return frame, fmt.Errorf("chunks after frame %d: %w", frame, err)
+	}
+	return last, nil
+}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/casnix/casnix/castore"
 	"github.com/casnix/casnix/digest"
+	"github.com/casnix/casnix/hashbehind"
 )
 
 // Magic is the NAR version string every archive starts with.
@@ -48,7 +49,11 @@ func Ingest(r io.Reader, sink Sink) (*Result, error) {
 	if !ok {
 		br = bufio.NewReaderSize(r, 256<<10)
 	}
-	h := sha256.New()
+	// The NAR hash runs behind the parse: every byte of an upload passes
+	// through this goroutine (parse, chunking, BLAKE3), and SHA-256 was an
+	// eighth of it.
+	h := hashbehind.New(sha256.New())
+	defer h.Close()
 	size, root, err := parse(br, h, sink)
 	if err != nil {
 		return nil, err

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -439,7 +440,9 @@ func (e *errReader) Read(p []byte) (int, error) {
 // early is reported as an invalid NAR: a sink or transport failing in the
 // middle of a file is not the NAR's fault.
 func TestIngestSinkErrors(t *testing.T) {
-	contents := strings.Repeat("x", 100000)
+	// Megabytes, so that the NAR hash's goroutine (hashbehind) is running
+	// when the ingest fails: it must be gone when Ingest returns.
+	contents := strings.Repeat("x", 3<<20)
 	whole := (&narBuilder{}).toks(Magic, "(", "type", "regular", "contents", contents, ")").Bytes()
 	errDisk := errors.New("disk full")
 	tests := []struct {
@@ -455,10 +458,15 @@ func TestIngestSinkErrors(t *testing.T) {
 		{"transport error mid-file", &errReader{data: whole[:5000], err: errDisk}, newMem(), false, errDisk},
 		{"input ends mid-file", bytes.NewReader(whole[:5000]), newMem(), true, io.ErrUnexpectedEOF},
 		{"input ends mid-file, failing sink", bytes.NewReader(whole[:5000]), &failingSink{read: 1 << 20, err: errDisk}, true, io.ErrUnexpectedEOF},
+		{"input ends megabytes into the file", bytes.NewReader(whole[:2<<20]), newMem(), true, io.ErrUnexpectedEOF},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
+			before := runtime.NumGoroutine()
 			_, err := Ingest(tc.in, tc.sink)
+			if n := runtime.NumGoroutine(); n > before {
+				t.Errorf("%d goroutines after the failed ingest, %d before", n, before)
+			}
 			if err == nil {
 				t.Fatal("no error")
 			}

@@ -21,6 +21,7 @@ import (
 	"github.com/casnix/casnix/castore"
 	"github.com/casnix/casnix/db"
 	"github.com/casnix/casnix/digest"
+	"github.com/casnix/casnix/hashbehind"
 	"github.com/casnix/casnix/nar"
 	"github.com/casnix/casnix/objstore"
 )
@@ -487,7 +488,7 @@ func (s *Store) NarRender(ctx context.Context, name string, w interface{ Write([
 	if err != nil {
 		return 0, err
 	}
-	cw := &checkedWriter{w: w, h: newHashBehind(sha256.New())}
+	cw := &checkedWriter{w: w, h: hashbehind.New(sha256.New())}
 	defer cw.h.Close()
 	var rw io.Writer = cw
 	if fw, ok := w.(nar.FrameWriter); ok {
@@ -525,7 +526,7 @@ const narHeld = 16
 // it; finish writes those only if the hash and size are the ones given.
 type checkedWriter struct {
 	w    interface{ Write([]byte) (int, error) }
-	h    *hashBehind
+	h    *hashbehind.Hasher
 	held []byte
 	n    int64 // bytes written to w
 	size int64 // bytes received

@@ -1,4 +1,4 @@
-package store
+package hashbehind
 
 import (
 	"crypto/sha256"
@@ -9,10 +9,10 @@ import (
 	"time"
 )
 
-// TestHashBehind: whatever the pattern of writes, the hash is the one of the
+// TestHasher: whatever the pattern of writes, the hash is the one of the
 // bytes written, although the writer overwrites its buffer after every
 // write, and no goroutine is left behind.
-func TestHashBehind(t *testing.T) {
+func TestHasher(t *testing.T) {
 	for _, c := range []struct {
 		name   string
 		writes []int
@@ -30,7 +30,7 @@ func TestHashBehind(t *testing.T) {
 			before := runtime.NumGoroutine()
 			rng := rand.New(rand.NewPCG(1, uint64(len(c.writes))))
 			want := sha256.New()
-			hb := newHashBehind(sha256.New())
+			hb := New(sha256.New())
 			for _, n := range c.writes {
 				p := make([]byte, n)
 				for i := range p {
@@ -57,10 +57,10 @@ func TestHashBehind(t *testing.T) {
 	}
 }
 
-// TestHashBehindClosedEarly: a render that fails stops the hashing with
+// TestHasherClosedEarly: a render that fails stops the hashing with
 // Close alone (NarRender's defer), without a Sum.
-func TestHashBehindClosedEarly(t *testing.T) {
-	hb := newHashBehind(sha256.New())
+func TestHasherClosedEarly(t *testing.T) {
+	hb := New(sha256.New())
 	hb.Write(make([]byte, 3*hashBehindBuf+5))
 	hb.Close()
 	if hb.held != 0 || hb.work != nil || hb.cur != nil {

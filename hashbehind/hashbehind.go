@@ -1,19 +1,22 @@
-package store
+// Package hashbehind feeds a hash on a goroutine of its own, a few buffers
+// behind its writer, so that hashing a stream runs beside the work that
+// produces or consumes it instead of in line with it.
+package hashbehind
 
 import (
 	"hash"
 	"sync"
 )
 
-// hashBehind feeds a hash on a goroutine of its own, a few buffers behind
-// the writer: NarRender's SHA-256 check of the NAR it sends (about 1 GB/s
-// on one of this machine's cores, an eighth of the daemon's CPU fetching a
-// closure) then runs beside the render and its socket writes instead of
-// between them. What it hashes is a copy, so the caller may reuse what it
+// Hasher feeds a hash on a goroutine of its own, a few buffers behind the
+// writer. SHA-256 runs at about 1 GB/s on one of this machine's cores: in
+// line with a NAR's render (the SHA-256 check of what NarRender sends) or
+// its ingest (the NAR hash of an upload), it was an eighth of the
+// goroutine every byte passes through; behind, it runs on another core. What it hashes is a copy, so the caller may reuse what it
 // wrote at once; it waits only while hashBehindBufs buffers are in flight,
 // which bounds its memory per render. A NAR that fits one buffer (most
 // paths) is hashed on the caller's goroutine by Sum, with no goroutine.
-type hashBehind struct {
+type Hasher struct {
 	h    hash.Hash
 	cur  []byte      // the buffer being filled (len: bytes in it)
 	work chan []byte // filled buffers for the hashing goroutine; nil until the first
@@ -29,10 +32,12 @@ const (
 
 var hashBufs = sync.Pool{New: func() any { return new([hashBehindBuf]byte) }}
 
-func newHashBehind(h hash.Hash) *hashBehind { return &hashBehind{h: h} }
+// New returns a Hasher feeding h.
+func New(h hash.Hash) *Hasher { return &Hasher{h: h} }
 
-// Write copies p for the hash.
-func (hb *hashBehind) Write(p []byte) {
+// Write copies p for the hash. It never fails.
+func (hb *Hasher) Write(p []byte) (int, error) {
+	written := len(p)
 	for len(p) > 0 {
 		if hb.cur == nil {
 			hb.cur = hb.buffer()
@@ -44,11 +49,12 @@ func (hb *hashBehind) Write(p []byte) {
 			hb.send()
 		}
 	}
+	return written, nil
 }
 
 // buffer returns an empty buffer: a new one while fewer than hashBehindBufs
 // are held, else the next one the goroutine is done with.
-func (hb *hashBehind) buffer() []byte {
+func (hb *Hasher) buffer() []byte {
 	if hb.held < hashBehindBufs {
 		select {
 		case b := <-hb.free:
@@ -61,7 +67,7 @@ func (hb *hashBehind) buffer() []byte {
 	return (<-hb.free)[:0]
 }
 
-func (hb *hashBehind) send() {
+func (hb *Hasher) send() {
 	if hb.work == nil {
 		hb.work = make(chan []byte, hashBehindBufs)
 		hb.free = make(chan []byte, hashBehindBufs)
@@ -79,15 +85,15 @@ func (hb *hashBehind) send() {
 }
 
 // Sum hashes what is left, waits for the goroutine and appends the hash to
-// b. The hashBehind is done with after it (and after Close).
-func (hb *hashBehind) Sum(b []byte) []byte {
+// b. The Hasher is done with after it (and after Close).
+func (hb *Hasher) Sum(b []byte) []byte {
 	hb.Close()
 	return hb.h.Sum(b)
 }
 
 // Close stops the goroutine and gives the buffers back; what was written is
 // all hashed (Sum then reads the hash). It may be called more than once.
-func (hb *hashBehind) Close() {
+func (hb *Hasher) Close() {
 	if hb.work != nil {
 		close(hb.work)
 		<-hb.done
@@ -104,6 +110,6 @@ func (hb *hashBehind) Close() {
 	}
 }
 
-func (hb *hashBehind) put(b []byte) {
+func (hb *Hasher) put(b []byte) {
 	hashBufs.Put((*[hashBehindBuf]byte)(b[:hashBehindBuf]))
 }
