@@ -100,7 +100,9 @@ func (s *Store) NewWriter(ctx context.Context) *Writer {
 	// on compressors of its own: idle threads are bounded (sched.RunIdle),
 	// since one the kernel leaves waiting keeps one of Go's Ps from every
 	// ordinary goroutine of the process.
-	if !s.opts.ReadOnly {
+	if !s.opts.ReadOnly && !s.db.ReadOnly() {
+		// (A read replica's batches make a Writer only to refuse their
+		// first path: no filter to build there.)
 		w.known = s.known.filter(ctx, s.db)
 	}
 	w.inline = sched.IsIdle(ctx)
