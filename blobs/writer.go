@@ -95,16 +95,16 @@ func (s *Store) NewWriter(ctx context.Context) *Writer {
 		order:   make(chan *frameJob, s.opts.Workers),
 		done:    make(chan struct{}),
 	}
-	// Idle work (sched.WithIdle: the pull-through's ingest) compresses on
-	// the caller's thread, which the store put at idle priority, instead of
-	// on compressors of its own: idle threads are bounded (sched.RunIdle),
-	// since one the kernel leaves waiting keeps one of Go's Ps from every
-	// ordinary goroutine of the process.
 	if !s.opts.ReadOnly && !s.db.ReadOnly() {
 		// (A read replica's batches make a Writer only to refuse their
 		// first path: no filter to build there.)
 		w.known = s.known.filter(ctx, s.db)
 	}
+	// Idle work (sched.WithIdle: the pull-through's ingest) compresses on
+	// the caller's thread, which the store put at idle priority, instead of
+	// on compressors of its own: idle threads are bounded (sched.RunIdle),
+	// since one the kernel leaves waiting keeps one of Go's Ps from every
+	// ordinary goroutine of the process.
 	w.inline = sched.IsIdle(ctx)
 	for i := 0; i < s.opts.Workers && !w.inline; i++ {
 		w.wg.Add(1)
