@@ -3,6 +3,7 @@ package blobs
 import (
 	"math/bits"
 	"sync"
+	"sync/atomic"
 )
 
 // Frame buffers are recycled: each frame needs a raw and a compressed
@@ -17,6 +18,12 @@ import (
 // daemon 4% of its CPU substituting a closure was a buffer each Writer left
 // behind, see Writer.addChunk; the classes alone measured no gain.)
 var bufPools [64 * 8]sync.Pool
+
+// bufsOut is how many buffers getBuf handed out that putBuf has not taken
+// back into a pool: what tests hold Writers to (every buffer a Writer takes
+// goes back), counted here because the pools themselves may drop anything
+// (the race detector makes sync.Pool drop a quarter of what it is given).
+var bufsOut atomic.Int64
 
 // minBufClass is the smallest class size: smaller buffers are not worth a
 // pool of their own.
@@ -37,6 +44,7 @@ func bufClass(n int) (int, int) {
 // getBuf returns an empty buffer with room for n bytes.
 func getBuf(n int) []byte {
 	i, size := bufClass(n)
+	bufsOut.Add(1)
 	if b, ok := bufPools[i].Get().(*[]byte); ok {
 		return (*b)[:0]
 	}
@@ -54,6 +62,7 @@ func putBuf(b []byte) {
 	if size != cap(b) {
 		return
 	}
+	bufsOut.Add(-1)
 	b = b[:0]
 	bufPools[i].Put(&b)
 }
