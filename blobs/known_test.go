@@ -62,27 +62,6 @@ func TestBloom(t *testing.T) {
 	}
 }
 
-// writeStats stores blobs in one Writer, commits, and returns its counts.
-func writeStats(t *testing.T, s *Store, d *db.DB, blobs ...[]byte) *Writer {
-	t.Helper()
-	ctx := context.Background()
-	w := s.NewWriter(ctx)
-	defer w.Done()
-	for _, b := range blobs {
-		if _, err := w.WriteBlob(bytes.NewReader(b), int64(len(b))); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := w.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	if err := d.Write(ctx, func(tx *db.Tx) error { return w.Commit(ctx, tx) }); err != nil {
-		t.Fatal(err)
-	}
-	w.Committed()
-	return w
-}
-
 func randomBlob(rng *rand.Rand, n int) []byte {
 	b := make([]byte, n)
 	rng.Read(b)
@@ -97,7 +76,7 @@ func TestWriterAsksOnlyForKnownChunks(t *testing.T) {
 	rng := rand.New(rand.NewSource(2))
 	old := randomBlob(rng, 3<<20)
 
-	first := writeStats(t, s, d, old) // starts the filter's build
+	first, _ := writeBlobsWith(t, s, d, old) // starts the filter's build
 	s.known.wg.Wait()
 	if s.known.f.Load() == nil {
 		t.Fatal("no filter after the build")
@@ -108,7 +87,7 @@ func TestWriterAsksOnlyForKnownChunks(t *testing.T) {
 
 	lookups, skipped := s.known.lookups.Load(), s.known.skipped.Load()
 	fresh := randomBlob(rng, 2<<20)
-	w := writeStats(t, s, d, fresh, old)
+	w, _ := writeBlobsWith(t, s, d, fresh, old)
 	if w.DupChunks != first.NewChunks {
 		t.Errorf("rewriting a stored blob: %d duplicate chunks, want %d", w.DupChunks, first.NewChunks)
 	}
@@ -142,7 +121,7 @@ func TestWriterAsksOnlyForKnownChunks(t *testing.T) {
 func TestWriterSeesAnotherProcessesChunks(t *testing.T) {
 	s, d := openBlobs(t, Options{})
 	rng := rand.New(rand.NewSource(3))
-	writeStats(t, s, d, randomBlob(rng, 1<<20))
+	writeBlobsWith(t, s, d, randomBlob(rng, 1<<20))
 	s.known.wg.Wait()
 
 	// A second process: its own database handle and blob store on the same
@@ -157,9 +136,9 @@ func TestWriterSeesAnotherProcessesChunks(t *testing.T) {
 	}
 	defer func() { s2.Close(); d2.Close() }()
 	theirs := randomBlob(rng, 2<<20)
-	w2 := writeStats(t, s2, d2, theirs)
+	w2, _ := writeBlobsWith(t, s2, d2, theirs)
 
-	w := writeStats(t, s, d, theirs)
+	w, _ := writeBlobsWith(t, s, d, theirs)
 	if w.NewChunks != 0 || w.DupChunks != w2.NewChunks {
 		t.Errorf("chunks the other process stored: %d new, %d duplicate; want 0 and %d", w.NewChunks, w.DupChunks, w2.NewChunks)
 	}

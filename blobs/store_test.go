@@ -32,6 +32,14 @@ func openBlobs(t testing.TB, opts Options) (*Store, *db.DB) {
 // writeBlobs stores blobs in one Writer and commits.
 func writeBlobs(t testing.TB, s *Store, d *db.DB, blobs ...[]byte) []digest.Digest {
 	t.Helper()
+	_, out := writeBlobsWith(t, s, d, blobs...)
+	return out
+}
+
+// writeBlobsWith is writeBlobs that also returns the Writer, done with,
+// for its counts.
+func writeBlobsWith(t testing.TB, s *Store, d *db.DB, blobs ...[]byte) (*Writer, []digest.Digest) {
+	t.Helper()
 	ctx := context.Background()
 	w := s.NewWriter(ctx)
 	defer w.Done()
@@ -53,7 +61,7 @@ func writeBlobs(t testing.TB, s *Store, d *db.DB, blobs ...[]byte) []digest.Dige
 		t.Fatal(err)
 	}
 	w.Committed()
-	return out
+	return w, out
 }
 
 func TestWriteRead(t *testing.T) {
