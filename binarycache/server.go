@@ -207,6 +207,9 @@ func (s *Server) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 	case strings.HasPrefix(p, "/nar/"):
 		route = "nar"
 		s.serveNAR(w, r, p[len("/nar/"):])
+	case strings.HasPrefix(p, "/realisations/") && strings.HasSuffix(p, ".doi"):
+		route = "realisation"
+		s.serveRealisation(w, r, strings.TrimSuffix(p[len("/realisations/"):], ".doi"))
 	default:
 		http.NotFound(w, r)
 	}

@@ -511,7 +511,7 @@ func (c *conn) queryDerivationOutputMap() error {
 	if err != nil {
 		return err
 	}
-	outs, err := c.s.Store.DrvOutputs(c.ctx, drv)
+	outs, _, err := c.drvOutputs(drv)
 	if err != nil {
 		return c.storeErr(err)
 	}
@@ -530,6 +530,11 @@ func (c *conn) queryRealisation() error {
 		return err
 	}
 	r, err := c.s.Store.Realisation(c.ctx, id)
+	if err == nil && r == nil && c.s.Lazy != nil {
+		// A lazy store answers for what its upstreams have, as for paths
+		// (its mount fetches the output path on first use).
+		r, err = c.s.Lazy.Realisation(c.ctx, id)
+	}
 	if err != nil {
 		return c.storeErr(err)
 	}
@@ -755,8 +760,17 @@ func (c *conn) missing(dp derivedPath) ([]string, error) {
 	var miss []string
 	for _, o := range outs {
 		if o.Path == "" {
-			miss = append(miss, dp.path)
-			continue
+			// A floating CA output that the store has no realisation of:
+			// an upstream may know where it went.
+			r, err := c.upstreamRealisation(dp.path, o.Name)
+			if err != nil {
+				return nil, err
+			}
+			if r == nil {
+				miss = append(miss, dp.path)
+				continue
+			}
+			o.Path = r.OutPath
 		}
 		ok, err := c.s.Store.IsValid(c.ctx, o.Path)
 		if err != nil {
@@ -774,9 +788,10 @@ func (c *conn) missing(dp derivedPath) ([]string, error) {
 
 // requestedOutputs lists the outputs of the valid derivation dp.path that
 // dp asks for ("*" is all), and whether it asks for one the derivation
-// does not have.
+// does not have. Outputs whose paths the derivation does not fix carry
+// the path of their realisation in the store, if it has one.
 func (c *conn) requestedOutputs(dp derivedPath) (outs []db.DrvOutput, unknown bool, err error) {
-	all, err := c.s.Store.DrvOutputs(c.ctx, dp.path)
+	all, _, err := c.drvOutputs(dp.path)
 	if err != nil {
 		return nil, false, err
 	}
@@ -800,6 +815,7 @@ func (c *conn) queryMissing() error {
 		return err
 	}
 	defer c.watchHangup()()
+	defer c.lookingUpRealisations()()
 	will, unknown, download, narSize, err := c.missingPlan(dps)
 	if err != nil {
 		return err
@@ -837,6 +853,7 @@ func (c *conn) buildPaths(withResults bool) error {
 		return errorf("repairing is not allowed because you are not in 'trusted-users'")
 	}
 	defer c.watchHangup()()
+	defer c.lookingUpRealisations()()
 	if err := c.substituteFor(dps); err != nil {
 		return err
 	}
@@ -852,8 +869,19 @@ func (c *conn) buildPaths(withResults bool) error {
 			if c.substituting() {
 				why = "no substituter supplied it, and casnix does not build"
 			}
-			results[i] = fmt.Sprintf("cannot build '%s': %s is not in the store and %s",
-				dp.raw, strings.Join(c.fullAll(m), ", "), why)
+			what := strings.Join(c.fullAll(m), ", ") + " is not in the store"
+			if dp.built && slices.Contains(m, dp.path) {
+				// missing names the derivation itself for an output it
+				// cannot place: see whether the derivation is there.
+				ok, err := c.s.Store.IsValid(c.ctx, dp.path)
+				if err != nil {
+					return c.storeErr(err)
+				}
+				if ok {
+					what = "no path is known for the output (a content-addressed output without a realisation, or one the derivation lacks)"
+				}
+			}
+			results[i] = fmt.Sprintf("cannot build '%s': %s and %s", dp.raw, what, why)
 			failures = append(failures, results[i])
 		}
 	}
@@ -897,11 +925,18 @@ type builtOutput struct {
 
 // builtOutputs lists the requested outputs of a valid derivation. Clients
 // (nix build DRV^out) take the output name and path from these to print
-// and link results. The id's hash is casnix's own (SHA-256 of the .drv path
-// and output name), not Nix's derivation hash modulo: for input-addressed
+// and link results. An output realised by a realisation (a floating CA
+// derivation's) is reported by it, under Nix's DrvOutput id, which CA
+// clients key it by. For the others the id's hash is casnix's own (SHA-256
+// of the .drv path and output name), not Nix's derivation hash modulo,
+// which would mean reading every input derivation: for input-addressed
 // derivations clients use only the name and path.
 func (c *conn) builtOutputs(dp derivedPath) ([]builtOutput, error) {
 	outs, _, err := c.requestedOutputs(dp)
+	if err != nil {
+		return nil, err
+	}
+	_, reals, err := c.drvOutputs(dp.path)
 	if err != nil {
 		return nil, err
 	}
@@ -910,11 +945,48 @@ func (c *conn) builtOutputs(dp derivedPath) ([]builtOutput, error) {
 		if o.Path == "" {
 			continue
 		}
+		if r := reals[o.Name]; r != nil {
+			res = append(res, builtOutput{r.ID, r.JSON()})
+			continue
+		}
 		h := sha256.Sum256([]byte(c.full(dp.path) + "!" + o.Name))
 		r := store.Realisation{ID: "sha256:" + hex.EncodeToString(h[:]) + "!" + o.Name, OutPath: o.Path}
 		res = append(res, builtOutput{r.ID, r.JSON()})
 	}
 	return res, nil
+}
+
+// drvOutputs lists the outputs of the valid derivation drv, each output
+// whose path the derivation does not fix (a floating content-addressed
+// derivation's) with the path of its realisation in the store, if there
+// is one; reals holds those realisations by output name. As Nix's
+// queryPartialDerivationOutputMap with ca-derivations on.
+func (c *conn) drvOutputs(drv string) (outs []db.DrvOutput, reals map[string]*store.Realisation, err error) {
+	outs, err = c.s.Store.DrvOutputs(c.ctx, drv)
+	if err != nil {
+		return nil, nil, err
+	}
+	for i, o := range outs {
+		if o.Path != "" {
+			continue
+		}
+		id, err := c.s.Store.RealisationID(c.ctx, drv, o.Name)
+		if err != nil {
+			return nil, nil, err
+		}
+		r, err := c.s.Store.Realisation(c.ctx, id)
+		if err != nil {
+			return nil, nil, err
+		}
+		if r != nil {
+			outs[i].Path = r.OutPath
+			if reals == nil {
+				reals = map[string]*store.Realisation{}
+			}
+			reals[o.Name] = r
+		}
+	}
+	return outs, reals, nil
 }
 
 func (c *conn) writeBuildResult(status uint64, msg string, outs []builtOutput) {

@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 
+	"github.com/casnix/casnix/store"
 	"github.com/casnix/casnix/subst"
 )
 
@@ -298,6 +300,77 @@ func (c *conn) substituteFor(dps []derivedPath) error {
 	if err != nil {
 		// The op reports what is still missing; the reasons go first.
 		c.warn(substErrText(err))
+	}
+	return c.registerRealisations()
+}
+
+// upstreamRealisation asks the upstreams where output out of the valid
+// derivation drv went, for an output whose path the derivation does not
+// fix and that the store has no realisation of (Nix's
+// DrvOutputSubstitutionGoal, and its queryMissing). It returns nil when no
+// upstream has a usable one (the reasons, if any, go to the client as a
+// warning, as Nix prints them). Under lookingUpRealisations the answer is
+// kept, for the rest of the op and, in a BuildPaths, to be registered once
+// its output path is substituted.
+func (c *conn) upstreamRealisation(drv, out string) (*store.Realisation, error) {
+	if !c.substituting() {
+		return nil, nil
+	}
+	id, err := c.s.Store.RealisationID(c.ctx, drv, out)
+	if err != nil {
+		return nil, err
+	}
+	if r, ok := c.upReal[id]; ok {
+		return r, nil
+	}
+	r, err := c.s.Subst.QueryRealisation(c.substCtx(), id, c.checkSigs())
+	if err != nil {
+		if c.ctx.Err() != nil {
+			return nil, err
+		}
+		c.warn(substErrText(err))
+	}
+	if c.upReal != nil {
+		c.upReal[id] = r
+	}
+	return r, nil
+}
+
+// lookingUpRealisations makes the op's upstream realisation lookups
+// (upstreamRealisation) remembered until the returned func is called: an
+// op asks for each output more than once (what to fetch, then what is
+// still missing), and the client should hear each refusal once.
+func (c *conn) lookingUpRealisations() func() {
+	c.upReal = map[string]*store.Realisation{}
+	return func() { c.upReal = nil }
+}
+
+// registerRealisations registers the upstream realisations of this
+// BuildPaths whose output paths are now valid (nix-daemon's
+// DerivationGoal registers a substituted output's realisation after its
+// path). One that conflicts with the store's own is a warning: the
+// store's stays, and the output is reported by it.
+func (c *conn) registerRealisations() error {
+	for _, id := range slices.Sorted(maps.Keys(c.upReal)) {
+		r := c.upReal[id]
+		if r == nil {
+			continue
+		}
+		ok, err := c.s.Store.IsValid(c.ctx, r.OutPath)
+		if err != nil {
+			return c.storeErr(err)
+		}
+		if !ok {
+			continue
+		}
+		if err := c.s.Store.RegisterRealisation(c.ctx, r); err != nil {
+			if errors.Is(err, store.ErrRealisationConflict) || errors.Is(err, store.ErrNotValid) {
+				c.warn("warning: " + err.Error())
+				continue
+			}
+			return c.storeErr(err)
+		}
+		c.log.Info("substituted realisation", "id", id, "path", r.OutPath)
 	}
 	return nil
 }

@@ -3,11 +3,13 @@ package store
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"maps"
+	"slices"
 	"strings"
 	"sync"
 
@@ -93,7 +95,7 @@ func (s *Store) checkDrvOutputs(ctx context.Context, name string, contents []byt
 	if err != nil {
 		return nil, "", err
 	}
-	self, err := drv.CalculateDrvReplacement(repl)
+	self, err := hashModuloOf(drv, repl)
 	if err != nil {
 		return nil, "", fmt.Errorf("hash derivation: %w", err)
 	}
@@ -158,18 +160,7 @@ func (c *drvChecker) outputPaths(name string, drv *derivation.Derivation, repl m
 			continue
 		}
 		if masked == nil {
-			m := *drv
-			m.Outputs = make(map[string]*derivation.Output, len(drv.Outputs))
-			for k, v := range drv.Outputs {
-				m.Outputs[k] = &derivation.Output{HashAlgorithm: v.HashAlgorithm, Hash: v.Hash}
-			}
-			m.Env = maps.Clone(drv.Env)
-			for k := range drv.Outputs {
-				if _, ok := m.Env[k]; ok {
-					m.Env[k] = ""
-				}
-			}
-			h, err := m.CalculateDrvReplacement(repl)
+			h, err := hashModuloOf(maskOutputs(drv), repl)
 			if err != nil {
 				return nil, fmt.Errorf("hash derivation: %w", err)
 			}
@@ -231,12 +222,104 @@ func (c *drvChecker) hashModulo(name string, depth int) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	h, err := drv.CalculateDrvReplacement(repl)
+	h, err := hashModuloOf(drv, repl)
 	if err != nil {
 		return "", fmt.Errorf("input derivation %s: %w", c.s.Full(name), err)
 	}
 	c.found[name] = h
 	return h, nil
+}
+
+// floatingCA reports whether drv is a floating content-addressed
+// derivation (ca-derivations): its outputs name a hash algorithm but no
+// hash, and no path.
+func floatingCA(drv *derivation.Derivation) bool {
+	for _, o := range drv.Outputs {
+		if o.HashAlgorithm != "" && o.Hash == "" {
+			return true
+		}
+	}
+	return false
+}
+
+// hashModuloOf is Nix's hashDerivationModulo of drv, hex-encoded, given the
+// hashes modulo of its input derivations (repl, by full path). It is
+// go-nix's CalculateDrvReplacement except for a floating
+// content-addressed derivation, which that takes for a fixed-output one
+// (an "out" with a hash algorithm) and hashes as "fixed:out:…" with an
+// empty hash; Nix hashes it as any other derivation, its ATerm with the
+// input derivations replaced.
+func hashModuloOf(drv *derivation.Derivation, repl map[string]string) (string, error) {
+	if !floatingCA(drv) {
+		return drv.CalculateDrvReplacement(repl)
+	}
+	d := *drv
+	d.InputDerivations = make(map[string][]string, len(drv.InputDerivations))
+	for p, outs := range drv.InputDerivations {
+		h, ok := repl[p]
+		if !ok {
+			return "", fmt.Errorf("no hash for input derivation %s", p)
+		}
+		// Nix keys the inputs by hash and merges the output names of
+		// inputs with the same hash; two such inputs are two fixed-output
+		// derivations of the same output, so their names are both "out".
+		d.InputDerivations[h] = slices.Compact(slices.Sorted(slices.Values(append(slices.Clone(d.InputDerivations[h]), outs...))))
+	}
+	h := sha256.New()
+	if err := d.WriteDerivation(h); err != nil {
+		return "", fmt.Errorf("hash derivation: %w", err)
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// maskOutputs returns a copy of drv with its output paths, and the
+// environment variables named after its outputs, blanked (Nix's
+// hashDerivationModulo with maskOutputs).
+func maskOutputs(drv *derivation.Derivation) *derivation.Derivation {
+	m := *drv
+	m.Outputs = make(map[string]*derivation.Output, len(drv.Outputs))
+	for k, v := range drv.Outputs {
+		m.Outputs[k] = &derivation.Output{HashAlgorithm: v.HashAlgorithm, Hash: v.Hash}
+	}
+	m.Env = maps.Clone(drv.Env)
+	for k := range drv.Outputs {
+		if _, ok := m.Env[k]; ok {
+			m.Env[k] = ""
+		}
+	}
+	return &m
+}
+
+// RealisationID returns the DrvOutput id ("sha256:<hex>!<output>") under
+// which the output of the stored derivation drv is realised: Nix's
+// staticOutputHashes, the derivation's hash modulo with its outputs masked
+// (their paths and the environment variables named after them blanked).
+// It is what clients and binary caches key realisations by
+// (realisations/<id>.doi), for the outputs whose paths a derivation does
+// not fix: those of floating content-addressed derivations.
+func (s *Store) RealisationID(ctx context.Context, drv, output string) (string, error) {
+	contents, err := s.readDrv(ctx, drv)
+	if err != nil {
+		return "", fmt.Errorf("derivation %s: %w", s.Full(drv), err)
+	}
+	d, err := derivation.ReadDerivation(bytes.NewReader(contents))
+	if err != nil {
+		return "", fmt.Errorf("derivation %s: %w", s.Full(drv), err)
+	}
+	if _, ok := d.Outputs[output]; !ok {
+		return "", fmt.Errorf("derivation %s has no output %q", s.Full(drv), output)
+	}
+	c := &drvChecker{s: s, ctx: ctx, found: map[string]string{}}
+	defer func() { s.drvHashes.put(c.found) }()
+	repl, err := c.replacements(d, 0)
+	if err != nil {
+		return "", err
+	}
+	h, err := hashModuloOf(maskOutputs(d), repl)
+	if err != nil {
+		return "", fmt.Errorf("derivation %s: %w", s.Full(drv), err)
+	}
+	return "sha256:" + h + "!" + output, nil
 }
 
 // readDrv reads a stored .drv file (a regular file of at most maxDrvSize).

@@ -150,3 +150,50 @@ func TestDrvOutputsChecked(t *testing.T) {
 		}
 	}
 }
+
+// TestRealisationID: the DrvOutput ids of two floating content-addressed
+// derivations made by Nix 2.34 (ca-derivations), one the input of the
+// other, are the ones Nix gave their realisations (`nix realisation info`
+// after building them): the masked hash modulo, with a deferred input
+// replaced by its own hash modulo, which go-nix alone gets wrong (it takes
+// a floating output for a fixed one).
+func TestRealisationID(t *testing.T) {
+	ctx := context.Background()
+	st := openStore(t)
+	b := st.NewBatch(ctx)
+	for _, f := range []string{"dy1zbjhxmix6f1r5dlhqzrnw6sss4raz-ca-dep.drv", "b7bysmg52h8j83qavnxxdf6lpfjqgar0-ca-top.drv"} {
+		contents, err := os.ReadFile(filepath.Join("testdata", "drv", f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		d := loadTestDrv(t, f, contents)
+		if _, err := b.Add(bytes.NewReader(drvNAR(t, contents)), PathInfo{Name: f, References: d.refs}); err != nil {
+			t.Fatalf("add %s: %v", f, err)
+		}
+	}
+	if _, err := b.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ drv, out, want, err string }{
+		{"dy1zbjhxmix6f1r5dlhqzrnw6sss4raz-ca-dep.drv", "out", "sha256:09838ae3962a182f7b98005dc303f064bc3b746a747d5fd07eaa4f0fd960fd38!out", ""},
+		{"b7bysmg52h8j83qavnxxdf6lpfjqgar0-ca-top.drv", "out", "sha256:0cf161a1b00aad0ed35781786c0a306b592284cc88e183a568d82f9c48499e3f!out", ""},
+		{"b7bysmg52h8j83qavnxxdf6lpfjqgar0-ca-top.drv", "dev", "", "has no output"},
+		{"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-absent.drv", "out", "", "not found"},
+	} {
+		got, err := st.RealisationID(ctx, tc.drv, tc.out)
+		if tc.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("%s!%s: %q, %v; want an error with %q", tc.drv, tc.out, got, err, tc.err)
+			}
+			continue
+		}
+		if err != nil || got != tc.want {
+			t.Errorf("%s!%s: %q, %v; want %q", tc.drv, tc.out, got, err, tc.want)
+		}
+		// The outputs are recorded, with no path (a floating output has none).
+		rows, err := st.DrvOutputs(ctx, tc.drv)
+		if err != nil || len(rows) != 1 || rows[0].Name != "out" || rows[0].Path != "" {
+			t.Errorf("%s: outputs %v, %v", tc.drv, rows, err)
+		}
+	}
+}

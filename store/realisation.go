@@ -40,10 +40,11 @@ func ParseRealisation(s string) (*Realisation, error) {
 		return nil, fmt.Errorf("realisation: %w", err)
 	}
 	r := &Realisation{ID: j.ID, OutPath: j.OutPath, Signatures: j.Signatures, DependentRealisations: j.DependentRealisations}
-	return r, r.validate()
+	return r, r.Validate()
 }
 
-func (r *Realisation) validate() error {
+// Validate checks the id's form and the output paths' names.
+func (r *Realisation) Validate() error {
 	hash, out, ok := strings.Cut(r.ID, "!")
 	if !ok || out == "" || !strings.Contains(hash, ":") || strings.ContainsAny(r.ID, " /\n") {
 		return fmt.Errorf("realisation id %q is not <algo>:<hash>!<output>", r.ID)
@@ -94,7 +95,7 @@ var ErrRealisationConflict = errors.New("conflicts with the realisation already 
 // different output path is refused (a client must not be able to redirect
 // an output that others already resolved).
 func (s *Store) RegisterRealisation(ctx context.Context, r *Realisation) error {
-	if err := r.validate(); err != nil {
+	if err := r.Validate(); err != nil {
 		return err
 	}
 	err := s.db.Write(ctx, func(tx *db.Tx) error {

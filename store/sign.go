@@ -102,6 +102,16 @@ func (k *SecretKey) Name() string { return k.k.ToPublicKey().Name }
 // PublicKey is the matching public key in Nix's format.
 func (k *SecretKey) PublicKey() string { return k.k.ToPublicKey().String() }
 
+// SignRealisation adds the signature of r's fingerprint to r.
+func (k *SecretKey) SignRealisation(r *Realisation) error {
+	sig, err := k.k.Sign(rand.Reader, r.Fingerprint())
+	if err != nil {
+		return fmt.Errorf("sign realisation %s: %w", r.ID, err)
+	}
+	r.Signatures = append(r.Signatures, sig.String())
+	return nil
+}
+
 // Sign returns the signature ("name:base64") of pi's fingerprint.
 func (k *SecretKey) Sign(storeDir string, pi *PathInfo) (string, error) {
 	sig, err := k.k.Sign(rand.Reader, Fingerprint(storeDir, pi))

@@ -207,10 +207,13 @@ func (s *Substituter) sigOKFor(ctx context.Context, in *binarycache.Info) bool {
 	return keys.Verify(s.opts.StoreDir, &pi) > 0 || binarycache.CAVerified(s.opts.StoreDir, in)
 }
 
-// keyCount is how many keys ctx's checks trust, for errors.
-func (s *Substituter) keyCount(ctx context.Context) int {
+// keysFor is the keys signature checks under ctx trust (WithKeys).
+func (s *Substituter) keysFor(ctx context.Context) store.PublicKeys {
 	if keys, ok := ctx.Value(keysKey{}).(store.PublicKeys); ok {
-		return len(keys)
+		return keys
 	}
-	return len(s.opts.Keys)
+	return s.opts.Keys
 }
+
+// keyCount is how many keys ctx's checks trust, for errors.
+func (s *Substituter) keyCount(ctx context.Context) int { return len(s.keysFor(ctx)) }

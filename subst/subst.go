@@ -200,7 +200,8 @@ type cacheKey struct {
 }
 
 type cacheEntry struct {
-	in      *binarycache.Info // nil: the upstream does not have it
+	in      *binarycache.Info  // nil: the upstream does not have it
+	real    *store.Realisation // for a realisation's key (realisation.go)
 	expires time.Time
 }
 

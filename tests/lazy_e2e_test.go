@@ -49,6 +49,10 @@ const lazyNix = `rec {
 // answers from the narinfo without fetching; running a program of such a path through the
 // overlay fetches its closure on lookup; a sandboxed build whose input only the upstream
 // has works, and only its output lands in the upper layer; nix store verify --all passes.
+// A floating content-addressed derivation (ca-derivations) whose signed realisation only
+// the upstream has "builds" in the overlay with building forbidden: the overlay asks its
+// lower store for the realisation, casnix answers from the upstream, and the output is
+// fetched into casnix (not the upper layer) when read.
 func TestLazyLocalOverlayStore(t *testing.T) {
 	for _, suite := range []string{"trixie", "sid"} {
 		t.Run(suite, func(t *testing.T) {
@@ -56,6 +60,9 @@ func TestLazyLocalOverlayStore(t *testing.T) {
 			bin := nixtest.CasnixBinary(t)
 			t.Logf("Nix %s", r.NixVersion(t))
 			if err := os.WriteFile(r.HostPath("/tmp/l.nix"), []byte(lazyNix), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(r.HostPath("/tmp/ca.nix"), []byte(caExpr), 0o644); err != nil {
 				t.Fatal(err)
 			}
 			paths := map[string]string{}
@@ -72,6 +79,15 @@ func TestLazyLocalOverlayStore(t *testing.T) {
 			pub := strings.TrimSpace(string(pubCmd.Run(t).Stdout))
 			r.Run(t, "nix", "copy", "--from", "local?root=/tmp/src", "--to", "file:///tmp/cache?compression=xz&secret-key=/tmp/key",
 				paths["prog"], paths["input"])
+			// A floating content-addressed derivation (ca-derivations), built and signed
+			// (realisation too) and copied with its realisation.
+			caCmd := func(args ...string) *nixtest.Cmd {
+				cmd := r.Cmd(args...)
+				cmd.Env = append(cmd.Env, "NIX_CONFIG=experimental-features = nix-command local-overlay-store ca-derivations\nsecret-key-files = /tmp/key")
+				return cmd
+			}
+			caOut := strings.TrimSpace(string(caCmd("nix", "build", "--store", "local?root=/tmp/src", "--no-link", "--print-out-paths", "-f", "/tmp/ca.nix").Run(t).Stdout))
+			caCmd("nix", "copy", "--from", "local?root=/tmp/src", "--to", "file:///tmp/cache?compression=xz&secret-key=/tmp/key", "-f", "/tmp/ca.nix").Run(t)
 			up := httptest.NewServer(http.FileServer(http.Dir(r.HostPath("/tmp/cache"))))
 			defer up.Close()
 
@@ -130,6 +146,24 @@ func TestLazyLocalOverlayStore(t *testing.T) {
 			}
 			r.Run(t, "nix", "store", "verify", "--store", store, "--all", "--no-trust")
 			r.Run(t, "nix", "store", "verify", "--store", store, "--option", "trusted-public-keys", pub, paths["prog"], paths["input"], paths["dep"])
+
+			// The CA derivation, evaluated in the overlay, may not be built (--max-jobs 0):
+			// its realisation comes from casnix (QueryRealisation, answered from the
+			// upstream), its output is valid in the lower store and fetched when read.
+			caBuilt := caCmd("nix", "build", "--store", store, "--max-jobs", "0", "--no-link", "--print-out-paths", "-f", "/tmp/ca.nix").Try()
+			if !caBuilt.OK() || strings.TrimSpace(string(caBuilt.Stdout)) != caOut {
+				t.Fatalf("nix build of the CA derivation in the overlay: want %s\n%s", caOut, caBuilt)
+			}
+			if out := r.Output(t, "head", "-n", "1", caOut); string(out) != "top\n" {
+				t.Fatalf("%s holds %q", caOut, out)
+			}
+			if _, err := os.Stat(r.HostPath("/tmp/upper/" + filepath.Base(caOut))); err == nil {
+				t.Errorf("the lower CA output %s was copied into the upper layer", caOut)
+			}
+			if got := casnixHolds(); !slices.Contains(got, caOut) {
+				t.Errorf("casnix holds %q after the CA output was read", got)
+			}
+			r.Run(t, "nix", "store", "verify", "--store", store, "--all", "--no-trust")
 		})
 	}
 }
