@@ -30,7 +30,7 @@ let
 in ca "ca-top" "echo top > $out; echo ${dep} >> $out; cat ${dep} >> $out"
 `
 
-// TestServeSubstitutesCADerivation: Nix 2.34 (and 2.26) with ca-derivations builds a
+// TestServeSubstitutesCADerivation: Nix 2.8, 2.26 and 2.34 with ca-derivations build a
 // floating content-addressed derivation that depends on another, signing what it builds
 // (secret-key-files, which signs realisations too), and copies it to a binary cache
 // (nix copy --to file://…: the output's closure, signed narinfos and the realisation,
@@ -39,49 +39,57 @@ in ca "ca-top" "echo top > $out; echo ${dep} >> $out; cat ${dep} >> $out"
 // building: it computes the derivation's DrvOutput id (Nix's hash modulo with the inputs'
 // hashes, outputs masked), finds the realisation upstream, checks its signature,
 // substitutes the output's closure and registers the realisation, which `nix realisation
-// info` then reads back; `nix build --dry-run` lists the closure as what will be fetched.
+// info` then reads back, and what casnix holds is what the source store held; `nix build
+// --dry-run` lists the closure as what will be fetched. (Nix 2.8 writes the input's
+// realisation too, and names the derivation without ^out.)
 // A Nix with its own store and no way to build substitutes the same output from
 // `casnix serve --http` pulling through from the cache (realisations/<id>.doi answered
 // from upstream). From a copy of the cache whose realisation has lost its signature (its
 // narinfos still signed), casnix substitutes nothing and the build fails, naming the
 // realisation.
 func TestServeSubstitutesCADerivation(t *testing.T) {
-	for _, suite := range []string{"trixie", "sid"} {
+	for _, suite := range nixtest.ClientSuites {
 		t.Run(suite, func(t *testing.T) { testSubstCA(t, suite) })
 	}
 }
 
 func testSubstCA(t *testing.T, suite string) {
 	c := nixtest.RequireNixClient(t, suite)
-	tmp := c.Root.TmpDir // /tmp inside the root
-	c.Bind(tmp)
+	tmp := c.TempDir(t) // the same path for the client and here
 	secret := c.Output(t, "nix", "key", "generate-secret", "--key-name", "ca-upstream-1")
-	if err := os.WriteFile(filepath.Join(tmp, "key.sec"), secret, 0o600); err != nil {
+	keyFile := filepath.Join(tmp, "key.sec")
+	if err := os.WriteFile(keyFile, secret, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	pubCmd := c.Cmd("nix", "key", "convert-secret-to-public")
 	pubCmd.Stdin = strings.NewReader(string(secret))
 	pub := strings.TrimSpace(string(pubCmd.Run(t).Stdout))
-	if err := os.WriteFile(filepath.Join(tmp, "ca.nix"), []byte(caExpr), 0o644); err != nil {
+	expr := filepath.Join(tmp, "ca.nix")
+	if err := os.WriteFile(expr, []byte(caExpr), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	caConf := "experimental-features = nix-command ca-derivations\n"
-	c.Env = []string{"NIX_CONFIG=" + caConf + "secret-key-files = /tmp/key.sec"}
+	// A chroot store builds in a sandbox, which needs the builder mapped in.
+	caConf := "experimental-features = nix-command ca-derivations\nextra-sandbox-paths = /bin/busybox\n"
+	c.Env = []string{"NIX_CONFIG=" + caConf + "secret-key-files = " + keyFile}
 
-	// Build in the root's own store, and copy the output to the cache.
-	out := strings.TrimSpace(string(c.Output(t, "nix", "build", "-f", "/tmp/ca.nix", "--no-link", "--print-out-paths")))
-	drv := strings.TrimSpace(string(c.Output(t, "nix", "path-info", "--derivation", "-f", "/tmp/ca.nix")))
+	// Build in a store of the test's own, and copy the output to the cache.
+	srcRoot := filepath.Join(tmp, "src")
+	src := "local?root=" + srcRoot
+	out := builtOut(t, c.Run(t, "nix", "build", "--store", src, "-f", expr, "--no-link", "--json"))
+	drv := strings.TrimSpace(string(c.Output(t, "nix", "path-info", "--store", src, "--derivation", "-f", expr)))
 	if !strings.HasPrefix(out, nixtest.StoreDir+"/") || !strings.HasSuffix(drv, ".drv") {
 		t.Fatalf("build gave %q from %q", out, drv)
 	}
 	cache := filepath.Join(tmp, "cache")
-	c.Run(t, "nix", "copy", "--to", "file://"+cache+"?compression=zstd&secret-key=/tmp/key.sec", "-f", "/tmp/ca.nix")
+	c.Run(t, "nix", "copy", "--from", src, "--to", "file://"+cache+"?compression=zstd&secret-key="+keyFile, "-f", expr)
 	dois, _ := filepath.Glob(filepath.Join(cache, "realisations", "*.doi"))
 	if len(dois) == 0 {
 		t.Fatalf("nix copy wrote no realisation to %s", cache)
 	}
-	closure := nixtest.SortedLines(c.Output(t, "nix-store", "-qR", out))
+	closure := nixtest.SortedLines(c.Output(t, "nix-store", "--store", src, "-qR", out))
 	t.Logf("Nix %s built %s (closure %d paths), realisations %v", c.Version(t), out, len(closure), baseNames(dois))
+	// The client reads the .drv from its store directory: the source store's (real=).
+	real := "?real=" + srcRoot + nixtest.StoreDir
 
 	// The same cache with the realisations' signatures removed.
 	unsigned := filepath.Join(tmp, "unsigned")
@@ -115,21 +123,25 @@ func testSubstCA(t *testing.T, suite string) {
 		t.Run(tc.name, func(t *testing.T) {
 			srv := httptest.NewServer(http.FileServer(http.Dir(tc.dir)))
 			defer srv.Close()
-			// Under the bound /tmp: a Bind here would outlive this subtest's directory.
+			// Under the bound tmp: a Bind here would outlive this subtest's directory.
 			sockDir, err := os.MkdirTemp(tmp, "sock")
 			if err != nil {
 				t.Fatal(err)
 			}
-			d := nixtest.NewCasnix(t).Serve(t, filepath.Join(sockDir, "casnix.sock"),
+			cas := nixtest.NewCasnix(t)
+			d := cas.Serve(t, filepath.Join(sockDir, "casnix.sock"),
 				"--substituters", srv.URL, "--trusted-public-keys", pub)
 			c.Env = []string{"NIX_CONFIG=" + caConf + "substituters = " + srv.URL + "\ntrusted-public-keys = " + pub}
-			c.Run(t, "nix", "copy", "--no-check-sigs", "--derivation", "--to", d.URL(), drv)
+			c.Run(t, "nix", "copy", "--no-check-sigs", "--derivation", "--from", src, "--to", d.URL(), drv)
 			if r := c.Try("nix", "path-info", "--store", d.URL(), out); r.OK() {
 				t.Fatalf("%s is valid in casnix before the build:\n%s", out, r)
 			}
 			installable := drv + "^out"
-			dry := c.Try("nix", "build", "--store", d.URL(), "--dry-run", installable)
-			build := c.Try("nix", "build", "--store", d.URL(), "--no-link", "--print-out-paths", installable)
+			if !c.AtLeast(t, 2, 9) {
+				installable = drv // Nix 2.8 has no ^ syntax: all outputs (out only)
+			}
+			dry := c.Try("nix", "build", "--store", d.URL()+real, "--dry-run", installable)
+			build := c.Try("nix", "build", "--store", d.URL()+real, "--no-link", "--json", installable)
 			if !tc.ok {
 				if build.OK() {
 					t.Fatalf("nix build %s through casnix substituted from an unsigned realisation:\n%s", installable, build)
@@ -146,20 +158,28 @@ func testSubstCA(t *testing.T, suite string) {
 			if !dry.OK() || !strings.Contains(string(dry.Stderr), "will be fetched") || !strings.Contains(string(dry.Stderr), out) {
 				t.Errorf("nix build --dry-run %s does not list %s as fetched:\n%s", installable, out, dry)
 			}
-			if !build.OK() || strings.TrimSpace(string(build.Stdout)) != out {
+			if !build.OK() || builtOut(t, build) != out {
 				t.Fatalf("nix build %s through casnix: want %s\n%s\ncasnix:\n%s", installable, out, build, d.Output())
 			}
 			got := nixtest.SortedLines(c.Output(t, "nix-store", "--store", d.URL(), "-qR", out))
 			if strings.Join(got, " ") != strings.Join(closure, " ") {
 				t.Errorf("closure in casnix %q, want %q", got, closure)
 			}
-			info := c.Output(t, "nix", "realisation", "info", "--store", d.URL(), "--json", installable)
+			info := c.Output(t, "nix", "realisation", "info", "--store", d.URL()+real, "--json", installable)
 			if !strings.Contains(string(info), strings.TrimPrefix(out, nixtest.StoreDir+"/")) || !strings.Contains(string(info), "ca-upstream-1:") {
 				t.Errorf("nix realisation info %s: %s", installable, info)
 			}
-			c.Run(t, "nix", "store", "verify", "--store", d.URL(), "--no-trust", "-r", out)
+			// What casnix holds is what the source store holds (a unix:// client reads
+			// files from its own store directory, so casnix renders them itself).
+			for _, p := range closure {
+				w := nixtest.NewDigestWriter()
+				w.Write(c.Output(t, "nix-store", "--dump", srcRoot+p))
+				if got, want := cas.Dump(t, p), w.Digest(); got != want {
+					t.Errorf("%s: casnix has %s, the source store %s", p, got, want)
+				}
+			}
 			// Asked again, the output is there: no fetch, the same answer.
-			if again := c.Try("nix", "build", "--store", d.URL(), "--no-link", "--print-out-paths", installable); !again.OK() || strings.TrimSpace(string(again.Stdout)) != out {
+			if again := c.Try("nix", "build", "--store", d.URL()+real, "--no-link", "--json", installable); !again.OK() || builtOut(t, again) != out {
 				t.Errorf("second nix build %s: %s", installable, again)
 			}
 
@@ -172,10 +192,10 @@ func testSubstCA(t *testing.T, suite string) {
 				t.Fatal(err)
 			}
 			local := "local?root=" + client
-			c.Run(t, "nix", "copy", "--no-check-sigs", "--derivation", "--to", local, drv)
+			c.Run(t, "nix", "copy", "--no-check-sigs", "--derivation", "--from", src, "--to", local, drv)
 			c.Env = []string{"NIX_CONFIG=" + caConf + "substituters = " + hurl + "\ntrusted-public-keys = " + pub}
-			viaHTTP := c.Try("nix", "build", "--store", local, "--max-jobs", "0", "--no-link", "--print-out-paths", installable)
-			if !viaHTTP.OK() || strings.TrimSpace(string(viaHTTP.Stdout)) != out {
+			viaHTTP := c.Try("nix", "build", "--store", local, "--max-jobs", "0", "--no-link", "--json", installable)
+			if !viaHTTP.OK() || builtOut(t, viaHTTP) != out {
 				t.Fatalf("nix build %s from casnix serve --http: want %s\n%s\ncasnix:\n%s", installable, out, viaHTTP, hd.Output())
 			}
 			c.Run(t, "nix", "store", "verify", "--store", local, "-r", out)
@@ -184,6 +204,19 @@ func testSubstCA(t *testing.T, suite string) {
 			}
 		})
 	}
+}
+
+// builtOut is the "out" output a successful `nix build --json` printed ("" when it failed
+// or printed none); Nix 2.8 has no --print-out-paths.
+func builtOut(t *testing.T, r *nixtest.Result) string {
+	t.Helper()
+	var res []struct {
+		Outputs map[string]string `json:"outputs"`
+	}
+	if !r.OK() || json.Unmarshal(r.Stdout, &res) != nil || len(res) != 1 {
+		return ""
+	}
+	return res[0].Outputs["out"]
 }
 
 func baseNames(paths []string) []string {
