@@ -2,6 +2,7 @@ package binarycache
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"fmt"
@@ -40,6 +41,7 @@ type Exporter struct {
 type ExportResult struct {
 	Exported, Present   int
 	NarBytes, FileBytes int64
+	Realisations        int // realisations/<id>.doi files written
 }
 
 // Export writes the closures of names (all valid) that the cache does not
@@ -102,7 +104,55 @@ func (e *Exporter) Export(ctx context.Context, names []string) (*ExportResult, e
 		err = cerr
 	}
 	res.Exported, res.NarBytes, res.FileBytes = int(done.Load()), narBytes.Load(), fileBytes.Load()
+	if err == nil {
+		res.Realisations, err = e.exportRealisations(ctx, closure)
+	}
 	return res, err
+}
+
+// exportRealisations writes realisations/<id>.doi for every realisation
+// the store has whose output path is in closure (all of which the cache
+// holds by now, durably: a realisation never points at nothing), signed
+// by Key too when set, as Nix's `nix copy --to` of a CA derivation's
+// output writes its realisation. One already there with the same content
+// is left alone. It returns how many it wrote.
+func (e *Exporter) exportRealisations(ctx context.Context, closure []string) (int, error) {
+	dir := filepath.Join(e.Dir, "realisations")
+	n := 0
+	for _, name := range closure {
+		reals, err := e.Store.RealisationsOf(ctx, name)
+		if err != nil {
+			return n, err
+		}
+		for _, r := range reals {
+			if e.Key != nil {
+				if err := e.Key.SignRealisation(r); err != nil {
+					return n, err
+				}
+				r.Signatures = slices.Compact(slices.Sorted(slices.Values(r.Signatures)))
+			}
+			body := []byte(r.JSON())
+			p := filepath.Join(dir, r.ID+".doi")
+			if old, err := os.ReadFile(p); err == nil && bytes.Equal(old, body) {
+				continue
+			}
+			if n == 0 {
+				if err := mkdirDurable(dir); err != nil {
+					return n, fmt.Errorf("create %s: %w", dir, err)
+				}
+			}
+			if err := writeFileRename(p, body, true); err != nil {
+				return n, fmt.Errorf("write realisation %s: %w", r.ID, err)
+			}
+			n++
+		}
+	}
+	if n > 0 {
+		if err := syncFile(dir); err != nil {
+			return n, err
+		}
+	}
+	return n, nil
 }
 
 // present reports whether the cache holds n: its narinfo parses and the NAR

@@ -5,6 +5,9 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/casnix/casnix/store"
@@ -82,5 +85,75 @@ func TestServeRealisation(t *testing.T) {
 			}
 		}
 		hs.Close()
+	}
+}
+
+// TestExportRealisations: an export writes realisations/<id>.doi for the
+// realisations whose output paths are in the exported closure (and only
+// those), with their signatures and the exporter's; a second export of the
+// same closure writes none, and one registered since is written even though
+// its path was exported before.
+func TestExportRealisations(t *testing.T) {
+	ctx := context.Background()
+	st := openStore(t)
+	addTree(t, st, pathA)
+	addTree(t, st, pathB, pathA)
+	addTree(t, st, pathC)
+	upKey, upPub := keyPair(t)
+	reg := func(id, path string) *store.Realisation {
+		t.Helper()
+		r := &store.Realisation{ID: id, OutPath: path}
+		if err := upKey.SignRealisation(r); err != nil {
+			t.Fatal(err)
+		}
+		if err := st.RegisterRealisation(ctx, r); err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
+	idA := "sha256:" + strings.Repeat("a", 64) + "!out"
+	idB := "sha256:" + strings.Repeat("b", 64) + "!dev"
+	idC := "sha256:" + strings.Repeat("c", 64) + "!out"
+	idA2 := "sha256:" + strings.Repeat("d", 64) + "!out"
+	reg(idA, pathA)
+	reg(idB, pathB)
+	reg(idC, pathC) // not in B's closure
+	key, pub := keyPair(t)
+	dir := t.TempDir()
+	ex := &Exporter{Store: st, Dir: dir, StoreDir: "/nix/store", Compression: "zstd", Key: key, Jobs: 2}
+	res, err := ex.Export(ctx, []string{pathB})
+	if err != nil || res.Realisations != 2 {
+		t.Fatalf("export: %+v, %v", res, err)
+	}
+	read := func(id string) *store.Realisation {
+		t.Helper()
+		b, err := os.ReadFile(filepath.Join(dir, "realisations", id+".doi"))
+		if err != nil {
+			return nil
+		}
+		r, err := store.ParseRealisation(string(b))
+		if err != nil {
+			t.Fatalf("%s: %v", b, err)
+		}
+		return r
+	}
+	for id, path := range map[string]string{idA: pathA, idB: pathB} {
+		r := read(id)
+		if r == nil || r.ID != id || r.OutPath != path {
+			t.Fatalf("%s: %+v", id, r)
+		}
+		if upPub.VerifyFingerprint(r.Fingerprint(), r.Signatures) != 1 || pub.VerifyFingerprint(r.Fingerprint(), r.Signatures) != 1 || len(r.Signatures) != 2 {
+			t.Errorf("%s: signatures %v", id, r.Signatures)
+		}
+	}
+	if read(idC) != nil {
+		t.Errorf("the realisation of %s, outside the closure, was exported", pathC)
+	}
+	if res, err := ex.Export(ctx, []string{pathB}); err != nil || res.Realisations != 0 {
+		t.Fatalf("second export: %+v, %v", res, err)
+	}
+	reg(idA2, pathA)
+	if res, err := ex.Export(ctx, []string{pathB}); err != nil || res.Realisations != 1 || read(idA2) == nil {
+		t.Fatalf("export after a new realisation: %+v, %v", res, err)
 	}
 }

@@ -173,6 +173,9 @@ func (c *ExportCmd) Run(g *Globals) error {
 		fmt.Fprintf(g.Stderr, "exported %d paths (%s NAR, %s compressed) to %s in %.1fs (%.0f MB/s); %d already there\n",
 			sum.Exported, humanBytes(sum.NarBytes), humanBytes(sum.FileBytes), dir, el.Seconds(),
 			float64(sum.NarBytes)/1e6/max(el.Seconds(), 1e-9), sum.Present)
+		if sum.Realisations > 0 {
+			fmt.Fprintf(g.Stderr, "wrote %d realisations\n", sum.Realisations)
+		}
 	}
 	return err
 }

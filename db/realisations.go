@@ -27,3 +27,22 @@ func (q q) Realisation(ctx context.Context, id string) (json, name string, err e
 	}
 	return json, name, nil
 }
+
+// RealisationsOf returns the stored JSON of every realisation whose output
+// path is name (by its index), in id order.
+func (q q) RealisationsOf(ctx context.Context, name string) ([]string, error) {
+	rows, err := q.query(ctx, "SELECT r.json FROM realisations r JOIN paths p ON p.id = r.path WHERE p.name = ? ORDER BY r.id", name)
+	if err != nil {
+		return nil, fmt.Errorf("realisations of %s: %w", name, err)
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var j string
+		if err := rows.Scan(&j); err != nil {
+			return nil, err
+		}
+		out = append(out, j)
+	}
+	return out, rows.Err()
+}

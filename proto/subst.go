@@ -348,13 +348,39 @@ func (c *conn) lookingUpRealisations() func() {
 // registerRealisations registers the upstream realisations of this
 // BuildPaths whose output paths are now valid (nix-daemon's
 // DerivationGoal registers a substituted output's realisation after its
-// path). One that conflicts with the store's own is a warning: the
-// store's stays, and the output is reported by it.
+// path), and those they depend on (dependentRealisations, which Nix
+// before 2.3x fills with the realisations of CA inputs) whose output
+// paths are valid: the output's closure was fetched, so theirs usually
+// are. One that conflicts with the store's own is a warning: the store's
+// stays, and the output is reported by it.
 func (c *conn) registerRealisations() error {
-	for _, id := range slices.Sorted(maps.Keys(c.upReal)) {
+	todo := slices.Sorted(maps.Keys(c.upReal))
+	seen := map[string]bool{}
+	for len(todo) > 0 {
+		id := todo[0]
+		todo = todo[1:]
+		if seen[id] {
+			continue
+		}
+		seen[id] = true
 		r := c.upReal[id]
+		if _, asked := c.upReal[id]; !asked {
+			// A dependency of one registered below (Nix before 2.3x records
+			// the realisations of a CA output's CA inputs, and copies, and
+			// expects, them with it).
+			var err error
+			if r, err = c.s.Subst.QueryRealisation(c.substCtx(), id, c.checkSigs()); err != nil {
+				if c.ctx.Err() != nil {
+					return c.storeErr(err)
+				}
+				c.warn(substErrText(err))
+			}
+		}
 		if r == nil {
 			continue
+		}
+		for dep := range r.DependentRealisations {
+			todo = append(todo, dep)
 		}
 		ok, err := c.s.Store.IsValid(c.ctx, r.OutPath)
 		if err != nil {

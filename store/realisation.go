@@ -141,3 +141,20 @@ func (s *Store) Realisation(ctx context.Context, id string) (*Realisation, error
 	}
 	return ParseRealisation(text)
 }
+
+// RealisationsOf returns the realisations whose output path is name.
+func (s *Store) RealisationsOf(ctx context.Context, name string) ([]*Realisation, error) {
+	texts, err := s.db.RealisationsOf(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*Realisation, 0, len(texts))
+	for _, t := range texts {
+		r, err := ParseRealisation(t)
+		if err != nil {
+			return nil, fmt.Errorf("stored realisation of %s: %w", s.Full(name), err)
+		}
+		out = append(out, r)
+	}
+	return out, nil
+}

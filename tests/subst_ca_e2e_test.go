@@ -39,7 +39,8 @@ in ca "ca-top" "echo top > $out; echo ${dep} >> $out; cat ${dep} >> $out"
 // building: it computes the derivation's DrvOutput id (Nix's hash modulo with the inputs'
 // hashes, outputs masked), finds the realisation upstream, checks its signature,
 // substitutes the output's closure and registers the realisation, which `nix realisation
-// info` then reads back, and what casnix holds is what the source store held; `nix build
+// info` then reads back, and what casnix holds is what the source store held; `casnix
+// export` writes it into a cache a Nix that may not build substitutes it from; `nix build
 // --dry-run` lists the closure as what will be fetched. (Nix 2.8 writes the input's
 // realisation too, and names the derivation without ^out.)
 // A Nix with its own store and no way to build substitutes the same output from
@@ -181,6 +182,25 @@ func testSubstCA(t *testing.T, suite string) {
 			// Asked again, the output is there: no fetch, the same answer.
 			if again := c.Try("nix", "build", "--store", d.URL()+real, "--no-link", "--json", installable); !again.OK() || builtOut(t, again) != out {
 				t.Errorf("second nix build %s: %s", installable, again)
+			}
+
+			// casnix export writes the realisation beside the closure (as nix copy --to
+			// does): a Nix that may not build substitutes the output from that cache.
+			exported := filepath.Join(tmp, "exported-"+filepath.Base(sockDir))
+			cas.Run(t, "export", "--to", "file://"+exported, out)
+			// The realisations the upstream has: the output's, and with Nix before 2.3x its
+			// input's too (recorded in the output's as a dependency, and registered with it).
+			if got, _ := filepath.Glob(filepath.Join(exported, "realisations", "*.doi")); strings.Join(baseNames(got), " ") != strings.Join(baseNames(dois), " ") {
+				t.Errorf("casnix export of %s wrote realisations %q, want %q", out, baseNames(got), baseNames(dois))
+			}
+			fromExport, err := os.MkdirTemp(tmp, "client")
+			if err != nil {
+				t.Fatal(err)
+			}
+			c.Run(t, "nix", "copy", "--no-check-sigs", "--derivation", "--from", src, "--to", "local?root="+fromExport, drv)
+			c.Env = []string{"NIX_CONFIG=" + caConf + "substituters = file://" + exported + "\ntrusted-public-keys = " + pub}
+			if r := c.Try("nix", "build", "--store", "local?root="+fromExport, "--max-jobs", "0", "--no-link", "--json", installable); builtOut(t, r) != out {
+				t.Errorf("nix build %s from casnix export's cache: want %s\n%s", installable, out, r)
 			}
 
 			// The HTTP pull-through: a Nix with its own (chroot) store and no way to build
