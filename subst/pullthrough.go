@@ -230,6 +230,10 @@ type PullThrough struct {
 	// spoolMu, as closed is).
 	running map[string]bool
 	closed  bool
+	// reals are realisations answered from upstreams, by output path, to
+	// be registered once their fetch makes that path valid (realisation.go;
+	// guarded by spoolMu, at most maxPendingReals).
+	reals map[string][]*store.Realisation
 
 	// slots bounds the closures fetched at once: a client asks for the
 	// narinfo of every path of what it copies, and a fetch each (Jobs
@@ -403,7 +407,7 @@ func (s *Substituter) PullThrough(checkSigs bool) *PullThrough {
 	s.spoolMu.Lock()
 	s.spooling = true
 	s.spoolMu.Unlock()
-	return &PullThrough{l: s.Lazy(checkSigs, 0), running: map[string]bool{}, slots: make(chan struct{}, pullSlots),
+	return &PullThrough{l: s.Lazy(checkSigs, 0), running: map[string]bool{}, reals: map[string][]*store.Realisation{}, slots: make(chan struct{}, pullSlots),
 		prefetchq: make(chan *Found, prefetchQueue), done: make(chan struct{})}
 }
 
@@ -495,7 +499,14 @@ func (p *PullThrough) start(name string) {
 		s.spoolMu.Lock()
 		delete(p.running, name)
 		quiet := p.closed || s.base.Err() != nil
+		reals := p.reals[name]
+		if err == nil {
+			delete(p.reals, name)
+		}
 		s.spoolMu.Unlock()
+		if err == nil {
+			p.registerRealisations(reals)
+		}
 		if err != nil && !quiet && s.opts.Logger != nil {
 			// Clients retry at will: one line per interval, not per request.
 			pullWarnings.Warn(s.opts.Logger, "pull-through fetch failed", "path", s.opts.StoreDir+"/"+name, "err", err)

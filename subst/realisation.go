@@ -156,7 +156,47 @@ func (p *PullThrough) PullRealisation(ctx context.Context, id string) (*store.Re
 	if r == nil {
 		return nil, fmt.Errorf("realisation %s: %w", id, binarycache.ErrNotFound)
 	}
+	p.keepRealisation(ctx, r)
 	return r, nil
+}
+
+// maxPendingReals bounds the realisations a PullThrough keeps for output
+// paths not fetched yet (a client may ask for realisations and never for
+// their paths).
+const maxPendingReals = 4096
+
+// keepRealisation registers r if its output path is valid, and otherwise
+// keeps it until the pull-through's fetch of that path ends (start): the
+// store then answers for it itself, as the daemon's substitution does.
+func (p *PullThrough) keepRealisation(ctx context.Context, r *store.Realisation) {
+	s := p.l.s
+	if ok, err := s.st.IsValid(ctx, r.OutPath); err == nil && ok {
+		p.registerRealisations([]*store.Realisation{r})
+		return
+	}
+	s.spoolMu.Lock()
+	defer s.spoolMu.Unlock()
+	for _, k := range p.reals[r.OutPath] {
+		if k.ID == r.ID {
+			return
+		}
+	}
+	if len(p.reals) >= maxPendingReals {
+		clear(p.reals)
+	}
+	p.reals[r.OutPath] = append(p.reals[r.OutPath], r)
+}
+
+// registerRealisations registers realisations whose output paths were
+// fetched; one that cannot be (a conflict with the store's own, the path
+// gone again) is logged and dropped.
+func (p *PullThrough) registerRealisations(reals []*store.Realisation) {
+	s := p.l.s
+	for _, r := range reals {
+		if err := s.st.RegisterRealisation(s.base, r); err != nil && s.opts.Logger != nil {
+			pullWarnings.Warn(s.opts.Logger, "pull-through realisation not registered", "id", r.ID, "err", err)
+		}
+	}
 }
 
 // Realisation is the realisation id as a lazy store reports it when the

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/casnix/casnix/binarycache"
 	"github.com/casnix/casnix/store"
@@ -205,5 +206,63 @@ func TestPullThroughRealisation(t *testing.T) {
 				t.Errorf("asked upstream %d times, want once", n)
 			}
 		})
+	}
+}
+
+// TestPullThroughRegistersRealisation: a realisation the pull-through
+// answered from upstream is registered in the store once a client's fetch
+// of its output path (here C, whose closure the upstream has) made it
+// valid, so the store answers for it from then on; one whose path is
+// never fetched is not.
+func TestPullThroughRegistersRealisation(t *testing.T) {
+	f := newFixture(t)
+	dir := f.cache(t, f.key)
+	signed := store.Realisation{ID: realID, OutPath: pathC}
+	if err := f.key.SignRealisation(&signed); err != nil {
+		t.Fatal(err)
+	}
+	other := store.Realisation{ID: strings.Replace(realID, "!out", "!dev", 1), OutPath: pathX}
+	if err := f.key.SignRealisation(&other); err != nil {
+		t.Fatal(err)
+	}
+	os.MkdirAll(filepath.Join(dir, "realisations"), 0o755)
+	for _, r := range []store.Realisation{signed, other} {
+		if err := os.WriteFile(filepath.Join(dir, "realisations", r.ID+".doi"), []byte(r.JSON()), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	up := serve(t, dir)
+	dst := openStore(t)
+	hs, _, _ := pullServer(t, newSubst(t, dst, []string{up.URL}, Options{Keys: f.pub}), dst)
+	for _, id := range []string{signed.ID, other.ID} {
+		if status, body := httpGet(t, hs.URL+"/realisations/"+id+".doi"); status != 200 {
+			t.Fatalf("%s: %d %s", id, status, body)
+		}
+	}
+	if r, err := dst.Realisation(context.Background(), realID); err != nil || r != nil {
+		t.Fatalf("registered before its path was fetched: %v, %v", r, err)
+	}
+	if status, body := httpGet(t, hs.URL+"/"+store.HashPart(pathC)+".narinfo"); status != 200 {
+		t.Fatalf("narinfo of C: %d %s", status, body)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		r, err := dst.Realisation(context.Background(), realID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r != nil {
+			if r.OutPath != pathC || f.pub.VerifyFingerprint(r.Fingerprint(), r.Signatures) != 1 {
+				t.Errorf("registered %+v", r)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the realisation was not registered after C was pulled")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if r, err := dst.Realisation(context.Background(), other.ID); err != nil || r != nil {
+		t.Errorf("a realisation whose path was never fetched was registered: %v, %v", r, err)
 	}
 }
