@@ -2,6 +2,7 @@ package binarycache
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"slices"
@@ -38,7 +39,17 @@ func (s *Server) serveRealisation(w http.ResponseWriter, r *http.Request, id str
 	}
 	if rp, ok := s.Pull.(RealisationPuller); ok && real == nil {
 		if real, err = rp.PullRealisation(r.Context(), id); err != nil {
-			s.pullFailed(w, r, err, false)
+			// As pullFailed, without the narinfo counts (the route's own
+			// request counts tell realisations apart).
+			switch {
+			case errors.Is(err, ErrNotFound):
+				http.NotFound(w, r)
+			case r.Context().Err() == nil:
+				if s.Logger != nil {
+					pullWarnings.Warn(s.Logger, "pull-through realisation failed", "request", r.URL.Path, "err", err)
+				}
+				http.Error(w, "upstream fetch failed", http.StatusBadGateway)
+			}
 			return
 		}
 	}

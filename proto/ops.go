@@ -972,7 +972,15 @@ func (c *conn) drvOutputs(drv string) (outs []db.DrvOutput, reals map[string]*st
 		}
 		id, err := c.s.Store.RealisationID(c.ctx, drv, o.Name)
 		if err != nil {
-			return nil, nil, err
+			if c.ctx.Err() != nil {
+				return nil, nil, err
+			}
+			// The output stays unknown, as it was before realisations
+			// were looked up: a derivation casnix cannot hash (inputs
+			// nested too deep, say) must not fail every op that lists its
+			// outputs.
+			c.log.Warn("no realisation id", "drv", drv, "output", o.Name, "err", err)
+			continue
 		}
 		r, err := c.s.Store.Realisation(c.ctx, id)
 		if err != nil {

@@ -318,7 +318,10 @@ func (c *conn) upstreamRealisation(drv, out string) (*store.Realisation, error) 
 	}
 	id, err := c.s.Store.RealisationID(c.ctx, drv, out)
 	if err != nil {
-		return nil, err
+		if c.ctx.Err() != nil {
+			return nil, err
+		}
+		return nil, nil // logged by drvOutputs, which met it first
 	}
 	if r, ok := c.upReal[id]; ok {
 		return r, nil
