@@ -413,9 +413,10 @@ type conn struct {
 	// keys, when set, are the keys a trusted client's substitutions are
 	// checked against (its trusted-public-keys), not PublicKeys.
 	keys store.PublicKeys
-	// upReal collects, during a BuildPaths, the upstream realisations
-	// of the floating CA outputs being substituted (by DrvOutput id), to
-	// be registered once their output paths are valid (subst.go).
+	// upReal collects, during a BuildPaths or QueryMissing, the upstream
+	// realisations of floating CA outputs (by DrvOutput id; nil: none
+	// upstream), asked once per op, and in a BuildPaths registered once
+	// their output paths are valid (subst.go).
 	upReal map[string]*store.Realisation
 
 	mu    sync.Mutex

@@ -348,6 +348,9 @@ func (c *conn) lookingUpRealisations() func() {
 	return func() { c.upReal = nil }
 }
 
+// maxRealisationWalk bounds the realisations one op registers.
+const maxRealisationWalk = 1024
+
 // registerRealisations registers the upstream realisations of this
 // BuildPaths whose output paths are now valid (nix-daemon's
 // DerivationGoal registers a substituted output's realisation after its
@@ -364,6 +367,12 @@ func (c *conn) registerRealisations() error {
 		todo = todo[1:]
 		if seen[id] {
 			continue
+		}
+		if len(seen) >= maxRealisationWalk {
+			// An upstream's realisations name their dependencies: a bound
+			// keeps a hostile one from costing a request per name.
+			c.warn(fmt.Sprintf("warning: more than %d realisations depend on each other here; the rest are not registered", maxRealisationWalk))
+			break
 		}
 		seen[id] = true
 		r := c.upReal[id]
