@@ -3,7 +3,6 @@ package subst
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"strings"
@@ -45,33 +44,20 @@ func (s *Substituter) QueryRealisation(ctx context.Context, id string, checkSigs
 	if strings.ContainsAny(id, "/\\") || strings.Contains(id, "..") || !strings.Contains(id, "!") {
 		return nil, fmt.Errorf("realisation id %q is not <algo>:<hash>!<output>", id)
 	}
-	var errs []error
-	idx := s.ordered(ctx)
-	ups := s.list()
-	for _, i := range idx {
-		up := ups[i]
-		if !s.usable(ctx, up) {
-			continue
-		}
+	var found *store.Realisation
+	err := s.firstUpstream(ctx, func(i int, up *Upstream) (bool, error) {
 		r, err := s.realisation(ctx, i, id)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		if r == nil {
-			continue
+		if err != nil || r == nil {
+			return false, err
 		}
 		if checkSigs && !up.trusted && s.keysFor(ctx).VerifyFingerprint(r.Fingerprint(), r.Signatures) == 0 {
-			errs = append(errs, fmt.Errorf("%s: realisation %s of %s: %w", up.URL, id, s.opts.StoreDir+"/"+r.OutPath,
-				&binarycache.UntrustedError{Sigs: len(r.Signatures), Keys: s.keyCount(ctx)}))
-			continue
+			return false, fmt.Errorf("%s: realisation %s of %s: %w", up.URL, id, s.opts.StoreDir+"/"+r.OutPath,
+				&binarycache.UntrustedError{Sigs: len(r.Signatures), Keys: s.keyCount(ctx)})
 		}
-		return r, nil
-	}
-	if ctx.Err() != nil {
-		return nil, ctx.Err()
-	}
-	return nil, errors.Join(errs...)
+		found = r
+		return true, nil
+	})
+	return found, err
 }
 
 // realisation returns upstream i's realisation id, nil if it has none;
@@ -79,21 +65,12 @@ func (s *Substituter) QueryRealisation(ctx context.Context, id string, checkSigs
 func (s *Substituter) realisation(ctx context.Context, i int, id string) (*store.Realisation, error) {
 	k := cacheKey{i, realisationKey(id)}
 	now := s.opts.Now()
-	s.cacheMu.Lock()
-	e, ok := s.cache[k]
-	s.cacheMu.Unlock()
-	if ok && now.Before(e.expires) {
+	if e, ok := s.cached(k, now); ok {
 		return e.real, nil
 	}
-	up := s.list()[i]
 	var r *store.Realisation
-	err := s.retry(ctx, up, func() error {
-		rc, err := up.src.Open(ctx, realisationKey(id)+".doi")
-		if err != nil {
-			return err
-		}
-		defer rc.Close()
-		b, err := io.ReadAll(io.LimitReader(rc, maxRealisationSize+1))
+	found, err := s.fetchFile(ctx, k, realisationKey(id)+".doi", now, func(rd io.Reader) error {
+		b, err := io.ReadAll(io.LimitReader(rd, maxRealisationSize+1))
 		if err != nil {
 			return err
 		}
@@ -103,15 +80,10 @@ func (s *Substituter) realisation(ctx context.Context, i int, id string) (*store
 		r, err = parseDOI(b, id, s.opts.StoreDir)
 		return err
 	})
-	switch {
-	case errors.Is(err, binarycache.ErrNotFound):
-		up.stats.misses.Add(1)
-		s.put(k, cacheEntry{expires: now.Add(s.opts.NegativeTTL)})
-		return nil, nil
-	case err != nil:
-		return nil, fmt.Errorf("%s: %w", up.URL, err)
+	if !found {
+		return nil, err
 	}
-	up.stats.hits.Add(1)
+	s.list()[i].stats.hits.Add(1)
 	s.put(k, cacheEntry{real: r, expires: now.Add(s.opts.PositiveTTL)})
 	return r, nil
 }

@@ -478,10 +478,7 @@ func transient(err error) bool {
 func (s *Substituter) narinfo(ctx context.Context, i int, hash string) (*binarycache.Info, error) {
 	k := cacheKey{i, hash}
 	now := s.opts.Now()
-	s.cacheMu.Lock()
-	e, ok := s.cache[k]
-	s.cacheMu.Unlock()
-	if ok && now.Before(e.expires) {
+	if e, ok := s.cached(k, now); ok {
 		return e.in, nil
 	}
 	s.nflightMu.Lock()
@@ -515,27 +512,52 @@ func (s *Substituter) narinfo(ctx context.Context, i int, hash string) (*binaryc
 	return c.in, c.err
 }
 
-// fetchNarinfo asks the upstream for a narinfo and caches the answer.
-func (s *Substituter) fetchNarinfo(ctx context.Context, k cacheKey, now time.Time) (*binarycache.Info, error) {
-	i, hash := k.up, k.hash
-	up := s.list()[i]
-	var in *binarycache.Info
-	err := s.retry(ctx, up, func() error {
-		rc, err := up.src.Open(ctx, hash+".narinfo")
+// cached is k's cache entry, if there is one still fresh at now.
+func (s *Substituter) cached(k cacheKey, now time.Time) (cacheEntry, bool) {
+	s.cacheMu.Lock()
+	e, ok := s.cache[k]
+	s.cacheMu.Unlock()
+	return e, ok && now.Before(e.expires)
+}
+
+// fetchFile reads the file rel of upstream k.up with read, retrying
+// transient errors. A file the upstream does not have counts as its miss
+// and is cached as absent under k (found false, no error); other errors
+// are returned, named by the upstream, and not cached. The caller caches
+// what it read.
+func (s *Substituter) fetchFile(ctx context.Context, k cacheKey, rel string, now time.Time, read func(io.Reader) error) (found bool, err error) {
+	up := s.list()[k.up]
+	err = s.retry(ctx, up, func() error {
+		rc, err := up.src.Open(ctx, rel)
 		if err != nil {
 			return err
 		}
 		defer rc.Close()
-		in, err = binarycache.ParseNarinfo(rc, s.opts.StoreDir)
-		return err
+		return read(rc)
 	})
 	switch {
 	case errors.Is(err, binarycache.ErrNotFound):
 		up.stats.misses.Add(1)
 		s.put(k, cacheEntry{expires: now.Add(s.opts.NegativeTTL)})
-		return nil, nil
+		return false, nil
 	case err != nil:
-		return nil, fmt.Errorf("%s: %w", up.URL, err)
+		return false, fmt.Errorf("%s: %w", up.URL, err)
+	}
+	return true, nil
+}
+
+// fetchNarinfo asks the upstream for a narinfo and caches the answer.
+func (s *Substituter) fetchNarinfo(ctx context.Context, k cacheKey, now time.Time) (*binarycache.Info, error) {
+	i, hash := k.up, k.hash
+	up := s.list()[i]
+	var in *binarycache.Info
+	found, err := s.fetchFile(ctx, k, hash+".narinfo", now, func(r io.Reader) error {
+		var err error
+		in, err = binarycache.ParseNarinfo(r, s.opts.StoreDir)
+		return err
+	})
+	if !found {
+		return nil, err
 	}
 	if store.HashPart(in.Name) != hash {
 		return nil, fmt.Errorf("%s: %w: %s.narinfo describes %s/%s", up.URL, binarycache.ErrBadNarinfo, hash, s.opts.StoreDir, in.Name)
@@ -632,6 +654,30 @@ func (s *Substituter) find(ctx context.Context, name string, checkSigs bool) (*F
 // findHash is find by hash part; name, unless empty, is the basename the
 // narinfo must describe.
 func (s *Substituter) findHash(ctx context.Context, hash, name string, checkSigs bool) (*Found, error) {
+	var found *Found
+	err := s.firstUpstream(ctx, func(i int, up *Upstream) (bool, error) {
+		in, err := s.narinfo(ctx, i, hash)
+		if err != nil || in == nil {
+			return false, err
+		}
+		if name != "" && in.Name != name {
+			return false, fmt.Errorf("%s: %w: %s.narinfo describes %s/%s", up.URL, binarycache.ErrBadNarinfo, hash, s.opts.StoreDir, in.Name)
+		}
+		if checkSigs && !up.trusted && !s.sigOKFor(ctx, in) {
+			return false, fmt.Errorf("%s: %w", up.URL, &binarycache.UntrustedError{Sigs: len(in.Sigs), Keys: s.keyCount(ctx)})
+		}
+		found = &Found{Info: in, Upstream: up}
+		return true, nil
+	})
+	return found, err
+}
+
+// firstUpstream calls try with each upstream ctx's Selection lets it use,
+// in priority order, each made usable first (its nix-cache-info read),
+// until try reports it is done. It returns nil once try is done, or when
+// no upstream had anything and none failed; the context's error if it
+// ended; else the errors try returned (each upstream's reason), joined.
+func (s *Substituter) firstUpstream(ctx context.Context, try func(i int, up *Upstream) (done bool, err error)) error {
 	var errs []error
 	idx := s.ordered(ctx)
 	ups := s.list() // after ordered's: it holds every index ordered gave
@@ -639,33 +685,19 @@ func (s *Substituter) findHash(ctx context.Context, hash, name string, checkSigs
 		if !s.usable(ctx, ups[i]) {
 			continue
 		}
-		in, err := s.narinfo(ctx, i, hash)
+		done, err := try(i, ups[i])
 		if err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		if in == nil {
-			continue
+		if done {
+			return nil
 		}
-		if name != "" && in.Name != name {
-			errs = append(errs, fmt.Errorf("%s: %w: %s.narinfo describes %s/%s", ups[i].URL, binarycache.ErrBadNarinfo, hash, s.opts.StoreDir, in.Name))
-			continue
-		}
-		if checkSigs && !ups[i].trusted {
-			if !s.sigOKFor(ctx, in) {
-				errs = append(errs, fmt.Errorf("%s: %w", ups[i].URL, &binarycache.UntrustedError{Sigs: len(in.Sigs), Keys: s.keyCount(ctx)}))
-				continue
-			}
-		}
-		return &Found{Info: in, Upstream: ups[i]}, nil
 	}
 	if ctx.Err() != nil {
-		return nil, ctx.Err()
+		return ctx.Err()
 	}
-	if len(errs) > 0 {
-		return nil, errors.Join(errs...)
-	}
-	return nil, nil
+	return errors.Join(errs...)
 }
 
 // sigOK reports whether in is signed by a trusted key or has a content
