@@ -511,7 +511,7 @@ func (c *conn) queryDerivationOutputMap() error {
 	if err != nil {
 		return err
 	}
-	outs, _, err := c.drvOutputs(drv)
+	outs, err := c.drvOutputs(drv)
 	if err != nil {
 		return c.storeErr(err)
 	}
@@ -762,7 +762,7 @@ func (c *conn) missing(dp derivedPath) ([]string, error) {
 		if o.Path == "" {
 			// A floating CA output that the store has no realisation of:
 			// an upstream may know where it went.
-			r, err := c.upstreamRealisation(dp.path, o.Name)
+			r, err := c.upstreamRealisation(o.id)
 			if err != nil {
 				return nil, err
 			}
@@ -790,8 +790,8 @@ func (c *conn) missing(dp derivedPath) ([]string, error) {
 // dp asks for ("*" is all), and whether it asks for one the derivation
 // does not have. Outputs whose paths the derivation does not fix carry
 // the path of their realisation in the store, if it has one.
-func (c *conn) requestedOutputs(dp derivedPath) (outs []db.DrvOutput, unknown bool, err error) {
-	all, _, err := c.drvOutputs(dp.path)
+func (c *conn) requestedOutputs(dp derivedPath) (outs []drvOutput, unknown bool, err error) {
+	all, err := c.drvOutputs(dp.path)
 	if err != nil {
 		return nil, false, err
 	}
@@ -936,17 +936,13 @@ func (c *conn) builtOutputs(dp derivedPath) ([]builtOutput, error) {
 	if err != nil {
 		return nil, err
 	}
-	_, reals, err := c.drvOutputs(dp.path)
-	if err != nil {
-		return nil, err
-	}
 	var res []builtOutput
 	for _, o := range outs {
 		if o.Path == "" {
 			continue
 		}
-		if r := reals[o.Name]; r != nil {
-			res = append(res, builtOutput{r.ID, r.JSON()})
+		if o.real != nil {
+			res = append(res, builtOutput{o.real.ID, o.real.JSON()})
 			continue
 		}
 		h := sha256.Sum256([]byte(c.full(dp.path) + "!" + o.Name))
@@ -956,45 +952,54 @@ func (c *conn) builtOutputs(dp derivedPath) ([]builtOutput, error) {
 	return res, nil
 }
 
+// drvOutput is an output of a valid derivation (drvOutputs).
+type drvOutput struct {
+	db.DrvOutput // Path "": neither the derivation nor a realisation places it
+	// id is the DrvOutput id of an output whose path the derivation does
+	// not fix ("" if casnix could not hash the derivation), and real the
+	// store's realisation of it, if any.
+	id   string
+	real *store.Realisation
+}
+
 // drvOutputs lists the outputs of the valid derivation drv, each output
 // whose path the derivation does not fix (a floating content-addressed
-// derivation's) with the path of its realisation in the store, if there
-// is one; reals holds those realisations by output name. As Nix's
-// queryPartialDerivationOutputMap with ca-derivations on.
-func (c *conn) drvOutputs(drv string) (outs []db.DrvOutput, reals map[string]*store.Realisation, err error) {
-	outs, err = c.s.Store.DrvOutputs(c.ctx, drv)
+// derivation's) with its DrvOutput id and the path of its realisation in
+// the store, if there is one. As Nix's queryPartialDerivationOutputMap
+// with ca-derivations on.
+func (c *conn) drvOutputs(drv string) ([]drvOutput, error) {
+	rows, err := c.s.Store.DrvOutputs(c.ctx, drv)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	for i, o := range outs {
-		if o.Path != "" {
+	outs := make([]drvOutput, len(rows))
+	for i, row := range rows {
+		outs[i].DrvOutput = row
+		if row.Path != "" {
 			continue
 		}
-		id, err := c.s.Store.RealisationID(c.ctx, drv, o.Name)
+		id, err := c.s.Store.RealisationID(c.ctx, drv, row.Name)
 		if err != nil {
 			if c.ctx.Err() != nil {
-				return nil, nil, err
+				return nil, err
 			}
 			// The output stays unknown, as it was before realisations
 			// were looked up: a derivation casnix cannot hash (inputs
 			// nested too deep, say) must not fail every op that lists its
 			// outputs.
-			c.log.Warn("no realisation id", "drv", drv, "output", o.Name, "err", err)
+			c.log.Warn("no realisation id", "drv", drv, "output", row.Name, "err", err)
 			continue
 		}
+		outs[i].id = id
 		r, err := c.s.Store.Realisation(c.ctx, id)
 		if err != nil {
-			return nil, nil, err
+			return nil, err
 		}
 		if r != nil {
-			outs[i].Path = r.OutPath
-			if reals == nil {
-				reals = map[string]*store.Realisation{}
-			}
-			reals[o.Name] = r
+			outs[i].Path, outs[i].real = r.OutPath, r
 		}
 	}
-	return outs, reals, nil
+	return outs, nil
 }
 
 func (c *conn) writeBuildResult(status uint64, msg string, outs []builtOutput) {

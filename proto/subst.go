@@ -304,24 +304,18 @@ func (c *conn) substituteFor(dps []derivedPath) error {
 	return c.registerRealisations()
 }
 
-// upstreamRealisation asks the upstreams where output out of the valid
-// derivation drv went, for an output whose path the derivation does not
-// fix and that the store has no realisation of (Nix's
+// upstreamRealisation asks the upstreams for the realisation id (a
+// DrvOutput id from drvOutputs) of an output whose path the derivation
+// does not fix and that the store has no realisation of (Nix's
 // DrvOutputSubstitutionGoal, and its queryMissing). It returns nil when no
-// upstream has a usable one (the reasons, if any, go to the client as a
-// warning, as Nix prints them). Under lookingUpRealisations the answer is
-// kept, for the rest of the op and, in a BuildPaths, to be registered once
-// its output path is substituted.
-func (c *conn) upstreamRealisation(drv, out string) (*store.Realisation, error) {
-	if !c.substituting() {
+// upstream has a usable one, or id is "" (the derivation could not be
+// hashed); the reasons, if any, go to the client as a warning, as Nix
+// prints them. Under lookingUpRealisations the answer is kept, for the
+// rest of the op and, in a BuildPaths, to be registered once its output
+// path is substituted.
+func (c *conn) upstreamRealisation(id string) (*store.Realisation, error) {
+	if !c.substituting() || id == "" {
 		return nil, nil
-	}
-	id, err := c.s.Store.RealisationID(c.ctx, drv, out)
-	if err != nil {
-		if c.ctx.Err() != nil {
-			return nil, err
-		}
-		return nil, nil // logged by drvOutputs, which met it first
 	}
 	if r, ok := c.upReal[id]; ok {
 		return r, nil
@@ -375,8 +369,8 @@ func (c *conn) registerRealisations() error {
 			break
 		}
 		seen[id] = true
-		r := c.upReal[id]
-		if _, asked := c.upReal[id]; !asked {
+		r, asked := c.upReal[id]
+		if !asked {
 			// A dependency of one registered below (Nix before 2.3x records
 			// the realisations of a CA output's CA inputs, and copies, and
 			// expects, them with it).
