@@ -975,20 +975,28 @@ func (c *conn) drvOutputs(drv string) ([]drvOutput, error) {
 	outs := make([]drvOutput, len(rows))
 	for i, row := range rows {
 		outs[i].DrvOutput = row
+	}
+	var ids map[string]string // hashed once, for the first output that needs it
+	for i, row := range rows {
 		if row.Path != "" {
 			continue
 		}
-		id, err := c.s.Store.RealisationID(c.ctx, drv, row.Name)
-		if err != nil {
-			if c.ctx.Err() != nil {
-				return nil, err
+		if ids == nil {
+			if ids, err = c.s.Store.RealisationIDs(c.ctx, drv); err != nil {
+				if c.ctx.Err() != nil {
+					return nil, err
+				}
+				// The outputs stay unknown, as they were before
+				// realisations were looked up: a derivation casnix cannot
+				// hash (inputs nested too deep, say) must not fail every op
+				// that lists its outputs.
+				c.log.Warn("no realisation id", "drv", drv, "err", err)
+				return outs, nil
 			}
-			// The output stays unknown, as it was before realisations
-			// were looked up: a derivation casnix cannot hash (inputs
-			// nested too deep, say) must not fail every op that lists its
-			// outputs.
-			c.log.Warn("no realisation id", "drv", drv, "output", row.Name, "err", err)
-			continue
+		}
+		id, ok := ids[row.Name]
+		if !ok {
+			continue // recorded outputs are the derivation's own: not reached
 		}
 		outs[i].id = id
 		r, err := c.s.Store.Realisation(c.ctx, id)

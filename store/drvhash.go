@@ -291,35 +291,52 @@ func maskOutputs(drv *derivation.Derivation) *derivation.Derivation {
 }
 
 // RealisationID returns the DrvOutput id ("sha256:<hex>!<output>") under
-// which the output of the stored derivation drv is realised: Nix's
-// staticOutputHashes, the derivation's hash modulo with its outputs masked
-// (their paths and the environment variables named after them blanked).
-// It is what clients and binary caches key realisations by
-// (realisations/<id>.doi), for the outputs whose paths a derivation does
-// not fix: those of floating content-addressed derivations.
+// which the output of the stored derivation drv is realised
+// (RealisationIDs), or an error if drv has no such output.
 func (s *Store) RealisationID(ctx context.Context, drv, output string) (string, error) {
+	ids, err := s.RealisationIDs(ctx, drv)
+	if err != nil {
+		return "", err
+	}
+	id, ok := ids[output]
+	if !ok {
+		return "", fmt.Errorf("derivation %s has no output %q", s.Full(drv), output)
+	}
+	return id, nil
+}
+
+// RealisationIDs returns, by output name, the DrvOutput ids under which
+// the outputs of the stored derivation drv are realised: Nix's
+// staticOutputHashes, the derivation's hash modulo with its outputs masked
+// (their paths and the environment variables named after them blanked),
+// one hash for every output. It is what clients and binary caches key
+// realisations by (realisations/<id>.doi), for the outputs whose paths a
+// derivation does not fix: those of floating content-addressed
+// derivations.
+func (s *Store) RealisationIDs(ctx context.Context, drv string) (map[string]string, error) {
 	contents, err := s.readDrv(ctx, drv)
 	if err != nil {
-		return "", fmt.Errorf("derivation %s: %w", s.Full(drv), err)
+		return nil, fmt.Errorf("derivation %s: %w", s.Full(drv), err)
 	}
 	d, err := derivation.ReadDerivation(bytes.NewReader(contents))
 	if err != nil {
-		return "", fmt.Errorf("derivation %s: %w", s.Full(drv), err)
-	}
-	if _, ok := d.Outputs[output]; !ok {
-		return "", fmt.Errorf("derivation %s has no output %q", s.Full(drv), output)
+		return nil, fmt.Errorf("derivation %s: %w", s.Full(drv), err)
 	}
 	c := &drvChecker{s: s, ctx: ctx, found: map[string]string{}}
 	defer func() { s.drvHashes.put(c.found) }()
 	repl, err := c.replacements(d, 0)
 	if err != nil {
-		return "", err
+		return nil, err
 	}
 	h, err := hashModuloOf(maskOutputs(d), repl)
 	if err != nil {
-		return "", fmt.Errorf("derivation %s: %w", s.Full(drv), err)
+		return nil, fmt.Errorf("derivation %s: %w", s.Full(drv), err)
 	}
-	return "sha256:" + h + "!" + output, nil
+	ids := make(map[string]string, len(d.Outputs))
+	for o := range d.Outputs {
+		ids[o] = "sha256:" + h + "!" + o
+	}
+	return ids, nil
 }
 
 // readDrv reads a stored .drv file (a regular file of at most maxDrvSize).
