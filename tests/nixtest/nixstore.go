@@ -33,8 +33,27 @@ var (
 	nixConfErr  error
 )
 
+// cacheHomes holds each running test's XDG_CACHE_HOME for host Nix (see NixEnv).
+var cacheHomes sync.Map // testing.TB -> string
+
+// testCacheHome is t's own cache directory, made on first use.
+func testCacheHome(t testing.TB) string {
+	if dir, ok := cacheHomes.Load(t); ok {
+		return dir.(string)
+	}
+	dir := t.TempDir()
+	if prev, loaded := cacheHomes.LoadOrStore(t, dir); loaded {
+		return prev.(string)
+	}
+	t.Cleanup(func() { cacheHomes.Delete(t) })
+	return dir
+}
+
 // NixEnv is the environment for host Nix commands: the harness's own nix.conf instead of
-// /etc/nix and the user's, and no daemon.
+// /etc/nix and the user's, no daemon, and a cache directory of the test's own. Nix keeps
+// the narinfos it has read in XDG_CACHE_HOME/nix/binary-cache-v*.sqlite, keyed by the
+// cache's URL, for days: shared between tests, a loopback server on a port an earlier test
+// had used would be answered by that test's narinfos (say, unsigned ones).
 func NixEnv(t testing.TB) []string {
 	t.Helper()
 	nixConfOnce.Do(func() {
@@ -52,6 +71,7 @@ func NixEnv(t testing.TB) []string {
 		"NIX_CONFIG=",
 		"NIX_REMOTE=",
 		"NIX_PATH=",
+		"XDG_CACHE_HOME=" + testCacheHome(t),
 	}
 }
 
