@@ -14,8 +14,8 @@ import (
 // WriteFrame(raw, stored) writes raw, the decoded content of one stored
 // frame, already checked against its chunks' digests; stored is that frame
 // as its pack holds it: one complete standard zstd frame (magic number,
-// content checksum, written by newEncoder, so a window of at most the
-// frame's raw size, 64 MiB at most by pack.MaxFrameBytes and in practice
+// content checksum, written by newEncoder or appendStoredFrame, so a window
+// of at most the frame's raw size, 64 MiB at most by pack.MaxFrameBytes and in practice
 // 4 MiB from ingest and 16 MiB from repack, under libzstd's default 128 MiB
 // limit). A zstd writer may send stored in place of compressing raw; any
 // other writer writes raw. It returns len(raw) on success. Neither slice
@@ -115,6 +115,13 @@ func (br *BlobReader) writeFrame(i int, w FrameWriter) (n int64, ok bool, err er
 			return 0, false, fmt.Errorf("%w: chunk %s: the bytes the index points at (pack %d, frame at %d, offset %d) hash differently",
 				ErrCorrupt, c.digest, f.Pack, f.Offset, c.loc.Off)
 		}
+	}
+	if f.CLen >= f.RawLen {
+		// Stored uncompressed (Options.Store, not repacked yet): sent as
+		// it is, a client would download the whole NAR; the writer
+		// compresses it as it does the bytes between frames.
+		k, err := w.Write(e.data)
+		return int64(k), true, err
 	}
 	stored, err := br.s.storedFrame(f, e.zsum)
 	if err != nil {

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/klauspost/compress/zstd"
@@ -39,6 +40,13 @@ const (
 type Options struct {
 	// Level is the zstd encoder level for new frames.
 	Level zstd.EncoderLevel
+	// Store writes new frames uncompressed (zstd frames of raw blocks,
+	// appendStoredFrame) instead of at Level while the disk has room
+	// (roomToStore): ingest then costs a copy, not a compression, and the
+	// Repacker (whose frames these are, as any not packed) compresses them
+	// later. Ignored with Remote: a bucket's packs are uploaded, and paid
+	// for, by the byte.
+	Store bool
 	// FrameSize is the raw size at which a frame of new chunks is closed.
 	FrameSize int
 	// PackSize is the size at which a pack stops taking new frames.
@@ -82,6 +90,9 @@ type Options struct {
 }
 
 func (o *Options) defaults() {
+	if o.Remote != nil {
+		o.Store = false
+	}
 	if o.Level == 0 {
 		o.Level = DefaultLevel
 	}
@@ -122,6 +133,10 @@ type Store struct {
 	opts Options
 	enc  *zstd.Encoder
 	dec  *zstd.Decoder
+
+	// room and roomAt cache roomToStore's look at the free space.
+	room   atomic.Bool
+	roomAt atomic.Int64
 
 	mu      sync.Mutex
 	free    []*packFile // packs this process holds (flocked) and no Writer uses

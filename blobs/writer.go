@@ -131,7 +131,11 @@ func (w *Writer) compress(j *frameJob) {
 	if h := testHookCompress; h != nil {
 		h()
 	}
-	j.out = w.s.enc.EncodeAll(j.raw, getBuf(len(j.raw)+len(j.raw)/64+64))
+	if w.s.opts.Store && w.s.roomToStore() {
+		j.out = appendStoredFrame(getBuf(storedFrameMax(len(j.raw))), j.raw)
+	} else {
+		j.out = w.s.enc.EncodeAll(j.raw, getBuf(len(j.raw)+len(j.raw)/64+64))
+	}
 	putBuf(j.raw)
 	j.raw = nil
 	close(j.ready)

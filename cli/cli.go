@@ -26,7 +26,8 @@ var Version = "dev"
 type Globals struct {
 	DataDir    string `name:"data-dir" short:"d" env:"CASNIX_DIR" placeholder:"DIR" help:"Data directory (default: /var/lib/casnix as root, else $XDG_DATA_HOME/casnix)."`
 	StoreDir   string `name:"store-dir" env:"CASNIX_STORE_DIR" default:"/nix/store" help:"Nix store directory the stored paths belong to."`
-	ZstdLevel  int    `name:"zstd-level" env:"CASNIX_ZSTD_LEVEL" placeholder:"N" help:"zstd level for new data: 1 fastest (default), 3 default, 7 better, 11 best. Writes are fast by default; casnix repack rewrites them into the space-optimal form later."`
+	Ingest     string `name:"ingest" env:"CASNIX_INGEST" default:"auto" enum:"auto,store,zstd" help:"How new data is written: store (uncompressed while the disk has 4 GiB and 10% free, so a write costs a copy, not a compression; serve's background repack or casnix repack compresses it later), zstd (at --zstd-level), auto (store, unless --zstd-level is given, packs go to a bucket (--packs) or serve has a --max-size budget: then zstd). Default: ${default}."`
+	ZstdLevel  int    `name:"zstd-level" env:"CASNIX_ZSTD_LEVEL" placeholder:"N" help:"zstd level for new data written compressed (see --ingest): 1 fastest (default), 3 default, 7 better, 11 best. casnix repack rewrites it into the space-optimal form later."`
 	FrameSize  int    `name:"frame-size" env:"CASNIX_FRAME_SIZE" default:"4194304" help:"Bytes of new chunks compressed together in one zstd frame (256 KiB to 16 MiB): larger compresses better, smaller reads small files faster."`
 	CPUProfile string `name:"cpu-profile" hidden:"" type:"path" help:"Write a Go CPU profile to this file."`
 	LogLevel   string `name:"log-level" env:"CASNIX_LOG_LEVEL" default:"info" enum:"debug,info,warn,error" help:"Log level (${enum})."`
@@ -50,6 +51,9 @@ type Globals struct {
 	UploadWithin time.Duration `kong:"-"`
 	// SealOnCommit: each write seals its packs (serve --durability bucket).
 	SealOnCommit bool `kong:"-"`
+	// Budgeted says pack bytes on disk are budgeted (serve --max-size):
+	// --ingest auto then compresses.
+	Budgeted bool `kong:"-"`
 }
 
 // DefaultDataDir is the data directory used when none is given.
@@ -66,14 +70,28 @@ func DefaultDataDir() string {
 	return "casnix-data"
 }
 
-// DefaultZstdLevel is the compression level of commands that write
-// (import), ServeWriteLevel that of `casnix serve`: both write fast, so
-// ingest keeps up with the disk and the client, and leave the space-optimal
-// form to `casnix repack` (bench/RESULTS.md, "Core store").
-const (
-	DefaultZstdLevel = 1
-	ServeWriteLevel  = 1
-)
+// DefaultZstdLevel is the compression level of new data written
+// compressed (--ingest zstd): the fastest, so ingest keeps up with the disk
+// and the client; the space-optimal form is `casnix repack`'s (bench/RESULTS.md,
+// "Core store").
+const DefaultZstdLevel = 1
+
+// storeNew resolves --ingest: whether new data is written uncompressed.
+// auto stores it, as the cheapest write there is, except where bytes
+// written count more than the CPU: a --zstd-level asked for, a --max-size
+// budget (uncompressed data would fill it three times as fast until the
+// repack), packs in a bucket (blobs.Options.Store: uploaded by the byte;
+// decided by blobs, which knows of a bucket the data dir recorded).
+// bench/RESULTS.md ("Write", "Substitution") has what storing saves.
+func (g *Globals) storeNew() bool {
+	switch g.Ingest {
+	case "store":
+		return true
+	case "zstd":
+		return false
+	}
+	return g.ZstdLevel == 0 && !g.Budgeted && g.Packs == ""
+}
 
 // Open opens the store for a command; callers defer Close.
 func (g *Globals) Open() (*store.Store, error) { return g.open(false) }
@@ -107,7 +125,7 @@ func (g *Globals) open(readOnly bool) (*store.Store, error) {
 	}
 	st, err := store.Open(g.Ctx, dir, store.Options{
 		StoreDir: g.StoreDir, Logger: g.Logger, ReadOnly: readOnly, Packs: g.Packs,
-		Blobs: blobs.Options{Level: zstd.EncoderLevelFromZstd(level), FrameSize: g.FrameSize, CacheBytes: g.FrameCache,
+		Blobs: blobs.Options{Level: zstd.EncoderLevelFromZstd(level), Store: g.storeNew(), FrameSize: g.FrameSize, CacheBytes: g.FrameCache,
 			RemoteCacheBytes: cacheSize, Upload: g.Upload, UploadWithin: g.UploadWithin, SealOnCommit: g.SealOnCommit},
 	})
 	if err != nil {

@@ -102,6 +102,9 @@ func (c *ImportCmd) runNixStore(g *Globals) error {
 		for _, f := range sum.Failures {
 			fmt.Fprintf(g.Stderr, "error: %v\n", f)
 		}
+		if sum.NewChunkBytes > 0 && g.storeNew() && st.Packs() == "" {
+			fmt.Fprintf(g.Stderr, "new data stored uncompressed (--ingest): casnix repack compresses it (serve's background repack does too)\n")
+		}
 	}
 	if err != nil {
 		return err

@@ -87,8 +87,8 @@ func (c *ServeCmd) Run(g *Globals) error {
 	if err := c.checkLazy(); err != nil {
 		return err
 	}
-	if g.ZstdLevel == 0 {
-		g.ZstdLevel = ServeWriteLevel
+	if n, err := parseSize(c.MaxSize); err == nil && n > 0 {
+		g.Budgeted = true // (a bad --max-size is told below)
 	}
 	if err := c.applyMemoryLimit(g); err != nil {
 		return err
