@@ -52,8 +52,9 @@ nix-store --store "local?root=$SRC" "${nixo[@]}" -qR "${outs[@]}" | grep -v '\.d
 npaths=$(wc -l <"$W/paths")
 log "corpus $CORPUS: $npaths paths"
 
-# casnix data dirs: the import (fast form) and a repacked copy, rebuilt when the corpus changed.
-stamp=$(stat -c %Y "$SRC/nix/var/nix/db/db.sqlite")
+# casnix data dirs: the import (fast form) and a repacked copy, rebuilt when the corpus or the
+# casnix binary changed (what the fast form is depends on its defaults: --ingest).
+stamp="$(stat -c %Y "$SRC/nix/var/nix/db/db.sqlite") $(sha256sum <"$CASNIX" | cut -c1-16)"
 if [[ $(cat "$W/casnix.stamp" 2>/dev/null) != "$stamp" ]]; then
   rm -rf "$W/casnix-fast" "$W/casnix-repacked"
   log "importing the corpus"

@@ -463,7 +463,8 @@ func (e *Exporter) exportOne(ctx context.Context, pi *store.PathInfo) (_ int64, 
 		}
 		defer e.encoders.Put(enc)
 		// Stored frames go into the file as they are (zstdSplicer), at the
-		// level they were stored at: ingest's level 1, or repack's best.
+		// level they were stored at: ingest's level 1, or repack's best
+		// (a frame ingest stored uncompressed is compressed at level).
 		if _, err := writeNARZstd(ctx, e.Store, pi.Name, enc, file, nar); err != nil {
 			return 0, nil, nil, fmt.Errorf("export %s: %w", full, err)
 		}
