@@ -103,7 +103,7 @@ func (c *ImportCmd) runNixStore(g *Globals) error {
 			fmt.Fprintf(g.Stderr, "error: %v\n", f)
 		}
 		if sum.NewChunkBytes > 0 && g.storeNew() && st.Packs() == "" {
-			fmt.Fprintf(g.Stderr, "new data stored uncompressed (--ingest): casnix repack compresses it (serve's background repack does too)\n")
+			fmt.Fprintf(g.Stderr, "new data is stored uncompressed while the disk has room (--ingest): casnix repack compresses it (serve's background repack does too)\n")
 		}
 	}
 	if err != nil {
