@@ -130,6 +130,10 @@ type crashRun struct {
 	queryTime time.Duration // how long asking casnix what is valid takes, smoothed
 	kills     int
 	valid     map[string]nixtest.PathInfo // valid after the last run of this round
+	// progressMissed: the last import meant for a progress kill completed
+	// before any progress showed (an import that commits its batches fast),
+	// so the next kill is of another kind rather than the same miss again.
+	progressMissed bool
 }
 
 // round runs imports into cas and kills them until crashKills kills are done or a run
@@ -158,7 +162,7 @@ func (cr *crashRun) round(t *testing.T, cas *nixtest.Casnix, round int) {
 		case cr.kills%4 == 3:
 			kind = "early"
 			d = time.Duration(cr.rng.Float64() * float64(500*time.Millisecond))
-		case cr.kills%4 == 0 && validB < cr.total*6/10:
+		case cr.kills%4 == 0 && validB < cr.total*6/10 && !cr.progressMissed:
 			kind = "progress"
 			d = time.Duration(cr.rng.Float64() * float64(time.Second))
 		default:
@@ -199,6 +203,16 @@ func (cr *crashRun) round(t *testing.T, cas *nixtest.Casnix, round int) {
 					break
 				}
 			}
+			// Kill within what is left of the import (from the calibration and
+			// what is valid now), so that a fast import is not done before the
+			// kill lands: a copy-speed import commits its last batches within
+			// the second the progress kill used to wait at most.
+			var now int64
+			for p := range before {
+				now += cr.want[p].NarSize
+			}
+			left := time.Duration(float64(cr.full) * float64(max(cr.total-validB-now, 0)) / float64(cr.total))
+			d = min(d, time.Duration(cr.rng.Float64()*float64(left/2)))
 		} else {
 			// Time the question so that the kill right after the answer lands about d
 			// after the start; when d is too short for that, kill at d unasked.
@@ -252,6 +266,7 @@ func (cr *crashRun) round(t *testing.T, cas *nixtest.Casnix, round int) {
 				t.Errorf("kill %d: %s: %s", cr.kills, p, strings.Join(diff, "; "))
 			}
 		}
+		cr.progressMissed = !killed && kind == "progress"
 		if !killed {
 			t.Logf("round %d: the import completed after %s, before its kill (%s): %d/%d paths valid",
 				round, ran.Round(time.Millisecond), kind, len(cr.valid), len(cr.paths))
