@@ -27,8 +27,9 @@ var (
 )
 
 // Defaults for ingest: write fast, pack tight later. Level 1 (when new
-// frames are compressed at all: Options.Store) in 4 MiB frames stores a set of Debian releases in about 1.0 x the sum of their
-// per-NAR zstd -3 sizes and keeps the compressors off the ingest's critical
+// frames are compressed at all: Options.Store) in 4 MiB frames stores a
+// set of Debian releases in about 1.0 x the sum of their per-NAR zstd -3
+// sizes and keeps the compressors off the ingest's critical
 // path; `casnix repack` (Repacker) rewrites the frames into the
 // space-optimal form afterwards (bench/RESULTS.md, "Core store").
 const (

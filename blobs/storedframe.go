@@ -16,8 +16,7 @@ const (
 	fhdSingleSeg    = 1 << 5    // Single_Segment_flag: no window descriptor
 	fhdChecksum     = 1 << 2    // Content_Checksum_flag
 	fhdFCS4         = 2 << 6    // Frame_Content_Size_flag 2: a 4-byte size
-	fhdFCS8         = 3 << 6    // Frame_Content_Size_flag 3: an 8-byte size
-	storedFrameOver = 4 + 1 + 8 + 4
+	storedFrameOver = 4 + 1 + 4 + 4
 )
 
 // storedFrameMax bounds the length of appendStoredFrame's frame of n bytes.
@@ -36,21 +35,12 @@ func storedFrameMax(n int) int {
 // client reading a stored frame sent as it is) reads, at the cost of a copy
 // and an xxhash. Ingest writes these when it is told to store
 // (Options.Store) and has room (roomToStore); the repacker compresses them
-// later.
+// later. src is one frame's chunks: at most pack.MaxFrameBytes, so its
+// size fits the header's 4-byte field.
 func appendStoredFrame(dst, src []byte) []byte {
-	var hdr [4 + 1 + 8]byte
-	binary.LittleEndian.PutUint32(hdr[:4], zstdMagic)
-	n := 5
-	if uint64(len(src)) <= 0xFFFFFFFF {
-		hdr[4] = fhdSingleSeg | fhdChecksum | fhdFCS4
-		binary.LittleEndian.PutUint32(hdr[5:], uint32(len(src)))
-		n += 4
-	} else {
-		hdr[4] = fhdSingleSeg | fhdChecksum | fhdFCS8
-		binary.LittleEndian.PutUint64(hdr[5:], uint64(len(src)))
-		n += 8
-	}
-	dst = append(dst, hdr[:n]...)
+	dst = binary.LittleEndian.AppendUint32(dst, zstdMagic)
+	dst = append(dst, fhdSingleSeg|fhdChecksum|fhdFCS4)
+	dst = binary.LittleEndian.AppendUint32(dst, uint32(len(src)))
 	rest := src
 	for {
 		b := rest
