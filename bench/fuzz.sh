@@ -5,7 +5,7 @@
 # of the fuzzing coordinator and its workers, until the sum reaches the target. Wall time
 # depends on the load; CPU time does not.
 #
-#   bench/fuzz.sh                          # all six parsers, 30 CPU-minutes each
+#   bench/fuzz.sh                          # all seven parsers, 30 CPU-minutes each
 #   FUZZ_CPU_SEC=20 FUZZ_CHUNK=10s bench/fuzz.sh nar   # one package, a short run
 #
 # A crasher makes the chunk fail: the script prints it, goes on with the next target and
@@ -27,9 +27,10 @@ LOG=${FUZZ_LOG:-bench/fuzz.log}
 #   castore      castore Directory messages (snix encoding, read back from the database)
 #   proto        worker-protocol sessions (every daemon op, as an untrusted client sends it)
 #   blobs/pack   pack records (repair re-indexes packs from their own bytes)
+#   blobs        zstd frames of raw blocks, decoded without the zstd decoder (the packs' stored frames)
 #   store        content-address strings (fixed:…, text:…) from clients and narinfos
 TARGETS=(nar:FuzzIngest binarycache:FuzzNarinfo castore:FuzzDecode proto:FuzzSession
-	blobs/pack:FuzzReadRecord store:FuzzParseCA)
+	blobs/pack:FuzzReadRecord blobs:FuzzDecodeRawFrame store:FuzzParseCA)
 if (($#)); then
 	sel=()
 	for want in "$@"; do

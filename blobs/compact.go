@@ -319,7 +319,7 @@ func (c *compactor) copyFrame(f *os.File, fr db.Frame, chunks []db.ChunkInFrame)
 		if _, err := pack.ReadRecord(bytes.NewReader(rec[:fr.DataOff-fr.Offset])); err != nil {
 			return moved{}, fmt.Errorf("pack %d frame at %d: %w", fr.Pack, fr.Offset, err)
 		}
-		data, err := c.s.dec.DecodeAll(rec[fr.DataOff-fr.Offset:], getFrameBuf(fr.RawLen))
+		data, err := c.s.decodeAll(rec[fr.DataOff-fr.Offset:], getFrameBuf(fr.RawLen), fr.RawLen)
 		if err != nil {
 			return moved{}, fmt.Errorf("%w: pack %d frame at %d: %v", ErrCorrupt, fr.Pack, fr.Offset, err)
 		}
