@@ -24,8 +24,9 @@ import (
 //
 // Why a stored frame is safe to send: blobs.BlobReader.WriteFramesTo
 // decodes it and checks every chunk against its BLAKE3 (as every read
-// does), NarRender hashes the decoded bytes into its NAR hash check (and
-// holds back the NAR's end until it passes), and the stored bytes sent must
+// does), NarRender checks the NAR's size (and hashes the decoded bytes
+// into its NAR hash check unless the path's row is sealed: store.NarRender)
+// and holds back the NAR's end until that passes, and the stored bytes sent must
 // have the CRC-32C of the bytes that were decoded, or the render fails
 // before they go out. So a verbatim frame costs a decode, as before, but
 // no compression, and what goes out decodes to checked bytes.

@@ -27,6 +27,9 @@ type PathRow struct {
 	CA         string
 	Refs       []string // sorted
 	Sigs       []string
+	// RootSum is what the row's root_sum column holds (nil if NULL): read by
+	// Path only, and written by InsertPath as RootSum of the row.
+	RootSum []byte
 	// DrvOutputs maps output name to basename, for derivations; only
 	// written by InsertPath (read it with DrvOutputs).
 	DrvOutputs map[string]string
@@ -40,10 +43,10 @@ func (q q) InsertPath(ctx context.Context, p *PathRow) (int64, error) {
 	// frame_mark in the same statement, so in the transaction that commits the path's
 	// frames (migration 0007).
 	res, err := q.exec(ctx, `INSERT INTO paths(name, kind, digest, size, executable, target,
-		nar_hash, nar_size, deriver, registered, ultimate, ca, frame_mark)
-		VALUES (?,?,?,?,?,?,?,?,?,?,?,?,(SELECT IFNULL(MAX(id), 0) FROM frames))`,
+		nar_hash, nar_size, deriver, registered, ultimate, ca, root_sum, frame_mark)
+		VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,(SELECT IFNULL(MAX(id), 0) FROM frames))`,
 		p.Name, p.Kind, p.Digest, p.Size, p.Executable, p.Target, p.NarHash, p.NarSize,
-		nullStr(p.Deriver), p.Registered, p.Ultimate, nullStr(p.CA))
+		nullStr(p.Deriver), p.Registered, p.Ultimate, nullStr(p.CA), RootSum(p))
 	if err != nil {
 		return 0, fmt.Errorf("insert path %s: %w", p.Name, err)
 	}
@@ -103,7 +106,7 @@ func (q q) HasPath(ctx context.Context, name string) (bool, error) {
 }
 
 const pathCols = `id, name, kind, digest, size, executable, target, nar_hash, nar_size,
-	IFNULL(deriver,''), registered, ultimate, IFNULL(ca,'')`
+	IFNULL(deriver,''), registered, ultimate, IFNULL(ca,''), root_sum`
 
 // Path returns a valid path with its references and signatures, in one
 // query (this is the daemon's hottest lookup: QueryPathInfo).
@@ -115,7 +118,7 @@ func (q q) Path(ctx context.Context, name string) (*PathRow, error) {
 		(SELECT group_concat(sig, char(10)) FROM sigs WHERE sigs.path = paths.id)
 		FROM paths WHERE name = ?`, name).
 		Scan(&p.ID, &p.Name, &p.Kind, &p.Digest, &p.Size, &p.Executable, &p.Target,
-			&p.NarHash, &p.NarSize, &p.Deriver, &p.Registered, &p.Ultimate, &p.CA, &refs, &sigs)
+			&p.NarHash, &p.NarSize, &p.Deriver, &p.Registered, &p.Ultimate, &p.CA, &p.RootSum, &refs, &sigs)
 	if err != nil {
 		return nil, notFound(err, "path "+name)
 	}

@@ -55,6 +55,10 @@ func TestReadsNeverReturnWrongBytes(t *testing.T) {
 		{"root symlink's kind unknown", `UPDATE paths SET kind = 7 WHERE name = '` + linkRoot + `'`},
 		{"root symlink turned file", `UPDATE paths SET kind = 2 WHERE name = '` + linkRoot + `'`},
 		{"root symlink turned directory", `UPDATE paths SET kind = 1 WHERE name = '` + linkRoot + `'`},
+		// A row's NAR hash alone: its root_sum no longer matches, so the
+		// render is hashed (NarRender) and fails.
+		{"root file's NAR hash", `UPDATE paths SET nar_hash = zeroblob(32) WHERE name = '` + fileRoot + `'`},
+		{"root file's NAR hash and root_sum", `UPDATE paths SET nar_hash = zeroblob(32), root_sum = zeroblob(32) WHERE name = '` + fileRoot + `'`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := context.Background()

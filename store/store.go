@@ -251,6 +251,9 @@ type PathInfo struct {
 	// DrvOutputs, for a derivation, maps output names to basenames. It is
 	// filled at import (parsed from the .drv) and read with DrvOutputs.
 	DrvOutputs map[string]string
+	// sealed: read from a row whose root_sum matched (db.PathRow.RootSealed),
+	// so Root, NarHash and NarSize are the ones committed together.
+	sealed bool
 }
 
 func fromRow(p *db.PathRow) (*PathInfo, error) {
@@ -261,6 +264,7 @@ func fromRow(p *db.PathRow) (*PathInfo, error) {
 	pi := &PathInfo{
 		Name: p.Name, Root: root, NarSize: p.NarSize, References: p.Refs, Deriver: p.Deriver,
 		Registered: time.Unix(p.Registered, 0), Ultimate: p.Ultimate, Sigs: p.Sigs, CA: p.CA,
+		sealed: p.RootSealed(),
 	}
 	if len(p.NarHash) != sha256.Size {
 		return nil, fmt.Errorf("path %s: %w: stored NAR hash has %d bytes", p.Name, blobs.ErrCorrupt, len(p.NarHash))
@@ -478,18 +482,32 @@ func (s *Store) OpenBlob(ctx context.Context, d digest.Digest) (*blobs.BlobReade
 }
 
 // NarRender writes the NAR of a valid path to w, and checks it against
-// the path-info's NAR hash and size on the way: the tree's rows (a root
-// node's executable bit or symlink target, say) have no checksum of their
-// own. The last bytes of the NAR are held back until the check passes, so
-// a NAR that fails it reaches w truncated, with the error: a reader never
-// gets a whole NAR with other bytes than the path's.
+// the path-info's NAR size on the way, and against its NAR hash unless the
+// path's row is sealed (root_sum, migration 0008): every directory and
+// chunk a render reads is checked against its BLAKE3 digest as it is
+// read, and the renderer checks each file's length against its node, so
+// what a sealed row's root renders to is the NAR it was committed with;
+// a row without a root_sum (or one that does not match, as after a bit
+// flip in the row) is hashed. `casnix verify` always hashes. The last bytes
+// of the NAR are held back until the check passes, so a NAR that fails it
+// reaches w truncated, with the error: a reader never gets a whole NAR
+// with other bytes than the path's.
 func (s *Store) NarRender(ctx context.Context, name string, w interface{ Write([]byte) (int, error) }) (int64, error) {
 	pi, err := s.Info(ctx, name)
 	if err != nil {
 		return 0, err
 	}
-	cw := &checkedWriter{w: w, h: hashbehind.New(sha256.New())}
-	defer cw.h.Close()
+	return s.narRender(ctx, pi, w, !pi.sealed)
+}
+
+// narRender is NarRender of pi, hashing the NAR if hash is set.
+func (s *Store) narRender(ctx context.Context, pi *PathInfo, w interface{ Write([]byte) (int, error) }, hash bool) (int64, error) {
+	name := pi.Name
+	cw := &checkedWriter{w: w}
+	if hash {
+		cw.h = hashbehind.New(sha256.New())
+		defer cw.h.Close()
+	}
 	var rw io.Writer = cw
 	if fw, ok := w.(nar.FrameWriter); ok {
 		rw = checkedFrameWriter{cw, fw}
@@ -523,7 +541,8 @@ func (s *Store) renderError(ctx context.Context, name string, err error) error {
 const narHeld = 16
 
 // checkedWriter passes a NAR on to w but the last narHeld bytes, hashing
-// it; finish writes those only if the hash and size are the ones given.
+// it (h, unless nil); finish writes those only if the hash (if hashed) and
+// size are the ones given.
 type checkedWriter struct {
 	w    interface{ Write([]byte) (int, error) }
 	h    *hashbehind.Hasher
@@ -533,7 +552,9 @@ type checkedWriter struct {
 }
 
 func (c *checkedWriter) Write(p []byte) (int, error) {
-	c.h.Write(p)
+	if c.h != nil {
+		c.h.Write(p)
+	}
 	c.size += int64(len(p))
 	if len(p) >= narHeld {
 		// What was held and p but its last narHeld bytes go out.
@@ -576,7 +597,9 @@ type checkedFrameWriter struct {
 }
 
 func (c checkedFrameWriter) WriteFrame(raw, stored []byte) (int, error) {
-	c.h.Write(raw)
+	if c.h != nil {
+		c.h.Write(raw)
+	}
 	c.size += int64(len(raw))
 	if err := c.write(c.held); err != nil {
 		return 0, err
@@ -594,7 +617,11 @@ func (c *checkedWriter) finish(want [32]byte, size int64) error {
 		return fmt.Errorf("%w: renders %d bytes, path-info says %d", ErrSizeMismatch, c.size, size)
 	}
 	var got [32]byte
-	c.h.Sum(got[:0])
+	if c.h == nil {
+		got = want // sealed: not hashed (NarRender)
+	} else {
+		c.h.Sum(got[:0])
+	}
 	if got != want {
 		return fmt.Errorf("%w: renders sha256:%s, path-info says sha256:%s", ErrHashMismatch, NixBase32(got[:]), NixBase32(want[:]))
 	}

@@ -359,9 +359,14 @@ func (s *Store) pathsUsing(ctx context.Context, names []string, chunks, blobSet 
 	return out, nil
 }
 
-// verifyPath re-renders a path, which NarRender checks against its
-// path-info's NAR hash and size.
+// verifyPath re-renders a path and checks it against its path-info's NAR
+// hash and size: hashed even if its row is sealed (NarRender), so verify
+// checks the whole chain from row to bytes.
 func (s *Store) verifyPath(ctx context.Context, name string) error {
-	_, err := s.NarRender(ctx, name, io.Discard)
+	pi, err := s.Info(ctx, name)
+	if err != nil {
+		return err
+	}
+	_, err = s.narRender(ctx, pi, io.Discard, true)
 	return err
 }
