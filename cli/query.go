@@ -340,6 +340,9 @@ func (c *VerifyCmd) Run(g *Globals) error {
 	}
 	fmt.Fprintf(g.Stderr, "verified the database, %d frames and %d paths in %.1fs: %d database problems, %d damaged pack headers, %d damaged chunks, %d damaged paths\n",
 		rep.Frames, rep.Paths, time.Since(start).Seconds(), len(rep.DB), len(rep.Packs), len(rep.Chunks), len(rep.Damaged))
+	if rep.Sealed > 0 {
+		fmt.Fprintf(g.Stderr, "sealed %d path rows from before root_sum (their NARs are served without hashing them again)\n", rep.Sealed)
+	}
 	if !rep.OK() {
 		return errors.New("store is damaged")
 	}

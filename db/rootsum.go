@@ -2,7 +2,9 @@ package db
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
+	"fmt"
 
 	"github.com/casnix/casnix/digest"
 )
@@ -40,4 +42,22 @@ func RootSum(p *PathRow) []byte {
 // are the ones committed with it.
 func (p *PathRow) RootSealed() bool {
 	return len(p.RootSum) == digest.Size && bytes.Equal(p.RootSum, RootSum(p))
+}
+
+// SealRoot writes root_sum into name's row, if the row as it is now has
+// the sum want (the caller checked the path whose row that is: rendered it
+// against its NAR hash) and does not carry it yet. It reports whether it
+// wrote. Rows written before migration 0008 are sealed this way.
+func (q q) SealRoot(ctx context.Context, name string, want []byte) (bool, error) {
+	p, err := q.Path(ctx, name)
+	if err != nil {
+		return false, err
+	}
+	if p.RootSealed() || !bytes.Equal(RootSum(p), want) {
+		return false, nil // sealed already, or not the row that was checked
+	}
+	if _, err := q.exec(ctx, "UPDATE paths SET root_sum = ? WHERE id = ?", want, p.ID); err != nil {
+		return false, fmt.Errorf("seal path %s: %w", name, err)
+	}
+	return true, nil
 }

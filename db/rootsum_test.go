@@ -2,6 +2,8 @@ package db
 
 import (
 	"bytes"
+	"context"
+	"path/filepath"
 	"testing"
 )
 
@@ -47,5 +49,56 @@ func TestRootSum(t *testing.T) {
 				t.Errorf("RootSealed = %v, want %v", got, tc.sealed)
 			}
 		})
+	}
+}
+
+// TestSealRoot: InsertPath seals what it writes; SealRoot seals a row
+// without a root_sum only if the row is still the one whose sum it is
+// given, and never writes a sealed row again.
+func TestSealRoot(t *testing.T) {
+	ctx := context.Background()
+	d, err := Open(ctx, filepath.Join(t.TempDir(), "t.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	const name = "00000000000000000000000000000000-a"
+	row := &PathRow{Name: name, Kind: 3, Target: []byte("x"), NarHash: make([]byte, 32), NarSize: 1}
+	seal := func(want []byte) bool {
+		t.Helper()
+		var ok bool
+		if err := d.Write(ctx, func(tx *Tx) (err error) {
+			ok, err = tx.SealRoot(ctx, name, want)
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return ok
+	}
+	sealed := func() bool {
+		t.Helper()
+		p, err := d.Path(ctx, name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p.RootSealed()
+	}
+	if err := d.Write(ctx, func(tx *Tx) error { _, err := tx.InsertPath(ctx, row); return err }); err != nil {
+		t.Fatal(err)
+	}
+	if !sealed() || seal(RootSum(row)) {
+		t.Fatal("an inserted row is not sealed, or was sealed again")
+	}
+	// A row from before migration 0008.
+	if _, err := d.w.ExecContext(ctx, "UPDATE paths SET root_sum = NULL"); err != nil {
+		t.Fatal(err)
+	}
+	other := *row
+	other.Target = []byte("y") // the row some other check saw
+	if sealed() || seal(RootSum(&other)) || sealed() {
+		t.Fatal("a row was sealed with the sum of another row")
+	}
+	if !seal(RootSum(row)) || !sealed() {
+		t.Fatal("a checked row was not sealed")
 	}
 }

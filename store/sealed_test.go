@@ -9,7 +9,8 @@ import (
 // TestSealedRows: a path added now has a root_sum that matches its row
 // (NarRender renders it without hashing the NAR), a row without one (from
 // before migration 0008) or with a damaged one renders hashed and right,
-// and verify hashes either way.
+// verify hashes either way and seals the rows it checked that were not
+// sealed.
 func TestSealedRows(t *testing.T) {
 	const name = "55555555555555555555555555555555-sealed"
 	ctx := context.Background()
@@ -58,8 +59,21 @@ func TestSealedRows(t *testing.T) {
 			if _, err := st.NarRender(ctx, name, &got); err != nil || !bytes.Equal(got.Bytes(), want) {
 				t.Fatalf("render: %d bytes (want %d), err %v", got.Len(), len(want), err)
 			}
-			if err := st.verifyPath(ctx, name); err != nil {
-				t.Fatalf("verify: %v", err)
+			// Verify checks every path hashed, and seals the rows it
+			// checked that were not.
+			rep, err := st.Verify(ctx, nil)
+			if err != nil || !rep.OK() {
+				t.Fatalf("verify: %+v, %v", rep, err)
+			}
+			if want := map[bool]int{true: 0, false: 1}[tc.sealed]; rep.Sealed != want {
+				t.Errorf("verify sealed %d rows, want %d", rep.Sealed, want)
+			}
+			if pi, err = st.Info(ctx, name); err != nil || !pi.sealed {
+				t.Fatalf("after verify: sealed %v, err %v", pi != nil && pi.sealed, err)
+			}
+			got.Reset()
+			if _, err := st.NarRender(ctx, name, &got); err != nil || !bytes.Equal(got.Bytes(), want) {
+				t.Fatalf("render after verify: %d bytes (want %d), err %v", got.Len(), len(want), err)
 			}
 		})
 	}

@@ -5,15 +5,18 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sync"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/casnix/casnix/blobs"
 	"github.com/casnix/casnix/castore"
+	"github.com/casnix/casnix/db"
 	"github.com/casnix/casnix/digest"
 )
 
@@ -65,6 +68,10 @@ type VerifyReport struct {
 	Packs   []blobs.PackDamage // pack files with a damaged header
 	Chunks  []blobs.Damage     // damaged chunks, referenced or not
 	Damaged []Damaged          // damaged store paths
+	// Sealed counts the rows without a root_sum (written before migration
+	// 0008) that verify checked and sealed, so that renders of them no
+	// longer hash the NAR (NarRender).
+	Sealed int
 }
 
 // OK reports whether nothing was damaged.
@@ -159,16 +166,22 @@ func (s *Store) Verify(ctx context.Context, progress func(stage string, done, to
 		wg   sync.WaitGroup
 		next = make(chan string)
 		done int64
+		// unsealed: paths checked whose rows have no root_sum, with
+		// the sum of the row that was checked.
+		unsealed = map[string][]byte{}
 	)
 	for i := 0; i < runtime.GOMAXPROCS(0); i++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for name := range next {
-				err := s.verifyPath(ctx, name)
+				pi, err := s.verifyPathInfo(ctx, name)
 				mu.Lock()
 				if err != nil && damaged[name] == nil {
 					damaged[name] = err
+				}
+				if err == nil && !pi.sealed {
+					unsealed[name] = db.RootSum(toRow(pi))
 				}
 				done++
 				if progress != nil {
@@ -204,7 +217,51 @@ func (s *Store) Verify(ctx context.Context, progress func(stage string, done, to
 		}
 	}
 	named()
+	if len(unsealed) > 0 && len(rep.DB) == 0 && !s.db.ReadOnly() {
+		// Checked rows from before migration 0008 get their root_sum,
+		// unless their path turned out damaged after all (a damaged chunk
+		// traced to it) or the database has problems of its own.
+		for name := range damaged {
+			delete(unsealed, name)
+		}
+		if rep.Sealed, err = s.sealRows(ctx, unsealed); err != nil {
+			return nil, err
+		}
+	}
 	return rep, nil
+}
+
+// sealRows writes the root_sum of the rows named (SealRoot), a few hundred
+// per transaction, and reports how many it wrote.
+func (s *Store) sealRows(ctx context.Context, sums map[string][]byte) (int, error) {
+	names := slices.Sorted(maps.Keys(sums))
+	sealed := 0
+	for len(names) > 0 {
+		batch := names[:min(len(names), 500)]
+		names = names[len(batch):]
+		err := s.db.Write(ctx, func(tx *db.Tx) error {
+			for _, n := range batch {
+				ok, err := tx.SealRoot(ctx, n, sums[n])
+				if errors.Is(err, db.ErrNotFound) {
+					continue // deleted since
+				}
+				if err != nil {
+					return err
+				}
+				if ok {
+					sealed++
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return sealed, fmt.Errorf("seal checked rows: %w", err)
+		}
+		for _, n := range batch {
+			s.infos.drop(n)
+		}
+	}
+	return sealed, nil
 }
 
 // CheckDatabase checks the database alone (Verify's first stage, cheap
@@ -363,10 +420,16 @@ func (s *Store) pathsUsing(ctx context.Context, names []string, chunks, blobSet 
 // hash and size: hashed even if its row is sealed (NarRender), so verify
 // checks the whole chain from row to bytes.
 func (s *Store) verifyPath(ctx context.Context, name string) error {
+	_, err := s.verifyPathInfo(ctx, name)
+	return err
+}
+
+// verifyPathInfo is verifyPath, returning the path-info it checked.
+func (s *Store) verifyPathInfo(ctx context.Context, name string) (*PathInfo, error) {
 	pi, err := s.Info(ctx, name)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	_, err = s.narRender(ctx, pi, io.Discard, true)
-	return err
+	return pi, err
 }
