@@ -83,9 +83,8 @@ func decodeRawFrame(src, dst []byte, max int64) ([]byte, bool) {
 		if len(src) < p+3 {
 			return dst, false
 		}
-		h := uint32(src[p]) | uint32(src[p+1])<<8 | uint32(src[p+2])<<16
+		size, typ, last := blockHeader(src[p:])
 		p += 3
-		typ, size := (h>>1)&3, int(h>>3)
 		if size > blockMax {
 			return dst, false
 		}
@@ -100,7 +99,7 @@ func decodeRawFrame(src, dst []byte, max int64) ([]byte, bool) {
 		if n += int64(size); p > len(src) || n > max {
 			return dst, false
 		}
-		if h&1 == 1 {
+		if last {
 			break
 		}
 	}
@@ -117,10 +116,9 @@ func decodeRawFrame(src, dst []byte, max int64) ([]byte, bool) {
 	start := len(dst)
 	dst = slices.Grow(dst, int(n))
 	for p = body; ; {
-		h := uint32(src[p]) | uint32(src[p+1])<<8 | uint32(src[p+2])<<16
+		size, typ, last := blockHeader(src[p:])
 		p += 3
-		size := int(h >> 3)
-		if (h>>1)&3 == 0 {
+		if typ == 0 {
 			dst = append(dst, src[p:p+size]...)
 			p += size
 		} else {
@@ -131,7 +129,7 @@ func decodeRawFrame(src, dst []byte, max int64) ([]byte, bool) {
 			}
 			p++
 		}
-		if h&1 == 1 {
+		if last {
 			break
 		}
 	}
@@ -158,22 +156,25 @@ func readStoredFrame(f *os.File, off, clen, rawLen int64, dst []byte) ([]byte, b
 	if rawLen < 0 || rawLen > pack.MaxFrameBytes || clen != int64(storedFrameMax(n)) {
 		return dst, false
 	}
-	blocks := max(1, (n+rawBlockMax-1)/rawBlockMax)
+	blocks := storedBlocks(n)
 	if 2*blocks+2 > preadvMax {
 		return dst, false
 	}
-	var hdr [9]byte
-	binary.LittleEndian.PutUint32(hdr[:], zstdMagic)
-	hdr[4] = fhdSingleSeg | fhdChecksum | fhdFCS4
-	binary.LittleEndian.PutUint32(hdr[5:], uint32(n))
-	heads := make([]byte, 9+3*blocks+4)
+	// want: the headers appendStoredFrame writes, checksum aside; heads:
+	// where the read puts the frame's.
+	want := appendStoredHeader(make([]byte, 0, storedHeaderLen+3*blocks), n)
+	for b := range blocks {
+		want = appendBlockHeader(want, min(n, (b+1)*rawBlockMax)-b*rawBlockMax, 0, b == blocks-1)
+	}
+	heads := make([]byte, len(want)+4)
 	dst = slices.Grow(dst[:0], n)[:n]
 	iovs := make([][]byte, 0, 2*blocks+2)
-	iovs = append(iovs, heads[:9])
+	iovs = append(iovs, heads[:storedHeaderLen])
 	for b := range blocks {
-		iovs = append(iovs, heads[9+3*b:9+3*b+3], dst[b*rawBlockMax:min(n, (b+1)*rawBlockMax)])
+		h := storedHeaderLen + 3*b
+		iovs = append(iovs, heads[h:h+3], dst[b*rawBlockMax:min(n, (b+1)*rawBlockMax)])
 	}
-	iovs = append(iovs, heads[len(heads)-4:])
+	iovs = append(iovs, heads[len(want):])
 	rc, err := f.SyscallConn()
 	if err != nil {
 		return dst[:0], false
@@ -186,20 +187,10 @@ func readStoredFrame(f *os.File, off, clen, rawLen int64, dst []byte) ([]byte, b
 	}); err != nil || rerr != nil || int64(got) != clen {
 		return dst[:0], false
 	}
-	if !bytes.Equal(heads[:9], hdr[:]) {
+	if !bytes.Equal(heads[:len(want)], want) {
 		return dst[:0], false
 	}
-	for b := range blocks {
-		size := min(n, (b+1)*rawBlockMax) - b*rawBlockMax
-		h := uint32(size) << 3
-		if b == blocks-1 {
-			h |= 1
-		}
-		if p := heads[9+3*b:]; p[0] != byte(h) || p[1] != byte(h>>8) || p[2] != byte(h>>16) {
-			return dst[:0], false
-		}
-	}
-	if binary.LittleEndian.Uint32(heads[len(heads)-4:]) != uint32(xxhash.Sum64(dst)) {
+	if binary.LittleEndian.Uint32(heads[len(want):]) != uint32(xxhash.Sum64(dst)) {
 		return dst[:0], false
 	}
 	return dst, true

@@ -174,6 +174,20 @@ func FuzzDecodeRawFrame(f *testing.F) {
 	})
 }
 
+// openWritten writes data to path and opens it for the test's duration.
+func openWritten(t *testing.T, path string, data []byte) *os.File {
+	t.Helper()
+	if err := os.WriteFile(path, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f
+}
+
 // TestReadStoredFrame: stored frames read into place from a pack file are
 // their content; damage anywhere in one, or a frame of another layout,
 // leaves it to decodeAll.
@@ -196,14 +210,7 @@ func TestReadStoredFrame(t *testing.T) {
 		file = appendStoredFrame(file, c)
 		frames = append(frames, frame{off, int64(len(file)) - off, c})
 	}
-	if err := os.WriteFile(path, file, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
+	f := openWritten(t, path, file)
 	for _, fr := range frames {
 		got, ok := readStoredFrame(f, fr.off, fr.clen, int64(len(fr.content)), make([]byte, 0, len(fr.content)))
 		if !ok || !bytes.Equal(got, fr.content) {
@@ -229,15 +236,7 @@ func TestReadStoredFrame(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			bad := bytes.Clone(file)
 			bad[last.off+tc.at] ^= 0x10
-			p := filepath.Join(t.TempDir(), "bad")
-			if err := os.WriteFile(p, bad, 0o644); err != nil {
-				t.Fatal(err)
-			}
-			bf, err := os.Open(p)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer bf.Close()
+			bf := openWritten(t, filepath.Join(t.TempDir(), "bad"), bad)
 			if _, ok := readStoredFrame(bf, last.off, last.clen, int64(len(last.content)), nil); ok {
 				t.Fatal("a damaged frame read as good")
 			}

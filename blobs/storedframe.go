@@ -16,16 +16,39 @@ const (
 	fhdSingleSeg    = 1 << 5    // Single_Segment_flag: no window descriptor
 	fhdChecksum     = 1 << 2    // Content_Checksum_flag
 	fhdFCS4         = 2 << 6    // Frame_Content_Size_flag 2: a 4-byte size
-	storedFrameOver = 4 + 1 + 4 + 4
+	storedHeaderLen = 4 + 1 + 4 // magic, Frame_Header_Descriptor, content size
+	storedFrameOver = storedHeaderLen + 4
 )
 
+// storedBlocks is how many raw blocks appendStoredFrame writes n bytes in:
+// one (empty) for none.
+func storedBlocks(n int) int { return max(1, (n+rawBlockMax-1)/rawBlockMax) }
+
 // storedFrameMax bounds the length of appendStoredFrame's frame of n bytes.
-func storedFrameMax(n int) int {
-	blocks := (n + rawBlockMax - 1) / rawBlockMax
-	if blocks == 0 {
-		blocks = 1
+func storedFrameMax(n int) int { return n + 3*storedBlocks(n) + storedFrameOver }
+
+// appendStoredHeader appends the frame header of appendStoredFrame's frame
+// of n bytes.
+func appendStoredHeader(dst []byte, n int) []byte {
+	dst = binary.LittleEndian.AppendUint32(dst, zstdMagic)
+	dst = append(dst, fhdSingleSeg|fhdChecksum|fhdFCS4)
+	return binary.LittleEndian.AppendUint32(dst, uint32(n))
+}
+
+// appendBlockHeader appends a Block_Header: Last_Block, Block_Type (0 raw,
+// 1 RLE, 2 compressed), Block_Size.
+func appendBlockHeader(dst []byte, size int, typ uint32, last bool) []byte {
+	h := uint32(size)<<3 | typ<<1
+	if last {
+		h |= 1
 	}
-	return n + 3*blocks + storedFrameOver
+	return append(dst, byte(h), byte(h>>8), byte(h>>16))
+}
+
+// blockHeader reads the Block_Header at the start of b (3 bytes or more).
+func blockHeader(b []byte) (size int, typ uint32, last bool) {
+	h := uint32(b[0]) | uint32(b[1])<<8 | uint32(b[2])<<16
+	return int(h >> 3), (h >> 1) & 3, h&1 == 1
 }
 
 // appendStoredFrame appends to dst a zstd frame holding src in raw
@@ -38,9 +61,7 @@ func storedFrameMax(n int) int {
 // later. src is one frame's chunks: at most pack.MaxFrameBytes, so its
 // size fits the header's 4-byte field.
 func appendStoredFrame(dst, src []byte) []byte {
-	dst = binary.LittleEndian.AppendUint32(dst, zstdMagic)
-	dst = append(dst, fhdSingleSeg|fhdChecksum|fhdFCS4)
-	dst = binary.LittleEndian.AppendUint32(dst, uint32(len(src)))
+	dst = appendStoredHeader(dst, len(src))
 	rest := src
 	for {
 		b := rest
@@ -48,12 +69,7 @@ func appendStoredFrame(dst, src []byte) []byte {
 			b = b[:rawBlockMax]
 		}
 		rest = rest[len(b):]
-		// Block_Header: Last_Block, Block_Type 0 (Raw_Block), Block_Size.
-		h := uint32(len(b)) << 3
-		if len(rest) == 0 {
-			h |= 1
-		}
-		dst = append(dst, byte(h), byte(h>>8), byte(h>>16))
+		dst = appendBlockHeader(dst, len(b), 0, len(rest) == 0)
 		dst = append(dst, b...)
 		if len(rest) == 0 {
 			break

@@ -53,8 +53,8 @@ func (q q) SealRoot(ctx context.Context, name string, want []byte) (bool, error)
 	if err != nil {
 		return false, err
 	}
-	if p.RootSealed() || !bytes.Equal(RootSum(p), want) {
-		return false, nil // sealed already, or not the row that was checked
+	if sum := RootSum(p); !bytes.Equal(sum, want) || bytes.Equal(p.RootSum, sum) {
+		return false, nil // not the row that was checked, or sealed already
 	}
 	if _, err := q.exec(ctx, "UPDATE paths SET root_sum = ? WHERE id = ?", want, p.ID); err != nil {
 		return false, fmt.Errorf("seal path %s: %w", name, err)
