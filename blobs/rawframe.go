@@ -146,12 +146,21 @@ const preadvMax = 1024
 // pack file f, if it is laid out as appendStoredFrame writes one (its
 // length, clen, says so), straight into dst[:0]: one preadv puts each raw
 // block's bytes where they belong in dst and the headers between them
-// aside, which are then checked to be exactly appendStoredFrame's, as is
-// the content checksum. So a stored frame costs the kernel's copy out of
-// the page cache and an xxhash, not a copy of the compressed bytes and
-// another out of them. false: not such a frame (or a short read, or
-// damage), for decodeAll to read, decode or report.
-func readStoredFrame(f *os.File, off, clen, rawLen int64, dst []byte) ([]byte, bool) {
+// aside, which are then checked to be exactly appendStoredFrame's. So a
+// stored frame costs the kernel's copy out of the page cache, not a copy
+// of the stored bytes and another out of them. false: not such a frame (or
+// a short read, or damage to its layout), for decodeAll to read, decode or
+// report.
+//
+// The frame's XXH64 content checksum is checked only with sum (casnix
+// verify). Every other reader checks each chunk it takes from the frame
+// against its BLAKE3 before any of its bytes leave the store (a read, a
+// NAR render, compaction, repack: frameEntry.check, digest.Sum), and a
+// frame's content is its chunks, so a damaged content byte is reported
+// there, as ErrCorrupt, and never returned; the xxhash over the whole frame
+// on top was 7.5% of NarFromPath's CPU over stored frames (a perf profile
+// of bench/daemon.sh's 1 GiB NAR).
+func readStoredFrame(f *os.File, off, clen, rawLen int64, dst []byte, sum bool) ([]byte, bool) {
 	n := int(rawLen)
 	if rawLen < 0 || rawLen > pack.MaxFrameBytes || clen != int64(storedFrameMax(n)) {
 		return dst, false
@@ -190,7 +199,7 @@ func readStoredFrame(f *os.File, off, clen, rawLen int64, dst []byte) ([]byte, b
 	if !bytes.Equal(heads[:len(want)], want) {
 		return dst[:0], false
 	}
-	if binary.LittleEndian.Uint32(heads[len(want):]) != uint32(xxhash.Sum64(dst)) {
+	if sum && binary.LittleEndian.Uint32(heads[len(want):]) != uint32(xxhash.Sum64(dst)) {
 		return dst[:0], false
 	}
 	return dst, true

@@ -189,8 +189,11 @@ func openWritten(t *testing.T, path string, data []byte) *os.File {
 }
 
 // TestReadStoredFrame: stored frames read into place from a pack file are
-// their content; damage anywhere in one, or a frame of another layout,
-// leaves it to decodeAll.
+// their content; damage to a frame's layout, or a frame of another layout,
+// leaves it to decodeAll, and so does damage to its content or checksum
+// when the checksum is checked (verify). Unchecked, damaged content is read
+// as stored: readers refuse it by its chunks' BLAKE3
+// (TestReadsNeverReturnWrongBytes, TestStoredContentDamage).
 func TestReadStoredFrame(t *testing.T) {
 	rng := rand.New(rand.NewPCG(5, 6))
 	path := filepath.Join(t.TempDir(), "pack")
@@ -212,33 +215,53 @@ func TestReadStoredFrame(t *testing.T) {
 	}
 	f := openWritten(t, path, file)
 	for _, fr := range frames {
-		got, ok := readStoredFrame(f, fr.off, fr.clen, int64(len(fr.content)), make([]byte, 0, len(fr.content)))
-		if !ok || !bytes.Equal(got, fr.content) {
-			t.Fatalf("%d bytes: ok %v, %d bytes read", len(fr.content), ok, len(got))
-		}
-		if _, ok := readStoredFrame(f, fr.off, fr.clen+1, int64(len(fr.content)), nil); ok {
-			t.Fatalf("%d bytes: read with a length that is not a stored frame's", len(fr.content))
+		for _, sum := range []bool{false, true} {
+			got, ok := readStoredFrame(f, fr.off, fr.clen, int64(len(fr.content)), make([]byte, 0, len(fr.content)), sum)
+			if !ok || !bytes.Equal(got, fr.content) {
+				t.Fatalf("%d bytes, sum %v: ok %v, %d bytes read", len(fr.content), sum, ok, len(got))
+			}
+			if _, ok := readStoredFrame(f, fr.off, fr.clen+1, int64(len(fr.content)), nil, sum); ok {
+				t.Fatalf("%d bytes, sum %v: read with a length that is not a stored frame's", len(fr.content), sum)
+			}
 		}
 	}
 	last := frames[len(frames)-1]
 	for _, tc := range []struct {
 		name string
 		at   int64 // offset in the frame of the byte flipped
+		// sumOnly: only the content checksum tells; unchecked, the frame
+		// reads as stored.
+		sumOnly bool
 	}{
-		{"magic", 0},
-		{"frame header", 4},
-		{"content size", 5},
-		{"first block header", 9},
-		{"content", 9 + 3 + 1000},
-		{"second block header", 9 + 3 + rawBlockMax},
-		{"checksum", last.clen - 1},
+		{"magic", 0, false},
+		{"frame header", 4, false},
+		{"content size", 5, false},
+		{"first block header", 9, false},
+		{"content", 9 + 3 + 1000, true},
+		{"second block header", 9 + 3 + rawBlockMax, false},
+		{"checksum", last.clen - 1, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			bad := bytes.Clone(file)
 			bad[last.off+tc.at] ^= 0x10
 			bf := openWritten(t, filepath.Join(t.TempDir(), "bad"), bad)
-			if _, ok := readStoredFrame(bf, last.off, last.clen, int64(len(last.content)), nil); ok {
-				t.Fatal("a damaged frame read as good")
+			if _, ok := readStoredFrame(bf, last.off, last.clen, int64(len(last.content)), nil, true); ok {
+				t.Fatal("a damaged frame read as good with its checksum checked")
+			}
+			got, ok := readStoredFrame(bf, last.off, last.clen, int64(len(last.content)), nil, false)
+			if ok != tc.sumOnly {
+				t.Fatalf("unchecked: read %v, want %v", ok, tc.sumOnly)
+			}
+			if ok {
+				// As stored: the content byte flipped (or, for the
+				// checksum, not at all).
+				want := bytes.Clone(last.content)
+				if tc.name == "content" {
+					want[1000] ^= 0x10
+				}
+				if !bytes.Equal(got, want) {
+					t.Fatal("unchecked read is not the frame's content as stored")
+				}
 			}
 		})
 	}
@@ -246,7 +269,7 @@ func TestReadStoredFrame(t *testing.T) {
 	if err := os.Truncate(path, last.off+last.clen-2); err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := readStoredFrame(f, last.off, last.clen, int64(len(last.content)), nil); ok {
+	if _, ok := readStoredFrame(f, last.off, last.clen, int64(len(last.content)), nil, false); ok {
 		t.Fatal("a frame cut short read as good")
 	}
 }

@@ -109,17 +109,19 @@ func (s *Store) decodeFrameSum(f db.Frame) (_ []byte, _ zsum, err error) {
 	if err != nil {
 		return nil, zsum{}, err
 	}
-	return s.decodeFrameFrom(r, f)
+	return s.decodeFrameFrom(r, f, false)
 }
 
-// decodeFrameFrom is decodeFrameSum reading the frame from r.
-func (s *Store) decodeFrameFrom(r io.ReaderAt, f db.Frame) (_ []byte, _ zsum, err error) {
+// decodeFrameFrom is decodeFrameSum reading the frame from r; thorough
+// checks a stored frame's content checksum too (readStoredFrame: verify
+// does, readers check the chunks they take instead).
+func (s *Store) decodeFrameFrom(r io.ReaderAt, f db.Frame, thorough bool) (_ []byte, _ zsum, err error) {
 	frameDecodes.Add(1)
 	if pf, ok := r.(*os.File); ok && f.CLen >= f.RawLen {
 		// Stored (Options.Store): read into place. No CRC of the stored
 		// bytes: a stored frame is never sent as stored (writeFrame).
 		buf := getFrameBuf(f.RawLen)
-		if out, ok := readStoredFrame(pf, f.DataOff, f.CLen, f.RawLen, buf); ok {
+		if out, ok := readStoredFrame(pf, f.DataOff, f.CLen, f.RawLen, buf, thorough); ok {
 			return out, zsum{}, nil
 		}
 		putFrameBuf(buf)

@@ -3,7 +3,10 @@ package blobs
 import (
 	"bytes"
 	"context"
+	"errors"
+	"io"
 	"math/rand/v2"
+	"os"
 	"testing"
 
 	"github.com/casnix/casnix/db"
@@ -180,4 +183,97 @@ func TestStoreModeNoRoom(t *testing.T) {
 	if raw == 0 || clen*10 > raw {
 		t.Fatalf("%d bytes stored for %d raw: want compressed without room to store", clen, raw)
 	}
+}
+
+// TestStoredContentDamage: a content byte flipped in a stored frame (whose
+// content checksum reads do not check: readStoredFrame) is refused by the
+// BLAKE3 of the chunk it is in, on every read path, and never returned;
+// the bytes before the damaged chunk still read, and verify names the
+// damage (it checks the frame's checksum too).
+func TestStoredContentDamage(t *testing.T) {
+	ctx := context.Background()
+	defer func(f, sh float64) { storeMinFree, storeMinShare = f, sh }(storeMinFree, storeMinShare)
+	storeMinFree, storeMinShare = 0, 0
+	s, d := openBlobs(t, Options{Store: true})
+	blob := make([]byte, 1<<20)
+	rng := rand.New(rand.NewPCG(7, 8))
+	for i := range blob {
+		blob[i] = byte(rng.Uint32())
+	}
+	dg := writeBlobs(t, s, d, blob)[0]
+	var frame db.Frame
+	if err := d.EachFrame(ctx, func(f db.Frame, cs []db.ChunkInFrame) error {
+		if len(cs) > 0 && frame.CLen == 0 {
+			frame = f
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if frame.CLen < frame.RawLen || frame.RawLen < 200<<10 {
+		t.Fatalf("frame of %d bytes stored in %d: want a stored frame of more than one block", frame.RawLen, frame.CLen)
+	}
+	// Byte 150 KiB of the frame's content: in its second raw block, past
+	// its first chunk (at least MinChunk long).
+	const at = 150 << 10
+	pf, err := os.OpenFile(s.PackPath(frame.Pack), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 1)
+	pos := frame.DataOff + storedHeaderLen + 3*2 + at
+	if _, err := pf.ReadAt(b, pos); err != nil {
+		t.Fatal(err)
+	}
+	b[0] ^= 0x40
+	if _, err := pf.WriteAt(b, pos); err != nil {
+		t.Fatal(err)
+	}
+	pf.Close()
+	// A fresh store: nothing decoded before the damage in its frame cache.
+	s2, err := Open(s.dir, d, Options{Store: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	if got, ok := readStoredFrame(mustOpen(t, s2.PackPath(frame.Pack)), frame.DataOff, frame.CLen, frame.RawLen, nil, false); !ok || got[at] == blob[at] {
+		t.Fatalf("unchecked read: ok %v; want the damaged frame read as stored", ok)
+	}
+	for _, tc := range []struct {
+		name string
+		read func(br *BlobReader) ([]byte, error)
+	}{
+		{"Read", func(br *BlobReader) ([]byte, error) { return io.ReadAll(br) }},
+		{"WriteFramesTo", func(br *BlobReader) ([]byte, error) {
+			var fr frameRecorder
+			_, err := br.WriteFramesTo(&fr)
+			return fr.Bytes(), err
+		}},
+	} {
+		br, err := s2.Open(ctx, dg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := tc.read(br)
+		if !errors.Is(err, ErrCorrupt) {
+			t.Errorf("%s: %v, want ErrCorrupt", tc.name, err)
+		}
+		if len(got) > at || !bytes.Equal(got, blob[:len(got)]) {
+			t.Errorf("%s: returned %d bytes, not all of them the blob's, or past the damage at %d", tc.name, len(got), at)
+		}
+	}
+	damage, err := s2.Verify(ctx, nil)
+	if err != nil || len(damage) == 0 {
+		t.Fatalf("verify: %v, %d damaged chunks; want the frame's", err, len(damage))
+	}
+}
+
+func mustOpen(t *testing.T, path string) *os.File {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f
 }

@@ -82,7 +82,7 @@ func (s *Store) Verify(ctx context.Context, progress func(done, total int64)) ([
 			bad(err)
 			return nil
 		}
-		data, _, err := s.decodeFrameFrom(r, f)
+		data, _, err := s.decodeFrameFrom(r, f, true)
 		if err != nil {
 			bad(err)
 			return nil
