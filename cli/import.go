@@ -34,14 +34,18 @@ type ImportCmd struct {
 func (c *ImportCmd) Run(g *Globals) error {
 	// An import's live heap is small and steady (frames in flight, the
 	// encoders, the batch's index rows) but it allocates fast: collecting at
-	// 50% growth, and harder near a soft limit of 80 MiB, keeps peak RSS
-	// near the live set (a 4 GiB NAR imports in under 100 MiB) for little
-	// CPU. Both yield to GOGC / GOMEMLIMIT when those are set.
+	// 50% growth, and harder near a soft limit of 64 MiB, keeps peak RSS
+	// near the live set for little CPU. The process holds ~40 MiB outside
+	// Go's heap (SQLite's allocator, the binary): with stored frames (the
+	// default ingest, whose frames in flight are their raw size) an 80 MiB
+	// limit let a 4 GiB NAR's import reach 105-116 MiB of RSS, 64 MiB
+	// keeps it at 85-90 MiB in the same wall and CPU time (bench/core.sh's
+	// big NAR). Both yield to GOGC / GOMEMLIMIT when those are set.
 	if os.Getenv("GOGC") == "" {
 		debug.SetGCPercent(50)
 	}
 	if os.Getenv("GOMEMLIMIT") == "" {
-		debug.SetMemoryLimit(80 << 20)
+		debug.SetMemoryLimit(64 << 20)
 	}
 	if c.NAR != "" {
 		return c.runNAR(g)
