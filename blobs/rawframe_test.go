@@ -180,6 +180,12 @@ func openWritten(t *testing.T, path string, data []byte) *os.File {
 	if err := os.WriteFile(path, data, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	return mustOpen(t, path)
+}
+
+// mustOpen opens path for the test's duration.
+func mustOpen(t *testing.T, path string) *os.File {
+	t.Helper()
 	f, err := os.Open(path)
 	if err != nil {
 		t.Fatal(err)

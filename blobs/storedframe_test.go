@@ -6,10 +6,10 @@ import (
 	"errors"
 	"io"
 	"math/rand/v2"
-	"os"
 	"testing"
 
 	"github.com/casnix/casnix/db"
+	"github.com/casnix/casnix/tests/fliptest"
 
 	"github.com/klauspost/compress/zstd"
 )
@@ -216,20 +216,9 @@ func TestStoredContentDamage(t *testing.T) {
 	// Byte 150 KiB of the frame's content: in its second raw block, past
 	// its first chunk (at least MinChunk long).
 	const at = 150 << 10
-	pf, err := os.OpenFile(s.PackPath(frame.Pack), os.O_RDWR, 0)
-	if err != nil {
+	if err := fliptest.XorByte(s.PackPath(frame.Pack), frame.DataOff+storedHeaderLen+3*2+at, 0x40); err != nil {
 		t.Fatal(err)
 	}
-	b := make([]byte, 1)
-	pos := frame.DataOff + storedHeaderLen + 3*2 + at
-	if _, err := pf.ReadAt(b, pos); err != nil {
-		t.Fatal(err)
-	}
-	b[0] ^= 0x40
-	if _, err := pf.WriteAt(b, pos); err != nil {
-		t.Fatal(err)
-	}
-	pf.Close()
 	// A fresh store: nothing decoded before the damage in its frame cache.
 	s2, err := Open(s.dir, d, Options{Store: true})
 	if err != nil {
@@ -266,14 +255,4 @@ func TestStoredContentDamage(t *testing.T) {
 	if err != nil || len(damage) == 0 {
 		t.Fatalf("verify: %v, %d damaged chunks; want the frame's", err, len(damage))
 	}
-}
-
-func mustOpen(t *testing.T, path string) *os.File {
-	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
-	return f
 }
