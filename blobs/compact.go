@@ -454,6 +454,7 @@ func (c *compactor) drop(id int64, frames []moved, usage int64) error {
 	if err != nil {
 		return fmt.Errorf("compact pack %d: %w", id, err)
 	}
+	c.s.locs.clear() // its chunks moved: no reader need find that out by failing
 	if c.step != nil {
 		c.step("old pack dropped")
 	}
@@ -560,6 +561,7 @@ func (br *BlobReader) relocate(i int) (*db.ChunkLoc, error) {
 		p := loc.Pack
 		for j := range br.chunks {
 			if l := br.chunks[j].loc; l != nil && l.Pack == p {
+				br.s.locs.dropLoc(br.chunks[j].digest, l)
 				br.chunks[j].loc = nil
 			}
 		}

@@ -173,6 +173,13 @@ type BlobReader struct {
 
 // Open returns a reader for blob d.
 func (s *Store) Open(ctx context.Context, d digest.Digest) (*BlobReader, error) {
+	cached := Cached(ctx)
+	if cached {
+		if b, loc, ok := s.locs.blob(d); ok {
+			return s.newReader(ctx, d, b, loc)
+		}
+	}
+	indexLookups.Add(1)
 	b, loc, err := s.db.BlobAndLoc(ctx, d)
 	if errors.Is(err, db.ErrNotFound) {
 		return nil, fmt.Errorf("blob %s: %w", d, ErrNotFound)
@@ -180,23 +187,49 @@ func (s *Store) Open(ctx context.Context, d digest.Digest) (*BlobReader, error) 
 	if err != nil {
 		return nil, err
 	}
+	if cached {
+		s.locs.putBlob(d, b, loc)
+	}
 	return s.newReader(ctx, d, b, loc)
 }
 
 // OpenMany opens up to db.ChunkBatch blobs with one index query (see
-// db.BlobsAndLocs): readers[i] reads ds[i], or errs[i] says why not (a
-// blob not stored is ErrNotFound). err is an index failure, for all.
+// db.BlobsAndLocs) for those the location cache does not know:
+// readers[i] reads ds[i], or errs[i] says why not (a blob not stored is
+// ErrNotFound). err is an index failure, for all.
 func (s *Store) OpenMany(ctx context.Context, ds []digest.Digest) (readers []*BlobReader, errs []error, err error) {
-	found, err := s.db.BlobsAndLocs(ctx, ds)
+	readers, errs = make([]*BlobReader, len(ds)), make([]error, len(ds))
+	var miss []digest.Digest
+	var missAt []int
+	cached := Cached(ctx)
+	for i, d := range ds {
+		if !cached {
+			miss, missAt = append(miss, d), append(missAt, i)
+			continue
+		}
+		if b, loc, ok := s.locs.blob(d); ok {
+			readers[i], errs[i] = s.newReader(ctx, d, b, loc)
+			continue
+		}
+		miss, missAt = append(miss, d), append(missAt, i)
+	}
+	if len(miss) == 0 {
+		return readers, errs, nil
+	}
+	indexLookups.Add(1)
+	found, err := s.db.BlobsAndLocs(ctx, miss)
 	if err != nil {
 		return nil, nil, err
 	}
-	readers, errs = make([]*BlobReader, len(ds)), make([]error, len(ds))
-	for i, d := range ds {
+	for k, d := range miss {
+		i := missAt[k]
 		bl, ok := found[d]
 		if !ok {
 			errs[i] = fmt.Errorf("blob %s: %w", d, ErrNotFound)
 			continue
+		}
+		if cached {
+			s.locs.putBlob(d, bl.Blob, bl.Loc)
 		}
 		readers[i], errs[i] = s.newReader(ctx, d, bl.Blob, bl.Loc)
 	}
@@ -247,11 +280,26 @@ func (br *BlobReader) locate(i int) (*db.ChunkLoc, error) {
 	}
 	end := min(i+db.ChunkBatch, len(br.chunks))
 	ds := make([]digest.Digest, 0, end-i)
+	cached := Cached(br.ctx)
 	for j := i; j < end; j++ {
-		if br.chunks[j].loc == nil {
-			ds = append(ds, br.chunks[j].digest)
+		cj := &br.chunks[j]
+		if cj.loc != nil {
+			continue
 		}
+		if !cached {
+			ds = append(ds, cj.digest)
+			continue
+		}
+		if l := br.s.locs.loc(cj.digest); l != nil && l.Len == cj.len && l.Off+l.Len <= l.RawLen {
+			cj.loc = l
+			continue
+		}
+		ds = append(ds, cj.digest)
 	}
+	if c.loc != nil {
+		return c.loc, nil // cached; the rest are looked up when reached
+	}
+	indexLookups.Add(1)
 	locs, err := br.s.db.Chunks(br.ctx, ds)
 	if err != nil {
 		return nil, err
@@ -273,6 +321,9 @@ func (br *BlobReader) locate(i int) (*db.ChunkLoc, error) {
 				ErrCorrupt, cj.digest, loc.Len, loc.Off, loc.RawLen, cj.len)
 		}
 		cj.loc = &loc
+		if cached {
+			br.s.locs.putLoc(cj.digest, cj.loc)
+		}
 	}
 	return c.loc, nil
 }
@@ -298,11 +349,28 @@ func (br *BlobReader) chunkData(i int) (data []byte, e *frameEntry, err error) {
 	}
 	// The index row that placed the chunk is not checksummed: one that
 	// points a byte off, or at another frame, must fail the read rather
-	// than return other bytes.
-	if d := br.chunks[i].digest; !e.check(loc.Off, loc.Len, d) {
-		br.s.cache.release(e)
-		return nil, nil, fmt.Errorf("%w: chunk %s: the bytes the index points at (pack %d, frame at %d, offset %d) hash differently",
+	// than return other bytes. A location from the cache (locCache) may
+	// be one the chunk has moved from (a repair rewrote it elsewhere):
+	// such a failure looks the chunk up again, once.
+	d := br.chunks[i].digest
+	corrupt := func(loc *db.ChunkLoc) error {
+		return fmt.Errorf("%w: chunk %s: the bytes the index points at (pack %d, frame at %d, offset %d) hash differently",
 			ErrCorrupt, d, loc.Frame.Pack, loc.Frame.Offset, loc.Off)
+	}
+	if !e.check(loc.Off, loc.Len, d) {
+		br.s.cache.release(e)
+		nl, rerr := br.relocate(i)
+		if rerr != nil || *nl == *loc {
+			return nil, nil, corrupt(loc)
+		}
+		loc = nl
+		if e, err = br.s.frame(loc.Frame); err != nil {
+			return nil, nil, err
+		}
+		if !e.check(loc.Off, loc.Len, d) {
+			br.s.cache.release(e)
+			return nil, nil, corrupt(loc)
+		}
 	}
 	return e.data[loc.Off : loc.Off+loc.Len], e, nil
 }

@@ -513,6 +513,9 @@ func (r *Repacker) record() (gone int, err error) {
 		}
 		return nil
 	})
+	if err == nil {
+		r.s.locs.clear() // the round's chunks moved (see locCache)
+	}
 	return gone, err
 }
 

@@ -127,6 +127,10 @@ func (o *Options) defaults() {
 	}
 }
 
+// FrameCacheBytes is the decoded-frame cache's bound, what the caches
+// beside it are sized from.
+func (s *Store) FrameCacheBytes() int64 { return s.opts.CacheBytes }
+
 // Store is the blob store of one data directory.
 type Store struct {
 	dir  string
@@ -159,6 +163,9 @@ type Store struct {
 	faults packFaults
 
 	cache *frameCache
+	// locs remembers blob rows and chunk locations across readers
+	// (loccache.go).
+	locs *locCache
 	// known filters the chunk lookups of Writers (known.go).
 	known *knownChunks
 	// decodeSlots bounds background frame decodes (a semaphore of
@@ -198,6 +205,7 @@ func Open(dir string, d *db.DB, opts Options) (*Store, error) {
 		readers: map[int64]*os.File{},
 		remotes: map[int64]*remotePack{},
 		cache:   newFrameCache(opts.CacheBytes),
+		locs:    newLocCache(min(locCacheBytes, int(opts.CacheBytes/4))),
 		known:   newKnownChunks(),
 		remote:  opts.Remote,
 

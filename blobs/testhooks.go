@@ -16,12 +16,13 @@ func FrameDecodes() int64 { return frameDecodes.Load() }
 // BackgroundDecodes is how many of those read-ahead's decoders did.
 func BackgroundDecodes() int64 { return backgroundDecodes.Load() }
 
-// DropCache empties the decoded-frame cache (repair, after replacing
+// DropCache empties the decoded-frame cache and the location cache (repair, after replacing
 // packs; tests, to make reads go to the packs). Readers holding entries
 // keep them until they release them; decodes in flight finish unlisted.
 // Entries are unlisted one by one, so read-ahead's share (aheadBytes)
 // drops with them rather than counting frames no longer listed.
 func (s *Store) DropCache() {
+	s.locs.clear()
 	c := s.cache
 	var freed []*frameEntry
 	c.mu.Lock()

@@ -14,6 +14,7 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 
 	gonar "github.com/nix-community/go-nix/pkg/nar"
@@ -619,11 +620,13 @@ func TestRenderBatches(t *testing.T) {
 }
 
 // aheadMem is a batchMem whose blobs record, in one log, the Prefetch
-// calls Render makes and the moment each blob starts being read.
+// calls Render makes and the moment each blob starts being read. (Both
+// happen on the rendering goroutine; blobs are opened on the walk's.)
 type aheadMem struct {
 	*memStore
 	names   map[digest.Digest]string
 	log     []aheadEvent
+	mu      sync.Mutex
 	opened  int // blobs opened and not yet read
 	maxOpen int
 }
@@ -647,7 +650,9 @@ func (b *aheadBlob) Prefetch(n int64) { b.m.log = append(b.m.log, aheadEvent{b.n
 func (b *aheadBlob) start() {
 	if !b.read {
 		b.read = true
+		b.m.mu.Lock()
 		b.m.opened--
+		b.m.mu.Unlock()
 		b.m.log = append(b.m.log, aheadEvent{b.name, -1})
 	}
 }
@@ -662,6 +667,8 @@ func (m *aheadMem) OpenBlob(ctx context.Context, d digest.Digest) (Blob, error) 
 
 func (m *aheadMem) OpenBlobs(ctx context.Context, ds []digest.Digest) ([]Blob, []error, error) {
 	bs, errs := make([]Blob, len(ds)), make([]error, len(ds))
+	m.mu.Lock()
+	defer m.mu.Unlock()
 	for i, d := range ds {
 		m.opened++
 		m.maxOpen = max(m.maxOpen, m.opened)
@@ -672,8 +679,9 @@ func (m *aheadMem) OpenBlobs(ctx context.Context, ds []digest.Digest) ([]Blob, [
 
 // TestRenderReadAhead: Render has the files after the one it writes
 // decoding, across batches and directories, within ReadAheadBytes of the
-// start of the file it writes, with at most two batches open, and still
-// renders the same NAR.
+// start of the file it writes, with at most three batches open (one the
+// walk has ready, two the render has taken), and still renders the same
+// NAR.
 func TestRenderReadAhead(t *testing.T) {
 	// Files of 1 MiB: the window ends at 16 of them. Files of 100 bytes:
 	// it ends BlobBatch files on, just before a directory.
@@ -729,8 +737,8 @@ func testRenderReadAhead(t *testing.T, fileSize int) {
 	if !bytes.Equal(out.Bytes(), buf.Bytes()) {
 		t.Fatal("render with read-ahead differs from the dumped NAR")
 	}
-	if am.maxOpen > 2*BlobBatch {
-		t.Errorf("%d blobs open at once, want at most %d", am.maxOpen, 2*BlobBatch)
+	if am.maxOpen > 3*BlobBatch {
+		t.Errorf("%d blobs open at once, want at most %d", am.maxOpen, 3*BlobBatch)
 	}
 	// start[name] is where a file's contents start among all the files'
 	// contents, in NAR order.
@@ -807,5 +815,85 @@ func TestRenderReadAheadPastDirectories(t *testing.T) {
 	}
 	if !bytes.Equal(out.Bytes(), buf.Bytes()) {
 		t.Fatal("render differs from the dumped NAR")
+	}
+}
+
+// stallMem is a batchMem whose OpenBlobs answers the first call, fails
+// with failErr from the second on if set, or else blocks until the walk's
+// context ends; it counts the calls still running.
+type stallMem struct {
+	*memStore
+	failErr error
+	mu      sync.Mutex
+	calls   int
+	running int
+}
+
+func (m *stallMem) OpenBlobs(ctx context.Context, ds []digest.Digest) ([]Blob, []error, error) {
+	m.mu.Lock()
+	m.calls++
+	n := m.calls
+	m.running++
+	m.mu.Unlock()
+	defer func() { m.mu.Lock(); m.running--; m.mu.Unlock() }()
+	if n > 1 {
+		if m.failErr != nil {
+			return nil, nil, m.failErr
+		}
+		<-ctx.Done()
+		return nil, nil, ctx.Err()
+	}
+	bs, errs := make([]Blob, len(ds)), make([]error, len(ds))
+	for i, d := range ds {
+		bs[i], errs[i] = m.memStore.OpenBlob(ctx, d)
+	}
+	return bs, errs, nil
+}
+
+type failingWriter struct{ left int }
+
+func (w *failingWriter) Write(p []byte) (int, error) {
+	if len(p) > w.left {
+		n := w.left
+		w.left = 0
+		return n, errors.New("client hung up")
+	}
+	w.left -= len(p)
+	return len(p), nil
+}
+
+// TestRenderStopsItsWalk: the walk runs on its own goroutine, and a render
+// that ends early (its writer fails while the walk waits on a lookup) ends
+// the walk and waits for it: no lookup outlives Render. A failed lookup is
+// reported for the files it was to open, when the render reaches them.
+func TestRenderStopsItsWalk(t *testing.T) {
+	root := filepath.Join(t.TempDir(), "tree")
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 * BlobBatch {
+		data := bytes.Repeat([]byte{byte(i)}, 64<<10) // 4 MiB of NAR in all
+		if err := os.WriteFile(filepath.Join(root, fmt.Sprintf("f%03d", i)), data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, m, res := ingestTree(t, root)
+
+	sm := &stallMem{memStore: m}
+	_, err := Render(context.Background(), &failingWriter{left: 1 << 20}, res.Root, sm)
+	if err == nil || !strings.Contains(err.Error(), "client hung up") {
+		t.Fatalf("render to a failing writer: %v", err)
+	}
+	sm.mu.Lock()
+	if sm.running != 0 || sm.calls < 2 {
+		t.Errorf("after Render returned: %d lookups running of %d, want 0 of at least 2", sm.running, sm.calls)
+	}
+	sm.mu.Unlock()
+
+	sm = &stallMem{memStore: m, failErr: errors.New("index unreadable")}
+	_, err = Render(context.Background(), io.Discard, res.Root, sm)
+	if err == nil || !strings.Contains(err.Error(), fmt.Sprintf("/f%03d: blob", BlobBatch)) ||
+		!strings.Contains(err.Error(), "index unreadable") {
+		t.Fatalf("failed lookup: %v, want it reported at the batch's first file f%03d", err, BlobBatch)
 	}
 }

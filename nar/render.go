@@ -72,6 +72,7 @@ func Render(ctx context.Context, w io.Writer, root castore.Node, src Source) (in
 	r := &renderer{ctx: ctx, w: bufio.NewWriterSize(cw, 256<<10), src: src, cw: cw}
 	if bs, ok := src.(BatchSource); ok {
 		r.walk = newWalker(ctx, bs, root)
+		defer r.walk.stop()
 	}
 	r.str([]byte(Magic))
 	if err := r.node(root, "/"); err != nil {
@@ -154,17 +155,20 @@ func (r *renderer) node(n castore.Node, path string) error {
 		r.str(n.Target)
 	case castore.KindDirectory:
 		r.tok("directory")
-		var dir *castore.Directory
+		var ents []castore.NamedNode
 		var err error
 		if r.walk != nil {
-			dir, err = r.walk.directory(n.Digest)
+			ents, err = r.walk.directory(n.Digest)
 		} else {
-			dir, err = r.src.Directory(r.ctx, n.Digest)
+			var dir *castore.Directory
+			if dir, err = r.src.Directory(r.ctx, n.Digest); err == nil {
+				ents = dir.Entries()
+			}
 		}
 		if err != nil {
 			return fmt.Errorf("nar: %s: directory %s: %w", path, n.Digest, err)
 		}
-		for _, e := range dir.Entries() {
+		for _, e := range ents {
 			r.tok("entry")
 			r.tok("(")
 			r.tok("name")

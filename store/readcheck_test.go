@@ -172,3 +172,49 @@ func TestVerifyNamesPathsOnDamagedDatabase(t *testing.T) {
 		})
 	}
 }
+
+// TestRenderDirectoryCache: renders keep the directories they decoded
+// (renderDirectory), and verify does not use them: a directory row damaged
+// after a render still renders the path's NAR (the cached directory is the
+// one its digest names, so it cannot be stale), while verify, which reads
+// every directory from the index, names the path.
+func TestRenderDirectoryCache(t *testing.T) {
+	ctx := context.Background()
+	fx := newRepairFixture(t)
+	st, err := Open(ctx, fx.dir, repairOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	render := func() {
+		t.Helper()
+		var got bytes.Buffer
+		if _, err := st.NarRender(ctx, pathC, &got); err != nil {
+			t.Fatalf("render %s: %v", pathC, err)
+		}
+		if !bytes.Equal(got.Bytes(), fx.nars[pathC]) {
+			t.Fatalf("%s renders other bytes", pathC)
+		}
+	}
+	render()
+	raw := fx.raw(t)
+	res, err := raw.Exec(`UPDATE directories SET data = data || X'00' WHERE digest = (SELECT digest FROM paths WHERE name = '` + pathC + `')`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := res.RowsAffected(); n != 1 {
+		t.Fatalf("damage changed %d rows, want 1", n)
+	}
+	render()
+	rep, err := st.Verify(ctx, nil)
+	if err != nil {
+		t.Fatalf("verify: %v", err)
+	}
+	var names []string
+	for _, d := range rep.Damaged {
+		names = append(names, d.Name)
+	}
+	if !reflect.DeepEqual(names, []string{pathC}) {
+		t.Errorf("verify names %q, want %q", names, []string{pathC})
+	}
+}

@@ -21,6 +21,7 @@ import (
 	"github.com/casnix/casnix/castore"
 	"github.com/casnix/casnix/db"
 	"github.com/casnix/casnix/digest"
+	"github.com/casnix/casnix/gencache"
 	"github.com/casnix/casnix/hashbehind"
 	"github.com/casnix/casnix/nar"
 	"github.com/casnix/casnix/objstore"
@@ -77,6 +78,8 @@ type Store struct {
 	durable atomic.Pointer[durability]
 	// deadPacks counts dead packs' objects deleted from the bucket (deadpacks.go).
 	deadPacks deadPackCounters
+	// dirs holds directories renders decoded (renderDirectory).
+	dirs renderDirs
 }
 
 // DBFile and PackDir are the data directory's layout.
@@ -422,7 +425,7 @@ func (s *Store) Stats(ctx context.Context) (db.Stats, error) {
 type source struct{ s *Store }
 
 func (src source) Directory(ctx context.Context, d digest.Digest) (*castore.Directory, error) {
-	return src.s.Directory(ctx, d)
+	return src.s.renderDirectory(ctx, d)
 }
 
 func (src source) OpenBlob(ctx context.Context, d digest.Digest) (nar.Blob, error) {
@@ -451,6 +454,56 @@ func (src source) OpenBlobs(ctx context.Context, ds []digest.Digest) ([]nar.Blob
 // Directory loads and decodes a directory.
 func (s *Store) Directory(ctx context.Context, d digest.Digest) (*castore.Directory, error) {
 	return readDirectory(ctx, s.db, d)
+}
+
+// renderDirCacheBytes bounds the directories renders keep decoded (and an
+// eighth of the frame cache's bound, if less).
+const renderDirCacheBytes = 16 << 20
+
+// renderDirs is the cache of directories a NAR render reads, made on first
+// use.
+type renderDirs struct {
+	once  sync.Once
+	cache *gencache.Cache[digest.Digest, *castore.Directory]
+}
+
+// renderDirectory is Directory for NAR renders, from a cache of decoded
+// directories: a directory is named by the BLAKE3 of its encoding, so a
+// decoded one is never stale, and a NAR read again (a warm nix-daemon
+// has the tree in the kernel's dentry cache) costs no index lookup, digest
+// or decode per directory. Renders only read what they are given; verify
+// (whose renders run under blobs.NoCache) and repack read the index
+// (Directory) every time.
+func (s *Store) renderDirectory(ctx context.Context, d digest.Digest) (*castore.Directory, error) {
+	s.dirs.once.Do(func() {
+		s.dirs.cache = gencache.New[digest.Digest](int(min(renderDirCacheBytes, s.blobs.FrameCacheBytes()/8)), dirCost)
+	})
+	if !blobs.Cached(ctx) {
+		return s.Directory(ctx, d)
+	}
+	if dir, ok := s.dirs.cache.Get(d); ok {
+		return dir, nil
+	}
+	dir, err := s.Directory(ctx, d)
+	if err == nil {
+		s.dirs.cache.Put(d, dir)
+	}
+	return dir, err
+}
+
+// dirCost is about the memory a decoded directory holds.
+func dirCost(dir *castore.Directory) int {
+	n := 128
+	for _, e := range dir.Directories {
+		n += 80 + len(e.Name)
+	}
+	for _, e := range dir.Files {
+		n += 80 + len(e.Name)
+	}
+	for _, e := range dir.Symlinks {
+		n += 48 + len(e.Name) + len(e.Target)
+	}
+	return n
 }
 
 // readDirectory reads a Directory from the index (the reader pool or a

@@ -430,6 +430,7 @@ func (s *Store) verifyPathInfo(ctx context.Context, name string) (*PathInfo, err
 	if err != nil {
 		return nil, err
 	}
-	_, err = s.narRender(ctx, pi, io.Discard, true)
+	// From the index, not from what reads cached of it.
+	_, err = s.narRender(blobs.NoCache(ctx), pi, io.Discard, true)
 	return pi, err
 }

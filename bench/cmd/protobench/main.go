@@ -250,6 +250,7 @@ func nars(args []string) error {
 	socket := fs.String("socket", "", "daemon socket")
 	pathsFile := fs.String("paths", "", "file of full store paths, one per line, in the order to fetch them")
 	check := fs.Bool("check", false, "hash every NAR and compare it with QueryPathInfo (not for timing)")
+	timesFile := fs.String("times", "", "write each path's NAR size and seconds to this file (where the time goes)")
 	fs.Parse(args)
 	if *socket == "" || *pathsFile == "" {
 		return errors.New("need -socket and -paths")
@@ -257,6 +258,16 @@ func nars(args []string) error {
 	paths, err := readPaths(*pathsFile)
 	if err != nil {
 		return err
+	}
+	var times *bufio.Writer
+	if *timesFile != "" {
+		f, err := os.Create(*timesFile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		times = bufio.NewWriter(f)
+		defer times.Flush()
 	}
 	cl, err := proto.Dial(*socket)
 	if err != nil {
@@ -267,11 +278,15 @@ func nars(args []string) error {
 	t0 := time.Now()
 	for _, p := range paths {
 		if !*check {
+			t1 := time.Now()
 			n, err := cl.NarFromPath(p, io.Discard)
 			if err != nil {
 				return fmt.Errorf("%s: %w", p, err)
 			}
 			total += n
+			if times != nil {
+				fmt.Fprintf(times, "%s %d %.6f\n", p, n, time.Since(t1).Seconds())
+			}
 			continue
 		}
 		h := sha256.New()
