@@ -304,6 +304,7 @@ func (s *Server) endRefusal() {
 }
 
 func (s *Server) serveNetConn(ctx context.Context, nc net.Conn, p peer, refusal string) {
+	growSendBuffer(nc)
 	dc := &deadlineConn{Conn: nc, write: s.StallTimeout}
 	c := s.newConn(ctx, dc, p.trusted)
 	c.uid = p.uid
