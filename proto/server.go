@@ -352,35 +352,60 @@ func (s *Server) track(c *conn, add bool) bool {
 // are bounded, waiting for the next op is not. Every write is bounded, so
 // a client that stops reading (a NarFromPath it does not consume) is
 // dropped instead of holding its goroutine, buffers and temp roots.
+//
+// A deadline is moved on only when it would move by more than
+// deadlineSlack: setting one is a runtime timer update, and a client
+// asking path-info 7,000 times a second on one connection paid three per
+// request (bench/daemon.sh, QueryPathInfo). A phase's bound is so kept to
+// within deadlineSlack of its length after the last read or write.
 type deadlineConn struct {
 	net.Conn
-	write   time.Duration
-	mu      sync.Mutex
-	timeout time.Duration
+	write    time.Duration
+	mu       sync.Mutex
+	timeout  time.Duration
+	readSet  time.Time // the read deadline last set; zero: none
+	writeSet time.Time // likewise for writes
+}
+
+// deadlineSlack is how far a deadline may lag behind its timeout: a
+// sixteenth of it, at most a second.
+func deadlineSlack(t time.Duration) time.Duration { return min(t/16, time.Second) }
+
+// moved reports whether a deadline last set at set must be set to want.
+func moved(set, want time.Time, t time.Duration) bool {
+	return set.IsZero() || want.Before(set) || want.Sub(set) > deadlineSlack(t)
 }
 
 func (d *deadlineConn) setTimeout(t time.Duration) {
 	d.mu.Lock()
+	defer d.mu.Unlock()
 	d.timeout = t
-	d.mu.Unlock()
-	if t == 0 {
+	if t == 0 && !d.readSet.IsZero() {
 		d.Conn.SetReadDeadline(time.Time{})
+		d.readSet = time.Time{}
 	}
 }
 
 func (d *deadlineConn) Read(p []byte) (int, error) {
 	d.mu.Lock()
-	t := d.timeout
-	d.mu.Unlock()
-	if t > 0 {
-		d.Conn.SetReadDeadline(time.Now().Add(t))
+	if t := d.timeout; t > 0 {
+		if want := time.Now().Add(t); moved(d.readSet, want, t) {
+			d.Conn.SetReadDeadline(want)
+			d.readSet = want
+		}
 	}
+	d.mu.Unlock()
 	return d.Conn.Read(p)
 }
 
 func (d *deadlineConn) Write(p []byte) (int, error) {
 	if d.write > 0 {
-		d.Conn.SetWriteDeadline(time.Now().Add(d.write))
+		d.mu.Lock()
+		if want := time.Now().Add(d.write); moved(d.writeSet, want, d.write) {
+			d.Conn.SetWriteDeadline(want)
+			d.writeSet = want
+		}
+		d.mu.Unlock()
 	}
 	return d.Conn.Write(p)
 }
