@@ -5,7 +5,11 @@ import (
 	"context"
 	"errors"
 	"io"
+	"io/fs"
 	"math/rand"
+	"os"
+	"path/filepath"
+	"sync"
 	"testing"
 
 	"github.com/casnix/casnix/db"
@@ -118,5 +122,84 @@ func TestLocCache(t *testing.T) {
 	}
 	if _, err := io.ReadAll(br); !errors.Is(err, ErrCorrupt) {
 		t.Fatalf("chunk whose index row points at other bytes: %v, want ErrCorrupt", err)
+	}
+}
+
+// TestLocCacheAcrossProcesses: another process (a second Store on the same
+// data dir, as `casnix repack` and `casnix gc` beside a daemon) moves every
+// chunk and removes the old packs; the first store's cached locations then
+// name packs that are gone, and its reads still return every blob (looking
+// the chunks up again), and next time from the cache again.
+func TestLocCacheAcrossProcesses(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	open := func() (*Store, func()) {
+		d, err := db.Open(ctx, filepath.Join(dir, "test.db"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := Open(filepath.Join(dir, "packs"), d, Options{FrameSize: MaxChunk, Store: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var once sync.Once
+		done := func() { once.Do(func() { s.Close(); d.Close() }) }
+		t.Cleanup(done)
+		return s, done
+	}
+	// The blobs come from a writer that has gone (an import), so that
+	// their packs are free to compact.
+	s0, close0 := open()
+	r := rand.New(rand.NewSource(9))
+	var want [][]byte
+	for _, n := range []int{3000, 70000, 4 * MaxChunk} {
+		b := make([]byte, n)
+		r.Read(b)
+		want = append(want, b)
+	}
+	ds := writeBlobs(t, s0, s0.db, want...)
+	close0()
+	s1, _ := open()
+	s2, _ := open()
+	readAllBlobs(t, s1, ds, want)
+	before, err := s1.db.PackUsage(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	rp, err := s2.NewRepacker(ctx, RepackOptions{FrameSize: MaxChunk})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rp.Add(ds); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rp.Finish(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s2.Compact(ctx, 0); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range before {
+		if _, err := os.Stat(s1.PackPath(p.ID)); !errors.Is(err, fs.ErrNotExist) {
+			t.Fatalf("pack %d still on disk after the other store's repack and compaction: %v", p.ID, err)
+		}
+	}
+
+	// What the first store holds of the old packs goes: decoded frames and
+	// (as its sweeper would) the handles of removed files.
+	s1.dropFrames()
+	s1.readerSweep.Store(0)
+	s1.dropDeadReaders()
+	n := indexLookups.Load()
+	readAllBlobs(t, s1, ds, want)
+	if indexLookups.Load() == n {
+		t.Fatal("no chunk looked up again: the cached locations were not the stale ones")
+	}
+	n = indexLookups.Load()
+	s1.dropFrames()
+	readAllBlobs(t, s1, ds, want)
+	if d := indexLookups.Load() - n; d != 0 {
+		t.Errorf("read after the relocations: %d index lookups, want 0 (the cache holds the new places)", d)
 	}
 }

@@ -23,6 +23,11 @@ func BackgroundDecodes() int64 { return backgroundDecodes.Load() }
 // drops with them rather than counting frames no longer listed.
 func (s *Store) DropCache() {
 	s.locs.clear()
+	s.dropFrames()
+}
+
+// dropFrames empties the decoded-frame cache alone.
+func (s *Store) dropFrames() {
 	c := s.cache
 	var freed []*frameEntry
 	c.mu.Lock()
