@@ -57,9 +57,15 @@ func (c *locCache) clear() {
 	c.locs.Clear()
 }
 
+// A nil *locCache caches nothing: what a reader under NoCache uses
+// (Store.locsFor).
+
 // blob returns blob d's row and, for a blob of one chunk, its location:
 // ok only if both are cached (what one index lookup would have answered).
 func (c *locCache) blob(d digest.Digest) (b db.Blob, loc *db.ChunkLoc, ok bool) {
+	if c == nil {
+		return db.Blob{}, nil, false
+	}
 	if b, ok = c.blobs.Get(d); !ok {
 		return db.Blob{}, nil, false
 	}
@@ -74,8 +80,11 @@ func (c *locCache) blob(d digest.Digest) (b db.Blob, loc *db.ChunkLoc, ok bool) 
 // putBlob remembers blob d's row, and loc (if it fits the row) as where
 // its one chunk is.
 func (c *locCache) putBlob(d digest.Digest, b db.Blob, loc *db.ChunkLoc) {
+	if c == nil {
+		return
+	}
 	c.blobs.Put(d, b)
-	if loc != nil && b.Chunks == nil && loc.Len == b.Size && loc.Off+loc.Len <= loc.RawLen {
+	if b.Chunks == nil && fits(loc, b.Size) {
 		c.locs.Put(d, loc)
 	}
 }
@@ -83,12 +92,19 @@ func (c *locCache) putBlob(d digest.Digest, b db.Blob, loc *db.ChunkLoc) {
 // loc returns where chunk d is, nil if not cached. The ChunkLoc is shared:
 // never modify it.
 func (c *locCache) loc(d digest.Digest) *db.ChunkLoc {
+	if c == nil {
+		return nil
+	}
 	l, _ := c.locs.Get(d)
 	return l
 }
 
 // putLoc remembers where chunk d is.
-func (c *locCache) putLoc(d digest.Digest, loc *db.ChunkLoc) { c.locs.Put(d, loc) }
+func (c *locCache) putLoc(d digest.Digest, loc *db.ChunkLoc) {
+	if c != nil {
+		c.locs.Put(d, loc)
+	}
+}
 
 // dropLoc forgets chunk d's location if it is still loc (a reader found
 // loc stale; a newer one another reader put stays).
@@ -104,6 +120,15 @@ type noCacheKey struct{}
 // that it checks the index, not what was cached from it.
 func NoCache(ctx context.Context) context.Context {
 	return context.WithValue(ctx, noCacheKey{}, true)
+}
+
+// locsFor is the location cache for reads under ctx: nil (no cache) under
+// NoCache.
+func (s *Store) locsFor(ctx context.Context) *locCache {
+	if !Cached(ctx) {
+		return nil
+	}
+	return s.locs
 }
 
 // Cached says whether ctx allows answers from caches of index lookups.

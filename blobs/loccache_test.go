@@ -167,16 +167,7 @@ func TestLocCacheAcrossProcesses(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	rp, err := s2.NewRepacker(ctx, RepackOptions{FrameSize: MaxChunk})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := rp.Add(ds); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := rp.Finish(); err != nil {
-		t.Fatal(err)
-	}
+	repackAll(t, s2, ds)
 	if _, err := s2.Compact(ctx, 0); err != nil {
 		t.Fatal(err)
 	}

@@ -173,11 +173,9 @@ type BlobReader struct {
 
 // Open returns a reader for blob d.
 func (s *Store) Open(ctx context.Context, d digest.Digest) (*BlobReader, error) {
-	cached := Cached(ctx)
-	if cached {
-		if b, loc, ok := s.locs.blob(d); ok {
-			return s.newReader(ctx, d, b, loc)
-		}
+	locs := s.locsFor(ctx)
+	if b, loc, ok := locs.blob(d); ok {
+		return s.newReader(ctx, d, b, loc)
 	}
 	indexLookups.Add(1)
 	b, loc, err := s.db.BlobAndLoc(ctx, d)
@@ -187,9 +185,7 @@ func (s *Store) Open(ctx context.Context, d digest.Digest) (*BlobReader, error) 
 	if err != nil {
 		return nil, err
 	}
-	if cached {
-		s.locs.putBlob(d, b, loc)
-	}
+	locs.putBlob(d, b, loc)
 	return s.newReader(ctx, d, b, loc)
 }
 
@@ -201,13 +197,9 @@ func (s *Store) OpenMany(ctx context.Context, ds []digest.Digest) (readers []*Bl
 	readers, errs = make([]*BlobReader, len(ds)), make([]error, len(ds))
 	var miss []digest.Digest
 	var missAt []int
-	cached := Cached(ctx)
+	locs := s.locsFor(ctx)
 	for i, d := range ds {
-		if !cached {
-			miss, missAt = append(miss, d), append(missAt, i)
-			continue
-		}
-		if b, loc, ok := s.locs.blob(d); ok {
+		if b, loc, ok := locs.blob(d); ok {
 			readers[i], errs[i] = s.newReader(ctx, d, b, loc)
 			continue
 		}
@@ -228,9 +220,7 @@ func (s *Store) OpenMany(ctx context.Context, ds []digest.Digest) (readers []*Bl
 			errs[i] = fmt.Errorf("blob %s: %w", d, ErrNotFound)
 			continue
 		}
-		if cached {
-			s.locs.putBlob(d, bl.Blob, bl.Loc)
-		}
+		locs.putBlob(d, bl.Blob, bl.Loc)
 		readers[i], errs[i] = s.newReader(ctx, d, bl.Blob, bl.Loc)
 	}
 	return readers, errs, nil
@@ -242,7 +232,7 @@ func (s *Store) newReader(ctx context.Context, d digest.Digest, b db.Blob, loc *
 	switch {
 	case b.Chunks == nil && b.Size > 0:
 		br.chunks = []chunkRef{{digest: d, len: b.Size}}
-		if loc != nil && loc.Len == b.Size && loc.Off+loc.Len <= loc.RawLen {
+		if fits(loc, b.Size) {
 			br.chunks[0].loc = loc
 		}
 	case b.Chunks != nil:
@@ -265,6 +255,12 @@ func (s *Store) newReader(ctx context.Context, d digest.Digest, b db.Blob, loc *
 	return br, nil
 }
 
+// fits reports whether loc places a chunk of n bytes inside its frame
+// (what a location from the index or the cache must do to be used).
+func fits(loc *db.ChunkLoc, n int64) bool {
+	return loc != nil && loc.Len == n && loc.Off+loc.Len <= loc.RawLen
+}
+
 // Size is the blob's length.
 func (br *BlobReader) Size() int64 { return br.size }
 
@@ -280,17 +276,13 @@ func (br *BlobReader) locate(i int) (*db.ChunkLoc, error) {
 	}
 	end := min(i+db.ChunkBatch, len(br.chunks))
 	ds := make([]digest.Digest, 0, end-i)
-	cached := Cached(br.ctx)
+	cache := br.s.locsFor(br.ctx)
 	for j := i; j < end; j++ {
 		cj := &br.chunks[j]
 		if cj.loc != nil {
 			continue
 		}
-		if !cached {
-			ds = append(ds, cj.digest)
-			continue
-		}
-		if l := br.s.locs.loc(cj.digest); l != nil && l.Len == cj.len && l.Off+l.Len <= l.RawLen {
+		if l := cache.loc(cj.digest); fits(l, cj.len) {
 			cj.loc = l
 			continue
 		}
@@ -316,14 +308,12 @@ func (br *BlobReader) locate(i int) (*db.ChunkLoc, error) {
 			}
 			continue
 		}
-		if loc.Len != cj.len || loc.Off+loc.Len > loc.RawLen {
+		if !fits(&loc, cj.len) {
 			return nil, fmt.Errorf("%w: chunk %s: index says %d bytes at %d of %d, blob says %d",
 				ErrCorrupt, cj.digest, loc.Len, loc.Off, loc.RawLen, cj.len)
 		}
 		cj.loc = &loc
-		if cached {
-			br.s.locs.putLoc(cj.digest, cj.loc)
-		}
+		cache.putLoc(cj.digest, cj.loc)
 	}
 	return c.loc, nil
 }

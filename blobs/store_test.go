@@ -64,6 +64,22 @@ func writeBlobsWith(t testing.TB, s *Store, d *db.DB, blobs ...[]byte) (*Writer,
 	return w, out
 }
 
+// repackAll rewrites blobs ds into packed frames of MaxChunk raw bytes
+// with one Repacker.
+func repackAll(t testing.TB, s *Store, ds []digest.Digest) {
+	t.Helper()
+	rp, err := s.NewRepacker(context.Background(), RepackOptions{FrameSize: MaxChunk})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rp.Add(ds); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rp.Finish(); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestWriteRead(t *testing.T) {
 	// Small frames and packs so one test crosses frame and pack boundaries.
 	s, d := openBlobs(t, Options{FrameSize: MaxChunk, PackSize: 1 << 20})

@@ -135,16 +135,7 @@ func TestStoreMode(t *testing.T) {
 		t.Fatalf("verify stored: %v %v", err, dam)
 	}
 
-	rp, err := s.NewRepacker(ctx, RepackOptions{FrameSize: MaxChunk})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := rp.Add(ds); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := rp.Finish(); err != nil {
-		t.Fatal(err)
-	}
+	repackAll(t, s, ds)
 	n, clen, rawLen, packed = frames()
 	if packed != n || rawLen != stored || clen > rawLen*4/10 {
 		t.Fatalf("repacked: %d of %d frames packed, %d bytes stored for %d raw: want all packed, compressed", packed, n, clen, rawLen)

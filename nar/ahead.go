@@ -251,6 +251,10 @@ func (g *walk) flush() bool {
 		if err == nil && (len(blobs) != len(ds) || len(errs) != len(ds)) {
 			err = fmt.Errorf("%d answers", len(blobs))
 		}
+		if err != nil {
+			err = fmt.Errorf("open %d blobs: %w", len(ds), err)
+			ok = false
+		}
 		k := 0
 		for i := range g.pending {
 			f := &g.pending[i].file
@@ -258,8 +262,7 @@ func (g *walk) flush() bool {
 				continue
 			}
 			if err != nil {
-				f.err = fmt.Errorf("open %d blobs: %w", len(ds), err)
-				ok = false
+				f.err = err
 			} else {
 				f.blob, f.err = blobs[k], errs[k]
 			}
