@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Daemon benchmark: `casnix serve` against a real nix-daemon (Debian's Nix 2.8) serving the same
-# store paths, driven by the same clients: QueryPathInfo req/s with 1 and 16 connections
+# Daemon benchmark: `casnix serve` against real nix-daemons serving the same store paths (Nix 2.34
+# from Debian sid, run in tests/nixenv's sid root on its own copy of the store, and the host's
+# Nix 2.8), driven by the same clients: QueryPathInfo req/s with 1 and 16 connections
 # (bench/cmd/protobench), `nix path-info -r` of a 1,001-path closure (Nix 2.8 as the client of
 # both), NarFromPath MB/s of a 1 GiB path (protobench). Prints a markdown table and merges it,
 # as the "Daemon" section, into bench/RESULTS.md. See bench/README.md ("Daemon benchmark").
@@ -13,6 +14,7 @@
 #   MAX_LOAD=1.0 bench/daemon.sh         # wait (up to LOAD_WAIT s) for a 1-min load below 1.0
 #
 # Layout under $BENCH_DIR/daemon (default BENCH_DIR=/var/tmp/casnix-bench):
+#   nix234/       a copy of store/ for Nix 2.34 (which may upgrade the schema of a database it opens)
 #   store/        ROOT of a real Nix store (ROOT/nix/store, ROOT/nix/var/nix/db/db.sqlite) holding
 #                 the closure (daemon-closure.nix, built by nix-build) and the 1 GiB path
 #                 (nix-store --add); the two daemons serve it
@@ -45,6 +47,8 @@ RUN=$D/run
 PROTOBENCH=$BENCH_DIR/bin/protobench
 NIX_SOCK=$RUN/nix-daemon.sock
 CASNIX_SOCK=$RUN/casnix.sock
+SID_ROOT=${SID_ROOT:-/var/cache/casnix-tests/roots/sid}
+NIX234_SOCK=$RUN/sid/nix234.sock # /tmp/nix234.sock inside the sid root
 BIG_NAME=casnix-bench-big-${BIG_MIB}m
 
 log() { printf '%s daemon: %s\n' "$(date +%T)" "$*" >&2; }
@@ -60,6 +64,8 @@ need_tools() {
   command -v nix-daemon >/dev/null || missing+=(nix-bin)
   [[ -x /bin/busybox ]] || missing+=(busybox-static)
   command -v go >/dev/null || die "go is not on PATH"
+  [[ $(id -u) == 0 ]] || die "needs root (Nix 2.34 runs in a mount namespace of the sid root)"
+  [[ -x $SID_ROOT/usr/bin/nix-daemon ]] || die "no Nix 2.34 in $SID_ROOT: run tests/nixenv/make-root.sh sid"
   if ((${#missing[@]})); then
     log "installing ${missing[*]}"
     apt-get install -y -q "${missing[@]}" >&2 || {
@@ -134,17 +140,30 @@ import_casnix() {
   echo "$sum" >"$DATA/.bench-paths"
 }
 
+# Nix 2.34's copy of the store, made again whenever the paths change.
+copy_nix234() {
+  local sum
+  sum=$(sha256sum <"$D/all.paths" | cut -d' ' -f1)
+  [[ -f $D/nix234.stamp && $(cat "$D/nix234.stamp") == "$sum" ]] && return
+  log "copying the store for Nix 2.34 ($D/nix234)"
+  rm -rf "$D/nix234"
+  cp -a "$ROOT" "$D/nix234"
+  echo "$sum" >"$D/nix234.stamp"
+}
+
 prepare() {
   mkdir -p "$D" "$RUN"
   build_tools
   build_closure
   build_big
   import_casnix
+  copy_nix234
 }
 
 # --- daemons -------------------------------------------------------------------------------
 
 NIX_PID=
+NIX234_PID=
 CASNIX_PID=
 
 stop_daemons() {
@@ -157,6 +176,12 @@ stop_daemons() {
     kill -TERM "$NIX_PID" 2>/dev/null || true
     wait "$NIX_PID" 2>/dev/null || true
     NIX_PID=
+  fi
+  if [[ -n $NIX234_PID ]]; then
+    # in_sid's bash execs chroot, which execs bash, which execs nix-daemon: the pid is the daemon's
+    kill -TERM "$NIX234_PID" 2>/dev/null || true
+    wait "$NIX234_PID" 2>/dev/null || true
+    NIX234_PID=
   fi
 }
 
@@ -174,52 +199,73 @@ wait_socket() { # NAME SOCKET PID
 
 start_daemons() {
   local prof=()
-  rm -f "$NIX_SOCK" "$CASNIX_SOCK"
+  rm -f "$NIX_SOCK" "$CASNIX_SOCK" "$NIX234_SOCK"
   NIX_DAEMON_SOCKET_PATH=$NIX_SOCK nix-daemon --store "local?root=$ROOT" "${nixo[@]}" \
     >"$RUN/nix-daemon.log" 2>&1 &
   NIX_PID=$!
+  mkdir -p "$RUN/sid"
+  # Nix 2.34 inside the sid root: its /nix is the copy of the store, its /tmp holds the socket.
+  in_sid "$D/nix234/nix" "$RUN/sid" 'exec env NIX_DAEMON_SOCKET_PATH=/tmp/nix234.sock nix-daemon --option build-users-group "" \
+    --option substituters "" --option experimental-features nix-command' >"$RUN/nix234.log" 2>&1 &
+  NIX234_PID=$!
   ((PROFILE)) && prof=(--cpu-profile "$RUN/casnix.cpu.pprof")
   "$CASNIX" --data-dir "$DATA" "${prof[@]}" --log-level warn serve --socket "$CASNIX_SOCK" \
     >"$RUN/casnix.log" 2>&1 &
   CASNIX_PID=$!
   wait_socket nix-daemon "$NIX_SOCK" "$NIX_PID"
+  wait_socket nix234 "$NIX234_SOCK" "$NIX234_PID"
   wait_socket casnix "$CASNIX_SOCK" "$CASNIX_PID"
+  NIX234_VERSION=$(in_sid "$D/nix234/nix" "$RUN/sid" 'nix-daemon --version' 2>/dev/null | head -1)
+  [[ $NIX234_VERSION == *2.3[4-9]* ]] || die "the sid root's nix-daemon is not 2.34 or newer: $NIX234_VERSION"
 }
 
 # --- checks and measurements ---------------------------------------------------------------
 
 nix_client() { nix --option experimental-features nix-command "$@"; }
 
-# Both daemons must give the same answers before anything is timed.
+# casnix must give the same answers as both nix-daemons before anything is timed.
 check() {
   local top big n
   top=$(cat "$D/closure.top")
   big=$(cat "$D/big.path")
-  log "checking that both daemons give the same answers"
+  log "checking that the daemons give the same answers"
   "$PROTOBENCH" infos -socket "$NIX_SOCK" -paths "$D/all.paths" >"$RUN/nix-daemon.infos"
+  "$PROTOBENCH" infos -socket "$NIX234_SOCK" -paths "$D/all.paths" >"$RUN/nix234.infos"
   "$PROTOBENCH" infos -socket "$CASNIX_SOCK" -paths "$D/all.paths" >"$RUN/casnix.infos"
-  if ! cmp -s "$RUN/nix-daemon.infos" "$RUN/casnix.infos"; then
-    diff "$RUN/nix-daemon.infos" "$RUN/casnix.infos" | head -6 >&2 || true
-    die "QueryPathInfo answers differ (see $RUN/*.infos)"
-  fi
+  for n in nix-daemon nix234; do
+    if ! cmp -s "$RUN/$n.infos" "$RUN/casnix.infos"; then
+      diff "$RUN/$n.infos" "$RUN/casnix.infos" | head -6 >&2 || true
+      die "QueryPathInfo answers of $n and casnix differ (see $RUN/*.infos)"
+    fi
+  done
   nix_client path-info --store "unix://$NIX_SOCK" -r "$top" | LC_ALL=C sort >"$RUN/nix-daemon.closure"
   nix_client path-info --store "unix://$CASNIX_SOCK" -r "$top" | LC_ALL=C sort >"$RUN/casnix.closure"
+  nix_client path-info --store "unix://$NIX234_SOCK" -r "$top" | LC_ALL=C sort >"$RUN/nix234.closure"
   cmp -s "$RUN/nix-daemon.closure" "$RUN/casnix.closure" || die "nix path-info -r differs"
+  cmp -s "$RUN/nix234.closure" "$RUN/casnix.closure" || die "nix path-info -r of nix-daemon 2.34 differs"
   n=$(wc -l <"$RUN/casnix.closure")
   ((n >= 1000)) || die "the closure has only $n paths"
   "$PROTOBENCH" nar -check -socket "$NIX_SOCK" -path "$big" >/dev/null || die "nix-daemon NAR check"
+  "$PROTOBENCH" nar -check -socket "$NIX234_SOCK" -path "$big" >/dev/null || die "nix-daemon 2.34 NAR check"
   "$PROTOBENCH" nar -check -socket "$CASNIX_SOCK" -path "$big" >/dev/null || die "casnix NAR check"
 }
 
 declare -A M=() # "<daemon>:<figure>:<run>" -> value
-DAEMONS=(nix-daemon casnix)
+DAEMONS=(nix-daemon nix234 casnix)
 
-sock_of() { if [[ $1 == casnix ]]; then echo "$CASNIX_SOCK"; else echo "$NIX_SOCK"; fi; }
+sock_of() {
+  case $1 in
+    casnix) echo "$CASNIX_SOCK" ;;
+    nix234) echo "$NIX234_SOCK" ;;
+    *) echo "$NIX_SOCK" ;;
+  esac
+}
 field() { tr ' ' '\n' | awk -F= -v k="$1" '$1 == k { print $2 }'; }
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'; }
 
-# The two daemons take turns within each figure; who goes first alternates between runs.
-order() { if (($1 % 2)); then echo nix-daemon casnix; else echo casnix nix-daemon; fi; }
+# The daemons take turns within each figure, casnix between the two anchors; the order reverses
+# between runs.
+order() { if (($1 % 2)); then echo nix234 casnix nix-daemon; else echo nix-daemon casnix nix234; fi; }
 
 measure_qpi() { # RUN
   local r=$1 c d out
@@ -262,8 +308,8 @@ measure_nar() { # RUN
 warm() {
   local big d
   big=$(cat "$D/big.path")
-  log "warming the page cache (store tree, casnix data dir) and both daemons"
-  find "$ROOT/nix/store" "$DATA" -type f -exec cat {} + >/dev/null
+  log "warming the page cache (store tree, casnix data dir) and every daemon"
+  find "$ROOT/nix/store" "$D/nix234/nix/store" "$DATA" -type f -exec cat {} + >/dev/null
   for d in "${DAEMONS[@]}"; do
     "$PROTOBENCH" nar -socket "$(sock_of "$d")" -path "$big" >/dev/null
     "$PROTOBENCH" qpi -socket "$(sock_of "$d")" -paths "$D/all.paths" -clients 2 -duration 1s >/dev/null
@@ -296,30 +342,36 @@ med() { # DAEMON FIGURE: median over the runs
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 verdict() { awk -v x="$1" 'BEGIN { if (x == "n/a") print "n/a"; else print (x + 0 >= 1) ? "yes" : "**no**" }'; }
-row() { printf '| %s | %s | %s | %s | %s | %s |\n' "$@"; }
+row() { printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$@"; }
 
 report() {
-  local c n a b x closure mb
+  local c n a b x y z closure mb
   closure=$(wc -l <"$RUN/casnix.closure")
   mb=$(awk -v b="${M[casnix:nar_bytes:1]:-0}" 'BEGIN { printf "%.0f", b / 1048576 }')
-  echo "| figure | nix-daemon 2.8 | casnix serve | casnix / nix-daemon | target | met |"
-  echo "|---|---|---|---|---|---|"
+  echo "| figure | nix-daemon 2.34 | nix-daemon 2.8 | casnix serve | casnix / 2.34 | casnix / 2.8 | target | met (vs 2.34; vs 2.8) |"
+  echo "|---|---|---|---|---|---|---|---|"
   for c in $QPI_CLIENTS; do
     n=client
     ((c > 1)) && n=clients
+    y=$(med nix234 "qpi$c")
     a=$(med nix-daemon "qpi$c")
     b=$(med casnix "qpi$c")
+    z=$(ratio "$b" "$y")
     x=$(ratio "$b" "$a")
-    row "QueryPathInfo, $c $n (req/s)" "$(printf '%.0f' "$a")" "$(printf '%.0f' "$b")" "$x" ">= 1.0" "$(verdict "$x")"
+    row "QueryPathInfo, $c $n (req/s)" "$(printf '%.0f' "$y")" "$(printf '%.0f' "$a")" "$(printf '%.0f' "$b")" "$z" "$x" ">= 1.0 (issue 14: >= 2.0)" "$(verdict "$z"); $(verdict "$x")"
   done
+  y=$(med nix234 pathinfo)
   a=$(med nix-daemon pathinfo)
   b=$(med casnix pathinfo)
-  x=$(ratio "$a" "$b") # speed ratio: time of nix-daemon / time of casnix
-  row "\`nix path-info -r\`, $closure paths (s, lower is better)" "$a" "$b" "$x" ">= 1.0" "$(verdict "$x")"
+  z=$(ratio "$y" "$b") # speed ratios: time of nix-daemon / time of casnix
+  x=$(ratio "$a" "$b")
+  row "\`nix path-info -r\`, $closure paths (s, lower is better)" "$y" "$a" "$b" "$z" "$x" ">= 1.0" "$(verdict "$z"); $(verdict "$x")"
+  y=$(med nix234 nar)
   a=$(med nix-daemon nar)
   b=$(med casnix nar)
+  z=$(ratio "$b" "$y")
   x=$(ratio "$b" "$a")
-  row "NarFromPath, $mb MiB NAR (MB/s)" "$a" "$b" "$x" ">= 1.0" "$(verdict "$x")"
+  row "NarFromPath, $mb MiB NAR (MB/s)" "$y" "$a" "$b" "$z" "$x" ">= 1.0" "$(verdict "$z"); $(verdict "$x")"
 }
 
 raw_runs() {
@@ -343,7 +395,8 @@ section() { # TABLE LOAD-BEFORE LOAD-AFTER SECONDS
   echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC'); measuring took $4 s"
   echo "- CPU: ${cpu:-unknown}, $(nproc) cores (shared with other jobs), $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo) RAM"
   echo "- load average (1, 5, 15 min) before: $2; after: $3"
-  echo "- commit: $commit; $(go version 2>/dev/null | cut -d' ' -f3-4); $(nix-daemon --version 2>/dev/null | head -1)"
+  echo "- commit: $commit; $(go version 2>/dev/null | cut -d' ' -f3-4); $(nix-daemon --version 2>/dev/null | head -1) (host); ${NIX234_VERSION:-?} (sid root, its own copy of the store)"
+  echo "- clients: protobench for QueryPathInfo and NarFromPath, the host's Nix 2.8 for \`nix path-info -r\` (against every daemon)"
   echo "- store: $npaths valid paths ($((WIDTH * DEPTH + 1))-path closure and its .drv files, one $BIG_MIB MiB path);" \
     "casnix data dir $(du -sm "$DATA" | cut -f1) MiB, Nix store $(du -sm "$ROOT/nix" | cut -f1) MiB"
   echo "- runs: $RUNS, each figure is the median run of each daemon; QueryPathInfo: ${QPI_SECS} s per figure;" \

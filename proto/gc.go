@@ -140,7 +140,7 @@ func (c *conn) findRoots() error {
 	c.w.u64(uint64(len(out)))
 	for _, p := range out {
 		c.w.str(p.link)
-		c.w.str(c.full(p.path))
+		c.writePath(p.path)
 	}
 	return nil
 }
@@ -191,7 +191,7 @@ func (c *conn) collectGarbage() error {
 		return c.storeErr(err)
 	}
 	c.last()
-	c.w.strings(c.fullAll(res.Paths))
+	c.writePaths(res.Paths)
 	c.w.u64(uint64(max(res.BytesFreed, 0)))
 	c.w.u64(0) // obsolete
 	return nil

@@ -288,7 +288,7 @@ func (c *conn) pathSetQuery(q func(context.Context, string) ([]string, error)) e
 		return c.storeErr(err)
 	}
 	c.last()
-	c.w.strings(c.fullAll(res))
+	c.writePaths(res)
 	return nil
 }
 
@@ -334,14 +334,14 @@ func (c *conn) queryValidPaths() error {
 	slices.Sort(valid)
 	valid = slices.Compact(valid)
 	c.last()
-	c.w.strings(c.fullAll(valid))
+	c.writePaths(valid)
 	return nil
 }
 
 func (c *conn) writeUnkeyedInfo(pi *store.PathInfo) {
-	c.w.str(c.full(pi.Deriver))
-	c.w.str(hex.EncodeToString(pi.NarHash[:]))
-	c.w.strings(c.fullAll(pi.References))
+	c.writePath(pi.Deriver)
+	c.w.hexStr(pi.NarHash[:])
+	c.writePaths(pi.References)
 	c.w.u64(uint64(pi.Registered.Unix()))
 	c.w.u64(uint64(pi.NarSize))
 	if c.minor >= 16 {
@@ -386,7 +386,7 @@ func (c *conn) queryDeriver() error {
 		return c.storeErr(err)
 	}
 	c.last()
-	c.w.str(c.full(pi.Deriver))
+	c.writePath(pi.Deriver)
 	return nil
 }
 
@@ -397,7 +397,7 @@ func (c *conn) queryAllValidPaths() error {
 		return c.storeErr(err)
 	}
 	c.last()
-	c.w.strings(c.fullAll(all))
+	c.writePaths(all)
 	return nil
 }
 
@@ -418,7 +418,7 @@ func (c *conn) queryPathFromHashPart() error {
 		}
 	}
 	c.last()
-	c.w.str(c.full(name))
+	c.writePath(name)
 	return nil
 }
 
@@ -519,7 +519,7 @@ func (c *conn) queryDerivationOutputMap() error {
 	c.w.u64(uint64(len(outs)))
 	for _, o := range outs {
 		c.w.str(o.Name)
-		c.w.str(c.full(o.Path))
+		c.writePath(o.Path)
 	}
 	return nil
 }
@@ -826,8 +826,8 @@ func (c *conn) queryMissing() error {
 	unknown = slices.Compact(unknown)
 	c.last()
 	c.w.strings(nil) // willBuild
-	c.w.strings(c.fullAll(will))
-	c.w.strings(c.fullAll(unknown))
+	c.writePaths(will)
+	c.writePaths(unknown)
 	c.w.u64(uint64(download))
 	c.w.u64(uint64(narSize))
 	return nil

@@ -627,6 +627,12 @@ func (c *conn) full(name string) string {
 	return c.s.StoreDir + "/" + name
 }
 
+// writePath writes the full store path of name ("" for none).
+func (c *conn) writePath(name string) { c.w.storePath(c.s.StoreDir, name) }
+
+// writePaths writes names as a list of full store paths.
+func (c *conn) writePaths(names []string) { c.w.storePaths(c.s.StoreDir, names) }
+
 func (c *conn) fullAll(names []string) []string {
 	out := make([]string, len(names))
 	for i, n := range names {

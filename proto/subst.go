@@ -130,7 +130,7 @@ func (c *conn) querySubstitutablePaths() error {
 	slices.Sort(res)
 	res = slices.Compact(res)
 	c.last()
-	c.w.strings(c.fullAll(res))
+	c.writePaths(res)
 	return nil
 }
 
@@ -149,8 +149,8 @@ func (c *conn) substitutableInfos(names []string) (map[string]*subst.Found, erro
 
 func (c *conn) writeSubstitutableInfo(f *subst.Found) {
 	in := f.Info
-	c.w.str(c.full(in.Deriver))
-	c.w.strings(c.fullAll(in.References))
+	c.writePath(in.Deriver)
+	c.writePaths(in.References)
 	c.w.u64(uint64(in.FileSize)) // downloadSize: 0 when the narinfo gives none, as in Nix
 	c.w.u64(uint64(in.NarSize))
 }
@@ -225,7 +225,7 @@ func (c *conn) querySubstitutablePathInfos() error {
 	c.last()
 	c.w.u64(uint64(len(keys)))
 	for _, n := range keys {
-		c.w.str(c.full(n))
+		c.writePath(n)
 		c.writeSubstitutableInfo(infos[n])
 	}
 	return nil

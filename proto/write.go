@@ -553,7 +553,7 @@ func (c *conn) addToStore() error {
 		return err
 	}
 	c.last()
-	c.w.str(c.full(pi.Name))
+	c.writePath(pi.Name)
 	c.writeUnkeyedInfo(pi)
 	return nil
 }
@@ -633,7 +633,7 @@ func (c *conn) addToStoreOld() error {
 		return err
 	}
 	c.last()
-	c.w.str(c.full(pi.Name))
+	c.writePath(pi.Name)
 	return nil
 }
 
@@ -679,7 +679,7 @@ func (c *conn) addTextToStore() error {
 		return err
 	}
 	c.last()
-	c.w.str(c.full(pi.Name))
+	c.writePath(pi.Name)
 	return nil
 }
 
