@@ -781,3 +781,72 @@ func TestAddToStoreOldFullDisk(t *testing.T) {
 	}
 	cl.inStep()
 }
+
+// TestAddNames: an untrusted client cannot add a path whose name Nix 2.34
+// refuses (nix-daemon refuses it too; a Nix client meeting one in
+// QueryAllValidPaths fails to parse it, so one user's odd path would break
+// every user's `nix path-info --all`): the add fails, the connection stays
+// in step and no such path is valid. Names Nix takes are added.
+func TestAddNames(t *testing.T) {
+	f := newFixture(t, func(s *Server) { s.Trusted = func(uint32, uint32) bool { return false } })
+	cl := f.connect(t, 38)
+	for _, tc := range []struct {
+		name string
+		ok   bool
+	}{
+		{"", false},
+		{".", false},
+		{"..", false},
+		{".-x", false},
+		{"..-x", false},
+		{strings.Repeat("a", 212), false},
+		{"a b", false},
+		{".hidden", true},
+		{"..x", true},
+		{strings.Repeat("a", 211), true},
+	} {
+		for _, old := range []bool{false, true} {
+			if old {
+				cl.w.u64(opAddTextToStore)
+				cl.w.str(tc.name)
+				cl.w.str("text of " + tc.name)
+				cl.w.strings(nil)
+			} else {
+				cl.w.u64(opAddToStore)
+				cl.w.str(tc.name)
+				cl.w.str("fixed:sha256")
+				cl.w.strings(nil)
+				cl.w.u64(0)
+				cl.framed([]byte("contents of " + tc.name))
+			}
+			err := cl.result()
+			if (err == nil) != tc.ok {
+				t.Fatalf("add %q (AddTextToStore %v): error %v, want ok=%v", tc.name, old, err, tc.ok)
+			}
+			if err == nil {
+				got := cl.str()
+				if !strings.HasSuffix(got, "-"+tc.name) {
+					t.Fatalf("add %q: path %s", tc.name, got)
+				}
+				if !old {
+					cl.str()  // deriver
+					cl.str()  // narHash
+					cl.strs() // references
+					cl.u64()
+					cl.u64()
+					cl.u64()
+					cl.strs()
+					cl.str()
+				}
+			}
+			cl.inStep()
+		}
+	}
+	cl.w.u64(opQueryAllValidPaths)
+	cl.expectLast()
+	for _, p := range cl.strs() {
+		if err := store.ValidateName(strings.TrimPrefix(p, "/nix/store/")); err != nil {
+			t.Errorf("valid path %s: %v", p, err)
+		}
+	}
+}

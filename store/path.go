@@ -12,20 +12,25 @@ const DefaultStoreDir = "/nix/store"
 // ErrBadPath is wrapped by errors about malformed store paths.
 var ErrBadPath = errors.New("invalid store path")
 
-// ValidateName checks a store path basename "<32 nixbase32 chars>-<name>":
-// at most 211 bytes, a hash part of nixbase32 characters, and after it only
-// the characters Nix allows in names ([a-zA-Z0-9+-._?=]). It accepts what
-// go-nix's storepath.FromString accepts (FuzzValidateName holds the two
-// to that); it is its own table lookup because every daemon request checks
-// the paths it names, and FromString (path.Join, then a search of the
-// alphabet per character, twice) was 15% of serve's CPU answering
-// QueryPathInfo (bench/daemon.sh).
+// ValidateName checks a store path basename "<32 nixbase32 chars>-<name>"
+// as Nix 2.34 does (libstore's StorePath and checkName): a hash part of
+// nixbase32 characters, then any one character (Nix does not look at it;
+// go-nix, which casnix used before, takes any name character), then a name
+// of 1 to 211 of the characters Nix allows ([a-zA-Z0-9+-._?=]) that is not
+// "." or ".." and does not start with ".-" or "..-". Nix clients refuse to
+// parse any other path, so a store holding one (added by one user) would
+// break every other user's `nix path-info --all`; nix-daemon refuses to add
+// them. It is a table lookup, not go-nix's storepath.FromString (which
+// joined the path, cleaned it and searched the alphabet per character,
+// twice: 15% of serve's CPU answering QueryPathInfo, bench/daemon.sh);
+// FuzzValidateName holds the two together outside those rules.
 func ValidateName(base string) error {
-	switch {
-	case len(base) > 211:
-		return fmt.Errorf("%w: %q is longer than 211 bytes", ErrBadPath, base)
-	case len(base) < hashLen+1:
-		return fmt.Errorf("%w: %q is shorter than a hash part and a dash", ErrBadPath, base)
+	if len(base) < hashLen+2 {
+		return fmt.Errorf("%w: %q is too short for a hash part, a dash and a name", ErrBadPath, base)
+	}
+	name := base[hashLen+1:]
+	if len(name) > maxNameLen {
+		return fmt.Errorf("%w: %q: the name is longer than %d bytes", ErrBadPath, base, maxNameLen)
 	}
 	for i := 0; i < len(base); i++ {
 		want := nameChar
@@ -40,8 +45,23 @@ func ValidateName(base string) error {
 			return fmt.Errorf("%w: %q: character %q is not allowed in a store path's %s", ErrBadPath, base, base[i], what)
 		}
 	}
+	// Nix 2.34's checkName: "." and ".." may not be the name's first
+	// dash-separated component.
+	if name[0] == '.' {
+		dots := name
+		if i := strings.IndexByte(name, '-'); i >= 0 {
+			dots = name[:i]
+		}
+		if dots == "." || dots == ".." {
+			return fmt.Errorf("%w: %q: the name's first dash-separated component must not be %q", ErrBadPath, base, dots)
+		}
+	}
 	return nil
 }
+
+// maxNameLen is Nix's StorePath::MaxPathLen: the longest name, after the
+// hash part and its dash.
+const maxNameLen = 211
 
 // hashLen is the length of a store path's hash part: 160 bits in nixbase32.
 const hashLen = 32

@@ -420,6 +420,9 @@ func TestVerifyChecksDatabase(t *testing.T) {
 		{"root directory gone", func(t *testing.T, st *Store, raw *sql.DB) {
 			mustExec(t, raw, "DELETE FROM directories WHERE digest = (SELECT digest FROM paths WHERE name = ?)", pathA)
 		}, pathA, false, false},
+		{"a name Nix cannot parse (added before names were checked as Nix 2.34 does)", func(t *testing.T, st *Store, raw *sql.DB) {
+			mustExec(t, raw, "UPDATE paths SET name = ? WHERE name = ?", pathB[:33]+"..", pathB)
+		}, pathB[:33] + "..", false, false},
 		{"pack header", func(t *testing.T, st *Store, raw *sql.DB) {
 			packs, _ := filepath.Glob(filepath.Join(st.Dir(), PackDir, "*", "*.pack"))
 			f, err := os.OpenFile(packs[0], os.O_RDWR, 0)

@@ -426,6 +426,12 @@ func (s *Store) verifyPath(ctx context.Context, name string) error {
 
 // verifyPathInfo is verifyPath, returning the path-info it checked.
 func (s *Store) verifyPathInfo(ctx context.Context, name string) (*PathInfo, error) {
+	// A path added before casnix checked names as Nix 2.34 does ("..",
+	// an empty name): Nix clients fail to parse it wherever a listing
+	// holds it, so it is reported like damage.
+	if err := ValidateName(name); err != nil {
+		return nil, fmt.Errorf("a name Nix cannot parse: %w", err)
+	}
 	pi, err := s.Info(ctx, name)
 	if err != nil {
 		return nil, err
