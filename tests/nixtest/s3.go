@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -34,6 +35,7 @@ type S3 struct {
 	args     []string
 	log      *bytes.Buffer
 	cmd      *exec.Cmd
+	exited   chan struct{} // closed once cmd has been waited for
 	t        testing.TB
 }
 
@@ -113,9 +115,12 @@ func WeedBinary(t testing.TB) string {
 	return weedPath
 }
 
-// freePorts returns n TCP ports free on 127.0.0.1 now, each with port+10000 free too
-// (weed's default gRPC port for a listener; the harness names them, but a port range near
-// 55000 would otherwise overflow).
+// freePorts returns n distinct TCP ports free on loopback right now, drawn at random
+// below the kernel's ephemeral range: ports the kernel hands out (to every outgoing
+// connection of the tests running beside this one, and to listeners on port 0) could
+// be taken again between this check and weed binding them, and weed's servers die on
+// a port in use (TestBackupAfterRestoreFork failed so once). Without room below that
+// range it falls back to ports the kernel picks.
 func freePorts(t testing.TB, n int) []int {
 	t.Helper()
 	var ports []int
@@ -125,6 +130,15 @@ func freePorts(t testing.TB, n int) []int {
 			l.Close()
 		}
 	}()
+	lo, hi := 10000, ephemeralStart()
+	for tries := 0; len(ports) < n && hi-lo >= 1000 && tries < 100*n; tries++ {
+		l, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(lo+rand.IntN(hi-lo)))
+		if err != nil {
+			continue // in use
+		}
+		held = append(held, l)
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
 	for len(ports) < n {
 		l, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
@@ -136,9 +150,27 @@ func freePorts(t testing.TB, n int) []int {
 	return ports
 }
 
+// ephemeralStart is the first port of the kernel's ephemeral range (32768 if unknown).
+func ephemeralStart() int {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return 32768
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 1 {
+		return 32768
+	}
+	v, err := strconv.Atoi(f[0])
+	if err != nil {
+		return 32768
+	}
+	return v
+}
+
 // StartS3 starts a SeaweedFS S3 server on loopback with its data under a test directory,
 // waits until it accepts writes and creates the bucket "casnix". It is stopped when the
-// test ends.
+// test ends. A server that dies because another process took one of its ports meanwhile
+// is started again on other ports (up to three times).
 func StartS3(t testing.TB) *S3 {
 	t.Helper()
 	WeedBinary(t) // build or fail before anything else is set up
@@ -149,16 +181,18 @@ func StartS3(t testing.TB) *S3 {
 		t.Fatal(err)
 	}
 	data := filepath.Join(dir, "data")
-	if err := os.MkdirAll(data, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	p := freePorts(t, 9)
-	s := &S3{
-		Endpoint: "http://127.0.0.1:" + strconv.Itoa(p[0]),
-		Bucket:   "casnix",
-		dir:      dir,
-		t:        t,
-		args: []string{"server", "-s3",
+	s := &S3{Bucket: "casnix", dir: dir, t: t}
+	t.Cleanup(func() { s.Stop() })
+	for attempt := 1; ; attempt++ {
+		if err := os.RemoveAll(data); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.MkdirAll(data, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		p := freePorts(t, 9)
+		s.Endpoint = "http://127.0.0.1:" + strconv.Itoa(p[0])
+		s.args = []string{"server", "-s3",
 			"-ip=127.0.0.1", "-ip.bind=127.0.0.1",
 			"-dir=" + data,
 			"-s3.port=" + strconv.Itoa(p[0]), "-s3.port.grpc=" + strconv.Itoa(p[1]),
@@ -170,10 +204,17 @@ func StartS3(t testing.TB) *S3 {
 			// Small volumes: the default 30 GB limit makes weed refuse writes on a test
 			// machine's disk.
 			"-master.volumeSizeLimitMB=256", "-volume.max=0",
-		},
+		}
+		err := s.start(t)
+		if err == nil {
+			break
+		}
+		s.Stop()
+		if attempt == 3 || !strings.Contains(s.log.String(), "address already in use") {
+			t.Fatalf("S3 server: %v:\n%s", err, s.log)
+		}
+		t.Logf("S3 server: a port was taken meanwhile (attempt %d), starting on other ports", attempt)
 	}
-	s.Start(t)
-	t.Cleanup(func() { s.Stop() })
 	if err := s.createBucket(); err != nil {
 		t.Fatalf("S3 server: create bucket: %v\n%s", err, s.log)
 	}
@@ -184,29 +225,49 @@ func StartS3(t testing.TB) *S3 {
 // writes again (SeaweedFS takes a while after a restart).
 func (s *S3) Start(t testing.TB) {
 	t.Helper()
+	if err := s.start(t); err != nil {
+		t.Fatalf("S3 server: %v:\n%s", err, s.log)
+	}
+}
+
+// start starts weed and waits (2 minutes at most) until it accepts writes; a weed that
+// exits meanwhile (one of its servers failed: glog's Fatalf exits) ends the wait at once.
+func (s *S3) start(t testing.TB) error {
+	t.Helper()
 	if s.cmd != nil {
 		t.Fatalf("S3 server already running")
 	}
 	s.log = &bytes.Buffer{}
 	cmd := exec.Command(WeedBinary(t), s.args...)
 	cmd.Dir = s.dir
-	cmd.Stdout, cmd.Stderr = s.log, s.log
+	cmd.Stdout, cmd.Stderr = s.log, s.log // the same writer: os/exec writes it from one goroutine
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start weed: %v", err)
 	}
 	s.cmd = cmd
+	exited := make(chan struct{})
+	s.exited = exited
+	go func() {
+		_ = cmd.Wait()
+		close(exited)
+	}()
 	deadline := time.Now().Add(2 * time.Minute)
 	for {
 		resp, err := http.Get(s.Endpoint + "/healthz")
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK && s.writable() {
-				return
+				return nil
 			}
 		}
+		select {
+		case <-exited:
+			return fmt.Errorf("weed exited before it was ready (%v)", cmd.ProcessState)
+		default:
+		}
 		if time.Now().After(deadline) {
-			t.Fatalf("S3 server not ready after 2 minutes:\n%s", s.log)
+			return fmt.Errorf("not ready after 2 minutes")
 		}
 		time.Sleep(250 * time.Millisecond)
 	}
@@ -218,7 +279,7 @@ func (s *S3) Stop() {
 		return
 	}
 	_ = syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
-	_ = s.cmd.Wait()
+	<-s.exited // start's goroutine waits for it
 	s.cmd = nil
 }
 
