@@ -21,6 +21,7 @@ import (
 	"github.com/casnix/casnix/blobs/pack"
 	"github.com/casnix/casnix/db"
 	"github.com/casnix/casnix/digest"
+	"github.com/casnix/casnix/lockfile"
 )
 
 // CompactStats says what Compact did. Disk figures are allocated blocks
@@ -236,7 +237,7 @@ func (c *compactor) pack(u db.PackUse, minDead float64) error {
 	f, err := os.OpenFile(s.PackPath(u.ID), os.O_RDWR, 0)
 	if errors.Is(err, fs.ErrNotExist) {
 		if u.Frames == 0 {
-			return c.drop(u.ID, nil, 0) // allocated, never created
+			return c.dropEmpty(u.ID, nil, 0) // allocated, never created (or being created)
 		}
 		return fmt.Errorf("%w: pack %d has %d frames but no file", ErrCorrupt, u.ID, u.Frames)
 	}
@@ -258,7 +259,7 @@ func (c *compactor) pack(u db.PackUse, minDead float64) error {
 		return fmt.Errorf("stat pack %d: %w", u.ID, err)
 	}
 	if u.Frames == 0 {
-		return c.drop(u.ID, nil, diskUsage(fi))
+		return c.dropEmpty(u.ID, nil, diskUsage(fi))
 	}
 	dead := fi.Size() - pack.HeaderSize - u.LiveBytes
 	if float64(dead) < minDead*float64(fi.Size()) {
@@ -429,6 +430,23 @@ func (c *compactor) sync() error {
 
 // drop points the moved chunks at their new frames and removes pack id from
 // the index in one transaction, then deletes its file.
+// dropEmpty drops a pack without frames, unless a writer is creating a
+// pack: then it may be that one, its row committed but its file not yet
+// made or locked (Store.createPack), and it is left for the next run.
+func (c *compactor) dropEmpty(id int64, frames []moved, usage int64) error {
+	var noWait context.Context // nil: lockfile.Open tries once
+	unlock, err := lockfile.Open(noWait, filepath.Join(c.s.dir, CreateLockFile), unix.LOCK_EX)
+	if errors.Is(err, lockfile.ErrBusy) {
+		c.st.Skipped++
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	return c.drop(id, frames, usage)
+}
+
 func (c *compactor) drop(id int64, frames []moved, usage int64) error {
 	err := c.s.db.Write(c.ctx, func(tx *db.Tx) error {
 		for _, m := range frames {

@@ -18,6 +18,7 @@ import (
 
 	"github.com/casnix/casnix/blobs/pack"
 	"github.com/casnix/casnix/db"
+	"github.com/casnix/casnix/lockfile"
 )
 
 // Sentinel errors callers branch on.
@@ -512,9 +513,27 @@ var errPackTaken = errors.New("pack taken by another writer")
 // A variable so a test can make another writer take the pack there.
 var afterPackCreate = func(id int64) {}
 
+// afterPackRow runs between a new pack's row committing and its file's
+// creation. A variable so a test can run a compaction there.
+var afterPackRow = func(id int64) {}
+
+// CreateLockFile, in the pack directory, is held shared by every writer
+// creating a pack, from before its row commits until it holds the new
+// file's flock. In between, the pack is a row without frames whose file is
+// missing or not locked yet, which is what a compaction drops as an
+// abandoned allocation; a compaction drops such a pack only while it holds
+// this lock exclusively (compactor.dropEmpty). It is a flock, so it works
+// across processes (a `casnix gc` beside a serving daemon).
+const CreateLockFile = "create.lock"
+
 func (s *Store) createPack(ctx context.Context) (*packFile, error) {
+	unlock, err := lockfile.Open(ctx, filepath.Join(s.dir, CreateLockFile), unix.LOCK_SH)
+	if err != nil {
+		return nil, fmt.Errorf("allocate pack: %w", err)
+	}
+	defer unlock()
 	var id int64
-	err := s.db.Write(ctx, func(tx *db.Tx) error {
+	err = s.db.Write(ctx, func(tx *db.Tx) error {
 		var err error
 		id, err = tx.InsertPack(ctx)
 		return err
@@ -522,6 +541,7 @@ func (s *Store) createPack(ctx context.Context) (*packFile, error) {
 	if err != nil {
 		return nil, fmt.Errorf("allocate pack: %w", err)
 	}
+	afterPackRow(id)
 	path := s.PackPath(id)
 	sub := filepath.Dir(path)
 	_, statErr := os.Stat(sub)
