@@ -237,7 +237,7 @@ func (c *compactor) pack(u db.PackUse, minDead float64) error {
 	f, err := os.OpenFile(s.PackPath(u.ID), os.O_RDWR, 0)
 	if errors.Is(err, fs.ErrNotExist) {
 		if u.Frames == 0 {
-			return c.dropEmpty(u.ID, nil, 0) // allocated, never created (or being created)
+			return c.dropEmpty(u.ID, 0) // allocated, never created (or being created)
 		}
 		return fmt.Errorf("%w: pack %d has %d frames but no file", ErrCorrupt, u.ID, u.Frames)
 	}
@@ -259,7 +259,7 @@ func (c *compactor) pack(u db.PackUse, minDead float64) error {
 		return fmt.Errorf("stat pack %d: %w", u.ID, err)
 	}
 	if u.Frames == 0 {
-		return c.dropEmpty(u.ID, nil, diskUsage(fi))
+		return c.dropEmpty(u.ID, diskUsage(fi))
 	}
 	dead := fi.Size() - pack.HeaderSize - u.LiveBytes
 	if float64(dead) < minDead*float64(fi.Size()) {
@@ -428,14 +428,11 @@ func (c *compactor) sync() error {
 	return nil
 }
 
-// drop points the moved chunks at their new frames and removes pack id from
-// the index in one transaction, then deletes its file.
 // dropEmpty drops a pack without frames, unless a writer is creating a
 // pack: then it may be that one, its row committed but its file not yet
 // made or locked (Store.createPack), and it is left for the next run.
-func (c *compactor) dropEmpty(id int64, frames []moved, usage int64) error {
-	var noWait context.Context // nil: lockfile.Open tries once
-	unlock, err := lockfile.Open(noWait, filepath.Join(c.s.dir, CreateLockFile), unix.LOCK_EX)
+func (c *compactor) dropEmpty(id int64, usage int64) error {
+	unlock, err := c.s.tryLockEx(CreateLockFile)
 	if errors.Is(err, lockfile.ErrBusy) {
 		c.st.Skipped++
 		return nil
@@ -444,9 +441,11 @@ func (c *compactor) dropEmpty(id int64, frames []moved, usage int64) error {
 		return err
 	}
 	defer unlock()
-	return c.drop(id, frames, usage)
+	return c.drop(id, nil, usage)
 }
 
+// drop points the moved chunks at their new frames and removes pack id from
+// the index in one transaction, then deletes its file.
 func (c *compactor) drop(id int64, frames []moved, usage int64) error {
 	err := c.s.db.Write(c.ctx, func(tx *db.Tx) error {
 		for _, m := range frames {

@@ -72,7 +72,11 @@ func (s *Store) removePacks(ctx context.Context, rs []removal, wait bool, st *Co
 // tryHold takes the hold lock exclusively without waiting, as a
 // compaction's unlink does: an eviction of an uploaded pack's local file
 // is an unlink a backup copying that file must not see.
-func (s *Store) tryHold() (func(), error) {
+func (s *Store) tryHold() (func(), error) { return s.tryLockEx(HoldLockFile) }
+
+// tryLockEx takes the lock file name of the pack directory exclusively if
+// it is free now (lockfile.ErrBusy if not), without waiting.
+func (s *Store) tryLockEx(name string) (func(), error) {
 	var noWait context.Context // nil: lockfile.Open tries once
-	return lockfile.Open(noWait, filepath.Join(s.dir, HoldLockFile), unix.LOCK_EX)
+	return lockfile.Open(noWait, filepath.Join(s.dir, name), unix.LOCK_EX)
 }

@@ -205,8 +205,11 @@ func (w *wireWriter) boolean(v bool) {
 func (w *wireWriter) str(s string) {
 	w.u64(uint64(len(s)))
 	w.w.WriteString(s)
-	w.w.Write(zeros[:(8-len(s)%8)%8])
+	w.pad(len(s))
 }
+
+// pad writes the zeros that bring a string of n bytes to a multiple of 8.
+func (w *wireWriter) pad(n int) { w.w.Write(zeros[:(8-n%8)%8]) }
 
 // storePath writes dir + "/" + name as one string without building it:
 // replies name every path they hold, and the concatenation was 5% of
@@ -222,7 +225,7 @@ func (w *wireWriter) storePath(dir, name string) {
 	w.w.WriteString(dir)
 	w.w.WriteByte('/')
 	w.w.WriteString(name)
-	w.w.Write(zeros[:(8-n%8)%8])
+	w.pad(n)
 }
 
 // storePaths writes names as a list of full store paths (storePath).
@@ -243,7 +246,7 @@ func (w *wireWriter) hexStr(b []byte) {
 	e := hex.AppendEncode(buf[:0], b)
 	w.u64(uint64(len(e)))
 	w.w.Write(e)
-	w.w.Write(zeros[:(8-len(e)%8)%8])
+	w.pad(len(e))
 }
 
 func (w *wireWriter) strings(ss []string) {

@@ -331,14 +331,7 @@ func TestAddToStoreCA(t *testing.T) {
 		if got := cl.str(); got != full(c.want) {
 			t.Fatalf("%s %s: path %s, want %s", c.method, c.name, got, full(c.want))
 		}
-		cl.str()  // deriver
-		cl.str()  // narHash
-		cl.strs() // references
-		cl.u64()
-		cl.u64()
-		cl.u64()
-		cl.strs()
-		if ca := cl.str(); !strings.HasPrefix(ca, c.method+":") {
+		if ca := cl.addedInfo(); !strings.HasPrefix(ca, c.method+":") {
 			t.Fatalf("ca %q", ca)
 		}
 	}
@@ -782,6 +775,19 @@ func TestAddToStoreOldFullDisk(t *testing.T) {
 	cl.inStep()
 }
 
+// addedInfo reads the rest of an AddToStore (protocol 1.25+) reply after
+// its path, the path-info, and returns its content address.
+func (cl *client) addedInfo() (ca string) {
+	cl.str()  // deriver
+	cl.str()  // narHash
+	cl.strs() // references
+	cl.u64()  // registration time
+	cl.u64()  // narSize
+	cl.u64()  // ultimate
+	cl.strs() // signatures
+	return cl.str()
+}
+
 // TestAddNames: an untrusted client cannot add a path whose name Nix 2.34
 // refuses (nix-daemon refuses it too; a Nix client meeting one in
 // QueryAllValidPaths fails to parse it, so one user's odd path would break
@@ -829,14 +835,7 @@ func TestAddNames(t *testing.T) {
 					t.Fatalf("add %q: path %s", tc.name, got)
 				}
 				if !old {
-					cl.str()  // deriver
-					cl.str()  // narHash
-					cl.strs() // references
-					cl.u64()
-					cl.u64()
-					cl.u64()
-					cl.strs()
-					cl.str()
+					cl.addedInfo()
 				}
 			}
 			cl.inStep()

@@ -32,29 +32,21 @@ func ValidateName(base string) error {
 	if len(name) > maxNameLen {
 		return fmt.Errorf("%w: %q: the name is longer than %d bytes", ErrBadPath, base, maxNameLen)
 	}
-	for i := 0; i < len(base); i++ {
-		want := nameChar
-		if i < hashLen {
-			want = hashChar
+	for i := range hashLen {
+		if pathChars[base[i]]&hashChar == 0 {
+			return fmt.Errorf("%w: %q: character %q is not allowed in a store path's nixbase32 hash part", ErrBadPath, base, base[i])
 		}
-		if pathChars[base[i]]&want == 0 {
-			what := "name"
-			if i < hashLen {
-				what = "nixbase32 hash part"
-			}
-			return fmt.Errorf("%w: %q: character %q is not allowed in a store path's %s", ErrBadPath, base, base[i], what)
+	}
+	// The character after the hash part is the name's as far as this goes.
+	for i := hashLen; i < len(base); i++ {
+		if pathChars[base[i]]&nameChar == 0 {
+			return fmt.Errorf("%w: %q: character %q is not allowed in a store path's name", ErrBadPath, base, base[i])
 		}
 	}
 	// Nix 2.34's checkName: "." and ".." may not be the name's first
 	// dash-separated component.
-	if name[0] == '.' {
-		dots := name
-		if i := strings.IndexByte(name, '-'); i >= 0 {
-			dots = name[:i]
-		}
-		if dots == "." || dots == ".." {
-			return fmt.Errorf("%w: %q: the name's first dash-separated component must not be %q", ErrBadPath, base, dots)
-		}
+	if first, _, _ := strings.Cut(name, "-"); first == "." || first == ".." {
+		return fmt.Errorf("%w: %q: the name's first dash-separated component must not be %q", ErrBadPath, base, first)
 	}
 	return nil
 }
