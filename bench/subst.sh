@@ -45,7 +45,8 @@
 # CLIENT (2.34 if the sid root is there, else 2.8), DAEMON (1), DAEMON_ANCHORS ("2.34"; add 2.8),
 # SID_ROOT, QUIET_BUSY/QUIET_TIMEOUT (wait for other work before each timed step), RESULTS,
 # SECTION (subst.sh: the RESULTS.md section it rewrites; another name keeps a partial run apart),
-# DROP_CACHES (1; 0 keeps the page cache between timed steps, as before),
+# DROP_CACHES (1; 0 keeps the page cache between timed steps, as before), FRESH_FS (1: RUN is a
+# fresh journaled ext4 on a loop device, below; 0: a directory of the filesystem BENCH_DIR is on),
 # PROFILE=1 (CPU profiles of casnix serve: $BENCH_DIR/subst/run/casnix-*.cpu.pprof, daemon-casnix/),
 # PERF=1 (perf record of casnix serve during each first fetch only: $BENCH_DIR/subst/run/first_*.perf.data),
 # NARINFO (1; 0 skips the narinfo figure).
@@ -89,6 +90,23 @@ CLIENT=${CLIENT:-$([[ $HAVE234 == 1 ]] && echo 2.34 || echo 2.8)}
 export SID_ROOT
 export -f in_sid
 mkdir -p "$W/bin" "$RUN"
+# Everything the timed steps write (the clients' stores, casnix's data dirs, nix-daemon's store)
+# goes to RUN, a journaled ext4 made afresh for each bench run on a loop device (FRESH_FS=1, the
+# default; it stays mounted afterwards, for the logs, until the next run). This machine's root
+# filesystem is an ext4 without a journal, and such an ext4 steps past every inode deleted in the
+# last minutes when it creates a file (recently_deleted): each store created right after the
+# previous step's rm -rf cost its client more kernel CPU, more with every run (perf of a direct
+# fetch, 2026-12-07: a third of all CPU in find_inode_bit/recently_deleted; the client's CPU 6.1-8.1 s
+# on a fresh filesystem, 10.8-15.3 s there), which inflated the anchors and diluted every ratio.
+FRESH_FS=${FRESH_FS:-1}
+if [[ $FRESH_FS == 1 ]]; then
+  ! mountpoint -q "$RUN" || umount "$RUN" || die "cannot unmount the last run's $RUN"
+  rm -rf "$RUN" "$W/run.img"
+  mkdir -p "$RUN"
+  truncate -s 40G "$W/run.img"
+  mkfs.ext4 -q -F "$W/run.img" || die "mkfs.ext4 of $W/run.img failed"
+  mount -o loop "$W/run.img" "$RUN" || die "cannot mount $W/run.img (loop device) on $RUN"
+fi
 if [[ -z $CASNIX ]]; then
   CASNIX=$W/bin/casnix
   log "building casnix from $REPO"
@@ -496,7 +514,7 @@ echo "$table"
   echo
   echo "$NPATHS output paths of the $CORPUS corpus (PATHS=$PATHS; $((NAR_BYTES / 1000000)) MB of NAR), signed binary caches"
   echo "written by \`nix copy --to file://…?compression=zstd|xz\` (Nix $NIX28), served by a static file server on loopback"
-  echo "(\`cachebench serve\`, sendfile). Before each timed step: sync, $([[ $DROP_CACHES == 1 ]] && echo "the page cache dropped, then the upstream caches (and for the second fetch casnix's data dir) and both sides' binaries read back into it" || echo "the page cache kept (DROP_CACHES=0)"). Client: \`nix copy --from http://… --to local?root=EMPTY PATHS\`"
+  echo "(\`cachebench serve\`, sendfile). Before each timed step: sync, $([[ $DROP_CACHES == 1 ]] && echo "the page cache dropped, then the upstream caches (and for the second fetch casnix's data dir) and both sides' binaries read back into it" || echo "the page cache kept (DROP_CACHES=0)")$([[ $FRESH_FS == 1 ]] && echo "; the stores and data dirs written on a journaled ext4 made afresh for the bench run (loop device), not on this machine's journal-less root ext4, whose file creation right after a deletion costs far more"). Client: \`nix copy --from http://… --to local?root=EMPTY PATHS\`"
   echo "(Nix $CLIENTV, fresh narinfo cache each time), signature checked against the upstream key. casnix: a fresh data dir,"
   echo "\`casnix serve --http … --http-only --substituters http://UPSTREAM --trusted-public-keys K --repack-quiet 0\` (defaults"
   echo "otherwise: the NAR cache in DATA_DIR/http-cache, which keeps the upstream zstd and xz files the pull checked, and NARs rendered from the store once served). Daemon rows: \`nix-store --store unix://S -r"
