@@ -163,3 +163,23 @@ start_weed() {
   done
   die "S3 server did not come up: $(tail -5 "$dir/weed.log")"
 }
+
+# fresh_fs DIR IMAGE: mount a journaled ext4 made afresh in the sparse file IMAGE (40 GiB) on DIR
+# (a loop device), unmounting what a previous run left there; DIR's old contents go. For what a
+# bench's timed steps write (stores, data dirs): this machine's root filesystem is an ext4 without
+# a journal, and such an ext4 steps past every inode deleted in the last minutes when it creates a
+# file (fs/ext4/ialloc.c, recently_deleted), so a store created right after the previous step's
+# rm -rf cost its writer more kernel CPU, more with every run (perf of `nix copy --from` a binary
+# cache, 2026-12-07: a third of all CPU in find_inode_bit/recently_deleted; the client's CPU
+# 10.8-15.3 s there against 6.1-8.1 s on a fresh journaled ext4), which inflated the anchors that
+# create many files (Nix's stores) and diluted every ratio. DIR stays mounted after the bench (its
+# logs), until the next run of it.
+fresh_fs() {
+  local dir=$1 img=$2
+  ! mountpoint -q "$dir" || umount "$dir" || die "cannot unmount the last run's $dir"
+  rm -rf "$dir" "$img"
+  mkdir -p "$dir"
+  truncate -s 40G "$img"
+  mkfs.ext4 -q -F "$img" || die "mkfs.ext4 of $img failed"
+  mount -o loop "$img" "$dir" || die "cannot mount $img (loop device) on $dir"
+}

@@ -42,7 +42,8 @@
 #
 # Knobs: RUNS (3), CORPUS (releases), PATHS (all; N: the closure of the first N paths in
 # references-first order), UPSTREAMS ("zstd xz"; a missing cache is made once, xz takes minutes),
-# CLIENT (2.34 if the sid root is there, else 2.8), DAEMON (1), DAEMON_ANCHORS ("2.34"; add 2.8),
+# CLIENT (2.34 if the sid root is there, else 2.8), DAEMON (1), DAEMON_ANCHORS ("2.34 2.34-fsync";
+# 2.34-fsync is nix-daemon 2.34 with fsync-store-paths = true, the durability casnix keeps; add 2.8),
 # SID_ROOT, QUIET_BUSY/QUIET_TIMEOUT (wait for other work before each timed step), RESULTS,
 # SECTION (subst.sh: the RESULTS.md section it rewrites; another name keeps a partial run apart),
 # DROP_CACHES (1; 0 keeps the page cache between timed steps, as before), FRESH_FS (1: RUN is a
@@ -61,7 +62,7 @@ CORPUS=${CORPUS:-releases}
 PATHS=${PATHS:-all}
 UPSTREAMS=${UPSTREAMS:-zstd xz}
 DAEMON=${DAEMON:-1}
-DAEMON_ANCHORS=${DAEMON_ANCHORS:-2.34}
+DAEMON_ANCHORS=${DAEMON_ANCHORS:-2.34 2.34-fsync}
 PROFILE=${PROFILE:-0}
 PERF=${PERF:-0}
 NARINFO=${NARINFO:-1}
@@ -86,27 +87,15 @@ HAVE234=0
 [[ -x $SID_ROOT/usr/bin/nix && -d $SID_ROOT/tmp ]] && HAVE234=1
 CLIENT=${CLIENT:-$([[ $HAVE234 == 1 ]] && echo 2.34 || echo 2.8)}
 [[ $CLIENT == 2.8 || $HAVE234 == 1 ]] || die "CLIENT=$CLIENT needs the sid root at $SID_ROOT (tests/nixenv/make-root.sh sid)"
-[[ $HAVE234 == 1 ]] || DAEMON_ANCHORS=${DAEMON_ANCHORS//2.34/}
+[[ $HAVE234 == 1 ]] || DAEMON_ANCHORS=$(printf '%s\n' $DAEMON_ANCHORS | grep -v '^2\.34' | xargs)
 export SID_ROOT
 export -f in_sid
 mkdir -p "$W/bin" "$RUN"
 # Everything the timed steps write (the clients' stores, casnix's data dirs, nix-daemon's store)
-# goes to RUN, a journaled ext4 made afresh for each bench run on a loop device (FRESH_FS=1, the
-# default; it stays mounted afterwards, for the logs, until the next run). This machine's root
-# filesystem is an ext4 without a journal, and such an ext4 steps past every inode deleted in the
-# last minutes when it creates a file (recently_deleted): each store created right after the
-# previous step's rm -rf cost its client more kernel CPU, more with every run (perf of a direct
-# fetch, 2026-12-07: a third of all CPU in find_inode_bit/recently_deleted; the client's CPU 6.1-8.1 s
-# on a fresh filesystem, 10.8-15.3 s there), which inflated the anchors and diluted every ratio.
+# goes to RUN, a journaled ext4 made afresh for each bench run (lib.sh's fresh_fs, which says why;
+# FRESH_FS=0: a directory of BENCH_DIR's filesystem, as before).
 FRESH_FS=${FRESH_FS:-1}
-if [[ $FRESH_FS == 1 ]]; then
-  ! mountpoint -q "$RUN" || umount "$RUN" || die "cannot unmount the last run's $RUN"
-  rm -rf "$RUN" "$W/run.img"
-  mkdir -p "$RUN"
-  truncate -s 40G "$W/run.img"
-  mkfs.ext4 -q -F "$W/run.img" || die "mkfs.ext4 of $W/run.img failed"
-  mount -o loop "$W/run.img" "$RUN" || die "cannot mount $W/run.img (loop device) on $RUN"
-fi
+[[ $FRESH_FS != 1 ]] || fresh_fs "$RUN" "$W/run.img"
 if [[ -z $CASNIX ]]; then
   CASNIX=$W/bin/casnix
   log "building casnix from $REPO"
@@ -375,12 +364,17 @@ daemon_one() {
     start_casnix "$dest/data" --socket "$sock" --substituters "$up"
     dpid=$CPID
     ;;
-  nix234)
+  nix234 | nix234-fsync)
+    local fsync=
+    # fsync-store-paths: each path's files synced before it is registered, as casnix syncs a
+    # path's packs before its commit (Nix's default leaves them to writeback: a crash can lose
+    # paths the database holds valid).
+    [[ $name == nix234 ]] || fsync="--option fsync-store-paths true"
     mkdir -p "$dest/nix" "$dest/tmp"
     sock=$dest/tmp/d.sock
     # In the cgroup before it forks: every process of the daemon is counted and stopped.
     cg_exec daemon bash -c 'in_sid "$@"' in_sid "$dest/nix" "$dest/tmp" "export XDG_CACHE_HOME=/tmp/xdg \
-      NIX_DAEMON_SOCKET_PATH=/tmp/d.sock; exec nix-daemon --option build-users-group '' --option experimental-features \
+      NIX_DAEMON_SOCKET_PATH=/tmp/d.sock; exec nix-daemon $fsync --option build-users-group '' --option experimental-features \
       nix-command --option substituters $up --option trusted-public-keys '$PK'" >"$dest.log" 2>&1 &
     dpid=$!
     ;;
@@ -497,8 +491,13 @@ if [[ -n ${M[daemon_casnix:1]:-} ]]; then
     n=nix${a/./}
     [[ $n == nix28 ]] && v=$NIX28 || v=$NIX234
     q=$(ratio "$c" "$(med "daemon_$n")")
+    t="≤ 1.1×" mt=$(met "$q" "<=" 1.1)
+    if [[ $n == *-fsync ]]; then
+      v="$v with fsync-store-paths = true (each path synced before it is registered, as casnix does)"
+      t="—" mt=""
+    fi
     table+="
-| first fetch through the daemon socket: nix-store -r (Nix $NIX28 client), zstd upstream, wall s; CPU s | empty casnix serve --substituters: $c s ($(mbps "$c") MB/s); CPU: $(cpus daemon_casnix) | nix-daemon $v, empty local store, same substituter: $(med "daemon_$n") s ($(mbps "$(med "daemon_$n")") MB/s); CPU: $(cpus "daemon_$n") | $q× time | ≤ 1.1× | $(met "$q" "<=" 1.1) | $(lo daemon_casnix); $(lo "daemon_$n") |"
+| first fetch through the daemon socket: nix-store -r (Nix $NIX28 client), zstd upstream, wall s; CPU s | empty casnix serve --substituters: $c s ($(mbps "$c") MB/s); CPU: $(cpus daemon_casnix) | nix-daemon $v, empty local store, same substituter: $(med "daemon_$n") s ($(mbps "$(med "daemon_$n")") MB/s); CPU: $(cpus "daemon_$n") | $q× time | $t | $mt | $(lo daemon_casnix); $(lo "daemon_$n") |"
   done
 fi
 cb=$(med "bytes_casnix_$ubytes")

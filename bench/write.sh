@@ -9,6 +9,7 @@
 #   bench/write.sh                         # CORPUS=releases, RUNS=3
 #   CORPUS=generations RUNS=1 bench/write.sh
 #   CASNIX=/path/to/casnix bench/write.sh  # measure a prebuilt binary
+#   FRESH_FS=0 bench/write.sh              # destinations on BENCH_DIR's own filesystem (as before)
 #
 # With REPACK=1 (the default) two more casnix runs start from a data dir already holding a backlog
 # of fast-written data (the generations corpus imported at level 1): "casnix, backlog idle" copies
@@ -40,6 +41,10 @@ BENCH=write
 [[ -f $SRC/nix/var/nix/db/db.sqlite ]] || die "no corpus at $SRC: run bench/build-corpora.sh first"
 command -v nix-daemon >/dev/null || apt-get install -y -q nix-bin >&2
 mkdir -p "$W" "$BENCH_DIR/bin"
+# The destinations (and the backlog) go to a journaled ext4 made afresh for this run (lib.sh's
+# fresh_fs, which says why); FRESH_FS=0 writes them to a directory of BENCH_DIR's filesystem.
+FRESH_FS=${FRESH_FS:-1}
+[[ $FRESH_FS != 1 ]] || fresh_fs "$W" "$BENCH_DIR/write.img"
 if [[ -z $CASNIX ]]; then
   CASNIX=$BENCH_DIR/bin/casnix
   log "building casnix from $REPO"
@@ -141,7 +146,7 @@ met=no
   echo "## Write: nix copy --to casnix serve vs nix-daemon"
   echo
   echo "- $(date -u +%F), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB;" \
-    "commit $(cd "$REPO" && git rev-parse --short HEAD); $(nix --version | head -1); median of $RUNS runs, alternating order, caches dropped"
+    "commit $(cd "$REPO" && git rev-parse --short HEAD); $(nix --version | head -1); median of $RUNS runs, alternating order, caches dropped$([[ $FRESH_FS == 1 ]] && echo "; destinations on a journaled ext4 made afresh for the run (loop device), not on this machine's journal-less root ext4")"
   echo "- corpus $CORPUS: $npaths paths, $((narbytes / 1048576)) MiB NAR; client: nix copy --no-check-sigs --all --from local?root=CORPUS (Nix 2.8)"
   echo "- load averages during runs: $(awk '{print $4}' "$W/raw" | xargs)"
   echo
