@@ -180,6 +180,9 @@ fresh_fs() {
   rm -rf "$dir" "$img"
   mkdir -p "$dir"
   truncate -s 40G "$img"
-  mkfs.ext4 -q -F "$img" || die "mkfs.ext4 of $img failed"
+  # A new sparse file reads as zeros: without assume_storage_prezeroed, the kernel's ext4lazyinit
+  # zeroes the inode tables in the background for the first minutes, beside the first steps (the
+  # first casnix copy of write.sh took 30 s against 12 s after it).
+  mkfs.ext4 -q -F -E assume_storage_prezeroed=1 "$img" || die "mkfs.ext4 of $img failed"
   mount -o loop "$img" "$dir" || die "cannot mount $img (loop device) on $dir"
 }
