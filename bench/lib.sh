@@ -176,7 +176,7 @@ start_weed() {
 # logs), until the next run of it.
 fresh_fs() {
   local dir=$1 img=$2
-  ! mountpoint -q "$dir" || umount "$dir" || die "cannot unmount the last run's $dir"
+  ! mountpoint -q "$dir" || umount -R "$dir" || die "cannot unmount the last run's $dir"
   rm -rf "$dir" "$img"
   mkdir -p "$dir"
   truncate -s 40G "$img"

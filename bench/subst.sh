@@ -91,11 +91,25 @@ CLIENT=${CLIENT:-$([[ $HAVE234 == 1 ]] && echo 2.34 || echo 2.8)}
 export SID_ROOT
 export -f in_sid
 mkdir -p "$W/bin" "$RUN"
-# Everything the timed steps write (the clients' stores, casnix's data dirs, nix-daemon's store)
-# goes to RUN, a journaled ext4 made afresh for each bench run (lib.sh's fresh_fs, which says why;
-# FRESH_FS=0: a directory of BENCH_DIR's filesystem, as before).
+# Everything the timed steps write goes to journaled ext4s made afresh (lib.sh's fresh_fs, which
+# says why): RUN for each bench run; in it, before each timed step, the client's side ($RUN/sid-tmp:
+# the client's store and narinfo cache), and before each casnix first fetch and each daemon step
+# the server's ($RUN/srv-UPSTREAM: casnix's data dir, kept for the second fetch and the bytes row;
+# $RUN/dmn: the daemon's store or data dir). One filesystem for a whole run was not enough: a
+# client writing where an earlier step's store had been deleted and casnix's data dir written
+# (the second fetch) spent 1.2 s more CPU than on a fresh one. FRESH_FS=0: directories of
+# BENCH_DIR's filesystem, as before.
 FRESH_FS=${FRESH_FS:-1}
 [[ $FRESH_FS != 1 ]] || fresh_fs "$RUN" "$W/run.img"
+# fresh_dir DIR NAME: DIR empty, a fresh filesystem (image $W/NAME.img) with FRESH_FS=1.
+fresh_dir() {
+  if [[ $FRESH_FS == 1 ]]; then
+    fresh_fs "$1" "$W/$2.img"
+  else
+    rm -rf "$1"
+    mkdir -p "$1"
+  fi
+}
 if [[ -z $CASNIX ]]; then
   CASNIX=$W/bin/casnix
   log "building casnix from $REPO"
@@ -201,15 +215,16 @@ WARM=()
 # (client CLIENT), in the cgroup "client"; records NAME:RUN (wall s) and NAME_client_cpu:RUN.
 fetch() {
   local name=$1 r=$2 url=$3 t0 t1 c0
-  rm -rf "$RUN/dst" "$RUN/xdg" "$RUN/sid-tmp/dst" "$RUN/sid-tmp/xdg"
+  fresh_dir "$RUN/sid-tmp" client
+  cp "$RUN/paths" "$RUN/sid-tmp/paths"
   fresh_caches "${WARM[@]}"
   M[busy_$name:$r]=$(wait_quiet)
   M[load_$name:$r]=$(cut -d' ' -f1 /proc/loadavg)
   c0=$(cg_cpu client)
   t0=$(now)
   if [[ $CLIENT == 2.8 ]]; then
-    XDG_CACHE_HOME=$RUN/xdg cg_exec client nix "${nixo[@]}" --option trusted-public-keys "$PK" \
-      copy --from "$url" --to "local?root=$RUN/dst" $(cat "$RUN/paths") 2>"$RUN/$name.client.log" ||
+    XDG_CACHE_HOME=$RUN/sid-tmp/xdg cg_exec client nix "${nixo[@]}" --option trusted-public-keys "$PK" \
+      copy --from "$url" --to "local?root=$RUN/sid-tmp/dst" $(cat "$RUN/paths") 2>"$RUN/$name.client.log" ||
       die "$name: nix copy failed: $(tail -3 "$RUN/$name.client.log")"
   else
     cg_exec client bash -c 'in_sid "$@"' in_sid "$RUN/sid-nix" "$RUN/sid-tmp" \
@@ -221,8 +236,7 @@ fetch() {
   t1=$(now)
   M[$name:$r]=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
   M[${name}_client_cpu:$r]=$(awk -v a="$c0" -v b="$(cg_cpu client)" 'BEGIN { printf "%.2f", b - a }')
-  local n d=$RUN/dst/nix/store
-  [[ $CLIENT == 2.8 ]] || d=$RUN/sid-tmp/dst/nix/store
+  local n d=$RUN/sid-tmp/dst/nix/store
   n=$(ls "$d" | wc -l)
   ((n == NPATHS)) || die "$name: the client's store holds $n paths, not $NPATHS"
 }
@@ -252,7 +266,7 @@ hwm() { awk '/^VmHWM:/ { print $2 * 1024 }' "/proc/$1/status"; }
 # http_round RUN UPSTREAM: direct fetch from UPSTREAM, first fetch through an empty casnix pulling
 # from it, and (zstd) the second fetch from that casnix; the order alternates with the run.
 http_round() {
-  local r=$1 u=$2 step c0 s0 p data=$RUN/casnix-$2
+  local r=$1 u=$2 step c0 s0 p data=$RUN/srv-$2/casnix
   local steps=(direct casnix)
   ((r % 2)) || steps=(casnix direct)
   for step in "${steps[@]}"; do
@@ -264,6 +278,7 @@ http_round() {
       continue
     fi
     p=$(free_port)
+    fresh_dir "$RUN/srv-$u" "server-$u"
     start_casnix "$data" --http "127.0.0.1:$p" --http-only --substituters "http://127.0.0.1:${PORT[$u]}"
     wait_http "$p" "$CPID"
     c0=$(cg_cpu casnix) s0=$(cg_cpu "static-$u")
@@ -355,8 +370,9 @@ narinfo_round() {
 # daemon_one NAME RUN: `nix-store --store unix://SOCKET -r PATHS` (Nix 2.8 client) against an empty
 # casnix serve --substituters (NAME casnix) or nix-daemon 2.34 / 2.8 with an empty local store.
 daemon_one() {
-  local name=$1 r=$2 sock dpid c0 s0 k0 t0 t1 dest=$RUN/daemon-$1 up=http://127.0.0.1:${PORT[zstd]}
-  rm -rf "$dest" "$RUN/xdg"
+  local name=$1 r=$2 sock dpid c0 s0 k0 t0 t1 dest=$RUN/dmn/daemon-$1 up=http://127.0.0.1:${PORT[zstd]}
+  rm -rf "$RUN/xdg"
+  fresh_dir "$RUN/dmn" daemon
   mkdir -p "$dest"
   case $name in
   casnix)
@@ -444,10 +460,10 @@ for u in $UPSTREAMS; do
 done
 ubytes=${UPSTREAMS%% *}
 t0=$(now)
-nice -n 10 "$CASNIX" --data-dir "$RUN/casnix-$ubytes" repack >"$RUN/repack.log" 2>&1 || die "repack failed: $(tail -3 "$RUN/repack.log")"
+nice -n 10 "$CASNIX" --data-dir "$RUN/srv-$ubytes/casnix" repack >"$RUN/repack.log" 2>&1 || die "repack failed: $(tail -3 "$RUN/repack.log")"
 M[repack_s]=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')
-M[bytes_casnix_repacked]=$(du -sB1 --exclude=http-cache "$RUN/casnix-$ubytes" | cut -f1)
-nice -n 10 "$CASNIX" --data-dir "$RUN/casnix-$ubytes" verify >"$RUN/verify.log" 2>&1 || die "verify after repack failed: $(tail -3 "$RUN/verify.log")"
+M[bytes_casnix_repacked]=$(du -sB1 --exclude=http-cache "$RUN/srv-$ubytes/casnix" | cut -f1)
+nice -n 10 "$CASNIX" --data-dir "$RUN/srv-$ubytes/casnix" verify >"$RUN/verify.log" 2>&1 || die "verify after repack failed: $(tail -3 "$RUN/verify.log")"
 
 med() { for ((r = 1; r <= RUNS; r++)); do echo "${M[$1:$r]}"; done | median; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }

@@ -41,8 +41,10 @@ BENCH=write
 [[ -f $SRC/nix/var/nix/db/db.sqlite ]] || die "no corpus at $SRC: run bench/build-corpora.sh first"
 command -v nix-daemon >/dev/null || apt-get install -y -q nix-bin >&2
 mkdir -p "$W" "$BENCH_DIR/bin"
-# The destinations (and the backlog) go to a journaled ext4 made afresh for this run (lib.sh's
-# fresh_fs, which says why); FRESH_FS=0 writes them to a directory of BENCH_DIR's filesystem.
+# The backlog goes to a journaled ext4 made afresh for this run, and each copy's destination to
+# one made afresh for that copy (lib.sh's fresh_fs, which says why): a store written where the
+# previous copy's had just been deleted cost its writer more CPU even on a journaled ext4.
+# FRESH_FS=0 writes them to directories of BENCH_DIR's filesystem.
 FRESH_FS=${FRESH_FS:-1}
 [[ $FRESH_FS != 1 ]] || fresh_fs "$W" "$BENCH_DIR/write.img"
 if [[ -z $CASNIX ]]; then
@@ -68,8 +70,13 @@ wait_sock() { # SOCKET PID
 # DAEMON: nix-daemon, casnix (empty data dir), casnix-backlog (a copy of the backlog data dir),
 # casnix-repacking (the same, with casnix repack --idle running on it during the copy).
 run_one() {
-  local who=$1 sock=$W/$1.sock dest=$W/$1-dest pid t0 t1 rpid=
-  rm -rf "$dest" "$sock"
+  local who=$1 sock=$W/$1.sock dest=$W/dest/$1 pid t0 t1 rpid=
+  rm -rf "$sock"
+  if [[ $FRESH_FS == 1 ]]; then
+    fresh_fs "$W/dest" "$BENCH_DIR/write-dest.img"
+  else
+    rm -rf "$W/dest"
+  fi
   mkdir -p "$dest"
   if [[ $who == casnix-backlog || $who == casnix-repacking ]]; then
     rm -rf "$dest"
@@ -146,7 +153,7 @@ met=no
   echo "## Write: nix copy --to casnix serve vs nix-daemon"
   echo
   echo "- $(date -u +%F), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB;" \
-    "commit $(cd "$REPO" && git rev-parse --short HEAD); $(nix --version | head -1); median of $RUNS runs, alternating order, caches dropped$([[ $FRESH_FS == 1 ]] && echo "; destinations on a journaled ext4 made afresh for the run (loop device), not on this machine's journal-less root ext4")"
+    "commit $(cd "$REPO" && git rev-parse --short HEAD); $(nix --version | head -1); median of $RUNS runs, alternating order, caches dropped$([[ $FRESH_FS == 1 ]] && echo "; each destination on a journaled ext4 made afresh for it (loop device), not on this machine's journal-less root ext4")"
   echo "- corpus $CORPUS: $npaths paths, $((narbytes / 1048576)) MiB NAR; client: nix copy --no-check-sigs --all --from local?root=CORPUS (Nix 2.8)"
   echo "- load averages during runs: $(awk '{print $4}' "$W/raw" | xargs)"
   echo
