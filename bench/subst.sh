@@ -46,8 +46,8 @@
 # 2.34-fsync is nix-daemon 2.34 with fsync-store-paths = true, the durability casnix keeps; add 2.8),
 # SID_ROOT, QUIET_BUSY/QUIET_TIMEOUT (wait for other work before each timed step), RESULTS,
 # SECTION (subst.sh: the RESULTS.md section it rewrites; another name keeps a partial run apart),
-# DROP_CACHES (1; 0 keeps the page cache between timed steps, as before), FRESH_FS (1: RUN is a
-# fresh journaled ext4 on a loop device, below; 0: a directory of the filesystem BENCH_DIR is on),
+# DROP_CACHES (1; 0 keeps the page cache between timed steps, as before), FRESH_FS (1: RUN and the
+# steps' stores are fresh journaled ext4s on loop devices, below; 0: directories of BENCH_DIR's),
 # PROFILE=1 (CPU profiles of casnix serve: $BENCH_DIR/subst/run/casnix-*.cpu.pprof, daemon-casnix/),
 # PERF=1 (perf record of casnix serve during each first fetch only: $BENCH_DIR/subst/run/first_*.perf.data),
 # NARINFO (1; 0 skips the narinfo figure).
@@ -529,7 +529,7 @@ echo "$table"
   echo
   echo "$NPATHS output paths of the $CORPUS corpus (PATHS=$PATHS; $((NAR_BYTES / 1000000)) MB of NAR), signed binary caches"
   echo "written by \`nix copy --to file://…?compression=zstd|xz\` (Nix $NIX28), served by a static file server on loopback"
-  echo "(\`cachebench serve\`, sendfile). Before each timed step: sync, $([[ $DROP_CACHES == 1 ]] && echo "the page cache dropped, then the upstream caches (and for the second fetch casnix's data dir) and both sides' binaries read back into it" || echo "the page cache kept (DROP_CACHES=0)")$([[ $FRESH_FS == 1 ]] && echo "; the stores and data dirs written on a journaled ext4 made afresh for the bench run (loop device), not on this machine's journal-less root ext4, whose file creation right after a deletion costs far more"). Client: \`nix copy --from http://… --to local?root=EMPTY PATHS\`"
+  echo "(\`cachebench serve\`, sendfile). Before each timed step: sync, $([[ $DROP_CACHES == 1 ]] && echo "the page cache dropped, then the upstream caches (and for the second fetch casnix's data dir) and both sides' binaries read back into it" || echo "the page cache kept (DROP_CACHES=0)")$([[ $FRESH_FS == 1 ]] && echo "; the client's store on a journaled ext4 made afresh for each step, casnix's data dir or the daemon's store on one made afresh for each casnix or daemon step (loop devices: bench/lib.sh's fresh_fs), not on this machine's journal-less root ext4, whose file creation right after a deletion costs far more"). Client: \`nix copy --from http://… --to local?root=EMPTY PATHS\`"
   echo "(Nix $CLIENTV, fresh narinfo cache each time), signature checked against the upstream key. casnix: a fresh data dir,"
   echo "\`casnix serve --http … --http-only --substituters http://UPSTREAM --trusted-public-keys K --repack-quiet 0\` (defaults"
   echo "otherwise: the NAR cache in DATA_DIR/http-cache, which keeps the upstream zstd and xz files the pull checked, and NARs rendered from the store once served). Daemon rows: \`nix-store --store unix://S -r"
