@@ -189,3 +189,14 @@ fresh_fs() {
   mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$img" || die "mkfs.ext4 of $img failed"
   mount -o loop "$img" "$dir" || die "cannot mount $img (loop device) on $dir"
 }
+
+# fresh_dir DIR IMAGE: DIR empty; with FRESH_FS=1 (the scripts' default) a fresh filesystem in
+# IMAGE (fresh_fs), else a directory of the filesystem it is on.
+fresh_dir() {
+  if [[ ${FRESH_FS:-1} == 1 ]]; then
+    fresh_fs "$1" "$2"
+  else
+    rm -rf "$1"
+    mkdir -p "$1"
+  fi
+}

@@ -101,15 +101,6 @@ mkdir -p "$W/bin" "$RUN"
 # BENCH_DIR's filesystem, as before.
 FRESH_FS=${FRESH_FS:-1}
 [[ $FRESH_FS != 1 ]] || fresh_fs "$RUN" "$W/run.img"
-# fresh_dir DIR NAME: DIR empty, a fresh filesystem (image $W/NAME.img) with FRESH_FS=1.
-fresh_dir() {
-  if [[ $FRESH_FS == 1 ]]; then
-    fresh_fs "$1" "$W/$2.img"
-  else
-    rm -rf "$1"
-    mkdir -p "$1"
-  fi
-}
 if [[ -z $CASNIX ]]; then
   CASNIX=$W/bin/casnix
   log "building casnix from $REPO"
@@ -192,7 +183,6 @@ NIX28=$(nix --version | awk '{ print $NF }')
 NIX234=
 [[ $HAVE234 == 1 ]] && NIX234=$(in_sid "$RUN/sid-nix" "$RUN/sid-tmp" 'nix --version' | awk '{ print $NF }')
 [[ $HAVE234 == 0 || $NIX234 == 2.3[4-9]* ]] || die "the sid root's Nix is $NIX234, not 2.34 or newer"
-cp "$RUN/paths" "$RUN/sid-tmp/paths"
 
 declare -A M
 # fresh_caches [DIR…]: sync, drop the page cache, then read back what the timed step reads on
@@ -215,7 +205,7 @@ WARM=()
 # (client CLIENT), in the cgroup "client"; records NAME:RUN (wall s) and NAME_client_cpu:RUN.
 fetch() {
   local name=$1 r=$2 url=$3 t0 t1 c0
-  fresh_dir "$RUN/sid-tmp" client
+  fresh_dir "$RUN/sid-tmp" "$W/client.img"
   cp "$RUN/paths" "$RUN/sid-tmp/paths"
   fresh_caches "${WARM[@]}"
   M[busy_$name:$r]=$(wait_quiet)
@@ -278,7 +268,7 @@ http_round() {
       continue
     fi
     p=$(free_port)
-    fresh_dir "$RUN/srv-$u" "server-$u"
+    fresh_dir "$RUN/srv-$u" "$W/server-$u.img"
     start_casnix "$data" --http "127.0.0.1:$p" --http-only --substituters "http://127.0.0.1:${PORT[$u]}"
     wait_http "$p" "$CPID"
     c0=$(cg_cpu casnix) s0=$(cg_cpu "static-$u")
@@ -372,7 +362,7 @@ narinfo_round() {
 daemon_one() {
   local name=$1 r=$2 sock dpid c0 s0 k0 t0 t1 dest=$RUN/dmn/daemon-$1 up=http://127.0.0.1:${PORT[zstd]}
   rm -rf "$RUN/xdg"
-  fresh_dir "$RUN/dmn" daemon
+  fresh_dir "$RUN/dmn" "$W/daemon.img"
   mkdir -p "$dest"
   case $name in
   casnix)

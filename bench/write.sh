@@ -72,11 +72,7 @@ wait_sock() { # SOCKET PID
 run_one() {
   local who=$1 sock=$W/$1.sock dest=$W/dest/$1 pid t0 t1 rpid=
   rm -rf "$sock"
-  if [[ $FRESH_FS == 1 ]]; then
-    fresh_fs "$W/dest" "$BENCH_DIR/write-dest.img"
-  else
-    rm -rf "$W/dest"
-  fi
+  fresh_dir "$W/dest" "$BENCH_DIR/write-dest.img"
   mkdir -p "$dest"
   if [[ $who == casnix-backlog || $who == casnix-repacking ]]; then
     rm -rf "$dest"
