@@ -176,7 +176,7 @@ start_weed() {
 # logs), until the next run of it.
 fresh_fs() {
   local dir=$1 img=$2
-  ! mountpoint -q "$dir" || umount -R "$dir" || die "cannot unmount the last run's $dir"
+  unmount_fs "$dir"
   rm -rf "$dir" "$img"
   mkdir -p "$dir"
   truncate -s 16G "$img"
@@ -190,12 +190,19 @@ fresh_fs() {
   mount -o loop "$img" "$dir" || die "cannot mount $img (loop device) on $dir"
 }
 
+# unmount_fs DIR: unmount what fresh_fs left mounted on DIR (and inside it), if anything.
+unmount_fs() {
+  ! mountpoint -q "$1" || umount -R "$1" || die "cannot unmount the last run's $1"
+}
+
 # fresh_dir DIR IMAGE: DIR empty; with FRESH_FS=1 (the scripts' default) a fresh filesystem in
-# IMAGE (fresh_fs), else a directory of the filesystem it is on.
+# IMAGE (fresh_fs), else a directory of the filesystem it is on (a previous run's filesystem
+# unmounted first).
 fresh_dir() {
   if [[ ${FRESH_FS:-1} == 1 ]]; then
     fresh_fs "$1" "$2"
   else
+    unmount_fs "$1"
     rm -rf "$1"
     mkdir -p "$1"
   fi

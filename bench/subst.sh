@@ -100,7 +100,7 @@ mkdir -p "$W/bin" "$RUN"
 # (the second fetch) spent 1.2 s more CPU than on a fresh one. FRESH_FS=0: directories of
 # BENCH_DIR's filesystem, as before.
 FRESH_FS=${FRESH_FS:-1}
-[[ $FRESH_FS != 1 ]] || fresh_fs "$RUN" "$W/run.img"
+if [[ $FRESH_FS == 1 ]]; then fresh_fs "$RUN" "$W/run.img"; else unmount_fs "$RUN"; fi
 if [[ -z $CASNIX ]]; then
   CASNIX=$W/bin/casnix
   log "building casnix from $REPO"

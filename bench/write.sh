@@ -46,7 +46,7 @@ mkdir -p "$W" "$BENCH_DIR/bin"
 # previous copy's had just been deleted cost its writer more CPU even on a journaled ext4.
 # FRESH_FS=0 writes them to directories of BENCH_DIR's filesystem.
 FRESH_FS=${FRESH_FS:-1}
-[[ $FRESH_FS != 1 ]] || fresh_fs "$W" "$BENCH_DIR/write.img"
+if [[ $FRESH_FS == 1 ]]; then fresh_fs "$W" "$BENCH_DIR/write.img"; else unmount_fs "$W"; fi
 if [[ -z $CASNIX ]]; then
   CASNIX=$BENCH_DIR/bin/casnix
   log "building casnix from $REPO"
