@@ -2,7 +2,6 @@ package binarycache
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"errors"
@@ -21,12 +20,13 @@ import (
 // while it arrives: the HTTP pull-through cache streams it to its clients
 // and the store ingests it, from one upstream request.
 //
-// A reader gets the bytes as they are written, except the NAR's last
-// SpoolHoldBack bytes, which it gets only once the whole download checked
-// out; a download that fails fails every reader instead. So a reader never
-// sees a complete NAR that is not the one the narinfo describes: a NAR
-// that is cut off, too long or of the wrong hash is missing its end, and
-// its readers get the error.
+// A reader of the NAR gets the bytes as they are written, except the
+// NAR's last SpoolHoldBack bytes, which it gets only once the whole
+// download checked out; a download that fails fails every reader instead.
+// So a reader never sees a complete NAR that is not the one the narinfo
+// describes: a NAR that is cut off, too long or of the wrong hash is
+// missing its end, and its readers get the error. (A raw reader, of the
+// file as downloaded, is released by the file's length: NewRawReader.)
 //
 // The file is unlinked as soon as it is created (nothing to clean up after
 // a crash) and closed when the download and every reader are done with it
@@ -59,20 +59,22 @@ type Spool struct {
 	rawN   int64 // bytes of raw written
 	rawEnd bool  // the download of raw ended (rawErr: how)
 	rawErr error
-	// rawOK: raw is whole and may be read to its end: it matched the
-	// narinfo's FileHash (and FileSize) as it ended, or the whole download
+	// rawOK: raw is whole and may be read to its end: the body ended
+	// cleanly at the narinfo's FileSize (lazy), or the whole download
 	// checked out.
 	rawOK bool
 	dir   string
 
-	// lazy (EnableRaw with a FileHash): the download only writes and
-	// checks the file (its FileHash and FileSize release raw readers);
-	// the NAR is decoded and checked only when a NAR reader asks for it
-	// (startCheck), or by whoever ingests from a raw reader (FetchNAR
-	// over it, then NARChecked). So a pull whose clients take the file
-	// verbatim and whose ingest runs at idle priority decodes nothing on
-	// an ordinary thread (Go's xz decoder costs several times what the
-	// client's liblzma does).
+	// lazy (EnableRaw with a FileSize): the download only writes the
+	// file (its length, a clean end at FileSize, releases raw readers);
+	// the NAR is decoded and checked, and the file's FileHash with it,
+	// only when a NAR reader asks for it (startCheck), or by whoever
+	// ingests from a raw reader (FetchNAR over it, then NARChecked). So a
+	// pull whose clients take the file verbatim and whose ingest runs at
+	// idle priority decodes and hashes nothing on an ordinary thread (Go's
+	// xz decoder costs several times what the client's liblzma does, and
+	// the FileHash's SHA-256 alone was a third of a pull-through's CPU
+	// while its client copied).
 	lazy         bool
 	checkStarted bool
 	// nDone, nErr: the NAR check ended, and how (what NAR readers get);
@@ -183,7 +185,7 @@ func (sp *Spool) createNARFile() error {
 }
 
 // RawHoldBack is how many of the downloaded file's last bytes raw readers
-// get only once the file is known whole and right. Withheld bytes of a
+// get only once the file is known whole. Withheld bytes of a
 // compressed stream withhold at least as many bytes of the NAR (a zstd
 // block is at most 128 KiB and decodes only whole; an xz stream's index
 // and footer are far smaller), so a raw reader held back short of them
@@ -193,7 +195,9 @@ const RawHoldBack = 256 << 10
 // EnableRaw makes the spool keep the file as downloaded for raw readers
 // (NewRawReader); call it before Fetch.
 func (sp *Spool) EnableRaw() error {
-	sp.lazy = sp.Info.FileHash != nil
+	// Without a FileSize the file's length proves nothing (a body cut
+	// off can end cleanly), so its raw readers wait for the NAR's check.
+	sp.lazy = sp.Info.FileSize > 0
 	if sp.adoptKeep() {
 		return nil
 	}
@@ -210,8 +214,8 @@ func (sp *Spool) EnableRaw() error {
 func (sp *Spool) HasRaw() bool { return sp.raw != nil }
 
 // download copies the body to the raw file as fast as it arrives (capped
-// at what the narinfo allows), hashing it, so raw readers are released by
-// the file's own check (FileHash) without waiting for the NAR's.
+// at what the narinfo allows), so that a lazy spool's raw readers are
+// released by the file's length without waiting for the NAR's check.
 type download struct {
 	sp   *Spool
 	rc   io.ReadCloser
@@ -235,7 +239,6 @@ func (d *download) run() {
 	if limit == 0 {
 		limit = maxFileSize(in.NarSize)
 	}
-	h := sha256.New()
 	buf := getBuf()
 	defer putBuf(buf)
 	var n int64
@@ -252,15 +255,10 @@ func (d *download) run() {
 				break
 			}
 			n += int64(k)
-			// Readers may have the bytes before they are hashed: what is
-			// not checked yet is the file's end, which raw readers get
-			// only once the hash matched (rawOK). They go on meanwhile,
-			// on the other core.
 			sp.advanceRaw(n)
 			if sp.keep != nil && !sp.keepIsRaw {
 				sp.keep.Write(buf[:k])
 			}
-			h.Write(buf[:k])
 		}
 		if rerr == io.EOF {
 			break
@@ -270,7 +268,16 @@ func (d *download) run() {
 			break
 		}
 	}
-	ok := err == nil && in.FileHash != nil && bytes.Equal(h.Sum(nil), in.FileHash) && (in.FileSize == 0 || n == in.FileSize)
+	// The file is not hashed here: its FileHash is checked by the NAR's
+	// check (the ingest's or startCheck's decode), before the store or
+	// the NAR cache keeps anything. A raw reader gets the end of a file
+	// of the right length before that, as a client of the upstream
+	// would: the narinfo's signature covers the NAR (its hash and size),
+	// not the file, and Nix checks the NAR's hash of every NAR it
+	// substitutes, not the file's (nor do casnix's own narinfos name it).
+	// The file's length still keeps a cut-off or overlong file's end from
+	// every reader.
+	ok := err == nil && in.FileSize > 0 && n == in.FileSize
 	sp.mu.Lock()
 	sp.rawEnd, sp.rawErr, sp.rawOK = true, err, ok
 	sp.wakeLocked()
@@ -315,8 +322,8 @@ func (d *download) stop() {
 
 // Fetch downloads the NAR from src into the spool and checks it; its
 // error is also what readers get. It must be called once. A lazy spool's
-// Fetch checks the file only (FileHash, FileSize); its NAR is checked by
-// startCheck or by the ingest.
+// Fetch checks the file's length only (FileSize); its NAR and the file's
+// FileHash are checked by startCheck or by the ingest.
 func (sp *Spool) Fetch(ctx context.Context, src Source) (err error) {
 	defer func() {
 		sp.finish(err)
@@ -343,8 +350,7 @@ func (sp *Spool) Fetch(ctx context.Context, src Source) (err error) {
 			return fmt.Errorf("%s: %w", in.URL, rawErr) // a transient error stays one
 		}
 		if !ok {
-			return fmt.Errorf("%s: file hash or size mismatch: the file is not the one the narinfo names (FileHash sha256:%s, FileSize %d)",
-				in.URL, store.NixBase32(in.FileHash), in.FileSize)
+			return fmt.Errorf("%s: file size mismatch: the body ended short of the narinfo's FileSize %d", in.URL, in.FileSize)
 		}
 		return nil
 	}
@@ -433,7 +439,7 @@ func (sp *Spool) finish(err error) {
 	defer sp.mu.Unlock()
 	sp.done, sp.err = true, err
 	if err == nil && sp.raw != nil {
-		sp.rawOK = true // the file decoded to the NAR, which checked out (or, lazy, matched FileHash)
+		sp.rawOK = true // the file decoded to the NAR, which checked out (or, lazy, is of its FileSize)
 	}
 	if !sp.lazy || err != nil {
 		// A failed download fails the NAR's readers too, checked or not.
@@ -587,9 +593,11 @@ func (sp *Spool) rawLimit() (lim int64, done bool, err error, wake <-chan struct
 // NewRawReader opens a reader of the file as downloaded (the compressed
 // NAR, Info.Compression), for sending it on verbatim: it follows the
 // download as it arrives and gets the file's last RawHoldBack bytes only
-// once the file matched the narinfo's FileHash and FileSize or, without a
-// FileHash, once the whole NAR checked out; a download that fails fails
-// it instead. Nil if the spool keeps no file (EnableRaw) or is closed.
+// once the body ended cleanly at the narinfo's FileSize (a lazy spool:
+// the reader's client checks the NAR's hash, as it would from the
+// upstream, and the store and the NAR cache keep the file only once its
+// NAR and FileHash checked out) or, without a FileSize, once the whole
+// NAR checked out; a download that fails fails it instead. Nil if the spool keeps no file (EnableRaw) or is closed.
 func (sp *Spool) NewRawReader(ctx context.Context) *SpoolReader {
 	if sp.raw == nil {
 		return nil

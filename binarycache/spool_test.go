@@ -266,11 +266,14 @@ func TestSpoolCheckedReader(t *testing.T) {
 }
 
 // TestSpoolRawReader: a raw reader gets the downloaded (zstd) file as it
-// arrives, short of its last RawHoldBack bytes, which come once the file
-// matched the narinfo's FileHash and FileSize or, without a FileHash, once
-// the whole NAR checked out. A file that is cut off, too long or not the
-// one the narinfo names never reaches its end: the reader gets the error.
-// The NAR readers (the ingest) follow the same download.
+// arrives, short of its last RawHoldBack bytes, which come once the body
+// ended cleanly at the narinfo's FileSize or, without a FileSize, once the
+// whole NAR checked out. A file that is cut off or too long never reaches
+// its end: the reader gets the error. A file of the right length that is
+// not the one named (its FileHash) or holds another NAR (its NarHash)
+// reaches the raw reader whole, whose client checks the NAR's hash as it
+// would from the upstream, and is not stored: the NAR readers (the
+// ingest), which follow the same download, check both.
 func TestSpoolRawReader(t *testing.T) {
 	data := make([]byte, 1<<20)
 	for i := range data {
@@ -291,6 +294,8 @@ func TestSpoolRawReader(t *testing.T) {
 	}
 	narHash := sha256.Sum256(good)
 	fileHash := sha256.Sum256(file)
+	damaged := bytes.Clone(file)
+	damaged[len(damaged)/2] ^= 1
 	info := func() *Info {
 		return &Info{Name: pathA, URL: "nar/x.nar.zst", Compression: "zstd", NarHash: narHash, NarSize: int64(len(good)),
 			FileHash: fileHash[:], FileSize: int64(len(file))}
@@ -305,7 +310,11 @@ func TestSpoolRawReader(t *testing.T) {
 	}{
 		{name: "good", file: file, rawOK: true},
 		{name: "good without FileHash", file: file, in: func(in *Info) { in.FileHash, in.FileSize = nil, 0 }, rawOK: true},
-		{name: "wrong FileHash", file: file, in: func(in *Info) { in.FileHash = make([]byte, 32) }, wantErr: errAny},
+		{name: "good without FileHash, with FileSize", file: file, in: func(in *Info) { in.FileHash = nil }, rawOK: true},
+		// The file is not hashed as it arrives (the NAR's check hashes it):
+		// of the right length, it is released; the ingest refuses it.
+		{name: "wrong FileHash", file: file, in: func(in *Info) { in.FileHash = make([]byte, 32) }, rawOK: true, wantErr: errAny, fileOK: true},
+		{name: "damaged, of the right length", file: damaged, rawOK: true, wantErr: errAny, fileOK: true},
 		{name: "FileSize too big", file: file, in: func(in *Info) { in.FileSize++ }, wantErr: errAny},
 		{name: "too long", file: append(bytes.Clone(file), 0), wantErr: ErrTooLong},
 		{name: "cut off", file: file[:len(file)-RawHoldBack/2], wantErr: io.ErrUnexpectedEOF},
@@ -368,10 +377,10 @@ func TestSpoolRawReader(t *testing.T) {
 			got = append(got, rest...)
 			ferr := <-fetched
 			if tc.rawOK {
-				if rerr != nil && !errors.Is(rerr, tc.wantErr) || !bytes.Equal(got[:min(len(got), len(file))], file[:min(len(got), len(file))]) || len(got) != len(file) && rerr == nil {
-					t.Fatalf("raw reader: %d of %d bytes, %v", len(got), len(file), rerr)
+				if rerr != nil && !errors.Is(rerr, tc.wantErr) || !bytes.Equal(got[:min(len(got), len(tc.file))], tc.file[:min(len(got), len(tc.file))]) || len(got) != len(tc.file) && rerr == nil {
+					t.Fatalf("raw reader: %d of %d bytes, %v", len(got), len(tc.file), rerr)
 				}
-				if tc.wantErr == nil && (rerr != nil || len(got) != len(file)) {
+				if (tc.wantErr == nil || tc.fileOK) && (rerr != nil || len(got) != len(tc.file)) {
 					t.Fatalf("raw reader: %d of %d bytes, %v", len(got), len(file), rerr)
 				}
 			} else if rerr == nil || len(got) >= len(tc.file) && len(got) >= len(file) {
@@ -389,7 +398,7 @@ func TestSpoolRawReader(t *testing.T) {
 			if ok, _ := dst.IsValid(context.Background(), pathA); ok != (tc.wantErr == nil) || (ierr == nil) != (tc.wantErr == nil) {
 				t.Fatalf("ingest: %v, valid %v", ierr, ok)
 			}
-			if tc.fileOK && !errors.Is(ierr, tc.wantErr) {
+			if tc.fileOK && (ierr == nil || tc.wantErr != errAny && !errors.Is(ierr, tc.wantErr)) {
 				t.Fatalf("ingest: %v, want %v", ierr, tc.wantErr)
 			}
 			r.Close()
@@ -430,8 +439,8 @@ func (c *fakeCopy) Write(p []byte) (int, error) {
 func (c *fakeCopy) Commit() { c.mu.Lock(); c.commits++; c.mu.Unlock(); close(c.finished) }
 func (c *fakeCopy) Abort()  { c.mu.Lock(); c.aborts++; c.mu.Unlock(); close(c.finished) }
 
-// TestSpoolLazy: a spool keeping its file with a FileHash is lazy: its
-// download checks the file only, an ingest from a raw reader (IngestFile)
+// TestSpoolLazy: a spool keeping its file with a FileSize is lazy: its
+// download checks the file's length only, an ingest from a raw reader (IngestFile)
 // decodes and checks the NAR itself and nothing else decodes it (no NAR
 // check starts), and the file's copy is kept only once that ingest checked
 // the NAR (NARChecked); a NAR that does not match NarHash is not stored and
@@ -458,7 +467,7 @@ func TestSpoolLazy(t *testing.T) {
 		c := &fakeCopy{finished: make(chan struct{})}
 		sp.Keep(c)
 		if !sp.Lazy() {
-			t.Fatal("a spool keeping its file, with a FileHash, is not lazy")
+			t.Fatal("a spool keeping its file, with a FileSize, is not lazy")
 		}
 		rd := sp.NewRawReader(context.Background())
 		pr, pw := io.Pipe()
