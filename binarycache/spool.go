@@ -73,7 +73,7 @@ type Spool struct {
 	// pull whose clients take the file verbatim and whose ingest runs at
 	// idle priority decodes and hashes nothing on an ordinary thread (Go's
 	// xz decoder costs several times what the client's liblzma does, and
-	// the FileHash's SHA-256 alone was a third of a pull-through's CPU
+	// the FileHash's SHA-256 alone was a quarter of a pull-through's CPU
 	// while its client copied).
 	lazy         bool
 	checkStarted bool
@@ -597,7 +597,8 @@ func (sp *Spool) rawLimit() (lim int64, done bool, err error, wake <-chan struct
 // the reader's client checks the NAR's hash, as it would from the
 // upstream, and the store and the NAR cache keep the file only once its
 // NAR and FileHash checked out) or, without a FileSize, once the whole
-// NAR checked out; a download that fails fails it instead. Nil if the spool keeps no file (EnableRaw) or is closed.
+// NAR checked out; a download that fails fails it instead. Nil if the
+// spool keeps no file (EnableRaw) or is closed.
 func (sp *Spool) NewRawReader(ctx context.Context) *SpoolReader {
 	if sp.raw == nil {
 		return nil
