@@ -528,14 +528,15 @@ func TestKillDuringCopy(t *testing.T) {
 		os.RemoveAll(scratch.DataDir)
 		t.Logf("a copy of every root into an empty store takes %s", r.Duration.Round(time.Millisecond))
 	}
-	// When a copy's uploads start (the daemon has read uploadMark bytes) and how long
-	// they last until the copy ends, per client (a client in a root starts slower),
-	// refined by every copy: the kills are spread over before, during and after the
-	// uploads from these.
-	type copyTiming struct{ firstData, upload time.Duration }
-	timing := map[string]*copyTiming{}
+	// When a copy's uploads start (the daemon has read uploadMark bytes), per client (a
+	// client in a root starts slower), refined by every copy: the early kills are spread
+	// over the time before it.
+	firstData := map[string]time.Duration{}
 	for _, cl := range clients {
-		timing[cl.c.Suite] = &copyTiming{firstData: 300 * time.Millisecond, upload: 200 * time.Millisecond}
+		firstData[cl.c.Suite] = 300 * time.Millisecond
+	}
+	if readBytes(sp.cmd.Process.Pid) == 0 {
+		t.Fatalf("cannot read how many bytes casnix has read from /proc/%d/io: the kills in the uploads are placed by it", sp.cmd.Process.Pid)
 	}
 
 	var valid map[string]*proto.PathInfo // after the last check
@@ -562,19 +563,27 @@ func TestKillDuringCopy(t *testing.T) {
 			}
 		}
 
+		// Roots, big ones half the time, mostly ones not yet valid: a closure wholly
+		// present has no uploads to land a kill in.
 		roots := make([]string, 1+rng.IntN(3))
 		for i := range roots {
+			pool := ks.roots
 			if rng.IntN(2) == 0 {
-				roots[i] = ks.big[rng.IntN(len(ks.big))]
-			} else {
-				roots[i] = ks.roots[rng.IntN(len(ks.roots))]
+				pool = ks.big
+			}
+			roots[i] = pool[rng.IntN(len(pool))]
+			for try := 0; try < 3 && valid[roots[i]] != nil; try++ {
+				roots[i] = pool[rng.IntN(len(pool))]
 			}
 		}
 		closure := ks.closure(roots)
 		present := 0
+		var missing int64 // NAR bytes the copy has to send
 		for _, p := range closure {
 			if _, ok := valid[p]; ok {
 				present++
+			} else {
+				missing += int64(ks.want[p].NarSize)
 			}
 		}
 		if present > 0 && present < len(closure) {
@@ -587,20 +596,22 @@ func TestKillDuringCopy(t *testing.T) {
 		readBefore := readBytes(sp.cmd.Process.Pid)
 		copyStart := time.Now()
 		go func() { copyDone <- copyCmd.Try() }()
-		// The kill: a fifth at a random point before the uploads are expected to
-		// start (nix starting, asking what is valid), most once the daemon has read the
-		// first 64 KiB of NARs, at a random point of the expected upload time (NARs
-		// arriving, packs written, commits), the rest within 100ms after the copy ended.
-		ct := timing[cl.c.Suite]
-		kind := rng.Float64()
-		var delay time.Duration // from copyStart, or from the upload's start
-		switch {
-		case kind < 0.2:
-			delay = time.Duration(rng.Float64() * float64(ct.firstData))
-		case kind < 0.8:
-			delay = time.Duration(rng.Float64() * 1.2 * float64(ct.upload))
-		default:
+		// The kill, in turns of five cycles (so that every run has each kind, for both
+		// clients): one at a random point before the uploads are expected to start (nix
+		// starting, asking what is valid); three once the daemon has read a random number
+		// of bytes between uploadMark and nine tenths of the NARs the copy must send
+		// (NARs arriving, packs written, commits: placed by the bytes, not by time, so
+		// that a fast machine does not finish every copy first), or early when the copy
+		// has too little to send; one within 100ms after the copy ended.
+		var delay time.Duration // from copyStart
+		var readTarget int64    // bytes read by the daemon since copyStart
+		switch kind := cycle % 5; {
+		case kind == 4:
 			delay = time.Hour
+		case kind > 0 && missing*9/10 > uploadMark:
+			readTarget = uploadMark + rng.Int64N(missing*9/10-uploadMark)
+		default:
+			delay = time.Duration(rng.Float64() * float64(firstData[cl.c.Suite]))
 		}
 		var res *nixtest.Result
 		var uploadStart time.Time
@@ -612,11 +623,11 @@ func TestKillDuringCopy(t *testing.T) {
 				break wait
 			case <-time.After(2 * time.Millisecond):
 			}
-			if uploadStart.IsZero() && readBytes(sp.cmd.Process.Pid)-readBefore >= uploadMark {
+			read := readBytes(sp.cmd.Process.Pid) - readBefore
+			if uploadStart.IsZero() && read >= uploadMark {
 				uploadStart = time.Now()
 			}
-			if kind < 0.2 && time.Since(copyStart) >= delay ||
-				kind < 0.8 && !uploadStart.IsZero() && time.Since(uploadStart) >= delay {
+			if readTarget > 0 && read >= readTarget || readTarget == 0 && time.Since(copyStart) >= delay {
 				break
 			}
 		}
@@ -642,10 +653,7 @@ func TestKillDuringCopy(t *testing.T) {
 			}
 		}
 		if !uploadStart.IsZero() {
-			ct.firstData = (3*ct.firstData + uploadStart.Sub(copyStart)) / 4
-			if acked {
-				ct.upload = (3*ct.upload + max(copyStart.Add(res.Duration).Sub(uploadStart), 10*time.Millisecond)) / 4
-			}
+			firstData[cl.c.Suite] = (3*firstData[cl.c.Suite] + uploadStart.Sub(copyStart)) / 4
 		}
 		if acked {
 			st.acked++
@@ -697,8 +705,8 @@ func TestKillDuringCopy(t *testing.T) {
 		}
 		valid = sc.valid
 		if testing.Verbose() && (cycle < 20 || cycle%50 == 0) {
-			t.Logf("cycle %d (%s): %d roots, closure %d paths (%d present), kill after %s (uploads expected after %s, for %s), copy ok %v; %d valid, %d owed",
-				cycle, cl.c.Suite, len(roots), len(closure), present, killedAt.Round(time.Millisecond), ct.firstData.Round(time.Millisecond), ct.upload.Round(time.Millisecond), acked, len(valid), len(owed))
+			t.Logf("cycle %d (%s): %d roots, closure %d paths (%d present, %d NAR bytes to send), kill after %s (at %d bytes read; uploads expected after %s), copy ok %v; %d valid, %d owed",
+				cycle, cl.c.Suite, len(roots), len(closure), present, missing, killedAt.Round(time.Millisecond), readTarget, firstData[cl.c.Suite].Round(time.Millisecond), acked, len(valid), len(owed))
 		}
 	}
 	t.Logf("kill-cycles summary: %d cycles (%s), kills mid-copy %d (%d of them after the daemon had read %d KiB of it), after the copy's last reply %d; nix copy exit 0 with an ignored error (not acknowledged) %d; copies acknowledged %d (%d of closures partly present), deletions %d (%d refused: alive); acknowledged paths checked %d; losses %d, invalid states %d, manual restarts %d; full verifies %d; wall time %s (copying until the kill %s, restarts %s, checks %s); data dir %s",
@@ -708,8 +716,8 @@ func TestKillDuringCopy(t *testing.T) {
 	if t.Failed() {
 		return
 	}
-	if st.midCopy == 0 || st.acked == 0 {
-		t.Errorf("%d kills landed mid-copy and %d copies were acknowledged: the cycles did not test both", st.midCopy, st.acked)
+	if st.midUpload == 0 || st.acked == 0 {
+		t.Errorf("%d kills landed in a copy's uploads and %d copies were acknowledged: the cycles did not test both", st.midUpload, st.acked)
 	}
 	killCheckSelfTest(t, cas, sock, sp, host, ks, log)
 }
