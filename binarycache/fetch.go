@@ -340,10 +340,11 @@ func (c *cappedReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// maxFileSize bounds a compressed cache file whose narinfo gives no
-// FileSize: none, xz, bzip2 and zstd all expand incompressible data by far
-// less than a quarter, so anything longer is not an honest compression of
-// a NAR of narSize bytes (it could be endless padding or skippable frames).
+// maxFileSize bounds a compressed cache file (a narinfo's FileSize, or the
+// download when it gives none): none, xz, bzip2 and zstd all expand
+// incompressible data by far less than a quarter, so anything longer is not
+// an honest compression of a NAR of narSize bytes (it could be endless
+// padding or skippable frames).
 func maxFileSize(narSize int64) int64 { return narSize + narSize/4 + 1<<20 }
 
 // FetchNAR downloads in's NAR from src, once, and commits it to st if the

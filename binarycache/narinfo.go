@@ -180,6 +180,12 @@ func fromNarinfo(n *narinfo.NarInfo, storeDir string) (*Info, error) {
 		return nil, bad("FileSize %d out of range", n.FileSize)
 	}
 	in.FileSize = int64(n.FileSize)
+	// FileSize is not covered by the signature, and a download is capped at it: bound it
+	// by what any compression of the signed NarSize could make, so that an upstream cannot
+	// have a fetch write more than that before the NAR's check refuses it.
+	if in.FileSize > maxFileSize(in.NarSize) {
+		return nil, bad("FileSize %d is more than any compression of NarSize %d makes", in.FileSize, in.NarSize)
+	}
 	if in.Compression == "none" {
 		if in.FileSize != 0 && in.FileSize != in.NarSize {
 			return nil, bad("uncompressed but FileSize %d differs from NarSize %d", in.FileSize, in.NarSize)

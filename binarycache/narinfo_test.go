@@ -55,6 +55,9 @@ func TestParseNarinfo(t *testing.T) {
 		{"bad deriver", "Deriver: d0hj", "Deriver: /d0hj", "deriver"},
 		{"unknown key", "CA:", "Foo:", "unknown key"},
 		{"uncompressed size", "Compression: xz", "Compression: none", "FileSize"},
+		// maxFileSize(648) = 1049386: no compression of 648 bytes makes more.
+		{"file beyond any compression", "FileSize: 192", "FileSize: 1049387", "more than any compression"},
+		{"huge file", "FileSize: 192", "FileSize: 1125899906842624", "FileSize"},
 	}
 	for _, tc := range bad {
 		t.Run(tc.name, func(t *testing.T) {
@@ -67,6 +70,9 @@ func TestParseNarinfo(t *testing.T) {
 				t.Errorf("got %v, want ErrBadNarinfo mentioning %q", err, tc.want)
 			}
 		})
+	}
+	if in, err := ParseNarinfo(strings.NewReader(strings.Replace(goodNarinfo, "FileSize: 192", "FileSize: 1049386", 1)), "/nix/store"); err != nil || in.FileSize != 1049386 {
+		t.Errorf("FileSize at the bound: %v", err)
 	}
 	if _, err := ParseNarinfo(strings.NewReader(strings.Repeat("References: \n", maxNarinfo/12)), "/nix/store"); err == nil {
 		t.Error("oversized narinfo accepted")
