@@ -11,6 +11,10 @@
 #           same client fetching the same paths through an EMPTY `casnix serve --http ADDR
 #           --substituters http://UPSTREAM --trusted-public-keys K` (HTTP pull-through: each
 #           narinfo a client asks for makes casnix fetch the closure first). Target ≤ 1.1× time.
+#   proxy   the same client through a plain streaming reverse proxy in front of the upstream
+#           (bench/cmd/cachebench proxy, PROXY=1: no disk, no cache, no checks), against the same
+#           direct fetch: what the least an HTTP intermediary does costs on this machine, beside
+#           the first fetch's ratio. Not a target, and not casnix's anchor.
 #   second  casnix now holding the paths: the same `nix copy --from http://casnix` into another
 #           empty store, against the same from the static server of the zstd cache (a prebuilt
 #           cache of the same paths). Target ≥ 0.8× the static server's speed.
@@ -50,7 +54,7 @@
 # steps' stores are fresh journaled ext4s on loop devices, below; 0: directories of BENCH_DIR's),
 # PROFILE=1 (CPU profiles of casnix serve: $BENCH_DIR/subst/run/casnix-*.cpu.pprof, daemon-casnix/),
 # PERF=1 (perf record of casnix serve during each first fetch only: $BENCH_DIR/subst/run/first_*.perf.data),
-# NARINFO (1; 0 skips the narinfo figure).
+# NARINFO (1; 0 skips the narinfo figure), PROXY (1; 0 skips the plain proxy's first fetch).
 # Run it at nice 0: only the build, the upstream caches' making, repack and verify run at nice 10.
 set -Eeuo pipefail
 
@@ -66,6 +70,7 @@ DAEMON_ANCHORS=${DAEMON_ANCHORS:-2.34 2.34-fsync}
 PROFILE=${PROFILE:-0}
 PERF=${PERF:-0}
 NARINFO=${NARINFO:-1}
+PROXY=${PROXY:-1}
 SID_ROOT=${SID_ROOT:-/var/cache/casnix-tests/roots/sid}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=bench/lib.sh
@@ -117,10 +122,10 @@ cleanup() {
   local p
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  cg_rm client casnix daemon static-zstd static-xz
+  cg_rm client casnix daemon proxy static-zstd static-xz
 }
 trap cleanup EXIT
-cg_new client casnix daemon
+cg_new client casnix daemon proxy
 
 # The paths: every output (no .drv), references first; PATHS=N keeps the closure of the first N.
 if [[ ! -s $W/paths.$CORPUS || $W/paths.$CORPUS -ot $SRC/nix/var/nix/db/db.sqlite ]]; then
@@ -254,13 +259,31 @@ stop() {
 }
 hwm() { awk '/^VmHWM:/ { print $2 * 1024 }' "/proc/$1/status"; }
 
-# http_round RUN UPSTREAM: direct fetch from UPSTREAM, first fetch through an empty casnix pulling
-# from it, and (zstd) the second fetch from that casnix; the order alternates with the run.
+# http_round RUN UPSTREAM: direct fetch from UPSTREAM, (PROXY=1) the same through a plain reverse
+# proxy, first fetch through an empty casnix pulling from it, and (zstd) the second fetch from that
+# casnix; the order rotates with the run.
 http_round() {
-  local r=$1 u=$2 step c0 s0 p data=$RUN/srv-$2/casnix
+  local r=$1 u=$2 step c0 s0 p k data=$RUN/srv-$2/casnix
   local steps=(direct casnix)
-  ((r % 2)) || steps=(casnix direct)
+  [[ $PROXY == 0 ]] || steps=(direct proxy casnix)
+  k=$(((r - 1) % ${#steps[@]}))
+  steps=("${steps[@]:k}" "${steps[@]:0:k}")
   for step in "${steps[@]}"; do
+    if [[ $step == proxy ]]; then
+      p=$(free_port)
+      "$W/bin/cachebench" proxy -to "http://127.0.0.1:${PORT[$u]}" -addr "127.0.0.1:$p" &
+      local ppid=$!
+      PIDS+=($ppid)
+      cg_add proxy "$ppid"
+      wait_http "$p" "$ppid"
+      c0=$(cg_cpu proxy) s0=$(cg_cpu "static-$u")
+      fetch "proxy_$u" "$r" "http://127.0.0.1:$p"
+      server_cpu "proxy_$u" "$r" proxy "$c0"
+      server_cpu "proxy_$u" "$r" "static-$u" "$s0"
+      stop "$ppid"
+      log "run $r $u through a plain proxy: ${M[proxy_$u:$r]} s (client ${M[proxy_${u}_client_cpu:$r]} s, proxy ${M[proxy_${u}_proxy_cpu:$r]} s CPU)"
+      continue
+    fi
     if [[ $step == direct ]]; then
       s0=$(cg_cpu "static-$u")
       fetch "direct_$u" "$r" "http://127.0.0.1:${PORT[$u]}"
@@ -467,7 +490,7 @@ lo() { for ((r = 1; r <= RUNS; r++)); do printf '%s%s' "${M[load_$1:$r]}" "$( ((
 # cpus NAME: "client C s, casnix S s, upstream U s" medians of NAME's CPU seconds.
 cpus() {
   local k out=
-  for k in client casnix daemon static-zstd static-xz; do
+  for k in client casnix daemon proxy static-zstd static-xz; do
     [[ -n ${M[$1_${k}_cpu:1]:-} ]] || continue
     out+="${out:+, }${k/static-*/upstream server} $(med "$1_${k}_cpu")"
   done
@@ -480,6 +503,10 @@ for u in $UPSTREAMS; do
   f=$(med "first_$u") d=$(med "direct_$u") q=$(ratio "$(med "first_$u")" "$(med "direct_$u")")
   table+="
 | first fetch, $u upstream: nix copy --from http:// (Nix $CLIENTV) wall s; CPU s | through an empty casnix serve --http (pull-through): $f s ($(mbps "$f") MB/s); CPU: $(cpus "first_$u") | straight from the upstream: $d s ($(mbps "$d") MB/s); CPU: $(cpus "direct_$u") | $q× time | ≤ 1.1× | $(met "$q" "<=" 1.1) | $(lo "first_$u"); $(lo "direct_$u") |"
+  [[ -n ${M[proxy_$u:1]:-} ]] || continue
+  x=$(med "proxy_$u")
+  table+="
+| the same fetch through a plain streaming reverse proxy (cachebench proxy: no disk, no checks), $u upstream; wall s; CPU s | (not casnix) the proxy: $x s ($(mbps "$x") MB/s); CPU: $(cpus "proxy_$u") | straight from the upstream: $d s | $(ratio "$x" "$d")× time; casnix's first fetch $(ratio "$f" "$x")× the proxy's | — (the least an intermediary costs here) | | $(lo "proxy_$u"); $(lo "direct_$u") |"
 done
 for u in $UPSTREAMS; do
   [[ -n ${M[narinfo_casnix_$u:1]:-} ]] || continue
@@ -526,11 +553,17 @@ echo "$table"
   echo "otherwise: the NAR cache in DATA_DIR/http-cache, which keeps the upstream zstd and xz files the pull checked, and NARs rendered from the store once served). Daemon rows: \`nix-store --store unix://S -r"
   echo "PATHS\` (Nix $NIX28). CPU: user+sys seconds per cgroup (cpuacct) over the timed step: the client (Nix, with its"
   echo "unpacking), casnix serve, nix-daemon (its children included), the upstream's static server. Medians of $RUNS runs,"
-  echo "order alternating. Targets are issue 15's."
+  echo "order alternating (rotating, with the plain proxy). Targets are issue 15's."
   echo
   echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC'), commit $COMMIT, CPU: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores"
   echo "- load average (1/5/15 min) after each run: $(loads); each timed step first waited (up to ${QUIET_TIMEOUT:-60} s) for other work to keep the CPUs under ${QUIET_BUSY:-0.25} busy (busy_* below: what it started with)"
   for u in $UPSTREAMS; do
+    # Each run's ratios, from the steps of the same round (the machine's speed drifts by the hour).
+    pr=
+    for ((r = 1; r <= RUNS; r++)); do
+      pr+="${pr:+, }$(ratio "${M[first_$u:$r]}" "${M[direct_$u:$r]}")$([[ -n ${M[proxy_$u:$r]:-} ]] && echo " (proxy $(ratio "${M[proxy_$u:$r]}" "${M[direct_$u:$r]}"))")"
+    done
+    echo "- $u: first fetch / direct per run: $pr"
     if [[ -n ${M[tail_$u:1]:-} ]]; then
       echo "- $u: the pull-through's ingest went on after the client's first fetch for $(med "tail_$u") s (median; casnix CPU meanwhile $(med "tail_${u}_casnix_cpu") s), waited for before the second fetch and the bytes row"
     fi

@@ -3,10 +3,16 @@
 // way Nix substitutes them.
 //
 //	cachebench serve -dir DIR -addr ADDR
+//	cachebench proxy -to URL -addr ADDR
 //	cachebench get   -base URL -hashes FILE [-clients N]
 //
 // serve serves DIR (a `nix copy --to file://` cache) with net/http's file
 // server, which sends files with sendfile.
+//
+// proxy is a plain streaming reverse proxy in front of URL (net/http/httputil:
+// each request forwarded, each body copied through as it arrives; no disk, no
+// cache, no checks): for bench/subst.sh, the least any HTTP intermediary
+// between a client and its upstream costs.
 //
 // get reads narinfo hash parts from FILE (one per line); N workers take them
 // in turn, fetch the narinfo, fetch the file its URL names, decompress it
@@ -23,6 +29,8 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httputil"
+	"net/url"
 	"os"
 	"strings"
 	"sync"
@@ -37,7 +45,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: cachebench serve|get …")
+		fmt.Fprintln(os.Stderr, "usage: cachebench serve|proxy|get …")
 		os.Exit(2)
 	}
 	var err error
@@ -48,6 +56,21 @@ func main() {
 		addr := fs.String("addr", "127.0.0.1:0", "listen address")
 		fs.Parse(os.Args[2:])
 		err = http.ListenAndServe(*addr, http.FileServer(http.Dir(*dir)))
+	case "proxy":
+		fs := flag.NewFlagSet("proxy", flag.ExitOnError)
+		to := fs.String("to", "", "upstream URL")
+		addr := fs.String("addr", "127.0.0.1:0", "listen address")
+		fs.Parse(os.Args[2:])
+		var u *url.URL
+		if u, err = url.Parse(*to); err == nil {
+			p := httputil.NewSingleHostReverseProxy(u)
+			tr := http.DefaultTransport.(*http.Transport).Clone()
+			// As many idle upstream connections as a client keeps open (Nix's
+			// http-connections is 25): none is closed and opened again.
+			tr.MaxIdleConnsPerHost = 64
+			p.Transport = tr
+			err = http.ListenAndServe(*addr, p)
+		}
 	case "get":
 		fs := flag.NewFlagSet("get", flag.ExitOnError)
 		base := fs.String("base", "", "cache URL")
