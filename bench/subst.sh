@@ -13,7 +13,7 @@
 #           narinfo a client asks for makes casnix fetch the closure first). Target ≤ 1.1× time.
 #   proxy   the same client through a plain streaming reverse proxy in front of the upstream
 #           (bench/cmd/cachebench proxy, PROXY=1: no disk, no cache, no checks), against the same
-#           direct fetch: what the least an HTTP intermediary does costs on this machine, beside
+#           direct fetch: what only relaying the requests and bodies costs on this machine, beside
 #           the first fetch's ratio. Not a target, and not casnix's anchor.
 #   second  casnix now holding the paths: the same `nix copy --from http://casnix` into another
 #           empty store, against the same from the static server of the zstd cache (a prebuilt
@@ -506,7 +506,7 @@ for u in $UPSTREAMS; do
   [[ -n ${M[proxy_$u:1]:-} ]] || continue
   x=$(med "proxy_$u")
   table+="
-| the same fetch through a plain streaming reverse proxy (cachebench proxy: no disk, no checks), $u upstream; wall s; CPU s | (not casnix) the proxy: $x s ($(mbps "$x") MB/s); CPU: $(cpus "proxy_$u") | straight from the upstream: $d s | $(ratio "$x" "$d")× time; casnix's first fetch $(ratio "$f" "$x")× the proxy's | — (the least an intermediary costs here) | | $(lo "proxy_$u"); $(lo "direct_$u") |"
+| the same fetch through a plain streaming reverse proxy (cachebench proxy: no disk, no checks), $u upstream; wall s; CPU s | (not casnix) the proxy: $x s ($(mbps "$x") MB/s); CPU: $(cpus "proxy_$u") | straight from the upstream: $d s | $(ratio "$x" "$d")× time; casnix's first fetch $(ratio "$f" "$x")× the proxy's | — (relaying alone, for scale) | | $(lo "proxy_$u"); $(lo "direct_$u") |"
 done
 for u in $UPSTREAMS; do
   [[ -n ${M[narinfo_casnix_$u:1]:-} ]] || continue

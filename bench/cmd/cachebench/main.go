@@ -11,8 +11,8 @@
 //
 // proxy is a plain streaming reverse proxy in front of URL (net/http/httputil:
 // each request forwarded, each body copied through as it arrives; no disk, no
-// cache, no checks): for bench/subst.sh, the least any HTTP intermediary
-// between a client and its upstream costs.
+// cache, no checks): for bench/subst.sh, what only relaying between a
+// client and its upstream costs.
 //
 // get reads narinfo hash parts from FILE (one per line); N workers take them
 // in turn, fetch the narinfo, fetch the file its URL names, decompress it
