@@ -347,6 +347,16 @@ func (c *cappedReader) Read(p []byte) (int, error) {
 // padding or skippable frames).
 func maxFileSize(narSize int64) int64 { return narSize + narSize/4 + 1<<20 }
 
+// fileLimit is how many bytes a download of in's cache file may take: its
+// FileSize, or without one what any compression of its NarSize makes (the
+// narinfo parser refuses a FileSize above that).
+func (in *Info) fileLimit() int64 {
+	if in.FileSize == 0 {
+		return maxFileSize(in.NarSize)
+	}
+	return in.FileSize
+}
+
 // FetchNAR downloads in's NAR from src, once, and commits it to st if the
 // NAR and the file it came in are what the narinfo says (NarHash, NarSize,
 // FileHash, FileSize; references and content address are checked by the
@@ -382,10 +392,9 @@ func IngestFile(ctx context.Context, st *store.Store, r io.Reader, in *Info) err
 // bytes takes) and hashed, decompressed, the NAR capped at NarSize. Errors
 // of readers above them go through the capped readers' check.
 func openNAR(rc io.Reader, in *Info) (file *hashCounter, fileCapped, narCapped *cappedReader, closeDec func(), err error) {
-	fileCapped = &cappedReader{r: rc, left: in.FileSize,
+	fileCapped = &cappedReader{r: rc, left: in.fileLimit(),
 		err: fmt.Errorf("%s: file %w (FileSize %d)", in.URL, ErrTooLong, in.FileSize)}
 	if in.FileSize == 0 {
-		fileCapped.left = maxFileSize(in.NarSize)
 		fileCapped.err = fmt.Errorf("%s: file %w: over %d bytes, more than any compression of its NarSize %d takes",
 			in.URL, ErrTooLong, fileCapped.left, in.NarSize)
 	}

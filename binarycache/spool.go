@@ -235,10 +235,7 @@ func (sp *Spool) startDownload(rc io.ReadCloser) *download {
 func (d *download) run() {
 	defer close(d.done)
 	sp, in := d.sp, d.sp.Info
-	limit := in.FileSize
-	if limit == 0 {
-		limit = maxFileSize(in.NarSize)
-	}
+	limit := in.fileLimit()
 	buf := getBuf()
 	defer putBuf(buf)
 	var n int64

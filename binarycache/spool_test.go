@@ -381,7 +381,7 @@ func TestSpoolRawReader(t *testing.T) {
 					t.Fatalf("raw reader: %d of %d bytes, %v", len(got), len(tc.file), rerr)
 				}
 				if (tc.wantErr == nil || tc.fileOK) && (rerr != nil || len(got) != len(tc.file)) {
-					t.Fatalf("raw reader: %d of %d bytes, %v", len(got), len(file), rerr)
+					t.Fatalf("raw reader: %d of %d bytes, %v", len(got), len(tc.file), rerr)
 				}
 			} else if rerr == nil || len(got) >= len(tc.file) && len(got) >= len(file) {
 				t.Fatalf("raw reader of a bad file: %d bytes, %v", len(got), rerr)
